@@ -1,0 +1,5 @@
+import sys
+
+from fsfilter.cli import main
+
+sys.exit(main())

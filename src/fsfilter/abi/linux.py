@@ -1,0 +1,54 @@
+"""Linux constants that the Python standard library does not export (x86_64 and aarch64)."""
+
+from __future__ import annotations
+
+import platform
+
+AT_FDCWD = -100
+AT_SYMLINK_NOFOLLOW = 0x100
+AT_REMOVEDIR = 0x200
+AT_SYMLINK_FOLLOW = 0x400
+AT_EMPTY_PATH = 0x1000
+
+RENAME_NOREPLACE = 1 << 0
+RENAME_EXCHANGE = 1 << 1
+RENAME_WHITEOUT = 1 << 2
+
+UTIME_NOW = (1 << 30) - 1
+UTIME_OMIT = (1 << 30) - 2
+
+MS_NOSUID = 2
+MS_NODEV = 4
+MS_NOEXEC = 8
+MS_RDONLY = 1
+MS_NOATIME = 1024
+MS_NODIRATIME = 2048
+MS_RELATIME = 1 << 21
+
+MNT_FORCE = 1
+MNT_DETACH = 2
+
+CLONE_FS = 0x200
+
+FALLOC_FL_KEEP_SIZE = 1
+FALLOC_FL_PUNCH_HOLE = 2
+
+XATTR_CREATE = 1
+XATTR_REPLACE = 2
+
+FS_IOC_GETFLAGS = 0x80086601
+FS_IOC_SETFLAGS = 0x40086602
+
+_SYSCALLS = {
+    "x86_64": {"setgroups": 116, "renameat2": 316, "syncfs": 306, "utimensat": 280, "getdents64": 217},
+    "aarch64": {"setgroups": 159, "renameat2": 276, "syncfs": 267, "utimensat": 88, "getdents64": 61},
+}
+
+
+def syscall_number(name: str) -> int:
+    """The number of a syscall on this machine's architecture."""
+    machine = platform.machine()
+    table = _SYSCALLS.get(machine)
+    if table is None:
+        raise OSError(f"unsupported architecture {machine}: fsfilter knows x86_64 and aarch64")
+    return table[name]

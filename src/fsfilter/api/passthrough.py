@@ -1,0 +1,234 @@
+"""PassthroughFilter: a directory served through fsfilter's FUSE daemon, changing nothing.
+
+It is the foundation CBFilter grows from: it mounts over a directory (or at another mount point),
+serves every request on the lower directory, and leaves reads and writes to kernel passthrough
+unless ``io_policy`` says a file's I/O must go through the daemon.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import socket
+import stat
+import subprocess
+import threading
+import types
+from collections.abc import Callable
+
+from fsfilter.errors import CBFSFilterError
+from fsfilter.sessions.fuse_session import Session, SessionOptions, SessionStats
+from fsfilter.sessions.lower_fs import IoPolicy, LowerFS, LowerOptions
+from fsfilter.system import fuse_device
+from fsfilter.wire import fuse as wire
+from fsfilter.wire.fuse import Request
+
+log = logging.getLogger("fsfilter")
+
+
+class PassthroughFilter:
+    """Serve ``lower`` at ``mountpoint`` (over ``lower`` itself when it is None) until stopped.
+
+    ``workers``: reader threads (each on a cloned /dev/fuse fd); ``pool``: threads for requests that
+    can block; ``passthrough``: use kernel passthrough where the kernel allows it; ``io_policy``:
+    a callable given a file's path (bytes, relative to the mount, starting with "/") that returns True
+    when the daemon must see that file's reads and writes. Timeouts are in seconds.
+    """
+
+    def __init__(self, lower: str | os.PathLike[str], mountpoint: str | os.PathLike[str] | None = None, *,
+                 workers: int = 1, pool: int = 4, passthrough: bool = True, io_policy: IoPolicy | None = None,
+                 entry_timeout: float = 60.0, attr_timeout: float = 60.0, negative_timeout: float = 10.0,
+                 allow_other: bool | None = None, spin: float = 0.0002) -> None:
+        if workers < 1 or workers > 64:
+            raise CBFSFilterError(errno.EINVAL, f"workers must be between 1 and 64, not {workers}")
+        if pool < 1 or pool > 256:
+            raise CBFSFilterError(errno.EINVAL, f"pool must be between 1 and 256, not {pool}")
+        for name, value in (("entry_timeout", entry_timeout), ("attr_timeout", attr_timeout),
+                            ("negative_timeout", negative_timeout), ("spin", spin)):
+            if not 0 <= value <= 86400:
+                raise CBFSFilterError(errno.EINVAL, f"{name} must be between 0 and 86400 seconds, not {value}")
+        self.lower = os.path.realpath(os.fspath(lower))
+        self.mountpoint = os.path.realpath(os.fspath(mountpoint)) if mountpoint is not None else self.lower
+        self.in_place = self.mountpoint == self.lower
+        self.session_options = SessionOptions(workers=workers, pool=pool, passthrough=passthrough, spin=spin)
+        self.lower_options = LowerOptions(entry_timeout, attr_timeout, negative_timeout, io_policy)
+        self.allow_other = (os.geteuid() == 0) if allow_other is None else allow_other
+        self.session: Session | None = None
+        self.fs: LowerFS | None = None
+        self._dev_fd = -1
+        self._lower_fd = -1
+        self._watchdog: subprocess.Popen[bytes] | None = None
+        self._fusermount: tuple[subprocess.Popen[bytes], socket.socket] | None = None
+        self._trace: Callable[[Request], None] | None = None
+        self._stop_lock = threading.Lock()
+
+    # -- lifecycle
+
+    @property
+    def active(self) -> bool:
+        return self.session is not None and not self.session.finished.is_set()
+
+    def start(self) -> None:
+        """Mount and start serving. Raises CBFSFilterError, leaving nothing mounted, when that fails."""
+        if self.session is not None:
+            raise CBFSFilterError(errno.EALREADY, "the filter is already started; stop it first")
+        self._check_paths()
+        fuse_device.raise_fd_limit()
+        try:
+            self._lower_fd = os.open(self.lower, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+            fs = self._make_fs(self._lower_fd)
+            root_mode = os.fstat(self._lower_fd).st_mode
+            self._mount(root_mode)
+            session = Session(self._dev_fd, fs.handlers(), self.session_options)
+            session.trace = self._trace
+            negotiated = session.negotiate()
+            fs.session_fd = self._dev_fd
+            fs.passthrough = negotiated.passthrough
+            session.start()
+            self.fs, self.session = fs, session
+        except OSError as exc:
+            self._teardown()
+            raise CBFSFilterError.from_os_error(exc, f"could not mount {self.mountpoint}") from exc
+        except BaseException:
+            self._teardown()
+            raise
+
+    def _make_fs(self, lower_fd: int) -> LowerFS:
+        """The request handlers; subclasses return a LowerFS subclass to change what is served."""
+        return LowerFS(lower_fd, self.lower_options)
+
+    def _check_paths(self) -> None:
+        for what, path in (("lower directory", self.lower), ("mount point", self.mountpoint)):
+            try:
+                st = os.stat(path)
+            except OSError as exc:
+                raise CBFSFilterError.from_os_error(exc, f"cannot use {path} as the {what}") from exc
+            if not stat.S_ISDIR(st.st_mode):
+                raise CBFSFilterError(errno.ENOTDIR, f"{path} is not a directory: give a directory as the {what}")
+        if not os.path.exists(fuse_device.DEVICE):
+            raise CBFSFilterError(errno.ENODEV, "/dev/fuse is missing: load the fuse module (modprobe fuse)")
+        if not self.in_place and self.mountpoint.startswith(self.lower + os.sep):
+            raise CBFSFilterError(errno.EINVAL, "the mount point must not lie inside the lower directory")
+
+    def _mount(self, root_mode: int) -> None:
+        fsname = f"fsfilter:{self.lower}"[:200].replace(",", "_")
+        if os.geteuid() == 0:
+            self._dev_fd = fuse_device.open_device()
+            fuse_device.kernel_mount(self._dev_fd, self.mountpoint, root_mode=root_mode,
+                                     allow_other=self.allow_other, fsname=fsname)
+            entry = fuse_device.find_mount(self.mountpoint)
+            if entry is None:
+                raise OSError(errno.EIO, "the new mount is not in /proc/self/mountinfo")
+            self._watchdog = fuse_device.start_watchdog(self.mountpoint, entry.mount_id)
+        else:
+            fd, proc, sock = fuse_device.fusermount_mount(self.mountpoint, fsname=fsname, allow_other=self.allow_other)
+            self._dev_fd = fd
+            self._fusermount = (proc, sock)
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Unmount (lazily if the mount is busy) and stop serving. Safe to call more than once."""
+        with self._stop_lock:
+            if self.session is None and self._dev_fd < 0:
+                return
+            # Without root, closing the fusermount3 socket in _teardown unmounts (auto_unmount).
+            if os.geteuid() == 0 and fuse_device.find_mount(self.mountpoint) is not None:
+                try:
+                    fuse_device.unmount(self.mountpoint)
+                except OSError as exc:
+                    log.warning("unmounting %s failed: %s", self.mountpoint, exc)
+            self._teardown(timeout)
+
+    def _teardown(self, timeout: float = 10.0) -> None:
+        session, self.session = self.session, None
+        lingering = 0
+        if session is not None:
+            session.close(timeout)
+            lingering = session.lingering
+        # Closing the last /dev/fuse fd aborts the connection: anyone still holding a file of a lazily
+        # detached mount gets ENOTCONN at once instead of waiting for a daemon that is gone.
+        if self._dev_fd >= 0:
+            if lingering:
+                fuse_device.retire_fd(self._dev_fd)  # a late reply must not reach a file opened later
+            else:
+                os.close(self._dev_fd)
+            self._dev_fd = -1
+        if lingering:
+            # Handlers that did not return may still use the lower fds: leave them open rather than let
+            # them act on whatever file reuses their numbers.
+            log.warning("%d request handler(s) still running %s s after stop: leaving their fds open",
+                        lingering, timeout)
+            self.fs = None
+            self._lower_fd = -1
+        if self.fs is not None:
+            self.fs.close()
+            self.fs = None
+        if self._lower_fd >= 0:
+            os.close(self._lower_fd)
+            self._lower_fd = -1
+        if self._watchdog is not None:
+            if self._watchdog.stdin is not None:
+                self._watchdog.stdin.close()  # EOF: it detaches the mount if it is still there, then exits
+            try:
+                self._watchdog.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self._watchdog.kill()
+                self._watchdog.wait()
+            self._watchdog = None
+        if self._fusermount is not None:
+            proc, sock = self._fusermount
+            sock.close()
+            try:
+                proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+            self._fusermount = None
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Block until the session ends (unmounted from outside or stopped); True if it has."""
+        session = self.session
+        return True if session is None else session.finished.wait(timeout)
+
+    def __enter__(self) -> PassthroughFilter:
+        self.start()
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: types.TracebackType | None) -> None:
+        self.stop()
+
+    # -- observation and invalidation
+
+    @property
+    def stats(self) -> SessionStats | None:
+        return self.session.stats if self.session is not None else None
+
+    @property
+    def passthrough_active(self) -> bool:
+        """Whether reads and writes of unfiltered files currently go through kernel passthrough."""
+        return self.fs is not None and self.fs.passthrough
+
+    def set_trace(self, trace: Callable[[Request], None] | None) -> None:
+        """Call ``trace(request)`` for every request before it is served (from the serving thread)."""
+        self._trace = trace
+        if self.session is not None:
+            self.session.trace = trace
+
+    def path_of(self, nodeid: int) -> bytes:
+        return self.fs.path_of(nodeid) if self.fs is not None else b""
+
+    def notify_changed(self, path: str | os.PathLike[str]) -> None:
+        """Tell the kernel that ``path`` (relative to the mount, or absolute under it) changed in the lower
+        directory behind the filter's back: its cached name, attributes and data are dropped."""
+        if self.session is None or self.fs is None:
+            raise CBFSFilterError(errno.ENOTCONN, "the filter is not started")
+        rel = os.fsencode(os.fspath(path))
+        for base in (os.fsencode(self.mountpoint), os.fsencode(self.lower)):
+            if rel == base or rel.startswith(base + b"/"):
+                rel = rel[len(base):]
+                break
+        for parent, name, child in self.fs.resolve(rel):
+            self.session.notify(wire.encode_inval_entry(parent.nodeid, name))
+            if child is not None:
+                self.session.notify(wire.encode_inval_inode(child.nodeid, 0, 0))

@@ -1,0 +1,338 @@
+"""The FUSE session: INIT negotiation, the request loop, dispatch, replies, interrupts and notices.
+
+Threads: one reader per /dev/fuse fd (the session fd plus ``workers - 1`` clones). A reader answers
+cheap requests itself; requests that can block for long (fsync, large I/O, fallocate, ...) go to a
+small pool so one slow request never holds up lookups. Readers briefly busy-poll their non-blocking fd
+after each request: on these VMs a sleeping thread takes ~30 µs to wake, more than most requests take.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import select
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from queue import SimpleQueue
+
+from fsfilter.abi import fuse as abi
+from fsfilter.abi import linux
+from fsfilter.system import fuse_device, libc
+from fsfilter.wire import fuse as wire
+from fsfilter.wire.fuse import Request, WireError
+
+log = logging.getLogger("fsfilter.session")
+
+Handler = Callable[[Request], bytes | None]
+
+NO_REPLY = frozenset({abi.Opcode.FORGET, abi.Opcode.BATCH_FORGET})
+MAY_BLOCK = frozenset({
+    abi.Opcode.FSYNC, abi.Opcode.FSYNCDIR, abi.Opcode.SYNCFS, abi.Opcode.FALLOCATE, abi.Opcode.COPY_FILE_RANGE,
+    abi.Opcode.COPY_FILE_RANGE_64, abi.Opcode.READ, abi.Opcode.WRITE, abi.Opcode.IOCTL,
+})
+# Requests whose effect is nothing but their answer: an interrupted one can be failed with EINTR.
+SIDE_EFFECT_FREE = frozenset({abi.Opcode.FSYNC, abi.Opcode.FSYNCDIR, abi.Opcode.SYNCFS, abi.Opcode.READ})
+
+WANTED_FLAGS = (
+    abi.InitFlag.ASYNC_READ | abi.InitFlag.ATOMIC_O_TRUNC | abi.InitFlag.BIG_WRITES | abi.InitFlag.DONT_MASK
+    | abi.InitFlag.AUTO_INVAL_DATA | abi.InitFlag.DO_READDIRPLUS | abi.InitFlag.READDIRPLUS_AUTO
+    | abi.InitFlag.ASYNC_DIO | abi.InitFlag.PARALLEL_DIROPS | abi.InitFlag.HANDLE_KILLPRIV_V2
+    | abi.InitFlag.POSIX_ACL | abi.InitFlag.MAX_PAGES | abi.InitFlag.CACHE_SYMLINKS | abi.InitFlag.SETXATTR_EXT
+    | abi.InitFlag.INIT_EXT | abi.InitFlag.CREATE_SUPP_GROUP | abi.InitFlag.HAS_IOCTL_DIR
+)
+
+
+@dataclass
+class SessionOptions:
+    workers: int = 1  # reader threads, each on its own /dev/fuse fd
+    pool: int = 4  # threads for requests that may block
+    passthrough: bool = True  # ask the kernel for FUSE_PASSTHROUGH
+    max_write: int = 1 << 20
+    spin: float = 0.0002  # seconds a reader busy-polls for the next request before it sleeps
+    max_stack_depth: int = 1
+
+
+@dataclass
+class Negotiated:
+    minor: int = 0
+    flags: int = 0
+    max_write: int = 0
+    passthrough: bool = False
+
+    def has(self, flag: int) -> bool:
+        return bool(self.flags & flag)
+
+
+class SessionStats:
+    """Counters a caller can read at any time (plain ints; the GIL keeps them consistent enough)."""
+
+    def __init__(self) -> None:
+        self.requests = [0] * 64
+        self.errors = 0
+        self.malformed = 0
+        self.interrupts = 0
+        self.failures = 0  # handler bugs answered with EIO
+
+    def by_opcode(self) -> dict[str, int]:
+        out = {}
+        for code, count in enumerate(self.requests):
+            if count:
+                try:
+                    out[abi.Opcode(code).name] = count
+                except ValueError:
+                    out[str(code)] = count
+        return out
+
+
+class Session:
+    """Serves one FUSE connection with a table of opcode handlers."""
+
+    def __init__(self, fd: int, handlers: dict[int, Handler], options: SessionOptions) -> None:
+        self.fd = fd
+        self.handlers = handlers
+        self.options = options
+        self.negotiated = Negotiated()
+        self.stats = SessionStats()
+        self.trace: Callable[[Request], None] | None = None
+        self._bufsize = options.max_write + 4096 * 2
+        self._fds: list[int] = [fd]
+        self._threads: list[threading.Thread] = []
+        self._pool: SimpleQueue[tuple[Request, int] | None] = SimpleQueue()
+        self._inflight: dict[int, Request] = {}
+        self._interrupted: set[int] = set()
+        self._lock = threading.Lock()
+        self._running = False
+        self.finished = threading.Event()
+        self.lingering = 0  # threads still busy in a handler when close() gave up waiting for them
+        self.thread_setup: Callable[[], None] | None = None
+
+    # -- INIT
+
+    def negotiate(self, timeout: float = 10.0) -> Negotiated:
+        """Read and answer INIT. Raises OSError if the kernel does not send it in time."""
+        poller = select.poll()
+        poller.register(self.fd, select.POLLIN)
+        deadline = time.monotonic() + timeout
+        while True:
+            if not poller.poll(max(0, int((deadline - time.monotonic()) * 1000))):
+                raise OSError(errno.ETIMEDOUT, "the kernel sent no FUSE INIT request")
+            try:
+                buf = os.read(self.fd, self._bufsize)
+            except (BlockingIOError, InterruptedError):
+                continue
+            req = wire.decode_request(buf)
+            if req.opcode != abi.Opcode.INIT:
+                self._reply_error(req.unique, errno.EIO)
+                continue
+            major, minor, readahead, offered = wire.decode_init(req.body)
+            if major != abi.KERNEL_VERSION:
+                # A newer major: answer with ours and the kernel sends INIT again (or gives up).
+                self._write([wire.encode_reply(req.unique, wire.encode_init_out(abi.OUR_MINOR, 0, 0, 0, 0, 0, 0, 0))])
+                continue
+            return self._answer_init(req, minor, readahead, offered)
+
+    def _answer_init(self, req: Request, minor: int, readahead: int, offered: int) -> Negotiated:
+        wanted = int(WANTED_FLAGS)
+        if self.options.passthrough:
+            wanted |= abi.InitFlag.PASSTHROUGH
+        flags = offered & wanted
+        max_pages = min(self.options.max_write // 4096, _max_pages_limit())
+        max_write = max_pages * 4096 if flags & abi.InitFlag.MAX_PAGES else min(self.options.max_write, 128 * 1024)
+        our_minor = min(minor, abi.OUR_MINOR)
+        reply = wire.encode_init_out(our_minor, readahead, flags, 64, 48, max_write, max_pages,
+                                     self.options.max_stack_depth if flags & abi.InitFlag.PASSTHROUGH else 0)
+        if our_minor < 23:
+            reply = reply[:24]
+        self._write([wire.encode_reply(req.unique, reply)])
+        self.negotiated = Negotiated(our_minor, flags, max_write, bool(flags & abi.InitFlag.PASSTHROUGH))
+        return self.negotiated
+
+    # -- threads
+
+    def start(self) -> None:
+        self._running = True
+        os.set_blocking(self.fd, False)
+        for i in range(max(1, self.options.workers)):
+            fd = self.fd
+            if i > 0:
+                fd = fuse_device.clone_device(self.fd)
+                os.set_blocking(fd, False)
+                self._fds.append(fd)
+            t = threading.Thread(target=self._reader, args=(fd,), name=f"fsfilter-reader-{i}", daemon=True)
+            self._threads.append(t)
+        for i in range(max(1, self.options.pool)):
+            self._threads.append(threading.Thread(target=self._pool_worker, name=f"fsfilter-io-{i}", daemon=True))
+        for t in self._threads:
+            t.start()
+
+    def close(self, timeout: float = 5.0) -> None:
+        """Stop every thread and close cloned fds (the session fd belongs to the caller).
+
+        Threads still in a handler after ``timeout`` seconds are left running and counted in ``lingering``;
+        the fds they may still reply on are then retired instead of closed, so that a late reply cannot
+        land in a file opened later under the same fd number."""
+        self._running = False
+        for _ in range(max(1, self.options.pool)):
+            self._pool.put(None)
+        me = threading.current_thread()
+        deadline = time.monotonic() + timeout
+        for t in self._threads:
+            if t is not me:
+                t.join(max(0.0, deadline - time.monotonic()))
+        self.lingering = sum(1 for t in self._threads if t is not me and t.is_alive())
+        for fd in self._fds[1:]:
+            if self.lingering:
+                fuse_device.retire_fd(fd)
+            else:
+                os.close(fd)
+        self._fds = [self.fd]
+        self.finished.set()
+
+    def _reader(self, fd: int) -> None:
+        # A per-thread fs_struct lets handlers set the caller's umask for the objects they create.
+        libc.unshare(linux.CLONE_FS)
+        if self.thread_setup is not None:
+            self.thread_setup()
+        poller = select.poll()
+        poller.register(fd, select.POLLIN)
+        bufsize = self._bufsize
+        spin = self.options.spin
+        spin_until = 0.0
+        read = os.read
+        monotonic = time.monotonic
+        while self._running:
+            try:
+                buf = read(fd, bufsize)
+            except BlockingIOError:
+                if monotonic() < spin_until:
+                    continue
+                poller.poll(500)
+                continue
+            except OSError as exc:
+                if exc.errno == errno.ENODEV:  # unmounted or aborted
+                    break
+                if exc.errno in (errno.EINTR, errno.ENOENT, errno.EAGAIN):
+                    continue
+                log.error("reading /dev/fuse failed: %s", exc)
+                break
+            self._handle(fd, buf)
+            spin_until = monotonic() + spin
+        self._running = False
+        self.finished.set()
+
+    def _handle(self, fd: int, buf: bytes) -> None:
+        try:
+            req = wire.decode_request(buf)
+        except WireError as exc:
+            self.stats.malformed += 1
+            unique = wire.request_unique(buf)
+            if unique:
+                self._reply_error(unique, exc.code, fd)
+            return
+        opcode = req.opcode
+        if opcode < 64:
+            self.stats.requests[opcode] += 1
+        if opcode == abi.Opcode.INTERRUPT:
+            self._interrupt(req, fd)
+            return
+        if opcode in MAY_BLOCK:
+            with self._lock:
+                self._inflight[req.unique] = req
+            self._pool.put((req, fd))
+            return
+        self._run(req, fd)
+
+    def _pool_worker(self) -> None:
+        while True:
+            item = self._pool.get()
+            if item is None:
+                return
+            req, fd = item  # a reply must go back on the fd its request came from
+            with self._lock:
+                self._inflight.pop(req.unique, None)
+                interrupted = req.unique in self._interrupted
+                self._interrupted.discard(req.unique)
+            if interrupted and req.opcode in SIDE_EFFECT_FREE:
+                self._reply_error(req.unique, errno.EINTR, fd)
+                continue
+            self._run(req, fd)
+
+    def _interrupt(self, req: Request, fd: int) -> None:
+        self.stats.interrupts += 1
+        try:
+            (target,) = wire.fixed(req.body, abi.INTERRUPT_IN)
+        except WireError:
+            return
+        with self._lock:
+            if target in self._inflight:
+                self._interrupted.add(target)
+                return
+        if len(self._fds) > 1:
+            # Another reader may not have registered the request yet: ask the kernel to send it again.
+            self._reply_error(req.unique, errno.EAGAIN, fd)
+
+    def _run(self, req: Request, fd: int) -> None:
+        if self.trace is not None:
+            try:
+                self.trace(req)
+            except Exception:  # a tracing bug must not fail the request
+                log.exception("trace hook failed")
+        handler = self.handlers.get(req.opcode)
+        try:
+            if handler is None:
+                raise OSError(errno.ENOSYS, "not implemented")
+            payload = handler(req)
+        except OSError as exc:
+            if req.opcode not in NO_REPLY:
+                self.stats.errors += 1
+                self._reply_error(req.unique, exc.errno or errno.EIO, fd)
+            return
+        except WireError as exc:
+            self.stats.malformed += 1
+            if req.opcode not in NO_REPLY:
+                self._reply_error(req.unique, exc.code, fd)
+            return
+        except Exception:
+            self.stats.failures += 1
+            log.exception("handler for %r failed", req)
+            if req.opcode not in NO_REPLY:
+                self._reply_error(req.unique, errno.EIO, fd)
+            return
+        if payload is None:
+            return
+        self._write([wire.encode_reply_header(req.unique, 0, len(payload)), payload], fd)
+
+    # -- replies and notices
+
+    def _reply_error(self, unique: int, code: int, fd: int | None = None) -> None:
+        self._write([wire.encode_reply_header(unique, code, 0)], fd)
+
+    def _write(self, parts: list[bytes], fd: int | None = None) -> None:
+        try:
+            os.writev(self.fd if fd is None else fd, parts)
+        except OSError as exc:
+            if exc.errno == errno.ENOENT:  # the request was interrupted and is gone
+                return
+            if exc.errno != errno.ENODEV:
+                log.error("writing a reply failed: %s", exc)
+
+    def notify(self, message: bytes) -> int:
+        """Send an unsolicited notice (invalidation); returns 0 or the errno the kernel gave."""
+        try:
+            os.write(self.fd, message)
+        except OSError as exc:
+            return exc.errno or errno.EIO
+        return 0
+
+
+def _max_pages_limit() -> int:
+    try:
+        with open("/proc/sys/fs/fuse/max_pages_limit") as f:
+            return max(32, int(f.read()))
+    except (OSError, ValueError):
+        return 256
+
+

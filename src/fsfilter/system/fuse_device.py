@@ -1,0 +1,174 @@
+"""/dev/fuse: opening and cloning the device, backing ids, mounting and unmounting."""
+
+from __future__ import annotations
+
+import array
+import errno
+import fcntl
+import os
+import re
+import resource
+import shutil
+import socket
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from fsfilter.abi import fuse as abi
+from fsfilter.abi import linux
+from fsfilter.system import libc
+
+DEVICE = "/dev/fuse"
+FSTYPE = "fuse.fsfilter"
+WATCHDOG = Path(__file__).with_name("watchdog.py")
+
+
+def raise_fd_limit() -> int:
+    """Raise the soft limit on open fds to the hard limit: the daemon holds one fd per inode the kernel
+    remembers, which is many more than the usual soft limit of 1024. Returns the new limit."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+        except (OSError, ValueError):
+            pass
+    return soft
+
+
+def open_device() -> int:
+    return os.open(DEVICE, os.O_RDWR | os.O_CLOEXEC)
+
+
+def clone_device(session_fd: int) -> int:
+    """A new /dev/fuse fd attached to the same connection, so another thread can read requests from it."""
+    fd = os.open(DEVICE, os.O_RDWR | os.O_CLOEXEC)
+    try:
+        fcntl.ioctl(fd, abi.FUSE_DEV_IOC_CLONE, array.array("I", [session_fd]))
+    except OSError:
+        os.close(fd)
+        raise
+    return fd
+
+
+def retire_fd(fd: int) -> None:
+    """Close the file behind ``fd`` but keep the number taken (by /dev/null), for when a thread that cannot be
+    stopped may still use it: what it writes then goes nowhere instead of into a file opened later."""
+    null = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
+    try:
+        os.dup2(null, fd, inheritable=False)
+    finally:
+        os.close(null)
+
+
+def backing_open(session_fd: int, fd: int) -> int:
+    """Register ``fd`` as the backing file of a passthrough open; returns the backing id."""
+    arg = bytearray(abi.BACKING_MAP.pack(fd, 0, 0))
+    return int(fcntl.ioctl(session_fd, abi.FUSE_DEV_IOC_BACKING_OPEN, arg, True))
+
+
+def backing_close(session_fd: int, backing_id: int) -> None:
+    fcntl.ioctl(session_fd, abi.FUSE_DEV_IOC_BACKING_CLOSE, array.array("i", [backing_id]))
+
+
+@dataclass(frozen=True)
+class MountEntry:
+    mount_id: int
+    parent_id: int
+    mountpoint: str
+    options: str
+    fstype: str
+    source: str
+
+
+def _unescape(field: str) -> str:
+    # mountinfo writes space, tab, newline and backslash as \ooo
+    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field)
+
+
+def mountinfo() -> list[MountEntry]:
+    entries = []
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            fields = line.split()
+            sep = fields.index("-")
+            entries.append(MountEntry(int(fields[0]), int(fields[1]), _unescape(fields[4]), fields[5],
+                                      fields[sep + 1], _unescape(fields[sep + 2])))
+    return entries
+
+
+def find_mount(mountpoint: str, fstype: str = FSTYPE) -> MountEntry | None:
+    """The topmost mount of ``fstype`` at ``mountpoint`` (mountinfo lists later mounts last)."""
+    found = None
+    for entry in mountinfo():
+        if entry.mountpoint == mountpoint and entry.fstype == fstype:
+            found = entry
+    return found
+
+
+def kernel_mount(session_fd: int, target: str, *, root_mode: int, allow_other: bool, fsname: str) -> None:
+    """mount(2) as root. The kernel checks permissions itself (default_permissions), as the lower file system
+    would: the daemon runs as root and so does not depend on its own identity for access checks."""
+    options = f"fd={session_fd},rootmode={root_mode & 0o170000:o},user_id={os.getuid()},group_id={os.getgid()}"
+    options += ",default_permissions"
+    if allow_other:
+        options += ",allow_other"
+    libc.mount(os.fsencode(fsname), os.fsencode(target), FSTYPE.encode(), linux.MS_NOSUID | linux.MS_NODEV,
+               options.encode())
+
+
+def fusermount_mount(target: str, *, fsname: str, allow_other: bool
+                     ) -> tuple[int, subprocess.Popen[bytes], socket.socket]:
+    """Mount without privileges through fusermount3, which passes back the /dev/fuse fd over a socket.
+
+    With ``auto_unmount`` fusermount3 stays alive and unmounts when our end of the socket closes, which
+    is what the watchdog does for root mounts. Returns the device fd and the fusermount3 process.
+    """
+    tool = shutil.which("fusermount3")
+    if tool is None:
+        raise OSError(errno.ENOENT, "fusermount3 not found: install the fuse3 package, or run as root")
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    options = f"default_permissions,auto_unmount,fsname={fsname},subtype=fsfilter"
+    if allow_other:
+        options += ",allow_other"
+    env = {**os.environ, "_FUSE_COMMFD": str(theirs.fileno())}
+    proc = subprocess.Popen([tool, "-o", options, "--", target], env=env,
+                            pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    theirs.close()
+    try:
+        msg, ancdata, _flags, _addr = ours.recvmsg(1, socket.CMSG_SPACE(4))
+        fds = [int.from_bytes(data[:4], sys.byteorder) for level, kind, data in ancdata
+               if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS]
+        if not fds:
+            proc.wait(timeout=10)
+            detail = proc.stderr.read().decode(errors="replace").strip() if proc.stderr else ""
+            raise OSError(errno.EPERM, f"fusermount3 refused to mount {target}: {detail or 'no reason given'}")
+        os.set_inheritable(fds[0], False)
+        return fds[0], proc, ours
+    except BaseException:
+        ours.close()
+        raise
+
+
+def unmount(target: str) -> bool:
+    """Unmount ``target``; detach lazily if it is busy. Returns False if it was not mounted."""
+    path = os.fsencode(target)
+    try:
+        libc.umount2(path, 0)
+    except OSError as exc:
+        if exc.errno == errno.EBUSY:
+            libc.umount2(path, linux.MNT_DETACH)
+        elif exc.errno in (errno.EINVAL, errno.ENOENT):
+            return False
+        else:
+            raise
+    return True
+
+
+def start_watchdog(target: str, mount_id: int) -> subprocess.Popen[bytes]:
+    """A separate process that detaches the mount when this process dies (see watchdog.py)."""
+    return subprocess.Popen(
+        [sys.executable, "-S", "-I", str(WATCHDOG), target, str(mount_id), FSTYPE],
+        stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, close_fds=True, start_new_session=True,
+    )
