@@ -198,14 +198,18 @@ class Session:
             self.thread_setup()
         poller = select.poll()
         poller.register(fd, select.POLLIN)
-        bufsize = self._bufsize
+        # One buffer per reader, filled with readv: os.read would allocate (and the allocator map and unmap)
+        # a max_write-sized object for every request, which cost ~15 µs a request here. Each request is
+        # copied out, so a request handed to the pool never sees the next one.
+        buffer = bytearray(self._bufsize)
+        view = memoryview(buffer)
         spin = self.options.spin
         spin_until = 0.0
-        read = os.read
+        readv = os.readv
         monotonic = time.monotonic
         while self._running:
             try:
-                buf = read(fd, bufsize)
+                buf = bytes(view[:readv(fd, (buffer,))])
             except BlockingIOError:
                 if monotonic() < spin_until:
                     continue
