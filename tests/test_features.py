@@ -464,34 +464,41 @@ def test_interrupted_request_fails_with_eintr(lower_and_mount: tuple[Path, Path]
     lower, mnt = lower_and_mount
     filt = filter_factory(lower, mnt, pool=1)
     (mnt / "f").write_text("x")
-    release = threading.Event()
+    (mnt / "g").write_text("y")  # fsync holds the inode lock in the kernel: the second one needs another file
+    release, holding = threading.Event(), threading.Event()
 
     def slow_fsync(req: object) -> None:
         if getattr(req, "opcode", None) == abi.Opcode.FSYNC and not release.is_set():
-            release.wait(5)
+            holding.set()
+            release.wait(30)
 
     filt.set_trace(slow_fsync)
     # The first fsync holds the only pool thread; the second waits in the queue until its caller is
-    # signalled, and must then fail with EINTR instead of waiting for the first.
+    # signalled, and must then fail with EINTR at once instead of waiting for the first.
     first = subprocess.Popen([sys.executable, "-c", f"import os; os.fsync(os.open({str(mnt / 'f')!r}, os.O_RDONLY))"])
     code = (
         "import ctypes, os, signal, errno\n"
         "libc = ctypes.CDLL(None, use_errno=True)\n"
         "signal.signal(signal.SIGUSR1, lambda *a: None)\n"
         "signal.setitimer(signal.ITIMER_REAL, 0)\n"
-        f"fd = os.open({str(mnt / 'f')!r}, os.O_RDONLY)\n"
+        f"fd = os.open({str(mnt / 'g')!r}, os.O_RDONLY)\n"
         "print('ready', flush=True)\n"
         # libc's fsync, not os.fsync: Python retries a system call that a signal interrupted
         "print('ok' if libc.fsync(fd) == 0 else errno.errorcode[ctypes.get_errno()])\n"
     )
-    time.sleep(0.3)
+    assert holding.wait(10), "the first fsync never reached the daemon"
     second = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
     try:
         assert second.stdout is not None and second.stdout.readline().strip() == "ready"
-        time.sleep(0.3)
+        # Signal only once the second FSYNC is queued behind the first (the reader registers a request
+        # before it reads the next one, so the INTERRUPT cannot overtake it).
+        assert filt.stats is not None
+        assert wait_for(lambda: filt.stats is not None and filt.stats.requests[abi.Opcode.FSYNC] >= 2, 10)
         os.kill(second.pid, signal.SIGUSR1)
         out, _ = second.communicate(timeout=10)
         assert out.strip() == "EINTR"
+        # Answered at once, not after the request ahead of it in the pool: the first is still held.
+        assert first.poll() is None
         assert filt.stats is not None and filt.stats.interrupts >= 1
     finally:
         release.set()

@@ -101,8 +101,9 @@ class Session:
         self._fds: list[int] = [fd]
         self._threads: list[threading.Thread] = []
         self._pool: SimpleQueue[tuple[Request, int] | None] = SimpleQueue()
-        self._inflight: dict[int, Request] = {}
-        self._interrupted: set[int] = set()
+        self._inflight: dict[int, tuple[Request, int]] = {}  # queued for the pool, not yet started
+        self._interrupted: set[int] = set()  # queued, interrupted, to be answered EINTR when dequeued
+        self._answered: set[int] = set()  # queued, already answered EINTR by the reader: skip
         self._lock = threading.Lock()
         self._running = False
         self.finished = threading.Event()
@@ -244,7 +245,7 @@ class Session:
             return
         if opcode in MAY_BLOCK:
             with self._lock:
-                self._inflight[req.unique] = req
+                self._inflight[req.unique] = (req, fd)
             self._pool.put((req, fd))
             return
         self._run(req, fd)
@@ -256,6 +257,9 @@ class Session:
                 return
             req, fd = item  # a reply must go back on the fd its request came from
             with self._lock:
+                if req.unique in self._answered:
+                    self._answered.discard(req.unique)
+                    continue
                 self._inflight.pop(req.unique, None)
                 interrupted = req.unique in self._interrupted
                 self._interrupted.discard(req.unique)
@@ -271,9 +275,18 @@ class Session:
         except WireError:
             return
         with self._lock:
-            if target in self._inflight:
-                self._interrupted.add(target)
-                return
+            queued = self._inflight.get(target)
+            if queued is not None:
+                if queued[0].opcode not in SIDE_EFFECT_FREE:
+                    self._interrupted.add(target)
+                    return
+                # Nothing done yet and nothing to undo: answer now rather than after the requests ahead
+                # of it in the pool queue; the pool skips it.
+                del self._inflight[target]
+                self._answered.add(target)
+        if queued is not None:
+            self._reply_error(target, errno.EINTR, queued[1])
+            return
         if len(self._fds) > 1:
             # Another reader may not have registered the request yet: ask the kernel to send it again.
             self._reply_error(req.unique, errno.EAGAIN, fd)
