@@ -13,6 +13,7 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -46,6 +47,15 @@ def force_unmount(path: str | os.PathLike[str]) -> None:
         if not is_mounted(path):
             return
         subprocess.run(["umount", "-l", os.fspath(path)], capture_output=True)
+
+
+def end_processes(started: list[subprocess.Popen[Any]]) -> None:
+    """Kill (by pid) the helper processes a test started that are still running, and reap them all."""
+    for p in started:
+        if p.poll() is None:
+            p.kill()
+        with contextlib.suppress(Exception):
+            p.communicate(timeout=10)
 
 
 def wait_for(predicate: Callable[[], bool], timeout: float = 10.0, interval: float = 0.01) -> bool:

@@ -389,7 +389,7 @@ class Tree:
 
 
 class OpGen:
-    """Draws random operations; ``profile`` "root" or "nobody" (an unprivileged caller) tunes the choices."""
+    """Draws random operations for a root caller (``NobodyGen`` tunes them for an unprivileged one)."""
 
     WEIGHTS = {
         "open": 12, "close": 5, "read": 4, "pread": 5, "write": 6, "pwrite": 8, "lseek": 3, "ftruncate": 3,
@@ -404,9 +404,8 @@ class OpGen:
                        linux.FALLOC_FL_PUNCH_HOLE | linux.FALLOC_FL_KEEP_SIZE, linux.FALLOC_FL_PUNCH_HOLE,
                        FALLOC_ZERO_RANGE)
 
-    def __init__(self, rng: random.Random, profile: str = "root") -> None:
+    def __init__(self, rng: random.Random) -> None:
         self.rng = rng
-        self.profile = profile
         self.kinds = list(self.WEIGHTS)
         self.weights = list(self.WEIGHTS.values())
 
@@ -776,7 +775,7 @@ class NobodyGen(OpGen):
     FALLOCATE_MODES = OpGen.FALLOCATE_MODES[:-1]
 
     def __init__(self, rng: random.Random, uid: int) -> None:
-        super().__init__(rng, "nobody")
+        super().__init__(rng)
         self.me = uid
 
     def uid(self) -> int:

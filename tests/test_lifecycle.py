@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from conftest import SRC, Daemon, force_unmount, mounts, needs_root, wait_for
+from conftest import SRC, Daemon, end_processes, force_unmount, mounts, needs_root, wait_for
 
 from fsfilter import CBFSFilterError, PassthroughFilter
 from fsfilter.abi import fuse as abi
@@ -116,11 +116,7 @@ def procs(scratch: Path) -> Iterator[list[subprocess.Popen[str]]]:
     try:
         yield started
     finally:
-        for p in started:
-            if p.poll() is None:
-                p.kill()
-            with contextlib.suppress(Exception):
-                p.communicate(timeout=10)
+        end_processes(started)
         if not wait_for(lambda: not watchdogs(scratch), 3):
             for pid in watchdogs(scratch):  # started by a daemon this test started
                 with contextlib.suppress(ProcessLookupError):

@@ -15,7 +15,6 @@ and writes, the others must really have used kernel passthrough.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import importlib.util
 import json
@@ -32,7 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from conftest import SRC, is_mounted, needs_root
+from conftest import SRC, end_processes, is_mounted, needs_root
 
 from fsfilter import PassthroughFilter
 from fsfilter.abi import fuse as abi
@@ -128,11 +127,7 @@ def procs() -> Iterator[list[subprocess.Popen[bytes]]]:
     try:
         yield started
     finally:
-        for p in started:
-            if p.poll() is None:
-                p.kill()
-            with contextlib.suppress(Exception):
-                p.communicate(timeout=10)
+        end_processes(started)
 
 
 def spawn(procs: list[subprocess.Popen[bytes]], code: str, *args: StrPath) -> subprocess.Popen[bytes]:

@@ -101,9 +101,9 @@ class Session:
         self._fds: list[int] = [fd]
         self._threads: list[threading.Thread] = []
         self._pool: SimpleQueue[tuple[Request, int] | None] = SimpleQueue()
-        self._inflight: dict[int, tuple[Request, int]] = {}  # queued for the pool, not yet started
-        self._interrupted: set[int] = set()  # queued, interrupted, to be answered EINTR when dequeued
-        self._answered: set[int] = set()  # queued, already answered EINTR by the reader: skip
+        # Requests queued for the pool and not yet started, with their fd; a reader that answers one
+        # (interrupted) removes it, and the pool then skips it.
+        self._inflight: dict[int, tuple[Request, int]] = {}
         self._lock = threading.Lock()
         self._running = False
         self.finished = threading.Event()
@@ -257,15 +257,8 @@ class Session:
                 return
             req, fd = item  # a reply must go back on the fd its request came from
             with self._lock:
-                if req.unique in self._answered:
-                    self._answered.discard(req.unique)
-                    continue
-                self._inflight.pop(req.unique, None)
-                interrupted = req.unique in self._interrupted
-                self._interrupted.discard(req.unique)
-            if interrupted and req.opcode in SIDE_EFFECT_FREE:
-                self._reply_error(req.unique, errno.EINTR, fd)
-                continue
+                if self._inflight.pop(req.unique, None) is None:
+                    continue  # interrupted while queued, and already answered
             self._run(req, fd)
 
     def _interrupt(self, req: Request, fd: int) -> None:
@@ -276,16 +269,14 @@ class Session:
             return
         with self._lock:
             queued = self._inflight.get(target)
-            if queued is not None:
-                if queued[0].opcode not in SIDE_EFFECT_FREE:
-                    self._interrupted.add(target)
-                    return
-                # Nothing done yet and nothing to undo: answer now rather than after the requests ahead
-                # of it in the pool queue; the pool skips it.
+            cancel = queued is not None and queued[0].opcode in SIDE_EFFECT_FREE
+            if cancel:
                 del self._inflight[target]
-                self._answered.add(target)
         if queued is not None:
-            self._reply_error(target, errno.EINTR, queued[1])
+            if cancel:
+                # Nothing done yet and nothing to undo: answer now rather than after the requests ahead
+                # of it in the pool queue. Others run to the end: their effect cannot be taken back.
+                self._reply_error(target, errno.EINTR, queued[1])
             return
         if len(self._fds) > 1:
             # Another reader may not have registered the request yet: ask the kernel to send it again.
