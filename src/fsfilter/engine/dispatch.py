@@ -1,0 +1,300 @@
+"""Event dispatch: worker threads, serialisation, timeouts, the notification queue.
+
+Control events are synchronous: the request waits for the handler. Without a timeout the handler runs on
+the thread serving the request (no hand-off); with a timeout it runs on an event worker, and the request
+waits only until the deadline (which ``reset_timeout`` can move). An expired event releases or denies its
+request while the late handler runs on. Notification events go to an unbounded queue that one thread
+drains in order; nothing is dropped, and ``stop`` delivers what is still queued.
+
+Pure policy: threads and queues only, no kernel interfaces.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import threading
+import time
+import traceback
+from collections.abc import Callable
+from queue import Empty, SimpleQueue
+from typing import Any
+
+log = logging.getLogger("fsfilter.dispatch")
+
+Handler = Callable[[Any], object]
+
+
+class Outcome(enum.Enum):
+    DONE = "done"  # the handler returned in time
+    EXPIRED = "expired"  # the deadline passed first; the handler may still be running
+    FAILED = "failed"  # the handler raised
+
+
+class Origin:
+    """Who made the request an event is about (read by ``get_originator_*`` inside handlers)."""
+
+    __slots__ = ("pid", "tid", "uid", "gid", "name", "handle_pid", "handle_uid", "handle_gid", "handle_name")
+
+    def __init__(self, pid: int, tid: int, uid: int, gid: int, name: str | None = None) -> None:
+        self.pid = pid
+        self.tid = tid
+        self.uid = uid
+        self.gid = gid
+        self.name = name  # filled in lazily by whoever knows how to read it
+        self.handle_pid = 0
+        self.handle_uid = 0
+        self.handle_gid = 0
+        self.handle_name = ""
+
+
+class Job:
+    __slots__ = ("handler", "params", "origin", "done", "deadline", "started", "cancelled", "error", "lock")
+
+    def __init__(self, handler: Handler, params: object, origin: Origin | None, deadline: float) -> None:
+        self.handler = handler
+        self.params = params
+        self.origin = origin
+        self.done = threading.Event()
+        self.deadline = deadline  # monotonic seconds; 0 = none
+        self.started = False
+        self.cancelled = False
+        self.error: BaseException | None = None
+        self.lock = threading.Lock()
+
+
+_current = threading.local()
+
+
+def current_job() -> Job | None:
+    """The event the calling thread is handling, if any."""
+    job: Job | None = getattr(_current, "job", None)
+    return job
+
+
+class DispatchStats:
+    def __init__(self) -> None:
+        self.control = 0
+        self.notifications_posted = 0
+        self.notifications_delivered = 0
+        self.expired = 0
+        self.failed = 0
+
+
+class Dispatcher:
+    """Runs event handlers. ``on_error(code, description)`` is told about handler exceptions and timeouts."""
+
+    def __init__(self, on_error: Callable[[int, str], None] | None = None,
+                 on_thread: Callable[[bool], None] | None = None) -> None:
+        self.on_error = on_error
+        self.on_thread = on_thread  # called with True on a worker's start, False at its end
+        self.serialize = False
+        self.timeout = 0.0  # seconds; 0 = control events wait as long as the handler takes
+        self.min_threads = 1
+        self.max_threads = 8
+        self.stats = DispatchStats()
+        self._work: SimpleQueue[Job | None] = SimpleQueue()
+        self._notes: SimpleQueue[Job | None] = SimpleQueue()
+        self._threads: list[threading.Thread] = []
+        self._idle = 0
+        self._lock = threading.Lock()
+        self._running = False
+        self._notifier: threading.Thread | None = None
+        self._pending_notes = 0
+        self._notes_drained = threading.Condition(self._lock)
+
+    # -- lifecycle
+
+    def start(self) -> None:
+        self._running = True
+        count = 1 if self.serialize else max(1, self.min_threads)
+        for _ in range(count):
+            self._spawn()
+        if not self.serialize:
+            self._notifier = threading.Thread(target=self._notify_loop, name="fsfilter-notify", daemon=True)
+            self._notifier.start()
+
+    def stop(self, timeout: float = 10.0) -> int:
+        """Deliver queued notifications (up to ``timeout`` s), then end the workers. Returns how many
+        notifications could not be delivered in time (reported through on_error too)."""
+        deadline = time.monotonic() + timeout
+        with self._lock:
+            while self._pending_notes and time.monotonic() < deadline:
+                self._notes_drained.wait(max(0.01, deadline - time.monotonic()))
+            left = self._pending_notes
+        self._running = False
+        with self._lock:
+            threads = list(self._threads)
+        for _ in threads:
+            self._work.put(None)
+        self._notes.put(None)
+        for t in threads + ([self._notifier] if self._notifier else []):
+            if t is not threading.current_thread():
+                t.join(max(0.0, deadline - time.monotonic()))
+        self._notifier = None
+        if left:
+            self._report(110, f"{left} notification event(s) were still queued when the filter stopped")
+        return left
+
+    def _spawn(self) -> None:
+        t = threading.Thread(target=self._worker, name=f"fsfilter-event-{len(self._threads)}", daemon=True)
+        self._threads.append(t)
+        t.start()
+
+    # -- control events
+
+    def call(self, handler: Handler, params: object, origin: Origin | None) -> Outcome:
+        """Run a control-event handler for the request being served on this thread."""
+        self.stats.control += 1
+        timeout = self.timeout
+        if not self.serialize and timeout <= 0:
+            job = Job(handler, params, origin, 0.0)
+            job.started = True
+            self._run(job)
+            return Outcome.FAILED if job.error is not None else Outcome.DONE
+        job = Job(handler, params, origin, time.monotonic() + timeout if timeout > 0 else 0.0)
+        self._submit(job)
+        while True:
+            deadline = job.deadline
+            if deadline <= 0:
+                job.done.wait()
+            else:
+                job.done.wait(max(0.0, deadline - time.monotonic()))
+            if job.done.is_set():
+                return Outcome.FAILED if job.error is not None else Outcome.DONE
+            with job.lock:
+                if job.deadline != deadline:  # reset_timeout moved it
+                    continue
+                if time.monotonic() < job.deadline:
+                    continue
+                if not job.started:
+                    job.cancelled = True  # never run a handler whose request is already answered
+                self.stats.expired += 1
+            self._report(110, f"an event handler ({_name(handler)}) did not return within {timeout:g} s")
+            return Outcome.EXPIRED
+
+    def _submit(self, job: Job) -> None:
+        with self._lock:
+            if not self.serialize and self._idle == 0 and len(self._threads) < self.max_threads:
+                self._spawn()
+        self._work.put(job)
+
+    def _worker(self) -> None:
+        self._thread_event(True)
+        try:
+            while True:
+                with self._lock:
+                    self._idle += 1
+                job = self._work.get()
+                with self._lock:
+                    self._idle -= 1
+                if job is None:
+                    return
+                if isinstance(job, _NoteJob):  # a notification, when events are serialised
+                    self._deliver(job)
+                    continue
+                with job.lock:
+                    if job.cancelled:
+                        job.done.set()
+                        continue
+                    job.started = True
+                self._run(job)
+        finally:
+            self._thread_event(False)
+
+    def _run(self, job: Job) -> None:
+        _current.job = job
+        try:
+            job.handler(job.params)
+        except BaseException as exc:  # a handler bug must never kill a worker or hang a caller
+            job.error = exc
+            self.stats.failed += 1
+            self._report(getattr(exc, "code", 0) or getattr(exc, "errno", 0) or 5,
+                         f"event handler {_name(job.handler)} raised {type(exc).__name__}: {exc}\n"
+                         + "".join(traceback.format_exception(exc)[-3:]))
+        finally:
+            _current.job = None
+            job.done.set()
+
+    # -- notification events
+
+    def post(self, handler: Handler, params: object, origin: Origin | None) -> None:
+        job = Job(handler, params, origin, -1.0)
+        with self._lock:
+            self._pending_notes += 1
+        self.stats.notifications_posted += 1
+        if self.serialize:
+            self._work.put(_NoteJob(job))
+        else:
+            self._notes.put(job)
+
+    def _notify_loop(self) -> None:
+        while True:
+            job = self._notes.get()
+            if job is None:
+                # Deliver what was queued before the stop request, then end.
+                while True:
+                    try:
+                        rest = self._notes.get_nowait()
+                    except Empty:
+                        return
+                    if rest is not None:
+                        self._deliver(rest)
+            self._deliver(job)
+
+    def _deliver(self, job: Job) -> None:
+        if isinstance(job, _NoteJob):
+            job = job.inner
+        self._run(job)
+        self.stats.notifications_delivered += 1
+        with self._lock:
+            self._pending_notes -= 1
+            if self._pending_notes == 0:
+                self._notes_drained.notify_all()
+
+    @property
+    def queued_notifications(self) -> int:
+        return self._pending_notes
+
+    # -- helpers
+
+    def _report(self, code: int, description: str) -> None:
+        if self.on_error is None:
+            log.error("%s", description)
+            return
+        try:
+            self.on_error(code, description)
+        except Exception:
+            log.exception("the on_error handler raised")
+
+    def _thread_event(self, starting: bool) -> None:
+        if self.on_thread is not None:
+            try:
+                self.on_thread(starting)
+            except Exception:
+                log.exception("a worker-thread event handler raised")
+
+
+class _NoteJob(Job):
+    """A notification travelling through the serial worker's queue."""
+
+    __slots__ = ("inner",)
+
+    def __init__(self, inner: Job) -> None:
+        super().__init__(inner.handler, inner.params, None, -1.0)
+        self.inner = inner
+
+
+def reset_timeout(timeout: float) -> bool:
+    """Move the deadline of the event the calling thread handles to ``timeout`` seconds from now
+    (0 = no deadline). False when called outside a control event that has a deadline."""
+    job = current_job()
+    if job is None or job.deadline <= 0:
+        return False
+    with job.lock:
+        job.deadline = time.monotonic() + (timeout if timeout > 0 else 1e9)
+    return True
+
+
+def _name(handler: Handler) -> str:
+    return getattr(handler, "__qualname__", None) or repr(handler)
