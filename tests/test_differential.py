@@ -207,3 +207,60 @@ def test_unprivileged_caller_matches_native(scratch: Path, filter_factory: Facto
     assert_same_trees(native, mnt, lower)
     owners = {v[0][4:6] for v in diffops.snapshot(str(mnt / "u")).values()}
     assert (NOBODY, NOBODY) in owners
+
+
+# -- CBFilter with rules that fire every event on every file
+
+
+@pytest.mark.timeout(150)
+@pytest.mark.parametrize("kind", ["notify-all", "control-all"])
+def test_random_operations_match_native_with_every_event(scratch: Path, kind: str) -> None:
+    """Events must not change what applications get: with a rule firing every notification (or every
+    control event, with handlers that change nothing) on every file, the differential still holds, and
+    every notification posted is delivered."""
+    from fsfilter import CBFilter
+    from fsfilter.api import constants as c
+    from fsfilter.api.cbfilter import EVENT_BITS, NOTIFY_BITS
+
+    native, lower, _ = trees(scratch)
+    filt = CBFilter()
+    counts: dict[str, int] = {}
+
+    def count(event: str) -> Callable[[object], None]:
+        def handler(params: object) -> None:
+            counts[event] = counts.get(event, 0) + 1
+        return handler
+
+    events = NOTIFY_BITS if kind == "notify-all" else EVENT_BITS
+    for event in events:
+        setattr(filt, "on_" + event, count(event))
+    if kind == "notify-all":
+        filt.add_filter_rule(f"{lower}/*", c.ACCESS_NONE, c.FS_CE_NONE, c.FS_NE_ALL)
+        filt.add_filter_rule(str(lower), c.ACCESS_NONE, c.FS_CE_NONE, c.FS_NE_ALL)
+    else:
+        filt.process_cached_io_requests = True
+        filt.add_filter_rule(f"{lower}/*", c.ACCESS_NONE, c.FS_CE_ALL, c.FS_NE_NONE)
+        filt.add_filter_rule(str(lower), c.ACCESS_NONE, c.FS_CE_ALL, c.FS_NE_NONE)
+    filt.start_filter(0)
+    try:
+        seed = seed_for(4000 + ["notify-all", "control-all"].index(kind))
+        replay = f"DIFF_SEED={seed} DIFF_STEPS={steps(STEPS)} -k 'every_event and {kind}'"
+        (result,) = run_workers([sequence(native, lower, seed, steps(STEPS), kind, replay)])
+    finally:
+        filt.stop_filter()
+        from conftest import force_unmount
+        force_unmount(lower)
+    assert result["ok"], result["message"]
+    assert_exercised(result["counts"], EVERY_OP)  # type: ignore[arg-type]
+    assert_same_trees(native, lower, lower)
+    stats = filt.stats
+    assert stats["failed"] == 0 and stats["expired"] == 0
+    if kind == "notify-all":
+        assert stats["notifications_posted"] == stats["notifications_delivered"] > 0
+        for event in ("notify_open_file", "notify_write_file", "notify_read_file", "notify_rename_or_move_file",
+                      "notify_delete_file", "notify_create_file", "notify_set_file_security", "notify_set_ea"):
+            assert counts.get(event), f"{event} never fired ({counts})"
+    else:
+        for event in ("before_open_file", "after_write_file", "before_read_file", "before_rename_or_move_file",
+                      "before_delete_file", "before_create_file", "after_enumerate_directory"):
+            assert counts.get(event), f"{event} never fired ({counts})"

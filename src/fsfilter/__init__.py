@@ -1,7 +1,12 @@
-"""fsfilter: watch, allow, deny, change and hide file operations on Linux, with the CBFS Filter API."""
+"""fsfilter: watch, allow, deny, change and hide file operations on Linux, with the CBFS Filter API.
 
-from fsfilter.api.passthrough import PassthroughFilter
-from fsfilter.errors import CBFSFilterError
+``from fsfilter import *`` gives the SDK's names: CBFilter, CBFSFilterError and the constants.
+"""
 
-__all__ = ["CBFSFilterError", "PassthroughFilter"]
+from fsfilter.api.cbfilter import CBFilter as CBFilter
+from fsfilter.api.constants import *  # noqa: F403
+from fsfilter.api.params import *  # noqa: F403
+from fsfilter.api.passthrough import PassthroughFilter as PassthroughFilter
+from fsfilter.errors import CBFSFilterError as CBFSFilterError
+
 __version__ = "0.1.0"

@@ -3,13 +3,20 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
+import os
 import signal
 import sys
 import threading
+import time
 import types
 from collections.abc import Callable
+from typing import Any
 
+from fsfilter.api import constants as c
+from fsfilter.api.cbfilter import NOTIFY_BITS, CBFilter
+from fsfilter.api.params import FILTER_PARAMS
 from fsfilter.api.passthrough import PassthroughFilter
 from fsfilter.errors import CBFSFilterError
 
@@ -52,6 +59,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--negative-timeout", type=_seconds, default=10.0, help="seconds the kernel caches misses")
     p.add_argument("--spin", type=_seconds, default=0.0002, help="seconds a reader polls before sleeping")
     p.add_argument("--stats", action="store_true", help="print request counts when stopping")
+
+    m = sub.add_parser("monitor", help="print the file operations below a directory, with process names",
+                       description="Watch PATH (everything below it) and print one line per operation: time, "
+                                   "process (pid), event, path and details. Ctrl-C stops and unmounts.")
+    m.add_argument("path", metavar="PATH", help="the directory to watch")
+    m.add_argument("--mask", default="*", help="only names matching this mask (default *)")
+    m.add_argument("--events", default="all",
+                   help="comma-separated: " + ",".join(sorted(MONITOR_EVENTS)) + " (default all)")
+    m.add_argument("--own", action="store_true", help="also show this process's own operations")
+
+    h = sub.add_parser("hide", help="hide entries below a directory from listings and from opening by name",
+                       description="Entries below PATH whose names match a PATTERN vanish from directory listings, "
+                                   "and opening, stat or walking through them fails with ENOENT, for every process "
+                                   "but this one. Ctrl-C stops and they are back.")
+    h.add_argument("path", metavar="PATH", help="the directory to hide entries in (recursively)")
+    h.add_argument("patterns", metavar="PATTERN", nargs="+", help="a name mask with ? and *, e.g. 'secret*'")
+
+    pr = sub.add_parser("protect", help="enforce access rules below a directory",
+                        description="Enforce access rules on everything below PATH until Ctrl-C. Denied "
+                                    "operations fail with EACCES.")
+    pr.add_argument("path", metavar="PATH", help="the directory to protect (recursively)")
+    for flag, help_text in PROTECT_FLAGS_HELP.items():
+        pr.add_argument(flag, action="store_true", help=help_text)
 
     d = sub.add_parser("demo", help="a short live demonstration on a temporary directory")
     d.add_argument("--quiet", action="store_true", help="print only the summary")
@@ -99,6 +129,139 @@ def run_passthrough(args: argparse.Namespace) -> int:
     return 0
 
 
+MONITOR_EVENTS: dict[str, int] = {
+    "create": c.FS_NE_CREATE, "open": c.FS_NE_OPEN, "read": c.FS_NE_READ, "write": c.FS_NE_WRITE,
+    "cleanup": c.FS_NE_CLEANUP, "close": c.FS_NE_CLOSE, "delete": c.FS_NE_DELETE | c.FS_NE_CAN_DELETE,
+    "rename": c.FS_NE_RENAME, "link": c.FS_NE_CREATE_HARD_LINK, "size": c.FS_NE_SET_SIZES,
+    "attributes": c.FS_NE_SET_ATTRIBUTES, "security": c.FS_NE_SET_SECURITY | c.FS_NE_GET_SECURITY,
+    "ea": c.FS_NE_SET_EA | c.FS_NE_QUERY_EA, "list": c.FS_NE_ENUMERATE_DIRECTORY, "ioctl": c.FS_NE_IOCTL,
+    "readlink": c.FS_NE_GET_REPARSE_POINT,
+}
+PROTECT_FLAGS: dict[str, int] = {
+    "--read-only": c.ACCESS_READ_ONLY, "--write-only": c.ACCESS_WRITE_ONLY, "--no-delete": c.ACCESS_DELETE_PROTECT,
+    "--no-delete-only": c.ACCESS_DELETE_ONLY_PROTECT, "--no-rename": c.ACCESS_RENAME_PROTECT,
+    "--no-exec": c.ACCESS_EXECUTE_PROTECT, "--no-chmod": c.ACCESS_NO_CHANGE_DAC,
+    "--no-chown": c.ACCESS_NO_CHANGE_OWNER, "--deny-all": c.ACCESS_DENY_ALL,
+}
+PROTECT_FLAGS_HELP: dict[str, str] = {
+    "--read-only": "no writing, truncating, creating or deleting", "--write-only": "no reading",
+    "--no-delete": "no deleting or renaming", "--no-delete-only": "no deleting (renaming allowed)",
+    "--no-rename": "no renaming", "--no-exec": "no executing", "--no-chmod": "no mode or ACL changes",
+    "--no-chown": "no owner changes", "--deny-all": "no access at all",
+}
+
+
+def _directory(path: str) -> str:
+    real = os.path.realpath(path)
+    if not os.path.isdir(real):
+        raise CBFSFilterError(errno.ENOTDIR, f"{path} is not a directory: give the directory to filter")
+    return real
+
+
+def _describe(event: str, p: Any) -> str:
+    details = []
+    for name in ("new_file_name", "link_name", "size", "position", "bytes_read", "bytes_written", "mode",
+                 "ea_name", "io_control_code"):
+        if name in type(p).__slots__:
+            value = getattr(p, name)
+            if value not in (None, "", -1) and not (name == "mode" and value == 0):
+                details.append(f"{name}={oct(value) if name == 'mode' else value}")
+    if getattr(p, "status", 0):
+        details.append(f"error={errno.errorcode.get(p.status, p.status)}")
+    path = p.file_name if "directory_name" not in type(p).__slots__ else f"{p.directory_name}/{p.file_name}"
+    return f"{event:<12} {path}" + (f"  {' '.join(details)}" if details else "")
+
+
+def run_monitor(args: argparse.Namespace) -> int:
+    path = _directory(args.path)
+    wanted = 0
+    for name in (args.events.split(",") if args.events != "all" else MONITOR_EVENTS):
+        if name.strip() not in MONITOR_EVENTS:
+            raise CBFSFilterError(errno.EINVAL, f"unknown event {name!r}; choose from {', '.join(MONITOR_EVENTS)}")
+        wanted |= MONITOR_EVENTS[name.strip()]
+    filt = CBFilter()
+    if args.own:
+        filt.config("FilterOwnRequests=true")
+    lock = threading.Lock()
+
+    def printer(event: str) -> Callable[[Any], None]:
+        def show(p: Any) -> None:
+            line = (f"{time.strftime('%H:%M:%S')} {filt.get_originator_process_name() or '?'}"
+                    f"({filt.get_originator_process_id()}) {_describe(event, p)}")
+            with lock:
+                print(line, flush=True)
+        return show
+
+    for event in FILTER_PARAMS:
+        if event.startswith("notify_") and event in NOTIFY_BITS and NOTIFY_BITS[event] & wanted:
+            setattr(filt, "on_" + event, printer(event[len("notify_"):].replace("_file", "").replace("_", "-")))
+    mask = path.rstrip("/") + "/" + args.mask if args.mask != "*" else path.rstrip("/") + "/*"
+    filt.add_filter_rule(mask, c.ACCESS_NONE, c.FS_CE_NONE, wanted)
+    if wanted & c.FS_NE_ENUMERATE_DIRECTORY:
+        filt.add_filter_rule(path, c.ACCESS_NONE, c.FS_CE_NONE, c.FS_NE_ENUMERATE_DIRECTORY)
+    return _serve_cbfilter(filt, f"monitoring {path}")
+
+
+def run_hide(args: argparse.Namespace) -> int:
+    path = _directory(args.path)
+    filt = CBFilter()
+    for pattern in args.patterns:
+        if "/" in pattern:
+            raise CBFSFilterError(errno.EINVAL, f"{pattern!r}: a pattern is a name mask, without '/'")
+        filt.file_matches_mask(pattern, "x")  # validates it
+
+    def hidden(name: str) -> bool:
+        return any(filt.file_matches_mask(pattern, name) for pattern in args.patterns)
+
+    def on_open(p: Any) -> None:
+        if hidden(os.path.basename(p.file_name)):
+            p.result_code = errno.ENOENT
+
+    def on_list(p: Any) -> None:
+        if hidden(p.file_name):
+            p.process_request = False
+
+    filt.on_before_open_file = on_open
+    filt.on_before_create_file = on_open
+    filt.on_after_enumerate_directory = on_list
+    for pattern in args.patterns:
+        filt.add_filter_rule(f"{path.rstrip('/')}/*/{pattern}", c.ACCESS_NONE,
+                             c.FS_CE_BEFORE_OPEN | c.FS_CE_BEFORE_CREATE, c.FS_NE_NONE)
+        filt.add_filter_rule(f"{path.rstrip('/')}/{pattern}", c.ACCESS_NONE,
+                             c.FS_CE_BEFORE_OPEN | c.FS_CE_BEFORE_CREATE, c.FS_NE_NONE)
+    filt.add_filter_rule(path, c.ACCESS_NONE, c.FS_CE_AFTER_ENUMERATE_DIRECTORY, c.FS_NE_NONE)
+    filt.add_filter_rule(path.rstrip("/") + "/*", c.ACCESS_NONE, c.FS_CE_AFTER_ENUMERATE_DIRECTORY, c.FS_NE_NONE)
+    return _serve_cbfilter(filt, f"hiding {', '.join(args.patterns)} below {path}")
+
+
+def run_protect(args: argparse.Namespace) -> int:
+    path = _directory(args.path)
+    access = 0
+    chosen = []
+    for flag, bit in PROTECT_FLAGS.items():
+        if getattr(args, flag[2:].replace("-", "_")):
+            access |= bit
+            chosen.append(flag[2:])
+    if not access:
+        raise CBFSFilterError(errno.EINVAL, "choose at least one protection, e.g. --read-only or --no-delete")
+    filt = CBFilter()
+    filt.add_filter_rule(path.rstrip("/") + "/*", access, c.FS_CE_NONE, c.FS_NE_NONE)
+    return _serve_cbfilter(filt, f"protecting {path} ({', '.join(chosen)})")
+
+
+def _serve_cbfilter(filt: CBFilter, what: str) -> int:
+    stop = _stop_on_signals()
+    filt.start_filter(0)
+    try:
+        print(f"fsfilter: {what}; Ctrl-C to stop", file=sys.stderr, flush=True)
+        while not stop.is_set():
+            stop.wait(0.2)
+    finally:
+        filt.stop_filter()
+    print("fsfilter: stopped and unmounted", file=sys.stderr)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
@@ -106,6 +269,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "passthrough":
             return run_passthrough(args)
+        if args.command == "monitor":
+            return run_monitor(args)
+        if args.command == "hide":
+            return run_hide(args)
+        if args.command == "protect":
+            return run_protect(args)
         if args.command == "demo":
             from fsfilter.demo import run_demo
             return run_demo(quiet=args.quiet)

@@ -82,6 +82,7 @@ class PassthroughFilter:
             self._mount(root_mode)
             session = Session(self._dev_fd, fs.handlers(), self.session_options)
             session.trace = self._trace
+            self._configure_session(session, fs)
             negotiated = session.negotiate()
             fs.session_fd = self._dev_fd
             fs.passthrough = negotiated.passthrough
@@ -97,6 +98,9 @@ class PassthroughFilter:
     def _make_fs(self, lower_fd: int) -> LowerFS:
         """The request handlers; subclasses return a LowerFS subclass to change what is served."""
         return LowerFS(lower_fd, self.lower_options)
+
+    def _configure_session(self, session: Session, fs: LowerFS) -> None:
+        """A hook for subclasses, called before the session starts serving."""
 
     def _check_paths(self) -> None:
         for what, path in (("lower directory", self.lower), ("mount point", self.mountpoint)):

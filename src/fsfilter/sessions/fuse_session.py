@@ -42,6 +42,7 @@ WANTED_FLAGS = (
     | abi.InitFlag.ASYNC_DIO | abi.InitFlag.PARALLEL_DIROPS | abi.InitFlag.HANDLE_KILLPRIV_V2
     | abi.InitFlag.POSIX_ACL | abi.InitFlag.MAX_PAGES | abi.InitFlag.CACHE_SYMLINKS | abi.InitFlag.SETXATTR_EXT
     | abi.InitFlag.INIT_EXT | abi.InitFlag.CREATE_SUPP_GROUP | abi.InitFlag.HAS_IOCTL_DIR
+    | abi.InitFlag.DIRECT_IO_ALLOW_MMAP
 )
 
 
@@ -109,6 +110,10 @@ class Session:
         self.finished = threading.Event()
         self.lingering = 0  # threads still busy in a handler when close() gave up waiting for them
         self.thread_setup: Callable[[], None] | None = None
+        # Says where a request is served: True = a pool thread (its handler may wait on an application's
+        # event handler), False = the reader itself (e.g. requests made by the filtering process, which
+        # must never wait for a pool thread that may be waiting on them), None = by opcode.
+        self.router: Callable[[Request], bool | None] | None = None
 
     # -- INIT
 
@@ -243,7 +248,12 @@ class Session:
         if opcode == abi.Opcode.INTERRUPT:
             self._interrupt(req, fd)
             return
-        if opcode in MAY_BLOCK:
+        pooled = opcode in MAY_BLOCK
+        if self.router is not None:
+            routed = self.router(req)
+            if routed is not None:
+                pooled = routed
+        if pooled:
             with self._lock:
                 self._inflight[req.unique] = (req, fd)
             self._pool.put((req, fd))

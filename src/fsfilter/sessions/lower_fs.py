@@ -420,10 +420,15 @@ class LowerFS:
                     flags |= abi.OpenReplyFlag.KEEP_CACHE
                 node.cache_sig = sig
                 self.files[fd] = OpenFile(fd, node, False)
-                return wire.encode_open_out(fd, flags)
+                return wire.encode_open_out(fd, self.open_reply_flags(node, int(flags), False))
             node.backing_refs += 1
             self.files[fd] = OpenFile(fd, node, True)
-            return wire.encode_open_out(fd, abi.OpenReplyFlag.NOFLUSH | abi.OpenReplyFlag.PASSTHROUGH, node.backing_id)
+            flags = abi.OpenReplyFlag.NOFLUSH | abi.OpenReplyFlag.PASSTHROUGH
+            return wire.encode_open_out(fd, self.open_reply_flags(node, int(flags), True), node.backing_id)
+
+    def open_reply_flags(self, node: Inode, flags: int, passthrough: bool) -> int:
+        """The FOPEN_* flags of an open's reply (for subclasses: e.g. direct I/O, or FLUSH wanted)."""
+        return flags
 
     def open(self, req: Request) -> bytes:
         flags, open_flags = wire.fixed(req.body, abi.OPEN_IN)
@@ -570,19 +575,26 @@ class LowerFS:
                     break
                 d.pending.pop(0)
                 d.pos = next_off
-                if not plus:
-                    out.append(wire.encode_dirent(ino, next_off, dtype, name))
-                elif name in (b".", b".."):
-                    out.append(bytes(abi.ENTRY_OUT_SIZE) + wire.encode_dirent(ino, next_off, dtype, name))
-                else:
-                    try:
-                        node, st = self._lookup_child(parent, name)
-                    except FileNotFoundError:
-                        continue  # gone since it was listed
-                    entry = wire.encode_entry(node.nodeid, st, self.options.entry_timeout, self.options.attr_timeout)
-                    out.append(entry + wire.encode_dirent(st.st_ino, next_off, dtype, name))
+                record = self.dir_record(req, fh, parent, name, ino, next_off, dtype, plus)
+                if record is None:
+                    continue
+                out.append(record)
                 used += need
         return b"".join(out)
+
+    def dir_record(self, req: Request, fh: int, parent: Inode, name: bytes, ino: int, next_off: int, dtype: int,
+                   plus: bool) -> bytes | None:
+        """The record of one listed name (None leaves it out; the caller checks it fits)."""
+        if not plus:
+            return wire.encode_dirent(ino, next_off, dtype, name)
+        if name in (b".", b".."):
+            return bytes(abi.ENTRY_OUT_SIZE) + wire.encode_dirent(ino, next_off, dtype, name)
+        try:
+            node, st = self._lookup_child(parent, name)
+        except FileNotFoundError:
+            return None  # gone since it was listed
+        entry = wire.encode_entry(node.nodeid, st, self.options.entry_timeout, self.options.attr_timeout)
+        return entry + wire.encode_dirent(st.st_ino, next_off, dtype, name)
 
     def readdir(self, req: Request) -> bytes:
         return self._listing(req, False)

@@ -1,0 +1,716 @@
+"""CBFilter: the SDK's file-system filter class on Linux.
+
+Rules say which paths matter and what for; the filter mounts itself (FUSE, over the directory itself)
+on the directories the rules name — the attach points — and serves every request there, firing the
+events the rules ask for. Files no rule's read/write flags can match keep kernel passthrough I/O.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import threading
+from collections.abc import Callable
+from typing import Any
+
+from fsfilter.api import constants as c
+from fsfilter.api.filter_fs import FilterFS
+from fsfilter.api.params import FILTER_PARAMS
+from fsfilter.api.passthrough import PassthroughFilter
+from fsfilter.engine import dispatch
+from fsfilter.engine.masks import MaskError, compile_mask, file_matches_mask
+from fsfilter.engine.rules import RuleSet
+from fsfilter.errors import CBFSFilterError
+from fsfilter.sessions.fuse_session import Session
+from fsfilter.sessions.lower_fs import LowerFS
+from fsfilter.system import fuse_device
+
+log = logging.getLogger("fsfilter")
+
+# Directories the filter never mounts over: the system would stop working, or the directory is virtual.
+FORBIDDEN_ATTACH = frozenset({"/", "/proc", "/sys", "/dev", "/usr", "/etc", "/boot", "/bin", "/sbin", "/lib",
+                              "/lib64", "/run", "/var", "/tmp"})
+
+# Which rule bit each event needs (control bits for before/after events, notify bits for notify events).
+EVENT_BITS: dict[str, int] = {
+    "before_create_file": c.FS_CE_BEFORE_CREATE, "after_create_file": c.FS_CE_AFTER_CREATE,
+    "before_open_file": c.FS_CE_BEFORE_OPEN, "after_open_file": c.FS_CE_AFTER_OPEN,
+    "before_read_file": c.FS_CE_BEFORE_READ, "after_read_file": c.FS_CE_AFTER_READ,
+    "before_write_file": c.FS_CE_BEFORE_WRITE, "after_write_file": c.FS_CE_AFTER_WRITE,
+    "before_cleanup_file": c.FS_CE_BEFORE_CLEANUP, "after_cleanup_file": c.FS_CE_AFTER_CLEANUP,
+    "before_close_file": c.FS_CE_BEFORE_CLOSE, "after_close_file": c.FS_CE_AFTER_CLOSE,
+    "before_can_file_be_deleted": c.FS_CE_BEFORE_CAN_DELETE, "after_can_file_be_deleted": c.FS_CE_AFTER_CAN_DELETE,
+    "before_delete_file": c.FS_CE_BEFORE_DELETE, "after_delete_file": c.FS_CE_AFTER_DELETE,
+    "before_rename_or_move_file": c.FS_CE_BEFORE_RENAME, "after_rename_or_move_file": c.FS_CE_AFTER_RENAME,
+    "before_create_hard_link": c.FS_CE_BEFORE_CREATE_HARD_LINK,
+    "after_create_hard_link": c.FS_CE_AFTER_CREATE_HARD_LINK,
+    "before_set_file_size": c.FS_CE_BEFORE_SET_SIZES, "after_set_file_size": c.FS_CE_AFTER_SET_SIZES,
+    "before_set_allocation_size": c.FS_CE_BEFORE_SET_SIZES, "after_set_allocation_size": c.FS_CE_AFTER_SET_SIZES,
+    "after_get_file_sizes": c.FS_CE_AFTER_GET_SIZES,
+    "before_set_file_attributes": c.FS_CE_BEFORE_SET_ATTRIBUTES,
+    "after_set_file_attributes": c.FS_CE_AFTER_SET_ATTRIBUTES,
+    "before_query_file_info": c.FS_CE_BEFORE_QUERY_FILE_INFO, "after_query_file_info": c.FS_CE_AFTER_QUERY_FILE_INFO,
+    "before_set_file_info": c.FS_CE_BEFORE_SET_FILE_INFO, "after_set_file_info": c.FS_CE_AFTER_SET_FILE_INFO,
+    "before_get_file_security": c.FS_CE_BEFORE_GET_SECURITY, "after_get_file_security": c.FS_CE_AFTER_GET_SECURITY,
+    "before_set_file_security": c.FS_CE_BEFORE_SET_SECURITY, "after_set_file_security": c.FS_CE_AFTER_SET_SECURITY,
+    "before_enumerate_directory": c.FS_CE_BEFORE_ENUMERATE_DIRECTORY,
+    "after_enumerate_directory": c.FS_CE_AFTER_ENUMERATE_DIRECTORY,
+    "after_close_enumeration": c.FS_CE_BEFORE_CLOSE | c.FS_CE_AFTER_ENUMERATE_DIRECTORY,
+    "before_fsctl": c.FS_CE_BEFORE_FSCTL, "after_fsctl": c.FS_CE_AFTER_FSCTL,
+    "before_ioctl": c.FS_CE_BEFORE_IOCTL, "after_ioctl": c.FS_CE_AFTER_IOCTL,
+    "before_query_ea": c.FS_CE_BEFORE_QUERY_EA, "after_query_ea": c.FS_CE_AFTER_QUERY_EA,
+    "before_set_ea": c.FS_CE_BEFORE_SET_EA, "after_set_ea": c.FS_CE_AFTER_SET_EA,
+    "before_get_reparse_point": c.FS_CE_BEFORE_GET_REPARSE_POINT,
+    "after_get_reparse_point": c.FS_CE_AFTER_GET_REPARSE_POINT,
+    "before_set_reparse_point": c.FS_CE_BEFORE_SET_REPARSE_POINT,
+    "after_set_reparse_point": c.FS_CE_AFTER_SET_REPARSE_POINT,
+    "before_delete_reparse_point": c.FS_CE_BEFORE_DELETE_REPARSE_POINT,
+    "after_delete_reparse_point": c.FS_CE_AFTER_DELETE_REPARSE_POINT,
+    "before_lock": c.FS_CE_BEFORE_LOCK_CONTROL, "after_lock": c.FS_CE_AFTER_LOCK_CONTROL,
+    "before_unlock_all": c.FS_CE_BEFORE_LOCK_CONTROL, "after_unlock_all": c.FS_CE_AFTER_LOCK_CONTROL,
+    "before_unlock_all_by_key": c.FS_CE_BEFORE_LOCK_CONTROL, "after_unlock_all_by_key": c.FS_CE_AFTER_LOCK_CONTROL,
+    "before_unlock_single": c.FS_CE_BEFORE_LOCK_CONTROL, "after_unlock_single": c.FS_CE_AFTER_LOCK_CONTROL,
+}
+NOTIFY_BITS: dict[str, int] = {
+    "notify_create_file": c.FS_NE_CREATE, "notify_open_file": c.FS_NE_OPEN, "notify_read_file": c.FS_NE_READ,
+    "notify_write_file": c.FS_NE_WRITE, "notify_cleanup_file": c.FS_NE_CLEANUP, "notify_close_file": c.FS_NE_CLOSE,
+    "notify_can_file_be_deleted": c.FS_NE_CAN_DELETE, "notify_delete_file": c.FS_NE_DELETE,
+    "notify_rename_or_move_file": c.FS_NE_RENAME, "notify_create_hard_link": c.FS_NE_CREATE_HARD_LINK,
+    "notify_set_file_size": c.FS_NE_SET_SIZES, "notify_set_allocation_size": c.FS_NE_SET_SIZES,
+    "notify_get_file_sizes": c.FS_NE_GET_SIZES, "notify_set_file_attributes": c.FS_NE_SET_ATTRIBUTES,
+    "notify_query_file_info": c.FS_NE_QUERY_FILE_INFO, "notify_set_file_info": c.FS_NE_SET_FILE_INFO,
+    "notify_get_file_security": c.FS_NE_GET_SECURITY, "notify_set_file_security": c.FS_NE_SET_SECURITY,
+    "notify_enumerate_directory": c.FS_NE_ENUMERATE_DIRECTORY, "notify_fsctl": c.FS_NE_FSCTL,
+    "notify_ioctl": c.FS_NE_IOCTL, "notify_query_ea": c.FS_NE_QUERY_EA, "notify_set_ea": c.FS_NE_SET_EA,
+    "notify_get_reparse_point": c.FS_NE_GET_REPARSE_POINT, "notify_set_reparse_point": c.FS_NE_SET_REPARSE_POINT,
+    "notify_delete_reparse_point": c.FS_NE_DELETE_REPARSE_POINT, "notify_lock": c.FS_NE_LOCK_CONTROL,
+    "notify_unlock_all": c.FS_NE_LOCK_CONTROL, "notify_unlock_all_by_key": c.FS_NE_LOCK_CONTROL,
+    "notify_unlock_single": c.FS_NE_LOCK_CONTROL,
+}
+_CONFIG_DEFAULTS: dict[str, str] = {
+    "FilterOwnRequests": "false", "MinWorkerThreadCount": "1", "MaxWorkerThreadCount": "0",
+    "DenyExpiredEvents": "false", "ModifiableReadWriteBuffers": "true", "AllowFileAccessInBeforeOpen": "true",
+    "EntryTimeout": "60", "AttrTimeout": "60", "NegativeTimeout": "10", "KernelPassthrough": "true",
+}
+_BOOL_SETTINGS = {"FilterOwnRequests", "DenyExpiredEvents", "ModifiableReadWriteBuffers",
+                  "AllowFileAccessInBeforeOpen", "KernelPassthrough"}
+
+
+def _check_flags(name: str, value: int, known: int) -> int:
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise CBFSFilterError(errno.EINVAL, f"{name} must be an int, not {type(value).__name__}")
+    if value == -1:
+        return known
+    if value < 0 or value & ~known:
+        raise CBFSFilterError(errno.EINVAL, f"{name} 0x{value:x} has bits no flag defines (known: 0x{known:x}); "
+                                            "combine the module's constants with |")
+    return value
+
+
+class _Attachment(PassthroughFilter):
+    """The FUSE mount of one attach point."""
+
+    def __init__(self, core: CBFilter, path: str) -> None:
+        threads = core.worker_threads()
+        super().__init__(path, None, pool=max(4, threads), passthrough=core.config_bool("KernelPassthrough"),
+                         entry_timeout=float(core.config("EntryTimeout")),
+                         attr_timeout=float(core.config("AttrTimeout")),
+                         negative_timeout=float(core.config("NegativeTimeout")))
+        self.core = core
+
+    def _make_fs(self, lower_fd: int) -> LowerFS:
+        return FilterFS(lower_fd, self.lower_options, self.core, self.mountpoint)
+
+    def _configure_session(self, session: Session, fs: LowerFS) -> None:
+        assert isinstance(fs, FilterFS)
+        session.router = fs.route
+
+
+class CBFilter:
+    """Filters file operations below the directories its rules name. See docs/api.md for every member."""
+
+    _handlers_ready = False
+
+    def __init__(self) -> None:
+        object.__setattr__(self, "_handlers_ready", False)
+        self.rules = RuleSet()
+        self.passthrough_rules = RuleSet()
+        self.control_handlers = 0
+        self.notify_handlers = 0
+        self.tag = 0
+        self.altitude = "360000"
+        self.strict_altitude = False
+        self.serialize_events = c.SERIALIZE_EVENTS_ON_MULTIPLE_THREADS
+        self.fire_volume_events = c.FS_MOUNT_IGNORE
+        self.process_cached_io_requests = False
+        self.process_failed_requests = False
+        self.serialize_access = False
+        self.file_flushing_behavior = 0
+        self._config = dict(_CONFIG_DEFAULTS)
+        self._attach_points: list[str] = []
+        self._attached: dict[str, _Attachment] = {}
+        self._product_guid = ""
+        self._timeout_ms = 0
+        self._lock = threading.RLock()
+        self._active = False
+        self.dispatcher = dispatch.Dispatcher(self._fire_error, self._thread_event)
+        for name in list(FILTER_PARAMS):
+            object.__setattr__(self, "on_" + name, None)
+        object.__setattr__(self, "_handlers_ready", True)
+
+    # Handlers are plain attributes (``f.on_before_open_file = fn``); keep the bit masks of assigned ones,
+    # which decide routing and caching, in step.
+    def __setattr__(self, name: str, value: Any) -> None:
+        object.__setattr__(self, name, value)
+        if name.startswith("on_") and self._handlers_ready:
+            event = name[3:]
+            if event not in FILTER_PARAMS:
+                raise CBFSFilterError(errno.EINVAL, f"CBFilter has no event {event!r}")
+            self._recompute_handler_bits()
+
+    def _recompute_handler_bits(self) -> None:
+        control = notify = 0
+        for event, bit in EVENT_BITS.items():
+            if getattr(self, "on_" + event, None) is not None:
+                control |= bit
+        for event, bit in NOTIFY_BITS.items():
+            if getattr(self, "on_" + event, None) is not None:
+                notify |= bit
+        object.__setattr__(self, "control_handlers", control)
+        object.__setattr__(self, "notify_handlers", notify)
+
+    def handler(self, event: str) -> Callable[[Any], object] | None:
+        h: Callable[[Any], object] | None = getattr(self, "on_" + event, None)
+        return h
+
+    # -- state used by the request handlers
+
+    @property
+    def has_rules(self) -> bool:
+        return bool(len(self.rules) or len(self.passthrough_rules))
+
+    @property
+    def rules_generation(self) -> int:
+        return self.rules.generation + self.passthrough_rules.generation
+
+    @property
+    def filter_own_requests(self) -> bool:
+        return self.config_bool("FilterOwnRequests")
+
+    @property
+    def deny_expired_events(self) -> bool:
+        return self.config_bool("DenyExpiredEvents")
+
+    def worker_threads(self) -> int:
+        count = int(self._config["MaxWorkerThreadCount"])
+        return count if count > 0 else max(4, 4 * (os.cpu_count() or 1))
+
+    # -- SDK lifecycle
+
+    def initialize(self, product_guid: str) -> None:
+        """Records the product id (Linux needs no driver binding). Checks that FUSE is usable."""
+        if not isinstance(product_guid, str):
+            raise CBFSFilterError(errno.EINVAL, "product_guid must be a string")
+        self._product_guid = product_guid
+
+    def install(self, cab_file_name: str, product_guid: str, path_to_install: str | None, altitude: str,
+                flags: int, allowed_callers: str | None = None) -> bool:
+        """Linux has no driver to install: checks that the kernel can serve fsfilter; returns False (no reboot)."""
+        if not os.path.exists(fuse_device.DEVICE):
+            raise CBFSFilterError(errno.ENODEV, "/dev/fuse is missing: load the fuse module (modprobe fuse)")
+        return False
+
+    def uninstall(self, cab_file_name: str, product_guid: str, installed_path: str | None, flags: int) -> bool:
+        """Nothing to remove on Linux; returns False (no reboot)."""
+        return False
+
+    def get_driver_status(self, product_guid: str) -> int:
+        return c.MODULE_STATUS_RUNNING if os.path.exists(fuse_device.DEVICE) else c.MODULE_STATUS_NOT_PRESENT
+
+    def get_driver_version(self, product_guid: str) -> int:
+        """The kernel version as four 16-bit parts (major, minor, patch, 0)."""
+        parts = [int(p) if p.isdigit() else 0 for p in os.uname().release.split("-")[0].split(".")[:3]]
+        parts += [0] * (3 - len(parts))
+        return (parts[0] << 48) | (parts[1] << 32) | (parts[2] << 16)
+
+    @property
+    def active(self) -> bool:
+        return self._active
+
+    def get_active(self) -> bool:
+        return self._active
+
+    def start_filter(self, timeout: int = 0) -> None:
+        """Mount on every attach point and start firing events. ``timeout``: ms a control event may take
+        (0 = no limit)."""
+        with self._lock:
+            if self._active:
+                raise CBFSFilterError(errno.EALREADY, "the filter is already started; call stop_filter first")
+            if os.geteuid() != 0:
+                raise CBFSFilterError(errno.EPERM, "CBFilter mounts over directories and needs root (CAP_SYS_ADMIN)")
+            if not isinstance(timeout, int) or timeout < 0:
+                raise CBFSFilterError(errno.EINVAL, f"timeout must be milliseconds >= 0, not {timeout!r}")
+            points = self._wanted_attach_points()
+            if not points:
+                raise CBFSFilterError(errno.EINVAL, "no rule names a directory to filter: add a rule with an "
+                                                    "absolute mask (e.g. /srv/data/*) or call add_attach_point")
+            self._timeout_ms = timeout
+            d = self.dispatcher
+            d.timeout = timeout / 1000.0
+            d.serialize = self.serialize_events == c.SERIALIZE_EVENTS_ON_ONE_WORKER_THREAD
+            d.min_threads = max(1, int(self._config["MinWorkerThreadCount"]))
+            d.max_threads = max(d.min_threads, self.worker_threads())
+            d.start()
+            self._active = True
+            try:
+                for path in points:
+                    self._attach(path)
+            except BaseException:
+                self._detach_all()
+                d.stop(1.0)
+                self._active = False
+                raise
+            self._fire_simple("filter_start")
+
+    def stop_filter(self, wait: bool = True) -> None:
+        """Unmount every attach point, deliver queued notifications, fire on_filter_stop."""
+        with self._lock:
+            if not self._active:
+                return
+            self._detach_all()
+            self.dispatcher.stop(10.0 if wait else 1.0)
+            self._active = False
+            self._fire_simple("filter_stop")
+
+    def __enter__(self) -> CBFilter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop_filter()
+
+    # -- attach points
+
+    def add_attach_point(self, path: str) -> None:
+        """A directory to filter besides those the rules' masks name (needed for masks without a path,
+        like ``*.doc``). Linux extension."""
+        real = self._check_attach_path(path)
+        with self._lock:
+            if real not in self._attach_points:
+                self._attach_points.append(real)
+            if self._active:
+                self._sync_attachments()
+
+    def delete_attach_point(self, path: str) -> bool:
+        real = os.path.realpath(path)
+        with self._lock:
+            if real in self._attach_points:
+                self._attach_points.remove(real)
+                return True
+        return False
+
+    @property
+    def attach_point_count(self) -> int:
+        return len(self._attached)
+
+    def get_attach_point(self, index: int) -> str:
+        return sorted(self._attached)[index]
+
+    def _check_attach_path(self, path: str) -> str:
+        if not isinstance(path, str) or not path.startswith("/"):
+            raise CBFSFilterError(errno.EINVAL, f"an attach point must be an absolute path, not {path!r}")
+        real = os.path.realpath(path)
+        if real in FORBIDDEN_ATTACH:
+            raise CBFSFilterError(errno.EPERM, f"fsfilter does not mount over {real}: name a directory below it")
+        if not os.path.isdir(real):
+            raise CBFSFilterError(errno.ENOTDIR, f"{real} is not an existing directory")
+        return real
+
+    def _wanted_attach_points(self) -> list[str]:
+        wanted: set[str] = set(self._attach_points)
+        for rule in list(self.rules) + list(self.passthrough_rules):
+            compiled = rule.compiled
+            prefix = compiled.prefix
+            if prefix is None:
+                continue
+            if compiled.literal and not compiled.inverted and os.path.isdir(compiled.path_mask):
+                # A rule on a directory itself (e.g. its listing): mounted over that directory, whose
+                # root the filter then serves. Renaming or deleting the directory itself is not seen.
+                prefix = compiled.path_mask
+            existing = prefix
+            while not os.path.isdir(existing) and existing != "/":
+                existing = os.path.dirname(existing)
+            real = os.path.realpath(existing)
+            if real in FORBIDDEN_ATTACH:
+                raise CBFSFilterError(errno.EPERM, f"the mask {rule.mask!r} would make fsfilter mount over {real}: "
+                                                   "use a mask below it, or add_attach_point")
+            wanted.add(real)
+        if not self._attach_points and not wanted and (self.rules.has_unanchored()
+                                                        or self.passthrough_rules.has_unanchored()):
+            raise CBFSFilterError(errno.EINVAL, "masks without a path (e.g. *.doc) need add_attach_point(dir)")
+        # An attach point inside another is covered by it.
+        out: list[str] = []
+        for p in sorted(wanted):
+            if not any(p == q or p.startswith(q.rstrip("/") + "/") for q in out):
+                out.append(p)
+        return out
+
+    def _sync_attachments(self) -> None:
+        for path in self._wanted_attach_points():
+            covered = any(path == q or path.startswith(q.rstrip("/") + "/") for q in self._attached)
+            if not covered:
+                self._attach(path)
+
+    def _attach(self, path: str) -> None:
+        volume_control = self.fire_volume_events & c.FS_MOUNT_CONTROL
+        volume_notify = self.fire_volume_events & c.FS_MOUNT_NOTIFY
+        if volume_control:
+            params = self._fire_simple("before_filter_attach_to_volume", volume_name=path)
+            if params is not None and params.skip_volume:
+                return
+        if any(q.startswith(path.rstrip("/") + "/") for q in self._attached):
+            raise CBFSFilterError(errno.EBUSY, f"{path} contains an attach point that is already mounted: stop the "
+                                               "filter, add the rule, and start it again")
+        mount = _Attachment(self, path)
+        mount.start()
+        self._attached[path] = mount
+        if volume_control:
+            self._fire_simple("after_filter_attach_to_volume", volume_name=path)
+        if volume_notify:
+            self._post_simple("notify_filter_attach_to_volume", volume_name=path)
+
+    def _detach_all(self) -> None:
+        for path, mount in sorted(self._attached.items(), reverse=True):
+            try:
+                mount.stop()
+            except Exception as exc:
+                log.warning("detaching %s failed: %s", path, exc)
+            if self.fire_volume_events & c.FS_MOUNT_CONTROL:
+                self._fire_simple("after_filter_detach_from_volume", volume_name=path)
+            if self.fire_volume_events & c.FS_MOUNT_NOTIFY:
+                self._post_simple("notify_filter_detach_from_volume", volume_name=path)
+        self._attached.clear()
+
+    # -- rules
+
+    def _add(self, rules: RuleSet, mask: str, access: int, control: int, notify: int, ea_name: str = "",
+             min_size: int = -1, max_size: int = -1, included: int = 0, excluded: int = 0) -> bool:
+        access = _check_flags("access_flags", access, c.ACCESS_KNOWN)
+        control = _check_flags("control_flags", control, c.FS_CE_KNOWN)
+        notify = _check_flags("notify_flags", notify, c.FS_NE_KNOWN)
+        if not isinstance(mask, str):
+            raise CBFSFilterError(errno.EINVAL, "mask must be a string")
+        for name, value in (("min_size", min_size), ("max_size", max_size)):
+            if not isinstance(value, int) or value < -1:
+                raise CBFSFilterError(errno.EINVAL, f"{name} must be -1 (unused) or a size in bytes, not {value!r}")
+        try:
+            changed = rules.add(mask, access, control, notify, ea_name, min_size, max_size, included, excluded)
+        except MaskError as exc:
+            raise CBFSFilterError(errno.EINVAL, f"bad mask {mask!r}: {exc}") from exc
+        except ValueError as exc:
+            raise CBFSFilterError(errno.EINVAL, str(exc)) from exc
+        if self._active:
+            try:
+                with self._lock:
+                    self._sync_attachments()
+            except CBFSFilterError:
+                rules.delete(mask, access, control, notify)
+                raise
+        return changed
+
+    def add_filter_rule(self, mask: str, access_flags: int, control_flags: int, notify_flags: int) -> bool:
+        return self._add(self.rules, mask, access_flags, control_flags, notify_flags)
+
+    def add_filter_rule_ex(self, mask: str, ea_name: str, access_flags: int, control_flags: int, notify_flags: int,
+                           min_size: int, max_size: int, included_attributes: int, excluded_attributes: int) -> bool:
+        return self._add(self.rules, mask, access_flags, control_flags, notify_flags, ea_name or "", min_size,
+                         max_size, included_attributes, excluded_attributes)
+
+    def add_passthrough_rule(self, mask: str, access_flags: int, control_flags: int, notify_flags: int) -> bool:
+        return self._add(self.passthrough_rules, mask, access_flags, control_flags, notify_flags)
+
+    def add_passthrough_rule_ex(self, mask: str, ea_name: str, access_flags: int, control_flags: int,
+                                notify_flags: int, min_size: int, max_size: int, included_attributes: int,
+                                excluded_attributes: int) -> bool:
+        return self._add(self.passthrough_rules, mask, access_flags, control_flags, notify_flags, ea_name or "",
+                         min_size, max_size, included_attributes, excluded_attributes)
+
+    def _delete(self, rules: RuleSet, mask: str, access: int, control: int, notify: int) -> bool:
+        return rules.delete(mask, -1 if access == -1 else access, -1 if control == -1 else control,
+                            -1 if notify == -1 else notify)
+
+    def delete_filter_rule(self, mask: str, access_flags: int, control_flags: int, notify_flags: int) -> bool:
+        return self._delete(self.rules, mask, access_flags, control_flags, notify_flags)
+
+    def delete_passthrough_rule(self, mask: str, access_flags: int, control_flags: int, notify_flags: int) -> bool:
+        return self._delete(self.passthrough_rules, mask, access_flags, control_flags, notify_flags)
+
+    def delete_all_filter_rules(self) -> bool:
+        return self.rules.clear()
+
+    def delete_all_passthrough_rules(self) -> bool:
+        return self.passthrough_rules.clear()
+
+    @property
+    def filter_rule_count(self) -> int:
+        return len(self.rules)
+
+    @property
+    def passthrough_rule_count(self) -> int:
+        return len(self.passthrough_rules)
+
+    def _rule(self, rules: RuleSet, index: int) -> Any:
+        try:
+            return rules[index]
+        except IndexError:
+            raise CBFSFilterError(errno.EINVAL, f"no rule at index {index} (there are {len(rules)})") from None
+
+    def get_filter_rule_mask(self, i: int) -> str:
+        return str(self._rule(self.rules, i).mask)
+
+    def get_filter_rule_access_flags(self, i: int) -> int:
+        return int(self._rule(self.rules, i).access)
+
+    def get_filter_rule_control_flags(self, i: int) -> int:
+        return int(self._rule(self.rules, i).control)
+
+    def get_filter_rule_notify_flags(self, i: int) -> int:
+        return int(self._rule(self.rules, i).notify)
+
+    def get_filter_rule_ea_name(self, i: int) -> str:
+        return str(self._rule(self.rules, i).ea_name)
+
+    def get_filter_rule_min_size(self, i: int) -> int:
+        return int(self._rule(self.rules, i).min_size)
+
+    def get_filter_rule_max_size(self, i: int) -> int:
+        return int(self._rule(self.rules, i).max_size)
+
+    def get_filter_rule_included_attributes(self, i: int) -> int:
+        return int(self._rule(self.rules, i).included_attributes)
+
+    def get_filter_rule_excluded_attributes(self, i: int) -> int:
+        return int(self._rule(self.rules, i).excluded_attributes)
+
+    def get_passthrough_rule_mask(self, i: int) -> str:
+        return str(self._rule(self.passthrough_rules, i).mask)
+
+    def get_passthrough_rule_access_flags(self, i: int) -> int:
+        return int(self._rule(self.passthrough_rules, i).access)
+
+    def get_passthrough_rule_control_flags(self, i: int) -> int:
+        return int(self._rule(self.passthrough_rules, i).control)
+
+    def get_passthrough_rule_notify_flags(self, i: int) -> int:
+        return int(self._rule(self.passthrough_rules, i).notify)
+
+    def get_passthrough_rule_ea_name(self, i: int) -> str:
+        return str(self._rule(self.passthrough_rules, i).ea_name)
+
+    def get_passthrough_rule_min_size(self, i: int) -> int:
+        return int(self._rule(self.passthrough_rules, i).min_size)
+
+    def get_passthrough_rule_max_size(self, i: int) -> int:
+        return int(self._rule(self.passthrough_rules, i).max_size)
+
+    def get_passthrough_rule_included_attributes(self, i: int) -> int:
+        return int(self._rule(self.passthrough_rules, i).included_attributes)
+
+    def get_passthrough_rule_excluded_attributes(self, i: int) -> int:
+        return int(self._rule(self.passthrough_rules, i).excluded_attributes)
+
+    def is_file_filtered(self, file_name: str) -> bool:
+        """Whether a standard rule's path part matches ``file_name`` (process and qualifiers not checked)."""
+        path = os.path.normpath(file_name) if file_name else file_name
+        return bool(self.rules.candidates(path))
+
+    def file_matches_mask(self, mask: str, file_name: str, case_sensitive: bool = True) -> bool:
+        try:
+            return file_matches_mask(mask, file_name, case_sensitive)
+        except MaskError as exc:
+            raise CBFSFilterError(errno.EINVAL, f"bad mask {mask!r}: {exc}") from exc
+
+    # -- configuration
+
+    def config(self, configuration_string: str) -> str:
+        """``"Name=Value"`` sets a setting, ``"Name"`` reads it. Unknown names raise."""
+        name, sep, value = configuration_string.partition("=")
+        name = name.strip()
+        if name not in self._config:
+            raise CBFSFilterError(errno.EINVAL, f"unknown setting {name!r}; known: {', '.join(sorted(self._config))}")
+        if not sep:
+            return self._config[name]
+        value = value.strip()
+        if name in _BOOL_SETTINGS:
+            if value.lower() not in ("true", "false", "1", "0", "yes", "no"):
+                raise CBFSFilterError(errno.EINVAL, f"{name} takes true or false, not {value!r}")
+            value = "true" if value.lower() in ("true", "1", "yes") else "false"
+        else:
+            try:
+                number = float(value)
+            except ValueError:
+                raise CBFSFilterError(errno.EINVAL, f"{name} takes a number, not {value!r}") from None
+            if number < 0:
+                raise CBFSFilterError(errno.EINVAL, f"{name} must not be negative")
+        self._config[name] = value
+        return ""
+
+    def config_bool(self, name: str) -> bool:
+        return self._config[name] == "true"
+
+    # -- inside handlers
+
+    def _origin(self) -> dispatch.Origin:
+        job = dispatch.current_job()
+        if job is None or job.origin is None:
+            raise CBFSFilterError(errno.EINVAL, "get_originator_* works only inside an event handler")
+        return job.origin
+
+    def get_originator_process_id(self) -> int:
+        origin = self._origin()
+        if origin.name is None:
+            self._fill(origin)
+        return origin.pid
+
+    def get_originator_thread_id(self) -> int:
+        return self._origin().tid
+
+    def get_originator_process_name(self) -> str:
+        try:
+            origin = self._origin()
+        except CBFSFilterError:
+            return ""
+        if origin.name is None:
+            self._fill(origin)
+        return origin.name or ""
+
+    def get_originator_token(self) -> dict[str, Any]:
+        """The requester's credentials (Linux meaning of the token): uid, gid, pid and supplementary groups."""
+        origin = self._origin()
+        groups: list[int] = []
+        try:
+            with open(f"/proc/{origin.tid}/status") as f:
+                for line in f:
+                    if line.startswith("Groups:"):
+                        groups = [int(g) for g in line.split()[1:]]
+        except (OSError, ValueError):
+            pass
+        return {"uid": origin.uid, "gid": origin.gid, "pid": self.get_originator_process_id(), "groups": groups}
+
+    def get_handle_creator_process_id(self) -> int:
+        return self.get_originator_process_id()
+
+    def get_handle_creator_thread_id(self) -> int:
+        return self.get_originator_thread_id()
+
+    def get_handle_creator_process_name(self) -> str:
+        return self.get_originator_process_name()
+
+    def get_handle_creator_token(self) -> dict[str, Any]:
+        return self.get_originator_token()
+
+    @staticmethod
+    def _fill(origin: dispatch.Origin) -> None:
+        from fsfilter.api.filter_fs import ProcessInfo
+        info = ProcessInfo(origin.tid)
+        origin.name, origin.pid = info.name, info.pid
+
+    def reset_timeout(self, timeout: int) -> bool:
+        """Give the event being handled ``timeout`` more milliseconds (0 = no limit)."""
+        return dispatch.reset_timeout(max(0, timeout) / 1000.0)
+
+    def create_file_direct(self, file_name: str, synchronize: bool = False, desired_access: int = os.O_RDONLY,
+                           share_mode: int = 0, creation_disposition: int = c.FILE_DISPOSITION_OPEN_EXISTING,
+                           flags_and_attributes: int = 0, isolate: bool = False,
+                           close_immediately: bool = False) -> int:
+        """Open a filtered file below the filter (no events): returns an OS fd the caller closes.
+        ``desired_access`` takes open(2) flags here."""
+        real = os.path.abspath(file_name)
+        for path, mount in self._attached.items():
+            if real == path or real.startswith(path.rstrip("/") + "/"):
+                rel = os.path.relpath(real, path)
+                lower_fd = mount._lower_fd
+                flags = desired_access | os.O_CLOEXEC
+                if creation_disposition in (c.FILE_DISPOSITION_CREATE_NEW, c.FILE_DISPOSITION_CREATE_ALWAYS,
+                                            c.FILE_DISPOSITION_OPEN_ALWAYS):
+                    flags |= os.O_CREAT
+                if creation_disposition == c.FILE_DISPOSITION_CREATE_NEW:
+                    flags |= os.O_EXCL
+                if creation_disposition in (c.FILE_DISPOSITION_CREATE_ALWAYS, c.FILE_DISPOSITION_TRUNCATE_EXISTING):
+                    flags |= os.O_TRUNC
+                try:
+                    fd = os.open(rel if rel != "." else ".", flags, 0o666, dir_fd=lower_fd)
+                except OSError as exc:
+                    raise CBFSFilterError.from_os_error(exc, f"cannot open {real} below the filter") from exc
+                if close_immediately:
+                    os.close(fd)
+                    return -1
+                return fd
+        return os.open(real, desired_access | os.O_CLOEXEC)
+
+    def suspend_file_events(self) -> None:
+        raise CBFSFilterError(errno.ENOSYS, "suspend_file_events is not implemented yet")
+
+    # -- SDK members with no Linux meaning (documented in docs/api.md)
+
+    def add_default_rule(self, mask: str, access_flags: int, product_guid: str) -> bool:
+        raise CBFSFilterError(errno.ENOSYS, "default rules come with the fsfilterd service, not yet available")
+
+    def delete_default_rule(self, mask: str, product_guid: str) -> bool:
+        raise CBFSFilterError(errno.ENOSYS, "default rules come with the fsfilterd service, not yet available")
+
+    def add_reparse_rule(self, mask: str, reparse_mask: str, product_guid: str, flags: int) -> bool:
+        raise CBFSFilterError(errno.ENOSYS, "reparse rules are not implemented yet")
+
+    def shutdown_system(self, shutdown_prompt: str, timeout: int, force_close_apps: bool, reboot: bool) -> bool:
+        raise CBFSFilterError(errno.ENOSYS, "fsfilter does not shut the machine down: use systemctl")
+
+    def nt_status_to_win_32_error(self, status: int) -> int:
+        """Statuses here are already errno values: returned as they are."""
+        return status
+
+    nt_status_to_win32_error = nt_status_to_win_32_error
+
+    def get_volume_guid(self) -> str:
+        return ""
+
+    # -- events of the filter itself
+
+    def _fire_simple(self, event: str, **fields: Any) -> Any:
+        handler = self.handler(event)
+        if handler is None:
+            return None
+        params = FILTER_PARAMS[event](**fields)
+        try:
+            handler(params)
+        except Exception as exc:
+            self._fire_error(errno.EIO, f"on_{event} raised {type(exc).__name__}: {exc}")
+        return params
+
+    def _post_simple(self, event: str, **fields: Any) -> None:
+        handler = self.handler(event)
+        if handler is not None:
+            self.dispatcher.post(handler, FILTER_PARAMS[event](**fields), None)
+
+    def _fire_error(self, code: int, description: str) -> None:
+        handler = self.handler("error")
+        if handler is None:
+            log.error("%s", description)
+            return
+        handler(FILTER_PARAMS["error"](error_code=code, description=description))
+
+    def _thread_event(self, starting: bool) -> None:
+        self._fire_simple("worker_thread_creation" if starting else "worker_thread_termination")
+
+    # -- statistics (Linux extension)
+
+    @property
+    def stats(self) -> dict[str, int]:
+        d = self.dispatcher.stats
+        return {"control_events": d.control, "notifications_posted": d.notifications_posted,
+                "notifications_delivered": d.notifications_delivered, "expired": d.expired, "failed": d.failed,
+                "notifications_queued": self.dispatcher.queued_notifications}
+
+
+def _validate_mask(mask: str) -> None:
+    compile_mask(mask)

@@ -1,0 +1,1277 @@
+"""The FUSE request handlers of one CBFilter attach point: rules, access checks, events, contexts.
+
+It extends the plain pass-through (LowerFS) request by request: it finds what the rules say about the
+path (cached per inode, keyed by the rules' generation), enforces access rules without events, fires the
+Before event (which may deny, change or complete the request), serves the request on the lower directory,
+fires the After event (which may change what the caller gets) and queues the notification.
+
+Paths in events are absolute paths as applications see them (the attach point plus the path below it).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import logging
+import os
+import stat
+import struct
+import threading
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from fsfilter.abi import fuse as abi
+from fsfilter.api import constants as c
+from fsfilter.api.params import FILTER_PARAMS, EventParams
+from fsfilter.engine.dispatch import Origin, Outcome
+from fsfilter.engine.rules import Flags, PathMatch, attributes_from_stat, match_path
+from fsfilter.sessions.lower_fs import Inode, LowerFS, LowerOptions, _proc
+from fsfilter.wire import fuse as wire
+from fsfilter.wire.fuse import Request
+
+if TYPE_CHECKING:
+    from fsfilter.api.cbfilter import CBFilter
+
+log = logging.getLogger("fsfilter.filter")
+
+NO_FLAGS = Flags(0, 0, 0)
+_FMODE_EXEC = 0x20  # in the open flags of execve's open
+_ACL_NAMES = (b"system.posix_acl_access", b"system.posix_acl_default")
+
+# Control bits that make a path's names and attributes volatile: their answer can differ per request.
+_VOLATILE = c.FS_CE_BEFORE_OPEN | c.FS_CE_BEFORE_CREATE | c.FS_CE_AFTER_GET_SIZES
+
+# For each opcode, the control bits whose events it may fire: such a request is served on a pool thread.
+_OP_CONTROL: dict[int, int] = {
+    abi.Opcode.LOOKUP: c.FS_CE_BEFORE_OPEN,
+    abi.Opcode.OPEN: c.FS_CE_BEFORE_OPEN | c.FS_CE_AFTER_OPEN,
+    abi.Opcode.OPENDIR: c.FS_CE_BEFORE_OPEN | c.FS_CE_AFTER_OPEN,
+    abi.Opcode.CREATE: c.FS_CE_BEFORE_CREATE | c.FS_CE_AFTER_CREATE | c.FS_CE_BEFORE_OPEN | c.FS_CE_AFTER_OPEN,
+    abi.Opcode.MKDIR: c.FS_CE_BEFORE_CREATE | c.FS_CE_AFTER_CREATE,
+    abi.Opcode.MKNOD: c.FS_CE_BEFORE_CREATE | c.FS_CE_AFTER_CREATE,
+    abi.Opcode.SYMLINK: c.FS_CE_BEFORE_CREATE | c.FS_CE_AFTER_CREATE,
+    abi.Opcode.READ: c.FS_CE_BEFORE_READ | c.FS_CE_AFTER_READ,
+    abi.Opcode.WRITE: c.FS_CE_BEFORE_WRITE | c.FS_CE_AFTER_WRITE,
+    abi.Opcode.FLUSH: c.FS_CE_BEFORE_CLEANUP | c.FS_CE_AFTER_CLEANUP,
+    abi.Opcode.RELEASE: c.FS_CE_BEFORE_CLOSE | c.FS_CE_AFTER_CLOSE,
+    abi.Opcode.RELEASEDIR: c.FS_CE_BEFORE_CLOSE | c.FS_CE_AFTER_CLOSE | c.FS_CE_AFTER_ENUMERATE_DIRECTORY,
+    abi.Opcode.READDIR: c.FS_CE_BEFORE_ENUMERATE_DIRECTORY | c.FS_CE_AFTER_ENUMERATE_DIRECTORY,
+    abi.Opcode.READDIRPLUS: c.FS_CE_BEFORE_ENUMERATE_DIRECTORY | c.FS_CE_AFTER_ENUMERATE_DIRECTORY,
+    abi.Opcode.UNLINK: c.FS_CE_BEFORE_CAN_DELETE | c.FS_CE_AFTER_CAN_DELETE | c.FS_CE_BEFORE_DELETE
+    | c.FS_CE_AFTER_DELETE,
+    abi.Opcode.RMDIR: c.FS_CE_BEFORE_CAN_DELETE | c.FS_CE_AFTER_CAN_DELETE | c.FS_CE_BEFORE_DELETE
+    | c.FS_CE_AFTER_DELETE,
+    abi.Opcode.RENAME: c.FS_CE_BEFORE_RENAME | c.FS_CE_AFTER_RENAME,
+    abi.Opcode.RENAME2: c.FS_CE_BEFORE_RENAME | c.FS_CE_AFTER_RENAME,
+    abi.Opcode.LINK: c.FS_CE_BEFORE_CREATE_HARD_LINK | c.FS_CE_AFTER_CREATE_HARD_LINK,
+    abi.Opcode.SETATTR: c.FS_CE_BEFORE_SET_SIZES | c.FS_CE_AFTER_SET_SIZES | c.FS_CE_BEFORE_SET_ATTRIBUTES
+    | c.FS_CE_AFTER_SET_ATTRIBUTES | c.FS_CE_BEFORE_SET_SECURITY | c.FS_CE_AFTER_SET_SECURITY,
+    abi.Opcode.GETATTR: c.FS_CE_AFTER_GET_SIZES,
+    abi.Opcode.FALLOCATE: c.FS_CE_BEFORE_SET_SIZES | c.FS_CE_AFTER_SET_SIZES,
+    abi.Opcode.GETXATTR: c.FS_CE_BEFORE_GET_SECURITY | c.FS_CE_AFTER_GET_SECURITY | c.FS_CE_BEFORE_QUERY_EA
+    | c.FS_CE_AFTER_QUERY_EA,
+    abi.Opcode.LISTXATTR: c.FS_CE_BEFORE_QUERY_EA | c.FS_CE_AFTER_QUERY_EA,
+    abi.Opcode.SETXATTR: c.FS_CE_BEFORE_SET_SECURITY | c.FS_CE_AFTER_SET_SECURITY | c.FS_CE_BEFORE_SET_EA
+    | c.FS_CE_AFTER_SET_EA,
+    abi.Opcode.REMOVEXATTR: c.FS_CE_BEFORE_SET_SECURITY | c.FS_CE_AFTER_SET_SECURITY | c.FS_CE_BEFORE_SET_EA
+    | c.FS_CE_AFTER_SET_EA,
+    abi.Opcode.READLINK: c.FS_CE_BEFORE_GET_REPARSE_POINT | c.FS_CE_AFTER_GET_REPARSE_POINT,
+    abi.Opcode.IOCTL: c.FS_CE_BEFORE_IOCTL | c.FS_CE_AFTER_IOCTL,
+}
+_RW_BITS = (c.FS_CE_BEFORE_READ | c.FS_CE_AFTER_READ | c.FS_CE_BEFORE_WRITE | c.FS_CE_AFTER_WRITE, c.FS_NE_READ
+            | c.FS_NE_WRITE)
+_CLEANUP_BITS = (c.FS_CE_BEFORE_CLEANUP | c.FS_CE_AFTER_CLEANUP, c.FS_NE_CLEANUP)
+
+
+class ProcessInfo:
+    """The requesting thread, read from /proc only when a rule or handler asks (ProcessLike)."""
+
+    __slots__ = ("tid", "_name", "_exe", "_tgid")
+
+    def __init__(self, tid: int) -> None:
+        self.tid = tid
+        self._name: str | None = None
+        self._exe: str | None = None
+        self._tgid: int | None = None
+
+    @property
+    def pid(self) -> int:
+        if self._tgid is None:
+            self._read_status()
+        return self._tgid or self.tid
+
+    @property
+    def name(self) -> str:
+        if self._name is None:
+            self._read_status()
+        return self._name or ""
+
+    @property
+    def exe(self) -> str:
+        if self._exe is None:
+            try:
+                self._exe = os.readlink(f"/proc/{self.tid}/exe")
+            except OSError:
+                self._exe = ""
+        return self._exe
+
+    def _read_status(self) -> None:
+        name, tgid = "", self.tid
+        if self.tid > 0:
+            try:
+                with open(f"/proc/{self.tid}/status", "rb") as f:
+                    for line in f.read(1024).split(b"\n"):
+                        if line.startswith(b"Name:"):
+                            name = line[5:].strip().decode(errors="replace")
+                        elif line.startswith(b"Tgid:"):
+                            tgid = int(line[5:])
+                            break
+            except (OSError, ValueError):
+                pass
+        self._name, self._tgid = name, tgid
+
+
+class _Facts:
+    """What size/attribute/xattr qualifiers of rules look at, read lazily from the lower object."""
+
+    __slots__ = ("fd", "name", "_st")
+
+    def __init__(self, fd: int, name: str) -> None:
+        self.fd = fd
+        self.name = name
+        self._st: os.stat_result | None = None
+
+    def _stat(self) -> os.stat_result | None:
+        if self._st is None:
+            try:
+                self._st = os.fstat(self.fd)
+            except OSError:
+                return None
+        return self._st
+
+    def size(self) -> int | None:
+        st = self._stat()
+        return st.st_size if st is not None else None
+
+    def attributes(self) -> int | None:
+        st = self._stat()
+        return attributes_from_stat(st.st_mode, st.st_size, st.st_blocks, self.name) if st is not None else None
+
+    def has_xattr(self, name: str) -> bool:
+        try:
+            os.getxattr(_proc(self.fd), name)
+        except OSError:
+            return False
+        return True
+
+
+class _Handle:
+    """One open of a file or directory: its handle context and who opened it."""
+
+    __slots__ = ("path", "context", "origin", "flags", "direct", "enum_context", "enumerated", "is_dir")
+
+    def __init__(self, path: str, origin: Origin, flags: int, is_dir: bool = False) -> None:
+        self.path = path
+        self.context = 0
+        self.origin = origin
+        self.flags = flags
+        self.direct = False
+        self.enum_context = 0
+        self.enumerated = False
+        self.is_dir = is_dir
+
+
+class _StatView:
+    """A stat result with sizes an event handler changed (what wire.encode_attr reads)."""
+
+    def __init__(self, st: os.stat_result, size: int, blocks: int) -> None:
+        for name in ("st_ino", "st_mode", "st_nlink", "st_uid", "st_gid", "st_rdev", "st_blksize", "st_atime_ns",
+                     "st_mtime_ns", "st_ctime_ns"):
+            setattr(self, name, getattr(st, name))
+        self.st_size = size
+        self.st_blocks = blocks
+
+
+class FilterFS(LowerFS):
+    def __init__(self, root_fd: int, options: LowerOptions, core: CBFilter, base: str) -> None:
+        super().__init__(root_fd, options)
+        self.core = core
+        self.base = base.rstrip("/") or "/"
+        self._matches: dict[int, tuple[int, PathMatch]] = {}
+        self._file_contexts: dict[int, int] = {}  # nodeid -> file context, while the node has opens
+        self._node_opens: dict[int, int] = {}  # nodeid -> opens (files and directories) with events
+        self._handles: dict[int, _Handle] = {}
+        self._epoch = 0  # bumped on renames: cached matches of moved subtrees are then stale
+        self._ctx_lock = threading.Lock()
+        self._own_pid = os.getpid()
+
+    # -- paths and matching
+
+    def abspath(self, nodeid: int) -> str:
+        rel = self.path_of(nodeid)
+        return self.base if rel == b"/" else (self.base.rstrip("/") + os.fsdecode(rel))
+
+    def child_path(self, parent: int, name: bytes) -> str:
+        return self.abspath(parent).rstrip("/") + "/" + os.fsdecode(name)
+
+    def match_node(self, nodeid: int) -> PathMatch | None:
+        core = self.core
+        if not core.has_rules:
+            return None
+        gen = core.rules_generation + self._epoch
+        hit = self._matches.get(nodeid)
+        if hit is not None and hit[0] == gen:
+            return hit[1]
+        m = match_path(core.rules, core.passthrough_rules, self.abspath(nodeid))
+        self._matches[nodeid] = (gen, m)
+        return m
+
+    def match_name(self, path: str) -> PathMatch | None:
+        core = self.core
+        if not core.has_rules:
+            return None
+        return match_path(core.rules, core.passthrough_rules, path)
+
+    def is_own(self, tid: int) -> bool:
+        if tid == self._own_pid:
+            return True
+        return tid > 0 and os.path.exists(f"/proc/self/task/{tid}")
+
+    def effective(self, m: PathMatch | None, req: Request, fd: int = -1, name: str = "") -> Flags:
+        """What the rules ask for this request: exact, with the process and the file's facts."""
+        if m is None:
+            return NO_FLAGS
+        up = m.upper
+        if not (up.access or up.control or up.notify):
+            return NO_FLAGS
+        if m.unconditional:
+            f = up
+        else:
+            f = m.flags(ProcessInfo(req.pid) if req.pid else None, _Facts(fd, name) if fd >= 0 else None)
+        if (f.access or f.control or f.notify) and not self.core.filter_own_requests and self.is_own(req.pid):
+            return NO_FLAGS
+        return f
+
+    def route(self, req: Request) -> bool | None:
+        """Session router: requests that may fire a control event go to the pool; our own, to the reader."""
+        core = self.core
+        if not core.has_rules:
+            return None
+        bits = _OP_CONTROL.get(req.opcode)
+        if not bits or not (core.control_handlers & bits):
+            return None
+        m: PathMatch | None
+        if req.opcode in (abi.Opcode.LOOKUP, abi.Opcode.CREATE, abi.Opcode.MKDIR, abi.Opcode.MKNOD,
+                          abi.Opcode.SYMLINK, abi.Opcode.UNLINK, abi.Opcode.RMDIR, abi.Opcode.RENAME,
+                          abi.Opcode.RENAME2, abi.Opcode.LINK):
+            m = None
+            if req.nodeid in self.nodes:
+                # The name's own rules, or any on the directory's subtree: cheap and errs toward the pool.
+                try:
+                    name, _ = wire.cstring(req.body, _name_offset(req.opcode))
+                    m = self.match_name(self.child_path(req.nodeid, name))
+                except wire.WireError:
+                    return None
+                if req.opcode in (abi.Opcode.RENAME, abi.Opcode.RENAME2, abi.Opcode.LINK):
+                    return None if not core.control_handlers else not self.is_own(req.pid)
+        else:
+            m = self.match_node(req.nodeid)
+        if m is None or not (m.upper.control & bits):
+            return None
+        return not self.is_own(req.pid)
+
+    # -- firing
+
+    def origin(self, req: Request) -> Origin:
+        return Origin(req.pid, req.pid, req.uid, req.gid)
+
+    def fire(self, event: str, bit: int, flags: Flags, origin: Origin, /, **fields: Any) -> EventParams | None:
+        """Fire a control event if the rules ask for it and a handler is set. Raises OSError when the handler
+        fails the request (result_code), when it raised, or when it expired with DenyExpiredEvents."""
+        if not flags.control & bit:
+            return None
+        handler = self.core.handler(event)
+        if handler is None:
+            return None
+        params = FILTER_PARAMS[event](**fields)
+        outcome = self.core.dispatcher.call(handler, params, origin)
+        if outcome is Outcome.EXPIRED:
+            if self.core.deny_expired_events:
+                raise OSError(errno.ETIMEDOUT, "the event handler did not answer in time")
+            return None
+        if outcome is Outcome.FAILED:
+            raise OSError(errno.EIO, "the event handler raised")
+        code = params.result_code
+        if code:
+            raise OSError(int(code), os.strerror(int(code)))
+        return params
+
+    def notify(self, event: str, bit: int, flags: Flags, origin: Origin, /, **fields: Any) -> None:
+        if not flags.notify & bit:
+            return
+        handler = self.core.handler(event)
+        if handler is None:
+            return
+        if origin.name is None:  # the process may be gone when the handler runs: read it now
+            info = ProcessInfo(origin.tid)
+            origin.name, origin.pid = info.name, info.pid
+        self.core.dispatcher.post(handler, FILTER_PARAMS[event](**fields), origin)
+
+    def after_ok(self, error: int) -> bool:
+        return error == 0 or self.core.process_failed_requests
+
+    def _deny(self, what: str) -> OSError:
+        return OSError(errno.EACCES, f"denied by an access rule: {what}")
+
+    # -- contexts
+
+    def _node_opened(self, nodeid: int, file_context: int) -> None:
+        with self._ctx_lock:
+            self._node_opens[nodeid] = self._node_opens.get(nodeid, 0) + 1
+            if file_context:
+                self._file_contexts[nodeid] = file_context
+
+    def _node_closed(self, nodeid: int, handle: _Handle, flags: Flags) -> None:
+        with self._ctx_lock:
+            left = self._node_opens.get(nodeid, 1) - 1
+            if left > 0:
+                self._node_opens[nodeid] = left
+                file_context = 0
+            else:
+                self._node_opens.pop(nodeid, None)
+                file_context = self._file_contexts.pop(nodeid, 0)
+        if file_context or handle.context:
+            handler = self.core.handler("cleanup_context")
+            if handler is not None:
+                params = FILTER_PARAMS["cleanup_context"](file_context=file_context, handle_context=handle.context)
+                self.core.dispatcher.call(handler, params, handle.origin)
+
+    def file_context(self, nodeid: int) -> int:
+        return self._file_contexts.get(nodeid, 0)
+
+    # -- names
+
+    def lookup(self, req: Request) -> bytes:
+        if not self.core.has_rules:
+            return super().lookup(req)
+        parent = self.inode(req.nodeid)
+        name, _ = wire.name_at(req.body)
+        path = self.child_path(parent.nodeid, name)
+        m = self.match_name(path)
+        flags = self.effective(m, req)
+        if flags.access & c.ACCESS_DENY_ALL and not flags.control & c.FS_CE_BEFORE_OPEN:
+            raise self._deny("deny all")
+        if flags.control & c.FS_CE_BEFORE_OPEN:
+            # Resolving a name is Linux's equivalent of Windows opening a file to read its attributes: a
+            # before-open handler sees it (desired_access FILE_READ_ATTRIBUTES, flags O_PATH) and can refuse
+            # it, so that a hidden name stays hidden from stat and path walks, not only from open.
+            self.fire("before_open_file", c.FS_CE_BEFORE_OPEN, flags, self.origin(req), file_name=path,
+                      desired_access=c.DESIRED_ACCESS_FILE_READ_ATTRIBUTES, options=os.O_PATH, flags=os.O_PATH,
+                      create_disposition=c.FILE_DISPOSITION_OPEN_EXISTING)
+        reply = super().lookup(req)
+        if m is not None and self._volatile(m):
+            reply = _no_cache(reply)
+        return reply
+
+    def _volatile(self, m: PathMatch) -> bool:
+        up = m.upper
+        return bool(up.control & _VOLATILE & self.core.control_handlers) or bool(
+            up.access and not m.unconditional)
+
+    def forget(self, req: Request) -> None:
+        super().forget(req)
+        if req.nodeid not in self.nodes:
+            self._matches.pop(req.nodeid, None)
+
+    def batch_forget(self, req: Request) -> None:
+        super().batch_forget(req)
+        for nodeid in [n for n in self._matches if n not in self.nodes]:
+            self._matches.pop(nodeid, None)
+
+    def getattr(self, req: Request) -> bytes:
+        reply = super().getattr(req)
+        m = self.match_node(req.nodeid)
+        if m is None or not (m.upper.control & c.FS_CE_AFTER_GET_SIZES or m.upper.notify & c.FS_NE_GET_SIZES):
+            return reply
+        flags = self.effective(m, req, self.inode(req.nodeid).fd)
+        if not (flags.control & c.FS_CE_AFTER_GET_SIZES or flags.notify & c.FS_NE_GET_SIZES):
+            return reply
+        st = os.fstat(self.inode(req.nodeid).fd)
+        path = self.abspath(req.nodeid)
+        origin = self.origin(req)
+        size, alloc = st.st_size, st.st_blocks * 512
+        p = self.fire("after_get_file_sizes", c.FS_CE_AFTER_GET_SIZES, flags, origin, file_name=path, size=size,
+                      allocation_size=alloc, file_context=self.file_context(req.nodeid))
+        timeout = self.options.attr_timeout
+        if p is not None:
+            size, alloc, timeout = int(p.size), int(p.allocation_size), 0.0
+        self.notify("notify_get_file_sizes", c.FS_NE_GET_SIZES, flags, origin, file_name=path, size=size,
+                    allocation_size=alloc)
+        if p is None:
+            return reply
+        view: Any = _StatView(st, size, (alloc + 511) // 512)
+        return wire.encode_attr_out(view, timeout)
+
+    # -- create and open
+
+    def _check_open_access(self, flags: Flags, open_flags: int, creating: bool) -> None:
+        access = flags.access
+        if not access:
+            return
+        handled = c.FS_CE_BEFORE_CREATE if creating else c.FS_CE_BEFORE_OPEN
+        if flags.control & handled and self.core.handler("before_create_file" if creating else "before_open_file"):
+            return  # a create/open callback decides instead of the access rule (the SDK's precedence)
+        mode = open_flags & os.O_ACCMODE
+        writes = mode in (os.O_WRONLY, os.O_RDWR) or bool(open_flags & os.O_TRUNC) or creating
+        if access & c.ACCESS_DENY_ALL:
+            raise self._deny("deny all")
+        if access & c.ACCESS_READ_ONLY and writes:
+            raise self._deny("read-only")
+        if access & c.ACCESS_WRITE_ONLY and mode in (os.O_RDONLY, os.O_RDWR) and not creating:
+            raise self._deny("write-only")
+        if access & c.ACCESS_EXECUTE_PROTECT and open_flags & _FMODE_EXEC:
+            raise self._deny("execute-protect")
+
+    def open(self, req: Request) -> bytes:
+        if not self.core.has_rules:
+            return super().open(req)
+        open_flags, _ = wire.fixed(req.body, abi.OPEN_IN)
+        node = self.inode(req.nodeid)
+        m = self.match_node(node.nodeid)
+        flags = self.effective(m, req, node.fd, os.fsdecode(node.name))
+        self._check_open_access(flags, open_flags, False)
+        return self._open_with_events(req, node, open_flags, flags, lambda: super(FilterFS, self).open(req),
+                                      created=False)
+
+    def _open_fields(self, path: str, open_flags: int, mode: int, created: bool, is_dir: bool) -> dict[str, Any]:
+        attributes = c.FILE_SYS_ATTR_DIRECTORY if is_dir else 0
+        return dict(file_name=path, desired_access=_desired_access(open_flags), attributes=attributes,
+                    options=open_flags, flags=open_flags, mode=mode,
+                    create_disposition=_disposition(open_flags, created))
+
+    def _open_with_events(self, req: Request, node: Inode, open_flags: int, flags: Flags,
+                          serve: Callable[[], bytes], created: bool, mode: int = 0, path: str | None = None,
+                          offset: int = 0, is_dir: bool = False) -> bytes:
+        """Fire before/after/notify open (or create) around ``serve`` and register the new handle."""
+        path = path if path is not None else self.abspath(node.nodeid)
+        origin = self.origin(req)
+        kind = "create" if created else "open"
+        bits = (c.FS_CE_BEFORE_CREATE, c.FS_CE_AFTER_CREATE, c.FS_NE_CREATE) if created else (
+            c.FS_CE_BEFORE_OPEN, c.FS_CE_AFTER_OPEN, c.FS_NE_OPEN)
+        fields = self._open_fields(path, open_flags, mode, created, is_dir)
+        file_context = 0 if created else self.file_context(node.nodeid)
+        handle_context = 0
+        before = self.fire(f"before_{kind}_file", bits[0], flags, origin, file_context=file_context, **fields)
+        if before is not None:
+            if not before.process_request:
+                raise OSError(errno.EACCES, "the event handler completed the open without a file")
+            file_context, handle_context = int(before.file_context), int(before.handle_context)
+        error = 0
+        try:
+            reply = serve()
+        except OSError as exc:
+            error = exc.errno or errno.EIO
+            if self.after_ok(error):
+                self._after_open(kind, bits, flags, origin, fields, error, file_context, handle_context)
+            raise
+        fh = struct.unpack_from("<Q", reply, offset)[0]
+        try:
+            file_context, handle_context = self._after_open(kind, bits, flags, origin, fields, 0, file_context,
+                                                            handle_context)
+        except BaseException:
+            self._undo_open(fh, is_dir)
+            raise
+        handle = _Handle(path, origin, open_flags, is_dir)
+        handle.context = handle_context
+        # A CREATE reply starts with the new object's entry: its node id is the one the handle is on.
+        nodeid = struct.unpack_from("<Q", reply, 0)[0] if offset else node.nodeid
+        self._node_opened(nodeid, file_context)
+        self._handles[fh] = handle
+        return reply
+
+    def _after_open(self, kind: str, bits: tuple[int, int, int], flags: Flags, origin: Origin,
+                    fields: dict[str, Any], error: int, file_context: int, handle_context: int) -> tuple[int, int]:
+        after = self.fire(f"after_{kind}_file", bits[1], flags, origin, status=error, file_context=file_context,
+                          handle_context=handle_context, **fields)
+        if after is not None:
+            file_context, handle_context = int(after.file_context), int(after.handle_context)
+        self.notify(f"notify_{kind}_file", bits[2], flags, origin, status=error, **fields)
+        return file_context, handle_context
+
+    def _undo_open(self, fh: int, is_dir: bool) -> None:
+        body = memoryview(abi.RELEASE_IN.pack(fh, 0, 0, 0))
+        fake = Request(abi.Opcode.RELEASEDIR if is_dir else abi.Opcode.RELEASE, 0, 0, 0, 0, 0, body,
+                       memoryview(b""))
+        try:
+            if is_dir:
+                super().releasedir(fake)
+            else:
+                super().release(fake)
+        except OSError:
+            pass
+
+    def create(self, req: Request) -> bytes:
+        if not self.core.has_rules:
+            return super().create(req)
+        open_flags, mode, _umask, _ = wire.fixed(req.body, abi.CREATE_IN)
+        name, _ = wire.name_at(req.body, abi.CREATE_IN.size)
+        parent = self.inode(req.nodeid)
+        path = self.child_path(parent.nodeid, name)
+        m = self.match_name(path)
+        flags = self.effective(m, req)
+        self._check_open_access(flags, open_flags, True)
+        reply = self._open_with_events(req, parent, open_flags, flags, lambda: super(FilterFS, self).create(req),
+                                       created=True, mode=mode, path=path, offset=abi.ENTRY_OUT_SIZE)
+        if m is not None and self._volatile(m):
+            reply = _no_cache(reply[:abi.ENTRY_OUT_SIZE]) + reply[abi.ENTRY_OUT_SIZE:]
+        return reply
+
+    def _make_with_events(self, req: Request, name: bytes, mode: int, attributes: int, make: Callable[[], bytes],
+                          target: str = "") -> bytes:
+        if not self.core.has_rules:
+            return make()
+        path = self.child_path(req.nodeid, name)
+        m = self.match_name(path)
+        flags = self.effective(m, req)
+        if flags.access & (c.ACCESS_DENY_ALL | c.ACCESS_READ_ONLY) and not (
+                flags.control & c.FS_CE_BEFORE_CREATE and self.core.handler("before_create_file")):
+            raise self._deny("read-only")
+        origin = self.origin(req)
+        fields = dict(file_name=path, desired_access=c.DESIRED_ACCESS_FILE_WRITE_DATA, attributes=attributes,
+                      options=0, flags=0, mode=mode, create_disposition=c.FILE_DISPOSITION_CREATE_NEW)
+        before = self.fire("before_create_file", c.FS_CE_BEFORE_CREATE, flags, origin, **fields)
+        if before is not None and not before.process_request:
+            raise OSError(errno.EACCES, "the event handler completed the create")
+        file_context = int(before.file_context) if before is not None else 0
+        try:
+            reply = make()
+        except OSError as exc:
+            if self.after_ok(exc.errno or errno.EIO):
+                self._after_open("create", (0, c.FS_CE_AFTER_CREATE, c.FS_NE_CREATE), flags, origin, fields,
+                                 exc.errno or errno.EIO, file_context, 0)
+            raise
+        file_context, handle_context = self._after_open("create", (0, c.FS_CE_AFTER_CREATE, c.FS_NE_CREATE), flags,
+                                                        origin, fields, 0, file_context, 0)
+        if file_context or handle_context:  # nothing stays open: the contexts end here
+            handler = self.core.handler("cleanup_context")
+            if handler is not None:
+                self.core.dispatcher.call(handler, FILTER_PARAMS["cleanup_context"](
+                    file_context=file_context, handle_context=handle_context), origin)
+        if m is not None and self._volatile(m):
+            reply = _no_cache(reply)
+        return reply
+
+    def mkdir(self, req: Request) -> bytes:
+        mode, _ = wire.fixed(req.body, abi.MKDIR_IN)
+        name, _ = wire.name_at(req.body, abi.MKDIR_IN.size)
+        return self._make_with_events(req, name, mode | stat.S_IFDIR, c.FILE_SYS_ATTR_DIRECTORY,
+                                      lambda: super(FilterFS, self).mkdir(req))
+
+    def mknod(self, req: Request) -> bytes:
+        mode, _, _, _ = wire.fixed(req.body, abi.MKNOD_IN)
+        name, _ = wire.name_at(req.body, abi.MKNOD_IN.size)
+        attributes = c.FILE_SYS_ATTR_ARCHIVE if stat.S_ISREG(mode) else c.FILE_SYS_ATTR_SYSTEM
+        return self._make_with_events(req, name, mode, attributes, lambda: super(FilterFS, self).mknod(req))
+
+    def symlink(self, req: Request) -> bytes:
+        name, _ = wire.name_at(req.body)
+        return self._make_with_events(req, name, stat.S_IFLNK | 0o777, c.FILE_SYS_ATTR_REPARSE_POINT,
+                                      lambda: super(FilterFS, self).symlink(req))
+
+    def opendir(self, req: Request) -> bytes:
+        if not self.core.has_rules:
+            return super().opendir(req)
+        node = self.inode(req.nodeid)
+        m = self.match_node(node.nodeid)
+        flags = self.effective(m, req, node.fd, os.fsdecode(node.name))
+        if flags.access & c.ACCESS_DENY_ALL and not (
+                flags.control & c.FS_CE_BEFORE_OPEN and self.core.handler("before_open_file")):
+            raise self._deny("deny all")
+        open_flags = os.O_RDONLY | os.O_DIRECTORY
+        return self._open_with_events(req, node, open_flags, flags, lambda: super(FilterFS, self).opendir(req),
+                                      created=False, is_dir=True)
+
+    # -- open reply flags: daemon I/O, direct I/O, FLUSH
+
+    def _wants_daemon(self, node: Inode, st: os.stat_result) -> bool:
+        if super()._wants_daemon(node, st):
+            return True
+        m = self.match_node(node.nodeid)
+        if m is None:
+            return False
+        # Any process may be the one a read/write rule is about: decided on the upper bound of the flags.
+        return bool(m.upper.control & _RW_BITS[0] & self.core.control_handlers
+                    or m.upper.notify & _RW_BITS[1] & self.core.notify_handlers)
+
+    def open_reply_flags(self, node: Inode, flags: int, passthrough: bool) -> int:
+        m = self.match_node(node.nodeid)
+        if m is None:
+            return flags
+        up = m.upper
+        if up.control & _CLEANUP_BITS[0] & self.core.control_handlers or up.notify & _CLEANUP_BITS[1]:
+            flags &= ~abi.OpenReplyFlag.NOFLUSH  # cleanup events need every close(2) to send FLUSH
+        if not passthrough and self.core.process_cached_io_requests and (
+                up.control & _RW_BITS[0] or up.notify & _RW_BITS[1]):
+            flags |= abi.OpenReplyFlag.DIRECT_IO  # every application read/write reaches the daemon
+            flags &= ~abi.OpenReplyFlag.KEEP_CACHE
+        return flags
+
+    # -- read and write
+
+    def _io_flags(self, req: Request, node: Inode, handle: _Handle | None) -> tuple[Flags, Origin]:
+        m = self.match_node(node.nodeid)
+        if req.pid == 0 and handle is not None:  # write-back and read-ahead run without a caller
+            origin = handle.origin
+            fake = Request(req.opcode, req.unique, req.nodeid, origin.uid, origin.gid, origin.tid, req.body, req.ext)
+            return self.effective(m, fake, node.fd, os.fsdecode(node.name)), origin
+        return self.effective(m, req, node.fd, os.fsdecode(node.name)), self.origin(req)
+
+    def _direction(self, handle: _Handle | None, direct: bool) -> int:
+        if not direct:
+            return c.FS_REQUEST_DIR_SYSTEM_NONCACHED
+        if handle is not None and handle.flags & os.O_DIRECT:
+            return c.FS_REQUEST_DIR_USER_NONCACHED
+        return c.FS_REQUEST_DIR_USER_CACHED
+
+    def read(self, req: Request) -> bytes:
+        if not self.core.has_rules:
+            return super().read(req)
+        fh, offset, size, *_ = wire.fixed(req.body, abi.READ_IN)
+        f = self._file(fh)
+        handle = self._handles.get(fh)
+        flags, origin = self._io_flags(req, f.inode, handle)
+        want = flags.control & (c.FS_CE_BEFORE_READ | c.FS_CE_AFTER_READ) or flags.notify & c.FS_NE_READ
+        if not want:
+            return super().read(req)
+        direct = bool(self.core.process_cached_io_requests)
+        direction = self._direction(handle, direct)
+        path = handle.path if handle is not None else self.abspath(f.inode.nodeid)
+        ctx = dict(file_context=self.file_context(f.inode.nodeid), handle_context=handle.context if handle else 0)
+        buf = ctypes.create_string_buffer(max(size, 1))
+        view = memoryview(buf).cast("B")[:size]
+        pointer = ctypes.c_void_p(ctypes.addressof(buf))
+        position, count = offset, size
+        before = self.fire("before_read_file", c.FS_CE_BEFORE_READ, flags, origin, file_name=path, position=offset,
+                           buffer=pointer, buffer_length=size, buffer_view=view, bytes_to_read=size,
+                           direction=direction, **ctx)
+        error = 0
+        done = 0
+        if before is not None:
+            position = int(before.position)
+            count = max(0, min(size, int(before.bytes_to_read)))
+        if before is not None and not before.process_request:
+            done = count  # the handler put the data in the buffer
+        else:
+            try:
+                done = os.preadv(f.fd, [view[:count]], position) if count else 0
+            except OSError as exc:
+                error = exc.errno or errno.EIO
+        if error and not self.after_ok(error):
+            raise OSError(error, os.strerror(error))
+        after = self.fire("after_read_file", c.FS_CE_AFTER_READ, flags, origin, file_name=path, position=position,
+                          buffer=pointer, buffer_length=size, buffer_view=view, bytes_to_read=count,
+                          direction=direction, bytes_read=done, status=error, **ctx)
+        if after is not None:
+            done = max(0, min(size, int(after.bytes_read)))
+            error = int(after.status) if after.status else error
+        self.notify("notify_read_file", c.FS_NE_READ, flags, origin, file_name=path, position=position,
+                    bytes_to_read=count, direction=direction, bytes_read=done, status=error)
+        if error:
+            raise OSError(error, os.strerror(error))
+        return bytes(view[:done])
+
+    def write(self, req: Request) -> bytes:
+        if not self.core.has_rules:
+            return super().write(req)
+        fh, offset, size, write_flags, *_ = wire.fixed(req.body, abi.WRITE_IN)
+        f = self._file(fh)
+        handle = self._handles.get(fh)
+        flags, origin = self._io_flags(req, f.inode, handle)
+        want = flags.control & (c.FS_CE_BEFORE_WRITE | c.FS_CE_AFTER_WRITE) or flags.notify & c.FS_NE_WRITE
+        if not want:
+            return super().write(req)
+        data = req.body[abi.WRITE_IN.size:abi.WRITE_IN.size + size]
+        if len(data) != size:
+            raise wire.WireError(errno.EINVAL, "write data shorter than its size")
+        direct = bool(self.core.process_cached_io_requests)
+        direction = self._direction(handle, direct)
+        path = handle.path if handle is not None else self.abspath(f.inode.nodeid)
+        ctx = dict(file_context=self.file_context(f.inode.nodeid), handle_context=handle.context if handle else 0)
+        buf = ctypes.create_string_buffer(bytes(data), max(size, 1))
+        view = memoryview(buf).cast("B")[:size]
+        pointer = ctypes.c_void_p(ctypes.addressof(buf))
+        position, count = offset, size
+        before = self.fire("before_write_file", c.FS_CE_BEFORE_WRITE, flags, origin, file_name=path,
+                           position=offset, buffer=pointer, buffer_length=size, buffer_view=view, bytes_to_write=size,
+                           direction=direction, **ctx)
+        error = 0
+        done = 0
+        if before is not None:
+            position = int(before.position)
+            count = max(0, min(size, int(before.bytes_to_write)))
+        if before is not None and not before.process_request:
+            done = count
+        else:
+            try:
+                if position < 0:  # -1: append, as the SDK defines it
+                    position = os.fstat(f.fd).st_size
+                done = os.pwrite(f.fd, view[:count], position) if count else 0
+                if write_flags & abi.FUSE_WRITE_KILL_SUIDGID:
+                    self._kill_privileges(f.fd)
+            except OSError as exc:
+                error = exc.errno or errno.EIO
+        if error and not self.after_ok(error):
+            raise OSError(error, os.strerror(error))
+        after = self.fire("after_write_file", c.FS_CE_AFTER_WRITE, flags, origin, file_name=path, position=position,
+                          buffer=pointer, buffer_length=size, buffer_view=view, bytes_to_write=count,
+                          direction=direction, bytes_written=done, status=error, **ctx)
+        if after is not None:
+            done = max(0, int(after.bytes_written))
+        self.notify("notify_write_file", c.FS_NE_WRITE, flags, origin, file_name=path, position=position,
+                    bytes_to_write=count, direction=direction, bytes_written=done, status=error)
+        if error:
+            raise OSError(error, os.strerror(error))
+        # A handler that shortened the write still owes the kernel the full count it asked for, or the
+        # page cache and the file disagree; the SDK semantics are kept by what reached the file.
+        return wire.encode_write_out(size if before is not None and not before.process_request else done)
+
+    # -- cleanup and close
+
+    def flush(self, req: Request) -> bytes:
+        fh = wire.fixed(req.body, abi.FLUSH_IN)[0]
+        handle = self._handles.get(fh)
+        if handle is None or not self.core.has_rules:
+            return super().flush(req)
+        f = self._file(fh)
+        flags, origin = self._io_flags(req, f.inode, handle)
+        ctx = dict(file_context=self.file_context(f.inode.nodeid), handle_context=handle.context)
+        before = self.fire("before_cleanup_file", c.FS_CE_BEFORE_CLEANUP, flags, origin, file_name=handle.path,
+                           **ctx)
+        reply = super().flush(req) if before is None or before.process_request else b""
+        after = self.fire("after_cleanup_file", c.FS_CE_AFTER_CLEANUP, flags, origin, file_name=handle.path,
+                          **ctx)
+        if after is not None:
+            handle.context = int(after.handle_context)
+            self._set_file_context(f.inode.nodeid, int(after.file_context))
+        self.notify("notify_cleanup_file", c.FS_NE_CLEANUP, flags, origin, file_name=handle.path)
+        return reply
+
+    def _set_file_context(self, nodeid: int, value: int) -> None:
+        with self._ctx_lock:
+            if nodeid in self._node_opens:
+                if value:
+                    self._file_contexts[nodeid] = value
+                else:
+                    self._file_contexts.pop(nodeid, None)
+
+    def release(self, req: Request) -> bytes:
+        fh = wire.fixed(req.body, abi.RELEASE_IN)[0]
+        handle = self._handles.pop(fh, None)
+        if handle is None:
+            return super().release(req)
+        f = self._file(fh)
+        nodeid = f.inode.nodeid
+        self._close_events(req, f.inode, handle, False)
+        try:
+            return super().release(req)
+        finally:
+            self._node_closed(nodeid, handle, NO_FLAGS)
+
+    def _close_events(self, req: Request, node: Inode, handle: _Handle, is_dir: bool) -> None:
+        m = self.match_node(node.nodeid)
+        # RELEASE comes from the kernel (pid 0) after the last reference went: the handle's opener stands in.
+        origin = handle.origin
+        fake = Request(req.opcode, req.unique, req.nodeid, origin.uid, origin.gid, origin.tid, req.body, req.ext)
+        flags = self.effective(m, fake, node.fd, os.fsdecode(node.name))
+        ctx = dict(file_context=self.file_context(node.nodeid), handle_context=handle.context)
+        if is_dir and handle.enumerated and flags.control & (c.FS_CE_BEFORE_CLOSE | c.FS_CE_AFTER_ENUMERATE_DIRECTORY):
+            handler = self.core.handler("after_close_enumeration")
+            if handler is not None:
+                self.core.dispatcher.call(handler, FILTER_PARAMS["after_close_enumeration"](
+                    directory_name=handle.path, directory_context=ctx["file_context"],
+                    enumeration_context=handle.enum_context), origin)
+        try:
+            self.fire("before_close_file", c.FS_CE_BEFORE_CLOSE, flags, origin, file_name=handle.path, **ctx)
+            after = self.fire("after_close_file", c.FS_CE_AFTER_CLOSE, flags, origin, file_name=handle.path, **ctx)
+            if after is not None:
+                handle.context = int(after.handle_context)
+                self._set_file_context(node.nodeid, int(after.file_context))
+        except OSError:
+            pass  # a close cannot fail
+        self.notify("notify_close_file", c.FS_NE_CLOSE, flags, origin, file_name=handle.path)
+
+    def releasedir(self, req: Request) -> bytes:
+        fh = wire.fixed(req.body, abi.RELEASE_IN)[0]
+        handle = self._handles.pop(fh, None)
+        if handle is None:
+            return super().releasedir(req)
+        node = self.nodes.get(req.nodeid)
+        if node is not None:
+            self._close_events(req, node, handle, True)
+        try:
+            return super().releasedir(req)
+        finally:
+            self._node_closed(req.nodeid, handle, NO_FLAGS)
+
+    # -- directory listings
+
+    def readdir(self, req: Request) -> bytes:
+        return self._listing_with_events(req, False)
+
+    def readdirplus(self, req: Request) -> bytes:
+        return self._listing_with_events(req, True)
+
+    def _listing_with_events(self, req: Request, plus: bool) -> bytes:
+        if not self.core.has_rules:
+            return self._listing(req, plus)
+        fh, offset, *_ = wire.fixed(req.body, abi.READ_IN)
+        node = self.inode(req.nodeid)
+        m = self.match_node(node.nodeid)
+        flags = self.effective(m, req, node.fd, os.fsdecode(node.name))
+        handle = self._handles.get(fh)
+        self._listing_state.flags = flags
+        self._listing_state.origin = self.origin(req)
+        if handle is not None and (flags.control & (c.FS_CE_BEFORE_ENUMERATE_DIRECTORY
+                                                    | c.FS_CE_AFTER_ENUMERATE_DIRECTORY)
+                                   or flags.notify & c.FS_NE_ENUMERATE_DIRECTORY):
+            if offset == 0:
+                before = self.fire("before_enumerate_directory", c.FS_CE_BEFORE_ENUMERATE_DIRECTORY, flags,
+                                   self._listing_state.origin, directory_name=handle.path, file_name_mask="*",
+                                   directory_context=self.file_context(node.nodeid), handle_context=handle.context,
+                                   enumeration_context=handle.enum_context, restart=handle.enumerated)
+                if before is not None:
+                    handle.enum_context = int(before.enumeration_context)
+                    if not before.process_request:
+                        return b""
+            handle.enumerated = True
+        try:
+            return self._listing(req, plus)
+        finally:
+            self._listing_state.flags = NO_FLAGS
+
+    @property
+    def _listing_state(self) -> threading.local:
+        state: threading.local | None = self.__dict__.get("_lstate")
+        if state is None:
+            state = self.__dict__.setdefault("_lstate", threading.local())
+        return state
+
+    def dir_record(self, req: Request, fh: int, parent: Inode, name: bytes, ino: int, next_off: int, dtype: int,
+                   plus: bool) -> bytes | None:
+        state = self._listing_state
+        flags: Flags = getattr(state, "flags", NO_FLAGS)
+        record: bytes | None
+        if not (flags.control & c.FS_CE_AFTER_ENUMERATE_DIRECTORY or flags.notify & c.FS_NE_ENUMERATE_DIRECTORY) \
+                or name in (b".", b".."):
+            record = super().dir_record(req, fh, parent, name, ino, next_off, dtype, plus)
+            return self._volatile_child(parent, name, record, plus)
+        handle = self._handles.get(fh)
+        try:
+            st = os.stat(name, dir_fd=parent.fd, follow_symlinks=False)
+        except OSError:
+            return None
+        dirname = handle.path if handle is not None else self.abspath(parent.nodeid)
+        fields: dict[str, Any] = dict(
+            directory_name=dirname, file_name=os.fsdecode(name), creation_time=None,
+            last_access_time=st.st_atime_ns, last_write_time=st.st_mtime_ns, change_time=st.st_ctime_ns,
+            size=st.st_size, allocation_size=st.st_blocks * 512, file_id=st.st_ino,
+            attributes=attributes_from_stat(st.st_mode, st.st_size, st.st_blocks, os.fsdecode(name)))
+        origin: Origin = state.origin
+        after = self.fire("after_enumerate_directory", c.FS_CE_AFTER_ENUMERATE_DIRECTORY, flags, origin,
+                          directory_context=self.file_context(parent.nodeid),
+                          handle_context=handle.context if handle else 0,
+                          enumeration_context=handle.enum_context if handle else 0, **fields)
+        changed_size: int | None = None
+        if after is not None:
+            if handle is not None:
+                handle.enum_context = int(after.enumeration_context)
+            if not after.process_request:
+                return None  # the handler hid the entry
+            if int(after.size) != st.st_size or int(after.allocation_size) != st.st_blocks * 512:
+                changed_size = int(after.size)
+            for key in ("size", "allocation_size", "attributes"):
+                fields[key] = getattr(after, key)
+        self.notify("notify_enumerate_directory", c.FS_NE_ENUMERATE_DIRECTORY, flags, origin, **fields)
+        record = super().dir_record(req, fh, parent, name, ino, next_off, dtype, plus)
+        if record is not None and plus and changed_size is not None and len(record) >= abi.ENTRY_OUT_SIZE:
+            nodeid = struct.unpack_from("<Q", record, 0)[0]
+            if nodeid:
+                view: Any = _StatView(st, changed_size, (int(fields["allocation_size"]) + 511) // 512)
+                entry = wire.encode_entry(nodeid, view, 0.0, 0.0)
+                record = entry + record[abi.ENTRY_OUT_SIZE:]
+        return self._volatile_child(parent, name, record, plus)
+
+    def _volatile_child(self, parent: Inode, name: bytes, record: bytes | None, plus: bool) -> bytes | None:
+        """A READDIRPLUS entry must not put a name in the cache that a per-request rule may refuse."""
+        if record is None or not plus or name in (b".", b".."):
+            return record
+        m = self.match_name(self.child_path(parent.nodeid, name))
+        if m is not None and self._volatile(m):
+            nodeid = struct.unpack_from("<Q", record, 0)[0]
+            if nodeid:
+                # Give back the lookup the entry counted, and send the name without an entry.
+                self._forget_one(nodeid, 1)
+            return bytes(abi.ENTRY_OUT_SIZE) + record[abi.ENTRY_OUT_SIZE:]
+        return record
+
+    # -- delete, rename, link
+
+    def _delete(self, req: Request, is_dir: bool) -> bytes:
+        name, _ = wire.name_at(req.body)
+        serve = super().rmdir if is_dir else super().unlink
+        if not self.core.has_rules:
+            return serve(req)
+        path = self.child_path(req.nodeid, name)
+        m = self.match_name(path)
+        flags = self.effective(m, req)
+        if flags.access & (c.ACCESS_DENY_ALL | c.ACCESS_DELETE_PROTECT | c.ACCESS_DELETE_ONLY_PROTECT
+                           | c.ACCESS_READ_ONLY | c.ACCESS_WRITE_ONLY):
+            raise self._deny("delete-protect")
+        origin = self.origin(req)
+        before = self.fire("before_can_file_be_deleted", c.FS_CE_BEFORE_CAN_DELETE, flags, origin, file_name=path,
+                           can_delete=True)
+        can_delete = True if before is None else bool(before.can_delete)
+        after_can = self.fire("after_can_file_be_deleted", c.FS_CE_AFTER_CAN_DELETE, flags, origin,
+                              file_name=path, can_delete=can_delete)
+        if after_can is not None:
+            can_delete = bool(after_can.can_delete)
+        self.notify("notify_can_file_be_deleted", c.FS_NE_CAN_DELETE, flags, origin, file_name=path,
+                    can_delete=can_delete)
+        if not can_delete:
+            raise OSError(errno.EACCES, "an event handler refused the delete")
+        self.fire("before_delete_file", c.FS_CE_BEFORE_DELETE, flags, origin, file_name=path)
+        try:
+            reply = serve(req)
+        except OSError as exc:
+            if self.after_ok(exc.errno or errno.EIO):
+                self.fire("after_delete_file", c.FS_CE_AFTER_DELETE, flags, origin, file_name=path,
+                          status=exc.errno)
+            raise
+        self.fire("after_delete_file", c.FS_CE_AFTER_DELETE, flags, origin, file_name=path)
+        self.notify("notify_delete_file", c.FS_NE_DELETE, flags, origin, file_name=path)
+        return reply
+
+    def unlink(self, req: Request) -> bytes:
+        return self._delete(req, False)
+
+    def rmdir(self, req: Request) -> bytes:
+        return self._delete(req, True)
+
+    def _rename(self, req: Request, newdir: int, flags_in: int, offset: int) -> bytes:
+        if not self.core.has_rules:
+            return super()._rename(req, newdir, flags_in, offset)
+        old, pos = wire.name_at(req.body, offset)
+        new, _ = wire.name_at(req.body, pos)
+        old_path = self.child_path(req.nodeid, old)
+        new_path = self.child_path(newdir, new)
+        m_old, m_new = self.match_name(old_path), self.match_name(new_path)
+        f_old, f_new = self.effective(m_old, req), self.effective(m_new, req)
+        if f_old.access & (c.ACCESS_DENY_ALL | c.ACCESS_RENAME_PROTECT | c.ACCESS_DELETE_PROTECT):
+            raise self._deny("rename-protect")
+        if f_new.access & (c.ACCESS_DENY_ALL | c.ACCESS_READ_ONLY):
+            raise self._deny("read-only destination")
+        flags = Flags(f_old.access | f_new.access, f_old.control | f_new.control, f_old.notify | f_new.notify)
+        origin = self.origin(req)
+        replace = not flags_in & 1  # RENAME_NOREPLACE
+        fields = dict(file_name=old_path, new_file_name=new_path, replace_if_exists=replace, flags=flags_in)
+        self.fire("before_rename_or_move_file", c.FS_CE_BEFORE_RENAME, flags, origin, **fields)
+        try:
+            reply = super()._rename(req, newdir, flags_in, offset)
+        except OSError as exc:
+            if self.after_ok(exc.errno or errno.EIO):
+                self.fire("after_rename_or_move_file", c.FS_CE_AFTER_RENAME, flags, origin, status=exc.errno,
+                          **fields)
+                self.notify("notify_rename_or_move_file", c.FS_NE_RENAME, flags, origin, status=exc.errno, **fields)
+            raise
+        self._epoch += 1
+        for h in self._handles.values():  # open handles keep naming the object by its new path
+            if h.path == old_path or h.path.startswith(old_path + "/"):
+                h.path = new_path + h.path[len(old_path):]
+        self.fire("after_rename_or_move_file", c.FS_CE_AFTER_RENAME, flags, origin, **fields)
+        self.notify("notify_rename_or_move_file", c.FS_NE_RENAME, flags, origin, **fields)
+        return reply
+
+    def link(self, req: Request) -> bytes:
+        if not self.core.has_rules:
+            return super().link(req)
+        (old,) = wire.fixed(req.body, abi.LINK_IN)
+        name, _ = wire.name_at(req.body, abi.LINK_IN.size)
+        src_path = self.abspath(old)
+        link_path = self.child_path(req.nodeid, name)
+        f_src = self.effective(self.match_node(old), req)
+        f_new = self.effective(self.match_name(link_path), req)
+        if f_src.access and not f_new.access & f_src.access == f_src.access:
+            # A second name outside the rule would escape it: refuse it.
+            raise self._deny("a hard link would bypass an access rule")
+        if f_new.access & (c.ACCESS_DENY_ALL | c.ACCESS_READ_ONLY):
+            raise self._deny("read-only")
+        flags = Flags(f_src.access | f_new.access, f_src.control | f_new.control, f_src.notify | f_new.notify)
+        origin = self.origin(req)
+        fields = dict(file_name=src_path, link_name=link_path, replace_if_exists=False)
+        self.fire("before_create_hard_link", c.FS_CE_BEFORE_CREATE_HARD_LINK, flags, origin, **fields)
+        try:
+            reply = super().link(req)
+        except OSError as exc:
+            if self.after_ok(exc.errno or errno.EIO):
+                self.fire("after_create_hard_link", c.FS_CE_AFTER_CREATE_HARD_LINK, flags, origin,
+                          status=exc.errno, **fields)
+            raise
+        self.fire("after_create_hard_link", c.FS_CE_AFTER_CREATE_HARD_LINK, flags, origin, **fields)
+        self.notify("notify_create_hard_link", c.FS_NE_CREATE_HARD_LINK, flags, origin, **fields)
+        return reply
+
+    # -- attributes, sizes, security
+
+    def setattr(self, req: Request) -> bytes:
+        if not self.core.has_rules:
+            return super().setattr(req)
+        (valid, _, fh, size, _owner, atime, mtime, _ctime, atime_ns, mtime_ns, _ctime_ns, mode, _, uid, gid,
+         _) = wire.fixed(req.body, abi.SETATTR_IN)
+        node = self.inode(req.nodeid)
+        m = self.match_node(node.nodeid)
+        flags = self.effective(m, req, node.fd, os.fsdecode(node.name))
+        if not (flags.access or flags.control or flags.notify):
+            return super().setattr(req)
+        access = flags.access
+        if access & c.ACCESS_DENY_ALL:
+            raise self._deny("deny all")
+        if valid & abi.FATTR_SIZE and access & c.ACCESS_READ_ONLY:
+            raise self._deny("read-only")
+        if valid & abi.FATTR_MODE and access & c.ACCESS_NO_CHANGE_DAC:
+            raise self._deny("no-change-dac")
+        if valid & (abi.FATTR_UID | abi.FATTR_GID) and access & c.ACCESS_NO_CHANGE_OWNER:
+            raise self._deny("no-change-owner")
+        path = self.abspath(node.nodeid)
+        origin = self.origin(req)
+        handle = self._handles.get(fh) if valid & abi.FATTR_FH else None
+        ctx = dict(file_context=self.file_context(node.nodeid), handle_context=handle.context if handle else 0)
+        events: list[tuple[str, int, int, dict[str, Any]]] = []
+        if valid & abi.FATTR_SIZE:
+            events.append(("set_file_size", c.FS_CE_BEFORE_SET_SIZES, c.FS_NE_SET_SIZES,
+                           dict(file_name=path, size=size)))
+        if valid & (abi.FATTR_MODE | abi.FATTR_UID | abi.FATTR_GID):
+            info = ((c.DACL_SECURITY_INFORMATION if valid & abi.FATTR_MODE else 0)
+                    | (c.OWNER_SECURITY_INFORMATION if valid & abi.FATTR_UID else 0)
+                    | (c.GROUP_SECURITY_INFORMATION if valid & abi.FATTR_GID else 0))
+            events.append(("set_file_security", c.FS_CE_BEFORE_SET_SECURITY, c.FS_NE_SET_SECURITY,
+                           dict(file_name=path, security_information=info,
+                                mode=stat.S_IMODE(mode) if valid & abi.FATTR_MODE else -1,
+                                owner=uid if valid & abi.FATTR_UID else -1,
+                                group=gid if valid & abi.FATTR_GID else -1)))
+        if valid & (abi.FATTR_ATIME | abi.FATTR_MTIME | abi.FATTR_ATIME_NOW | abi.FATTR_MTIME_NOW):
+            events.append(("set_file_attributes", c.FS_CE_BEFORE_SET_ATTRIBUTES, c.FS_NE_SET_ATTRIBUTES,
+                           dict(file_name=path, creation_time=None,
+                                last_access_time=atime * 1_000_000_000 + atime_ns if valid & abi.FATTR_ATIME else None,
+                                last_write_time=mtime * 1_000_000_000 + mtime_ns if valid & abi.FATTR_MTIME else None,
+                                change_time=None, attributes=0)))
+        for event, bit, _nbit, fields in events:
+            before = self.fire(f"before_{event}", bit, flags, origin, **ctx, **fields)
+            if before is not None and not before.process_request:
+                return wire.encode_attr_out(os.fstat(node.fd), 0.0)
+        error = 0
+        try:
+            reply = super().setattr(req)
+        except OSError as exc:
+            error = exc.errno or errno.EIO
+            reply = b""
+        if error and not self.after_ok(error):
+            raise OSError(error, os.strerror(error))
+        for event, bit, nbit, fields in events:
+            self.fire(f"after_{event}", bit << 1, flags, origin, status=error, **ctx, **fields)
+            self.notify(f"notify_{event}", nbit, flags, origin, status=error, **fields)
+        if error:
+            raise OSError(error, os.strerror(error))
+        return reply
+
+    def fallocate(self, req: Request) -> bytes:
+        if not self.core.has_rules:
+            return super().fallocate(req)
+        fh, offset, length, _mode, _ = wire.fixed(req.body, abi.FALLOCATE_IN)
+        f = self._file(fh)
+        handle = self._handles.get(fh)
+        flags, origin = self._io_flags(req, f.inode, handle)
+        if flags.access & (c.ACCESS_READ_ONLY | c.ACCESS_DENY_ALL):
+            raise self._deny("read-only")
+        path = handle.path if handle else self.abspath(f.inode.nodeid)
+        fields = dict(file_name=path, allocation_size=offset + length)
+        ctx = dict(file_context=self.file_context(f.inode.nodeid), handle_context=handle.context if handle else 0)
+        before = self.fire("before_set_allocation_size", c.FS_CE_BEFORE_SET_SIZES, flags, origin, **ctx, **fields)
+        if before is not None and not before.process_request:
+            return b""
+        reply = super().fallocate(req)
+        self.fire("after_set_allocation_size", c.FS_CE_AFTER_SET_SIZES, flags, origin, **ctx, **fields)
+        self.notify("notify_set_allocation_size", c.FS_NE_SET_SIZES, flags, origin, **fields)
+        return reply
+
+    def _xattr_events(self, req: Request, name: bytes, setting: bool, serve: Callable[[], bytes],
+                      value: bytes = b"") -> bytes:
+        node = self.inode(req.nodeid)
+        m = self.match_node(node.nodeid)
+        flags = self.effective(m, req, node.fd, os.fsdecode(node.name))
+        if not (flags.access or flags.control or flags.notify):
+            return serve()
+        acl = name in _ACL_NAMES
+        if setting and flags.access & c.ACCESS_DENY_ALL:
+            raise self._deny("deny all")
+        if setting and acl and flags.access & c.ACCESS_NO_CHANGE_DAC:
+            raise self._deny("no-change-dac")
+        if setting and not acl and flags.access & c.ACCESS_READ_ONLY:
+            raise self._deny("read-only")
+        path = self.abspath(node.nodeid)
+        origin = self.origin(req)
+        ctx = dict(file_context=self.file_context(node.nodeid))
+        if acl:
+            kind = "set_file_security" if setting else "get_file_security"
+            bit = c.FS_CE_BEFORE_SET_SECURITY if setting else c.FS_CE_BEFORE_GET_SECURITY
+            nbit = c.FS_NE_SET_SECURITY if setting else c.FS_NE_GET_SECURITY
+            fields: dict[str, Any] = dict(file_name=path, security_information=c.DACL_SECURITY_INFORMATION,
+                                          security_descriptor=value, length=len(value))
+        else:
+            kind = "set_ea" if setting else "query_ea"
+            bit = c.FS_CE_BEFORE_SET_EA if setting else c.FS_CE_BEFORE_QUERY_EA
+            nbit = c.FS_NE_SET_EA if setting else c.FS_NE_QUERY_EA
+            fields = dict(file_name=path, ea_name=os.fsdecode(name), buffer_length=len(value),
+                          buffer_view=memoryview(value))
+        before = self.fire(f"before_{kind}", bit, flags, origin, **ctx, **fields)
+        if before is not None and not before.process_request:
+            return b""
+        error = 0
+        reply = b""
+        try:
+            reply = serve()
+        except OSError as exc:
+            error = exc.errno or errno.EIO
+        if error and not self.after_ok(error):
+            raise OSError(error, os.strerror(error))
+        if not setting and reply and not acl:
+            fields.update(buffer_length=len(reply), buffer_view=memoryview(reply), valid_bytes=len(reply))
+        if not setting and reply and acl:
+            fields.update(security_descriptor=reply, length=len(reply))
+        self.fire(f"after_{kind}", bit << 1, flags, origin, status=error, **ctx, **fields)
+        self.notify(f"notify_{kind}", nbit, flags, origin, status=error, **fields)
+        if error:
+            raise OSError(error, os.strerror(error))
+        return reply
+
+    def getxattr(self, req: Request) -> bytes:
+        if not self.core.has_rules:
+            return super().getxattr(req)
+        name, _ = wire.cstring(req.body, abi.GETXATTR_IN.size)
+        return self._xattr_events(req, name, False, lambda: super(FilterFS, self).getxattr(req))
+
+    def listxattr(self, req: Request) -> bytes:
+        if not self.core.has_rules:
+            return super().listxattr(req)
+        return self._xattr_events(req, b"", False, lambda: super(FilterFS, self).listxattr(req))
+
+    def setxattr(self, req: Request) -> bytes:
+        if not self.core.has_rules:
+            return super().setxattr(req)
+        size, _, _, _ = wire.fixed(req.body, abi.SETXATTR_IN)
+        name, pos = wire.cstring(req.body, abi.SETXATTR_IN.size)
+        return self._xattr_events(req, name, True, lambda: super(FilterFS, self).setxattr(req),
+                                  bytes(req.body[pos:pos + size]))
+
+    def removexattr(self, req: Request) -> bytes:
+        if not self.core.has_rules:
+            return super().removexattr(req)
+        name, _ = wire.cstring(req.body)
+        return self._xattr_events(req, name, True, lambda: super(FilterFS, self).removexattr(req))
+
+    def readlink(self, req: Request) -> bytes:
+        if not self.core.has_rules:
+            return super().readlink(req)
+        node = self.inode(req.nodeid)
+        flags = self.effective(self.match_node(node.nodeid), req)
+        if not (flags.control or flags.notify):
+            return super().readlink(req)
+        path = self.abspath(node.nodeid)
+        origin = self.origin(req)
+        before = self.fire("before_get_reparse_point", c.FS_CE_BEFORE_GET_REPARSE_POINT, flags, origin,
+                           file_name=path)
+        if before is not None and not before.process_request:
+            target = before.reparse_buffer
+            return bytes(target) if target else b""
+        target = super().readlink(req)
+        after = self.fire("after_get_reparse_point", c.FS_CE_AFTER_GET_REPARSE_POINT, flags, origin,
+                          file_name=path, reparse_buffer=target, reparse_buffer_length=len(target),
+                          valid_bytes=len(target))
+        if after is not None and after.reparse_buffer != target:
+            target = os.fsencode(after.reparse_buffer)
+        self.notify("notify_get_reparse_point", c.FS_NE_GET_REPARSE_POINT, flags, origin, file_name=path,
+                    reparse_buffer=target, reparse_buffer_length=len(target), valid_bytes=len(target))
+        return target
+
+    def ioctl(self, req: Request) -> bytes:
+        if not self.core.has_rules:
+            return super().ioctl(req)
+        fh, _flags, cmd, _arg, in_size, out_size = wire.fixed(req.body, abi.IOCTL_IN)
+        handle = self._handles.get(fh)
+        node = self.inode(req.nodeid)
+        flags = self.effective(self.match_node(node.nodeid), req)
+        if not (flags.control or flags.notify):
+            return super().ioctl(req)
+        path = handle.path if handle else self.abspath(node.nodeid)
+        origin = self.origin(req)
+        data = bytes(req.body[abi.IOCTL_IN.size:abi.IOCTL_IN.size + in_size])
+        fields = dict(file_name=path, io_control_code=cmd, input_buffer=data, input_buffer_length=in_size,
+                      output_buffer_length=out_size)
+        before = self.fire("before_ioctl", c.FS_CE_BEFORE_IOCTL, flags, origin, **fields)
+        if before is not None and not before.process_request:
+            out = bytes(before.output_buffer or b"")[:out_size]
+            return abi.IOCTL_OUT.pack(0, 0, 0, 0) + out
+        error = 0
+        reply = b""
+        try:
+            reply = super().ioctl(req)
+        except OSError as exc:
+            error = exc.errno or errno.EIO
+        if error and not self.after_ok(error):
+            raise OSError(error, os.strerror(error))
+        self.fire("after_ioctl", c.FS_CE_AFTER_IOCTL, flags, origin, status=error, **fields)
+        self.notify("notify_ioctl", c.FS_NE_IOCTL, flags, origin, status=error, **fields)
+        if error:
+            raise OSError(error, os.strerror(error))
+        return reply
+
+
+_NAME_OFFSETS: dict[int, int] = {abi.Opcode.CREATE: abi.CREATE_IN.size, abi.Opcode.MKDIR: abi.MKDIR_IN.size,
+            abi.Opcode.MKNOD: abi.MKNOD_IN.size, abi.Opcode.RENAME: abi.RENAME_IN.size,
+            abi.Opcode.RENAME2: abi.RENAME2_IN.size, abi.Opcode.LINK: abi.LINK_IN.size}
+
+
+def _name_offset(opcode: int) -> int:
+    return _NAME_OFFSETS.get(opcode, 0)
+
+
+def _no_cache(entry: bytes) -> bytes:
+    """The same entry_out with zero entry and attribute timeouts."""
+    head = bytearray(entry[:abi.ENTRY_OUT_SIZE])
+    struct.pack_into("<QQII", head, 16, 0, 0, 0, 0)
+    return bytes(head) + entry[abi.ENTRY_OUT_SIZE:]
+
+
+def _desired_access(open_flags: int) -> int:
+    mode = open_flags & os.O_ACCMODE
+    access = 0
+    if mode in (os.O_RDONLY, os.O_RDWR):
+        access |= c.DESIRED_ACCESS_FILE_READ_DATA
+    if mode in (os.O_WRONLY, os.O_RDWR):
+        access |= c.DESIRED_ACCESS_FILE_WRITE_DATA
+    if open_flags & os.O_APPEND:
+        access |= c.DESIRED_ACCESS_FILE_APPEND_DATA
+    if open_flags & _FMODE_EXEC:
+        access |= c.DESIRED_ACCESS_FILE_EXECUTE
+    return access
+
+
+def _disposition(open_flags: int, created: bool) -> int:
+    if open_flags & os.O_CREAT:
+        if open_flags & os.O_EXCL:
+            return c.FILE_DISPOSITION_CREATE_NEW
+        if open_flags & os.O_TRUNC:
+            return c.FILE_DISPOSITION_CREATE_ALWAYS
+        return c.FILE_DISPOSITION_OPEN_ALWAYS
+    if open_flags & os.O_TRUNC:
+        return c.FILE_DISPOSITION_TRUNCATE_EXISTING
+    return c.FILE_DISPOSITION_OPEN_EXISTING

@@ -1,0 +1,472 @@
+"""CBFilter on a real mount: every event fired once by a real operation of another process, with its
+parameters; denials give that process the intended errno; handlers change what it sees."""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import force_unmount, is_mounted, needs_root, wait_for
+
+from fsfilter import CBFilter, CBFSFilterError
+from fsfilter.api import constants as c
+
+pytestmark = [needs_root, pytest.mark.timeout(120)]
+
+
+def run(code: str, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    """Run Python code in a separate process (the filter ignores its own process's requests)."""
+    proc = subprocess.run([sys.executable, "-c", textwrap.dedent(code), *args], capture_output=True, text=True,
+                          timeout=60)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"child failed: {proc.stderr}")
+    return proc
+
+
+def errno_of(code: str, *args: str) -> int:
+    """Run code that is expected to fail with OSError in a child; return the errno it got (0 = no error)."""
+    wrapped = ("import os, sys, errno\ntry:\n" + textwrap.indent(textwrap.dedent(code), "    ")
+               + "\nexcept OSError as e:\n    print(e.errno)\nelse:\n    print(0)\n")
+    out = run(wrapped, *args).stdout.strip().splitlines()
+    return int(out[-1])
+
+
+class Recorder:
+    """Collects event params (copied to dicts) from handlers, thread-safely."""
+
+    def __init__(self) -> None:
+        self.events: list[tuple[str, dict[str, Any]]] = []
+        self.lock = threading.Lock()
+
+    def handler(self, name: str, action: Callable[[Any], None] | None = None) -> Callable[[Any], None]:
+        def handle(p: Any) -> None:
+            fields = {n: getattr(p, n) for n in type(p).__slots__ if n not in ("buffer", "buffer_view")}
+            with self.lock:
+                self.events.append((name, fields))
+            if action is not None:
+                action(p)
+        return handle
+
+    def named(self, name: str, **match: Any) -> list[dict[str, Any]]:
+        with self.lock:
+            return [f for n, f in self.events if n == name and all(f.get(k) == v for k, v in match.items())]
+
+
+@pytest.fixture
+def cbfilter() -> Iterator[Callable[[], CBFilter]]:
+    made: list[CBFilter] = []
+
+    def make() -> CBFilter:
+        f = CBFilter()
+        made.append(f)
+        return f
+
+    try:
+        yield make
+    finally:
+        for f in made:
+            points = list(f._attached)
+            with contextlib.suppress(Exception):
+                f.stop_filter()
+            for p in points:
+                force_unmount(p)
+
+
+@pytest.fixture
+def data(scratch: Path) -> Path:
+    d = scratch / "data"
+    d.mkdir()
+    (d / "a.txt").write_bytes(b"hello world\n")
+    (d / "sub").mkdir()
+    (d / "sub" / "b.log").write_bytes(b"x" * 5000)
+    return d
+
+
+def test_attach_and_detach_follow_the_rules(cbfilter: Callable[[], CBFilter], data: Path) -> None:
+    f = cbfilter()
+    rec = Recorder()
+    f.fire_volume_events = c.FS_MOUNT_BOTH
+    f.on_after_filter_attach_to_volume = rec.handler("attach")
+    f.on_after_filter_detach_from_volume = rec.handler("detach")
+    f.add_filter_rule(f"{data}/*", c.ACCESS_NONE, c.FS_CE_NONE, c.FS_NE_OPEN)
+    f.start_filter(0)
+    assert f.active and is_mounted(data)
+    f.stop_filter()
+    assert not is_mounted(data) and not f.active
+    assert rec.named("attach", volume_name=str(data)) and rec.named("detach", volume_name=str(data))
+
+
+def test_before_attach_can_skip(cbfilter: Callable[[], CBFilter], data: Path) -> None:
+    f = cbfilter()
+    f.fire_volume_events = c.FS_MOUNT_CONTROL
+
+    def skip(p: Any) -> None:
+        p.skip_volume = True
+
+    f.on_before_filter_attach_to_volume = skip
+    f.add_filter_rule(f"{data}/*", 0, 0, c.FS_NE_OPEN)
+    f.start_filter()
+    assert not is_mounted(data)
+
+
+def test_bad_input_changes_nothing(cbfilter: Callable[[], CBFilter], data: Path) -> None:
+    f = cbfilter()
+    for mask in ("", "a//b", "/a/../b", "~|/x"):
+        with pytest.raises(CBFSFilterError) as e:
+            f.add_filter_rule(mask, 0, 0, c.FS_NE_OPEN)
+        assert e.value.code == errno.EINVAL
+    with pytest.raises(CBFSFilterError):
+        f.add_filter_rule(f"{data}/*", 0x7FFFFFFF, 0, 0)
+    assert f.filter_rule_count == 0
+    with pytest.raises(CBFSFilterError) as e:
+        f.add_filter_rule("/*", 0, 0, c.FS_NE_OPEN)
+        f.start_filter()
+    assert e.value.code in (errno.EPERM, errno.EINVAL)
+    assert not f.active
+    with pytest.raises(CBFSFilterError):
+        f.config("NoSuchSetting=1")
+
+
+def test_rule_aggregation_and_getters(cbfilter: Callable[[], CBFilter], data: Path) -> None:
+    f = cbfilter()
+    mask = f"{data}/*.txt"
+    assert f.add_filter_rule(mask, c.ACCESS_READ_ONLY, c.FS_CE_BEFORE_OPEN, 0)
+    assert f.add_filter_rule(mask, 0, c.FS_CE_AFTER_OPEN, c.FS_NE_READ)
+    assert f.filter_rule_count == 1
+    assert f.get_filter_rule_mask(0) == mask
+    assert f.get_filter_rule_access_flags(0) == c.ACCESS_READ_ONLY
+    assert f.get_filter_rule_control_flags(0) == c.FS_CE_BEFORE_OPEN | c.FS_CE_AFTER_OPEN
+    assert f.get_filter_rule_notify_flags(0) == c.FS_NE_READ
+    assert f.delete_filter_rule(mask, 0, c.FS_CE_BEFORE_OPEN, 0)
+    assert f.get_filter_rule_control_flags(0) == c.FS_CE_AFTER_OPEN
+    assert f.is_file_filtered(f"{data}/a.txt") and not f.is_file_filtered(f"{data}/a.log")
+    assert f.delete_filter_rule(mask, c.ACCESS_ALL_FLAGS, c.FS_CE_ALL, c.FS_NE_ALL)
+    assert f.filter_rule_count == 0
+    assert f.file_matches_mask("*.*", "/x/noext") and not f.file_matches_mask("/a/b/*", "/a/b")
+
+
+def test_notifications_for_common_operations(cbfilter: Callable[[], CBFilter], data: Path) -> None:
+    f = cbfilter()
+    rec = Recorder()
+    for event in ("create_file", "open_file", "read_file", "write_file", "cleanup_file", "close_file",
+                  "rename_or_move_file", "delete_file", "can_file_be_deleted", "set_file_size",
+                  "enumerate_directory", "create_hard_link", "set_file_attributes", "set_file_security",
+                  "set_ea", "query_ea", "get_file_sizes"):
+        setattr(f, "on_notify_" + event, rec.handler(event))
+    f.add_filter_rule(f"{data}/*", 0, 0, c.FS_NE_ALL)
+    f.add_filter_rule(str(data), 0, 0, c.FS_NE_ENUMERATE_DIRECTORY)
+    f.start_filter()
+    child = run(f"""
+        import os
+        d = {str(data)!r}
+        fd = os.open(d + "/new.txt", os.O_CREAT | os.O_WRONLY | os.O_EXCL, 0o640)
+        os.write(fd, b"abc")
+        os.close(fd)
+        with open(d + "/a.txt", "rb") as fh:
+            fh.read()
+        os.truncate(d + "/new.txt", 1)
+        os.utime(d + "/new.txt", ns=(1_000_000_000, 2_000_000_000))
+        os.chmod(d + "/new.txt", 0o600)
+        os.setxattr(d + "/new.txt", "user.k", b"v")
+        os.getxattr(d + "/new.txt", "user.k")
+        os.link(d + "/new.txt", d + "/hard.txt")
+        os.rename(d + "/new.txt", d + "/moved.txt")
+        os.unlink(d + "/moved.txt")
+        os.listdir(d)
+        print(os.getpid())
+    """)
+    pid = int(child.stdout.split()[-1])
+    f.stop_filter()  # delivers every queued notification
+    new, moved = f"{data}/new.txt", f"{data}/moved.txt"
+    created = rec.named("create_file", file_name=new)
+    assert len(created) == 1 and created[0]["create_disposition"] == c.FILE_DISPOSITION_CREATE_NEW
+    assert rec.named("open_file", file_name=f"{data}/a.txt")
+    writes = rec.named("write_file", file_name=new)
+    assert writes and writes[0]["bytes_written"] == 3 and writes[0]["position"] == 0
+    reads = rec.named("read_file", file_name=f"{data}/a.txt")
+    assert reads and reads[0]["bytes_read"] == 12
+    assert rec.named("cleanup_file", file_name=new) and rec.named("close_file", file_name=new)
+    assert rec.named("set_file_size", file_name=new, size=1)
+    assert rec.named("set_file_attributes", file_name=new, last_write_time=2_000_000_000)
+    assert rec.named("set_file_security", file_name=new, mode=0o600)
+    assert rec.named("set_ea", file_name=new, ea_name="user.k")
+    assert rec.named("query_ea", file_name=new, ea_name="user.k")
+    assert rec.named("create_hard_link", file_name=new, link_name=f"{data}/hard.txt")
+    assert len(rec.named("rename_or_move_file", file_name=new, new_file_name=moved)) == 1
+    assert rec.named("can_file_be_deleted", file_name=moved, can_delete=True)
+    assert len(rec.named("delete_file", file_name=moved)) == 1
+    names = {e["file_name"] for e in rec.named("enumerate_directory", directory_name=str(data))}
+    assert {"a.txt", "sub", "hard.txt"} <= names
+    assert pid > 0
+
+
+def test_origin_of_events(cbfilter: Callable[[], CBFilter], data: Path) -> None:
+    f = cbfilter()
+    seen: list[tuple[int, str]] = []
+
+    def on_open(p: Any) -> None:
+        seen.append((f.get_originator_process_id(), f.get_originator_process_name()))
+
+    f.on_before_open_file = on_open
+    f.add_filter_rule(f"{data}/a.txt", 0, c.FS_CE_BEFORE_OPEN, 0)
+    f.start_filter()
+    child = run(f"import os\nopen({str(data / 'a.txt')!r}).read()\nprint(os.getpid())")
+    pid = int(child.stdout.split()[-1])
+    assert (pid, "python3") in seen or any(s[0] == pid for s in seen)
+    # The filter's own process is not filtered unless it asks.
+    seen.clear()
+    (data / "a.txt").read_bytes()
+    assert seen == []
+
+
+def test_deny_open_and_hide(cbfilter: Callable[[], CBFilter], data: Path) -> None:
+    f = cbfilter()
+
+    def before_open(p: Any) -> None:
+        if p.file_name.endswith("/a.txt") and p.desired_access & c.DESIRED_ACCESS_FILE_WRITE_DATA:
+            p.result_code = errno.EACCES
+        if p.file_name.endswith("/sub"):
+            p.result_code = errno.ENOENT
+
+    def after_enum(p: Any) -> None:
+        if p.file_name == "sub":
+            p.process_request = False
+
+    f.on_before_open_file = before_open
+    f.on_after_enumerate_directory = after_enum
+    f.add_filter_rule(f"{data}/*", 0, c.FS_CE_BEFORE_OPEN, 0)
+    f.add_filter_rule(str(data), 0, c.FS_CE_AFTER_ENUMERATE_DIRECTORY, 0)
+    f.start_filter()
+    a, sub = str(data / "a.txt"), str(data / "sub")
+    assert errno_of(f"open({a!r}, 'a')") == errno.EACCES
+    assert errno_of(f"open({a!r}).read()") == 0
+    assert errno_of(f"os.stat({sub!r})") == errno.ENOENT
+    assert errno_of(f"os.stat({sub + '/b.log'!r})") == errno.ENOENT
+    assert errno_of(f"os.listdir({sub!r})") == errno.ENOENT
+    listing = run(f"import os; print(sorted(os.listdir({str(data)!r})))").stdout
+    assert "sub" not in listing and "a.txt" in listing
+    assert (data / "sub" / "b.log").exists()  # the filter's own process still sees it
+
+
+def test_read_handler_supplies_data_and_write_is_changed(cbfilter: Callable[[], CBFilter], data: Path) -> None:
+    import ctypes
+    f = cbfilter()
+
+    def before_read(p: Any) -> None:
+        payload = b"served by the handler"[: p.bytes_to_read]
+        ctypes.memmove(p.buffer, payload, len(payload))
+        p.bytes_to_read = len(payload)
+        p.process_request = False
+
+    def before_write(p: Any) -> None:
+        p.buffer_view[:] = bytes(p.buffer_view).upper()
+
+    f.on_before_read_file = before_read
+    f.on_before_write_file = before_write
+    f.process_cached_io_requests = True
+    f.add_filter_rule(f"{data}/*.txt", 0, c.FS_CE_BEFORE_READ | c.FS_CE_BEFORE_WRITE, 0)
+    f.start_filter()
+    a = str(data / "a.txt")
+    out = run(f"print(open({a!r}, 'rb').read(100))").stdout
+    assert "served by the handler" in out
+    run(f"open({str(data / 'w.txt')!r}, 'wb').write(b'quiet words')")
+    f.stop_filter()
+    assert (data / "w.txt").read_bytes() == b"QUIET WORDS"
+    assert (data / "a.txt").read_bytes() == b"hello world\n"
+
+
+def test_access_rules(cbfilter: Callable[[], CBFilter], data: Path) -> None:
+    (data / "ro").mkdir()
+    (data / "ro" / "f").write_bytes(b"data")
+    (data / "nodel").mkdir()
+    (data / "nodel" / "f").write_bytes(b"data")
+    (data / "wo").mkdir()
+    (data / "wo" / "f").write_bytes(b"data")
+    (data / "noexec").mkdir()
+    (data / "noexec" / "run.sh").write_text("#!/bin/sh\necho ran\n")
+    os.chmod(data / "noexec" / "run.sh", 0o755)
+    f = cbfilter()
+    f.add_attach_point(str(data))  # one mount for all four rules, so that links and renames stay possible
+    f.add_filter_rule(f"{data}/ro/*", c.ACCESS_READ_ONLY, 0, 0)
+    f.add_filter_rule(f"{data}/nodel/*", c.ACCESS_DELETE_PROTECT, 0, 0)
+    f.add_filter_rule(f"{data}/wo/*", c.ACCESS_WRITE_ONLY, 0, 0)
+    f.add_filter_rule(f"{data}/noexec/*", c.ACCESS_EXECUTE_PROTECT, 0, 0)
+    f.start_filter()
+    ro, nodel, wo = str(data / "ro" / "f"), str(data / "nodel" / "f"), str(data / "wo" / "f")
+    assert errno_of(f"open({ro!r}, 'r+b')") == errno.EACCES
+    assert errno_of(f"open({ro!r}, 'rb').read()") == 0
+    assert errno_of(f"os.unlink({ro!r})") == errno.EACCES
+    assert errno_of(f"os.truncate({ro!r}, 0)") == errno.EACCES
+    assert errno_of(f"open({str(data / 'ro' / 'new')!r}, 'w')") == errno.EACCES
+    assert errno_of(f"os.unlink({nodel!r})") == errno.EACCES
+    assert errno_of(f"os.rename({nodel!r}, {nodel + '2'!r})") == errno.EACCES
+    assert errno_of(f"open({nodel!r}, 'ab').write(b'more')") == 0
+    assert errno_of(f"open({wo!r}, 'rb')") == errno.EACCES
+    assert errno_of(f"open({wo!r}, 'wb').write(b'x')") == 0
+    assert errno_of(f"os.link({ro!r}, {str(data / 'escape')!r})") == errno.EACCES
+    with pytest.raises(PermissionError):
+        subprocess.run([str(data / "noexec" / "run.sh")], capture_output=True)
+    assert errno_of(f"open({str(data / 'noexec' / 'run.sh')!r}).read()") == 0
+    # Passthrough rules lift access rules.
+    f.add_passthrough_rule(f"{data}/nodel/*", c.ACCESS_DELETE_PROTECT, 0, 0)
+    assert errno_of(f"os.unlink({nodel!r})") == 0
+
+
+def test_contexts_follow_the_sdk_lifetimes(cbfilter: Callable[[], CBFilter], data: Path) -> None:
+    """Open by A, open by B, close B, open by C, close A, close C: one file context for the whole time,
+    one handle context per open, each cleaned up when its handle (and for the file, the last) closes."""
+    f = cbfilter()
+    counter = iter(range(1, 1000))
+    log: list[tuple[str, int, int]] = []
+    lock = threading.Lock()
+
+    def after_open(p: Any) -> None:
+        with lock:
+            if not p.file_context:
+                p.file_context = 1000 + next(counter)
+            p.handle_context = next(counter)
+            log.append(("open", p.file_context, p.handle_context))
+
+    def cleanup(p: Any) -> None:
+        with lock:
+            log.append(("cleanup", p.file_context, p.handle_context))
+
+    f.on_after_open_file = after_open
+    f.on_cleanup_context = cleanup
+    f.add_filter_rule(f"{data}/a.txt", 0, c.FS_CE_AFTER_OPEN, 0)
+    f.start_filter()
+    a = str(data / "a.txt")
+    holder = textwrap.dedent(f"""
+        import sys
+        fh = open({a!r}, 'rb')
+        print('open', flush=True)
+        sys.stdin.readline()
+        fh.close()
+        print('closed', flush=True)
+        sys.stdin.readline()
+    """)
+    procs = {k: subprocess.Popen([sys.executable, "-c", holder], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                 text=True) for k in ()}
+    try:
+        def start(k: str) -> None:
+            procs[k] = subprocess.Popen([sys.executable, "-c", holder], stdin=subprocess.PIPE,
+                                        stdout=subprocess.PIPE, text=True)
+            assert procs[k].stdout is not None and procs[k].stdout.readline().strip() == "open"
+
+        def close(k: str) -> None:
+            p = procs[k]
+            assert p.stdin is not None and p.stdout is not None
+            p.stdin.write("\n")
+            p.stdin.flush()
+            assert p.stdout.readline().strip() == "closed"
+
+        start("A")
+        start("B")
+        close("B")
+        start("C")
+        close("A")
+        close("C")
+        assert wait_for(lambda: len([e for e in log if e[0] == "cleanup"]) == 3, 10)
+    finally:
+        for p in procs.values():
+            if p.poll() is None:
+                p.kill()
+            p.communicate(timeout=10)
+    opens = [e for e in log if e[0] == "open"]
+    cleanups = [e for e in log if e[0] == "cleanup"]
+    assert len(opens) == 3
+    fx = opens[0][1]
+    assert all(o[1] == fx for o in opens)  # one file context while any handle is open
+    hxa, hxb, hxc = (o[2] for o in opens)
+    assert cleanups[0] == ("cleanup", 0, hxb)  # B closed: only its handle context ends
+    assert cleanups[1] == ("cleanup", 0, hxa)
+    assert cleanups[2] == ("cleanup", fx, hxc)  # the last close ends the file context too
+
+
+def test_handler_exception_and_timeouts(cbfilter: Callable[[], CBFilter], data: Path) -> None:
+    f = cbfilter()
+    errors: list[tuple[int, str]] = []
+    release = threading.Event()
+
+    def before_open(p: Any) -> None:
+        if p.file_name.endswith("a.txt") and p.flags != os.O_PATH:
+            raise RuntimeError("handler bug")
+        if p.file_name.endswith("b.log") and p.flags != os.O_PATH:
+            release.wait(5)
+
+    f.on_error = lambda p: errors.append((p.error_code, p.description))
+    f.on_before_open_file = before_open
+    f.config("DenyExpiredEvents=true")
+    f.add_filter_rule(f"{data}/*", 0, c.FS_CE_BEFORE_OPEN, 0)
+    f.start_filter(300)
+    assert errno_of(f"open({str(data / 'a.txt')!r})") == errno.EIO
+    assert any("handler bug" in d for _, d in errors)
+    t0 = time.monotonic()
+    assert errno_of(f"open({str(data / 'sub' / 'b.log')!r})") == errno.ETIMEDOUT
+    assert time.monotonic() - t0 < 4
+    release.set()
+    # The filter still works after both.
+    assert errno_of(f"os.stat({str(data / 'sub')!r})") == 0
+
+
+def test_serialize_events_runs_handlers_on_one_thread(cbfilter: Callable[[], CBFilter], data: Path) -> None:
+    f = cbfilter()
+    threads: set[int] = set()
+    f.serialize_events = c.SERIALIZE_EVENTS_ON_ONE_WORKER_THREAD
+    f.on_before_open_file = lambda p: threads.add(threading.get_ident())
+    f.on_notify_open_file = lambda p: threads.add(threading.get_ident())
+    f.add_filter_rule(f"{data}/*", 0, c.FS_CE_BEFORE_OPEN, c.FS_NE_OPEN)
+    f.start_filter()
+    run(f"""
+        import threading
+        def work():
+            for _ in range(20):
+                open({str(data / 'a.txt')!r}).read()
+        ts = [threading.Thread(target=work) for _ in range(4)]
+        [t.start() for t in ts]
+        [t.join() for t in ts]
+    """)
+    f.stop_filter()
+    assert len(threads) == 1
+
+
+def test_filter_own_requests(cbfilter: Callable[[], CBFilter], data: Path) -> None:
+    f = cbfilter()
+    seen: list[str] = []
+    f.on_notify_open_file = lambda p: seen.append(p.file_name)
+    f.config("FilterOwnRequests=true")
+    f.add_filter_rule(f"{data}/*", 0, 0, c.FS_NE_OPEN)
+    f.start_filter()
+    (data / "a.txt").read_bytes()
+    assert wait_for(lambda: str(data / "a.txt") in seen, 5)
+
+
+def test_passthrough_stays_for_unfiltered_files(cbfilter: Callable[[], CBFilter], data: Path) -> None:
+    f = cbfilter()
+    f.on_notify_read_file = lambda p: None
+    f.add_filter_rule(f"{data}/*.log", 0, 0, c.FS_NE_READ)
+    f.start_filter()
+    (fs,) = [m.fs for m in f._attached.values()]
+    assert fs is not None
+    holder = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
+        import sys
+        a = open({str(data / 'a.txt')!r}, 'rb'); b = open({str(data / 'sub' / 'b.log')!r}, 'rb')
+        a.read(); b.read(); print('ok', flush=True); sys.stdin.readline()
+    """)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "ok"
+        kinds = {fs.path_of(o.inode.nodeid): o.passthrough for o in fs.files.values()}
+        assert kinds[b"/a.txt"] is True and kinds[b"/sub/b.log"] is False
+    finally:
+        holder.kill()
+        holder.communicate(timeout=10)
