@@ -1,9 +1,8 @@
 """``fsfilter demo``: a short live demonstration on a temporary directory.
 
-It mounts fsfilter over a temporary directory in place, streams the requests the kernel sends while
-ordinary programs work in it, denies writes to one file, hides another, and unmounts cleanly. The
-denying and hiding here are a small policy written directly on the request handlers; CBFilter's
-rules give applications the same power through the SDK's API.
+It starts a CBFilter on a temporary directory with three rules — every notification event on every
+file, a read-only access rule on one file, and a handler that hides another — then lets ordinary
+programs work there, prints the events as they stream in, and stops the filter, which unmounts.
 """
 
 from __future__ import annotations
@@ -16,79 +15,15 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
+from typing import Any
 
-from fsfilter.abi import fuse as abi
-from fsfilter.api.passthrough import PassthroughFilter
+from fsfilter.api import constants as c
+from fsfilter.api.cbfilter import NOTIFY_BITS, CBFilter
 from fsfilter.errors import CBFSFilterError
-from fsfilter.sessions.lower_fs import Inode, LowerFS
-from fsfilter.wire import fuse as wire
-from fsfilter.wire.fuse import Request
 
-PROTECTED = b"protected.txt"
-HIDDEN = b"hidden.txt"
-_WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_TRUNC
-
-
-class DemoFS(LowerFS):
-    """A pass-through that refuses to change PROTECTED and acts as if HIDDEN did not exist."""
-
-    def hides(self, parent: Inode, name: bytes) -> bool:
-        return parent.nodeid == abi.ROOT_ID and name == HIDDEN
-
-    def _named(self, req: Request, name: bytes) -> bool:
-        node = self.nodes.get(req.nodeid)
-        return node is not None and node.parent == abi.ROOT_ID and node.name == name
-
-    def lookup(self, req: Request) -> bytes:
-        name, _ = wire.name_at(req.body)
-        if self.hides(self.inode(req.nodeid), name):
-            raise OSError(errno.ENOENT, "hidden")  # invisible to stat and path walks, not only to listings
-        return super().lookup(req)
-
-    def open(self, req: Request) -> bytes:
-        flags, _ = wire.fixed(req.body, abi.OPEN_IN)
-        if flags & _WRITE_FLAGS and self._named(req, PROTECTED):
-            raise OSError(errno.EACCES, "protected")
-        return super().open(req)
-
-    def setattr(self, req: Request) -> bytes:
-        if self._named(req, PROTECTED):
-            raise OSError(errno.EACCES, "protected")
-        return super().setattr(req)
-
-
-class DemoFilter(PassthroughFilter):
-    def _make_fs(self, lower_fd: int) -> LowerFS:
-        return DemoFS(lower_fd, self.lower_options)
-
-
-_NAME_OFFSET: dict[int, int] = {
-    abi.Opcode.LOOKUP: 0, abi.Opcode.UNLINK: 0, abi.Opcode.RMDIR: 0, abi.Opcode.SYMLINK: 0,
-    abi.Opcode.MKDIR: abi.MKDIR_IN.size, abi.Opcode.MKNOD: abi.MKNOD_IN.size, abi.Opcode.CREATE: abi.CREATE_IN.size,
-    abi.Opcode.RENAME: abi.RENAME_IN.size, abi.Opcode.RENAME2: abi.RENAME2_IN.size, abi.Opcode.LINK: abi.LINK_IN.size,
-}
-
-
-def _named_path(base: bytes, req: Request) -> str:
-    """The path a request is about: the node's, plus the entry name for requests that carry one."""
-    offset = _NAME_OFFSET.get(req.opcode)
-    if offset is not None:
-        try:
-            name, _ = wire.cstring(req.body, offset)
-            base = base.rstrip(b"/") + b"/" + name
-        except wire.WireError:
-            pass
-    return base.decode(errors="replace")
-
-
-def _comm(pid: int) -> str:
-    if pid == 0:
-        return "(kernel, last close)"
-    try:
-        with open(f"/proc/{pid}/comm") as f:
-            return f.read().strip()
-    except OSError:
-        return "?"
+PROTECTED = "protected.txt"
+HIDDEN = "hidden.txt"
 
 
 def run_demo(quiet: bool = False) -> int:
@@ -98,39 +33,61 @@ def run_demo(quiet: bool = False) -> int:
     say = (lambda *a: None) if quiet else print
     lines: list[str] = []
     lines_lock = threading.Lock()
-    filt: DemoFilter | None = None
+    filt = CBFilter()
     try:
-        with open(os.path.join(base, "protected.txt"), "w") as f:
+        with open(os.path.join(base, PROTECTED), "w") as f:
             f.write("this file may be read but not changed\n")
-        with open(os.path.join(base, "hidden.txt"), "w") as f:
+        with open(os.path.join(base, HIDDEN), "w") as f:
             f.write("nobody sees this\n")
         with open(os.path.join(base, "notes.txt"), "w") as f:
             f.write("hello from the lower directory\n")
         print(f"== fsfilter demo on {base}")
-        print("   files before the mount:", ", ".join(sorted(os.listdir(base))))
-        filt = DemoFilter(base)
+        print("   files before the filter starts:", ", ".join(sorted(os.listdir(base))))
 
-        def trace(req: Request) -> None:
-            if req.opcode in (abi.Opcode.FORGET, abi.Opcode.BATCH_FORGET, abi.Opcode.INTERRUPT):
-                return
-            try:
-                op = abi.Opcode(req.opcode).name
-            except ValueError:
-                op = str(req.opcode)
-            path = _named_path(filt.path_of(req.nodeid), req) if filt is not None else "?"
-            with lines_lock:
-                lines.append(f"   {op:<12} {path:<22} pid {req.pid:<7} {_comm(req.pid)}")
+        def show(event: str) -> Callable[[Any], None]:
+            def handler(p: Any) -> None:
+                name = p.file_name if event != "enumerate" else f"{p.directory_name}/{p.file_name}"
+                extra = ""
+                for field in ("new_file_name", "bytes_read", "bytes_written", "size"):
+                    if field in type(p).__slots__ and getattr(p, field) not in (None, ""):
+                        extra = f" {field}={getattr(p, field)}"
+                        break
+                if getattr(p, "status", 0):
+                    extra += f" error={errno.errorcode.get(p.status, p.status)}"
+                who = f"{filt.get_originator_process_name()}({filt.get_originator_process_id()})"
+                with lines_lock:
+                    lines.append(f"   {event:<10} {os.path.relpath(name, base):<16} {who}{extra}")
+            return handler
 
-        filt.set_trace(trace)
-        filt.start()
-        mode = "kernel passthrough for reads and writes" if filt.passthrough_active else "daemon-served I/O"
-        print(f"== mounted over the directory itself ({mode}); requests as the daemon sees them:")
+        for event in NOTIFY_BITS:
+            short = event[len("notify_"):].replace("_file", "").replace("_directory", "").replace("_or_move", "")
+            setattr(filt, "on_" + event, show(short))
+
+        def hide_open(p: Any) -> None:
+            if os.path.basename(p.file_name) == HIDDEN:
+                p.result_code = errno.ENOENT
+
+        def hide_listing(p: Any) -> None:
+            if p.file_name == HIDDEN:
+                p.process_request = False
+
+        filt.on_before_open_file = hide_open
+        filt.on_after_enumerate_directory = hide_listing
+        filt.add_filter_rule(f"{base}/*", c.ACCESS_NONE, c.FS_CE_NONE, c.FS_NE_ALL & ~c.FS_NE_GET_SIZES)
+        filt.add_filter_rule(base, c.ACCESS_NONE, c.FS_CE_AFTER_ENUMERATE_DIRECTORY, c.FS_NE_NONE)
+        filt.add_filter_rule(f"{base}/{PROTECTED}", c.ACCESS_READ_ONLY, c.FS_CE_NONE, c.FS_NE_NONE)
+        filt.add_filter_rule(f"{base}/{HIDDEN}", c.ACCESS_NONE, c.FS_CE_BEFORE_OPEN, c.FS_NE_NONE)
+        filt.start_filter(5000)
+        print(f"== CBFilter started on {base} (mounted over the directory itself); "
+              "events as applications cause them:")
 
         def step(title: str, argv: list[str]) -> subprocess.CompletedProcess[str]:
             with lines_lock:
                 lines.clear()
-            result = subprocess.run(argv, cwd=base, capture_output=True, text=True, timeout=30)
-            time.sleep(0.05)
+            result = subprocess.run(argv, cwd="/", capture_output=True, text=True, timeout=30)
+            deadline = time.monotonic() + 2
+            while filt.dispatcher.queued_notifications and time.monotonic() < deadline:
+                time.sleep(0.01)
             print(f"-- {title}: $ {' '.join(argv)}")
             for out in (result.stdout.strip(), result.stderr.strip()):
                 if out:
@@ -139,32 +96,27 @@ def run_demo(quiet: bool = False) -> int:
                 for line in lines[:12]:
                     say(line)
                 if len(lines) > 12:
-                    say(f"   ... and {len(lines) - 12} more requests")
+                    say(f"   ... and {len(lines) - 12} more events")
             return result
 
         step("list the directory", ["ls", "-l", base])
         step("read a file", ["cat", os.path.join(base, "notes.txt")])
         step("append to a file", ["sh", "-c", f"echo appended >> {base}/notes.txt && tail -n 1 {base}/notes.txt"])
-        denied = step("write to the protected file", ["sh", "-c", f"echo changed > {base}/protected.txt"])
+        denied = step("write to the protected file", ["sh", "-c", f"echo changed > {base}/{PROTECTED}"])
         print(f"   => write denied: exit status {denied.returncode}, file still says: "
-              f"{open(os.path.join(base, 'protected.txt')).read().strip()!r}")
-        hidden = step("open the hidden file by name", ["cat", os.path.join(base, "hidden.txt")])
-        print(f"   => hidden: exit status {hidden.returncode}; listing shows: {', '.join(sorted(os.listdir(base)))}")
+              f"{open(os.path.join(base, PROTECTED)).read().strip()!r}")
+        hidden = step("open the hidden file by name", ["cat", os.path.join(base, HIDDEN)])
+        print(f"   => hidden: exit status {hidden.returncode}")
         step("make, move and remove a directory",
              ["sh", "-c", f"mkdir {base}/d && mv {base}/d {base}/e && rmdir {base}/e"])
-        step("write and read back 4 MiB", ["sh", "-c", f"head -c 4194304 /dev/urandom > {base}/big && "
-                                                       f"cmp {base}/big {base}/big && rm {base}/big && echo same"])
         stats = filt.stats
-        if stats is not None:
-            counts = ", ".join(f"{k} {v}" for k, v in sorted(stats.by_opcode().items()))
-            print(f"== requests served: {counts}")
-        filt.stop()
-        filt = None
+        filt.stop_filter()
         still = any(m.split()[1] == base for m in open("/proc/mounts"))
+        print(f"== {stats['notifications_delivered']} notifications delivered, "
+              f"{stats['notifications_posted'] - stats['notifications_delivered']} lost")
         print(f"== unmounted cleanly: {not still}; files after: {', '.join(sorted(os.listdir(base)))}")
         return 0 if not still and denied.returncode != 0 and hidden.returncode != 0 else 1
     finally:
-        if filt is not None:
-            filt.stop()
+        filt.stop_filter()
         shutil.rmtree(base, ignore_errors=True)
         sys.stdout.flush()

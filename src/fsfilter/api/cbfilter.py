@@ -100,9 +100,9 @@ _BOOL_SETTINGS = {"FilterOwnRequests", "DenyExpiredEvents", "ModifiableReadWrite
 def _check_flags(name: str, value: int, known: int) -> int:
     if not isinstance(value, int) or isinstance(value, bool):
         raise CBFSFilterError(errno.EINVAL, f"{name} must be an int, not {type(value).__name__}")
-    if value == -1:
-        return known
-    if value < 0 or value & ~known:
+    if value < 0:  # -1 (the SDK's "all flags"), or all but some: FS_NE_ALL & ~FS_NE_READ
+        return value & known
+    if value & ~known:
         raise CBFSFilterError(errno.EINVAL, f"{name} 0x{value:x} has bits no flag defines (known: 0x{known:x}); "
                                             "combine the module's constants with |")
     return value

@@ -1,0 +1,112 @@
+"""The command-line tools built on CBFilter: monitor, hide, protect, and the demo."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import SRC, force_unmount, is_mounted, needs_root, wait_for
+
+pytestmark = [needs_root, pytest.mark.timeout(60)]
+ENV = {**os.environ, "PYTHONPATH": str(SRC)}
+
+
+def start(*args: str) -> subprocess.Popen[str]:
+    return subprocess.Popen([sys.executable, "-m", "fsfilter", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=ENV)
+
+
+def stop(proc: subprocess.Popen[str], path: Path) -> tuple[str, str]:
+    try:
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=20)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate(timeout=10)
+        force_unmount(path)
+    assert proc.returncode == 0, err
+    assert not is_mounted(path)
+    return out, err
+
+
+@pytest.mark.parametrize("tool", ["monitor", "hide", "protect"])
+def test_help(tool: str) -> None:
+    r = subprocess.run([sys.executable, "-m", "fsfilter", tool, "--help"], capture_output=True, text=True, env=ENV,
+                       timeout=20)
+    assert r.returncode == 0 and r.stdout.startswith("usage: fsfilter") and "PATH" in r.stdout
+
+
+def test_monitor_prints_events_with_process_names(scratch: Path) -> None:
+    d = scratch / "watched"
+    d.mkdir()
+    (d / "a.txt").write_text("hello\n")
+    proc = start("monitor", str(d))
+    try:
+        assert wait_for(lambda: is_mounted(d), 20)
+        subprocess.run(["cat", str(d / "a.txt")], check=True, capture_output=True)
+        subprocess.run(["sh", "-c", f"echo more >> {d}/a.txt; mv {d}/a.txt {d}/b.txt; rm {d}/b.txt"], check=True)
+    finally:
+        out, err = stop(proc, d)
+    assert "monitoring" in err
+    assert any(" cat(" in line and " open " in line and line.endswith("/a.txt") for line in out.splitlines()), out
+    assert any(" read " in line and "bytes_read=6" in line for line in out.splitlines()), out
+    assert any(" rename" in line and "new_file_name=" in line for line in out.splitlines()), out
+    assert any(" rm(" in line and " delete " in line for line in out.splitlines()), out
+
+
+def test_hide_removes_entries_from_listings_and_lookups(scratch: Path) -> None:
+    d = scratch / "h"
+    (d / "deep").mkdir(parents=True)
+    (d / "secret.txt").write_text("x")
+    (d / "deep" / "secret.key").write_text("x")
+    (d / "public.txt").write_text("x")
+    proc = start("hide", str(d), "secret*")
+    try:
+        assert wait_for(lambda: is_mounted(d), 20)
+        ls = subprocess.run(["ls", "-a", str(d), str(d / "deep")], capture_output=True, text=True).stdout
+        assert "secret" not in ls and "public.txt" in ls
+        for p in (d / "secret.txt", d / "deep" / "secret.key"):
+            r = subprocess.run(["stat", str(p)], capture_output=True, text=True)
+            assert r.returncode != 0 and "No such file" in r.stderr
+    finally:
+        stop(proc, d)
+    assert (d / "secret.txt").exists()
+
+
+def test_protect_read_only_and_no_delete(scratch: Path) -> None:
+    d = scratch / "p"
+    d.mkdir()
+    (d / "f").write_text("keep")
+    proc = start("protect", str(d), "--read-only", "--no-delete")
+    try:
+        assert wait_for(lambda: is_mounted(d), 20)
+        w = subprocess.run(["sh", "-c", f"echo x > {d}/f"], capture_output=True, text=True)
+        assert w.returncode != 0 and "Permission denied" in w.stderr
+        r = subprocess.run(["rm", "-f", str(d / "f")], capture_output=True, text=True)
+        assert r.returncode != 0
+        assert subprocess.run(["cat", str(d / "f")], capture_output=True, text=True).stdout == "keep"
+    finally:
+        stop(proc, d)
+
+
+def test_bad_arguments_give_one_line_errors(scratch: Path) -> None:
+    for args in (["protect", str(scratch)], ["monitor", str(scratch / "missing")], ["hide", str(scratch), "a/b"],
+                 ["monitor", str(scratch), "--events", "nonsense"]):
+        r = subprocess.run([sys.executable, "-m", "fsfilter", *args], capture_output=True, text=True, env=ENV,
+                           timeout=20)
+        assert r.returncode == 1, (args, r)
+        assert r.stderr.startswith("fsfilter: error: ") and "Traceback" not in r.stderr
+
+
+def test_demo_runs_clean() -> None:
+    r = subprocess.run([sys.executable, "-m", "fsfilter", "demo"], capture_output=True, text=True, env=ENV,
+                       timeout=60)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "write denied" in r.stdout and "hidden: exit status 1" in r.stdout
+    assert "unmounted cleanly: True" in r.stdout and " 0 lost" in r.stdout
+    assert " open " in r.stdout and "cat(" in r.stdout
