@@ -470,3 +470,54 @@ def test_passthrough_stays_for_unfiltered_files(cbfilter: Callable[[], CBFilter]
     finally:
         holder.kill()
         holder.communicate(timeout=10)
+
+
+def test_reset_timeout_extends_the_deadline(cbfilter: Callable[[], CBFilter], data: Path) -> None:
+    f = cbfilter()
+    done: list[bool] = []
+
+    def slow(p: Any) -> None:
+        if p.flags == os.O_PATH:
+            return
+        assert f.reset_timeout(3000)
+        time.sleep(0.6)
+        done.append(True)
+
+    f.on_before_open_file = slow
+    f.config("DenyExpiredEvents=true")
+    f.add_filter_rule(f"{data}/a.txt", 0, c.FS_CE_BEFORE_OPEN, 0)
+    f.start_filter(200)
+    assert errno_of(f"open({str(data / 'a.txt')!r}).read()") == 0
+    assert done == [True]
+
+
+def test_sizes_symlinks_and_security_events(cbfilter: Callable[[], CBFilter], data: Path) -> None:
+    os.symlink("a.txt", data / "link")
+    f = cbfilter()
+    rec = Recorder()
+
+    def bigger(p: Any) -> None:
+        if p.file_name.endswith("/a.txt"):
+            p.size = 4242
+
+    f.on_after_get_file_sizes = rec.handler("sizes", bigger)
+    f.on_after_get_reparse_point = rec.handler("readlink")
+    f.on_notify_set_allocation_size = rec.handler("alloc")
+    f.on_notify_get_file_security = rec.handler("getacl")
+    f.on_before_set_file_security = rec.handler("chmod", lambda p: setattr(p, "result_code", errno.EPERM))
+    f.process_failed_requests = True  # the file has no ACL: reading it fails with ENODATA
+    f.add_filter_rule(f"{data}/*", 0, c.FS_CE_AFTER_GET_SIZES | c.FS_CE_AFTER_GET_REPARSE_POINT
+                      | c.FS_CE_BEFORE_SET_SECURITY, c.FS_NE_SET_SIZES | c.FS_NE_GET_SECURITY)
+    f.start_filter()
+    a = str(data / "a.txt")
+    assert run(f"import os; print(os.stat({a!r}).st_size)").stdout.strip() == "4242"
+    assert run(f"import os; print(os.readlink({str(data / 'link')!r}))").stdout.strip() == "a.txt"
+    run(f"import os\nfd = os.open({a!r}, os.O_RDWR)\nos.posix_fallocate(fd, 0, 65536)\nos.close(fd)")
+    errno_of(f"os.getxattr({a!r}, 'system.posix_acl_access')")
+    assert errno_of(f"os.chmod({a!r}, 0o600)") == errno.EPERM
+    f.stop_filter()
+    assert rec.named("readlink", file_name=str(data / "link"), reparse_buffer=b"a.txt")
+    assert rec.named("alloc", file_name=a, allocation_size=65536)
+    assert rec.named("getacl", file_name=a, status=errno.ENODATA)
+    assert rec.named("chmod", file_name=a, mode=0o600)
+    assert os.stat(a).st_mode & 0o777 == 0o644
