@@ -264,3 +264,25 @@ def test_random_operations_match_native_with_every_event(scratch: Path, kind: st
         for event in ("before_open_file", "after_write_file", "before_read_file", "before_rename_or_move_file",
                       "before_delete_file", "before_create_file", "after_enumerate_directory"):
             assert counts.get(event), f"{event} never fired ({counts})"
+
+
+def test_events_leave_the_filtering_process_umask_alone(scratch: Path) -> None:
+    """Creates served on pool threads (because a rule routes them there) set the caller's umask on their
+    own thread only."""
+    from fsfilter import CBFilter
+    from fsfilter.api import constants as c
+
+    d = scratch / "u"
+    d.mkdir()
+    filt = CBFilter()
+    filt.on_before_create_file = lambda p: None
+    filt.add_filter_rule(f"{d}/*", c.ACCESS_NONE, c.FS_CE_BEFORE_CREATE, c.FS_NE_NONE)
+    before = os.umask(0o022)
+    filt.start_filter()
+    try:
+        subprocess.run(["sh", "-c", f"umask 077; mkdir {d}/x; : > {d}/y"], check=True)
+        assert os.umask(0o022) == 0o022
+    finally:
+        filt.stop_filter()
+        os.umask(before)
+    assert (d / "x").stat().st_mode & 0o777 == 0o700

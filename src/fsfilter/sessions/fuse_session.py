@@ -261,6 +261,11 @@ class Session:
         self._run(req, fd)
 
     def _pool_worker(self) -> None:
+        # Pool threads serve creates too when a router sends them here: they need their own umask as well,
+        # or setting the caller's would change the umask of the whole process that runs the filter.
+        libc.unshare(linux.CLONE_FS)
+        if self.thread_setup is not None:
+            self.thread_setup()
         while True:
             item = self._pool.get()
             if item is None:
