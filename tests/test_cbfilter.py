@@ -521,3 +521,26 @@ def test_sizes_symlinks_and_security_events(cbfilter: Callable[[], CBFilter], da
     assert rec.named("getacl", file_name=a, status=errno.ENODATA)
     assert rec.named("chmod", file_name=a, mode=0o600)
     assert os.stat(a).st_mode & 0o777 == 0o644
+
+
+def test_copy_file_range_does_not_bypass_write_events(cbfilter: Callable[[], CBFilter], data: Path) -> None:
+    f = cbfilter()
+    rec = Recorder()
+    f.on_notify_write_file = rec.handler("write")
+    f.on_notify_read_file = rec.handler("read")
+    f.add_filter_rule(f"{data}/*", 0, 0, c.FS_NE_READ | c.FS_NE_WRITE)
+    f.start_filter()
+    src, dst = str(data / "sub" / "b.log"), str(data / "copy.log")
+    run(f"""
+        import os
+        a = os.open({src!r}, os.O_RDONLY); b = os.open({dst!r}, os.O_WRONLY | os.O_CREAT, 0o644)
+        left = 5000
+        while left:
+            n = os.copy_file_range(a, b, left)
+            assert n > 0
+            left -= n
+        os.close(a); os.close(b)
+    """)
+    f.stop_filter()
+    assert (data / "copy.log").read_bytes() == b"x" * 5000
+    assert sum(e["bytes_written"] for e in rec.named("write", file_name=dst)) >= 5000

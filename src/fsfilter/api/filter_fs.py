@@ -735,6 +735,20 @@ class FilterFS(LowerFS):
         # page cache and the file disagree; the SDK semantics are kept by what reached the file.
         return wire.encode_write_out(size if before is not None and not before.process_request else done)
 
+    def copy_file_range(self, req: Request) -> bytes:
+        if not self.core.has_rules:
+            return super().copy_file_range(req)
+        fh_in, _off_in, _node_out, fh_out, *_ = wire.fixed(req.body, abi.COPY_FILE_RANGE_IN)
+        src, dst = self._file(fh_in), self._file(fh_out)
+        f_in, _ = self._io_flags(req, src.inode, self._handles.get(fh_in))
+        f_out, _ = self._io_flags(req, dst.inode, self._handles.get(fh_out))
+        if (f_in.control & (c.FS_CE_BEFORE_READ | c.FS_CE_AFTER_READ) or f_in.notify & c.FS_NE_READ
+                or f_out.control & (c.FS_CE_BEFORE_WRITE | c.FS_CE_AFTER_WRITE) or f_out.notify & c.FS_NE_WRITE):
+            # A copy done below the filter would bypass the read/write events: the kernel then copies
+            # through READ and WRITE requests, which fire them.
+            raise OSError(errno.EOPNOTSUPP, "copied through read and write so that events fire")
+        return super().copy_file_range(req)
+
     # -- cleanup and close
 
     def flush(self, req: Request) -> bytes:
