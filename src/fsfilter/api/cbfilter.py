@@ -19,7 +19,7 @@ from fsfilter.api.filter_fs import FilterFS
 from fsfilter.api.params import FILTER_PARAMS
 from fsfilter.api.passthrough import PassthroughFilter
 from fsfilter.engine import dispatch
-from fsfilter.engine.masks import MaskError, compile_mask, file_matches_mask
+from fsfilter.engine.masks import MaskError, file_matches_mask
 from fsfilter.engine.rules import RuleSet
 from fsfilter.errors import CBFSFilterError
 from fsfilter.sessions.fuse_session import Session
@@ -436,8 +436,7 @@ class CBFilter:
                          min_size, max_size, included_attributes, excluded_attributes)
 
     def _delete(self, rules: RuleSet, mask: str, access: int, control: int, notify: int) -> bool:
-        return rules.delete(mask, -1 if access == -1 else access, -1 if control == -1 else control,
-                            -1 if notify == -1 else notify)
+        return rules.delete(mask, access, control, notify)
 
     def delete_filter_rule(self, mask: str, access_flags: int, control_flags: int, notify_flags: int) -> bool:
         return self._delete(self.rules, mask, access_flags, control_flags, notify_flags)
@@ -710,7 +709,3 @@ class CBFilter:
         return {"control_events": d.control, "notifications_posted": d.notifications_posted,
                 "notifications_delivered": d.notifications_delivered, "expired": d.expired, "failed": d.failed,
                 "notifications_queued": self.dispatcher.queued_notifications}
-
-
-def _validate_mask(mask: str) -> None:
-    compile_mask(mask)

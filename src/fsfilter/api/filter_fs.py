@@ -24,7 +24,7 @@ from fsfilter.abi import fuse as abi
 from fsfilter.api import constants as c
 from fsfilter.api.params import FILTER_PARAMS, EventParams
 from fsfilter.engine.dispatch import Origin, Outcome
-from fsfilter.engine.rules import Flags, PathMatch, attributes_from_stat, match_path
+from fsfilter.engine.rules import NO_FLAGS, Flags, PathMatch, attributes_from_stat, match_path
 from fsfilter.sessions.lower_fs import Inode, LowerFS, LowerOptions, _proc
 from fsfilter.wire import fuse as wire
 from fsfilter.wire.fuse import Request
@@ -34,7 +34,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("fsfilter.filter")
 
-NO_FLAGS = Flags(0, 0, 0)
 _FMODE_EXEC = 0x20  # in the open flags of execve's open
 _ACL_NAMES = (b"system.posix_acl_access", b"system.posix_acl_default")
 
@@ -204,6 +203,7 @@ class FilterFS(LowerFS):
         self._epoch = 0  # bumped on renames: cached matches of moved subtrees are then stale
         self._ctx_lock = threading.Lock()
         self._own_pid = os.getpid()
+        self._listing_state = threading.local()  # the flags and origin of the listing this thread serves
 
     # -- paths and matching
 
@@ -237,18 +237,16 @@ class FilterFS(LowerFS):
             return True
         return tid > 0 and os.path.exists(f"/proc/self/task/{tid}")
 
-    def effective(self, m: PathMatch | None, req: Request, fd: int = -1, name: str = "") -> Flags:
+    def effective(self, m: PathMatch | None, tid: int, fd: int = -1, name: str = "") -> Flags:
         """What the rules ask for this request: exact, with the process and the file's facts."""
         if m is None:
             return NO_FLAGS
         up = m.upper
         if not (up.access or up.control or up.notify):
             return NO_FLAGS
-        if m.unconditional:
-            f = up
-        else:
-            f = m.flags(ProcessInfo(req.pid) if req.pid else None, _Facts(fd, name) if fd >= 0 else None)
-        if (f.access or f.control or f.notify) and not self.core.filter_own_requests and self.is_own(req.pid):
+        f = up if m.unconditional else m.flags(ProcessInfo(tid) if tid else None,
+                                               _Facts(fd, name) if fd >= 0 else None)
+        if (f.access or f.control or f.notify) and not self.core.filter_own_requests and self.is_own(tid):
             return NO_FLAGS
         return f
 
@@ -264,16 +262,15 @@ class FilterFS(LowerFS):
         if req.opcode in (abi.Opcode.LOOKUP, abi.Opcode.CREATE, abi.Opcode.MKDIR, abi.Opcode.MKNOD,
                           abi.Opcode.SYMLINK, abi.Opcode.UNLINK, abi.Opcode.RMDIR, abi.Opcode.RENAME,
                           abi.Opcode.RENAME2, abi.Opcode.LINK):
-            m = None
-            if req.nodeid in self.nodes:
-                # The name's own rules, or any on the directory's subtree: cheap and errs toward the pool.
-                try:
-                    name, _ = wire.cstring(req.body, _name_offset(req.opcode))
-                    m = self.match_name(self.child_path(req.nodeid, name))
-                except wire.WireError:
-                    return None
-                if req.opcode in (abi.Opcode.RENAME, abi.Opcode.RENAME2, abi.Opcode.LINK):
-                    return None if not core.control_handlers else not self.is_own(req.pid)
+            if req.nodeid not in self.nodes:
+                return None
+            if req.opcode in (abi.Opcode.RENAME, abi.Opcode.RENAME2, abi.Opcode.LINK):
+                return not self.is_own(req.pid)  # two names, either may match: the pool, to be safe
+            try:
+                name, _ = wire.cstring(req.body, _name_offset(req.opcode))
+            except wire.WireError:
+                return None
+            m = self.match_name(self.child_path(req.nodeid, name))
         else:
             m = self.match_node(req.nodeid)
         if m is None or not (m.upper.control & bits):
@@ -320,6 +317,17 @@ class FilterFS(LowerFS):
     def after_ok(self, error: int) -> bool:
         return error == 0 or self.core.process_failed_requests
 
+    def attempt(self, serve: Callable[[], bytes]) -> tuple[bytes, int]:
+        """Serve a request; a failure comes back as its errno when After events see failed requests,
+        and is raised at once otherwise."""
+        try:
+            return serve(), 0
+        except OSError as exc:
+            error = exc.errno or errno.EIO
+            if not self.after_ok(error):
+                raise
+            return b"", error
+
     def _deny(self, what: str) -> OSError:
         return OSError(errno.EACCES, f"denied by an access rule: {what}")
 
@@ -331,7 +339,7 @@ class FilterFS(LowerFS):
             if file_context:
                 self._file_contexts[nodeid] = file_context
 
-    def _node_closed(self, nodeid: int, handle: _Handle, flags: Flags) -> None:
+    def _node_closed(self, nodeid: int, handle: _Handle) -> None:
         with self._ctx_lock:
             left = self._node_opens.get(nodeid, 1) - 1
             if left > 0:
@@ -358,7 +366,7 @@ class FilterFS(LowerFS):
         name, _ = wire.name_at(req.body)
         path = self.child_path(parent.nodeid, name)
         m = self.match_name(path)
-        flags = self.effective(m, req)
+        flags = self.effective(m, req.pid)
         if flags.access & c.ACCESS_DENY_ALL and not flags.control & c.FS_CE_BEFORE_OPEN:
             raise self._deny("deny all")
         if flags.control & c.FS_CE_BEFORE_OPEN:
@@ -369,9 +377,17 @@ class FilterFS(LowerFS):
                       desired_access=c.DESIRED_ACCESS_FILE_READ_ATTRIBUTES, options=os.O_PATH, flags=os.O_PATH,
                       create_disposition=c.FILE_DISPOSITION_OPEN_EXISTING)
         reply = super().lookup(req)
-        if m is not None and self._volatile(m):
-            reply = _no_cache(reply)
+        if m is not None:
+            self._keep_match(reply, m)
+            if self._volatile(m):
+                reply = _no_cache(reply)
         return reply
+
+    def _keep_match(self, entry: bytes, m: PathMatch) -> None:
+        """Cache the match of the path an entry reply just named, under the node id it gave."""
+        nodeid = struct.unpack_from("<Q", entry, 0)[0]
+        if nodeid:
+            self._matches[nodeid] = (self.core.rules_generation + self._epoch, m)
 
     def _volatile(self, m: PathMatch) -> bool:
         up = m.upper
@@ -393,7 +409,7 @@ class FilterFS(LowerFS):
         m = self.match_node(req.nodeid)
         if m is None or not (m.upper.control & c.FS_CE_AFTER_GET_SIZES or m.upper.notify & c.FS_NE_GET_SIZES):
             return reply
-        flags = self.effective(m, req, self.inode(req.nodeid).fd)
+        flags = self.effective(m, req.pid, self.inode(req.nodeid).fd)
         if not (flags.control & c.FS_CE_AFTER_GET_SIZES or flags.notify & c.FS_NE_GET_SIZES):
             return reply
         st = os.fstat(self.inode(req.nodeid).fd)
@@ -438,7 +454,7 @@ class FilterFS(LowerFS):
         open_flags, _ = wire.fixed(req.body, abi.OPEN_IN)
         node = self.inode(req.nodeid)
         m = self.match_node(node.nodeid)
-        flags = self.effective(m, req, node.fd, os.fsdecode(node.name))
+        flags = self.effective(m, req.pid, node.fd, os.fsdecode(node.name))
         self._check_open_access(flags, open_flags, False)
         return self._open_with_events(req, node, open_flags, flags, lambda: super(FilterFS, self).open(req),
                                       created=False)
@@ -499,14 +515,11 @@ class FilterFS(LowerFS):
         return file_context, handle_context
 
     def _undo_open(self, fh: int, is_dir: bool) -> None:
-        body = memoryview(abi.RELEASE_IN.pack(fh, 0, 0, 0))
-        fake = Request(abi.Opcode.RELEASEDIR if is_dir else abi.Opcode.RELEASE, 0, 0, 0, 0, 0, body,
-                       memoryview(b""))
         try:
             if is_dir:
-                super().releasedir(fake)
+                self.release_dir(fh)
             else:
-                super().release(fake)
+                self.release_file(fh)
         except OSError:
             pass
 
@@ -518,7 +531,7 @@ class FilterFS(LowerFS):
         parent = self.inode(req.nodeid)
         path = self.child_path(parent.nodeid, name)
         m = self.match_name(path)
-        flags = self.effective(m, req)
+        flags = self.effective(m, req.pid)
         self._check_open_access(flags, open_flags, True)
         reply = self._open_with_events(req, parent, open_flags, flags, lambda: super(FilterFS, self).create(req),
                                        created=True, mode=mode, path=path, offset=abi.ENTRY_OUT_SIZE)
@@ -532,7 +545,7 @@ class FilterFS(LowerFS):
             return make()
         path = self.child_path(req.nodeid, name)
         m = self.match_name(path)
-        flags = self.effective(m, req)
+        flags = self.effective(m, req.pid)
         if flags.access & (c.ACCESS_DENY_ALL | c.ACCESS_READ_ONLY) and not (
                 flags.control & c.FS_CE_BEFORE_CREATE and self.core.handler("before_create_file")):
             raise self._deny("read-only")
@@ -583,7 +596,7 @@ class FilterFS(LowerFS):
             return super().opendir(req)
         node = self.inode(req.nodeid)
         m = self.match_node(node.nodeid)
-        flags = self.effective(m, req, node.fd, os.fsdecode(node.name))
+        flags = self.effective(m, req.pid, node.fd, os.fsdecode(node.name))
         if flags.access & c.ACCESS_DENY_ALL and not (
                 flags.control & c.FS_CE_BEFORE_OPEN and self.core.handler("before_open_file")):
             raise self._deny("deny all")
@@ -622,9 +635,8 @@ class FilterFS(LowerFS):
         m = self.match_node(node.nodeid)
         if req.pid == 0 and handle is not None:  # write-back and read-ahead run without a caller
             origin = handle.origin
-            fake = Request(req.opcode, req.unique, req.nodeid, origin.uid, origin.gid, origin.tid, req.body, req.ext)
-            return self.effective(m, fake, node.fd, os.fsdecode(node.name)), origin
-        return self.effective(m, req, node.fd, os.fsdecode(node.name)), self.origin(req)
+            return self.effective(m, origin.tid, node.fd, os.fsdecode(node.name)), origin
+        return self.effective(m, req.pid, node.fd, os.fsdecode(node.name)), self.origin(req)
 
     def _direction(self, handle: _Handle | None, direct: bool) -> int:
         if not direct:
@@ -789,14 +801,13 @@ class FilterFS(LowerFS):
         try:
             return super().release(req)
         finally:
-            self._node_closed(nodeid, handle, NO_FLAGS)
+            self._node_closed(nodeid, handle)
 
     def _close_events(self, req: Request, node: Inode, handle: _Handle, is_dir: bool) -> None:
         m = self.match_node(node.nodeid)
         # RELEASE comes from the kernel (pid 0) after the last reference went: the handle's opener stands in.
         origin = handle.origin
-        fake = Request(req.opcode, req.unique, req.nodeid, origin.uid, origin.gid, origin.tid, req.body, req.ext)
-        flags = self.effective(m, fake, node.fd, os.fsdecode(node.name))
+        flags = self.effective(m, origin.tid, node.fd, os.fsdecode(node.name))
         ctx = dict(file_context=self.file_context(node.nodeid), handle_context=handle.context)
         if is_dir and handle.enumerated and flags.control & (c.FS_CE_BEFORE_CLOSE | c.FS_CE_AFTER_ENUMERATE_DIRECTORY):
             handler = self.core.handler("after_close_enumeration")
@@ -825,7 +836,7 @@ class FilterFS(LowerFS):
         try:
             return super().releasedir(req)
         finally:
-            self._node_closed(req.nodeid, handle, NO_FLAGS)
+            self._node_closed(req.nodeid, handle)
 
     # -- directory listings
 
@@ -841,7 +852,7 @@ class FilterFS(LowerFS):
         fh, offset, *_ = wire.fixed(req.body, abi.READ_IN)
         node = self.inode(req.nodeid)
         m = self.match_node(node.nodeid)
-        flags = self.effective(m, req, node.fd, os.fsdecode(node.name))
+        flags = self.effective(m, req.pid, node.fd, os.fsdecode(node.name))
         handle = self._handles.get(fh)
         self._listing_state.flags = flags
         self._listing_state.origin = self.origin(req)
@@ -862,13 +873,6 @@ class FilterFS(LowerFS):
             return self._listing(req, plus)
         finally:
             self._listing_state.flags = NO_FLAGS
-
-    @property
-    def _listing_state(self) -> threading.local:
-        state: threading.local | None = self.__dict__.get("_lstate")
-        if state is None:
-            state = self.__dict__.setdefault("_lstate", threading.local())
-        return state
 
     def dir_record(self, req: Request, fh: int, parent: Inode, name: bytes, ino: int, next_off: int, dtype: int,
                    plus: bool) -> bytes | None:
@@ -937,7 +941,7 @@ class FilterFS(LowerFS):
             return serve(req)
         path = self.child_path(req.nodeid, name)
         m = self.match_name(path)
-        flags = self.effective(m, req)
+        flags = self.effective(m, req.pid)
         if flags.access & (c.ACCESS_DENY_ALL | c.ACCESS_DELETE_PROTECT | c.ACCESS_DELETE_ONLY_PROTECT
                            | c.ACCESS_READ_ONLY | c.ACCESS_WRITE_ONLY):
             raise self._deny("delete-protect")
@@ -979,7 +983,7 @@ class FilterFS(LowerFS):
         old_path = self.child_path(req.nodeid, old)
         new_path = self.child_path(newdir, new)
         m_old, m_new = self.match_name(old_path), self.match_name(new_path)
-        f_old, f_new = self.effective(m_old, req), self.effective(m_new, req)
+        f_old, f_new = self.effective(m_old, req.pid), self.effective(m_new, req.pid)
         if f_old.access & (c.ACCESS_DENY_ALL | c.ACCESS_RENAME_PROTECT | c.ACCESS_DELETE_PROTECT):
             raise self._deny("rename-protect")
         if f_new.access & (c.ACCESS_DENY_ALL | c.ACCESS_READ_ONLY):
@@ -1012,8 +1016,8 @@ class FilterFS(LowerFS):
         name, _ = wire.name_at(req.body, abi.LINK_IN.size)
         src_path = self.abspath(old)
         link_path = self.child_path(req.nodeid, name)
-        f_src = self.effective(self.match_node(old), req)
-        f_new = self.effective(self.match_name(link_path), req)
+        f_src = self.effective(self.match_node(old), req.pid)
+        f_new = self.effective(self.match_name(link_path), req.pid)
         if f_src.access and not f_new.access & f_src.access == f_src.access:
             # A second name outside the rule would escape it: refuse it.
             raise self._deny("a hard link would bypass an access rule")
@@ -1043,7 +1047,7 @@ class FilterFS(LowerFS):
          _) = wire.fixed(req.body, abi.SETATTR_IN)
         node = self.inode(req.nodeid)
         m = self.match_node(node.nodeid)
-        flags = self.effective(m, req, node.fd, os.fsdecode(node.name))
+        flags = self.effective(m, req.pid, node.fd, os.fsdecode(node.name))
         if not (flags.access or flags.control or flags.notify):
             return super().setattr(req)
         access = flags.access
@@ -1082,14 +1086,7 @@ class FilterFS(LowerFS):
             before = self.fire(f"before_{event}", bit, flags, origin, **ctx, **fields)
             if before is not None and not before.process_request:
                 return wire.encode_attr_out(os.fstat(node.fd), 0.0)
-        error = 0
-        try:
-            reply = super().setattr(req)
-        except OSError as exc:
-            error = exc.errno or errno.EIO
-            reply = b""
-        if error and not self.after_ok(error):
-            raise OSError(error, os.strerror(error))
+        reply, error = self.attempt(lambda: super(FilterFS, self).setattr(req))
         for event, bit, nbit, fields in events:
             self.fire(f"after_{event}", bit << 1, flags, origin, status=error, **ctx, **fields)
             self.notify(f"notify_{event}", nbit, flags, origin, status=error, **fields)
@@ -1121,7 +1118,7 @@ class FilterFS(LowerFS):
                       value: bytes = b"") -> bytes:
         node = self.inode(req.nodeid)
         m = self.match_node(node.nodeid)
-        flags = self.effective(m, req, node.fd, os.fsdecode(node.name))
+        flags = self.effective(m, req.pid, node.fd, os.fsdecode(node.name))
         if not (flags.access or flags.control or flags.notify):
             return serve()
         acl = name in _ACL_NAMES
@@ -1149,14 +1146,7 @@ class FilterFS(LowerFS):
         before = self.fire(f"before_{kind}", bit, flags, origin, **ctx, **fields)
         if before is not None and not before.process_request:
             return b""
-        error = 0
-        reply = b""
-        try:
-            reply = serve()
-        except OSError as exc:
-            error = exc.errno or errno.EIO
-        if error and not self.after_ok(error):
-            raise OSError(error, os.strerror(error))
+        reply, error = self.attempt(serve)
         if not setting and reply and not acl:
             fields.update(buffer_length=len(reply), buffer_view=memoryview(reply), valid_bytes=len(reply))
         if not setting and reply and acl:
@@ -1196,7 +1186,7 @@ class FilterFS(LowerFS):
         if not self.core.has_rules:
             return super().readlink(req)
         node = self.inode(req.nodeid)
-        flags = self.effective(self.match_node(node.nodeid), req)
+        flags = self.effective(self.match_node(node.nodeid), req.pid)
         if not (flags.control or flags.notify):
             return super().readlink(req)
         path = self.abspath(node.nodeid)
@@ -1222,7 +1212,7 @@ class FilterFS(LowerFS):
         fh, _flags, cmd, _arg, in_size, out_size = wire.fixed(req.body, abi.IOCTL_IN)
         handle = self._handles.get(fh)
         node = self.inode(req.nodeid)
-        flags = self.effective(self.match_node(node.nodeid), req)
+        flags = self.effective(self.match_node(node.nodeid), req.pid)
         if not (flags.control or flags.notify):
             return super().ioctl(req)
         path = handle.path if handle else self.abspath(node.nodeid)
@@ -1234,14 +1224,7 @@ class FilterFS(LowerFS):
         if before is not None and not before.process_request:
             out = bytes(before.output_buffer or b"")[:out_size]
             return abi.IOCTL_OUT.pack(0, 0, 0, 0) + out
-        error = 0
-        reply = b""
-        try:
-            reply = super().ioctl(req)
-        except OSError as exc:
-            error = exc.errno or errno.EIO
-        if error and not self.after_ok(error):
-            raise OSError(error, os.strerror(error))
+        reply, error = self.attempt(lambda: super(FilterFS, self).ioctl(req))
         self.fire("after_ioctl", c.FS_CE_AFTER_IOCTL, flags, origin, status=error, **fields)
         self.notify("notify_ioctl", c.FS_NE_IOCTL, flags, origin, status=error, **fields)
         if error:

@@ -34,7 +34,7 @@ class Outcome(enum.Enum):
 class Origin:
     """Who made the request an event is about (read by ``get_originator_*`` inside handlers)."""
 
-    __slots__ = ("pid", "tid", "uid", "gid", "name", "handle_pid", "handle_uid", "handle_gid", "handle_name")
+    __slots__ = ("pid", "tid", "uid", "gid", "name")
 
     def __init__(self, pid: int, tid: int, uid: int, gid: int, name: str | None = None) -> None:
         self.pid = pid
@@ -42,10 +42,6 @@ class Origin:
         self.uid = uid
         self.gid = gid
         self.name = name  # filled in lazily by whoever knows how to read it
-        self.handle_pid = 0
-        self.handle_uid = 0
-        self.handle_gid = 0
-        self.handle_name = ""
 
 
 class Job:

@@ -500,7 +500,11 @@ class LowerFS:
         return b""
 
     def release(self, req: Request) -> bytes:
-        fh = wire.fixed(req.body, abi.RELEASE_IN)[0]
+        self.release_file(wire.fixed(req.body, abi.RELEASE_IN)[0])
+        return b""
+
+    def release_file(self, fh: int) -> None:
+        """Forget an open file and close its lower fd (also used to undo an open a handler refused)."""
         with self._lock:
             f = self.files.pop(fh, None)
             if f is None:
@@ -516,7 +520,6 @@ class LowerFS:
             else:
                 node.daemon_opens -= 1
         os.close(fh)
-        return b""
 
     def fsync(self, req: Request) -> bytes:
         fh, flags, _ = wire.fixed(req.body, abi.FSYNC_IN)
@@ -603,12 +606,14 @@ class LowerFS:
         return self._listing(req, True)
 
     def releasedir(self, req: Request) -> bytes:
-        fh = wire.fixed(req.body, abi.RELEASE_IN)[0]
+        self.release_dir(wire.fixed(req.body, abi.RELEASE_IN)[0])
+        return b""
+
+    def release_dir(self, fh: int) -> None:
         d = self.dirs.pop(fh, None)
         if d is None:
             raise OSError(errno.EBADF, "unknown directory handle")
         os.close(d.fd)
-        return b""
 
     def fsyncdir(self, req: Request) -> bytes:
         fh, _, _ = wire.fixed(req.body, abi.FSYNC_IN)
