@@ -400,6 +400,7 @@ class OpGen:
         "flock": 2, "lockf": 2, "setacl": 2, "statfs": 1,
     }
     SLOTS = 4
+    TMPFILE = True  # draw O_TMPFILE opens (a filter with rules on the directory refuses them: EOPNOTSUPP)
     FALLOCATE_MODES = (0, linux.FALLOC_FL_KEEP_SIZE, linux.FALLOC_FL_PUNCH_HOLE | linux.FALLOC_FL_KEEP_SIZE,
                        linux.FALLOC_FL_PUNCH_HOLE | linux.FALLOC_FL_KEEP_SIZE, linux.FALLOC_FL_PUNCH_HOLE,
                        FALLOC_ZERO_RANGE)
@@ -490,7 +491,7 @@ class OpGen:
             return ("close", self.rng.choice(sorted(self.tree.slots)))
         slot = self.rng.choice(free)
         rng = self.rng
-        if rng.random() < 0.04:
+        if rng.random() < 0.04 and self.TMPFILE:
             flags = os.O_TMPFILE | rng.choice((os.O_RDWR, os.O_WRONLY, os.O_RDWR, os.O_RDONLY))
             if rng.random() < 0.3:
                 flags |= os.O_EXCL
@@ -989,7 +990,12 @@ def seq_worker(cfg: dict[str, Any]) -> dict[str, Any]:
         os.setresgid(uid, uid, uid)
         os.setresuid(uid, uid, uid)
     os.umask(0o022)
-    factory = (lambda rng: NobodyGen(rng, uid)) if uid is not None else None
+    tmpfile = cfg.get("tmpfile", True)
+
+    def factory(rng: random.Random) -> OpGen:
+        gen = NobodyGen(rng, uid) if uid is not None else OpGen(rng)
+        gen.TMPFILE = tmpfile
+        return gen
     try:
         counts = run_sequence(cfg["native"], cfg["filtered"], cfg["seed"], cfg["steps"], label=cfg["label"],
                               replay=cfg.get("replay", ""), gen_factory=factory, verbose=cfg.get("verbose", False))

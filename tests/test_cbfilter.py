@@ -258,6 +258,74 @@ def test_deny_open_and_hide(cbfilter: Callable[[], CBFilter], data: Path) -> Non
     assert (data / "sub" / "b.log").exists()  # the filter's own process still sees it
 
 
+def test_hidden_file_cannot_be_opened_with_o_creat(cbfilter: Callable[[], CBFilter], data: Path) -> None:
+    """open(O_CREAT) of an uncached name reaches the daemon as CREATE even when the file exists: that is an
+    open of an existing file, and a before-open handler that hides the name refuses it too."""
+    f = cbfilter()
+    rec = Recorder()
+
+    def hide(p: Any) -> None:
+        if p.file_name.endswith("/a.txt"):
+            p.result_code = errno.ENOENT
+
+    f.on_before_open_file = rec.handler("before_open", hide)
+    f.on_notify_create_file = rec.handler("create")
+    f.on_notify_open_file = rec.handler("open")
+    f.add_filter_rule(f"{data}/*", 0, c.FS_CE_BEFORE_OPEN, c.FS_NE_CREATE | c.FS_NE_OPEN)
+    f.start_filter()
+    a, log = str(data / "a.txt"), str(data / "sub" / "b.log")
+    assert errno_of(f"open({a!r}, 'a').write('x')") == errno.ENOENT
+    assert errno_of(f"os.close(os.open({a!r}, os.O_RDWR | os.O_CREAT, 0o644))") == errno.ENOENT
+    # An existing file opened with O_CREAT fires open events, a new one create events.
+    assert errno_of(f"os.close(os.open({log!r}, os.O_WRONLY | os.O_CREAT, 0o644))") == 0
+    new = str(data / "sub" / "new.txt")
+    assert errno_of(f"os.close(os.open({new!r}, os.O_WRONLY | os.O_CREAT, 0o644))") == 0
+    f.stop_filter()
+    assert (data / "a.txt").read_bytes() == b"hello world\n"
+    assert rec.named("open", file_name=log)
+    assert not rec.named("create", file_name=log)
+    assert rec.named("create", file_name=new, create_disposition=c.FILE_DISPOSITION_OPEN_ALWAYS)
+    assert not rec.named("open", file_name=new)
+
+
+def test_tmpfile_is_refused_where_rules_apply(cbfilter: Callable[[], CBFilter], data: Path) -> None:
+    """An O_TMPFILE file would be written before it has a name any rule could match: refused with
+    EOPNOTSUPP (callers fall back to named files) where a rule could match a file of the directory."""
+    (data / "free").mkdir()
+    f = cbfilter()
+    f.add_attach_point(str(data))
+    f.add_filter_rule(f"{data}/sub/*", 0, 0, c.FS_NE_WRITE)
+    f.on_notify_write_file = lambda p: None
+    f.start_filter()
+    tmp = "os.close(os.open({!r}, os.O_TMPFILE | os.O_RDWR, 0o600))"
+    assert errno_of(tmp.format(str(data / "sub"))) == errno.EOPNOTSUPP
+    assert errno_of(tmp.format(str(data / "free"))) == 0
+    assert errno_of(tmp.format(str(data))) == 0
+
+
+def test_subtrees_no_rule_reaches_are_served_plain(cbfilter: Callable[[], CBFilter], data: Path) -> None:
+    """Directories no rule can concern cost no matching; a rule added later applies to them at once."""
+    (data / "free").mkdir()
+    (data / "free" / "f.dat").write_bytes(b"data")
+    f = cbfilter()
+    rec = Recorder()
+    f.on_notify_open_file = rec.handler("open")
+    f.add_attach_point(str(data))
+    for i in range(100):
+        f.add_filter_rule(f"{data}/nomatch{i}/*.dat", 0, 0, c.FS_NE_OPEN)
+    f.start_filter()
+    target = str(data / "free" / "f.dat")
+    run(f"open({target!r}).read()")
+    fs = f._attached[str(data)].fs  # type: ignore[attr-defined]
+    (free,) = [n.nodeid for n in fs.nodes.values() if n.name == b"free" and n.parent == 1]
+    assert fs.reaches(1) and not fs.reaches(free)
+    f.add_filter_rule(f"{data}/free/*.dat", 0, 0, c.FS_NE_OPEN)
+    assert fs.reaches(free)
+    run(f"open({target!r}).read()")
+    f.stop_filter()
+    assert len(rec.named("open", file_name=target)) == 1
+
+
 def test_read_handler_supplies_data_and_write_is_changed(cbfilter: Callable[[], CBFilter], data: Path) -> None:
     import ctypes
     f = cbfilter()
@@ -314,12 +382,33 @@ def test_access_rules(cbfilter: Callable[[], CBFilter], data: Path) -> None:
     assert errno_of(f"open({wo!r}, 'rb')") == errno.EACCES
     assert errno_of(f"open({wo!r}, 'wb').write(b'x')") == 0
     assert errno_of(f"os.link({ro!r}, {str(data / 'escape')!r})") == errno.EACCES
+    # A rename must not carry a restricted file out of its rule, nor replace a protected one.
+    assert errno_of(f"os.rename({ro!r}, {str(data / 'escape')!r})") == errno.EACCES
+    assert errno_of(f"os.rename({wo!r}, {str(data / 'escape')!r})") == errno.EACCES
+    (data / "other").write_bytes(b"other")
+    assert errno_of(f"os.rename({str(data / 'other')!r}, {nodel!r})") == errno.EACCES
+    assert (data / "nodel" / "f").read_bytes() == b"datamore"  # appended to above, never replaced
     with pytest.raises(PermissionError):
         subprocess.run([str(data / "noexec" / "run.sh")], capture_output=True)
     assert errno_of(f"open({str(data / 'noexec' / 'run.sh')!r}).read()") == 0
     # Passthrough rules lift access rules.
     f.add_passthrough_rule(f"{data}/nodel/*", c.ACCESS_DELETE_PROTECT, 0, 0)
     assert errno_of(f"os.unlink({nodel!r})") == 0
+
+
+def test_qualified_rules_apply_to_requests_by_name(cbfilter: Callable[[], CBFilter], data: Path) -> None:
+    """Size and attribute qualifiers are checked for requests that name a file (unlink, rename) too."""
+    (data / "big").write_bytes(b"x" * 10000)
+    (data / "small").write_bytes(b"x")
+    (data / "dir").mkdir()
+    f = cbfilter()
+    f.add_filter_rule_ex(f"{data}/*", "", c.ACCESS_DELETE_PROTECT, 0, 0, 4096, -1, 0, 0)
+    f.add_filter_rule_ex(f"{data}/*", "", c.ACCESS_RENAME_PROTECT, 0, 0, -1, -1, c.FILE_SYS_ATTR_DIRECTORY, 0)
+    f.start_filter()
+    assert errno_of(f"os.unlink({str(data / 'big')!r})") == errno.EACCES
+    assert errno_of(f"os.unlink({str(data / 'small')!r})") == 0
+    assert errno_of(f"os.rename({str(data / 'dir')!r}, {str(data / 'dir2')!r})") == errno.EACCES
+    assert errno_of(f"os.rename({str(data / 'a.txt')!r}, {str(data / 'b.txt')!r})") == 0
 
 
 def test_contexts_follow_the_sdk_lifetimes(cbfilter: Callable[[], CBFilter], data: Path) -> None:

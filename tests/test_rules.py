@@ -219,6 +219,37 @@ def test_candidates_equal_a_full_scan(added: list[str], deleted: list[str], path
     assert rules.has_unanchored() == any(r.compiled.prefix is None for r in rules)
 
 
+@settings(max_examples=300, deadline=None)
+@given(st.lists(_MASKS, max_size=12), _PATHS, _PATHS)
+def test_may_reach_false_means_nothing_below_can_match(added: list[str], path: str, below: str) -> None:
+    rules = RuleSet()
+    for i, mask in enumerate(added):
+        rules.add(mask, 1 << (i % 3), 0, 0)
+    if not rules.may_reach(path):
+        for sub in (path, path.rstrip("/") + below):
+            assert not [r for r in rules if r.compiled.matches_path(sub)], (path, sub)
+    for name in ("a", "b", "c", "b.c", "zz"):
+        child = path.rstrip("/") + "/" + name
+        if [r for r in rules if r.compiled.matches_path(child)]:
+            assert rules.may_match_child(path), (path, child)
+
+
+def test_may_reach_excludes_unrelated_subtrees() -> None:
+    rules = RuleSet()
+    for i in range(1000):
+        rules.add(f"/d/nomatch{i}/*.dat", 1, 0, 0)
+    rules.add("/d/lit/file", 1, 0, 0)
+    rules.add("/e/*", 1, 0, 0)
+    assert rules.may_reach("/") and rules.may_reach("/d") and rules.may_reach("/d/nomatch7")
+    assert rules.may_reach("/d/lit") and rules.may_reach("/d/lit/file") and rules.may_reach("/e/x/y")
+    assert not rules.may_reach("/d/small") and not rules.may_reach("/d/nomatch7x")
+    assert not rules.may_reach("/d/lit/file2") and not rules.may_reach("/f")
+    assert rules.may_match_child("/d/lit") and rules.may_match_child("/e/x") and rules.may_match_child("/d/nomatch3")
+    assert not rules.may_match_child("/d") and not rules.may_match_child("/d/small")
+    rules.add("*.dat", 1, 0, 0)  # a name mask can match anywhere
+    assert rules.may_reach("/d/small")
+
+
 # ------------------------------------------------------------------------------------------ decisions
 
 

@@ -131,19 +131,22 @@ class ProcessInfo:
 
 
 class _Facts:
-    """What size/attribute/xattr qualifiers of rules look at, read lazily from the lower object."""
+    """What size/attribute/xattr qualifiers of rules look at, read lazily from the lower object: an open
+    node (``fd``) or a name in a lower directory (``dir_fd``, ``name``) that may not exist yet."""
 
-    __slots__ = ("fd", "name", "_st")
+    __slots__ = ("fd", "dir_fd", "name", "_st")
 
-    def __init__(self, fd: int, name: str) -> None:
+    def __init__(self, fd: int, dir_fd: int, name: bytes) -> None:
         self.fd = fd
+        self.dir_fd = dir_fd
         self.name = name
         self._st: os.stat_result | None = None
 
     def _stat(self) -> os.stat_result | None:
         if self._st is None:
             try:
-                self._st = os.fstat(self.fd)
+                self._st = os.fstat(self.fd) if self.fd >= 0 else os.stat(self.name, dir_fd=self.dir_fd,
+                                                                            follow_symlinks=False)
             except OSError:
                 return None
         return self._st
@@ -154,11 +157,13 @@ class _Facts:
 
     def attributes(self) -> int | None:
         st = self._stat()
-        return attributes_from_stat(st.st_mode, st.st_size, st.st_blocks, self.name) if st is not None else None
+        return attributes_from_stat(st.st_mode, st.st_size, st.st_blocks, os.fsdecode(self.name)) \
+            if st is not None else None
 
     def has_xattr(self, name: str) -> bool:
+        where = _proc(self.fd) if self.fd >= 0 else _proc(self.dir_fd) + "/" + os.fsdecode(self.name)
         try:
-            os.getxattr(_proc(self.fd), name)
+            os.getxattr(where, name, follow_symlinks=False)
         except OSError:
             return False
         return True
@@ -197,6 +202,7 @@ class FilterFS(LowerFS):
         self.core = core
         self.base = base.rstrip("/") or "/"
         self._matches: dict[int, tuple[int, PathMatch]] = {}
+        self._reach: dict[int, tuple[int, bool]] = {}  # nodeid -> (generation, can a rule concern its subtree)
         self._file_contexts: dict[int, int] = {}  # nodeid -> file context, while the node has opens
         self._node_opens: dict[int, int] = {}  # nodeid -> opens (files and directories) with events
         self._handles: dict[int, _Handle] = {}
@@ -214,9 +220,43 @@ class FilterFS(LowerFS):
     def child_path(self, parent: int, name: bytes) -> str:
         return self.abspath(parent).rstrip("/") + "/" + os.fsdecode(name)
 
-    def match_node(self, nodeid: int) -> PathMatch | None:
+    def reaches(self, nodeid: int) -> bool:
+        """Whether some rule could concern this node or anything below it.
+
+        When not, every request on the node (and, for a directory, on the names in it) is served as the
+        plain pass-through: no path is built and no rule is matched. Decided once per node and rules
+        generation; a node below one that no rule reaches is not reached either, without a check.
+        """
         core = self.core
         if not core.has_rules:
+            return False
+        gen = core.rules_generation + self._epoch
+        hit = self._reach.get(nodeid)
+        if hit is not None and hit[0] == gen:
+            return hit[1]
+        # Walk up to the nearest node decided in this generation, then decide downwards.
+        chain: list[int] = []
+        node = self.nodes.get(nodeid)
+        above = True
+        while node is not None:
+            chain.append(node.nodeid)
+            if node.nodeid == abi.ROOT_ID:
+                break
+            hit = self._reach.get(node.parent)
+            if hit is not None and hit[0] == gen:
+                above = hit[1]
+                break
+            node = self.nodes.get(node.parent)
+        if node is None:
+            return True  # an unknown or detached node: do not skip the rules
+        for n in reversed(chain):
+            above = above and core.rules.may_reach(self.abspath(n))
+            self._reach[n] = (gen, above)
+        return above
+
+    def match_node(self, nodeid: int) -> PathMatch | None:
+        core = self.core
+        if not self.reaches(nodeid):
             return None
         gen = core.rules_generation + self._epoch
         hit = self._matches.get(nodeid)
@@ -237,15 +277,21 @@ class FilterFS(LowerFS):
             return True
         return tid > 0 and os.path.exists(f"/proc/self/task/{tid}")
 
-    def effective(self, m: PathMatch | None, tid: int, fd: int = -1, name: str = "") -> Flags:
-        """What the rules ask for this request: exact, with the process and the file's facts."""
+    def effective(self, m: PathMatch | None, tid: int, node: Inode | None = None, parent: Inode | None = None,
+                  name: bytes = b"") -> Flags:
+        """What the rules ask for this request: exact, with the process and the facts of the file (an open
+        ``node``, or ``name`` in the directory ``parent``) that size/attribute/xattr qualifiers look at."""
         if m is None:
             return NO_FLAGS
         up = m.upper
         if not (up.access or up.control or up.notify):
             return NO_FLAGS
-        f = up if m.unconditional else m.flags(ProcessInfo(tid) if tid else None,
-                                               _Facts(fd, name) if fd >= 0 else None)
+        if m.unconditional:
+            f = up
+        else:
+            facts = _Facts(node.fd, -1, node.name) if node is not None else (
+                _Facts(-1, parent.fd, name) if parent is not None else None)
+            f = m.flags(ProcessInfo(tid) if tid else None, facts)
         if (f.access or f.control or f.notify) and not self.core.filter_own_requests and self.is_own(tid):
             return NO_FLAGS
         return f
@@ -257,6 +303,8 @@ class FilterFS(LowerFS):
             return None
         bits = _OP_CONTROL.get(req.opcode)
         if not bits or not (core.control_handlers & bits):
+            return None
+        if req.opcode not in (abi.Opcode.RENAME, abi.Opcode.RENAME2, abi.Opcode.LINK) and not self.reaches(req.nodeid):
             return None
         m: PathMatch | None
         if req.opcode in (abi.Opcode.LOOKUP, abi.Opcode.CREATE, abi.Opcode.MKDIR, abi.Opcode.MKNOD,
@@ -360,14 +408,15 @@ class FilterFS(LowerFS):
     # -- names
 
     def lookup(self, req: Request) -> bytes:
-        if not self.core.has_rules:
+        if not self.reaches(req.nodeid):
             return super().lookup(req)
         parent = self.inode(req.nodeid)
         name, _ = wire.name_at(req.body)
         path = self.child_path(parent.nodeid, name)
         m = self.match_name(path)
-        flags = self.effective(m, req.pid)
-        if flags.access & c.ACCESS_DENY_ALL and not flags.control & c.FS_CE_BEFORE_OPEN:
+        flags = self.effective(m, req.pid, parent=parent, name=name)
+        if flags.access & c.ACCESS_DENY_ALL and not (flags.control & c.FS_CE_BEFORE_OPEN
+                                                     and self.core.handler("before_open_file")):
             raise self._deny("deny all")
         if flags.control & c.FS_CE_BEFORE_OPEN:
             # Resolving a name is Linux's equivalent of Windows opening a file to read its attributes: a
@@ -394,22 +443,16 @@ class FilterFS(LowerFS):
         return bool(up.control & _VOLATILE & self.core.control_handlers) or bool(
             up.access and not m.unconditional)
 
-    def forget(self, req: Request) -> None:
-        super().forget(req)
-        if req.nodeid not in self.nodes:
-            self._matches.pop(req.nodeid, None)
-
-    def batch_forget(self, req: Request) -> None:
-        super().batch_forget(req)
-        for nodeid in [n for n in self._matches if n not in self.nodes]:
-            self._matches.pop(nodeid, None)
+    def node_dropped(self, nodeid: int) -> None:
+        self._matches.pop(nodeid, None)
+        self._reach.pop(nodeid, None)
 
     def getattr(self, req: Request) -> bytes:
         reply = super().getattr(req)
         m = self.match_node(req.nodeid)
         if m is None or not (m.upper.control & c.FS_CE_AFTER_GET_SIZES or m.upper.notify & c.FS_NE_GET_SIZES):
             return reply
-        flags = self.effective(m, req.pid, self.inode(req.nodeid).fd)
+        flags = self.effective(m, req.pid, self.inode(req.nodeid))
         if not (flags.control & c.FS_CE_AFTER_GET_SIZES or flags.notify & c.FS_NE_GET_SIZES):
             return reply
         st = os.fstat(self.inode(req.nodeid).fd)
@@ -449,12 +492,12 @@ class FilterFS(LowerFS):
             raise self._deny("execute-protect")
 
     def open(self, req: Request) -> bytes:
-        if not self.core.has_rules:
+        if not self.reaches(req.nodeid):
             return super().open(req)
         open_flags, _ = wire.fixed(req.body, abi.OPEN_IN)
         node = self.inode(req.nodeid)
         m = self.match_node(node.nodeid)
-        flags = self.effective(m, req.pid, node.fd, os.fsdecode(node.name))
+        flags = self.effective(m, req.pid, node)
         self._check_open_access(flags, open_flags, False)
         return self._open_with_events(req, node, open_flags, flags, lambda: super(FilterFS, self).open(req),
                                       created=False)
@@ -467,15 +510,18 @@ class FilterFS(LowerFS):
 
     def _open_with_events(self, req: Request, node: Inode, open_flags: int, flags: Flags,
                           serve: Callable[[], bytes], created: bool, mode: int = 0, path: str | None = None,
-                          offset: int = 0, is_dir: bool = False) -> bytes:
-        """Fire before/after/notify open (or create) around ``serve`` and register the new handle."""
+                          offset: int = 0, is_dir: bool = False, context_node: int = 0) -> bytes:
+        """Fire before/after/notify open (or create) around ``serve`` and register the new handle.
+
+        ``node`` is the object opened, or for CREATE the directory (``context_node``: the existing object
+        it opens, if known)."""
         path = path if path is not None else self.abspath(node.nodeid)
         origin = self.origin(req)
         kind = "create" if created else "open"
         bits = (c.FS_CE_BEFORE_CREATE, c.FS_CE_AFTER_CREATE, c.FS_NE_CREATE) if created else (
             c.FS_CE_BEFORE_OPEN, c.FS_CE_AFTER_OPEN, c.FS_NE_OPEN)
         fields = self._open_fields(path, open_flags, mode, created, is_dir)
-        file_context = 0 if created else self.file_context(node.nodeid)
+        file_context = 0 if created else self.file_context(context_node or node.nodeid)
         handle_context = 0
         before = self.fire(f"before_{kind}_file", bits[0], flags, origin, file_context=file_context, **fields)
         if before is not None:
@@ -524,28 +570,45 @@ class FilterFS(LowerFS):
             pass
 
     def create(self, req: Request) -> bytes:
-        if not self.core.has_rules:
+        if not self.reaches(req.nodeid):
             return super().create(req)
         open_flags, mode, _umask, _ = wire.fixed(req.body, abi.CREATE_IN)
         name, _ = wire.name_at(req.body, abi.CREATE_IN.size)
         parent = self.inode(req.nodeid)
         path = self.child_path(parent.nodeid, name)
         m = self.match_name(path)
-        flags = self.effective(m, req.pid)
-        self._check_open_access(flags, open_flags, True)
+        flags = self.effective(m, req.pid, parent=parent, name=name)
+        # The kernel sends CREATE for open(O_CREAT) whenever the name is not in its cache, whether or not
+        # the file exists. Opening an existing file is an open (with the events and access checks of one,
+        # and a hiding before-open handler refuses it), a new one a create.
+        try:
+            existing = os.stat(name, dir_fd=parent.fd, follow_symlinks=False)
+        except OSError:
+            existing = None
+        created = existing is None or bool(open_flags & os.O_EXCL)
+        self._check_open_access(flags, open_flags, created)
+        known = self.by_key.get((existing.st_dev, existing.st_ino)) if existing is not None else None
         reply = self._open_with_events(req, parent, open_flags, flags, lambda: super(FilterFS, self).create(req),
-                                       created=True, mode=mode, path=path, offset=abi.ENTRY_OUT_SIZE)
+                                       created=created, mode=mode, path=path, offset=abi.ENTRY_OUT_SIZE,
+                                       context_node=known.nodeid if known is not None else 0)
         if m is not None and self._volatile(m):
             reply = _no_cache(reply[:abi.ENTRY_OUT_SIZE]) + reply[abi.ENTRY_OUT_SIZE:]
         return reply
 
+    def tmpfile(self, req: Request) -> bytes:
+        if self.reaches(req.nodeid) and self.core.rules.may_match_child(self.abspath(req.nodeid)):
+            # An unnamed file would be written before any rule could see a name for it, then linked in
+            # under one: refuse, and callers fall back to a named temporary file, which the rules see.
+            raise OSError(errno.EOPNOTSUPP, "O_TMPFILE is not available where filter rules apply")
+        return super().tmpfile(req)
+
     def _make_with_events(self, req: Request, name: bytes, mode: int, attributes: int, make: Callable[[], bytes],
                           target: str = "") -> bytes:
-        if not self.core.has_rules:
+        if not self.reaches(req.nodeid):
             return make()
         path = self.child_path(req.nodeid, name)
         m = self.match_name(path)
-        flags = self.effective(m, req.pid)
+        flags = self.effective(m, req.pid, parent=self.inode(req.nodeid), name=name)
         if flags.access & (c.ACCESS_DENY_ALL | c.ACCESS_READ_ONLY) and not (
                 flags.control & c.FS_CE_BEFORE_CREATE and self.core.handler("before_create_file")):
             raise self._deny("read-only")
@@ -592,11 +655,11 @@ class FilterFS(LowerFS):
                                       lambda: super(FilterFS, self).symlink(req))
 
     def opendir(self, req: Request) -> bytes:
-        if not self.core.has_rules:
+        if not self.reaches(req.nodeid):
             return super().opendir(req)
         node = self.inode(req.nodeid)
         m = self.match_node(node.nodeid)
-        flags = self.effective(m, req.pid, node.fd, os.fsdecode(node.name))
+        flags = self.effective(m, req.pid, node)
         if flags.access & c.ACCESS_DENY_ALL and not (
                 flags.control & c.FS_CE_BEFORE_OPEN and self.core.handler("before_open_file")):
             raise self._deny("deny all")
@@ -635,8 +698,8 @@ class FilterFS(LowerFS):
         m = self.match_node(node.nodeid)
         if req.pid == 0 and handle is not None:  # write-back and read-ahead run without a caller
             origin = handle.origin
-            return self.effective(m, origin.tid, node.fd, os.fsdecode(node.name)), origin
-        return self.effective(m, req.pid, node.fd, os.fsdecode(node.name)), self.origin(req)
+            return self.effective(m, origin.tid, node), origin
+        return self.effective(m, req.pid, node), self.origin(req)
 
     def _direction(self, handle: _Handle | None, direct: bool) -> int:
         if not direct:
@@ -646,10 +709,10 @@ class FilterFS(LowerFS):
         return c.FS_REQUEST_DIR_USER_CACHED
 
     def read(self, req: Request) -> bytes:
-        if not self.core.has_rules:
-            return super().read(req)
         fh, offset, size, *_ = wire.fixed(req.body, abi.READ_IN)
         f = self._file(fh)
+        if not self.reaches(f.inode.nodeid):
+            return super().read(req)
         handle = self._handles.get(fh)
         flags, origin = self._io_flags(req, f.inode, handle)
         want = flags.control & (c.FS_CE_BEFORE_READ | c.FS_CE_AFTER_READ) or flags.notify & c.FS_NE_READ
@@ -693,10 +756,10 @@ class FilterFS(LowerFS):
         return bytes(view[:done])
 
     def write(self, req: Request) -> bytes:
-        if not self.core.has_rules:
-            return super().write(req)
         fh, offset, size, write_flags, *_ = wire.fixed(req.body, abi.WRITE_IN)
         f = self._file(fh)
+        if not self.reaches(f.inode.nodeid):
+            return super().write(req)
         handle = self._handles.get(fh)
         flags, origin = self._io_flags(req, f.inode, handle)
         want = flags.control & (c.FS_CE_BEFORE_WRITE | c.FS_CE_AFTER_WRITE) or flags.notify & c.FS_NE_WRITE
@@ -748,10 +811,10 @@ class FilterFS(LowerFS):
         return wire.encode_write_out(size if before is not None and not before.process_request else done)
 
     def copy_file_range(self, req: Request) -> bytes:
-        if not self.core.has_rules:
-            return super().copy_file_range(req)
         fh_in, _off_in, _node_out, fh_out, *_ = wire.fixed(req.body, abi.COPY_FILE_RANGE_IN)
         src, dst = self._file(fh_in), self._file(fh_out)
+        if not (self.reaches(src.inode.nodeid) or self.reaches(dst.inode.nodeid)):
+            return super().copy_file_range(req)
         f_in, _ = self._io_flags(req, src.inode, self._handles.get(fh_in))
         f_out, _ = self._io_flags(req, dst.inode, self._handles.get(fh_out))
         if (f_in.control & (c.FS_CE_BEFORE_READ | c.FS_CE_AFTER_READ) or f_in.notify & c.FS_NE_READ
@@ -766,7 +829,7 @@ class FilterFS(LowerFS):
     def flush(self, req: Request) -> bytes:
         fh = wire.fixed(req.body, abi.FLUSH_IN)[0]
         handle = self._handles.get(fh)
-        if handle is None or not self.core.has_rules:
+        if handle is None:
             return super().flush(req)
         f = self._file(fh)
         flags, origin = self._io_flags(req, f.inode, handle)
@@ -807,7 +870,7 @@ class FilterFS(LowerFS):
         m = self.match_node(node.nodeid)
         # RELEASE comes from the kernel (pid 0) after the last reference went: the handle's opener stands in.
         origin = handle.origin
-        flags = self.effective(m, origin.tid, node.fd, os.fsdecode(node.name))
+        flags = self.effective(m, origin.tid, node)
         ctx = dict(file_context=self.file_context(node.nodeid), handle_context=handle.context)
         if is_dir and handle.enumerated and flags.control & (c.FS_CE_BEFORE_CLOSE | c.FS_CE_AFTER_ENUMERATE_DIRECTORY):
             handler = self.core.handler("after_close_enumeration")
@@ -847,12 +910,12 @@ class FilterFS(LowerFS):
         return self._listing_with_events(req, True)
 
     def _listing_with_events(self, req: Request, plus: bool) -> bytes:
-        if not self.core.has_rules:
+        if not self.reaches(req.nodeid):
             return self._listing(req, plus)
         fh, offset, *_ = wire.fixed(req.body, abi.READ_IN)
         node = self.inode(req.nodeid)
         m = self.match_node(node.nodeid)
-        flags = self.effective(m, req.pid, node.fd, os.fsdecode(node.name))
+        flags = self.effective(m, req.pid, node)
         handle = self._handles.get(fh)
         self._listing_state.flags = flags
         self._listing_state.origin = self.origin(req)
@@ -921,7 +984,7 @@ class FilterFS(LowerFS):
 
     def _volatile_child(self, parent: Inode, name: bytes, record: bytes | None, plus: bool) -> bytes | None:
         """A READDIRPLUS entry must not put a name in the cache that a per-request rule may refuse."""
-        if record is None or not plus or name in (b".", b".."):
+        if record is None or not plus or name in (b".", b"..") or not self.reaches(parent.nodeid):
             return record
         m = self.match_name(self.child_path(parent.nodeid, name))
         if m is not None and self._volatile(m):
@@ -937,11 +1000,11 @@ class FilterFS(LowerFS):
     def _delete(self, req: Request, is_dir: bool) -> bytes:
         name, _ = wire.name_at(req.body)
         serve = super().rmdir if is_dir else super().unlink
-        if not self.core.has_rules:
+        if not self.reaches(req.nodeid):
             return serve(req)
         path = self.child_path(req.nodeid, name)
         m = self.match_name(path)
-        flags = self.effective(m, req.pid)
+        flags = self.effective(m, req.pid, parent=self.inode(req.nodeid), name=name)
         if flags.access & (c.ACCESS_DENY_ALL | c.ACCESS_DELETE_PROTECT | c.ACCESS_DELETE_ONLY_PROTECT
                            | c.ACCESS_READ_ONLY | c.ACCESS_WRITE_ONLY):
             raise self._deny("delete-protect")
@@ -976,18 +1039,17 @@ class FilterFS(LowerFS):
         return self._delete(req, True)
 
     def _rename(self, req: Request, newdir: int, flags_in: int, offset: int) -> bytes:
-        if not self.core.has_rules:
+        if not (self.reaches(req.nodeid) or self.reaches(newdir)):
             return super()._rename(req, newdir, flags_in, offset)
         old, pos = wire.name_at(req.body, offset)
         new, _ = wire.name_at(req.body, pos)
         old_path = self.child_path(req.nodeid, old)
         new_path = self.child_path(newdir, new)
         m_old, m_new = self.match_name(old_path), self.match_name(new_path)
-        f_old, f_new = self.effective(m_old, req.pid), self.effective(m_new, req.pid)
-        if f_old.access & (c.ACCESS_DENY_ALL | c.ACCESS_RENAME_PROTECT | c.ACCESS_DELETE_PROTECT):
-            raise self._deny("rename-protect")
-        if f_new.access & (c.ACCESS_DENY_ALL | c.ACCESS_READ_ONLY):
-            raise self._deny("read-only destination")
+        old_dir, new_dir = self.inode(req.nodeid), self.inode(newdir)
+        f_old = self.effective(m_old, req.pid, parent=old_dir, name=old)
+        f_new = self.effective(m_new, req.pid, parent=new_dir, name=new)
+        self._check_rename_access(f_old, f_new, new_dir, new, flags_in)
         flags = Flags(f_old.access | f_new.access, f_old.control | f_new.control, f_old.notify | f_new.notify)
         origin = self.origin(req)
         replace = not flags_in & 1  # RENAME_NOREPLACE
@@ -1009,15 +1071,34 @@ class FilterFS(LowerFS):
         self.notify("notify_rename_or_move_file", c.FS_NE_RENAME, flags, origin, **fields)
         return reply
 
+    def _check_rename_access(self, f_old: Flags, f_new: Flags, new_dir: Inode, new: bytes, flags_in: int) -> None:
+        moving = c.ACCESS_DENY_ALL | c.ACCESS_RENAME_PROTECT | c.ACCESS_DELETE_PROTECT
+        if f_old.access & moving:
+            raise self._deny("rename-protect")
+        if f_new.access & (c.ACCESS_DENY_ALL | c.ACCESS_READ_ONLY):
+            raise self._deny("read-only destination")
+        if f_old.access & ~f_new.access:
+            raise self._deny("the new name would escape an access rule")  # as for hard links
+        exchange = flags_in & 2  # RENAME_EXCHANGE: the destination moves to the old name
+        if exchange and (f_new.access & moving or f_new.access & ~f_old.access):
+            raise self._deny("rename-protect (exchange)")
+        if not exchange and f_new.access & (c.ACCESS_DELETE_PROTECT | c.ACCESS_DELETE_ONLY_PROTECT
+                                            | c.ACCESS_WRITE_ONLY):
+            try:
+                os.stat(new, dir_fd=new_dir.fd, follow_symlinks=False)
+            except OSError:
+                return
+            raise self._deny("delete-protect: the rename would replace a protected file")
+
     def link(self, req: Request) -> bytes:
-        if not self.core.has_rules:
-            return super().link(req)
         (old,) = wire.fixed(req.body, abi.LINK_IN)
+        if not (self.reaches(old) or self.reaches(req.nodeid)):
+            return super().link(req)
         name, _ = wire.name_at(req.body, abi.LINK_IN.size)
         src_path = self.abspath(old)
         link_path = self.child_path(req.nodeid, name)
-        f_src = self.effective(self.match_node(old), req.pid)
-        f_new = self.effective(self.match_name(link_path), req.pid)
+        f_src = self.effective(self.match_node(old), req.pid, self.inode(old))
+        f_new = self.effective(self.match_name(link_path), req.pid, parent=self.inode(req.nodeid), name=name)
         if f_src.access and not f_new.access & f_src.access == f_src.access:
             # A second name outside the rule would escape it: refuse it.
             raise self._deny("a hard link would bypass an access rule")
@@ -1041,13 +1122,13 @@ class FilterFS(LowerFS):
     # -- attributes, sizes, security
 
     def setattr(self, req: Request) -> bytes:
-        if not self.core.has_rules:
+        if not self.reaches(req.nodeid):
             return super().setattr(req)
         (valid, _, fh, size, _owner, atime, mtime, _ctime, atime_ns, mtime_ns, _ctime_ns, mode, _, uid, gid,
          _) = wire.fixed(req.body, abi.SETATTR_IN)
         node = self.inode(req.nodeid)
         m = self.match_node(node.nodeid)
-        flags = self.effective(m, req.pid, node.fd, os.fsdecode(node.name))
+        flags = self.effective(m, req.pid, node)
         if not (flags.access or flags.control or flags.notify):
             return super().setattr(req)
         access = flags.access
@@ -1095,10 +1176,10 @@ class FilterFS(LowerFS):
         return reply
 
     def fallocate(self, req: Request) -> bytes:
-        if not self.core.has_rules:
-            return super().fallocate(req)
         fh, offset, length, _mode, _ = wire.fixed(req.body, abi.FALLOCATE_IN)
         f = self._file(fh)
+        if not self.reaches(f.inode.nodeid):
+            return super().fallocate(req)
         handle = self._handles.get(fh)
         flags, origin = self._io_flags(req, f.inode, handle)
         if flags.access & (c.ACCESS_READ_ONLY | c.ACCESS_DENY_ALL):
@@ -1118,7 +1199,7 @@ class FilterFS(LowerFS):
                       value: bytes = b"") -> bytes:
         node = self.inode(req.nodeid)
         m = self.match_node(node.nodeid)
-        flags = self.effective(m, req.pid, node.fd, os.fsdecode(node.name))
+        flags = self.effective(m, req.pid, node)
         if not (flags.access or flags.control or flags.notify):
             return serve()
         acl = name in _ACL_NAMES
@@ -1158,18 +1239,18 @@ class FilterFS(LowerFS):
         return reply
 
     def getxattr(self, req: Request) -> bytes:
-        if not self.core.has_rules:
+        if not self.reaches(req.nodeid):
             return super().getxattr(req)
         name, _ = wire.cstring(req.body, abi.GETXATTR_IN.size)
         return self._xattr_events(req, name, False, lambda: super(FilterFS, self).getxattr(req))
 
     def listxattr(self, req: Request) -> bytes:
-        if not self.core.has_rules:
+        if not self.reaches(req.nodeid):
             return super().listxattr(req)
         return self._xattr_events(req, b"", False, lambda: super(FilterFS, self).listxattr(req))
 
     def setxattr(self, req: Request) -> bytes:
-        if not self.core.has_rules:
+        if not self.reaches(req.nodeid):
             return super().setxattr(req)
         size, _, _, _ = wire.fixed(req.body, abi.SETXATTR_IN)
         name, pos = wire.cstring(req.body, abi.SETXATTR_IN.size)
@@ -1177,16 +1258,16 @@ class FilterFS(LowerFS):
                                   bytes(req.body[pos:pos + size]))
 
     def removexattr(self, req: Request) -> bytes:
-        if not self.core.has_rules:
+        if not self.reaches(req.nodeid):
             return super().removexattr(req)
         name, _ = wire.cstring(req.body)
         return self._xattr_events(req, name, True, lambda: super(FilterFS, self).removexattr(req))
 
     def readlink(self, req: Request) -> bytes:
-        if not self.core.has_rules:
+        if not self.reaches(req.nodeid):
             return super().readlink(req)
         node = self.inode(req.nodeid)
-        flags = self.effective(self.match_node(node.nodeid), req.pid)
+        flags = self.effective(self.match_node(node.nodeid), req.pid, node)
         if not (flags.control or flags.notify):
             return super().readlink(req)
         path = self.abspath(node.nodeid)
@@ -1207,12 +1288,12 @@ class FilterFS(LowerFS):
         return target
 
     def ioctl(self, req: Request) -> bytes:
-        if not self.core.has_rules:
+        if not self.reaches(req.nodeid):
             return super().ioctl(req)
         fh, _flags, cmd, _arg, in_size, out_size = wire.fixed(req.body, abi.IOCTL_IN)
         handle = self._handles.get(fh)
         node = self.inode(req.nodeid)
-        flags = self.effective(self.match_node(node.nodeid), req.pid)
+        flags = self.effective(self.match_node(node.nodeid), req.pid, node)
         if not (flags.control or flags.notify):
             return super().ioctl(req)
         path = handle.path if handle else self.abspath(node.nodeid)

@@ -32,6 +32,7 @@ FILE_SYS_ATTR_ENCRYPTED                0x4000  never
 from __future__ import annotations
 
 import stat
+from bisect import bisect_left
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from operator import attrgetter
@@ -228,6 +229,7 @@ class RuleSet:
         self._unanchored: _Bucket = {}  # inverted, "*/..." and wildcard name masks
         self._prefix_counts: dict[str, int] = {}
         self._unanchored_count = 0
+        self._anchors: list[str] | None = None  # sorted keys of _exact and _by_prefix; rebuilt lazily
 
     # ------------------------------------------------------------------------------------ changes
 
@@ -340,6 +342,55 @@ class RuleSet:
             found.sort(key=attrgetter("seq"))
         return found
 
+    def may_reach(self, path: str) -> bool:
+        """Whether some rule could match ``path`` (absolute, normalised) or a path below it.
+
+        False lets a caller treat a whole subtree as unfiltered after one check of its top. Process parts
+        and qualifiers are not looked at: a rule that could match for some process or file counts.
+        """
+        if self._unanchored or self._by_name:
+            return True
+        anchors = self._anchors
+        if anchors is None:
+            anchors = self._anchors = sorted(self._exact.keys() | self._by_prefix.keys())
+        # a rule on the path itself or anchored below it ...
+        if path in self._exact or path in self._by_prefix:
+            return True
+        below = path if path.endswith("/") else path + "/"
+        i = bisect_left(anchors, below)
+        if i < len(anchors) and anchors[i].startswith(below):
+            return True
+        # ... or a fixed prefix that is an ancestor (index keys are directories without a trailing "/")
+        end = 0
+        while end != -1 and end < len(path):
+            if (path[:end] or "/") in self._by_prefix:
+                return True
+            end = path.find("/", end + 1)
+        return False
+
+    def may_match_child(self, directory: str) -> bool:
+        """Whether some rule could match a name directly in ``directory`` (absolute, normalised)."""
+        if self._unanchored or self._by_name:
+            return True
+        end = 0
+        while end != -1:
+            if (directory[:end] or "/") in self._by_prefix:
+                return True
+            end = directory.find("/", end + 1)
+        if directory in self._by_prefix:
+            return True
+        below = directory if directory.endswith("/") else directory + "/"
+        anchors = self._anchors
+        if anchors is None:
+            anchors = self._anchors = sorted(self._exact.keys() | self._by_prefix.keys())
+        for i in range(bisect_left(anchors, below), len(anchors)):
+            key = anchors[i]
+            if not key.startswith(below):
+                break
+            if "/" not in key[len(below):] and key in self._exact:
+                return True
+        return False
+
     def prefixes(self) -> set[str]:
         """The fixed prefixes of the non-inverted absolute masks."""
         return set(self._prefix_counts)
@@ -353,6 +404,7 @@ class RuleSet:
     def _changed(self) -> None:
         self.generation += 1
         self._listed = None
+        self._anchors = None
 
     def _index_of(self, fm: FileMask) -> tuple[dict[str, _Bucket] | None, str]:
         """Which index holds a rule with this mask, and under which key (None: the unanchored list)."""

@@ -211,6 +211,10 @@ class LowerFS:
             if self.by_key.get(node.key) is node:
                 del self.by_key[node.key]
         os.close(node.fd)
+        self.node_dropped(nodeid)
+
+    def node_dropped(self, nodeid: int) -> None:
+        """Hook: the kernel forgot the node and its id is gone (subclasses drop what they keep per node)."""
 
     # -- identity of the caller, for objects we create
 
