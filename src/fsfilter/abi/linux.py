@@ -40,8 +40,8 @@ FS_IOC_GETFLAGS = 0x80086601
 FS_IOC_SETFLAGS = 0x40086602
 
 _SYSCALLS = {
-    "x86_64": {"setgroups": 116, "renameat2": 316, "syncfs": 306, "utimensat": 280, "getdents64": 217},
-    "aarch64": {"setgroups": 159, "renameat2": 276, "syncfs": 267, "utimensat": 88, "getdents64": 61},
+    "x86_64": {"tgkill": 234, "setgroups": 116, "renameat2": 316, "syncfs": 306, "utimensat": 280, "getdents64": 217},
+    "aarch64": {"tgkill": 131, "setgroups": 159, "renameat2": 276, "syncfs": 267, "utimensat": 88, "getdents64": 61},
 }
 
 

@@ -26,6 +26,8 @@ from fsfilter.api.params import FILTER_PARAMS, EventParams
 from fsfilter.engine.dispatch import Origin, Outcome
 from fsfilter.engine.rules import NO_FLAGS, Flags, PathMatch, attributes_from_stat, match_path
 from fsfilter.sessions.lower_fs import Inode, LowerFS, LowerOptions, _proc
+from fsfilter.system import libc
+from fsfilter.system.procfs import task_status
 from fsfilter.wire import fuse as wire
 from fsfilter.wire.fuse import Request
 
@@ -115,19 +117,8 @@ class ProcessInfo:
         return self._exe
 
     def _read_status(self) -> None:
-        name, tgid = "", self.tid
-        if self.tid > 0:
-            try:
-                with open(f"/proc/{self.tid}/status", "rb") as f:
-                    for line in f.read(1024).split(b"\n"):
-                        if line.startswith(b"Name:"):
-                            name = line[5:].strip().decode(errors="replace")
-                        elif line.startswith(b"Tgid:"):
-                            tgid = int(line[5:])
-                            break
-            except (OSError, ValueError):
-                pass
-        self._name, self._tgid = name, tgid
+        info = task_status.read(self.tid)
+        self._name, self._tgid = info if info is not None else ("", self.tid)
 
 
 class _Facts:
@@ -228,9 +219,7 @@ class FilterFS(LowerFS):
         generation; a node below one that no rule reaches is not reached either, without a check.
         """
         core = self.core
-        if not core.has_rules:
-            return False
-        gen = core.rules_generation + self._epoch
+        gen = core.rules.generation + core.passthrough_rules.generation + self._epoch
         hit = self._reach.get(nodeid)
         if hit is not None and hit[0] == gen:
             return hit[1]
@@ -273,9 +262,7 @@ class FilterFS(LowerFS):
         return match_path(core.rules, core.passthrough_rules, path)
 
     def is_own(self, tid: int) -> bool:
-        if tid == self._own_pid:
-            return True
-        return tid > 0 and os.path.exists(f"/proc/self/task/{tid}")
+        return tid == self._own_pid or libc.is_thread_of(self._own_pid, tid)
 
     def effective(self, m: PathMatch | None, tid: int, node: Inode | None = None, parent: Inode | None = None,
                   name: bytes = b"") -> Flags:
@@ -715,12 +702,19 @@ class FilterFS(LowerFS):
             return super().read(req)
         handle = self._handles.get(fh)
         flags, origin = self._io_flags(req, f.inode, handle)
-        want = flags.control & (c.FS_CE_BEFORE_READ | c.FS_CE_AFTER_READ) or flags.notify & c.FS_NE_READ
-        if not want:
+        control = flags.control & (c.FS_CE_BEFORE_READ | c.FS_CE_AFTER_READ)
+        if not (control or flags.notify & c.FS_NE_READ):
             return super().read(req)
         direct = bool(self.core.process_cached_io_requests)
         direction = self._direction(handle, direct)
         path = handle.path if handle is not None else self.abspath(f.inode.nodeid)
+        if not control:  # a notification only: no buffer for handlers to see
+            data, error = self.attempt(lambda: super(FilterFS, self).read(req))
+            self.notify("notify_read_file", c.FS_NE_READ, flags, origin, file_name=path, position=offset,
+                        bytes_to_read=size, direction=direction, bytes_read=len(data), status=error)
+            if error:
+                raise OSError(error, os.strerror(error))
+            return data
         ctx = dict(file_context=self.file_context(f.inode.nodeid), handle_context=handle.context if handle else 0)
         buf = ctypes.create_string_buffer(max(size, 1))
         view = memoryview(buf).cast("B")[:size]
@@ -762,15 +756,23 @@ class FilterFS(LowerFS):
             return super().write(req)
         handle = self._handles.get(fh)
         flags, origin = self._io_flags(req, f.inode, handle)
-        want = flags.control & (c.FS_CE_BEFORE_WRITE | c.FS_CE_AFTER_WRITE) or flags.notify & c.FS_NE_WRITE
-        if not want:
+        control = flags.control & (c.FS_CE_BEFORE_WRITE | c.FS_CE_AFTER_WRITE)
+        if not (control or flags.notify & c.FS_NE_WRITE):
             return super().write(req)
-        data = req.body[abi.WRITE_IN.size:abi.WRITE_IN.size + size]
-        if len(data) != size:
-            raise wire.WireError(errno.EINVAL, "write data shorter than its size")
         direct = bool(self.core.process_cached_io_requests)
         direction = self._direction(handle, direct)
         path = handle.path if handle is not None else self.abspath(f.inode.nodeid)
+        if not control:  # a notification only: no buffer for handlers to see
+            reply, error = self.attempt(lambda: super(FilterFS, self).write(req))
+            written = abi.WRITE_OUT.unpack_from(reply)[0] if reply else 0
+            self.notify("notify_write_file", c.FS_NE_WRITE, flags, origin, file_name=path, position=offset,
+                        bytes_to_write=size, direction=direction, bytes_written=written, status=error)
+            if error:
+                raise OSError(error, os.strerror(error))
+            return reply
+        data = req.body[abi.WRITE_IN.size:abi.WRITE_IN.size + size]
+        if len(data) != size:
+            raise wire.WireError(errno.EINVAL, "write data shorter than its size")
         ctx = dict(file_context=self.file_context(f.inode.nodeid), handle_context=handle.context if handle else 0)
         buf = ctypes.create_string_buffer(bytes(data), max(size, 1))
         view = memoryview(buf).cast("B")[:size]

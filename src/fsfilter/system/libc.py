@@ -54,6 +54,20 @@ def setgroups_thread(groups: list[int]) -> None:
     _check(_syscall(linux.syscall_number("setgroups"), len(groups), array), "setgroups")
 
 
+_TGKILL = linux.syscall_number("tgkill")
+# Called on every filtered request: through PyDLL, which keeps the GIL over this non-blocking syscall
+# instead of handing it to another thread and queueing to get it back.
+_syscall_keep_gil = ctypes.PyDLL(ctypes.util.find_library("c") or "libc.so.6").syscall
+_syscall_keep_gil.restype = ctypes.c_long
+_syscall_keep_gil.argtypes = [ctypes.c_long, ctypes.c_long, ctypes.c_long, ctypes.c_long]
+
+
+def is_thread_of(tgid: int, tid: int) -> bool:
+    """Whether thread ``tid`` belongs to process ``tgid``: tgkill with signal 0 checks without sending
+    anything, in one syscall and no /proc lookup."""
+    return tid > 0 and _syscall_keep_gil(_TGKILL, tgid, tid, 0) == 0
+
+
 def unshare(flags: int) -> None:
     _check(_libc.unshare(flags), "unshare")
 
