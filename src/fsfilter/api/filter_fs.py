@@ -193,6 +193,7 @@ class FilterFS(LowerFS):
         self.core = core
         self.base = base.rstrip("/") or "/"
         self._matches: dict[int, tuple[int, PathMatch]] = {}
+        self._access_rules = (-1, False)  # (rules generation, whether any rule has access flags)
         self._reach: dict[int, tuple[int, bool]] = {}  # nodeid -> (generation, can a rule concern its subtree)
         self._file_contexts: dict[int, int] = {}  # nodeid -> file context, while the node has opens
         self._node_opens: dict[int, int] = {}  # nodeid -> opens (files and directories) with events
@@ -201,6 +202,7 @@ class FilterFS(LowerFS):
         self._ctx_lock = threading.Lock()
         self._own_pid = os.getpid()
         self._listing_state = threading.local()  # the flags and origin of the listing this thread serves
+        self._naming = threading.local()  # (parent, name, match) of the name this thread is creating
 
     # -- paths and matching
 
@@ -425,10 +427,28 @@ class FilterFS(LowerFS):
         if nodeid:
             self._matches[nodeid] = (self.core.rules_generation + self._epoch, m)
 
+    def _any_volatile(self) -> bool:
+        """Whether any path can be volatile (see _volatile): a handler for a volatile bit, or an access rule."""
+        core = self.core
+        if core.control_handlers & _VOLATILE:
+            return True
+        gen = core.rules.generation
+        if self._access_rules[0] != gen:
+            self._access_rules = (gen, any(rule.access for rule in core.rules))
+        return self._access_rules[1]
+
     def _volatile(self, m: PathMatch) -> bool:
         up = m.upper
         return bool(up.control & _VOLATILE & self.core.control_handlers) or bool(
             up.access and not m.unconditional)
+
+    def _remember(self, fd: int, st: os.stat_result, parent: int, name: bytes) -> Inode:
+        node = super()._remember(fd, st, parent, name)
+        naming = getattr(self._naming, "entry", None)
+        if naming is not None and naming[0] == parent and naming[1] == name:
+            # The new node's path was just matched: cache it before the open reply asks for it.
+            self._matches[node.nodeid] = (self.core.rules_generation + self._epoch, naming[2])
+        return node
 
     def node_dropped(self, nodeid: int) -> None:
         self._matches.pop(nodeid, None)
@@ -575,9 +595,14 @@ class FilterFS(LowerFS):
         created = existing is None or bool(open_flags & os.O_EXCL)
         self._check_open_access(flags, open_flags, created)
         known = self.by_key.get((existing.st_dev, existing.st_ino)) if existing is not None else None
-        reply = self._open_with_events(req, parent, open_flags, flags, lambda: super(FilterFS, self).create(req),
-                                       created=created, mode=mode, path=path, offset=abi.ENTRY_OUT_SIZE,
-                                       context_node=known.nodeid if known is not None else 0)
+        self._naming.entry = (parent.nodeid, name, m) if m is not None else None
+        try:
+            reply = self._open_with_events(req, parent, open_flags, flags,
+                                           lambda: super(FilterFS, self).create(req), created=created, mode=mode,
+                                           path=path, offset=abi.ENTRY_OUT_SIZE,
+                                           context_node=known.nodeid if known is not None else 0)
+        finally:
+            self._naming.entry = None
         if m is not None and self._volatile(m):
             reply = _no_cache(reply[:abi.ENTRY_OUT_SIZE]) + reply[abi.ENTRY_OUT_SIZE:]
         return reply
@@ -949,44 +974,60 @@ class FilterFS(LowerFS):
             record = super().dir_record(req, fh, parent, name, ino, next_off, dtype, plus)
             return self._volatile_child(parent, name, record, plus)
         handle = self._handles.get(fh)
+        nodeid = 0
         try:
-            st = os.stat(name, dir_fd=parent.fd, follow_symlinks=False)
+            if plus:  # the entry's lookup gives the attributes the events report
+                node, st = self._lookup_child(parent, name)
+                nodeid = node.nodeid
+            else:
+                st = os.stat(name, dir_fd=parent.fd, follow_symlinks=False)
         except OSError:
-            return None
+            return None  # gone since it was listed
+        try:
+            record = self._enumerated(handle, parent, name, st, nodeid, next_off, dtype, ino, flags, state.origin)
+        except BaseException:
+            record = None
+            raise
+        finally:
+            if nodeid and record is None:
+                self._forget_one(nodeid, 1)  # the kernel never hears of the entry: give its lookup back
+        return self._volatile_child(parent, name, record, plus)
+
+    def _enumerated(self, handle: _Handle | None, parent: Inode, name: bytes,
+                    st: os.stat_result, nodeid: int, next_off: int, dtype: int, ino: int, flags: Flags,
+                    origin: Origin) -> bytes | None:
+        """Fire the enumeration events of one entry; its record, or None when a handler hid it."""
         dirname = handle.path if handle is not None else self.abspath(parent.nodeid)
         fields: dict[str, Any] = dict(
             directory_name=dirname, file_name=os.fsdecode(name), creation_time=None,
             last_access_time=st.st_atime_ns, last_write_time=st.st_mtime_ns, change_time=st.st_ctime_ns,
             size=st.st_size, allocation_size=st.st_blocks * 512, file_id=st.st_ino,
             attributes=attributes_from_stat(st.st_mode, st.st_size, st.st_blocks, os.fsdecode(name)))
-        origin: Origin = state.origin
         after = self.fire("after_enumerate_directory", c.FS_CE_AFTER_ENUMERATE_DIRECTORY, flags, origin,
                           directory_context=self.file_context(parent.nodeid),
                           handle_context=handle.context if handle else 0,
                           enumeration_context=handle.enum_context if handle else 0, **fields)
-        changed_size: int | None = None
+        view: Any = st
+        timeouts = (self.options.entry_timeout, self.options.attr_timeout)
         if after is not None:
             if handle is not None:
                 handle.enum_context = int(after.enumeration_context)
             if not after.process_request:
                 return None  # the handler hid the entry
             if int(after.size) != st.st_size or int(after.allocation_size) != st.st_blocks * 512:
-                changed_size = int(after.size)
+                view = _StatView(st, int(after.size), (int(after.allocation_size) + 511) // 512)
+                timeouts = (0.0, 0.0)
             for key in ("size", "allocation_size", "attributes"):
                 fields[key] = getattr(after, key)
         self.notify("notify_enumerate_directory", c.FS_NE_ENUMERATE_DIRECTORY, flags, origin, **fields)
-        record = super().dir_record(req, fh, parent, name, ino, next_off, dtype, plus)
-        if record is not None and plus and changed_size is not None and len(record) >= abi.ENTRY_OUT_SIZE:
-            nodeid = struct.unpack_from("<Q", record, 0)[0]
-            if nodeid:
-                view: Any = _StatView(st, changed_size, (int(fields["allocation_size"]) + 511) // 512)
-                entry = wire.encode_entry(nodeid, view, 0.0, 0.0)
-                record = entry + record[abi.ENTRY_OUT_SIZE:]
-        return self._volatile_child(parent, name, record, plus)
+        if not nodeid:
+            return wire.encode_dirent(ino, next_off, dtype, name)
+        return wire.encode_entry(nodeid, view, *timeouts) + wire.encode_dirent(st.st_ino, next_off, dtype, name)
 
     def _volatile_child(self, parent: Inode, name: bytes, record: bytes | None, plus: bool) -> bytes | None:
         """A READDIRPLUS entry must not put a name in the cache that a per-request rule may refuse."""
-        if record is None or not plus or name in (b".", b"..") or not self.reaches(parent.nodeid):
+        if record is None or not plus or name in (b".", b"..") or not self._any_volatile() \
+                or not self.reaches(parent.nodeid):
             return record
         m = self.match_name(self.child_path(parent.nodeid, name))
         if m is not None and self._volatile(m):

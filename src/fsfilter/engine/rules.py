@@ -31,6 +31,7 @@ FILE_SYS_ATTR_ENCRYPTED                0x4000  never
 
 from __future__ import annotations
 
+import itertools
 import stat
 from bisect import bisect_left
 from collections.abc import Iterator
@@ -203,6 +204,7 @@ def _check_flag(name: str, value: int, allow_all: bool = False) -> None:
 
 
 _Key = tuple[str, str, int, int, int, int]
+_set_serials = itertools.count()
 _Bucket = dict[int, Rule]  # seq -> rule, in insertion order, O(1) removal
 
 
@@ -214,6 +216,7 @@ class RuleSet:
 
     def __init__(self) -> None:
         self.generation = 0
+        self.serial = next(_set_serials)  # unique for the life of the process, unlike id()
         self._reset()
 
     def _reset(self) -> None:
@@ -504,6 +507,23 @@ class PathMatch:
                f"standard={len(self.standard)}, passthrough={len(self.passthrough)})"
 
 
+_SHARED_MATCHES = 4096  # distinct (rule sets, candidates) combinations kept; the set is cleared when full
+_shared: dict[tuple[int, int, int, int, tuple[int, ...], tuple[int, ...]], PathMatch] = {}
+
+
 def match_path(standard: RuleSet, passthrough: RuleSet, path: str) -> PathMatch:
-    """Match ``path`` against both rule sets once."""
-    return PathMatch(tuple(standard.candidates(path)), tuple(passthrough.candidates(path)))
+    """Match ``path`` against both rule sets once.
+
+    Paths with the same matching rules share one PathMatch (it is immutable): most paths of a tree have
+    the same few, and building the flags is most of a match's cost.
+    """
+    std = standard.candidates(path)
+    pt = passthrough.candidates(path) if passthrough else []
+    key = (standard.serial, standard.generation, passthrough.serial, passthrough.generation,
+           tuple(r.seq for r in std), tuple(r.seq for r in pt))
+    m = _shared.get(key)
+    if m is None:
+        if len(_shared) >= _SHARED_MATCHES:
+            _shared.clear()
+        m = _shared[key] = PathMatch(tuple(std), tuple(pt))
+    return m
