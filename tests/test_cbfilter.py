@@ -135,6 +135,27 @@ def test_bad_input_changes_nothing(cbfilter: Callable[[], CBFilter], data: Path)
     assert not f.active
     with pytest.raises(CBFSFilterError):
         f.config("NoSuchSetting=1")
+    for bad in ("MaxWorkerThreadCount=2.5", "MinWorkerThreadCount=-1", "EntryTimeout=nan", "AttrTimeout=inf"):
+        with pytest.raises(CBFSFilterError) as e:
+            f.config(bad)
+        assert e.value.code == errno.EINVAL
+    assert f.config("MaxWorkerThreadCount") == "0"
+    with pytest.raises(CBFSFilterError):
+        f.on_no_such_event = print  # type: ignore[attr-defined]
+    assert not hasattr(f, "on_no_such_event")
+    with pytest.raises(CBFSFilterError):
+        f.on_notify_open_file = "not a function"
+    assert f.on_notify_open_file is None
+    with pytest.raises(CBFSFilterError) as e:
+        f.delete_filter_rule("a//b", 0, 0, c.FS_NE_OPEN)
+    assert e.value.code == errno.EINVAL
+    f.delete_all_filter_rules()  # "/*" above was added (only start_filter refuses it)
+    with pytest.raises(CBFSFilterError) as e:
+        f.get_attach_point(0)
+    assert e.value.code == errno.EINVAL
+    f.add_filter_rule(f"{data}/*", 0, 0, c.FS_NE_OPEN)
+    assert f.attach_point_count == 1 and f.get_attach_point(0) == str(data)  # what start_filter would mount
+    assert f.delete_filter_rule(f"{data}/*", -1, -1, -1) and f.filter_rule_count == 0
 
 
 def test_rule_aggregation_and_getters(cbfilter: Callable[[], CBFilter], data: Path) -> None:
@@ -610,6 +631,101 @@ def test_sizes_symlinks_and_security_events(cbfilter: Callable[[], CBFilter], da
     assert rec.named("getacl", file_name=a, status=errno.ENODATA)
     assert rec.named("chmod", file_name=a, mode=0o600)
     assert os.stat(a).st_mode & 0o777 == 0o644
+
+
+def test_handlers_complete_or_change_requests(cbfilter: Callable[[], CBFilter], data: Path) -> None:
+    """process_request = False completes deletes, renames and xattr queries in the handler; an After
+    handler changes a write's status; the close After event fires even when Before set a result_code."""
+    f = cbfilter()
+    rec = Recorder()
+
+    def keep(p: Any) -> None:
+        if p.file_name.endswith("/keep"):
+            p.process_request = False  # reported deleted, left in place
+
+    def fake_rename(p: Any) -> None:
+        if p.file_name.endswith("/stay"):
+            p.process_request = False
+
+    def answer_ea(p: Any) -> None:
+        if p.ea_name == "user.virtual":
+            p.buffer_view[:5] = b"hello"
+            p.valid_bytes = 5
+            p.process_request = False
+
+    def fail_write(p: Any) -> None:
+        if p.file_name.endswith("/a.txt"):
+            p.status = errno.ENOSPC
+
+    f.on_before_delete_file = keep
+    f.on_before_rename_or_move_file = fake_rename
+    f.on_before_query_ea = answer_ea
+    f.on_after_write_file = fail_write
+    f.on_before_close_file = rec.handler("before_close", lambda p: setattr(p, "result_code", errno.EIO))
+    f.on_after_close_file = rec.handler("after_close")
+    f.add_filter_rule(f"{data}/*", 0, c.FS_CE_ALL, 0)
+    f.start_filter()
+    (data / "keep").write_bytes(b"k")
+    (data / "stay").write_bytes(b"s")
+    keep_path, stay = str(data / "keep"), str(data / "stay")
+    assert errno_of(f"os.unlink({keep_path!r})") == 0
+    assert errno_of(f"os.rename({stay!r}, {stay + '2'!r})") == 0
+    out = run(f"""
+        import os
+        print(os.getxattr({str(data / 'a.txt')!r}, "user.virtual"))
+    """).stdout.strip()
+    assert out == "b'hello'"
+    a = str(data / "a.txt")
+    assert errno_of(f"fd = os.open({a!r}, os.O_WRONLY)\ntry:\n    os.write(fd, b'x')\nfinally:\n    os.close(fd)"
+                    ) == errno.ENOSPC
+    f.stop_filter()
+    assert (data / "keep").exists() and (data / "stay").exists()
+    assert rec.named("before_close", file_name=a) and rec.named("after_close", file_name=a)
+
+
+def test_rules_added_while_active_apply_to_cached_names(cbfilter: Callable[[], CBFilter], data: Path) -> None:
+    """The kernel caches names and attributes for a minute: a rule added while the filter runs must still
+    decide the next stat at once (the cache is invalidated), and deleting it makes the name visible."""
+    f = cbfilter()
+    f.add_attach_point(str(data))
+    f.add_filter_rule(f"{data}/sub/*", 0, 0, c.FS_NE_OPEN)
+    f.on_notify_open_file = lambda p: None
+    f.on_before_open_file = lambda p: setattr(p, "result_code", errno.ENOENT)
+    f.start_filter()
+    a = str(data / "a.txt")
+    assert errno_of(f"os.stat({a!r})") == 0  # now cached
+    f.add_filter_rule(a, 0, c.FS_CE_BEFORE_OPEN, 0)
+    assert wait_for(lambda: errno_of(f"os.stat({a!r})") == errno.ENOENT, 5)
+    f.delete_filter_rule(a, 0, -1, 0)
+    assert wait_for(lambda: errno_of(f"os.stat({a!r})") == 0, 5)
+
+
+def test_handle_creator_is_the_opener(cbfilter: Callable[[], CBFilter], data: Path) -> None:
+    """A file opened by one process and written by its child after the opener exited: the write's
+    handle creator is the opener, its originator the writer."""
+    f = cbfilter()
+    seen: list[tuple[int, int]] = []
+
+    def on_write(p: Any) -> None:
+        seen.append((f.get_originator_process_id(), f.get_handle_creator_process_id()))
+
+    f.on_before_write_file = on_write
+    f.process_cached_io_requests = True
+    f.add_filter_rule(f"{data}/*", 0, c.FS_CE_BEFORE_WRITE, 0)
+    f.start_filter()
+    out = run(f"""
+        import os
+        fd = os.open({str(data / 'a.txt')!r}, os.O_WRONLY)
+        pid = os.fork()
+        if pid == 0:
+            os.write(fd, b"child")
+            os._exit(0)
+        os.waitpid(pid, 0)
+        print(os.getpid(), pid)
+    """).stdout.split()
+    f.stop_filter()
+    opener, writer = int(out[0]), int(out[1])
+    assert seen == [(writer, opener)]
 
 
 def test_copy_file_range_does_not_bypass_write_events(cbfilter: Callable[[], CBFilter], data: Path) -> None:

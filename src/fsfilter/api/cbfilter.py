@@ -14,6 +14,7 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
+from fsfilter.abi import fuse as abi
 from fsfilter.api import constants as c
 from fsfilter.api.filter_fs import FilterFS
 from fsfilter.api.params import FILTER_PARAMS
@@ -25,6 +26,7 @@ from fsfilter.errors import CBFSFilterError
 from fsfilter.sessions.fuse_session import Session
 from fsfilter.sessions.lower_fs import LowerFS
 from fsfilter.system import fuse_device
+from fsfilter.wire import fuse as wire
 
 log = logging.getLogger("fsfilter")
 
@@ -93,6 +95,7 @@ _CONFIG_DEFAULTS: dict[str, str] = {
     "DenyExpiredEvents": "false", "ModifiableReadWriteBuffers": "true", "AllowFileAccessInBeforeOpen": "true",
     "EntryTimeout": "60", "AttrTimeout": "60", "NegativeTimeout": "10", "KernelPassthrough": "true",
 }
+_COUNT_SETTINGS = {"MinWorkerThreadCount", "MaxWorkerThreadCount"}
 _BOOL_SETTINGS = {"FilterOwnRequests", "DenyExpiredEvents", "ModifiableReadWriteBuffers",
                   "AllowFileAccessInBeforeOpen", "KernelPassthrough"}
 
@@ -108,6 +111,15 @@ def _check_flags(name: str, value: int, known: int) -> int:
     return value
 
 
+_DISPOSITION_FLAGS = {
+    c.FILE_DISPOSITION_CREATE_NEW: os.O_CREAT | os.O_EXCL,
+    c.FILE_DISPOSITION_CREATE_ALWAYS: os.O_CREAT | os.O_TRUNC,
+    c.FILE_DISPOSITION_OPEN_EXISTING: 0,
+    c.FILE_DISPOSITION_OPEN_ALWAYS: os.O_CREAT,
+    c.FILE_DISPOSITION_TRUNCATE_EXISTING: os.O_TRUNC,
+}
+
+
 class _Attachment(PassthroughFilter):
     """The FUSE mount of one attach point."""
 
@@ -118,6 +130,36 @@ class _Attachment(PassthroughFilter):
                          attr_timeout=float(core.config("AttrTimeout")),
                          negative_timeout=float(core.config("NegativeTimeout")))
         self.core = core
+        self._stale = False  # the rules changed: the kernel's cached names and attributes may lie
+        self._invalidator: threading.Thread | None = None
+        self._stale_lock = threading.Lock()
+
+    def rules_changed(self) -> None:
+        """Make the kernel forget the names and attributes it cached, so that the new rules decide the next
+        lookups (hiding, access) at once. Done on a thread of its own: invalidating a name waits for the
+        directory's lock, which a request whose handler changed the rules may be holding."""
+        with self._stale_lock:
+            self._stale = True
+            if self._invalidator is None:
+                self._invalidator = threading.Thread(target=self._invalidate, name="fsfilter-invalidate",
+                                                     daemon=True)
+                self._invalidator.start()
+
+    def _invalidate(self) -> None:
+        while True:
+            with self._stale_lock:
+                if not self._stale:
+                    self._invalidator = None
+                    return
+                self._stale = False
+            session, fs = self.session, self.fs
+            if session is None or fs is None:
+                continue
+            for node in list(fs.nodes.values()):
+                if node.nodeid == abi.ROOT_ID:
+                    continue
+                session.notify(wire.encode_inval_entry(node.parent, node.name))
+                session.notify(wire.encode_inval_inode(node.nodeid, -1, 0))  # attributes only
 
     def _make_fs(self, lower_fd: int) -> LowerFS:
         return FilterFS(lower_fd, self.lower_options, self.core, self.mountpoint)
@@ -162,11 +204,14 @@ class CBFilter:
     # Handlers are plain attributes (``f.on_before_open_file = fn``); keep the bit masks of assigned ones,
     # which decide routing and caching, in step.
     def __setattr__(self, name: str, value: Any) -> None:
+        handler = name.startswith("on_") and self._handlers_ready
+        if handler:
+            if name[3:] not in FILTER_PARAMS:
+                raise CBFSFilterError(errno.EINVAL, f"CBFilter has no event {name[3:]!r}: see docs/api.md")
+            if value is not None and not callable(value):
+                raise CBFSFilterError(errno.EINVAL, f"{name} takes a function of one argument or None")
         object.__setattr__(self, name, value)
-        if name.startswith("on_") and self._handlers_ready:
-            event = name[3:]
-            if event not in FILTER_PARAMS:
-                raise CBFSFilterError(errno.EINVAL, f"CBFilter has no event {event!r}")
+        if handler:
             self._recompute_handler_bits()
 
     def _recompute_handler_bits(self) -> None:
@@ -309,12 +354,21 @@ class CBFilter:
                 return True
         return False
 
+    def _attach_point_list(self) -> list[str]:
+        """While active, the directories mounted over; before, those start_filter would mount over."""
+        with self._lock:
+            return sorted(self._attached) if self._active else self._wanted_attach_points()
+
     @property
     def attach_point_count(self) -> int:
-        return len(self._attached)
+        return len(self._attach_point_list())
 
     def get_attach_point(self, index: int) -> str:
-        return sorted(self._attached)[index]
+        points = self._attach_point_list()
+        if not isinstance(index, int) or not 0 <= index < len(points):
+            raise CBFSFilterError(errno.EINVAL, f"attach point index {index!r} is out of range: there are "
+                                                f"{len(points)} (attach_point_count)")
+        return points[index]
 
     def _check_attach_path(self, path: str) -> str:
         if not isinstance(path, str) or not path.startswith("/"):
@@ -416,7 +470,15 @@ class CBFilter:
             except CBFSFilterError:
                 rules.delete(mask, access, control, notify)
                 raise
+            if changed:
+                self._rules_changed()
         return changed
+
+    def _rules_changed(self) -> None:
+        with self._lock:
+            mounts = list(self._attached.values())
+        for mount in mounts:
+            mount.rules_changed()
 
     def add_filter_rule(self, mask: str, access_flags: int, control_flags: int, notify_flags: int) -> bool:
         return self._add(self.rules, mask, access_flags, control_flags, notify_flags)
@@ -436,7 +498,18 @@ class CBFilter:
                          min_size, max_size, included_attributes, excluded_attributes)
 
     def _delete(self, rules: RuleSet, mask: str, access: int, control: int, notify: int) -> bool:
-        return rules.delete(mask, access, control, notify)
+        access = _check_flags("access_flags", access, c.ACCESS_KNOWN)
+        control = _check_flags("control_flags", control, c.FS_CE_KNOWN)
+        notify = _check_flags("notify_flags", notify, c.FS_NE_KNOWN)
+        if not isinstance(mask, str):
+            raise CBFSFilterError(errno.EINVAL, "mask must be a string")
+        try:
+            changed = rules.delete(mask, access, control, notify)
+        except MaskError as exc:
+            raise CBFSFilterError(errno.EINVAL, f"bad mask {mask!r}: {exc}") from exc
+        if changed and self._active:
+            self._rules_changed()
+        return changed
 
     def delete_filter_rule(self, mask: str, access_flags: int, control_flags: int, notify_flags: int) -> bool:
         return self._delete(self.rules, mask, access_flags, control_flags, notify_flags)
@@ -445,10 +518,16 @@ class CBFilter:
         return self._delete(self.passthrough_rules, mask, access_flags, control_flags, notify_flags)
 
     def delete_all_filter_rules(self) -> bool:
-        return self.rules.clear()
+        changed = self.rules.clear()
+        if changed and self._active:
+            self._rules_changed()
+        return changed
 
     def delete_all_passthrough_rules(self) -> bool:
-        return self.passthrough_rules.clear()
+        changed = self.passthrough_rules.clear()
+        if changed and self._active:
+            self._rules_changed()
+        return changed
 
     @property
     def filter_rule_count(self) -> int:
@@ -544,13 +623,17 @@ class CBFilter:
             if value.lower() not in ("true", "false", "1", "0", "yes", "no"):
                 raise CBFSFilterError(errno.EINVAL, f"{name} takes true or false, not {value!r}")
             value = "true" if value.lower() in ("true", "1", "yes") else "false"
+        elif name in _COUNT_SETTINGS:
+            if not value.isdigit():
+                raise CBFSFilterError(errno.EINVAL, f"{name} takes a whole number >= 0, not {value!r}")
+            value = str(int(value))
         else:
             try:
                 number = float(value)
             except ValueError:
-                raise CBFSFilterError(errno.EINVAL, f"{name} takes a number, not {value!r}") from None
-            if number < 0:
-                raise CBFSFilterError(errno.EINVAL, f"{name} must not be negative")
+                raise CBFSFilterError(errno.EINVAL, f"{name} takes a number of seconds, not {value!r}") from None
+            if not number >= 0 or number == float("inf"):
+                raise CBFSFilterError(errno.EINVAL, f"{name} must be a finite number >= 0, not {value!r}")
         self._config[name] = value
         return ""
 
@@ -559,33 +642,30 @@ class CBFilter:
 
     # -- inside handlers
 
-    def _origin(self) -> dispatch.Origin:
+    def _origin(self, creator: bool = False) -> dispatch.Origin:
         job = dispatch.current_job()
         if job is None or job.origin is None:
-            raise CBFSFilterError(errno.EINVAL, "get_originator_* works only inside an event handler")
+            what = "get_handle_creator_*" if creator else "get_originator_*"
+            raise CBFSFilterError(errno.EINVAL, f"{what} works only inside an event handler")
+        if creator and job.creator is not None:
+            return job.creator
         return job.origin
 
-    def get_originator_process_id(self) -> int:
-        origin = self._origin()
+    def _process_id(self, origin: dispatch.Origin) -> int:
         if origin.name is None:
             self._fill(origin)
         return origin.pid
 
-    def get_originator_thread_id(self) -> int:
-        return self._origin().tid
-
-    def get_originator_process_name(self) -> str:
+    def _process_name(self, creator: bool) -> str:
         try:
-            origin = self._origin()
+            origin = self._origin(creator)
         except CBFSFilterError:
             return ""
         if origin.name is None:
             self._fill(origin)
         return origin.name or ""
 
-    def get_originator_token(self) -> dict[str, Any]:
-        """The requester's credentials (Linux meaning of the token): uid, gid, pid and supplementary groups."""
-        origin = self._origin()
+    def _token(self, origin: dispatch.Origin) -> dict[str, Any]:
         groups: list[int] = []
         try:
             with open(f"/proc/{origin.tid}/status") as f:
@@ -594,19 +674,34 @@ class CBFilter:
                         groups = [int(g) for g in line.split()[1:]]
         except (OSError, ValueError):
             pass
-        return {"uid": origin.uid, "gid": origin.gid, "pid": self.get_originator_process_id(), "groups": groups}
+        return {"uid": origin.uid, "gid": origin.gid, "pid": self._process_id(origin), "groups": groups}
 
+    def get_originator_process_id(self) -> int:
+        return self._process_id(self._origin())
+
+    def get_originator_thread_id(self) -> int:
+        return self._origin().tid
+
+    def get_originator_process_name(self) -> str:
+        return self._process_name(False)
+
+    def get_originator_token(self) -> dict[str, Any]:
+        """The requester's credentials (Linux meaning of the token): uid, gid, pid and supplementary groups."""
+        return self._token(self._origin())
+
+    # The process that opened the handle an event is about (read, write, cleanup, close, ...): for a
+    # RELEASE or write-back that is not the process the kernel names. Events without a handle: the originator.
     def get_handle_creator_process_id(self) -> int:
-        return self.get_originator_process_id()
+        return self._process_id(self._origin(True))
 
     def get_handle_creator_thread_id(self) -> int:
-        return self.get_originator_thread_id()
+        return self._origin(True).tid
 
     def get_handle_creator_process_name(self) -> str:
-        return self.get_originator_process_name()
+        return self._process_name(True)
 
     def get_handle_creator_token(self) -> dict[str, Any]:
-        return self.get_originator_token()
+        return self._token(self._origin(True))
 
     @staticmethod
     def _fill(origin: dispatch.Origin) -> None:
@@ -624,28 +719,26 @@ class CBFilter:
                            close_immediately: bool = False) -> int:
         """Open a filtered file below the filter (no events): returns an OS fd the caller closes.
         ``desired_access`` takes open(2) flags here."""
+        if not isinstance(file_name, str) or not file_name.startswith("/"):
+            raise CBFSFilterError(errno.EINVAL, f"create_file_direct takes an absolute path, not {file_name!r}")
+        if creation_disposition not in _DISPOSITION_FLAGS:
+            raise CBFSFilterError(errno.EINVAL, f"unknown creation_disposition {creation_disposition!r}: use a "
+                                                "FILE_DISPOSITION_* constant")
         real = os.path.abspath(file_name)
+        flags = desired_access | os.O_CLOEXEC | _DISPOSITION_FLAGS[creation_disposition]
+        where, dir_fd = real, None
         for path, mount in self._attached.items():
             if real == path or real.startswith(path.rstrip("/") + "/"):
-                rel = os.path.relpath(real, path)
-                lower_fd = mount._lower_fd
-                flags = desired_access | os.O_CLOEXEC
-                if creation_disposition in (c.FILE_DISPOSITION_CREATE_NEW, c.FILE_DISPOSITION_CREATE_ALWAYS,
-                                            c.FILE_DISPOSITION_OPEN_ALWAYS):
-                    flags |= os.O_CREAT
-                if creation_disposition == c.FILE_DISPOSITION_CREATE_NEW:
-                    flags |= os.O_EXCL
-                if creation_disposition in (c.FILE_DISPOSITION_CREATE_ALWAYS, c.FILE_DISPOSITION_TRUNCATE_EXISTING):
-                    flags |= os.O_TRUNC
-                try:
-                    fd = os.open(rel if rel != "." else ".", flags, 0o666, dir_fd=lower_fd)
-                except OSError as exc:
-                    raise CBFSFilterError.from_os_error(exc, f"cannot open {real} below the filter") from exc
-                if close_immediately:
-                    os.close(fd)
-                    return -1
-                return fd
-        return os.open(real, desired_access | os.O_CLOEXEC)
+                where, dir_fd = os.path.relpath(real, path), mount._lower_fd
+                break
+        try:
+            fd = os.open(where, flags, 0o666, dir_fd=dir_fd)
+        except OSError as exc:
+            raise CBFSFilterError.from_os_error(exc, f"cannot open {real} below the filter") from exc
+        if close_immediately:
+            os.close(fd)
+            return -1
+        return fd
 
     def suspend_file_events(self) -> None:
         raise CBFSFilterError(errno.ENOSYS, "suspend_file_events is not implemented yet")

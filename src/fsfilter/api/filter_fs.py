@@ -25,7 +25,7 @@ from fsfilter.api import constants as c
 from fsfilter.api.params import FILTER_PARAMS, EventParams
 from fsfilter.engine.dispatch import Origin, Outcome
 from fsfilter.engine.rules import NO_FLAGS, Flags, PathMatch, attributes_from_stat, match_path
-from fsfilter.sessions.lower_fs import Inode, LowerFS, LowerOptions, _proc
+from fsfilter.sessions.lower_fs import Inode, LowerFS, LowerOptions, _proc, _sized
 from fsfilter.system import libc
 from fsfilter.system.procfs import task_status
 from fsfilter.wire import fuse as wire
@@ -38,6 +38,7 @@ log = logging.getLogger("fsfilter.filter")
 
 _FMODE_EXEC = 0x20  # in the open flags of execve's open
 _ACL_NAMES = (b"system.posix_acl_access", b"system.posix_acl_default")
+_XATTR_SIZE_MAX = 65536  # the largest xattr value Linux allows
 
 # Control bits that make a path's names and attributes volatile: their answer can differ per request.
 _VOLATILE = c.FS_CE_BEFORE_OPEN | c.FS_CE_BEFORE_CREATE | c.FS_CE_AFTER_GET_SIZES
@@ -327,8 +328,9 @@ class FilterFS(LowerFS):
         handler = self.core.handler(event)
         if handler is None:
             return None
+        creator = fields.pop("_creator", None)
         params = FILTER_PARAMS[event](**fields)
-        outcome = self.core.dispatcher.call(handler, params, origin)
+        outcome = self.core.dispatcher.call(handler, params, origin, creator)
         if outcome is Outcome.EXPIRED:
             if self.core.deny_expired_events:
                 raise OSError(errno.ETIMEDOUT, "the event handler did not answer in time")
@@ -346,10 +348,12 @@ class FilterFS(LowerFS):
         handler = self.core.handler(event)
         if handler is None:
             return
-        if origin.name is None:  # the process may be gone when the handler runs: read it now
-            info = ProcessInfo(origin.tid)
-            origin.name, origin.pid = info.name, info.pid
-        self.core.dispatcher.post(handler, FILTER_PARAMS[event](**fields), origin)
+        creator: Origin | None = fields.pop("_creator", None)
+        for who in (origin, creator):  # the process may be gone when the handler runs: read it now
+            if who is not None and who.name is None:
+                info = ProcessInfo(who.tid)
+                who.name, who.pid = info.name, info.pid
+        self.core.dispatcher.post(handler, FILTER_PARAMS[event](**fields), origin, creator)
 
     def after_ok(self, error: int) -> bool:
         return error == 0 or self.core.process_failed_requests
@@ -735,12 +739,14 @@ class FilterFS(LowerFS):
         path = handle.path if handle is not None else self.abspath(f.inode.nodeid)
         if not control:  # a notification only: no buffer for handlers to see
             data, error = self.attempt(lambda: super(FilterFS, self).read(req))
-            self.notify("notify_read_file", c.FS_NE_READ, flags, origin, file_name=path, position=offset,
+            self.notify("notify_read_file", c.FS_NE_READ, flags, origin, _creator=handle.origin if handle else None,
+                        file_name=path, position=offset,
                         bytes_to_read=size, direction=direction, bytes_read=len(data), status=error)
             if error:
                 raise OSError(error, os.strerror(error))
             return data
-        ctx = dict(file_context=self.file_context(f.inode.nodeid), handle_context=handle.context if handle else 0)
+        ctx = dict(file_context=self.file_context(f.inode.nodeid), handle_context=handle.context if handle else 0,
+                   _creator=handle.origin if handle else None)
         buf = ctypes.create_string_buffer(max(size, 1))
         view = memoryview(buf).cast("B")[:size]
         pointer = ctypes.c_void_p(ctypes.addressof(buf))
@@ -767,8 +773,9 @@ class FilterFS(LowerFS):
                           direction=direction, bytes_read=done, status=error, **ctx)
         if after is not None:
             done = max(0, min(size, int(after.bytes_read)))
-            error = int(after.status) if after.status else error
-        self.notify("notify_read_file", c.FS_NE_READ, flags, origin, file_name=path, position=position,
+            error = int(after.status or 0)  # the handler may set or clear the error
+        self.notify("notify_read_file", c.FS_NE_READ, flags, origin, _creator=ctx["_creator"], file_name=path,
+                    position=position,
                     bytes_to_read=count, direction=direction, bytes_read=done, status=error)
         if error:
             raise OSError(error, os.strerror(error))
@@ -790,7 +797,8 @@ class FilterFS(LowerFS):
         if not control:  # a notification only: no buffer for handlers to see
             reply, error = self.attempt(lambda: super(FilterFS, self).write(req))
             written = abi.WRITE_OUT.unpack_from(reply)[0] if reply else 0
-            self.notify("notify_write_file", c.FS_NE_WRITE, flags, origin, file_name=path, position=offset,
+            self.notify("notify_write_file", c.FS_NE_WRITE, flags, origin,
+                        _creator=handle.origin if handle else None, file_name=path, position=offset,
                         bytes_to_write=size, direction=direction, bytes_written=written, status=error)
             if error:
                 raise OSError(error, os.strerror(error))
@@ -798,7 +806,8 @@ class FilterFS(LowerFS):
         data = req.body[abi.WRITE_IN.size:abi.WRITE_IN.size + size]
         if len(data) != size:
             raise wire.WireError(errno.EINVAL, "write data shorter than its size")
-        ctx = dict(file_context=self.file_context(f.inode.nodeid), handle_context=handle.context if handle else 0)
+        ctx = dict(file_context=self.file_context(f.inode.nodeid), handle_context=handle.context if handle else 0,
+                   _creator=handle.origin if handle else None)
         buf = ctypes.create_string_buffer(bytes(data), max(size, 1))
         view = memoryview(buf).cast("B")[:size]
         pointer = ctypes.c_void_p(ctypes.addressof(buf))
@@ -828,8 +837,10 @@ class FilterFS(LowerFS):
                           buffer=pointer, buffer_length=size, buffer_view=view, bytes_to_write=count,
                           direction=direction, bytes_written=done, status=error, **ctx)
         if after is not None:
-            done = max(0, int(after.bytes_written))
-        self.notify("notify_write_file", c.FS_NE_WRITE, flags, origin, file_name=path, position=position,
+            done = max(0, min(count, int(after.bytes_written)))
+            error = int(after.status or 0)  # the handler may set or clear the error
+        self.notify("notify_write_file", c.FS_NE_WRITE, flags, origin, _creator=ctx["_creator"], file_name=path,
+                    position=position,
                     bytes_to_write=count, direction=direction, bytes_written=done, status=error)
         if error:
             raise OSError(error, os.strerror(error))
@@ -860,7 +871,8 @@ class FilterFS(LowerFS):
             return super().flush(req)
         f = self._file(fh)
         flags, origin = self._io_flags(req, f.inode, handle)
-        ctx = dict(file_context=self.file_context(f.inode.nodeid), handle_context=handle.context)
+        ctx = dict(file_context=self.file_context(f.inode.nodeid), handle_context=handle.context,
+                   _creator=handle.origin)
         before = self.fire("before_cleanup_file", c.FS_CE_BEFORE_CLEANUP, flags, origin, file_name=handle.path,
                            **ctx)
         reply = super().flush(req) if before is None or before.process_request else b""
@@ -869,7 +881,8 @@ class FilterFS(LowerFS):
         if after is not None:
             handle.context = int(after.handle_context)
             self._set_file_context(f.inode.nodeid, int(after.file_context))
-        self.notify("notify_cleanup_file", c.FS_NE_CLEANUP, flags, origin, file_name=handle.path)
+        self.notify("notify_cleanup_file", c.FS_NE_CLEANUP, flags, origin, _creator=handle.origin,
+                    file_name=handle.path)
         return reply
 
     def _set_file_context(self, nodeid: int, value: int) -> None:
@@ -898,21 +911,27 @@ class FilterFS(LowerFS):
         # RELEASE comes from the kernel (pid 0) after the last reference went: the handle's opener stands in.
         origin = handle.origin
         flags = self.effective(m, origin.tid, node)
-        ctx = dict(file_context=self.file_context(node.nodeid), handle_context=handle.context)
+        ctx = dict(file_context=self.file_context(node.nodeid), handle_context=handle.context,
+                   _creator=handle.origin)
         if is_dir and handle.enumerated and flags.control & (c.FS_CE_BEFORE_CLOSE | c.FS_CE_AFTER_ENUMERATE_DIRECTORY):
             handler = self.core.handler("after_close_enumeration")
             if handler is not None:
                 self.core.dispatcher.call(handler, FILTER_PARAMS["after_close_enumeration"](
                     directory_name=handle.path, directory_context=ctx["file_context"],
                     enumeration_context=handle.enum_context), origin)
+        # A close cannot fail: a result_code or a handler error is reported (on_error) and changes nothing,
+        # and the After event fires whatever the Before handler did.
         try:
             self.fire("before_close_file", c.FS_CE_BEFORE_CLOSE, flags, origin, file_name=handle.path, **ctx)
+        except OSError:
+            pass
+        try:
             after = self.fire("after_close_file", c.FS_CE_AFTER_CLOSE, flags, origin, file_name=handle.path, **ctx)
             if after is not None:
                 handle.context = int(after.handle_context)
                 self._set_file_context(node.nodeid, int(after.file_context))
         except OSError:
-            pass  # a close cannot fail
+            pass
         self.notify("notify_close_file", c.FS_NE_CLOSE, flags, origin, file_name=handle.path)
 
     def releasedir(self, req: Request) -> bytes:
@@ -1063,9 +1082,11 @@ class FilterFS(LowerFS):
                     can_delete=can_delete)
         if not can_delete:
             raise OSError(errno.EACCES, "an event handler refused the delete")
-        self.fire("before_delete_file", c.FS_CE_BEFORE_DELETE, flags, origin, file_name=path)
+        before = self.fire("before_delete_file", c.FS_CE_BEFORE_DELETE, flags, origin, file_name=path)
+        # process_request = False: the handler completed the delete (or chose to report it done).
+        handled = before is not None and not before.process_request
         try:
-            reply = serve(req)
+            reply = b"" if handled else serve(req)
         except OSError as exc:
             if self.after_ok(exc.errno or errno.EIO):
                 self.fire("after_delete_file", c.FS_CE_AFTER_DELETE, flags, origin, file_name=path,
@@ -1097,9 +1118,17 @@ class FilterFS(LowerFS):
         origin = self.origin(req)
         replace = not flags_in & 1  # RENAME_NOREPLACE
         fields = dict(file_name=old_path, new_file_name=new_path, replace_if_exists=replace, flags=flags_in)
-        self.fire("before_rename_or_move_file", c.FS_CE_BEFORE_RENAME, flags, origin, **fields)
+        before = self.fire("before_rename_or_move_file", c.FS_CE_BEFORE_RENAME, flags, origin, **fields)
         try:
-            reply = super()._rename(req, newdir, flags_in, offset)
+            if before is not None and not before.process_request:
+                # The handler completed the rename: the caller is told it succeeded, and the names
+                # remembered for paths follow whatever the lower directory now holds.
+                reply = b""
+                self._moved(new_dir, new)
+                if flags_in & 2:
+                    self._moved(old_dir, old)
+            else:
+                reply = super()._rename(req, newdir, flags_in, offset)
         except OSError as exc:
             if self.after_ok(exc.errno or errno.EIO):
                 self.fire("after_rename_or_move_file", c.FS_CE_AFTER_RENAME, flags, origin, status=exc.errno,
@@ -1150,9 +1179,15 @@ class FilterFS(LowerFS):
         flags = Flags(f_src.access | f_new.access, f_src.control | f_new.control, f_src.notify | f_new.notify)
         origin = self.origin(req)
         fields = dict(file_name=src_path, link_name=link_path, replace_if_exists=False)
-        self.fire("before_create_hard_link", c.FS_CE_BEFORE_CREATE_HARD_LINK, flags, origin, **fields)
+        before = self.fire("before_create_hard_link", c.FS_CE_BEFORE_CREATE_HARD_LINK, flags, origin, **fields)
         try:
-            reply = super().link(req)
+            if before is not None and not before.process_request:
+                # The handler completed it: the reply needs the new name's entry, so it must exist now.
+                parent = self.inode(req.nodeid)
+                fd = os.open(name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=parent.fd)
+                reply = self._entry(fd, parent.nodeid, name)
+            else:
+                reply = super().link(req)
         except OSError as exc:
             if self.after_ok(exc.errno or errno.EIO):
                 self.fire("after_create_hard_link", c.FS_CE_AFTER_CREATE_HARD_LINK, flags, origin,
@@ -1186,7 +1221,8 @@ class FilterFS(LowerFS):
         path = self.abspath(node.nodeid)
         origin = self.origin(req)
         handle = self._handles.get(fh) if valid & abi.FATTR_FH else None
-        ctx = dict(file_context=self.file_context(node.nodeid), handle_context=handle.context if handle else 0)
+        ctx = dict(file_context=self.file_context(node.nodeid), handle_context=handle.context if handle else 0,
+                   _creator=handle.origin if handle else None)
         events: list[tuple[str, int, int, dict[str, Any]]] = []
         if valid & abi.FATTR_SIZE:
             events.append(("set_file_size", c.FS_CE_BEFORE_SET_SIZES, c.FS_NE_SET_SIZES,
@@ -1229,22 +1265,26 @@ class FilterFS(LowerFS):
             raise self._deny("read-only")
         path = handle.path if handle else self.abspath(f.inode.nodeid)
         fields = dict(file_name=path, allocation_size=offset + length)
-        ctx = dict(file_context=self.file_context(f.inode.nodeid), handle_context=handle.context if handle else 0)
+        ctx = dict(file_context=self.file_context(f.inode.nodeid), handle_context=handle.context if handle else 0,
+                   _creator=handle.origin if handle else None)
         before = self.fire("before_set_allocation_size", c.FS_CE_BEFORE_SET_SIZES, flags, origin, **ctx, **fields)
         if before is not None and not before.process_request:
             return b""
         reply = super().fallocate(req)
         self.fire("after_set_allocation_size", c.FS_CE_AFTER_SET_SIZES, flags, origin, **ctx, **fields)
-        self.notify("notify_set_allocation_size", c.FS_NE_SET_SIZES, flags, origin, **fields)
+        self.notify("notify_set_allocation_size", c.FS_NE_SET_SIZES, flags, origin, _creator=ctx["_creator"],
+                    **fields)
         return reply
 
     def _xattr_events(self, req: Request, name: bytes, setting: bool, serve: Callable[[], bytes],
-                      value: bytes = b"") -> bytes:
+                      value: bytes = b"", size: int = 0) -> bytes:
+        """Events around an xattr request. ``serve`` sets/removes (``setting``) or returns the whole
+        value or name list, which the reply then cuts to the caller's ``size`` (0: a size probe)."""
         node = self.inode(req.nodeid)
         m = self.match_node(node.nodeid)
         flags = self.effective(m, req.pid, node)
         if not (flags.access or flags.control or flags.notify):
-            return serve()
+            return serve() if setting else _sized(serve(), size)
         acl = name in _ACL_NAMES
         if setting and flags.access & c.ACCESS_DENY_ALL:
             raise self._deny("deny all")
@@ -1265,32 +1305,44 @@ class FilterFS(LowerFS):
             kind = "set_ea" if setting else "query_ea"
             bit = c.FS_CE_BEFORE_SET_EA if setting else c.FS_CE_BEFORE_QUERY_EA
             nbit = c.FS_NE_SET_EA if setting else c.FS_NE_QUERY_EA
-            fields = dict(file_name=path, ea_name=os.fsdecode(name), buffer_length=len(value),
+            fields = dict(file_name=path, ea_name=os.fsdecode(name), buffer_length=len(value) if setting else size,
                           buffer_view=memoryview(value))
+        out = bytearray()
+        if not setting and not acl and flags.control & bit and self.core.handler(f"before_{kind}") is not None:
+            # A Before handler that completes a query writes the value into the buffer and sets
+            # valid_bytes (for ACLs: sets security_descriptor); the buffer holds the largest value Linux allows.
+            out = bytearray(_XATTR_SIZE_MAX)
+            fields.update(buffer_view=memoryview(out), valid_bytes=0)
         before = self.fire(f"before_{kind}", bit, flags, origin, **ctx, **fields)
         if before is not None and not before.process_request:
-            return b""
-        reply, error = self.attempt(serve)
-        if not setting and reply and not acl:
-            fields.update(buffer_length=len(reply), buffer_view=memoryview(reply), valid_bytes=len(reply))
-        if not setting and reply and acl:
-            fields.update(security_descriptor=reply, length=len(reply))
+            if setting:
+                return b""
+            if acl:
+                return _sized(bytes(before.security_descriptor or b""), size)
+            return _sized(bytes(out[:max(0, min(len(out), int(before.valid_bytes)))]), size)
+        raw, error = self.attempt(serve)
+        if not setting and acl:
+            fields.update(security_descriptor=raw, length=len(raw))
+        elif not setting:
+            fields.update(buffer_length=size, buffer_view=memoryview(raw), valid_bytes=len(raw))
         self.fire(f"after_{kind}", bit << 1, flags, origin, status=error, **ctx, **fields)
         self.notify(f"notify_{kind}", nbit, flags, origin, status=error, **fields)
         if error:
             raise OSError(error, os.strerror(error))
-        return reply
+        return raw if setting else _sized(raw, size)
 
     def getxattr(self, req: Request) -> bytes:
         if not self.reaches(req.nodeid):
             return super().getxattr(req)
+        size, _ = wire.fixed(req.body, abi.GETXATTR_IN)
         name, _ = wire.cstring(req.body, abi.GETXATTR_IN.size)
-        return self._xattr_events(req, name, False, lambda: super(FilterFS, self).getxattr(req))
+        return self._xattr_events(req, name, False, lambda: self.xattr_value(req), size=size)
 
     def listxattr(self, req: Request) -> bytes:
         if not self.reaches(req.nodeid):
             return super().listxattr(req)
-        return self._xattr_events(req, b"", False, lambda: super(FilterFS, self).listxattr(req))
+        size, _ = wire.fixed(req.body, abi.GETXATTR_IN)
+        return self._xattr_events(req, b"", False, lambda: self.xattr_names(req), size=size)
 
     def setxattr(self, req: Request) -> bytes:
         if not self.reaches(req.nodeid):
@@ -1318,14 +1370,13 @@ class FilterFS(LowerFS):
         before = self.fire("before_get_reparse_point", c.FS_CE_BEFORE_GET_REPARSE_POINT, flags, origin,
                            file_name=path)
         if before is not None and not before.process_request:
-            target = before.reparse_buffer
-            return bytes(target) if target else b""
+            return _link_target(before.reparse_buffer)
         target = super().readlink(req)
         after = self.fire("after_get_reparse_point", c.FS_CE_AFTER_GET_REPARSE_POINT, flags, origin,
                           file_name=path, reparse_buffer=target, reparse_buffer_length=len(target),
                           valid_bytes=len(target))
         if after is not None and after.reparse_buffer != target:
-            target = os.fsencode(after.reparse_buffer)
+            target = _link_target(after.reparse_buffer)
         self.notify("notify_get_reparse_point", c.FS_NE_GET_REPARSE_POINT, flags, origin, file_name=path,
                     reparse_buffer=target, reparse_buffer_length=len(target), valid_bytes=len(target))
         return target
@@ -1363,6 +1414,17 @@ _NAME_OFFSETS: dict[int, int] = {abi.Opcode.CREATE: abi.CREATE_IN.size, abi.Opco
 
 def _name_offset(opcode: int) -> int:
     return _NAME_OFFSETS.get(opcode, 0)
+
+
+def _link_target(value: object) -> bytes:
+    """A symlink target a handler supplied: str (file system encoding), bytes-like, or None/empty."""
+    if not value:
+        raise OSError(errno.EIO, "the event handler completed readlink without a target")
+    if isinstance(value, str):
+        return os.fsencode(value)
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return bytes(value)
+    raise OSError(errno.EIO, f"the event handler gave a {type(value).__name__} as the link target")
 
 
 def _no_cache(entry: bytes) -> bytes:

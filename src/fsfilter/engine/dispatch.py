@@ -46,13 +46,14 @@ class Origin:
 
 
 class Job:
-    __slots__ = ("handler", "params", "origin", "done", "deadline", "started", "cancelled", "error", "lock")
+    __slots__ = ("handler", "params", "origin", "creator", "done", "deadline", "started", "cancelled", "error", "lock")
 
     def __init__(self, handler: Handler, params: object, origin: Origin | None, deadline: float,
-                 waited: bool = True) -> None:
+                 waited: bool = True, creator: Origin | None = None) -> None:
         self.handler = handler
         self.params = params
         self.origin = origin
+        self.creator = creator  # who opened the handle the event is about, when it has one
         # Only a job another thread waits for needs these (notifications and inline calls do not: an
         # Event and a Lock cost more than the rest of a notification's bookkeeping).
         self.done = threading.Event() if waited else None
@@ -149,16 +150,17 @@ class Dispatcher:
 
     # -- control events
 
-    def call(self, handler: Handler, params: object, origin: Origin | None) -> Outcome:
+    def call(self, handler: Handler, params: object, origin: Origin | None, creator: Origin | None = None
+             ) -> Outcome:
         """Run a control-event handler for the request being served on this thread."""
         self.stats.control += 1
         timeout = self.timeout
         if not self.serialize and timeout <= 0:
-            job = Job(handler, params, origin, 0.0, waited=False)
+            job = Job(handler, params, origin, 0.0, waited=False, creator=creator)
             job.started = True
             self._run(job)
             return Outcome.FAILED if job.error is not None else Outcome.DONE
-        job = Job(handler, params, origin, time.monotonic() + timeout if timeout > 0 else 0.0)
+        job = Job(handler, params, origin, time.monotonic() + timeout if timeout > 0 else 0.0, creator=creator)
         assert job.done is not None and job.lock is not None
         self._submit(job)
         while True:
@@ -227,8 +229,9 @@ class Dispatcher:
 
     # -- notification events
 
-    def post(self, handler: Handler, params: object, origin: Origin | None) -> None:
-        job = Job(handler, params, origin, -1.0, waited=False)
+    def post(self, handler: Handler, params: object, origin: Origin | None, creator: Origin | None = None
+             ) -> None:
+        job = Job(handler, params, origin, -1.0, waited=False, creator=creator)
         with self._lock:
             self._pending_notes += 1
         self.stats.notifications_posted += 1
@@ -294,7 +297,7 @@ class _NoteJob(Job):
     __slots__ = ("inner",)
 
     def __init__(self, inner: Job) -> None:
-        super().__init__(inner.handler, inner.params, None, -1.0, waited=False)
+        super().__init__(inner.handler, inner.params, inner.origin, -1.0, waited=False, creator=inner.creator)
         self.inner = inner
 
 

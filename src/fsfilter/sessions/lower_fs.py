@@ -656,17 +656,24 @@ class LowerFS:
 
     def getxattr(self, req: Request) -> bytes:
         size, _ = wire.fixed(req.body, abi.GETXATTR_IN)
+        return _sized(self.xattr_value(req), size)
+
+    def xattr_value(self, req: Request) -> bytes:
+        """The whole value a GETXATTR asks for (the reply is cut to the caller's size from it)."""
         name, _ = wire.cstring(req.body, abi.GETXATTR_IN.size)
-        value = os.getxattr(_proc(self.inode(req.nodeid).fd), name)
-        return _sized(value, size)
+        return os.getxattr(_proc(self.inode(req.nodeid).fd), name)
 
     def listxattr(self, req: Request) -> bytes:
         size, _ = wire.fixed(req.body, abi.GETXATTR_IN)
+        return _sized(self.xattr_names(req), size)
+
+    def xattr_names(self, req: Request) -> bytes:
+        """The NUL-terminated names a LISTXATTR lists."""
         names = os.listxattr(_proc(self.inode(req.nodeid).fd))
         if req.uid != 0:
             # Listed natively only to callers with CAP_SYS_ADMIN (we list as root): uid 0 stands for that.
             names = [n for n in names if not n.startswith("trusted.")]
-        return _sized(b"".join(os.fsencode(n) + b"\0" for n in names), size)
+        return b"".join(os.fsencode(n) + b"\0" for n in names)
 
     def removexattr(self, req: Request) -> bytes:
         name, _ = wire.cstring(req.body)
