@@ -700,6 +700,32 @@ def test_rules_added_while_active_apply_to_cached_names(cbfilter: Callable[[], C
     assert wait_for(lambda: errno_of(f"os.stat({a!r})") == 0, 5)
 
 
+def test_suspend_file_events_until_the_last_close(cbfilter: Callable[[], CBFilter], data: Path) -> None:
+    f = cbfilter()
+    rec = Recorder()
+    suspend = [True]
+
+    def after_open(p: Any) -> None:
+        if suspend[0] and p.file_name.endswith("/a.txt"):
+            f.suspend_file_events()
+
+    f.on_after_open_file = rec.handler("after_open", after_open)
+    f.on_notify_read_file = rec.handler("read")
+    f.on_notify_close_file = rec.handler("close")
+    f.process_cached_io_requests = True  # every read reaches the filter, none is served from the page cache
+    f.add_filter_rule(f"{data}/*", 0, c.FS_CE_AFTER_OPEN, c.FS_NE_READ | c.FS_NE_CLOSE)
+    f.start_filter()
+    with pytest.raises(CBFSFilterError):
+        f.suspend_file_events()  # not inside an after-open handler
+    a = str(data / "a.txt")
+    run(f"open({a!r}, 'rb').read()")
+    suspend[0] = False
+    run(f"open({a!r}, 'rb').read()")
+    f.stop_filter()
+    assert len(rec.named("after_open", file_name=a)) == 2
+    assert len(rec.named("read", file_name=a)) >= 1 and len(rec.named("close", file_name=a)) == 1
+
+
 def test_handle_creator_is_the_opener(cbfilter: Callable[[], CBFilter], data: Path) -> None:
     """A file opened by one process and written by its child after the opener exited: the write's
     handle creator is the opener, its originator the writer."""

@@ -741,7 +741,15 @@ class CBFilter:
         return fd
 
     def suspend_file_events(self) -> None:
-        raise CBFSFilterError(errno.ENOSYS, "suspend_file_events is not implemented yet")
+        """Inside on_after_create_file / on_after_open_file: no more events (control or notification) for
+        this file until all its handles are closed. Access rules still apply."""
+        job = dispatch.current_job()
+        subject = job.subject if job is not None else None
+        if not (isinstance(subject, tuple) and len(subject) == 2 and isinstance(subject[0], FilterFS)):
+            raise CBFSFilterError(errno.EINVAL, "suspend_file_events works only inside on_after_create_file or "
+                                                "on_after_open_file")
+        fs, nodeid = subject
+        fs.suspend_events(nodeid)
 
     # -- SDK members with no Linux meaning (documented in docs/api.md)
 

@@ -196,6 +196,7 @@ class FilterFS(LowerFS):
         self._matches: dict[int, tuple[int, PathMatch]] = {}
         self._access_rules = (-1, False)  # (rules generation, whether any rule has access flags)
         self._reach: dict[int, tuple[int, bool]] = {}  # nodeid -> (generation, can a rule concern its subtree)
+        self._suspended: set[int] = set()  # nodes whose events suspend_file_events stopped until the last close
         self._file_contexts: dict[int, int] = {}  # nodeid -> file context, while the node has opens
         self._node_opens: dict[int, int] = {}  # nodeid -> opens (files and directories) with events
         self._handles: dict[int, _Handle] = {}
@@ -284,7 +285,13 @@ class FilterFS(LowerFS):
             f = m.flags(ProcessInfo(tid) if tid else None, facts)
         if (f.access or f.control or f.notify) and not self.core.filter_own_requests and self.is_own(tid):
             return NO_FLAGS
+        if node is not None and node.nodeid in self._suspended and (f.control or f.notify):
+            return Flags(f.access, 0, 0)  # events suspended; access rules still hold
         return f
+
+    def suspend_events(self, nodeid: int) -> None:
+        """suspend_file_events: no events for this node until all its handles are closed."""
+        self._suspended.add(nodeid)
 
     def route(self, req: Request) -> bool | None:
         """Session router: requests that may fire a control event go to the pool; our own, to the reader."""
@@ -329,8 +336,9 @@ class FilterFS(LowerFS):
         if handler is None:
             return None
         creator = fields.pop("_creator", None)
+        subject = fields.pop("_subject", None)
         params = FILTER_PARAMS[event](**fields)
-        outcome = self.core.dispatcher.call(handler, params, origin, creator)
+        outcome = self.core.dispatcher.call(handler, params, origin, creator, subject)
         if outcome is Outcome.EXPIRED:
             if self.core.deny_expired_events:
                 raise OSError(errno.ETIMEDOUT, "the event handler did not answer in time")
@@ -388,6 +396,7 @@ class FilterFS(LowerFS):
                 file_context = 0
             else:
                 self._node_opens.pop(nodeid, None)
+                self._suspended.discard(nodeid)
                 file_context = self._file_contexts.pop(nodeid, 0)
         if file_context or handle.context:
             handler = self.core.handler("cleanup_context")
@@ -548,24 +557,27 @@ class FilterFS(LowerFS):
                 self._after_open(kind, bits, flags, origin, fields, error, file_context, handle_context)
             raise
         fh = struct.unpack_from("<Q", reply, offset)[0]
+        # A CREATE reply starts with the new object's entry: its node id is the one the handle is on.
+        nodeid = struct.unpack_from("<Q", reply, 0)[0] if offset else node.nodeid
         try:
             file_context, handle_context = self._after_open(kind, bits, flags, origin, fields, 0, file_context,
-                                                            handle_context)
+                                                            handle_context, (self, nodeid))
         except BaseException:
             self._undo_open(fh, is_dir)
+            if nodeid not in self._node_opens:
+                self._suspended.discard(nodeid)
             raise
         handle = _Handle(path, origin, open_flags, is_dir)
         handle.context = handle_context
-        # A CREATE reply starts with the new object's entry: its node id is the one the handle is on.
-        nodeid = struct.unpack_from("<Q", reply, 0)[0] if offset else node.nodeid
         self._node_opened(nodeid, file_context)
         self._handles[fh] = handle
         return reply
 
     def _after_open(self, kind: str, bits: tuple[int, int, int], flags: Flags, origin: Origin,
-                    fields: dict[str, Any], error: int, file_context: int, handle_context: int) -> tuple[int, int]:
+                    fields: dict[str, Any], error: int, file_context: int, handle_context: int,
+                    subject: tuple[FilterFS, int] | None = None) -> tuple[int, int]:
         after = self.fire(f"after_{kind}_file", bits[1], flags, origin, status=error, file_context=file_context,
-                          handle_context=handle_context, **fields)
+                          handle_context=handle_context, _subject=subject, **fields)
         if after is not None:
             file_context, handle_context = int(after.file_context), int(after.handle_context)
         self.notify(f"notify_{kind}_file", bits[2], flags, origin, status=error, **fields)

@@ -46,7 +46,8 @@ class Origin:
 
 
 class Job:
-    __slots__ = ("handler", "params", "origin", "creator", "done", "deadline", "started", "cancelled", "error", "lock")
+    __slots__ = ("handler", "params", "origin", "creator", "subject", "done", "deadline", "started", "cancelled",
+                 "error", "lock")
 
     def __init__(self, handler: Handler, params: object, origin: Origin | None, deadline: float,
                  waited: bool = True, creator: Origin | None = None) -> None:
@@ -54,6 +55,7 @@ class Job:
         self.params = params
         self.origin = origin
         self.creator = creator  # who opened the handle the event is about, when it has one
+        self.subject: object = None  # what the event is about, for calls that act on it (the caller's own use)
         # Only a job another thread waits for needs these (notifications and inline calls do not: an
         # Event and a Lock cost more than the rest of a notification's bookkeeping).
         self.done = threading.Event() if waited else None
@@ -150,17 +152,19 @@ class Dispatcher:
 
     # -- control events
 
-    def call(self, handler: Handler, params: object, origin: Origin | None, creator: Origin | None = None
-             ) -> Outcome:
+    def call(self, handler: Handler, params: object, origin: Origin | None, creator: Origin | None = None,
+             subject: object = None) -> Outcome:
         """Run a control-event handler for the request being served on this thread."""
         self.stats.control += 1
         timeout = self.timeout
         if not self.serialize and timeout <= 0:
             job = Job(handler, params, origin, 0.0, waited=False, creator=creator)
+            job.subject = subject
             job.started = True
             self._run(job)
             return Outcome.FAILED if job.error is not None else Outcome.DONE
         job = Job(handler, params, origin, time.monotonic() + timeout if timeout > 0 else 0.0, creator=creator)
+        job.subject = subject
         assert job.done is not None and job.lock is not None
         self._submit(job)
         while True:
