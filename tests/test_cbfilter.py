@@ -174,6 +174,8 @@ def test_rule_aggregation_and_getters(cbfilter: Callable[[], CBFilter], data: Pa
     assert f.delete_filter_rule(mask, c.ACCESS_ALL_FLAGS, c.FS_CE_ALL, c.FS_NE_ALL)
     assert f.filter_rule_count == 0
     assert f.file_matches_mask("*.*", "/x/noext") and not f.file_matches_mask("/a/b/*", "/a/b")
+    f.set_process_failed_requests(True)  # the SDK's accessor style works next to plain attributes
+    assert f.process_failed_requests and f.get_process_failed_requests() and f.get_filter_rule_count() == 0
 
 
 def test_notifications_for_common_operations(cbfilter: Callable[[], CBFilter], data: Path) -> None:

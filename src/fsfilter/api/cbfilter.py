@@ -111,6 +111,11 @@ def _check_flags(name: str, value: int, known: int) -> int:
     return value
 
 
+_SETTABLE = frozenset({"altitude", "strict_altitude", "serialize_events", "tag", "fire_volume_events",
+                       "process_cached_io_requests", "process_failed_requests", "serialize_access",
+                       "file_flushing_behavior"})
+_PROPERTIES = _SETTABLE | {"active", "filter_rule_count", "passthrough_rule_count", "attach_point_count"}
+
 _DISPOSITION_FLAGS = {
     c.FILE_DISPOSITION_CREATE_NEW: os.O_CREAT | os.O_EXCL,
     c.FILE_DISPOSITION_CREATE_ALWAYS: os.O_CREAT | os.O_TRUNC,
@@ -285,6 +290,15 @@ class CBFilter:
 
     def get_active(self) -> bool:
         return self._active
+
+    # The SDK's accessor style, next to the plain attributes: f.get_tag(), f.set_tag(7), ...
+    def __getattr__(self, name: str) -> Any:  # only reached for names that are not attributes
+        prop = name[4:]
+        if name.startswith("get_") and prop in _PROPERTIES:
+            return lambda: getattr(self, prop)
+        if name.startswith("set_") and prop in _SETTABLE:
+            return lambda value: setattr(self, prop, value)
+        raise AttributeError(f"CBFilter has no attribute {name!r}")
 
     def start_filter(self, timeout: int = 0) -> None:
         """Mount on every attach point and start firing events. ``timeout``: ms a control event may take
