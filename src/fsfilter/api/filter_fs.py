@@ -215,6 +215,10 @@ class FilterFS(LowerFS):
     def child_path(self, parent: int, name: bytes) -> str:
         return self.abspath(parent).rstrip("/") + "/" + os.fsdecode(name)
 
+    def _generation(self) -> int:
+        """Cached per-node decisions hold while this is unchanged (rules changed or something was renamed)."""
+        return self.core.rules_generation + self._epoch
+
     def reaches(self, nodeid: int) -> bool:
         """Whether some rule could concern this node or anything below it.
 
@@ -223,7 +227,7 @@ class FilterFS(LowerFS):
         generation; a node below one that no rule reaches is not reached either, without a check.
         """
         core = self.core
-        gen = core.rules.generation + core.passthrough_rules.generation + self._epoch
+        gen = self._generation()
         hit = self._reach.get(nodeid)
         if hit is not None and hit[0] == gen:
             return hit[1]
@@ -251,7 +255,7 @@ class FilterFS(LowerFS):
         core = self.core
         if not self.reaches(nodeid):
             return None
-        gen = core.rules_generation + self._epoch
+        gen = self._generation()
         hit = self._matches.get(nodeid)
         if hit is not None and hit[0] == gen:
             return hit[1]
@@ -327,16 +331,16 @@ class FilterFS(LowerFS):
     def origin(self, req: Request) -> Origin:
         return Origin(req.pid, req.pid, req.uid, req.gid)
 
-    def fire(self, event: str, bit: int, flags: Flags, origin: Origin, /, **fields: Any) -> EventParams | None:
+    def fire(self, event: str, bit: int, flags: Flags, origin: Origin, /, *, creator: Origin | None = None,
+             subject: object = None, **fields: Any) -> EventParams | None:
         """Fire a control event if the rules ask for it and a handler is set. Raises OSError when the handler
-        fails the request (result_code), when it raised, or when it expired with DenyExpiredEvents."""
+        fails the request (result_code), when it raised, or when it expired with DenyExpiredEvents.
+        ``creator``: who opened the handle the event is about; ``subject``: what suspend_file_events acts on."""
         if not flags.control & bit:
             return None
         handler = self.core.handler(event)
         if handler is None:
             return None
-        creator = fields.pop("_creator", None)
-        subject = fields.pop("_subject", None)
         params = FILTER_PARAMS[event](**fields)
         outcome = self.core.dispatcher.call(handler, params, origin, creator, subject)
         if outcome is Outcome.EXPIRED:
@@ -350,13 +354,13 @@ class FilterFS(LowerFS):
             raise OSError(int(code), os.strerror(int(code)))
         return params
 
-    def notify(self, event: str, bit: int, flags: Flags, origin: Origin, /, **fields: Any) -> None:
+    def notify(self, event: str, bit: int, flags: Flags, origin: Origin, /, *, creator: Origin | None = None,
+               **fields: Any) -> None:
         if not flags.notify & bit:
             return
         handler = self.core.handler(event)
         if handler is None:
             return
-        creator: Origin | None = fields.pop("_creator", None)
         for who in (origin, creator):  # the process may be gone when the handler runs: read it now
             if who is not None and who.name is None:
                 info = ProcessInfo(who.tid)
@@ -438,7 +442,7 @@ class FilterFS(LowerFS):
         """Cache the match of the path an entry reply just named, under the node id it gave."""
         nodeid = struct.unpack_from("<Q", entry, 0)[0]
         if nodeid:
-            self._matches[nodeid] = (self.core.rules_generation + self._epoch, m)
+            self._matches[nodeid] = (self._generation(), m)
 
     def _any_volatile(self) -> bool:
         """Whether any path can be volatile (see _volatile): a handler for a volatile bit, or an access rule."""
@@ -460,7 +464,7 @@ class FilterFS(LowerFS):
         naming = getattr(self._naming, "entry", None)
         if naming is not None and naming[0] == parent and naming[1] == name:
             # The new node's path was just matched: cache it before the open reply asks for it.
-            self._matches[node.nodeid] = (self.core.rules_generation + self._epoch, naming[2])
+            self._matches[node.nodeid] = (self._generation(), naming[2])
         return node
 
     def node_dropped(self, nodeid: int) -> None:
@@ -577,7 +581,7 @@ class FilterFS(LowerFS):
                     fields: dict[str, Any], error: int, file_context: int, handle_context: int,
                     subject: tuple[FilterFS, int] | None = None) -> tuple[int, int]:
         after = self.fire(f"after_{kind}_file", bits[1], flags, origin, status=error, file_context=file_context,
-                          handle_context=handle_context, _subject=subject, **fields)
+                          handle_context=handle_context, subject=subject, **fields)
         if after is not None:
             file_context, handle_context = int(after.file_context), int(after.handle_context)
         self.notify(f"notify_{kind}_file", bits[2], flags, origin, status=error, **fields)
@@ -604,10 +608,12 @@ class FilterFS(LowerFS):
         # The kernel sends CREATE for open(O_CREAT) whenever the name is not in its cache, whether or not
         # the file exists. Opening an existing file is an open (with the events and access checks of one,
         # and a hiding before-open handler refuses it), a new one a create.
-        try:
-            existing = os.stat(name, dir_fd=parent.fd, follow_symlinks=False)
-        except OSError:
-            existing = None
+        existing: os.stat_result | None = None
+        if flags:  # with no rule on the name the kind of open decides nothing: save the syscall
+            try:
+                existing = os.stat(name, dir_fd=parent.fd, follow_symlinks=False)
+            except OSError:
+                pass
         created = existing is None or bool(open_flags & os.O_EXCL)
         self._check_open_access(flags, open_flags, created)
         known = self.by_key.get((existing.st_dev, existing.st_ino)) if existing is not None else None
@@ -641,8 +647,9 @@ class FilterFS(LowerFS):
                 flags.control & c.FS_CE_BEFORE_CREATE and self.core.handler("before_create_file")):
             raise self._deny("read-only")
         origin = self.origin(req)
-        fields = dict(file_name=path, desired_access=c.DESIRED_ACCESS_FILE_WRITE_DATA, attributes=attributes,
-                      options=0, flags=0, mode=mode, create_disposition=c.FILE_DISPOSITION_CREATE_NEW)
+        fields: dict[str, Any] = dict(file_name=path, desired_access=c.DESIRED_ACCESS_FILE_WRITE_DATA,
+                                      attributes=attributes, options=0, flags=0, mode=mode,
+                                      create_disposition=c.FILE_DISPOSITION_CREATE_NEW)
         before = self.fire("before_create_file", c.FS_CE_BEFORE_CREATE, flags, origin, **fields)
         if before is not None and not before.process_request:
             raise OSError(errno.EACCES, "the event handler completed the create")
@@ -751,14 +758,13 @@ class FilterFS(LowerFS):
         path = handle.path if handle is not None else self.abspath(f.inode.nodeid)
         if not control:  # a notification only: no buffer for handlers to see
             data, error = self.attempt(lambda: super(FilterFS, self).read(req))
-            self.notify("notify_read_file", c.FS_NE_READ, flags, origin, _creator=handle.origin if handle else None,
+            self.notify("notify_read_file", c.FS_NE_READ, flags, origin, creator=handle.origin if handle else None,
                         file_name=path, position=offset,
                         bytes_to_read=size, direction=direction, bytes_read=len(data), status=error)
             if error:
                 raise OSError(error, os.strerror(error))
             return data
-        ctx = dict(file_context=self.file_context(f.inode.nodeid), handle_context=handle.context if handle else 0,
-                   _creator=handle.origin if handle else None)
+        ctx = self._handle_ctx(f.inode.nodeid, handle)
         buf = ctypes.create_string_buffer(max(size, 1))
         view = memoryview(buf).cast("B")[:size]
         pointer = ctypes.c_void_p(ctypes.addressof(buf))
@@ -786,7 +792,7 @@ class FilterFS(LowerFS):
         if after is not None:
             done = max(0, min(size, int(after.bytes_read)))
             error = int(after.status or 0)  # the handler may set or clear the error
-        self.notify("notify_read_file", c.FS_NE_READ, flags, origin, _creator=ctx["_creator"], file_name=path,
+        self.notify("notify_read_file", c.FS_NE_READ, flags, origin, creator=ctx["creator"], file_name=path,
                     position=position,
                     bytes_to_read=count, direction=direction, bytes_read=done, status=error)
         if error:
@@ -810,7 +816,7 @@ class FilterFS(LowerFS):
             reply, error = self.attempt(lambda: super(FilterFS, self).write(req))
             written = abi.WRITE_OUT.unpack_from(reply)[0] if reply else 0
             self.notify("notify_write_file", c.FS_NE_WRITE, flags, origin,
-                        _creator=handle.origin if handle else None, file_name=path, position=offset,
+                        creator=handle.origin if handle else None, file_name=path, position=offset,
                         bytes_to_write=size, direction=direction, bytes_written=written, status=error)
             if error:
                 raise OSError(error, os.strerror(error))
@@ -818,8 +824,7 @@ class FilterFS(LowerFS):
         data = req.body[abi.WRITE_IN.size:abi.WRITE_IN.size + size]
         if len(data) != size:
             raise wire.WireError(errno.EINVAL, "write data shorter than its size")
-        ctx = dict(file_context=self.file_context(f.inode.nodeid), handle_context=handle.context if handle else 0,
-                   _creator=handle.origin if handle else None)
+        ctx = self._handle_ctx(f.inode.nodeid, handle)
         buf = ctypes.create_string_buffer(bytes(data), max(size, 1))
         view = memoryview(buf).cast("B")[:size]
         pointer = ctypes.c_void_p(ctypes.addressof(buf))
@@ -851,7 +856,7 @@ class FilterFS(LowerFS):
         if after is not None:
             done = max(0, min(count, int(after.bytes_written)))
             error = int(after.status or 0)  # the handler may set or clear the error
-        self.notify("notify_write_file", c.FS_NE_WRITE, flags, origin, _creator=ctx["_creator"], file_name=path,
+        self.notify("notify_write_file", c.FS_NE_WRITE, flags, origin, creator=ctx["creator"], file_name=path,
                     position=position,
                     bytes_to_write=count, direction=direction, bytes_written=done, status=error)
         if error:
@@ -883,8 +888,7 @@ class FilterFS(LowerFS):
             return super().flush(req)
         f = self._file(fh)
         flags, origin = self._io_flags(req, f.inode, handle)
-        ctx = dict(file_context=self.file_context(f.inode.nodeid), handle_context=handle.context,
-                   _creator=handle.origin)
+        ctx = self._handle_ctx(f.inode.nodeid, handle)
         before = self.fire("before_cleanup_file", c.FS_CE_BEFORE_CLEANUP, flags, origin, file_name=handle.path,
                            **ctx)
         reply = super().flush(req) if before is None or before.process_request else b""
@@ -893,9 +897,14 @@ class FilterFS(LowerFS):
         if after is not None:
             handle.context = int(after.handle_context)
             self._set_file_context(f.inode.nodeid, int(after.file_context))
-        self.notify("notify_cleanup_file", c.FS_NE_CLEANUP, flags, origin, _creator=handle.origin,
+        self.notify("notify_cleanup_file", c.FS_NE_CLEANUP, flags, origin, creator=handle.origin,
                     file_name=handle.path)
         return reply
+
+    def _handle_ctx(self, nodeid: int, handle: _Handle | None) -> dict[str, Any]:
+        """The context fields of an event about an open handle, and who opened it."""
+        return dict(file_context=self.file_context(nodeid), handle_context=handle.context if handle else 0,
+                    creator=handle.origin if handle else None)
 
     def _set_file_context(self, nodeid: int, value: int) -> None:
         with self._ctx_lock:
@@ -923,8 +932,7 @@ class FilterFS(LowerFS):
         # RELEASE comes from the kernel (pid 0) after the last reference went: the handle's opener stands in.
         origin = handle.origin
         flags = self.effective(m, origin.tid, node)
-        ctx = dict(file_context=self.file_context(node.nodeid), handle_context=handle.context,
-                   _creator=handle.origin)
+        ctx = self._handle_ctx(node.nodeid, handle)
         if is_dir and handle.enumerated and flags.control & (c.FS_CE_BEFORE_CLOSE | c.FS_CE_AFTER_ENUMERATE_DIRECTORY):
             handler = self.core.handler("after_close_enumeration")
             if handler is not None:
@@ -1129,7 +1137,8 @@ class FilterFS(LowerFS):
         flags = Flags(f_old.access | f_new.access, f_old.control | f_new.control, f_old.notify | f_new.notify)
         origin = self.origin(req)
         replace = not flags_in & 1  # RENAME_NOREPLACE
-        fields = dict(file_name=old_path, new_file_name=new_path, replace_if_exists=replace, flags=flags_in)
+        fields: dict[str, Any] = dict(file_name=old_path, new_file_name=new_path, replace_if_exists=replace,
+                                      flags=flags_in)
         before = self.fire("before_rename_or_move_file", c.FS_CE_BEFORE_RENAME, flags, origin, **fields)
         try:
             if before is not None and not before.process_request:
@@ -1190,7 +1199,7 @@ class FilterFS(LowerFS):
             raise self._deny("read-only")
         flags = Flags(f_src.access | f_new.access, f_src.control | f_new.control, f_src.notify | f_new.notify)
         origin = self.origin(req)
-        fields = dict(file_name=src_path, link_name=link_path, replace_if_exists=False)
+        fields: dict[str, Any] = dict(file_name=src_path, link_name=link_path, replace_if_exists=False)
         before = self.fire("before_create_hard_link", c.FS_CE_BEFORE_CREATE_HARD_LINK, flags, origin, **fields)
         try:
             if before is not None and not before.process_request:
@@ -1233,8 +1242,7 @@ class FilterFS(LowerFS):
         path = self.abspath(node.nodeid)
         origin = self.origin(req)
         handle = self._handles.get(fh) if valid & abi.FATTR_FH else None
-        ctx = dict(file_context=self.file_context(node.nodeid), handle_context=handle.context if handle else 0,
-                   _creator=handle.origin if handle else None)
+        ctx = self._handle_ctx(node.nodeid, handle)
         events: list[tuple[str, int, int, dict[str, Any]]] = []
         if valid & abi.FATTR_SIZE:
             events.append(("set_file_size", c.FS_CE_BEFORE_SET_SIZES, c.FS_NE_SET_SIZES,
@@ -1276,15 +1284,14 @@ class FilterFS(LowerFS):
         if flags.access & (c.ACCESS_READ_ONLY | c.ACCESS_DENY_ALL):
             raise self._deny("read-only")
         path = handle.path if handle else self.abspath(f.inode.nodeid)
-        fields = dict(file_name=path, allocation_size=offset + length)
-        ctx = dict(file_context=self.file_context(f.inode.nodeid), handle_context=handle.context if handle else 0,
-                   _creator=handle.origin if handle else None)
+        fields: dict[str, Any] = dict(file_name=path, allocation_size=offset + length)
+        ctx = self._handle_ctx(f.inode.nodeid, handle)
         before = self.fire("before_set_allocation_size", c.FS_CE_BEFORE_SET_SIZES, flags, origin, **ctx, **fields)
         if before is not None and not before.process_request:
             return b""
         reply = super().fallocate(req)
         self.fire("after_set_allocation_size", c.FS_CE_AFTER_SET_SIZES, flags, origin, **ctx, **fields)
-        self.notify("notify_set_allocation_size", c.FS_NE_SET_SIZES, flags, origin, _creator=ctx["_creator"],
+        self.notify("notify_set_allocation_size", c.FS_NE_SET_SIZES, flags, origin, creator=ctx["creator"],
                     **fields)
         return reply
 
@@ -1306,7 +1313,7 @@ class FilterFS(LowerFS):
             raise self._deny("read-only")
         path = self.abspath(node.nodeid)
         origin = self.origin(req)
-        ctx = dict(file_context=self.file_context(node.nodeid))
+        ctx: dict[str, Any] = dict(file_context=self.file_context(node.nodeid))
         if acl:
             kind = "set_file_security" if setting else "get_file_security"
             bit = c.FS_CE_BEFORE_SET_SECURITY if setting else c.FS_CE_BEFORE_GET_SECURITY
@@ -1405,8 +1412,8 @@ class FilterFS(LowerFS):
         path = handle.path if handle else self.abspath(node.nodeid)
         origin = self.origin(req)
         data = bytes(req.body[abi.IOCTL_IN.size:abi.IOCTL_IN.size + in_size])
-        fields = dict(file_name=path, io_control_code=cmd, input_buffer=data, input_buffer_length=in_size,
-                      output_buffer_length=out_size)
+        fields: dict[str, Any] = dict(file_name=path, io_control_code=cmd, input_buffer=data,
+                                      input_buffer_length=in_size, output_buffer_length=out_size)
         before = self.fire("before_ioctl", c.FS_CE_BEFORE_IOCTL, flags, origin, **fields)
         if before is not None and not before.process_request:
             out = bytes(before.output_buffer or b"")[:out_size]

@@ -50,12 +50,12 @@ class Job:
                  "error", "lock")
 
     def __init__(self, handler: Handler, params: object, origin: Origin | None, deadline: float,
-                 waited: bool = True, creator: Origin | None = None) -> None:
+                 waited: bool = True, creator: Origin | None = None, subject: object = None) -> None:
         self.handler = handler
         self.params = params
         self.origin = origin
         self.creator = creator  # who opened the handle the event is about, when it has one
-        self.subject: object = None  # what the event is about, for calls that act on it (the caller's own use)
+        self.subject = subject  # what the event is about, for calls that act on it (the caller's own use)
         # Only a job another thread waits for needs these (notifications and inline calls do not: an
         # Event and a Lock cost more than the rest of a notification's bookkeeping).
         self.done = threading.Event() if waited else None
@@ -158,13 +158,12 @@ class Dispatcher:
         self.stats.control += 1
         timeout = self.timeout
         if not self.serialize and timeout <= 0:
-            job = Job(handler, params, origin, 0.0, waited=False, creator=creator)
-            job.subject = subject
+            job = Job(handler, params, origin, 0.0, waited=False, creator=creator, subject=subject)
             job.started = True
             self._run(job)
             return Outcome.FAILED if job.error is not None else Outcome.DONE
-        job = Job(handler, params, origin, time.monotonic() + timeout if timeout > 0 else 0.0, creator=creator)
-        job.subject = subject
+        job = Job(handler, params, origin, time.monotonic() + timeout if timeout > 0 else 0.0, creator=creator,
+                  subject=subject)
         assert job.done is not None and job.lock is not None
         self._submit(job)
         while True:
@@ -203,10 +202,10 @@ class Dispatcher:
                     self._idle -= 1
                 if job is None:
                     return
-                if isinstance(job, _NoteJob):  # a notification, when events are serialised
+                if job.lock is None:  # a notification (only those are not waited for), when events are serialised
                     self._deliver(job)
                     continue
-                assert job.lock is not None and job.done is not None
+                assert job.done is not None
                 with job.lock:
                     if job.cancelled:
                         job.done.set()
@@ -240,7 +239,7 @@ class Dispatcher:
             self._pending_notes += 1
         self.stats.notifications_posted += 1
         if self.serialize:
-            self._work.put(_NoteJob(job))
+            self._work.put(job)
         else:
             self._notes.append(job)
             ready = self._notes_ready
@@ -263,8 +262,6 @@ class Dispatcher:
                 return
 
     def _deliver(self, job: Job) -> None:
-        if isinstance(job, _NoteJob):
-            job = job.inner
         self._run(job)
         self.stats.notifications_delivered += 1
         with self._lock:
@@ -293,16 +290,6 @@ class Dispatcher:
                 self.on_thread(starting)
             except Exception:
                 log.exception("a worker-thread event handler raised")
-
-
-class _NoteJob(Job):
-    """A notification travelling through the serial worker's queue."""
-
-    __slots__ = ("inner",)
-
-    def __init__(self, inner: Job) -> None:
-        super().__init__(inner.handler, inner.params, inner.origin, -1.0, waited=False, creator=inner.creator)
-        self.inner = inner
 
 
 def reset_timeout(timeout: float) -> bool:

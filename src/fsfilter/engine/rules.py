@@ -351,41 +351,19 @@ class RuleSet:
         False lets a caller treat a whole subtree as unfiltered after one check of its top. Process parts
         and qualifiers are not looked at: a rule that could match for some process or file counts.
         """
-        if self._unanchored or self._by_name:
-            return True
-        anchors = self._anchors
-        if anchors is None:
-            anchors = self._anchors = sorted(self._exact.keys() | self._by_prefix.keys())
-        # a rule on the path itself or anchored below it ...
-        if path in self._exact or path in self._by_prefix:
+        if self._unanchored or self._by_name or self._prefix_at_or_above(path) or path in self._exact:
             return True
         below = path if path.endswith("/") else path + "/"
+        anchors = self._sorted_anchors()
         i = bisect_left(anchors, below)
-        if i < len(anchors) and anchors[i].startswith(below):
-            return True
-        # ... or a fixed prefix that is an ancestor (index keys are directories without a trailing "/")
-        end = 0
-        while end != -1 and end < len(path):
-            if (path[:end] or "/") in self._by_prefix:
-                return True
-            end = path.find("/", end + 1)
-        return False
+        return i < len(anchors) and anchors[i].startswith(below)  # a rule anchored below the path
 
     def may_match_child(self, directory: str) -> bool:
         """Whether some rule could match a name directly in ``directory`` (absolute, normalised)."""
-        if self._unanchored or self._by_name:
-            return True
-        end = 0
-        while end != -1:
-            if (directory[:end] or "/") in self._by_prefix:
-                return True
-            end = directory.find("/", end + 1)
-        if directory in self._by_prefix:
+        if self._unanchored or self._by_name or self._prefix_at_or_above(directory):
             return True
         below = directory if directory.endswith("/") else directory + "/"
-        anchors = self._anchors
-        if anchors is None:
-            anchors = self._anchors = sorted(self._exact.keys() | self._by_prefix.keys())
+        anchors = self._sorted_anchors()
         for i in range(bisect_left(anchors, below), len(anchors)):
             key = anchors[i]
             if not key.startswith(below):
@@ -393,6 +371,24 @@ class RuleSet:
             if "/" not in key[len(below):] and key in self._exact:
                 return True
         return False
+
+    def _prefix_at_or_above(self, path: str) -> bool:
+        """Whether a fixed prefix is ``path`` or one of its ancestors (prefix keys are directories)."""
+        if path in self._by_prefix:
+            return True
+        end = 0
+        while end != -1 and end < len(path):
+            if (path[:end] or "/") in self._by_prefix:
+                return True
+            end = path.find("/", end + 1)
+        return False
+
+    def _sorted_anchors(self) -> list[str]:
+        """The keys of the exact and prefix indexes, sorted (rebuilt after a change)."""
+        anchors = self._anchors
+        if anchors is None:
+            anchors = self._anchors = sorted(self._exact.keys() | self._by_prefix.keys())
+        return anchors
 
     def prefixes(self) -> set[str]:
         """The fixed prefixes of the non-inverted absolute masks."""
