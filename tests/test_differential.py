@@ -44,6 +44,7 @@ VARIANTS: dict[str, dict[str, object]] = {
     "daemon-io": {"passthrough": False},
     "mixed": {"io_policy": in_policy_name},
     "uncached": {"entry_timeout": 0, "attr_timeout": 0, "negative_timeout": 0, "io_policy": in_policy_name},
+    "locks": {"locks": True, "io_policy": in_policy_name},  # the daemon serves fcntl and flock locks
 }
 STEPS = 2500  # per sequence: about 2 s each on this machine
 
@@ -136,13 +137,15 @@ def test_random_operations_match_native(scratch: Path, filter_factory: Factory, 
     served = filt.stats.requests[abi.Opcode.WRITE] + filt.stats.requests[abi.Opcode.READ]
     if variant in ("daemon-io", "mixed"):
         assert served > 0
+    locks_served = filt.stats.requests[abi.Opcode.SETLK]
+    assert (locks_served > 0) == (variant == "locks"), filt.stats.by_opcode()
 
 
 # -- several processes at once
 
 
 @pytest.mark.timeout(150)
-@pytest.mark.parametrize("variant", ["passthrough", "mixed"])
+@pytest.mark.parametrize("variant", ["passthrough", "mixed", "locks"])
 def test_concurrent_processes_match_native(scratch: Path, filter_factory: Factory, variant: str) -> None:
     native, lower, mnt = trees(scratch, "none")
     workers = 4
@@ -151,7 +154,7 @@ def test_concurrent_processes_match_native(scratch: Path, filter_factory: Factor
             (root / f"w{i}").mkdir()
             diffops.build_tree(str(root / f"w{i}"))
     filter_factory(lower, mnt, workers=2, **VARIANTS[variant])
-    base = seed_for(2000 + 10 * ["passthrough", "mixed"].index(variant))
+    base = seed_for(2000 + 10 * ["passthrough", "mixed", "locks"].index(variant))
     configs: list[dict[str, object]] = [
         sequence(native / f"w{i}", mnt / f"w{i}", base + i, steps(STEPS), f"{variant}-w{i}",
                  f"DIFF_SEED={base} DIFF_STEPS={steps(STEPS)} -k 'concurrent and {variant}'  or alone: "

@@ -481,10 +481,12 @@ print(json.dumps({"reads": reads, "seen": len(seen), "last": last, "errors": err
 
 
 @pytest.mark.timeout(90)
-@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("kind", [*KINDS, "locks"])
 def test_sqlite_wal_writer_and_concurrent_readers(kind: str, scratch: Path, filter_factory: Factory,
                                                   procs: list[subprocess.Popen[bytes]]) -> None:
-    m = make_mount(kind, scratch, filter_factory, workers=2)
+    # "locks": passthrough I/O, and sqlite's fcntl locks served by the daemon instead of the kernel
+    m = make_mount("passthrough" if kind == "locks" else kind, scratch, filter_factory, workers=2,
+                   locks=kind == "locks")
     db = m.view / "test.db"
     assert py(SQL_SETUP, db).strip() == "wal"
     transactions = 400
@@ -509,6 +511,8 @@ def test_sqlite_wal_writer_and_concurrent_readers(kind: str, scratch: Path, filt
         out = py(code, db, check).split()
     assert out == ["ok", f"{2 * transactions}|0|{2 * transactions}", "wal"], out
     m.check_io_path()
+    assert m.filt.stats is not None
+    assert (m.filt.stats.requests[abi.Opcode.SETLK] > 0) == (kind == "locks")
     # natively, once every connection is closed: the last one checkpointed the WAL into the database file
     lower_db = m.native() / "test.db"
     assert not (m.lower / "test.db-wal").exists() or os.path.getsize(m.lower / "test.db-wal") == 0

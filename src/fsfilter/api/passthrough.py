@@ -17,6 +17,7 @@ import threading
 import types
 from collections.abc import Callable
 
+from fsfilter.abi import fuse as abi
 from fsfilter.errors import CBFSFilterError
 from fsfilter.sessions.fuse_session import Session, SessionOptions, SessionStats
 from fsfilter.sessions.lower_fs import IoPolicy, LowerFS, LowerOptions
@@ -39,7 +40,7 @@ class PassthroughFilter:
     def __init__(self, lower: str | os.PathLike[str], mountpoint: str | os.PathLike[str] | None = None, *,
                  workers: int = 1, pool: int = 4, passthrough: bool = True, io_policy: IoPolicy | None = None,
                  entry_timeout: float = 60.0, attr_timeout: float = 60.0, negative_timeout: float = 10.0,
-                 allow_other: bool | None = None, spin: float = 0.0002) -> None:
+                 allow_other: bool | None = None, spin: float = 0.0002, locks: bool = False) -> None:
         if workers < 1 or workers > 64:
             raise CBFSFilterError(errno.EINVAL, f"workers must be between 1 and 64, not {workers}")
         if pool < 1 or pool > 256:
@@ -51,8 +52,9 @@ class PassthroughFilter:
         self.lower = os.path.realpath(os.fspath(lower))
         self.mountpoint = os.path.realpath(os.fspath(mountpoint)) if mountpoint is not None else self.lower
         self.in_place = self.mountpoint == self.lower
-        self.session_options = SessionOptions(workers=workers, pool=pool, passthrough=passthrough, spin=spin)
-        self.lower_options = LowerOptions(entry_timeout, attr_timeout, negative_timeout, io_policy)
+        self.session_options = SessionOptions(workers=workers, pool=pool, passthrough=passthrough, spin=spin,
+                                              locks=locks)
+        self.lower_options = LowerOptions(entry_timeout, attr_timeout, negative_timeout, io_policy, locks)
         self.allow_other = (os.geteuid() == 0) if allow_other is None else allow_other
         self.session: Session | None = None
         self.fs: LowerFS | None = None
@@ -86,6 +88,9 @@ class PassthroughFilter:
             negotiated = session.negotiate()
             fs.session_fd = self._dev_fd
             fs.passthrough = negotiated.passthrough
+            fs.defer = session.defer
+            if self.lower_options.locks and not negotiated.has(abi.InitFlag.POSIX_LOCKS):
+                log.warning("the kernel did not offer FUSE_POSIX_LOCKS: locks stay in the kernel, unseen")
             session.start()
             self.fs, self.session = fs, session
         except OSError as exc:

@@ -35,6 +35,9 @@ MAY_BLOCK = frozenset({
 })
 # Requests whose effect is nothing but their answer: an interrupted one can be failed with EINTR.
 SIDE_EFFECT_FREE = frozenset({abi.Opcode.FSYNC, abi.Opcode.FSYNCDIR, abi.Opcode.SYNCFS, abi.Opcode.READ})
+# Requests a handler may answer later, from another thread (a lock wait): see Session.defer.
+DEFERRABLE = frozenset({abi.Opcode.SETLKW})
+LOCK_FLAGS = abi.InitFlag.POSIX_LOCKS | abi.InitFlag.FLOCK_LOCKS
 
 WANTED_FLAGS = (
     abi.InitFlag.ASYNC_READ | abi.InitFlag.ATOMIC_O_TRUNC | abi.InitFlag.BIG_WRITES | abi.InitFlag.DONT_MASK
@@ -54,6 +57,7 @@ class SessionOptions:
     max_write: int = 1 << 20
     spin: float = 0.0002  # seconds a reader busy-polls for the next request before it sleeps
     max_stack_depth: int = 1
+    locks: bool = False  # serve fcntl/flock locks (FUSE_POSIX_LOCKS, FUSE_FLOCK_LOCKS) instead of the kernel
 
 
 @dataclass
@@ -88,6 +92,42 @@ class SessionStats:
         return out
 
 
+class Deferred:
+    """A request its handler answers later (returned None): ``reply``/``fail`` once, from any thread.
+
+    An INTERRUPT for it sets ``interrupted`` and calls the canceller given to ``on_interrupt``; when that
+    returns True (the wait was taken back) the session answers EINTR itself."""
+
+    def __init__(self, session: Session, unique: int, fd: int) -> None:
+        self._session = session
+        self.unique = unique
+        self.fd = fd
+        self.interrupted = False
+        self._cancel: Callable[[], bool] | None = None
+        self._mutex = threading.Lock()
+
+    def on_interrupt(self, cancel: Callable[[], bool]) -> bool:
+        """Install the canceller. False when an interrupt came first: the handler must give up itself."""
+        with self._mutex:
+            if self.interrupted:
+                return False
+            self._cancel = cancel
+            return True
+
+    def interrupt(self) -> None:
+        with self._mutex:
+            self.interrupted = True
+            cancel = self._cancel
+        if cancel is not None and cancel():
+            self.fail(errno.EINTR)
+
+    def reply(self, payload: bytes = b"") -> None:
+        self._session.finish_deferred(self, 0, payload)
+
+    def fail(self, code: int) -> None:
+        self._session.finish_deferred(self, code, b"")
+
+
 class Session:
     """Serves one FUSE connection with a table of opcode handlers."""
 
@@ -106,6 +146,9 @@ class Session:
         # (interrupted) removes it, and the pool then skips it.
         self._inflight: dict[int, tuple[Request, int]] = {}
         self._lock = threading.Lock()
+        # Deferrable requests (lock waits) from the moment they are read until they are answered, so that an
+        # INTERRUPT finds them whether they are queued, being handled, or waiting.
+        self._deferrable: dict[int, Deferred] = {}
         self._running = False
         self.finished = threading.Event()
         self.lingering = 0  # threads still busy in a handler when close() gave up waiting for them
@@ -144,6 +187,8 @@ class Session:
         wanted = int(WANTED_FLAGS)
         if self.options.passthrough:
             wanted |= abi.InitFlag.PASSTHROUGH
+        if self.options.locks:
+            wanted |= LOCK_FLAGS
         flags = offered & wanted
         max_pages = min(self.options.max_write // 4096, _max_pages_limit())
         max_write = max_pages * 4096 if flags & abi.InitFlag.MAX_PAGES else min(self.options.max_write, 128 * 1024)
@@ -181,6 +226,8 @@ class Session:
         the fds they may still reply on are then retired instead of closed, so that a late reply cannot
         land in a file opened later under the same fd number."""
         self._running = False
+        with self._lock:
+            self._deferrable.clear()  # the connection is going: late answers must not be written
         for _ in range(max(1, self.options.pool)):
             self._pool.put(None)
         me = threading.current_thread()
@@ -248,6 +295,9 @@ class Session:
         if opcode == abi.Opcode.INTERRUPT:
             self._interrupt(req, fd)
             return
+        if opcode in DEFERRABLE:
+            with self._lock:
+                self._deferrable[req.unique] = Deferred(self, req.unique, fd)
         pooled = opcode in MAY_BLOCK
         if self.router is not None:
             routed = self.router(req)
@@ -287,6 +337,10 @@ class Session:
             cancel = queued is not None and queued[0].opcode in SIDE_EFFECT_FREE
             if cancel:
                 del self._inflight[target]
+            deferred = self._deferrable.get(target)
+        if deferred is not None:
+            deferred.interrupt()
+            return
         if queued is not None:
             if cancel:
                 # Nothing done yet and nothing to undo: answer now rather than after the requests ahead
@@ -309,24 +363,57 @@ class Session:
                 raise OSError(errno.ENOSYS, "not implemented")
             payload = handler(req)
         except OSError as exc:
+            if req.opcode in DEFERRABLE:
+                self._forget_deferred(req.unique)
             if req.opcode not in NO_REPLY:
                 self.stats.errors += 1
                 self._reply_error(req.unique, exc.errno or errno.EIO, fd)
             return
         except WireError as exc:
             self.stats.malformed += 1
+            if req.opcode in DEFERRABLE:
+                self._forget_deferred(req.unique)
             if req.opcode not in NO_REPLY:
                 self._reply_error(req.unique, exc.code, fd)
             return
         except Exception:
             self.stats.failures += 1
             log.exception("handler for %r failed", req)
+            if req.opcode in DEFERRABLE:
+                self._forget_deferred(req.unique)
             if req.opcode not in NO_REPLY:
                 self._reply_error(req.unique, errno.EIO, fd)
             return
         if payload is None:
-            return
+            return  # no reply (FORGET), or a deferred request that its Deferred answers
+        if req.opcode in DEFERRABLE:
+            self._forget_deferred(req.unique)
         self._write([wire.encode_reply_header(req.unique, 0, len(payload)), payload], fd)
+
+    # -- deferred replies
+
+    def defer(self, req: Request) -> Deferred:
+        """For a handler of a DEFERRABLE request that will answer later: return None from the handler, then
+        call ``reply``/``fail`` on this object exactly once."""
+        with self._lock:
+            deferred = self._deferrable.get(req.unique)
+        if deferred is None:
+            raise OSError(errno.EINVAL, f"request {req.unique} cannot be deferred")
+        return deferred
+
+    def finish_deferred(self, deferred: Deferred, code: int, payload: bytes) -> None:
+        with self._lock:
+            if self._deferrable.get(deferred.unique) is not deferred:
+                return  # answered already
+            del self._deferrable[deferred.unique]
+        if code:
+            self._reply_error(deferred.unique, code, deferred.fd)
+        else:
+            self._write([wire.encode_reply_header(deferred.unique, 0, len(payload)), payload], deferred.fd)
+
+    def _forget_deferred(self, unique: int) -> None:
+        with self._lock:
+            self._deferrable.pop(unique, None)
 
     # -- replies and notices
 

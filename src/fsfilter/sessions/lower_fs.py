@@ -24,6 +24,8 @@ from dataclasses import dataclass
 
 from fsfilter.abi import fuse as abi
 from fsfilter.abi import linux
+from fsfilter.sessions.fuse_session import Deferred
+from fsfilter.sessions.locks import F_RDLCK, F_UNLCK, F_WRLCK, LockTable
 from fsfilter.system import fuse_device, libc
 from fsfilter.wire import fuse as wire
 from fsfilter.wire.fuse import Request, WireError
@@ -89,6 +91,30 @@ class LowerOptions:
     attr_timeout: float = 60.0
     negative_timeout: float = 10.0
     io_policy: IoPolicy | None = None
+    locks: bool = False  # the daemon serves fcntl/flock locks (the session asks for them at INIT)
+
+
+@dataclass
+class LockRequest:
+    """A GETLK/SETLK/SETLKW request: range [start, end] (end inclusive), kind F_RDLCK/F_WRLCK/F_UNLCK."""
+
+    fh: int
+    owner: int
+    start: int
+    end: int
+    kind: int
+    pid: int
+    flock: bool
+
+    @classmethod
+    def decode(cls, req: Request) -> LockRequest:
+        fh, owner, start, end, kind, pid, lk_flags, _ = wire.fixed(req.body, abi.LK_IN)
+        return cls(fh, owner, start, end, kind, pid, bool(lk_flags & abi.FUSE_LK_FLOCK))
+
+
+# Decides what the caller of a lock request gets: called with the outcome (0 or an errno), returns the errno
+# to answer (0: success).
+LockFinish = Callable[[int], int]
 
 
 class LowerFS:
@@ -109,13 +135,15 @@ class LowerFS:
         self._lock = threading.Lock()
         self._is_root = os.geteuid() == 0
         self.session_fd = -1  # set when the session exists: needed for backing ids
+        self.defer: Callable[[Request], Deferred] | None = None  # the session's, for lock waits
+        self.locks = LockTable()
         self.passthrough = False  # set from the INIT negotiation; cleared if the kernel refuses backing ids
 
     # -- tables
 
     def handlers(self) -> dict[int, Callable[[Request], bytes | None]]:
         op = abi.Opcode
-        return {
+        table: dict[int, Callable[[Request], bytes | None]] = {
             op.LOOKUP: self.lookup, op.FORGET: self.forget, op.BATCH_FORGET: self.batch_forget,
             op.GETATTR: self.getattr, op.SETATTR: self.setattr, op.READLINK: self.readlink,
             op.SYMLINK: self.symlink, op.MKNOD: self.mknod, op.MKDIR: self.mkdir, op.UNLINK: self.unlink,
@@ -129,6 +157,9 @@ class LowerFS:
             op.LSEEK: self.lseek, op.COPY_FILE_RANGE: self.copy_file_range, op.IOCTL: self.ioctl,
             op.SYNCFS: self.syncfs, op.DESTROY: self.destroy,
         }
+        if self.options.locks:
+            table.update({op.GETLK: self.getlk, op.SETLK: self.setlk, op.SETLKW: self.setlkw})
+        return table
 
     def inode(self, nodeid: int) -> Inode:
         node = self.nodes.get(nodeid)
@@ -424,11 +455,18 @@ class LowerFS:
                     flags |= abi.OpenReplyFlag.KEEP_CACHE
                 node.cache_sig = sig
                 self.files[fd] = OpenFile(fd, node, False)
-                return wire.encode_open_out(fd, self.open_reply_flags(node, int(flags), False))
+                return wire.encode_open_out(fd, self._reply_flags(node, int(flags), False))
             node.backing_refs += 1
             self.files[fd] = OpenFile(fd, node, True)
             flags = abi.OpenReplyFlag.NOFLUSH | abi.OpenReplyFlag.PASSTHROUGH
-            return wire.encode_open_out(fd, self.open_reply_flags(node, int(flags), True), node.backing_id)
+            return wire.encode_open_out(fd, self._reply_flags(node, int(flags), True), node.backing_id)
+
+    def _reply_flags(self, node: Inode, flags: int, passthrough: bool) -> int:
+        flags = self.open_reply_flags(node, flags, passthrough)
+        if self.options.locks:
+            # close(2) drops the caller's POSIX locks; the kernel tells the daemon so only with a FLUSH.
+            flags &= ~abi.OpenReplyFlag.NOFLUSH
+        return flags
 
     def open_reply_flags(self, node: Inode, flags: int, passthrough: bool) -> int:
         """The FOPEN_* flags of an open's reply (for subclasses: e.g. direct I/O, or FLUSH wanted)."""
@@ -500,7 +538,10 @@ class LowerFS:
         return wire.encode_write_out(written)
 
     def flush(self, req: Request) -> bytes:
-        self._file(wire.fixed(req.body, abi.FLUSH_IN)[0])
+        fh, _, _, owner = wire.fixed(req.body, abi.FLUSH_IN)
+        f = self._file(fh)
+        if self.options.locks:
+            self.locks.release_owner(f.inode.nodeid, owner)
         return b""
 
     def release(self, req: Request) -> bytes:
@@ -523,7 +564,76 @@ class LowerFS:
                     node.backing_id = 0
             else:
                 node.daemon_opens -= 1
+        if self.options.locks:
+            self.locks.release_fh(node.nodeid, fh)  # flock and OFD locks belong to the open file
         os.close(fh)
+
+    # -- locks (only with LowerOptions.locks; otherwise the kernel keeps them on its own inodes)
+
+    def getlk(self, req: Request) -> bytes:
+        lk = LockRequest.decode(req)
+        node = self._file(lk.fh).inode
+        found = self.locks.test(node.nodeid, lk.owner, lk.start, lk.end, lk.kind == F_WRLCK, lk.flock)
+        if found is None:
+            return abi.LK_OUT.pack(lk.start, lk.end, F_UNLCK, 0)
+        return abi.LK_OUT.pack(found.start, found.end, F_WRLCK if found.exclusive else F_RDLCK, found.pid)
+
+    def setlk(self, req: Request) -> bytes | None:
+        return self.lock(req, LockRequest.decode(req), False)
+
+    def setlkw(self, req: Request) -> bytes | None:
+        return self.lock(req, LockRequest.decode(req), True)
+
+    def lock(self, req: Request, lk: LockRequest, wait: bool, finish: LockFinish | None = None,
+             finish_in_thread: bool = False) -> bytes | None:
+        """Take or release a lock. A lock that must wait is answered later (returns None): when a release
+        grants it, or with EINTR when the caller is interrupted. ``finish`` sees the outcome and says what the
+        caller gets; when it turns a granted lock into a failure, the lock is let go again. With
+        ``finish_in_thread`` a late outcome is finished on a thread of its own (``finish`` may block), not on
+        the thread of the request whose release granted it."""
+        node = self._file(lk.fh).inode
+        if lk.kind not in (F_RDLCK, F_WRLCK, F_UNLCK):
+            raise OSError(errno.EINVAL, "bad lock type")
+
+        def settle(error: int) -> int:
+            final = finish(error) if finish is not None else error
+            if error == 0 and final and lk.kind != F_UNLCK:
+                self.locks.set(node.nodeid, lk.owner, lk.start, lk.end, F_UNLCK, 0, lk.fh, flock=lk.flock)
+            return final
+
+        deferred: Deferred | None = None
+        if wait:
+            if self.defer is None:
+                raise OSError(errno.ENOLCK, "lock waits need the session")
+            deferred = self.defer(req)
+            if deferred.interrupted:
+                raise OSError(errno.EINTR, "interrupted")
+
+        def complete() -> None:
+            assert deferred is not None
+            final = settle(0)
+            if final:
+                deferred.fail(final)
+            else:
+                deferred.reply(b"")
+
+        def granted(_: int) -> None:
+            if finish_in_thread:
+                threading.Thread(target=complete, name="fsfilter-lock-granted", daemon=True).start()
+            else:
+                complete()
+
+        result = self.locks.set(node.nodeid, lk.owner, lk.start, lk.end, lk.kind, lk.pid, lk.fh, flock=lk.flock,
+                                key=req.unique, granted=granted if wait else None)
+        if result is None:
+            assert deferred is not None
+            if not deferred.on_interrupt(lambda: self.locks.cancel(req.unique)) and self.locks.cancel(req.unique):
+                raise OSError(errno.EINTR, "interrupted")  # the interrupt came before the canceller was set
+            return None
+        final = settle(result)
+        if final:
+            raise OSError(final, os.strerror(final))
+        return b""
 
     def fsync(self, req: Request) -> bytes:
         fh, flags, _ = wire.fixed(req.body, abi.FSYNC_IN)
