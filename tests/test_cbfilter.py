@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import force_unmount, is_mounted, needs_root, wait_for
+from conftest import end_processes, force_unmount, is_mounted, needs_root, wait_for
 
 from fsfilter import CBFilter, CBFSFilterError
 from fsfilter.api import constants as c
@@ -777,3 +777,101 @@ def test_copy_file_range_does_not_bypass_write_events(cbfilter: Callable[[], CBF
     f.stop_filter()
     assert (data / "copy.log").read_bytes() == b"x" * 5000
     assert sum(e["bytes_written"] for e in rec.named("write", file_name=dst)) >= 5000
+
+
+def test_lock_events(cbfilter: Callable[[], CBFilter], data: Path) -> None:
+    from test_locks import Locker  # a process that takes fcntl/flock locks on command
+
+    f = cbfilter()
+    rec = Recorder()
+    origins: list[int] = []
+
+    def before_lock(p: Any) -> None:
+        origins.append(f.get_originator_process_id())
+        if p.offset == 99:
+            p.result_code = errno.EACCES  # refused
+        elif p.offset == 77:
+            p.process_request = False  # completed by the handler: nothing is locked
+        elif p.offset == 200:
+            p.offset = 300  # the lock lands elsewhere
+
+    def after_lock(p: Any) -> None:
+        if p.offset == 400:
+            p.status = errno.EPERM  # the caller is told it failed, and the lock is let go
+
+    f.on_before_lock = rec.handler("before_lock", before_lock)
+    f.on_after_lock = rec.handler("after_lock", after_lock)
+    f.on_notify_lock = rec.handler("notify_lock")
+    for kind in ("before", "after", "notify"):
+        for what in ("unlock_single", "unlock_all"):
+            setattr(f, f"on_{kind}_{what}", rec.handler(f"{kind}_{what}"))
+    f.add_filter_rule(f"{data}/*.txt", c.ACCESS_NONE, c.FS_CE_BEFORE_LOCK_CONTROL | c.FS_CE_AFTER_LOCK_CONTROL,
+                      c.FS_NE_LOCK_CONTROL)
+    f.start_filter()
+    procs: list[subprocess.Popen[bytes]] = []
+    try:
+        a, b = Locker(procs), Locker(procs)
+        path = str(data / "a.txt")
+        for p in (a, b):
+            assert p.do(f"open 1 {path}") == "ok"
+        assert a.do("setlk 1 w 10 5") == "ok"
+        (ev,) = rec.named("before_lock", offset=10)
+        assert ev["file_name"] == path and ev["length"] == 5 and ev["exclusive_lock"] and ev["fail_immediately"]
+        assert ev["key"] != 0 and origins[-1] == a.pid
+        assert rec.named("after_lock", offset=10, status=0)
+        assert wait_for(lambda: bool(rec.named("notify_lock", offset=10, status=0)))
+        # a wait: Before at once, After when an unlock grants it
+        b.send("setlkw 1 r 0 20")
+        assert b.pending()
+        (ev,) = rec.named("before_lock", offset=0, length=20)
+        assert not ev["fail_immediately"] and not ev["exclusive_lock"]
+        assert not rec.named("after_lock", offset=0)
+        assert a.do("setlk 1 u 10 5") == "ok"
+        assert rec.named("before_unlock_single", offset=10, length=5) and rec.named("after_unlock_single", offset=10)
+        assert b.line() == "ok"
+        assert rec.named("after_lock", offset=0, length=20, status=0)
+        # handlers refuse, complete or move a lock
+        assert a.do("setlk 1 w 99 1") == "error EACCES"
+        assert a.do("setlk 1 w 77 1") == "ok" and b.do("setlk 1 w 77 1") == "ok"
+        assert a.do("setlk 1 w 200 1") == "ok"
+        assert b.do("getlk 1 w 200 1").startswith("u ") and b.do("getlk 1 w 300 1") == f"w 300 1 {a.pid}"
+        assert a.do("setlk 1 w 400 0") == "error EPERM" and b.do("getlk 1 w 400 1").startswith("u ")
+        assert wait_for(lambda: bool(rec.named("notify_lock", offset=400, length=0, status=errno.EPERM)))
+        # a flock is a lock of the whole file (length 0: to the end)
+        assert b.do(f"open 2 {path}") == "ok" and b.do("flock 2 ex nb") == "ok"
+        assert rec.named("before_lock", offset=0, length=0, exclusive_lock=True)
+        # closing drops locks: the caller's fcntl locks at the close (cleanup), the flock with its open file
+        count = len(rec.named("after_unlock_all"))
+        assert b.do("close 1") == "ok"
+        assert wait_for(lambda: len(rec.named("after_unlock_all", file_name=path)) == count + 1)
+        assert rec.named("before_unlock_all", file_name=path)
+        assert a.do("setlk 1 w 0 30") == "ok"  # b's fcntl locks are gone
+        assert a.do("flock 1 sh nb") == "error EAGAIN"  # its flock stays while open file 2 is open
+        assert b.do("close 2") == "ok"
+        assert wait_for(lambda: len(rec.named("after_unlock_all", file_name=path)) == count + 2)
+        assert a.do("flock 1 sh nb") == "ok"
+        assert wait_for(lambda: len(rec.named("notify_unlock_all", file_name=path)) == count + 2)
+        a.proc.kill()  # its fcntl locks (at the FLUSH of its exit) and its flock (at RELEASE) go
+        assert wait_for(lambda: len(rec.named("notify_unlock_all", file_name=path)) == count + 4)
+    finally:
+        end_processes(procs)
+    # files no lock rule covers: locks work, and fire nothing
+    before = len(rec.events)
+    run("""
+        import fcntl, sys
+        with open(sys.argv[1], "r+") as f:
+            fcntl.lockf(f, fcntl.LOCK_EX)
+            fcntl.flock(f, fcntl.LOCK_EX)
+    """, str(data / "sub" / "b.log"))
+    assert len(rec.events) == before
+
+
+def test_lock_requests_stay_in_the_kernel_without_a_lock_handler(cbfilter: Callable[[], CBFilter],
+                                                                 data: Path) -> None:
+    f = cbfilter()
+    f.on_notify_open_file = lambda p: None
+    f.add_filter_rule(f"{data}/*", c.ACCESS_NONE, c.FS_CE_NONE, c.FS_NE_LOCK_CONTROL | c.FS_NE_OPEN)
+    f.start_filter()
+    assert not f.wants_lock_requests()
+    (mount,) = f._attached.values()
+    assert mount.fs is not None and not mount.fs.options.locks

@@ -133,7 +133,8 @@ class _Attachment(PassthroughFilter):
         super().__init__(path, None, pool=max(4, threads), passthrough=core.config_bool("KernelPassthrough"),
                          entry_timeout=float(core.config("EntryTimeout")),
                          attr_timeout=float(core.config("AttrTimeout")),
-                         negative_timeout=float(core.config("NegativeTimeout")))
+                         negative_timeout=float(core.config("NegativeTimeout")),
+                         locks=core.wants_lock_requests())
         self.core = core
         self._stale = False  # the rules changed: the kernel's cached names and attributes may lie
         self._invalidator: threading.Thread | None = None
@@ -251,6 +252,13 @@ class CBFilter:
     @property
     def deny_expired_events(self) -> bool:
         return self.config_bool("DenyExpiredEvents")
+
+    def wants_lock_requests(self) -> bool:
+        """Whether attach points serve fcntl/flock locks themselves (so that lock events can fire): when a lock
+        handler is set as the filter starts. Otherwise the kernel keeps locks and the daemon never sees them
+        (and closes cost no FLUSH round trip)."""
+        return bool(self.control_handlers & (c.FS_CE_BEFORE_LOCK_CONTROL | c.FS_CE_AFTER_LOCK_CONTROL)
+                    or self.notify_handlers & c.FS_NE_LOCK_CONTROL)
 
     def worker_threads(self) -> int:
         count = int(self._config["MaxWorkerThreadCount"])

@@ -25,7 +25,8 @@ from fsfilter.api import constants as c
 from fsfilter.api.params import FILTER_PARAMS, EventParams
 from fsfilter.engine.dispatch import Origin, Outcome
 from fsfilter.engine.rules import NO_FLAGS, Flags, PathMatch, attributes_from_stat, match_path
-from fsfilter.sessions.lower_fs import Inode, LowerFS, LowerOptions, _proc, _sized
+from fsfilter.sessions.locks import F_UNLCK, F_WRLCK, OFFSET_MAX
+from fsfilter.sessions.lower_fs import Inode, LockRequest, LowerFS, LowerOptions, _proc, _sized
 from fsfilter.system import libc
 from fsfilter.system.procfs import task_status
 from fsfilter.wire import fuse as wire
@@ -54,8 +55,12 @@ _OP_CONTROL: dict[int, int] = {
     abi.Opcode.SYMLINK: c.FS_CE_BEFORE_CREATE | c.FS_CE_AFTER_CREATE,
     abi.Opcode.READ: c.FS_CE_BEFORE_READ | c.FS_CE_AFTER_READ,
     abi.Opcode.WRITE: c.FS_CE_BEFORE_WRITE | c.FS_CE_AFTER_WRITE,
-    abi.Opcode.FLUSH: c.FS_CE_BEFORE_CLEANUP | c.FS_CE_AFTER_CLEANUP,
-    abi.Opcode.RELEASE: c.FS_CE_BEFORE_CLOSE | c.FS_CE_AFTER_CLOSE,
+    abi.Opcode.FLUSH: c.FS_CE_BEFORE_CLEANUP | c.FS_CE_AFTER_CLEANUP | c.FS_CE_BEFORE_LOCK_CONTROL
+    | c.FS_CE_AFTER_LOCK_CONTROL,
+    abi.Opcode.RELEASE: c.FS_CE_BEFORE_CLOSE | c.FS_CE_AFTER_CLOSE | c.FS_CE_BEFORE_LOCK_CONTROL
+    | c.FS_CE_AFTER_LOCK_CONTROL,
+    abi.Opcode.SETLK: c.FS_CE_BEFORE_LOCK_CONTROL | c.FS_CE_AFTER_LOCK_CONTROL,
+    abi.Opcode.SETLKW: c.FS_CE_BEFORE_LOCK_CONTROL | c.FS_CE_AFTER_LOCK_CONTROL,
     abi.Opcode.RELEASEDIR: c.FS_CE_BEFORE_CLOSE | c.FS_CE_AFTER_CLOSE | c.FS_CE_AFTER_ENUMERATE_DIRECTORY,
     abi.Opcode.READDIR: c.FS_CE_BEFORE_ENUMERATE_DIRECTORY | c.FS_CE_AFTER_ENUMERATE_DIRECTORY,
     abi.Opcode.READDIRPLUS: c.FS_CE_BEFORE_ENUMERATE_DIRECTORY | c.FS_CE_AFTER_ENUMERATE_DIRECTORY,
@@ -83,6 +88,7 @@ _OP_CONTROL: dict[int, int] = {
 _RW_BITS = (c.FS_CE_BEFORE_READ | c.FS_CE_AFTER_READ | c.FS_CE_BEFORE_WRITE | c.FS_CE_AFTER_WRITE, c.FS_NE_READ
             | c.FS_NE_WRITE)
 _CLEANUP_BITS = (c.FS_CE_BEFORE_CLEANUP | c.FS_CE_AFTER_CLEANUP, c.FS_NE_CLEANUP)
+_LOCK_BITS = (c.FS_CE_BEFORE_LOCK_CONTROL | c.FS_CE_AFTER_LOCK_CONTROL, c.FS_NE_LOCK_CONTROL)
 
 
 class ProcessInfo:
@@ -882,11 +888,14 @@ class FilterFS(LowerFS):
     # -- cleanup and close
 
     def flush(self, req: Request) -> bytes:
-        fh = wire.fixed(req.body, abi.FLUSH_IN)[0]
+        fh, _, _, owner = wire.fixed(req.body, abi.FLUSH_IN)
         handle = self._handles.get(fh)
+        f = self._file(fh)
+        if self.options.locks and self.locks.owner_holds(f.inode.nodeid, owner):
+            # close(2) of any descriptor drops the caller's POSIX locks on the file
+            self._unlock_all(req, f.inode, handle, lambda: self.locks.release_owner(f.inode.nodeid, owner))
         if handle is None:
             return super().flush(req)
-        f = self._file(fh)
         flags, origin = self._io_flags(req, f.inode, handle)
         ctx = self._handle_ctx(f.inode.nodeid, handle)
         before = self.fire("before_cleanup_file", c.FS_CE_BEFORE_CLEANUP, flags, origin, file_name=handle.path,
@@ -921,11 +930,87 @@ class FilterFS(LowerFS):
             return super().release(req)
         f = self._file(fh)
         nodeid = f.inode.nodeid
+        if self.options.locks and self.locks.fh_holds(nodeid, fh):  # flock and OFD locks of this open file
+            self._unlock_all(req, f.inode, handle, lambda: self.locks.release_fh(nodeid, fh))
         self._close_events(req, f.inode, handle, False)
         try:
             return super().release(req)
         finally:
             self._node_closed(nodeid, handle)
+
+    # -- locks (served when a lock handler was set at start: LowerOptions.locks)
+
+    def setlk(self, req: Request) -> bytes | None:
+        return self._lock_with_events(req, False)
+
+    def setlkw(self, req: Request) -> bytes | None:
+        return self._lock_with_events(req, True)
+
+    def _lock_with_events(self, req: Request, wait: bool) -> bytes | None:
+        lk = LockRequest.decode(req)
+        node = self._file(lk.fh).inode
+        if not self.reaches(node.nodeid):
+            return self.lock(req, lk, wait)
+        handle = self._handles.get(lk.fh)
+        flags, origin = self._io_flags(req, node, handle)
+        if not (flags.control & _LOCK_BITS[0] or flags.notify & _LOCK_BITS[1]):
+            return self.lock(req, lk, wait)
+        path = handle.path if handle is not None else self.abspath(node.nodeid)
+        ctx = self._handle_ctx(node.nodeid, handle)
+        kind = "unlock_single" if lk.kind == F_UNLCK else "lock"
+        fields: dict[str, Any] = dict(file_name=path, offset=lk.start, length=_lock_length(lk.start, lk.end),
+                                      key=lk.owner)
+        if lk.kind != F_UNLCK:
+            fields.update(fail_immediately=not wait, exclusive_lock=lk.kind == F_WRLCK)
+        before = self.fire(f"before_{kind}", c.FS_CE_BEFORE_LOCK_CONTROL, flags, origin, **fields, **ctx)
+        if before is not None:
+            if not before.process_request:
+                return b""  # the handler completed the request: nothing is locked or unlocked here
+            start, length = int(before.offset), int(before.length)
+            if start < 0 or length < 0 or start > OFFSET_MAX:
+                raise OSError(errno.EINVAL, "a lock handler gave a negative offset or length")
+            lk.start, lk.end = start, _lock_end(start, length)
+            fields.update(offset=start, length=_lock_length(lk.start, lk.end))
+
+        def finish(error: int) -> int:
+            if error and not self.after_ok(error):
+                return error
+            try:
+                after = self.fire(f"after_{kind}", c.FS_CE_AFTER_LOCK_CONTROL, flags, origin, status=error,
+                                  **fields, **ctx)
+                if after is not None:
+                    error = int(after.status or 0)  # the handler may set or clear the error
+            except OSError as exc:
+                error = exc.errno or errno.EIO
+            self.notify(f"notify_{kind}", c.FS_NE_LOCK_CONTROL, flags, origin, creator=ctx["creator"],
+                        status=error, **fields)
+            return error
+
+        # A wait granted later is finished on a thread of its own: the After handler must not run on the
+        # thread of the request (an unlock, a close) whose release granted it.
+        return self.lock(req, lk, wait, finish, finish_in_thread=bool(flags.control & c.FS_CE_AFTER_LOCK_CONTROL))
+
+    def _unlock_all(self, req: Request, node: Inode, handle: _Handle | None, drop: Callable[[], bool]) -> None:
+        """Locks that go with a close (FLUSH: the caller's POSIX locks; RELEASE: the open file's flock and OFD
+        locks). They go whatever the handlers say: a close cannot fail, and a lock kept past it would be
+        kept forever."""
+        flags, origin = self._io_flags(req, node, handle)
+        if not (flags.control & _LOCK_BITS[0] or flags.notify & _LOCK_BITS[1]):
+            drop()
+            return
+        path = handle.path if handle is not None else self.abspath(node.nodeid)
+        ctx = self._handle_ctx(node.nodeid, handle)
+        try:
+            self.fire("before_unlock_all", c.FS_CE_BEFORE_LOCK_CONTROL, flags, origin, file_name=path, **ctx)
+        except OSError:
+            pass  # reported through on_error where it was a handler failure; the unlock happens anyway
+        drop()
+        try:
+            self.fire("after_unlock_all", c.FS_CE_AFTER_LOCK_CONTROL, flags, origin, file_name=path, **ctx)
+        except OSError:
+            pass
+        self.notify("notify_unlock_all", c.FS_NE_LOCK_CONTROL, flags, origin, creator=ctx["creator"],
+                    file_name=path)
 
     def _close_events(self, req: Request, node: Inode, handle: _Handle, is_dir: bool) -> None:
         m = self.match_node(node.nodeid)
@@ -1429,6 +1514,15 @@ class FilterFS(LowerFS):
 _NAME_OFFSETS: dict[int, int] = {abi.Opcode.CREATE: abi.CREATE_IN.size, abi.Opcode.MKDIR: abi.MKDIR_IN.size,
             abi.Opcode.MKNOD: abi.MKNOD_IN.size, abi.Opcode.RENAME: abi.RENAME_IN.size,
             abi.Opcode.RENAME2: abi.RENAME2_IN.size, abi.Opcode.LINK: abi.LINK_IN.size}
+
+
+def _lock_length(start: int, end: int) -> int:
+    """A lock's length as fcntl gives it: 0 means "to the end of the file, however far it grows"."""
+    return 0 if end >= OFFSET_MAX else end - start + 1
+
+
+def _lock_end(start: int, length: int) -> int:
+    return OFFSET_MAX if length == 0 else min(OFFSET_MAX, start + length - 1)
 
 
 def _name_offset(opcode: int) -> int:
