@@ -49,6 +49,7 @@ def test_monitor_prints_events_with_process_names(scratch: Path) -> None:
     try:
         assert wait_for(lambda: is_mounted(d), 20)
         subprocess.run(["cat", str(d / "a.txt")], check=True, capture_output=True)
+        subprocess.run(["flock", str(d / "a.txt"), "true"], check=True)
         subprocess.run(["sh", "-c", f"echo more >> {d}/a.txt; mv {d}/a.txt {d}/b.txt; rm {d}/b.txt"], check=True)
     finally:
         out, err = stop(proc, d)
@@ -57,6 +58,8 @@ def test_monitor_prints_events_with_process_names(scratch: Path) -> None:
     assert any(" read " in line and "bytes_read=6" in line for line in out.splitlines()), out
     assert any(" rename" in line and "new_file_name=" in line for line in out.splitlines()), out
     assert any(" rm(" in line and " delete " in line for line in out.splitlines()), out
+    assert any(" flock(" in line and " lock " in line and "range=0+EOF exclusive" in line
+               for line in out.splitlines()), out
 
 
 def test_hide_removes_entries_from_listings_and_lookups(scratch: Path) -> None:

@@ -135,7 +135,7 @@ MONITOR_EVENTS: dict[str, int] = {
     "rename": c.FS_NE_RENAME, "link": c.FS_NE_CREATE_HARD_LINK, "size": c.FS_NE_SET_SIZES,
     "attributes": c.FS_NE_SET_ATTRIBUTES, "security": c.FS_NE_SET_SECURITY | c.FS_NE_GET_SECURITY,
     "ea": c.FS_NE_SET_EA | c.FS_NE_QUERY_EA, "list": c.FS_NE_ENUMERATE_DIRECTORY, "ioctl": c.FS_NE_IOCTL,
-    "readlink": c.FS_NE_GET_REPARSE_POINT,
+    "readlink": c.FS_NE_GET_REPARSE_POINT, "lock": c.FS_NE_LOCK_CONTROL,
 }
 PROTECT_FLAGS: dict[str, int] = {
     "--read-only": c.ACCESS_READ_ONLY, "--write-only": c.ACCESS_WRITE_ONLY, "--no-delete": c.ACCESS_DELETE_PROTECT,
@@ -166,6 +166,10 @@ def _describe(event: str, p: Any) -> str:
             value = getattr(p, name)
             if value not in (None, "", -1) and not (name == "mode" and value == 0):
                 details.append(f"{name}={oct(value) if name == 'mode' else value}")
+    if "offset" in type(p).__slots__ and "key" in type(p).__slots__:  # lock events
+        details.append(f"range={p.offset}+{p.length or 'EOF'}")
+        if "exclusive_lock" in type(p).__slots__:
+            details.append("exclusive" if p.exclusive_lock else "shared")
     if getattr(p, "status", 0):
         details.append(f"error={errno.errorcode.get(p.status, p.status)}")
     path = p.file_name if "directory_name" not in type(p).__slots__ else f"{p.directory_name}/{p.file_name}"
