@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""What CBFilter's rules cost: the same workloads natively and under four CBFilter configurations,
+"""What CBFilter's rules cost: the same workloads natively and under five CBFilter configurations,
 all mounted over the workload's directory itself.
 
     a   add_attach_point(DIR) only, no rules
@@ -7,6 +7,8 @@ all mounted over the workload's directory itself.
     c   DIR/* with FS_NE_ALL and DIR itself with FS_NE_ENUMERATE_DIRECTORY, an empty handler on every
         on_notify_* event; every notification must be delivered (posted == delivered after stop_filter)
     d   one access rule DIR/protected/* with ACCESS_READ_ONLY (the workloads do not touch protected/)
+    e   one lock-notification rule DIR/protected/* with a handler: the daemon then serves every lock of the
+        mount, and every close(2) sends a FLUSH (the workloads take no locks)
 
 The workloads are passthrough_bench.py's own (imported from it): the small-file cycle (bench/smallfiles.c),
 the tree (cp -a, ls -lR, rm -rf) and sequential dd (new file, overwrite, read). Every one runs in a child
@@ -52,7 +54,7 @@ from fsfilter.api.cbfilter import NOTIFY_BITS  # noqa: E402
 DEFAULT_SIZES = pb.Sizes()
 QUICK_SIZES = pb.QUICK
 NOMATCH_RULES = 10_000
-ALL_CONFIGS = ["a", "b", "c", "d"]
+ALL_CONFIGS = ["a", "b", "c", "d", "e"]
 ALL_WORKLOADS = ["small", "tree", "seq"]
 log = pb.log
 
@@ -109,6 +111,14 @@ def build_d(d: Path) -> CBFilter:
     return f
 
 
+def build_e(d: Path) -> CBFilter:
+    f = CBFilter()
+    f.add_attach_point(str(d))
+    f.add_filter_rule(f"{d}/protected/*", c.ACCESS_NONE, c.FS_CE_NONE, c.FS_NE_LOCK_CONTROL)
+    f.on_notify_lock = _ignore  # a lock handler at start: the daemon keeps every lock of the mount
+    return f
+
+
 CONFIGS = {
     "native": Config("native", "the plain tmpfs directory", None),
     "a": Config("a", "add_attach_point only, no rules", build_a, check_zero_events=True),
@@ -118,6 +128,8 @@ CONFIGS = {
                 build_c, count_events=True),
     "d": Config("d", "access rule DIR/protected/* ACCESS_READ_ONLY, workload outside protected/", build_d,
                 check_zero_events=True),
+    "e": Config("e", "lock rule DIR/protected/* FS_NE_LOCK_CONTROL with a handler: the daemon serves all locks "
+                "(every close sends FLUSH); workload outside protected/", build_e, check_zero_events=True),
 }
 
 
@@ -243,6 +255,10 @@ def verify(config: Config, place: Place) -> str:
                 raise RuntimeError(f"config d: the access rule did not act: write rc={write.returncode} "
                                    f"{write.stderr.strip()!r}, read rc={read.returncode} {read.stdout!r}")
             return f"d: a write to protected/file was refused ({write.stderr.strip()}); reading it works"
+        elif config.name == "e":
+            probe = child(f"flock {d}/protected/file true")
+            if probe.returncode:
+                raise RuntimeError(f"config e probe failed: {probe.stderr}")
     finally:
         stop_and_unmount(f, d)
     s = f.stats
@@ -254,6 +270,10 @@ def verify(config: Config, place: Place) -> str:
         if s["notifications_delivered"] < 5:
             raise RuntimeError(f"config c: too few notifications for ls, write, read, rm: {s}")
         return f"c: ls, write, read, rm of one file fired {s['notifications_delivered']} notification(s)"
+    if config.name == "e":
+        if s["notifications_delivered"] < 1:
+            raise RuntimeError(f"config e: flock on a covered file fired no lock notification: {s}")
+        return f"e: flock of protected/file fired {s['notifications_delivered']} lock notification(s)"
     return f"{config.name}: starts and stops"
 
 
@@ -373,7 +393,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=None, help="interleaved rounds (default 5; 1 with --quick)")
-    parser.add_argument("--configs", default="a,b,c,d", help="comma-separated, from a, b, c, d (native always runs)")
+    parser.add_argument("--configs", default="a,b,c,d", help="comma-separated, from a, b, c, d, e (native always runs)")
     parser.add_argument("--workloads", default="small,tree,seq", help="comma-separated: small, tree, seq")
     parser.add_argument("--quick", action="store_true", help="1 round and small sizes, to check that the script works")
     parser.add_argument("--seq-mib", type=int, help=f"size of the sequential file (default {DEFAULT_SIZES.seq_mib}, "

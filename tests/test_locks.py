@@ -419,3 +419,22 @@ def test_many_waiters_on_one_lock_take_turns(locking: tuple[Path, PassthroughFil
         for fd in fds:
             os.close(fd)
     assert filt.fs is not None and filt.fs.locks.count() == 0
+
+
+@needs_root
+@pytest.mark.timeout(60)
+def test_a_killed_waiter_is_taken_back_and_holds_nothing(locking: tuple[Path, PassthroughFilter],
+                                                         procs: list[subprocess.Popen[bytes]]) -> None:
+    path, filt = locking
+    a, b, c = Locker(procs), Locker(procs), Locker(procs)
+    for p in (a, b, c):
+        assert p.do(f"open 1 {path}") == "ok"
+    assert a.do("setlk 1 w 0 0") == "ok"
+    b.send("setlkw 1 w 0 0")
+    assert b.pending()
+    b.proc.kill()
+    b.proc.wait(10)
+    assert filt.fs is not None
+    assert wait_for(lambda: filt.fs is not None and filt.fs.locks.waiting() == 0, 5)
+    assert a.do("setlk 1 u 0 0") == "ok"
+    assert c.do("setlk 1 w 0 0") == "ok"  # nothing went to the dead waiter

@@ -611,7 +611,12 @@ class LowerFS:
 
         def complete() -> None:
             assert deferred is not None
-            final = settle(0)
+            try:
+                final = settle(0)
+            except Exception:  # never leave the caller waiting for an answer
+                log.exception("finishing a granted lock failed")
+                self.locks.set(node.nodeid, lk.owner, lk.start, lk.end, F_UNLCK, 0, lk.fh, flock=lk.flock)
+                final = errno.EIO
             if final:
                 deferred.fail(final)
             else:
