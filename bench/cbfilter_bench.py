@@ -393,7 +393,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=None, help="interleaved rounds (default 5; 1 with --quick)")
-    parser.add_argument("--configs", default="a,b,c,d", help="comma-separated, from a, b, c, d, e (native always runs)")
+    parser.add_argument("--configs", default="a,b,c,d,e",
+                        help="comma-separated, from a, b, c, d, e (native always runs)")
     parser.add_argument("--workloads", default="small,tree,seq", help="comma-separated: small, tree, seq")
     parser.add_argument("--quick", action="store_true", help="1 round and small sizes, to check that the script works")
     parser.add_argument("--seq-mib", type=int, help=f"size of the sequential file (default {DEFAULT_SIZES.seq_mib}, "
