@@ -8,6 +8,7 @@ events the rules ask for. Files no rule's read/write flags can match keep kernel
 from __future__ import annotations
 
 import errno
+import io
 import logging
 import os
 import threading
@@ -16,6 +17,7 @@ from typing import Any
 
 from fsfilter.abi import fuse as abi
 from fsfilter.api import constants as c
+from fsfilter.api import fileinfo
 from fsfilter.api.filter_fs import FilterFS
 from fsfilter.api.params import FILTER_PARAMS
 from fsfilter.api.passthrough import PassthroughFilter
@@ -761,6 +763,93 @@ class CBFilter:
             os.close(fd)
             return -1
         return fd
+
+    def create_file_direct_as_stream(self, file_name: str, synchronize: bool = False,
+                                     desired_access: int = os.O_RDONLY, share_mode: int = 0,
+                                     creation_disposition: int = c.FILE_DISPOSITION_OPEN_EXISTING,
+                                     flags_and_attributes: int = 0, isolate: bool = False,
+                                     handle_holder: list[int] | None = None) -> io.FileIO:
+        """create_file_direct, returned as an unbuffered binary stream that closes the fd with it;
+        ``handle_holder`` (a list) receives the fd."""
+        fd = self.create_file_direct(file_name, synchronize, desired_access, share_mode, creation_disposition,
+                                     flags_and_attributes, isolate)
+        access = desired_access & os.O_ACCMODE
+        mode = "rb" if access == os.O_RDONLY else ("ab" if desired_access & os.O_APPEND else
+                                                   ("wb" if access == os.O_WRONLY else "r+b"))
+        stream = io.FileIO(fd, mode, closefd=True)
+        if handle_holder is not None:
+            handle_holder.append(fd)
+        return stream
+
+    def query_file_information_direct(self, handle: int, buffer: bytearray, file_information_class: int,
+                                      bytes_written: list[int] | None = None) -> None:
+        """NtQueryInformationFile on a direct fd: fills ``buffer`` with the Windows structure of the class
+        (FileBasic/Standard/Internal/Position/EndOfFile/AttributeTagInformation; see fsfilter.api.fileinfo)."""
+        try:
+            data = fileinfo.query(handle, file_information_class)
+        except OSError as exc:
+            raise CBFSFilterError.from_os_error(exc, f"cannot query information class {file_information_class} "
+                                                "of the direct handle") from exc
+        if len(buffer) < len(data):
+            raise CBFSFilterError(errno.ERANGE, f"the buffer holds {len(buffer)} bytes; the structure needs "
+                                                f"{len(data)}")
+        buffer[:len(data)] = data
+        if bytes_written is not None:
+            bytes_written[:] = [len(data)]
+
+    def set_file_information_direct(self, handle: int, file_information_class: int, buffer: bytes) -> None:
+        """NtSetInformationFile on a direct fd: FileBasic (times, READONLY), FileRename (see
+        fileinfo.rename_information), FileDisposition (removes the name now), FilePosition, FileAllocation,
+        FileEndOfFileInformation. Below the filter: no events fire."""
+        try:
+            fileinfo.apply(handle, file_information_class, bytes(buffer))
+        except OSError as exc:
+            raise CBFSFilterError.from_os_error(exc, f"cannot set information class {file_information_class} "
+                                                "on the direct handle") from exc
+
+    def query_file_security_direct(self, handle: int, security_information: int, buffer: bytearray | None,
+                                   length_needed: list[int] | None = None) -> None:
+        """The security events' representation on Linux: with DACL_SECURITY_INFORMATION, the bytes of the
+        ``system.posix_acl_access`` attribute (empty when the file has no ACL beyond its mode bits).
+        ``length_needed`` receives the size; a ``buffer`` too small raises ERANGE (give None to ask the size)."""
+        value = b""
+        if security_information & c.DACL_SECURITY_INFORMATION:
+            try:
+                value = os.getxattr(handle, "system.posix_acl_access")
+            except OSError as exc:
+                if exc.errno not in (errno.ENODATA, errno.EOPNOTSUPP):
+                    raise CBFSFilterError.from_os_error(exc, "cannot read the ACL of the direct handle") from exc
+        if length_needed is not None:
+            length_needed[:] = [len(value)]
+        if buffer is None:
+            return
+        if len(buffer) < len(value):
+            raise CBFSFilterError(errno.ERANGE, f"the buffer holds {len(buffer)} bytes; the ACL needs {len(value)}")
+        buffer[:len(value)] = value
+
+    def set_file_security_direct(self, handle: int, security_information: int, buffer: bytes) -> None:
+        """With DACL_SECURITY_INFORMATION: ``buffer`` becomes the ``system.posix_acl_access`` attribute (empty:
+        the ACL is removed). Owner and mode: use os.fchown/os.fchmod on the fd."""
+        if not security_information & c.DACL_SECURITY_INFORMATION:
+            raise CBFSFilterError(errno.EINVAL, "only DACL_SECURITY_INFORMATION (the POSIX ACL) is set here; "
+                                                "use os.fchown/os.fchmod for owner and mode")
+        try:
+            if buffer:
+                os.setxattr(handle, "system.posix_acl_access", bytes(buffer))
+            else:
+                try:
+                    os.removexattr(handle, "system.posix_acl_access")
+                except OSError as exc:
+                    if exc.errno != errno.ENODATA:
+                        raise
+        except OSError as exc:
+            raise CBFSFilterError.from_os_error(exc, "cannot set the ACL of the direct handle") from exc
+
+    def set_file_size_direct(self, handle: int, size: int) -> None:
+        try:
+            os.ftruncate(handle, size)
+        except OSError as exc:
+            raise CBFSFilterError.from_os_error(exc, f"cannot set the size of the direct handle to {size}") from exc
 
     def suspend_file_events(self) -> None:
         """Inside on_after_create_file / on_after_open_file: no more events (control or notification) for
