@@ -935,3 +935,93 @@ def test_direct_file_methods_work_below_the_filter(cbfilter: Callable[[], CBFilt
         f.set_file_information_direct(fd, fileinfo.FILE_DISPOSITION_INFORMATION, b"\x01")
     f.stop_filter()
     assert sorted(p.name for p in data.iterdir()) == ["sub", "taken.txt"]
+
+
+def test_reparse_rules_redirect_names(cbfilter: Callable[[], CBFilter], data: Path, scratch: Path) -> None:
+    store, logs = scratch / "store", scratch / "logs"
+    store.mkdir()
+    logs.mkdir()
+    (store / "x.txt").write_text("from the store\n")
+    (data / "virtual").mkdir()  # its own content is hidden behind the redirect
+    (data / "virtual" / "shadowed").write_text("never seen\n")
+    f = cbfilter()
+    f.add_reparse_rule(f"{data}/virtual", str(store))
+    f.add_reparse_rule(f"{data}/*.log", f"{logs}/*.log")
+    f.add_reparse_rule(f"{data}/loop", str(data / "sub"))  # a directory redirected into itself: refused
+    f.add_reparse_rule(f"{data}/sub/up", str(data))
+    assert f.reparse_rule_count == 4 and f.get_reparse_rule_target(1) == f"{logs}/*.log"
+    assert f.get_reparse_rule_by_mask(f"{data}/virtual") == str(store)
+    f.start_filter()
+    assert is_mounted(data)
+    out = run("""
+        import os, sys
+        d = sys.argv[1]
+        print(open(f"{d}/virtual/x.txt").read(), end="")
+        print(sorted(os.listdir(f"{d}/virtual")))
+        with open(f"{d}/virtual/new.txt", "w") as w:
+            w.write("made through the redirect")
+        os.mkdir(f"{d}/virtual/dir")
+        with open(f"{d}/app.log", "a") as w:
+            w.write("logged\\n")
+        print(os.path.exists(f"{d}/virtual/shadowed"))
+        for name in ("sub/up", "loop"):
+            try:
+                print(name, sorted(os.listdir(f"{d}/{name}")))
+            except OSError as e:
+                print(name, e.errno)
+    """, str(data)).stdout.splitlines()
+    assert out[0] == "from the store" and out[1] == "['x.txt']" and out[2] == "False"
+    assert out[3:] == [f"sub/up {errno.ELOOP}", "loop ['b.log']"], out  # loop -> sub is no cycle: it lists sub
+    assert (store / "new.txt").read_text() == "made through the redirect" and (store / "dir").is_dir()
+    assert (logs / "app.log").read_text() == "logged\n"
+    # deleting and renaming redirected names: the delete acts on the target; a rename copies (EXDEV for mv)
+    run("""
+        import os, shutil, sys
+        d = sys.argv[1]
+        os.unlink(f"{d}/virtual/new.txt")
+        try:
+            os.rename(f"{d}/app.log", f"{d}/kept.txt")
+        except OSError as e:
+            assert e.errno == 18, e  # EXDEV
+        shutil.move(f"{d}/app.log", f"{d}/kept.txt")
+    """, str(data))
+    assert not (store / "new.txt").exists() and not (logs / "app.log").exists()
+    assert (data / "kept.txt").read_text() == "logged\n"
+    # rules removed while running stop redirecting at once
+    assert f.delete_reparse_rule(f"{data}/virtual")
+    out = run("import os, sys; print(sorted(os.listdir(sys.argv[1])))", str(data / "virtual")).stdout.strip()
+    assert out == "['shadowed']"
+    f.create_reparse_rules_snapshot()
+    assert f.delete_all_reparse_rules() and f.reparse_rule_count == 3  # the snapshot still shows them
+    f.close_reparse_rules_snapshot()
+    assert f.reparse_rule_count == 0
+    f.stop_filter()
+    assert not (data / "app.log").exists() and (data / "kept.txt").exists()
+    with pytest.raises(CBFSFilterError) as info:
+        f.add_reparse_rule("*.txt", "/x/*.txt")
+    assert info.value.code == errno.EINVAL
+
+
+def test_on_reparse_file_name_chooses_the_target(cbfilter: Callable[[], CBFilter], data: Path,
+                                                 scratch: Path) -> None:
+    store = scratch / "store"
+    store.mkdir()
+    (store / "settings.cfg").write_text("redirected\n")
+    (data / "a.cfg").write_text("original\n")
+    f = cbfilter()
+    seen: list[str] = []
+
+    def reparse(p: Any) -> None:
+        seen.append(p.file_name)
+        if p.file_name.endswith("/a.cfg"):
+            p.reparsed_name = str(store / "settings.cfg")
+        elif p.file_name.endswith("/denied.cfg"):
+            p.result_code = errno.EACCES
+
+    f.on_reparse_file_name = reparse
+    f.add_filter_rule(f"{data}/*.cfg", c.ACCESS_NONE, c.FS_CE_REPARSE_FILENAME, c.FS_NE_NONE)
+    f.start_filter()
+    assert run("import sys; print(open(sys.argv[1]).read(), end='')", str(data / "a.cfg")).stdout == "redirected\n"
+    assert errno_of("open(sys.argv[1])", str(data / "denied.cfg")) == errno.EACCES
+    assert errno_of("open(sys.argv[1])", str(data / "missing.cfg")) == errno.ENOENT
+    assert str(data / "a.cfg") in seen and str(data / "a.txt") not in seen

@@ -396,3 +396,24 @@ _REG, _DIR, _LNK = stat.S_IFREG, stat.S_IFDIR, stat.S_IFLNK
 ])
 def test_attributes_from_stat(mode: int, size: int, blocks: int, name: str, expected: int) -> None:
     assert attributes_from_stat(mode, size, blocks, name) == expected
+
+
+def test_reparse_rules_fill_the_target_with_what_the_wildcards_matched() -> None:
+    from fsfilter.engine.reparse import ReparseRules
+
+    r = ReparseRules()
+    r.add("/data/in/*", "/srv/store/*")
+    r.add("/data/*.log", "/var/log/app/*.log")
+    r.add("/data/one", "/elsewhere/two")
+    r.add("/data/??.cfg", "/etc/app/?-?.cfg")
+    assert r.resolve("/data/in/a/b.txt") == ("/srv/store/a/b.txt", r.rules()[0])
+    assert r.resolve("/data/x.log")[0] == "/var/log/app/x.log"  # type: ignore[index]
+    assert r.resolve("/data/one")[0] == "/elsewhere/two"  # type: ignore[index]
+    assert r.resolve("/data/ab.cfg")[0] == "/etc/app/a-b.cfg"  # type: ignore[index]
+    assert r.resolve("/data/in") is None and r.resolve("/other/x.log") is None
+    assert r.may_reach("/data") and r.may_reach("/") and r.may_reach("/data/in/deep") and not r.may_reach("/srv")
+    assert r.target_of("/data/one") == "/elsewhere/two" and r.delete("/data/one") and not r.delete("/data/one")
+    for mask, target in (("*.txt", "/x/*.txt"), ("/a/*", "relative/*"), ("/a/b", "/x/*"), ("||/a/*", "/b/*"),
+                         ("bash|/a/*", "/b/*"), ("/a/*", "/b/../c/*")):
+        with pytest.raises(MaskError):
+            r.add(mask, target)

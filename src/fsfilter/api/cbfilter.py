@@ -23,6 +23,7 @@ from fsfilter.api.params import FILTER_PARAMS
 from fsfilter.api.passthrough import PassthroughFilter
 from fsfilter.engine import dispatch
 from fsfilter.engine.masks import MaskError, file_matches_mask
+from fsfilter.engine.reparse import ReparseRules
 from fsfilter.engine.rules import RuleSet
 from fsfilter.errors import CBFSFilterError
 from fsfilter.sessions.fuse_session import Session
@@ -65,6 +66,7 @@ EVENT_BITS: dict[str, int] = {
     "before_ioctl": c.FS_CE_BEFORE_IOCTL, "after_ioctl": c.FS_CE_AFTER_IOCTL,
     "before_query_ea": c.FS_CE_BEFORE_QUERY_EA, "after_query_ea": c.FS_CE_AFTER_QUERY_EA,
     "before_set_ea": c.FS_CE_BEFORE_SET_EA, "after_set_ea": c.FS_CE_AFTER_SET_EA,
+    "reparse_file_name": c.FS_CE_REPARSE_FILENAME,
     "before_get_reparse_point": c.FS_CE_BEFORE_GET_REPARSE_POINT,
     "after_get_reparse_point": c.FS_CE_AFTER_GET_REPARSE_POINT,
     "before_set_reparse_point": c.FS_CE_BEFORE_SET_REPARSE_POINT,
@@ -186,6 +188,8 @@ class CBFilter:
         object.__setattr__(self, "_handlers_ready", False)
         self.rules = RuleSet()
         self.passthrough_rules = RuleSet()
+        self.reparse = ReparseRules()
+        self._reparse_snapshot: list[tuple[str, str]] | None = None
         self.control_handlers = 0
         self.notify_handlers = 0
         self.tag = 0
@@ -241,11 +245,11 @@ class CBFilter:
 
     @property
     def has_rules(self) -> bool:
-        return bool(len(self.rules) or len(self.passthrough_rules))
+        return bool(len(self.rules) or len(self.passthrough_rules) or len(self.reparse))
 
     @property
     def rules_generation(self) -> int:
-        return self.rules.generation + self.passthrough_rules.generation
+        return self.rules.generation + self.passthrough_rules.generation + self.reparse.generation
 
     @property
     def filter_own_requests(self) -> bool:
@@ -406,8 +410,9 @@ class CBFilter:
 
     def _wanted_attach_points(self) -> list[str]:
         wanted: set[str] = set(self._attach_points)
-        for rule in list(self.rules) + list(self.passthrough_rules):
-            compiled = rule.compiled
+        masks = [r.compiled for r in list(self.rules) + list(self.passthrough_rules)]
+        masks += [r.mask for r in self.reparse.rules()]
+        for compiled in masks:
             prefix = compiled.prefix
             if prefix is None:
                 continue
@@ -420,7 +425,7 @@ class CBFilter:
                 existing = os.path.dirname(existing)
             real = os.path.realpath(existing)
             if real in FORBIDDEN_ATTACH:
-                raise CBFSFilterError(errno.EPERM, f"the mask {rule.mask!r} would make fsfilter mount over {real}: "
+                raise CBFSFilterError(errno.EPERM, f"the mask {compiled.text!r} would make fsfilter mount over {real}: "
                                                    "use a mask below it, or add_attach_point")
             wanted.add(real)
         if not self._attach_points and not wanted and (self.rules.has_unanchored()
@@ -546,6 +551,92 @@ class CBFilter:
         if changed and self._active:
             self._rules_changed()
         return changed
+
+    # -- reparse rules: name redirection (engine/reparse.py; they live as long as this object, see docs/api.md)
+
+    def add_reparse_rule(self, mask: str, reparse_mask: str, product_guid: str = "", flags: int = 0) -> bool:
+        """Paths matching ``mask`` resolve to ``reparse_mask`` (the mask's wildcards fill the target's)."""
+        if not isinstance(mask, str) or not isinstance(reparse_mask, str):
+            raise CBFSFilterError(errno.EINVAL, "mask and reparse_mask must be strings")
+        if not isinstance(flags, int):
+            raise CBFSFilterError(errno.EINVAL, f"flags must be an int, not {flags!r}")
+        previous = self.reparse.target_of(mask)
+        try:
+            self.reparse.add(mask, reparse_mask, flags)
+        except MaskError as exc:
+            raise CBFSFilterError(errno.EINVAL, f"bad reparse rule {mask!r} -> {reparse_mask!r}: {exc}") from exc
+        if self._active:
+            try:
+                with self._lock:
+                    self._sync_attachments()
+            except CBFSFilterError:
+                if previous:
+                    self.reparse.add(mask, previous)
+                else:
+                    self.reparse.delete(mask)
+                raise
+            self._rules_changed()
+        return True
+
+    def delete_reparse_rule(self, mask: str, product_guid: str = "") -> bool:
+        changed = self.reparse.delete(mask)
+        if changed and self._active:
+            self._rules_changed()
+        return changed
+
+    def delete_all_reparse_rules(self, product_guid: str = "") -> bool:
+        changed = self.reparse.clear()
+        if changed and self._active:
+            self._rules_changed()
+        return changed
+
+    def create_reparse_rules_snapshot(self, product_guid: str = "") -> bool:
+        """Freeze the list that reparse_rule_count and get_reparse_rule_* read."""
+        self._reparse_snapshot = [(r.mask.text, r.target) for r in self.reparse.rules()]
+        return True
+
+    def close_reparse_rules_snapshot(self) -> None:
+        self._reparse_snapshot = None
+
+    def _reparse_list(self) -> list[tuple[str, str]]:
+        snap = self._reparse_snapshot
+        return snap if snap is not None else [(r.mask.text, r.target) for r in self.reparse.rules()]
+
+    @property
+    def reparse_rule_count(self) -> int:
+        return len(self._reparse_list())
+
+    def get_reparse_rule_mask(self, index: int) -> str:
+        return self._reparse_item(index)[0]
+
+    def get_reparse_rule_target(self, index: int) -> str:
+        return self._reparse_item(index)[1]
+
+    def _reparse_item(self, index: int) -> tuple[str, str]:
+        items = self._reparse_list()
+        if not isinstance(index, int) or not 0 <= index < len(items):
+            raise CBFSFilterError(errno.EINVAL, f"reparse rule index {index!r} out of range (0..{len(items) - 1})")
+        return items[index]
+
+    def get_reparse_rule_by_mask(self, mask: str, product_guid: str = "") -> str:
+        return self.reparse.target_of(mask)
+
+    def is_attach_point(self, path: str) -> bool:
+        return os.path.normpath(path) in self._attached
+
+    def contains_attach_point(self, path: str) -> bool:
+        """Whether a mounted attach point lies strictly below ``path``."""
+        top = os.path.normpath(path).rstrip("/") + "/"
+        return any(point.startswith(top) for point in list(self._attached))
+
+    def open_below(self, path: str, flags: int) -> int:
+        """Open ``path`` below this filter's mounts (an attach point's lower directory), else natively."""
+        real = os.path.normpath(path)
+        for point, mount in list(self._attached.items()):
+            if real == point or real.startswith(point.rstrip("/") + "/"):
+                rel = os.path.relpath(real, point)
+                return os.open(rel, flags, dir_fd=mount._lower_fd)
+        return os.open(real, flags)
 
     def delete_all_passthrough_rules(self) -> bool:
         changed = self.passthrough_rules.clear()
@@ -869,9 +960,6 @@ class CBFilter:
 
     def delete_default_rule(self, mask: str, product_guid: str) -> bool:
         raise CBFSFilterError(errno.ENOSYS, "default rules come with the fsfilterd service, not yet available")
-
-    def add_reparse_rule(self, mask: str, reparse_mask: str, product_guid: str, flags: int) -> bool:
-        raise CBFSFilterError(errno.ENOSYS, "reparse rules are not implemented yet")
 
     def shutdown_system(self, shutdown_prompt: str, timeout: int, force_close_apps: bool, reboot: bool) -> bool:
         raise CBFSFilterError(errno.ENOSYS, "fsfilter does not shut the machine down: use systemctl")

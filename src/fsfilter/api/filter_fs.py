@@ -42,17 +42,18 @@ _ACL_NAMES = (b"system.posix_acl_access", b"system.posix_acl_default")
 _XATTR_SIZE_MAX = 65536  # the largest xattr value Linux allows
 
 # Control bits that make a path's names and attributes volatile: their answer can differ per request.
-_VOLATILE = c.FS_CE_BEFORE_OPEN | c.FS_CE_BEFORE_CREATE | c.FS_CE_AFTER_GET_SIZES
+_VOLATILE = c.FS_CE_BEFORE_OPEN | c.FS_CE_BEFORE_CREATE | c.FS_CE_AFTER_GET_SIZES | c.FS_CE_REPARSE_FILENAME
 
 # For each opcode, the control bits whose events it may fire: such a request is served on a pool thread.
 _OP_CONTROL: dict[int, int] = {
-    abi.Opcode.LOOKUP: c.FS_CE_BEFORE_OPEN,
+    abi.Opcode.LOOKUP: c.FS_CE_BEFORE_OPEN | c.FS_CE_REPARSE_FILENAME,
     abi.Opcode.OPEN: c.FS_CE_BEFORE_OPEN | c.FS_CE_AFTER_OPEN,
     abi.Opcode.OPENDIR: c.FS_CE_BEFORE_OPEN | c.FS_CE_AFTER_OPEN,
-    abi.Opcode.CREATE: c.FS_CE_BEFORE_CREATE | c.FS_CE_AFTER_CREATE | c.FS_CE_BEFORE_OPEN | c.FS_CE_AFTER_OPEN,
-    abi.Opcode.MKDIR: c.FS_CE_BEFORE_CREATE | c.FS_CE_AFTER_CREATE,
-    abi.Opcode.MKNOD: c.FS_CE_BEFORE_CREATE | c.FS_CE_AFTER_CREATE,
-    abi.Opcode.SYMLINK: c.FS_CE_BEFORE_CREATE | c.FS_CE_AFTER_CREATE,
+    abi.Opcode.CREATE: c.FS_CE_BEFORE_CREATE | c.FS_CE_AFTER_CREATE | c.FS_CE_BEFORE_OPEN | c.FS_CE_AFTER_OPEN
+    | c.FS_CE_REPARSE_FILENAME,
+    abi.Opcode.MKDIR: c.FS_CE_BEFORE_CREATE | c.FS_CE_AFTER_CREATE | c.FS_CE_REPARSE_FILENAME,
+    abi.Opcode.MKNOD: c.FS_CE_BEFORE_CREATE | c.FS_CE_AFTER_CREATE | c.FS_CE_REPARSE_FILENAME,
+    abi.Opcode.SYMLINK: c.FS_CE_BEFORE_CREATE | c.FS_CE_AFTER_CREATE | c.FS_CE_REPARSE_FILENAME,
     abi.Opcode.READ: c.FS_CE_BEFORE_READ | c.FS_CE_AFTER_READ,
     abi.Opcode.WRITE: c.FS_CE_BEFORE_WRITE | c.FS_CE_AFTER_WRITE,
     abi.Opcode.FLUSH: c.FS_CE_BEFORE_CLEANUP | c.FS_CE_AFTER_CLEANUP | c.FS_CE_BEFORE_LOCK_CONTROL
@@ -65,12 +66,12 @@ _OP_CONTROL: dict[int, int] = {
     abi.Opcode.READDIR: c.FS_CE_BEFORE_ENUMERATE_DIRECTORY | c.FS_CE_AFTER_ENUMERATE_DIRECTORY,
     abi.Opcode.READDIRPLUS: c.FS_CE_BEFORE_ENUMERATE_DIRECTORY | c.FS_CE_AFTER_ENUMERATE_DIRECTORY,
     abi.Opcode.UNLINK: c.FS_CE_BEFORE_CAN_DELETE | c.FS_CE_AFTER_CAN_DELETE | c.FS_CE_BEFORE_DELETE
-    | c.FS_CE_AFTER_DELETE,
+    | c.FS_CE_AFTER_DELETE | c.FS_CE_REPARSE_FILENAME,
     abi.Opcode.RMDIR: c.FS_CE_BEFORE_CAN_DELETE | c.FS_CE_AFTER_CAN_DELETE | c.FS_CE_BEFORE_DELETE
-    | c.FS_CE_AFTER_DELETE,
-    abi.Opcode.RENAME: c.FS_CE_BEFORE_RENAME | c.FS_CE_AFTER_RENAME,
-    abi.Opcode.RENAME2: c.FS_CE_BEFORE_RENAME | c.FS_CE_AFTER_RENAME,
-    abi.Opcode.LINK: c.FS_CE_BEFORE_CREATE_HARD_LINK | c.FS_CE_AFTER_CREATE_HARD_LINK,
+    | c.FS_CE_AFTER_DELETE | c.FS_CE_REPARSE_FILENAME,
+    abi.Opcode.RENAME: c.FS_CE_BEFORE_RENAME | c.FS_CE_AFTER_RENAME | c.FS_CE_REPARSE_FILENAME,
+    abi.Opcode.RENAME2: c.FS_CE_BEFORE_RENAME | c.FS_CE_AFTER_RENAME | c.FS_CE_REPARSE_FILENAME,
+    abi.Opcode.LINK: c.FS_CE_BEFORE_CREATE_HARD_LINK | c.FS_CE_AFTER_CREATE_HARD_LINK | c.FS_CE_REPARSE_FILENAME,
     abi.Opcode.SETATTR: c.FS_CE_BEFORE_SET_SIZES | c.FS_CE_AFTER_SET_SIZES | c.FS_CE_BEFORE_SET_ATTRIBUTES
     | c.FS_CE_AFTER_SET_ATTRIBUTES | c.FS_CE_BEFORE_SET_SECURITY | c.FS_CE_AFTER_SET_SECURITY,
     abi.Opcode.GETATTR: c.FS_CE_AFTER_GET_SIZES,
@@ -252,8 +253,11 @@ class FilterFS(LowerFS):
             node = self.nodes.get(node.parent)
         if node is None:
             return True  # an unknown or detached node: do not skip the rules
+        reparse = core.reparse
         for n in reversed(chain):
-            above = above and core.rules.may_reach(self.abspath(n))
+            if above:
+                path = self.abspath(n)
+                above = core.rules.may_reach(path) or (len(reparse) > 0 and reparse.may_reach(path))
             self._reach[n] = (gen, above)
         return above
 
@@ -418,6 +422,75 @@ class FilterFS(LowerFS):
         return self._file_contexts.get(nodeid, 0)
 
     # -- names
+
+    def where(self, req: Request | None, parent: Inode, name: bytes) -> tuple[int, bytes, bool]:
+        """Reparse: a name that a reparse rule (or an on_reparse_file_name handler) redirects is served from
+        its target, resolved below the filter: looked up, created and deleted there."""
+        core = self.core
+        if not (len(core.reparse) or core.control_handlers & c.FS_CE_REPARSE_FILENAME) \
+                or not self.reaches(parent.nodeid):
+            return parent.fd, name, False
+        target = self.reparse_target(req, parent, name)
+        if target is None:
+            return parent.fd, name, False
+        if core.contains_attach_point(target):
+            # Served from there, the filter's own mount would be reached through the redirect: a loop.
+            raise OSError(errno.ELOOP, f"{target}, where {self.child_path(parent.nodeid, name)} is redirected, "
+                                       "contains a directory this filter is attached to")
+        head, tail = os.path.split(target)
+        if core.is_attach_point(target):
+            dfd, tail = core.open_below(target, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC), "."
+        else:
+            dfd = core.open_below(head, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            st = os.stat(tail, dir_fd=dfd, follow_symlinks=False)
+        except FileNotFoundError:
+            st = None
+        except BaseException:
+            os.close(dfd)
+            raise
+        if st is not None and stat.S_ISDIR(st.st_mode) and self._is_ancestor(parent, (st.st_dev, st.st_ino)):
+            os.close(dfd)
+            raise OSError(errno.ELOOP, f"{self.child_path(parent.nodeid, name)} is redirected to its own ancestor "
+                                       f"{target}")
+        return dfd, os.fsencode(tail), True
+
+    def reparse_target(self, req: Request | None, parent: Inode, name: bytes) -> str | None:
+        """Where a name is redirected (an absolute path), or None."""
+        core = self.core
+        path = self.child_path(parent.nodeid, name)
+        hit = core.reparse.resolve(path) if len(core.reparse) else None
+        target = hit[0] if hit is not None else None
+        if req is not None and core.control_handlers & c.FS_CE_REPARSE_FILENAME:
+            flags = self.effective(self.match_name(path), req.pid, parent=parent, name=name)
+            params = self.fire("reparse_file_name", c.FS_CE_REPARSE_FILENAME, flags, self.origin(req),
+                               file_name=path, reparsed_name=target or "")
+            if params is not None:
+                chosen = params.reparsed_name
+                if chosen and (not isinstance(chosen, str) or not chosen.startswith("/")):
+                    raise OSError(errno.EINVAL, f"on_reparse_file_name gave {chosen!r}: give an absolute path")
+                target = os.path.normpath(chosen) if chosen else None
+        if target is None or target == path or target == "/":
+            return None
+        return target
+
+    def _is_ancestor(self, node: Inode, key: tuple[int, int]) -> bool:
+        seen = 0
+        current: Inode | None = node
+        while current is not None and seen < 4096:
+            if current.key == key:
+                return True
+            if current.nodeid == abi.ROOT_ID:
+                return False
+            current = self.nodes.get(current.parent)
+            seen += 1
+        return False
+
+    def _redirected(self, req: Request, parent: Inode, name: bytes) -> bool:
+        core = self.core
+        if not (len(core.reparse) or core.control_handlers & c.FS_CE_REPARSE_FILENAME):
+            return False
+        return self.reaches(parent.nodeid) and self.reparse_target(req, parent, name) is not None
 
     def lookup(self, req: Request) -> bytes:
         if not self.reaches(req.nodeid):
@@ -616,10 +689,14 @@ class FilterFS(LowerFS):
         # and a hiding before-open handler refuses it), a new one a create.
         existing: os.stat_result | None = None
         if flags:  # with no rule on the name the kind of open decides nothing: save the syscall
+            dfd, at, owned = self.where(None, parent, name)  # reparse rules apply (no event fired here)
             try:
-                existing = os.stat(name, dir_fd=parent.fd, follow_symlinks=False)
+                existing = os.stat(at, dir_fd=dfd, follow_symlinks=False)
             except OSError:
                 pass
+            finally:
+                if owned:
+                    os.close(dfd)
         created = existing is None or bool(open_flags & os.O_EXCL)
         self._check_open_access(flags, open_flags, created)
         known = self.by_key.get((existing.st_dev, existing.st_ino)) if existing is not None else None
@@ -1216,6 +1293,10 @@ class FilterFS(LowerFS):
         new_path = self.child_path(newdir, new)
         m_old, m_new = self.match_name(old_path), self.match_name(new_path)
         old_dir, new_dir = self.inode(req.nodeid), self.inode(newdir)
+        if self._redirected(req, old_dir, old) or self._redirected(req, new_dir, new):
+            # The two names live in different places: callers such as mv then copy and delete, which the
+            # reparse rules send to the right place.
+            raise OSError(errno.EXDEV, "a redirected name is renamed by copying")
         f_old = self.effective(m_old, req.pid, parent=old_dir, name=old)
         f_new = self.effective(m_new, req.pid, parent=new_dir, name=new)
         self._check_rename_access(f_old, f_new, new_dir, new, flags_in)
@@ -1275,6 +1356,8 @@ class FilterFS(LowerFS):
         name, _ = wire.name_at(req.body, abi.LINK_IN.size)
         src_path = self.abspath(old)
         link_path = self.child_path(req.nodeid, name)
+        if self._redirected(req, self.inode(req.nodeid), name):
+            raise OSError(errno.EXDEV, "a hard link cannot be made under a redirected name")
         f_src = self.effective(self.match_node(old), req.pid, self.inode(old))
         f_new = self.effective(self.match_name(link_path), req.pid, parent=self.inode(req.nodeid), name=name)
         if f_src.access and not f_new.access & f_src.access == f_src.access:

@@ -216,9 +216,23 @@ class LowerFS:
         node = self._remember(fd, st, parent, name)
         return wire.encode_entry(node.nodeid, st, self.options.entry_timeout, self.options.attr_timeout)
 
+    def where(self, req: Request | None, parent: Inode, name: bytes) -> tuple[int, bytes, bool]:
+        """The directory fd and name that a request naming ``name`` in ``parent`` acts on, and whether the
+        caller must close that fd. Here the name itself; a subclass may redirect it (reparse rules)."""
+        return parent.fd, name, False
+
+    def _open_path(self, req: Request | None, parent: Inode, name: bytes) -> int:
+        """An O_PATH fd of the object ``name`` in ``parent`` resolves to."""
+        dfd, at, owned = self.where(req, parent, name)
+        try:
+            return os.open(at, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dfd)
+        finally:
+            if owned:
+                os.close(dfd)
+
     def _lookup_child(self, parent: Inode, name: bytes) -> tuple[Inode, os.stat_result]:
         """Like LOOKUP, for READDIRPLUS."""
-        fd = os.open(name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=parent.fd)
+        fd = self._open_path(None, parent, name)
         try:
             st = os.fstat(fd)
         except BaseException:
@@ -273,7 +287,7 @@ class LowerFS:
         parent = self.inode(req.nodeid)
         name, _ = wire.name_at(req.body)
         try:
-            fd = os.open(name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=parent.fd)
+            fd = self._open_path(req, parent, name)
         except FileNotFoundError:
             if self.options.negative_timeout > 0:
                 return wire.encode_negative_entry(self.options.negative_timeout)
@@ -337,31 +351,36 @@ class LowerFS:
     def readlink(self, req: Request) -> bytes:
         return libc.readlink_fd(self.inode(req.nodeid).fd)
 
-    def _make(self, req: Request, name: bytes, umask: int | None, make: Callable[[int], None]) -> bytes:
+    def _make(self, req: Request, name: bytes, umask: int | None, make: Callable[[int, bytes], None]) -> bytes:
         parent = self.inode(req.nodeid)
-        switched = self._as_caller(req, umask)
+        dfd, at, owned = self.where(req, parent, name)
         try:
-            make(parent.fd)
+            switched = self._as_caller(req, umask)
+            try:
+                make(dfd, at)
+            finally:
+                self._restore_identity(switched)
+            fd = os.open(at, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dfd)
         finally:
-            self._restore_identity(switched)
-        fd = os.open(name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=parent.fd)
+            if owned:
+                os.close(dfd)
         return self._entry(fd, parent.nodeid, name)
 
     def mknod(self, req: Request) -> bytes:
         mode, rdev, umask, _ = wire.fixed(req.body, abi.MKNOD_IN)
         name, _ = wire.name_at(req.body, abi.MKNOD_IN.size)
         dev = wire.decode_rdev(rdev)
-        return self._make(req, name, umask, lambda dfd: os.mknod(name, mode, dev, dir_fd=dfd))
+        return self._make(req, name, umask, lambda dfd, at: os.mknod(at, mode, dev, dir_fd=dfd))
 
     def mkdir(self, req: Request) -> bytes:
         mode, umask = wire.fixed(req.body, abi.MKDIR_IN)
         name, _ = wire.name_at(req.body, abi.MKDIR_IN.size)
-        return self._make(req, name, umask, lambda dfd: os.mkdir(name, mode, dir_fd=dfd))
+        return self._make(req, name, umask, lambda dfd, at: os.mkdir(at, mode, dir_fd=dfd))
 
     def symlink(self, req: Request) -> bytes:
         name, pos = wire.name_at(req.body)
         target, _ = wire.cstring(req.body, pos)
-        return self._make(req, name, None, lambda dfd: os.symlink(target, name, dir_fd=dfd))
+        return self._make(req, name, None, lambda dfd, at: os.symlink(target, at, dir_fd=dfd))
 
     def link(self, req: Request) -> bytes:
         (old,) = wire.fixed(req.body, abi.LINK_IN)
@@ -377,12 +396,22 @@ class LowerFS:
 
     def unlink(self, req: Request) -> bytes:
         name, _ = wire.name_at(req.body)
-        os.unlink(name, dir_fd=self.inode(req.nodeid).fd)
+        dfd, at, owned = self.where(req, self.inode(req.nodeid), name)
+        try:
+            os.unlink(at, dir_fd=dfd)
+        finally:
+            if owned:
+                os.close(dfd)
         return b""
 
     def rmdir(self, req: Request) -> bytes:
         name, _ = wire.name_at(req.body)
-        os.rmdir(name, dir_fd=self.inode(req.nodeid).fd)
+        dfd, at, owned = self.where(req, self.inode(req.nodeid), name)
+        try:
+            os.rmdir(at, dir_fd=dfd)
+        finally:
+            if owned:
+                os.close(dfd)
         return b""
 
     def _rename(self, req: Request, newdir: int, flags: int, offset: int) -> bytes:
@@ -505,11 +534,16 @@ class LowerFS:
         name, _ = wire.name_at(req.body, abi.CREATE_IN.size)
         parent = self.inode(req.nodeid)
         lower = (flags & ~_LOWER_STRIP) | (flags & (os.O_EXCL | os.O_NOFOLLOW)) | os.O_CREAT | os.O_CLOEXEC
-        switched = self._as_caller(req, umask)
+        dfd, at, owned = self.where(req, parent, name)
         try:
-            fd = os.open(name, lower, mode, dir_fd=parent.fd)
+            switched = self._as_caller(req, umask)
+            try:
+                fd = os.open(at, lower, mode, dir_fd=dfd)
+            finally:
+                self._restore_identity(switched)
         finally:
-            self._restore_identity(switched)
+            if owned:
+                os.close(dfd)
         return self._created(fd, parent, name)
 
     def tmpfile(self, req: Request) -> bytes:
