@@ -955,11 +955,32 @@ class CBFilter:
 
     # -- SDK members with no Linux meaning (documented in docs/api.md)
 
-    def add_default_rule(self, mask: str, access_flags: int, product_guid: str) -> bool:
-        raise CBFSFilterError(errno.ENOSYS, "default rules come with the fsfilterd service, not yet available")
+    # Default rules are kept and enforced by the Windows driver with no process running. Here the filter is a
+    # process (the daemon serving the mount): rules that must hold from boot need that process started at boot.
+    _NO_DEFAULT_RULES = ("default rules need a filter running with no application: on Linux, start your CBFilter "
+                         "(or 'fsfilter protect') from a system service at boot instead")
 
-    def delete_default_rule(self, mask: str, product_guid: str) -> bool:
-        raise CBFSFilterError(errno.ENOSYS, "default rules come with the fsfilterd service, not yet available")
+    def add_default_rule(self, mask: str, access_flags: int, product_guid: str = "") -> bool:
+        raise CBFSFilterError(errno.ENOSYS, self._NO_DEFAULT_RULES)
+
+    def delete_default_rule(self, mask: str, product_guid: str = "") -> bool:
+        raise CBFSFilterError(errno.ENOSYS, self._NO_DEFAULT_RULES)
+
+    def create_default_rules_snapshot(self, product_guid: str = "") -> bool:
+        raise CBFSFilterError(errno.ENOSYS, self._NO_DEFAULT_RULES)
+
+    def close_default_rules_snapshot(self) -> None:
+        """Nothing to release: there are no default rules."""
+
+    @property
+    def default_rule_count(self) -> int:
+        return 0
+
+    def get_default_rule_mask(self, index: int) -> str:
+        raise CBFSFilterError(errno.EINVAL, f"default rule index {index!r} out of range: there are no default rules")
+
+    def get_default_rule_access_flags(self, index: int) -> int:
+        raise CBFSFilterError(errno.EINVAL, f"default rule index {index!r} out of range: there are no default rules")
 
     def shutdown_system(self, shutdown_prompt: str, timeout: int, force_close_apps: bool, reboot: bool) -> bool:
         raise CBFSFilterError(errno.ENOSYS, "fsfilter does not shut the machine down: use systemctl")
