@@ -946,6 +946,7 @@ def test_reparse_rules_redirect_names(cbfilter: Callable[[], CBFilter], data: Pa
     (data / "virtual" / "shadowed").write_text("never seen\n")
     f = cbfilter()
     f.add_reparse_rule(f"{data}/virtual", str(store))
+    assert f.get_attach_point(0) == str(data)  # the parent of a redirected directory: where its name resolves
     f.add_reparse_rule(f"{data}/*.log", f"{logs}/*.log")
     f.add_reparse_rule(f"{data}/loop", str(data / "sub"))  # a directory redirected into itself: refused
     f.add_reparse_rule(f"{data}/sub/up", str(data))

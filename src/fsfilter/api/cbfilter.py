@@ -410,13 +410,13 @@ class CBFilter:
 
     def _wanted_attach_points(self) -> list[str]:
         wanted: set[str] = set(self._attach_points)
-        masks = [r.compiled for r in list(self.rules) + list(self.passthrough_rules)]
-        masks += [r.mask for r in self.reparse.rules()]
-        for compiled in masks:
+        masks = [(r.compiled, False) for r in list(self.rules) + list(self.passthrough_rules)]
+        masks += [(r.mask, True) for r in self.reparse.rules()]  # a redirected name is resolved in its parent
+        for compiled, redirect in masks:
             prefix = compiled.prefix
             if prefix is None:
                 continue
-            if compiled.literal and not compiled.inverted and os.path.isdir(compiled.path_mask):
+            if compiled.literal and not compiled.inverted and not redirect and os.path.isdir(compiled.path_mask):
                 # A rule on a directory itself (e.g. its listing): mounted over that directory, whose
                 # root the filter then serves. Renaming or deleting the directory itself is not seen.
                 prefix = compiled.path_mask
