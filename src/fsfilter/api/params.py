@@ -184,6 +184,8 @@ def _make(prefix: str, event: str, kind: str, fields: str) -> type[EventParams]:
     return cls
 
 
+make_params = _make  # (class prefix, event, kind, fields): other classes' parameter classes
+
 FILTER_PARAMS: dict[str, type[EventParams]] = {
     event: _make("CBFilter", event, kind, fields) for event, (kind, fields) in EVENTS.items()
 }

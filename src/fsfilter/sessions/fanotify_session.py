@@ -1,0 +1,235 @@
+"""A fanotify notification group that names things: marks on whole file systems, records read in bulk,
+file handles turned back into paths.
+
+The group reports directory file handles with entry names (``FAN_REPORT_DFID_NAME_TARGET``) and a pidfd
+of the process (``FAN_REPORT_PIDFD``). A path is rebuilt as the directory's path (``open_by_handle_at``
+through any fd on that file system, then the ``/proc/self/fd`` link) plus the name. Directory paths are
+cached by handle; the cache is dropped whenever a directory is renamed, moved or deleted, so a name under a
+renamed directory is never given its old path.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import re
+import select
+import threading
+from collections import OrderedDict
+from collections.abc import Iterable
+
+from fsfilter.abi import fanotify as abi
+from fsfilter.system import fanotify as fan
+from fsfilter.wire import fanotify as wire
+from fsfilter.wire.fanotify import Event, ObjectId
+
+# File systems that hold no user files: never marked for masks without a path.
+PSEUDO_FS = frozenset({
+    "proc", "sysfs", "cgroup", "cgroup2", "devpts", "mqueue", "debugfs", "tracefs", "securityfs", "pstore",
+    "bpf", "configfs", "fusectl", "hugetlbfs", "binfmt_misc", "autofs", "efivarfs", "rpc_pipefs", "nsfs",
+    "selinuxfs", "devtmpfs", "ramfs", "squashfs", "overlay", "nfsd", "fuse.fsfilter",
+})
+_DIR_CACHE = 65536
+
+
+def local_mounts(include_pseudo: bool = False) -> list[tuple[str, str, str]]:
+    """(root within its file system, mount point, type) of each mount in /proc/self/mountinfo, in order."""
+    out = []
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            fields = line.split()
+            sep = fields.index("-")
+            fstype = fields[sep + 1]
+            if not include_pseudo and (fstype in PSEUDO_FS or fstype.startswith("fuse")):
+                continue
+            out.append((_unescape(fields[3]), _unescape(fields[4]), fstype))
+    return out
+
+
+def _unescape(field: str) -> str:
+    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field)
+
+
+class MountTable:
+    """A mount point of each file system, by fsid, to reopen handles through. Paths, not fds: an open fd would
+    keep the file system busy, and the user could not unmount it."""
+
+    def __init__(self) -> None:
+        self._points: dict[tuple[int, int], str] = {}
+        self._lock = threading.Lock()
+
+    def point_for(self, fsid: tuple[int, int]) -> str | None:
+        with self._lock:
+            point = self._points.get(fsid)
+        if point is not None:
+            return point
+        self.refresh()
+        with self._lock:
+            return self._points.get(fsid)
+
+    def open_mount(self, fsid: tuple[int, int]) -> int | None:
+        """An fd (not O_PATH: open_by_handle_at refuses those) on the file system, for the caller to close."""
+        point = self.point_for(fsid)
+        if point is None:
+            return None
+        try:
+            return os.open(point, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        except OSError:
+            return None
+
+    def refresh(self) -> None:
+        """Learn the file systems mounted since. A mount of a file system's own root is preferred: paths
+        through a bind mount of a subdirectory would miss the rest of it."""
+        mounts = local_mounts(include_pseudo=False)
+        found: dict[tuple[int, int], str] = {}
+        for whole in (True, False):
+            for root, mountpoint, _ in mounts:
+                if (root == "/") != whole:
+                    continue
+                try:
+                    fd = os.open(mountpoint, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+                except OSError:
+                    continue
+                try:
+                    found.setdefault(fan.fsid_of(fd), mountpoint)
+                except OSError:
+                    pass
+                finally:
+                    os.close(fd)
+        with self._lock:
+            self._points = found
+
+    def close(self) -> None:
+        with self._lock:
+            self._points.clear()
+
+
+class PathResolver:
+    def __init__(self, mounts: MountTable) -> None:
+        self.mounts = mounts
+        self._dirs: OrderedDict[ObjectId, str] = OrderedDict()
+        self.misses = 0
+
+    def forget_directories(self) -> None:
+        self._dirs.clear()
+
+    def object_path(self, obj: ObjectId, directory: bool = False) -> str | None:
+        """The path of the object a handle names, or None when it is gone (deleted) or unreachable."""
+        if directory:
+            hit = self._dirs.get(obj)
+            if hit is not None:
+                self._dirs.move_to_end(obj)
+                return hit
+        mount_fd = self.mounts.open_mount(obj.fsid)
+        if mount_fd is None:
+            return None
+        self.misses += 1
+        try:
+            fd = fan.open_by_handle(mount_fd, obj.handle_type, obj.handle)
+        except OSError:
+            return None  # ESTALE: deleted
+        finally:
+            os.close(mount_fd)
+        try:
+            path = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:
+            return None
+        finally:
+            os.close(fd)
+        if path.endswith(" (deleted)") or not path.startswith("/"):
+            return None
+        if directory:
+            self._dirs[obj] = path
+            if len(self._dirs) > _DIR_CACHE:
+                self._dirs.popitem(last=False)
+        return path
+
+    def entry_path(self, directory: ObjectId, name: bytes) -> str | None:
+        base = self.object_path(directory, directory=True)
+        if base is None:
+            return None
+        if name in (b".", b""):
+            return base
+        return (base.rstrip("/") + "/" + os.fsdecode(name)) if base != "/" else "/" + os.fsdecode(name)
+
+
+class NotifyGroup:
+    """A fanotify notification group reporting names and pidfds. ``read`` returns decoded records;
+    ``close`` ends a blocked ``read``."""
+
+    FLAGS = (abi.FAN_CLOEXEC | abi.FAN_CLASS_NOTIF | abi.FAN_REPORT_DFID_NAME_TARGET | abi.FAN_REPORT_PIDFD)
+
+    def __init__(self, unlimited_queue: bool = False, buffer_size: int = 1 << 18) -> None:
+        flags = self.FLAGS | (abi.FAN_UNLIMITED_QUEUE if unlimited_queue else 0)
+        self.fd = fan.init(flags, os.O_RDONLY | os.O_LARGEFILE | os.O_CLOEXEC)
+        os.set_blocking(self.fd, False)
+        self._wake_r, self._wake_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
+        # The kernel flags /proc/self/mountinfo (POLLPRI) when the mount table changes: volume events.
+        self._mounts_fd = os.open("/proc/self/mountinfo", os.O_RDONLY | os.O_CLOEXEC)
+        self.mounts_changed = False
+        self._poll = select.poll()
+        self._poll.register(self.fd, select.POLLIN)
+        self._poll.register(self._wake_r, select.POLLIN)
+        self._poll.register(self._mounts_fd, select.POLLPRI)
+        self._buffer = bytearray(buffer_size)
+        self.marked: dict[str, int] = {}  # path marked (a file system) -> mask
+        self.closed = False
+
+    def mark_filesystem(self, path: str, mask: int) -> None:
+        fan.mark(self.fd, abi.FAN_MARK_ADD | abi.FAN_MARK_FILESYSTEM, mask, path)
+        self.marked[path] = mask
+
+    def unmark_filesystem(self, path: str) -> None:
+        mask = self.marked.pop(path, 0)
+        try:
+            fan.mark(self.fd, abi.FAN_MARK_REMOVE | abi.FAN_MARK_FILESYSTEM, mask, path)
+        except OSError as exc:
+            if exc.errno not in (errno.ENOENT, errno.EINVAL):
+                raise
+
+    def read(self, timeout_ms: int = 1000) -> list[Event] | None:
+        """Records available now (waiting up to ``timeout_ms``); None once closed."""
+        if self.closed:
+            return None
+        try:
+            size = os.readv(self.fd, (self._buffer,))
+        except BlockingIOError:
+            ready = self._poll.poll(timeout_ms)
+            if self.closed or any(fd == self._wake_r for fd, _ in ready):
+                return None
+            if any(fd == self._mounts_fd for fd, _ in ready):
+                self.mounts_changed = True
+                os.pread(self._mounts_fd, 1 << 16, 0)  # reading it re-arms the notice
+            if not any(fd == self.fd for fd, _ in ready):
+                return []
+            try:
+                size = os.readv(self.fd, (self._buffer,))
+            except BlockingIOError:
+                return []
+        return wire.decode(memoryview(self._buffer)[:size])
+
+    def wake(self) -> None:
+        self.closed = True
+        try:
+            os.write(self._wake_w, b"x")
+        except OSError:
+            pass
+
+    def close(self) -> None:
+        self.closed = True
+        for fd in (self.fd, self._wake_r, self._wake_w, self._mounts_fd):
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
+
+def close_fds(events: Iterable[Event]) -> None:
+    """Close the pidfds (and fds) records carried."""
+    for event in events:
+        for fd in (event.pidfd, event.fd):
+            if fd >= 0:
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
