@@ -6,6 +6,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -113,3 +114,31 @@ def test_demo_runs_clean() -> None:
     assert "write denied" in r.stdout and "hidden: exit status 1" in r.stdout
     assert "unmounted cleanly: True" in r.stdout and " 0 lost" in r.stdout
     assert " open " in r.stdout and "cat(" in r.stdout
+
+
+def test_system_monitor_prints_json_lines(scratch: Path) -> None:
+    import json
+
+    d = scratch / "sys"
+    d.mkdir()
+    proc = start("monitor", "--system", "--json", str(d), f"{scratch}/*.zzz")
+    try:
+        assert wait_for(lambda: proc.stderr is not None and "monitoring" in (proc.stderr.readline() or ""), 20)
+        subprocess.run(["sh", "-c", f"echo hi > {d}/a.txt; mv {d}/a.txt {d}/b.txt; echo x > {scratch}/c.zzz; "
+                                    "sleep 0.3"], check=True)
+        time.sleep(1)
+    finally:
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=20)
+    assert proc.returncode == 0, err
+    records = [json.loads(line) for line in out.splitlines()]
+    assert any(r["event"] == "create" and r["path"] == f"{d}/a.txt" and r["process"] == "sh" for r in records), out
+    assert any(r["event"] == "rename-or-move" and r["new_file_name"] == f"{d}/b.txt" for r in records), out
+    assert any(r["event"] == "create" and r["path"] == f"{scratch}/c.zzz" for r in records), out
+    assert all(isinstance(r["pid"], int) and r["time"] for r in records)
+
+
+def test_system_monitor_refuses_bad_input() -> None:
+    r = subprocess.run([sys.executable, "-m", "fsfilter", "monitor", "--system", "--events", "nope", "/tmp"],
+                       capture_output=True, text=True, env=ENV, timeout=20)
+    assert r.returncode != 0 and "unknown event" in r.stderr

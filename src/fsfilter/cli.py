@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import errno
+import json
 import logging
 import os
 import signal
@@ -16,6 +17,7 @@ from typing import Any
 
 from fsfilter.api import constants as c
 from fsfilter.api.cbfilter import NOTIFY_BITS, CBFilter
+from fsfilter.api.cbmonitor import MONITOR_PARAMS, CBMonitor
 from fsfilter.api.params import FILTER_PARAMS
 from fsfilter.api.passthrough import PassthroughFilter
 from fsfilter.errors import CBFSFilterError
@@ -62,8 +64,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     m = sub.add_parser("monitor", help="print the file operations below a directory, with process names",
                        description="Watch PATH (everything below it) and print one line per operation: time, "
-                                   "process (pid), event, path and details. Ctrl-C stops and unmounts.")
-    m.add_argument("path", metavar="PATH", help="the directory to watch")
+                                   "process (pid), event, path and details. Ctrl-C stops and unmounts. With "
+                                   "--system nothing is mounted: fanotify watches the file systems of the given "
+                                   "directories or masks (e.g. '/home/*.docx', or '*.key' anywhere).")
+    m.add_argument("paths", metavar="PATH_OR_MASK", nargs="+",
+                   help="the directory to watch; with --system, directories or masks, one or more")
+    m.add_argument("--system", action="store_true",
+                   help="watch with fanotify (CBMonitor): no mount, every process, whole file systems")
+    m.add_argument("--json", action="store_true", help="one JSON object per line instead of text")
     m.add_argument("--mask", default="*", help="only names matching this mask (default *)")
     m.add_argument("--events", default="all",
                    help="comma-separated: " + ",".join(sorted(MONITOR_EVENTS)) + " (default all)")
@@ -176,34 +184,97 @@ def _describe(event: str, p: Any) -> str:
     return f"{event:<12} {path}" + (f"  {' '.join(details)}" if details else "")
 
 
-def run_monitor(args: argparse.Namespace) -> int:
-    path = _directory(args.path)
+def _wanted_events(spec: str) -> int:
     wanted = 0
-    for name in (args.events.split(",") if args.events != "all" else MONITOR_EVENTS):
+    for name in (spec.split(",") if spec != "all" else MONITOR_EVENTS):
         if name.strip() not in MONITOR_EVENTS:
             raise CBFSFilterError(errno.EINVAL, f"unknown event {name!r}; choose from {', '.join(MONITOR_EVENTS)}")
         wanted |= MONITOR_EVENTS[name.strip()]
+    return wanted
+
+
+def _printer(event: str, originator: Callable[[], tuple[str, int]], as_json: bool,
+             lock: threading.Lock) -> Callable[[Any], None]:
+    def show(p: Any) -> None:
+        name, pid = originator()
+        if as_json:
+            record: dict[str, Any] = {"time": time.strftime("%Y-%m-%dT%H:%M:%S"), "event": event, "pid": pid,
+                                      "process": name}
+            for field in type(p).__slots__:
+                value = getattr(p, field)
+                if field in ("result_code", "process_request") or value in (None, "", -1):
+                    continue
+                if isinstance(value, (int, str, bool)):
+                    record["path" if field in ("file_name", "directory_name") and "path" not in record
+                           else field] = value
+            line = json.dumps(record)
+        else:
+            line = f"{time.strftime('%H:%M:%S')} {name or '?'}({pid}) {_describe(event, p)}"
+        with lock:
+            print(line, flush=True)
+    return show
+
+
+def run_monitor(args: argparse.Namespace) -> int:
+    wanted = _wanted_events(args.events)
+    lock = threading.Lock()
+    if args.system:
+        return _run_system_monitor(args, wanted, lock)
+    if len(args.paths) != 1:
+        raise CBFSFilterError(errno.EINVAL, "give one directory (or use --system for several paths and masks)")
+    path = _directory(args.paths[0])
     filt = CBFilter()
     if args.own:
         filt.config("FilterOwnRequests=true")
-    lock = threading.Lock()
 
-    def printer(event: str) -> Callable[[Any], None]:
-        def show(p: Any) -> None:
-            line = (f"{time.strftime('%H:%M:%S')} {filt.get_originator_process_name() or '?'}"
-                    f"({filt.get_originator_process_id()}) {_describe(event, p)}")
-            with lock:
-                print(line, flush=True)
-        return show
+    def originator() -> tuple[str, int]:
+        return filt.get_originator_process_name(), filt.get_originator_process_id()
 
     for event in FILTER_PARAMS:
         if event.startswith("notify_") and event in NOTIFY_BITS and NOTIFY_BITS[event] & wanted:
-            setattr(filt, "on_" + event, printer(event[len("notify_"):].replace("_file", "").replace("_", "-")))
+            label = event[len("notify_"):].replace("_file", "").replace("_", "-")
+            setattr(filt, "on_" + event, _printer(label, originator, args.json, lock))
     mask = path.rstrip("/") + "/" + args.mask if args.mask != "*" else path.rstrip("/") + "/*"
     filt.add_filter_rule(mask, c.ACCESS_NONE, c.FS_CE_NONE, wanted)
     if wanted & c.FS_NE_ENUMERATE_DIRECTORY:
         filt.add_filter_rule(path, c.ACCESS_NONE, c.FS_CE_NONE, c.FS_NE_ENUMERATE_DIRECTORY)
     return _serve_cbfilter(filt, f"monitoring {path}")
+
+
+def _run_system_monitor(args: argparse.Namespace, wanted: int, lock: threading.Lock) -> int:
+    mon = CBMonitor()
+    if args.own:
+        mon.config("FilterOwnRequests=true")
+
+    def originator() -> tuple[str, int]:
+        return mon.get_originator_process_name(), mon.get_originator_process_id()
+
+    for event in MONITOR_PARAMS:
+        if event.startswith("notify_") and event in NOTIFY_BITS and NOTIFY_BITS[event] & wanted:
+            label = event[len("notify_"):].replace("_file", "").replace("_", "-")
+            setattr(mon, "on_" + event, _printer(label, originator, args.json, lock))
+    mon.on_error = lambda p: print(f"fsfilter: error {p.error_code}: {p.description}", file=sys.stderr, flush=True)
+    for target in args.paths:
+        real = os.path.realpath(target) if target.startswith("/") or os.path.isdir(target) else target
+        if os.path.isdir(real):
+            mon.add_filter_rule(real.rstrip("/") + "/" + args.mask if args.mask != "*" else real.rstrip("/") + "/*",
+                                wanted)
+            if wanted & c.FS_NE_ENUMERATE_DIRECTORY:
+                mon.add_filter_rule(real, c.FS_NE_ENUMERATE_DIRECTORY)
+        else:
+            mon.add_filter_rule(target, wanted)
+    stop = _stop_on_signals()
+    mon.start_filter()
+    try:
+        print(f"fsfilter: monitoring {', '.join(args.paths)} with fanotify; Ctrl-C to stop", file=sys.stderr,
+              flush=True)
+        while not stop.is_set():
+            stop.wait(0.2)
+    finally:
+        mon.stop_filter()
+    lost = mon.lost_events
+    print(f"fsfilter: stopped{f'; {lost} overflow(s): events were lost' if lost else ''}", file=sys.stderr)
+    return 0
 
 
 def run_hide(args: argparse.Namespace) -> int:
