@@ -199,3 +199,25 @@ def test_a_burst_of_100000_files_loses_nothing(monitor: Callable[[], CBMonitor],
     time.sleep(0.5)
     assert closes[0] == count and m.lost_events == 0 and not errors, (closes[0], m.stats, errors)
     print(f"{count} files: {closes[0]} close events in {elapsed:.1f} s, stats {m.stats}", file=sys.stderr)
+
+
+def test_a_file_system_mounted_after_start_is_watched(monitor: Callable[[], CBMonitor], scratch: Path) -> None:
+    target = scratch / "later"
+    target.mkdir()
+    m = monitor()
+    seen = Seen(m)
+    volumes: list[tuple[str, str]] = []
+    m.fire_volume_events = c.FS_MOUNT_BOTH
+    m.on_notify_filter_attach_to_volume = lambda p: volumes.append(("attach", p.volume_name))
+    m.on_notify_filter_detach_from_volume = lambda p: volumes.append(("detach", p.volume_name))
+    m.add_filter_rule(f"{target}/*", c.FS_NE_CREATE)
+    m.start_filter()
+    assert ("attach", str(scratch)) in volumes or wait_for(lambda: ("attach", str(scratch)) in volumes, 5)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m", "fsfilter-later", str(target)], check=True)
+    try:
+        assert wait_for(lambda: ("attach", str(target)) in volumes, 10), volumes
+        sh(f"echo x > {target}/on-the-new-one")
+        seen.wait("notify_create_file", file_name=f"{target}/on-the-new-one")
+    finally:
+        subprocess.run(["umount", "-l", str(target)], check=False)
+    assert wait_for(lambda: ("detach", str(target)) in volumes, 10), volumes
