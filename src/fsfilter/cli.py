@@ -193,12 +193,25 @@ def _wanted_events(spec: str) -> int:
     return wanted
 
 
+_clock: dict[str, tuple[int, str]] = {}
+
+
+def _now(fmt: str) -> str:
+    """time.strftime(fmt), formatted once a second."""
+    second = int(time.time())
+    hit = _clock.get(fmt)
+    if hit is None or hit[0] != second:
+        hit = (second, time.strftime(fmt, time.localtime(second)))
+        _clock[fmt] = hit
+    return hit[1]
+
+
 def _printer(event: str, originator: Callable[[], tuple[str, int]], as_json: bool,
              lock: threading.Lock) -> Callable[[Any], None]:
     def show(p: Any) -> None:
         name, pid = originator()
         if as_json:
-            record: dict[str, Any] = {"time": time.strftime("%Y-%m-%dT%H:%M:%S"), "event": event, "pid": pid,
+            record: dict[str, Any] = {"time": _now("%Y-%m-%dT%H:%M:%S"), "event": event, "pid": pid,
                                       "process": name}
             for field in type(p).__slots__:
                 value = getattr(p, field)
@@ -209,9 +222,12 @@ def _printer(event: str, originator: Callable[[], tuple[str, int]], as_json: boo
                            else field] = value
             line = json.dumps(record)
         else:
-            line = f"{time.strftime('%H:%M:%S')} {name or '?'}({pid}) {_describe(event, p)}"
+            line = f"{_now('%H:%M:%S')} {name or '?'}({pid}) {_describe(event, p)}"
         with lock:
-            print(line, flush=True)
+            # Line by line to a terminal; to a file or a pipe, in blocks (the serving loops flush every 0.2 s):
+            # a write(2) per event would cost the watched workload more than the event itself.
+            print(line, flush=interactive)
+    interactive = sys.stdout.isatty()
     return show
 
 
@@ -270,8 +286,10 @@ def _run_system_monitor(args: argparse.Namespace, wanted: int, lock: threading.L
               flush=True)
         while not stop.is_set():
             stop.wait(0.2)
+            sys.stdout.flush()
     finally:
         mon.stop_filter()
+        sys.stdout.flush()
     lost = mon.lost_events
     print(f"fsfilter: stopped{f'; {lost} overflow(s): events were lost' if lost else ''}", file=sys.stderr)
     return 0
@@ -331,8 +349,10 @@ def _serve_cbfilter(filt: CBFilter, what: str) -> int:
         print(f"fsfilter: {what}; Ctrl-C to stop", file=sys.stderr, flush=True)
         while not stop.is_set():
             stop.wait(0.2)
+            sys.stdout.flush()
     finally:
         filt.stop_filter()
+        sys.stdout.flush()
     print("fsfilter: stopped and unmounted", file=sys.stderr)
     return 0
 

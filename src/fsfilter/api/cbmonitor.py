@@ -28,6 +28,7 @@ from fsfilter.engine.rules import RuleSet, match_path
 from fsfilter.errors import CBFSFilterError
 from fsfilter.sessions.fanotify_session import MountTable, NotifyGroup, PathResolver, close_fds, local_mounts
 from fsfilter.system import fanotify as fan
+from fsfilter.system.procfs import TaskStatusReader
 from fsfilter.wire.fanotify import Event
 
 log = logging.getLogger("fsfilter.monitor")
@@ -96,32 +97,35 @@ class _Process:
 
 
 class _Names:
-    """Process names by pid, read from /proc as records arrive. A process that was gone before its record
-    was read keeps the name it had when one of its earlier records was read (within a few seconds), or
-    none: a name is never guessed."""
+    """Process names by pid, read as records arrive through kept /proc/<pid>/comm descriptors (procfs: a kept
+    descriptor fails once its process is gone, so a reused pid never lends its name). A pid seen for the first
+    time is checked against the record's pidfd after its name is read. A process gone before its first record
+    was read keeps the name it had when an earlier record of it was read (within a few seconds), or none: a
+    name is never guessed."""
 
     def __init__(self, keep: float = 5.0) -> None:
+        self._reader = TaskStatusReader(kept=512)
         self._seen: OrderedDict[int, tuple[str, float]] = OrderedDict()
         self._keep = keep
 
     def name(self, pid: int, pidfd: int) -> str:
         now = time.monotonic()
-        if pidfd >= 0:
-            try:
-                with open(f"/proc/{pid}/comm", "rb") as f:
-                    name = f.read().rstrip(b"\n").decode(errors="replace")
-            except OSError:
-                name = ""
-            if name and _alive(pidfd):  # still the same process after the read: the name is its own
-                self._seen[pid] = (name, now)
+        known = pid in self._seen
+        if known or pidfd >= 0:
+            status = self._reader.read(pid)
+            if status is not None and (known or _alive(pidfd)):
+                self._seen[pid] = (status[0], now)
                 self._seen.move_to_end(pid)
                 if len(self._seen) > 4096:
                     self._seen.popitem(last=False)
-                return name
+                return status[0]
         hit = self._seen.get(pid)
         if hit is not None and now - hit[1] <= self._keep:
             return hit[0]
         return ""
+
+    def close(self) -> None:
+        self._reader.close()
 
 
 def _alive(pidfd: int) -> bool:
@@ -246,6 +250,7 @@ class CBMonitor:
                 self._post_simple("notify_filter_detach_from_volume", volume_name=point)
         self._marked.clear()
         self.dispatcher.stop()
+        self._names.close()
         self._fire_simple("filter_stop")
 
     def __enter__(self) -> CBMonitor:
