@@ -226,8 +226,11 @@ def _printer(event: str, originator: Callable[[], tuple[str, int]], as_json: boo
         with lock:
             # Line by line to a terminal; to a file or a pipe, in blocks (the serving loops flush every 0.2 s):
             # a write(2) per event would cost the watched workload more than the event itself.
-            print(line, flush=interactive)
+            write(line + "\n")
+            if interactive:
+                flush()
     interactive = sys.stdout.isatty()
+    write, flush = sys.stdout.write, sys.stdout.flush
     return show
 
 
