@@ -40,9 +40,19 @@ FS_IOC_GETFLAGS = 0x80086601
 FS_IOC_SETFLAGS = 0x40086602
 
 _SYSCALLS = {
-    "x86_64": {"tgkill": 234, "setgroups": 116, "renameat2": 316, "syncfs": 306, "utimensat": 280, "getdents64": 217},
-    "aarch64": {"tgkill": 131, "setgroups": 159, "renameat2": 276, "syncfs": 267, "utimensat": 88, "getdents64": 61},
+    "x86_64": {"tgkill": 234, "setgroups": 116, "renameat2": 316, "syncfs": 306, "utimensat": 280, "getdents64": 217,
+               "open": 2, "creat": 85, "openat": 257, "openat2": 437, "open_by_handle_at": 304},
+    "aarch64": {"tgkill": 131, "setgroups": 159, "renameat2": 276, "syncfs": 267, "utimensat": 88, "getdents64": 61,
+                "openat": 56, "openat2": 437, "open_by_handle_at": 265},
 }
+
+
+def syscall_numbers() -> dict[str, int]:
+    """This architecture's syscall numbers that fsfilter knows (a name missing here has no such syscall)."""
+    table = _SYSCALLS.get(platform.machine())
+    if table is None:
+        raise OSError(f"unsupported architecture {platform.machine()}: fsfilter knows x86_64 and aarch64")
+    return dict(table)
 
 
 def syscall_number(name: str) -> int:

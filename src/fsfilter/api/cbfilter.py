@@ -18,6 +18,7 @@ from typing import Any
 from fsfilter.abi import fuse as abi
 from fsfilter.api import constants as c
 from fsfilter.api import fileinfo
+from fsfilter.api.fanotify_access import FANOTIFY_ACCESS, FanotifyAccess
 from fsfilter.api.filter_fs import FilterFS
 from fsfilter.api.params import FILTER_PARAMS
 from fsfilter.api.passthrough import PassthroughFilter
@@ -26,6 +27,7 @@ from fsfilter.engine.masks import MaskError, file_matches_mask
 from fsfilter.engine.reparse import ReparseRules
 from fsfilter.engine.rules import RuleSet
 from fsfilter.errors import CBFSFilterError
+from fsfilter.sessions.fanotify_session import local_mounts
 from fsfilter.sessions.fuse_session import Session
 from fsfilter.sessions.lower_fs import LowerFS
 from fsfilter.system import fuse_device
@@ -98,10 +100,11 @@ _CONFIG_DEFAULTS: dict[str, str] = {
     "FilterOwnRequests": "false", "MinWorkerThreadCount": "1", "MaxWorkerThreadCount": "0",
     "DenyExpiredEvents": "false", "ModifiableReadWriteBuffers": "true", "AllowFileAccessInBeforeOpen": "true",
     "EntryTimeout": "60", "AttrTimeout": "60", "NegativeTimeout": "10", "KernelPassthrough": "true",
+    "AccessViaFanotify": "false",
 }
 _COUNT_SETTINGS = {"MinWorkerThreadCount", "MaxWorkerThreadCount"}
 _BOOL_SETTINGS = {"FilterOwnRequests", "DenyExpiredEvents", "ModifiableReadWriteBuffers",
-                  "AllowFileAccessInBeforeOpen", "KernelPassthrough"}
+                  "AllowFileAccessInBeforeOpen", "KernelPassthrough", "AccessViaFanotify"}
 
 
 def _check_flags(name: str, value: int, known: int) -> int:
@@ -189,6 +192,7 @@ class CBFilter:
         self.rules = RuleSet()
         self.passthrough_rules = RuleSet()
         self.reparse = ReparseRules()
+        self._fanotify: FanotifyAccess | None = None
         self._reparse_snapshot: list[tuple[str, str]] | None = None
         self.control_handlers = 0
         self.notify_handlers = 0
@@ -325,7 +329,8 @@ class CBFilter:
             if not isinstance(timeout, int) or timeout < 0:
                 raise CBFSFilterError(errno.EINVAL, f"timeout must be milliseconds >= 0, not {timeout!r}")
             points = self._wanted_attach_points()
-            if not points:
+            guarded = [r for r in self.rules if self._via_fanotify(r)]
+            if not points and not guarded:
                 raise CBFSFilterError(errno.EINVAL, "no rule names a directory to filter: add a rule with an "
                                                     "absolute mask (e.g. /srv/data/*) or call add_attach_point")
             self._timeout_ms = timeout
@@ -337,14 +342,40 @@ class CBFilter:
             d.start()
             self._active = True
             try:
+                if guarded:
+                    self._start_fanotify_access(guarded)
                 for path in points:
                     self._attach(path)
             except BaseException:
                 self._detach_all()
+                self._stop_fanotify_access()
                 d.stop(1.0)
                 self._active = False
                 raise
             self._fire_simple("filter_start")
+
+    def _start_fanotify_access(self, rules: list[Any]) -> None:
+        try:
+            guard = FanotifyAccess(self.rules, self.passthrough_rules, lambda: self.filter_own_requests,
+                                   self._fire_error)
+        except OSError as exc:
+            raise CBFSFilterError.from_os_error(exc, "fanotify permission events are not available (a kernel "
+                                                "with CONFIG_FANOTIFY_ACCESS_PERMISSIONS is needed)") from exc
+        self._fanotify = guard
+        paths = [r.compiled.prefix for r in rules if r.compiled.prefix]
+        if any(r.compiled.prefix is None for r in rules):
+            paths += [point for root, point, _ in local_mounts(include_pseudo=False) if root == "/"]
+        try:
+            guard.mark(paths)
+        except OSError as exc:
+            raise CBFSFilterError.from_os_error(exc, "cannot put fanotify permission marks on the file systems "
+                                                "of the rules") from exc
+        guard.start()
+
+    def _stop_fanotify_access(self) -> None:
+        guard, self._fanotify = self._fanotify, None
+        if guard is not None:
+            guard.stop()
 
     def stop_filter(self, wait: bool = True) -> None:
         """Unmount every attach point, deliver queued notifications, fire on_filter_stop."""
@@ -352,6 +383,7 @@ class CBFilter:
             if not self._active:
                 return
             self._detach_all()
+            self._stop_fanotify_access()
             self.dispatcher.stop(10.0 if wait else 1.0)
             self._active = False
             self._fire_simple("filter_stop")
@@ -410,7 +442,8 @@ class CBFilter:
 
     def _wanted_attach_points(self) -> list[str]:
         wanted: set[str] = set(self._attach_points)
-        masks = [(r.compiled, False) for r in list(self.rules) + list(self.passthrough_rules)]
+        masks = [(r.compiled, False) for r in list(self.rules) + list(self.passthrough_rules)
+                 if not self._via_fanotify(r)]
         masks += [(r.mask, True) for r in self.reparse.rules()]  # a redirected name is resolved in its parent
         for compiled, redirect in masks:
             prefix = compiled.prefix
@@ -437,6 +470,11 @@ class CBFilter:
             if not any(p == q or p.startswith(q.rstrip("/") + "/") for q in out):
                 out.append(p)
         return out
+
+    def _via_fanotify(self, rule: Any) -> bool:
+        """Whether a rule is enforced by fanotify permission events (AccessViaFanotify) instead of a mount."""
+        return (self._config["AccessViaFanotify"] == "true" and bool(rule.access)
+                and not rule.access & ~FANOTIFY_ACCESS and not rule.control and not rule.notify)
 
     def _sync_attachments(self) -> None:
         for path in self._wanted_attach_points():
@@ -504,6 +542,9 @@ class CBFilter:
         return changed
 
     def _rules_changed(self) -> None:
+        guard = self._fanotify
+        if guard is not None:
+            guard.forget_cache()  # cached "allow" decisions were made under the old rules
         with self._lock:
             mounts = list(self._attached.values())
         for mount in mounts:

@@ -1,0 +1,298 @@
+"""CBFilter's deny-only access rules on real file systems, through fanotify permission events (no mount).
+
+With ``config("AccessViaFanotify=true")``, rules whose only flags are ``ACCESS_DENY_ALL``,
+``ACCESS_READ_ONLY`` and ``ACCESS_EXECUTE_PROTECT`` are enforced by a fanotify permission group
+(``FAN_CLASS_CONTENT``) with file-system marks for ``FAN_OPEN_PERM | FAN_OPEN_EXEC_PERM``, instead of by a
+FUSE mount. For each open the kernel waits for an answer:
+
+- the path is the event fd's ``/proc/self/fd`` link; the requesting thread is the record's pid
+  (``FAN_REPORT_TID``); the rules decide as they do in the FUSE filter (per-process masks included);
+- ``ACCESS_READ_ONLY`` needs the open's access mode, which fanotify does not report: it is read from the
+  blocked thread's ``/proc/<tid>/syscall`` (``open``, ``openat``, ``creat``; ``openat2`` through
+  ``/proc/<tid>/mem``). An open whose mode cannot be read there (io_uring, kernel threads) is refused under a
+  read-only rule: the rule then errs on the safe side;
+- allowed opens are cached with ignore marks: a directory where no rule can match any name gets an
+  ignore mark for its children (``FAN_MARK_IGNORE_SURV`` with ``FAN_EVENT_ON_CHILD``), so further opens
+  there reach no Python. A renamed directory could carry its mark into a protected place: a notification
+  group watches directory renames, and every ignore mark is dropped when one happens (and when rules change);
+- every request is answered, also when deciding fails (then it is allowed and ``on_error`` is told);
+- the filtering process's own opens are allowed at once. The reader thread itself opens nothing.
+
+When the filtering process dies, the kernel answers pending and later requests itself (allow) within
+milliseconds: callers are never left blocked.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import select
+import threading
+from collections.abc import Callable
+
+from fsfilter.abi import fanotify as fa
+from fsfilter.abi import linux
+from fsfilter.api import constants as c
+from fsfilter.engine.rules import RuleSet, match_path
+from fsfilter.sessions.fanotify_session import NotifyGroup, close_fds, local_mounts
+from fsfilter.system import fanotify as fan
+from fsfilter.system import libc
+from fsfilter.wire import fanotify as wire
+
+log = logging.getLogger("fsfilter.access")
+
+FANOTIFY_ACCESS = c.ACCESS_DENY_ALL | c.ACCESS_READ_ONLY | c.ACCESS_EXECUTE_PROTECT
+_PERM = fa.FAN_OPEN_PERM | fa.FAN_OPEN_EXEC_PERM
+_WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_CREAT
+_SYSCALLS = linux.syscall_numbers()
+# syscall number -> index of the flags argument in /proc/<tid>/syscall (after the number)
+_FLAGS_ARG = {n: i for name, i in (("open", 1), ("openat", 2), ("open_by_handle_at", 2))
+              if (n := _SYSCALLS.get(name)) is not None}
+_CREAT = _SYSCALLS.get("creat")
+_OPENAT2 = _SYSCALLS.get("openat2")
+
+
+class FanotifyAccess:
+    """Answers open permission events for the access rules of ``rules``."""
+
+    def __init__(self, rules: RuleSet, passthrough: RuleSet, own_requests: Callable[[], bool],
+                 on_error: Callable[[int, str], None]) -> None:
+        self.rules = rules
+        self.passthrough = passthrough
+        self.own_requests = own_requests
+        self.on_error = on_error
+        self.group = fan.init(fa.FAN_CLASS_CONTENT | fa.FAN_CLOEXEC | fa.FAN_NONBLOCK | fa.FAN_REPORT_TID,
+                              os.O_RDONLY | os.O_LARGEFILE | os.O_CLOEXEC)
+        self.renames = NotifyGroup(unlimited_queue=False, buffer_size=1 << 14)
+        self._wake_r, self._wake_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
+        self._stopping = False
+        self._threads: list[threading.Thread] = []
+        self.marked: list[str] = []
+        self.ignored = 0  # directories given an ignore mark since the last flush
+        self.answered = 0
+        self.denied = 0
+        self._own = os.getpid()
+        self._generation = -1
+
+    # -- marks
+
+    def mark(self, paths: list[str]) -> None:
+        """Permission marks on the file systems ``paths`` lie on (one mark per file system)."""
+        points = [point for _, point, _ in local_mounts(include_pseudo=True)]
+        done: set[tuple[int, int]] = set()
+        for path in paths:
+            point = _mount_of(path, points)
+            fd = os.open(point, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+            try:
+                fsid = fan.fsid_of(fd)
+            finally:
+                os.close(fd)
+            if fsid in done:
+                continue
+            done.add(fsid)
+            fan.mark(self.group, fa.FAN_MARK_ADD | fa.FAN_MARK_FILESYSTEM, _PERM, point)
+            self.renames.mark_filesystem(point, fa.FAN_RENAME | fa.FAN_ONDIR)
+            self.marked.append(point)
+
+    def forget_cache(self) -> None:
+        """Drop every ignore mark (the rules changed, or a directory moved)."""
+        if self.ignored:
+            try:
+                fan.mark(self.group, fa.FAN_MARK_FLUSH, 0, "/")
+            except OSError as exc:
+                self.on_error(exc.errno or errno.EIO, f"dropping the permission cache failed: {exc}")
+            self.ignored = 0
+
+    # -- threads
+
+    def start(self) -> None:
+        self._generation = self.rules.generation + self.passthrough.generation
+        for target, name in ((self._answer_loop, "fsfilter-permissions"), (self._rename_loop, "fsfilter-renames")):
+            t = threading.Thread(target=target, name=name, daemon=True)
+            self._threads.append(t)
+            t.start()
+
+    def stop(self) -> None:
+        self._stopping = True
+        os.write(self._wake_w, b"x")
+        self.renames.wake()
+        for t in self._threads:
+            t.join(5)
+        # Closing the group answers whatever is still pending (allow) and removes the marks.
+        for fd in (self.group, self._wake_r, self._wake_w):
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+        self.renames.close()
+
+    def _rename_loop(self) -> None:
+        while not self._stopping:
+            events = self.renames.read(1000)
+            if events is None:
+                return
+            if any(ev.mask & fa.FAN_ONDIR for ev in events):
+                self.forget_cache()
+            close_fds(events)
+
+    def _answer_loop(self) -> None:
+        poller = select.poll()
+        poller.register(self.group, select.POLLIN)
+        poller.register(self._wake_r, select.POLLIN)
+        buffer = bytearray(1 << 16)
+        while not self._stopping:
+            try:
+                size = os.readv(self.group, (buffer,))
+            except BlockingIOError:
+                poller.poll(1000)
+                continue
+            except OSError as exc:
+                if self._stopping:
+                    return
+                self.on_error(exc.errno or errno.EIO, f"reading permission events failed: {exc}")
+                continue
+            try:
+                events = wire.decode(memoryview(buffer)[:size])
+            except wire.RecordError as exc:
+                self.on_error(errno.EIO, f"a permission record could not be read: {exc}")
+                continue
+            generation = self.rules.generation + self.passthrough.generation
+            if generation != self._generation:
+                self._generation = generation
+                self.forget_cache()
+            for ev in events:
+                if ev.fd < 0:
+                    continue
+                allow = True
+                try:
+                    allow = self._decide(ev.mask, ev.fd, ev.pid)
+                except Exception as exc:  # answer anyway: a caller must never wait for an answer that never comes
+                    self.on_error(errno.EIO, f"deciding a permission request failed (allowed): {exc}")
+                try:
+                    os.write(self.group, wire.encode_response(ev.fd, fa.FAN_ALLOW if allow else fa.FAN_DENY))
+                except OSError as exc:
+                    self.on_error(exc.errno or errno.EIO, f"answering a permission request failed: {exc}")
+                finally:
+                    os.close(ev.fd)
+                self.answered += 1
+                self.denied += not allow
+
+    # -- the decision
+
+    def _decide(self, mask: int, fd: int, tid: int) -> bool:
+        if (tid == self._own or libc.is_thread_of(self._own, tid)) and not self.own_requests():
+            return True
+        generation = self._current_generation()
+        path = os.readlink(f"/proc/self/fd/{fd}")
+        m = match_path(self.rules, self.passthrough, path)
+        access = m.upper.access & FANOTIFY_ACCESS
+        if access and not m.unconditional:
+            access = m.flags(_Thread(tid), None).access & FANOTIFY_ACCESS
+        if not access:
+            directory = os.path.dirname(path)
+            # Cache only if the rules did not change while deciding (a flush may just have happened).
+            if not self.rules.may_match_child(directory) and generation == self._current_generation():
+                self._ignore(directory)
+            return True
+        if access & c.ACCESS_DENY_ALL:
+            return False
+        if mask & fa.FAN_OPEN_EXEC_PERM and access & c.ACCESS_EXECUTE_PROTECT:
+            return False
+        if access & c.ACCESS_READ_ONLY and mask & fa.FAN_OPEN_PERM:
+            flags = open_flags(tid)
+            return flags is not None and not flags & _WRITE_FLAGS
+        return True
+
+    def _current_generation(self) -> int:
+        return self.rules.generation + self.passthrough.generation
+
+    def _ignore(self, directory: str) -> None:
+        try:
+            fan.mark(self.group, fa.FAN_MARK_ADD | fa.FAN_MARK_IGNORE_SURV | fa.FAN_MARK_ONLYDIR,
+                     _PERM | fa.FAN_EVENT_ON_CHILD, directory)
+            self.ignored += 1
+        except OSError as exc:
+            log.debug("no ignore mark on %s: %s", directory, exc)
+
+
+class _Thread:
+    """The requesting thread as per-process masks see it."""
+
+    __slots__ = ("tid", "_name", "_exe")
+
+    def __init__(self, tid: int) -> None:
+        self.tid = tid
+        self._name: str | None = None
+        self._exe: str | None = None
+
+    @property
+    def pid(self) -> int:
+        try:
+            with open(f"/proc/{self.tid}/status", "rb") as f:
+                for line in f:
+                    if line.startswith(b"Tgid:"):
+                        return int(line[5:])
+        except (OSError, ValueError):
+            pass
+        return self.tid
+
+    @property
+    def name(self) -> str:
+        if self._name is None:
+            try:
+                with open(f"/proc/{self.tid}/comm", "rb") as f:
+                    self._name = f.read().rstrip(b"\n").decode(errors="replace")
+            except OSError:
+                self._name = ""
+        return self._name
+
+    @property
+    def exe(self) -> str:
+        if self._exe is None:
+            try:
+                self._exe = os.readlink(f"/proc/{self.tid}/exe")
+            except OSError:
+                self._exe = ""
+        return self._exe
+
+
+def open_flags(tid: int) -> int | None:
+    """The open(2) flags of the open thread ``tid`` is blocked in, from /proc/<tid>/syscall; None when it is not
+    in a known open call (or the flags cannot be read)."""
+    try:
+        with open(f"/proc/{tid}/syscall", "rb") as f:
+            fields = f.read().split()
+    except OSError:
+        return None
+    if len(fields) < 4 or not fields[0].lstrip(b"-").isdigit():
+        return None
+    number = int(fields[0])
+    args = [int(x, 16) for x in fields[1:7]]
+    if number in _FLAGS_ARG:
+        return args[_FLAGS_ARG[number]] & 0xFFFFFFFF
+    if number == _CREAT:
+        return os.O_CREAT | os.O_WRONLY | os.O_TRUNC
+    if number == _OPENAT2:
+        try:
+            fd = os.open(f"/proc/{tid}/mem", os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                raw = os.pread(fd, 8, args[2])
+            finally:
+                os.close(fd)
+        except OSError:
+            return None
+        return int.from_bytes(raw, "little") if len(raw) == 8 else None
+    return None
+
+
+def _mount_of(path: str, points: list[str]) -> str:
+    real = path
+    while not os.path.exists(real) and real != "/":
+        real = os.path.dirname(real)
+    real = os.path.realpath(real)
+    best = "/"
+    for point in points:
+        if (real == point or real.startswith(point.rstrip("/") + "/")) and len(point) > len(best):
+            best = point
+    return best
