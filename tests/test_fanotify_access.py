@@ -144,3 +144,21 @@ def test_a_killed_filter_leaves_no_caller_blocked(tree: Path) -> None:
         if proc.poll() is None:
             proc.kill()
             proc.wait(10)
+
+
+def test_protect_command_with_fanotify(tree: Path) -> None:
+    env = {**os.environ, "PYTHONPATH": str(SRC)}
+    proc = subprocess.Popen([sys.executable, "-m", "fsfilter", "protect", str(tree / "ro"), "--read-only",
+                             "--fanotify"], stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        assert proc.stderr is not None and "protecting" in proc.stderr.readline()
+        assert not is_mounted(tree / "ro")
+        assert errno_of("open(sys.argv[1], 'w')", str(tree / "ro" / "file")) == errno.EPERM
+        assert errno_of("open(sys.argv[1]).read()", str(tree / "ro" / "file")) == 0
+    finally:
+        proc.send_signal(signal.SIGINT)
+        proc.communicate(timeout=20)
+    assert proc.returncode == 0
+    bad = subprocess.run([sys.executable, "-m", "fsfilter", "protect", str(tree), "--no-delete", "--fanotify"],
+                         capture_output=True, text=True, env=env, timeout=20)
+    assert bad.returncode != 0 and "--fanotify enforces only" in bad.stderr

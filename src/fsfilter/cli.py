@@ -90,6 +90,9 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("path", metavar="PATH", help="the directory to protect (recursively)")
     for flag, help_text in PROTECT_FLAGS_HELP.items():
         pr.add_argument(flag, action="store_true", help=help_text)
+    pr.add_argument("--fanotify", action="store_true",
+                    help="enforce with fanotify permission events instead of a mount (only --deny-all, --read-only "
+                         "and --no-exec; denied opens fail with EPERM)")
 
     d = sub.add_parser("demo", help="a short live demonstration on a temporary directory")
     d.add_argument("--quiet", action="store_true", help="print only the summary")
@@ -341,8 +344,14 @@ def run_protect(args: argparse.Namespace) -> int:
     if not access:
         raise CBFSFilterError(errno.EINVAL, "choose at least one protection, e.g. --read-only or --no-delete")
     filt = CBFilter()
+    if args.fanotify:
+        allowed = c.ACCESS_DENY_ALL | c.ACCESS_READ_ONLY | c.ACCESS_EXECUTE_PROTECT
+        if access & ~allowed:
+            raise CBFSFilterError(errno.EINVAL, "--fanotify enforces only --deny-all, --read-only and --no-exec")
+        filt.config("AccessViaFanotify=true")
     filt.add_filter_rule(path.rstrip("/") + "/*", access, c.FS_CE_NONE, c.FS_NE_NONE)
-    return _serve_cbfilter(filt, f"protecting {path} ({', '.join(chosen)})")
+    how = " with fanotify" if args.fanotify else ""
+    return _serve_cbfilter(filt, f"protecting {path} ({', '.join(chosen)}){how}")
 
 
 def _serve_cbfilter(filt: CBFilter, what: str) -> int:
