@@ -221,3 +221,43 @@ def test_a_file_system_mounted_after_start_is_watched(monitor: Callable[[], CBMo
     finally:
         subprocess.run(["umount", "-l", str(target)], check=False)
     assert wait_for(lambda: ("detach", str(target)) in volumes, 10), volumes
+
+
+def test_process_connector_messages_decode() -> None:
+    from fsfilter.abi import cn_proc as abi
+    from fsfilter.wire import cn_proc as wire
+
+    def message(what: int, body: bytes) -> bytes:
+        event = abi.EVENT_HEADER.pack(what, 0, 123) + body
+        cn = abi.CN_MSG.pack(abi.CN_IDX_PROC, abi.CN_VAL_PROC, 0, 0, len(event), 0) + event
+        return abi.NLMSGHDR.pack(abi.NLMSGHDR.size + len(cn), abi.NLMSG_DONE, 0, 0, 0) + cn
+
+    (fork,) = wire.decode(message(abi.PROC_EVENT_FORK, abi.FORK.pack(10, 10, 11, 11)))
+    assert (fork.what, fork.parent_tgid, fork.pid, fork.tgid, fork.timestamp_ns) == (abi.PROC_EVENT_FORK, 10, 11, 11,
+                                                                                       123)
+    (comm,) = wire.decode(message(abi.PROC_EVENT_COMM, abi.COMM.pack(11, 11, b"worker\0\0")))
+    assert comm.comm == "worker"
+    (ex,) = wire.decode(message(abi.PROC_EVENT_EXIT, abi.EXIT.pack(11, 11, 256, 17, 10, 10)))
+    assert ex.exit_code == 256 and ex.parent_tgid == 10
+    assert wire.decode(b"short") == [] and wire.decode(message(abi.PROC_EVENT_EXEC, b"")) == []
+    sub = wire.subscribe(True)
+    assert len(sub) == abi.NLMSGHDR.unpack_from(sub)[0] == 40
+
+
+def test_the_process_tracker_names_short_lived_processes() -> None:
+    from fsfilter.sessions.process_tracker import tracker_or_none
+
+    tracker = tracker_or_none()
+    if tracker is None:
+        pytest.skip("the process connector is not available here")
+    try:
+        time.sleep(0.1)
+        pids = [subprocess.Popen(["sleep", "0.2"]).pid for _ in range(5)]
+        time.sleep(0.6)
+        for p in pids:
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(p, 0)
+        assert wait_for(lambda: sum(tracker.exited_name(p) == "sleep" for p in pids) >= 4, 5), [
+            tracker.exited_name(p) for p in pids]
+    finally:
+        tracker.stop()

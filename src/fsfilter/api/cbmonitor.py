@@ -27,6 +27,7 @@ from fsfilter.engine.masks import MaskError, file_matches_mask
 from fsfilter.engine.rules import RuleSet, match_path
 from fsfilter.errors import CBFSFilterError
 from fsfilter.sessions.fanotify_session import MountTable, NotifyGroup, PathResolver, close_fds, local_mounts
+from fsfilter.sessions.process_tracker import ProcessTracker, tracker_or_none
 from fsfilter.system import fanotify as fan
 from fsfilter.system.procfs import TaskStatusReader
 from fsfilter.wire.fanotify import Event
@@ -107,6 +108,7 @@ class _Names:
         self._reader = TaskStatusReader(kept=512)
         self._seen: OrderedDict[int, tuple[str, float]] = OrderedDict()
         self._keep = keep
+        self.tracker: ProcessTracker | None = None
 
     def name(self, pid: int, pidfd: int) -> str:
         now = time.monotonic()
@@ -114,15 +116,25 @@ class _Names:
         if known or pidfd >= 0:
             status = self._reader.read(pid)
             if status is not None and (known or _alive(pidfd)):
-                self._seen[pid] = (status[0], now)
-                self._seen.move_to_end(pid)
-                if len(self._seen) > 4096:
-                    self._seen.popitem(last=False)
+                self._remember(pid, status[0], now)
                 return status[0]
+        tracker = self.tracker
+        if tracker is not None:
+            # Gone before its record was read: the process connector saw it start (and end).
+            name = tracker.exited_name(pid) if pidfd == fa.FAN_NOPIDFD else (
+                tracker.live_name(pid) or tracker.exited_name(pid))
+            if name:
+                return name
         hit = self._seen.get(pid)
         if hit is not None and now - hit[1] <= self._keep:
             return hit[0]
         return ""
+
+    def _remember(self, pid: int, name: str, now: float) -> None:
+        self._seen[pid] = (name, now)
+        self._seen.move_to_end(pid)
+        if len(self._seen) > 4096:
+            self._seen.popitem(last=False)
 
     def close(self) -> None:
         self._reader.close()
@@ -216,6 +228,7 @@ class CBMonitor:
                 raise CBFSFilterError.from_os_error(exc, "fanotify is not available: a kernel with "
                                                     "CONFIG_FANOTIFY and FID reporting (5.9+) is needed") from exc
             self._group = group
+            self._names.tracker = tracker_or_none()
             d = self.dispatcher
             d.serialize = self.serialize_events == c.SERIALIZE_EVENTS_ON_ONE_WORKER_THREAD
             d.min_threads = max(1, int(self._config["MinWorkerThreadCount"]))
@@ -229,6 +242,9 @@ class CBMonitor:
                 self._group = None
                 group.close()
                 d.stop()
+                if self._names.tracker is not None:
+                    self._names.tracker.stop()
+                    self._names.tracker = None
                 raise
             self._reader = threading.Thread(target=self._read_loop, args=(group,), name="fsfilter-fanotify",
                                             daemon=True)
@@ -251,6 +267,9 @@ class CBMonitor:
         self._marked.clear()
         self.dispatcher.stop()
         self._names.close()
+        tracker, self._names.tracker = self._names.tracker, None
+        if tracker is not None:
+            tracker.stop()
         self._fire_simple("filter_stop")
 
     def __enter__(self) -> CBMonitor:

@@ -1,0 +1,142 @@
+"""Process names as processes start, from the kernel's process connector.
+
+A fanotify record names its process by pid only, and a short-lived process may be gone (reaped) before the
+record is read. The process connector reports every fork, exec, name change and exit as it happens; this
+tracker reads the name of a process at once (at exec it has only just started), follows forks and name
+changes, and keeps the names of exited processes for a while, so that a record read late can still be named:
+``exited_name(pid)`` is the name of the last process with that pid that exited.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import threading
+import time
+from collections import OrderedDict
+
+from fsfilter.abi import cn_proc as abi
+from fsfilter.wire import cn_proc as wire
+
+log = logging.getLogger("fsfilter.processes")
+
+_RCVBUF = 8 << 20
+_SO_RCVBUFFORCE = 33
+
+
+class ProcessTracker:
+    def __init__(self, keep_seconds: float = 10.0, kept: int = 65536) -> None:
+        self._keep = keep_seconds
+        self._kept = kept
+        self._live: dict[int, str] = {}
+        self._exited: OrderedDict[int, tuple[str, float]] = OrderedDict()
+        self._lock = threading.Lock()
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+        self.lost = 0  # datagrams the socket dropped (ENOBUFS)
+        self.sock = socket.socket(socket.AF_NETLINK, socket.SOCK_DGRAM, abi.NETLINK_CONNECTOR)
+        try:
+            try:
+                self.sock.setsockopt(socket.SOL_SOCKET, _SO_RCVBUFFORCE, _RCVBUF)
+            except OSError:
+                self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, _RCVBUF)
+            self.sock.bind((0, abi.CN_IDX_PROC))
+            self.sock.settimeout(0.5)  # so that stop() is seen
+            self.sock.send(wire.subscribe(True))
+        except BaseException:
+            self.sock.close()
+            raise
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._loop, name="fsfilter-processes", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stopping = True
+        if self._thread is not None:
+            self._thread.join(3)
+        try:
+            self.sock.send(wire.subscribe(False))
+        except OSError:
+            pass
+        self.sock.close()
+
+    def live_name(self, pid: int) -> str | None:
+        with self._lock:
+            return self._live.get(pid) or None
+
+    def exited_name(self, pid: int) -> str | None:
+        """The name of the last process with this pid that exited within the keep time."""
+        with self._lock:
+            hit = self._exited.get(pid)
+        if hit is None or not hit[0] or time.monotonic() - hit[1] > self._keep:
+            return None
+        return hit[0]
+
+    # -- the connector
+
+    def _loop(self) -> None:
+        while not self._stopping:
+            try:
+                datagram = self.sock.recv(65536)
+            except TimeoutError:
+                continue
+            except OSError as exc:
+                if self._stopping:
+                    return
+                if exc.errno == 105:  # ENOBUFS: the socket overflowed; names of some processes are unknown
+                    self.lost += 1
+                    continue
+                log.warning("the process connector failed: %s", exc)
+                return
+            for event in wire.decode(datagram):
+                self._handle(event)
+
+    def _handle(self, ev: wire.ProcEvent) -> None:
+        what = ev.what
+        if what == abi.PROC_EVENT_EXEC or what == abi.PROC_EVENT_COMM:
+            if ev.pid != ev.tgid:
+                return  # a thread's own name: processes are named by their main thread
+            name = ev.comm if what == abi.PROC_EVENT_COMM else _read_comm(ev.tgid)
+            with self._lock:
+                # After an exec the name from before it (inherited at fork) is wrong: unknown ("") rather than
+                # a guess when the new name could not be read in time.
+                self._live[ev.tgid] = name
+        elif what == abi.PROC_EVENT_FORK:
+            if ev.pid != ev.tgid:
+                return  # a new thread
+            with self._lock:
+                parent = self._live.get(ev.parent_tgid)
+            name = parent or _read_comm(ev.tgid)
+            if name:
+                with self._lock:
+                    self._live[ev.tgid] = name
+        elif what == abi.PROC_EVENT_EXIT and ev.pid == ev.tgid:
+            with self._lock:
+                name = self._live.pop(ev.tgid, "")
+                if ev.tgid in self._exited or name:
+                    self._exited[ev.tgid] = (name, time.monotonic())
+                    self._exited.move_to_end(ev.tgid)
+                    while len(self._exited) > self._kept:
+                        self._exited.popitem(last=False)
+
+
+def _read_comm(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/comm", "rb") as f:
+            return f.read().rstrip(b"\n").decode(errors="replace")
+    except OSError:
+        return ""
+
+
+def tracker_or_none() -> ProcessTracker | None:
+    """A started tracker, or None where the process connector is not available (no CAP_NET_ADMIN, or a kernel
+    without CONFIG_PROC_EVENTS)."""
+    try:
+        tracker = ProcessTracker()
+    except OSError as exc:
+        log.info("process connector not available (%s): names of short-lived processes may be missing", exc)
+        return None
+    tracker.start()
+    return tracker
+
