@@ -11,10 +11,11 @@ FUSE mount. For each open the kernel waits for an answer:
   blocked thread's ``/proc/<tid>/syscall`` (``open``, ``openat``, ``creat``; ``openat2`` through
   ``/proc/<tid>/mem``). An open whose mode cannot be read there (io_uring, kernel threads) is refused under a
   read-only rule: the rule then errs on the safe side;
-- allowed opens are cached with ignore marks: a directory where no rule can match any name gets an
-  ignore mark for its children (``FAN_MARK_IGNORE_SURV`` with ``FAN_EVENT_ON_CHILD``), so further opens
-  there reach no Python. A renamed directory could carry its mark into a protected place: a notification
-  group watches directory renames, and every ignore mark is dropped when one happens (and when rules change);
+- allowed opens are cached with ignore marks: a file with one name, in a directory where no rule can match
+  any name, gets an ignore mark (``FAN_MARK_IGNORE_SURV``), so its further opens reach no Python. A rename
+  or a new link could give a cached file a name a rule covers: a notification group watches renames and
+  attribute changes (a new link changes the link count), and every ignore mark is dropped when one happens
+  (and when the rules change);
 - every request is answered, also when deciding fails (then it is allowed and ``on_error`` is told);
 - the filtering process's own opens are allowed at once. The reader thread itself opens nothing.
 
@@ -28,6 +29,7 @@ import errno
 import logging
 import os
 import select
+import stat
 import threading
 from collections.abc import Callable
 
@@ -92,7 +94,9 @@ class FanotifyAccess:
                 continue
             done.add(fsid)
             fan.mark(self.group, fa.FAN_MARK_ADD | fa.FAN_MARK_FILESYSTEM, _PERM, point)
-            self.renames.mark_filesystem(point, fa.FAN_RENAME | fa.FAN_ONDIR)
+            # Whatever could move a cached file under a rule: renames, and new links (which change the
+            # file's link count: FAN_ATTRIB).
+            self.renames.mark_filesystem(point, fa.FAN_RENAME | fa.FAN_ATTRIB | fa.FAN_ONDIR)
             self.marked.append(point)
 
     def forget_cache(self) -> None:
@@ -132,7 +136,7 @@ class FanotifyAccess:
             events = self.renames.read(1000)
             if events is None:
                 return
-            if any(ev.mask & fa.FAN_ONDIR for ev in events):
+            if events:
                 self.forget_cache()
             close_fds(events)
 
@@ -190,10 +194,10 @@ class FanotifyAccess:
         if access and not m.unconditional:
             access = m.flags(_Thread(tid), None).access & FANOTIFY_ACCESS
         if not access:
-            directory = os.path.dirname(path)
-            # Cache only if the rules did not change while deciding (a flush may just have happened).
-            if not self.rules.may_match_child(directory) and generation == self._current_generation():
-                self._ignore(directory)
+            # Cache only if no rule could concern any name in the directory, and the rules did not change while
+            # deciding (a flush may just have happened).
+            if not self.rules.may_match_child(os.path.dirname(path)) and generation == self._current_generation():
+                self._ignore(fd)
             return True
         if access & c.ACCESS_DENY_ALL:
             return False
@@ -207,13 +211,18 @@ class FanotifyAccess:
     def _current_generation(self) -> int:
         return self.rules.generation + self.passthrough.generation
 
-    def _ignore(self, directory: str) -> None:
+    def _ignore(self, fd: int) -> None:
+        """An ignore mark on the file itself: its opens stay in the kernel from now on. Only for a file with one
+        name (a second name could be one a rule covers); a new link, a rename or any attribute change on the
+        file system drops every mark (the watcher group)."""
         try:
-            fan.mark(self.group, fa.FAN_MARK_ADD | fa.FAN_MARK_IGNORE_SURV | fa.FAN_MARK_ONLYDIR,
-                     _PERM | fa.FAN_EVENT_ON_CHILD, directory)
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1:
+                return
+            fan.mark_fd(self.group, fa.FAN_MARK_ADD | fa.FAN_MARK_IGNORE_SURV, _PERM, fd)
             self.ignored += 1
         except OSError as exc:
-            log.debug("no ignore mark on %s: %s", directory, exc)
+            log.debug("no ignore mark: %s", exc)
 
 
 class _Thread:
