@@ -261,3 +261,14 @@ def test_the_process_tracker_names_short_lived_processes() -> None:
             tracker.exited_name(p) for p in pids]
     finally:
         tracker.stop()
+
+
+def test_size_qualified_rules(monitor: Callable[[], CBMonitor], scratch: Path) -> None:
+    m = monitor()
+    seen = Seen(m)
+    m.add_filter_rule_ex(f"{scratch}/*.bin", "", c.FS_NE_CLOSE, 1000, -1, 0, 0)  # files of 1000 bytes or more
+    m.start_filter()
+    sh(f"head -c 10 /dev/zero > {scratch}/small.bin; head -c 5000 /dev/zero > {scratch}/big.bin")
+    seen.wait("notify_close_file", file_name=f"{scratch}/big.bin")
+    time.sleep(0.3)
+    assert not seen.find("notify_close_file", file_name=f"{scratch}/small.bin")

@@ -24,7 +24,7 @@ from fsfilter.api import constants as c
 from fsfilter.api.params import EVENTS, EventParams, make_params
 from fsfilter.engine import dispatch
 from fsfilter.engine.masks import MaskError, file_matches_mask
-from fsfilter.engine.rules import RuleSet, match_path
+from fsfilter.engine.rules import RuleSet, attributes_from_stat, match_path
 from fsfilter.errors import CBFSFilterError
 from fsfilter.sessions.fanotify_session import MountTable, NotifyGroup, PathResolver, close_fds, local_mounts
 from fsfilter.sessions.process_tracker import ProcessTracker, tracker_or_none
@@ -95,6 +95,40 @@ class _Process:
             except OSError:
                 self._exe = ""
         return self._exe
+
+
+class _PathFacts:
+    """What size/attribute/EA qualifiers of rules look at, read from the path when a qualified rule asks
+    (a deleted file has none: such a rule then does not apply)."""
+
+    __slots__ = ("path", "_st")
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self._st: os.stat_result | None = None
+
+    def _stat(self) -> os.stat_result | None:
+        if self._st is None:
+            try:
+                self._st = os.lstat(self.path)
+            except OSError:
+                return None
+        return self._st
+
+    def size(self) -> int | None:
+        st = self._stat()
+        return st.st_size if st is not None else None
+
+    def attributes(self) -> int | None:
+        st = self._stat()
+        return attributes_from_stat(st.st_mode, st.st_size, st.st_blocks, self.path) if st is not None else None
+
+    def has_xattr(self, name: str) -> bool:
+        try:
+            os.getxattr(self.path, name, follow_symlinks=False)
+        except OSError:
+            return False
+        return True
 
 
 class _Names:
@@ -622,7 +656,7 @@ class CBMonitor:
         up = m.upper.notify
         if not up:
             return
-        flags = m.flags(process, None) if not m.unconditional else m.upper
+        flags = m.flags(process, _PathFacts(path)) if not m.unconditional else m.upper
         notify = flags.notify
         if not notify:
             return
@@ -666,7 +700,7 @@ class CBMonitor:
             if path:
                 m = match_path(self.rules, self.passthrough_rules, path)
                 if m.upper.notify:
-                    notify |= (m.flags(process, None) if not m.unconditional else m.upper).notify
+                    notify |= (m.flags(process, _PathFacts(path)) if not m.unconditional else m.upper).notify
         self._post("notify_rename_or_move_file", c.FS_NE_RENAME, notify, origin, file_name=old, new_file_name=new,
                    replace_if_exists=True)
 
