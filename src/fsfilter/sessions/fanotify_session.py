@@ -15,6 +15,7 @@ import os
 import re
 import select
 import threading
+import time
 from collections import OrderedDict
 from collections.abc import Iterable
 
@@ -57,12 +58,16 @@ class MountTable:
     def __init__(self) -> None:
         self._points: dict[tuple[int, int], str] = {}
         self._lock = threading.Lock()
+        self._refreshed = -1e9
 
     def point_for(self, fsid: tuple[int, int]) -> str | None:
         with self._lock:
             point = self._points.get(fsid)
         if point is not None:
             return point
+        now = time.monotonic()
+        if now - self._refreshed < 1.0:
+            return None  # looked a moment ago: do not rescan the mount table for every record
         self.refresh()
         with self._lock:
             return self._points.get(fsid)
@@ -98,6 +103,7 @@ class MountTable:
                     os.close(fd)
         with self._lock:
             self._points = found
+            self._refreshed = time.monotonic()
 
     def close(self) -> None:
         with self._lock:
