@@ -272,3 +272,25 @@ def test_size_qualified_rules(monitor: Callable[[], CBMonitor], scratch: Path) -
     seen.wait("notify_close_file", file_name=f"{scratch}/big.bin")
     time.sleep(0.3)
     assert not seen.find("notify_close_file", file_name=f"{scratch}/small.bin")
+
+
+@pytest.mark.timeout(200)
+def test_an_overflow_is_reported_not_silent(monitor: Callable[[], CBMonitor], scratch: Path, tmp_path: Path) -> None:
+    if not shutil.which("gcc"):
+        pytest.skip("gcc is needed to build bench/smallfiles.c (scripts/setup.sh installs it)")
+    binary = tmp_path / "smallfiles"
+    subprocess.run(["gcc", "-O2", "-o", str(binary),
+                    str(Path(__file__).resolve().parent.parent / "bench" / "smallfiles.c")], check=True)
+    d = scratch / "flood"
+    d.mkdir()
+    m = monitor()
+    m.config("UnlimitedQueue=false")  # the kernel's 16,384-event queue
+    errors: list[int] = []
+    m.on_error = lambda p: errors.append(p.error_code)
+    m.on_notify_close_file = lambda p: None
+    m.add_filter_rule(f"{d}/*", c.FS_NE_CLOSE | c.FS_NE_CREATE | c.FS_NE_DELETE | c.FS_NE_WRITE)
+    m.start_filter()
+    # ~120,000 records in well under a second: far faster than the reader takes them
+    subprocess.run([str(binary), str(d), "60000"], check=True, capture_output=True, timeout=120)
+    assert wait_for(lambda: m.lost_events >= 1, 30), m.stats
+    assert errno.ENOBUFS in errors
