@@ -28,7 +28,7 @@ class ProcessTracker:
     def __init__(self, keep_seconds: float = 10.0, kept: int = 65536) -> None:
         self._keep = keep_seconds
         self._kept = kept
-        self._live: dict[int, str] = {}
+        self._live: dict[int, tuple[str, int]] = {}  # tgid -> (name, timestamp of the event that set it)
         self._exited: OrderedDict[int, tuple[str, float]] = OrderedDict()
         self._lock = threading.Lock()
         self._stopping = False
@@ -63,7 +63,8 @@ class ProcessTracker:
 
     def live_name(self, pid: int) -> str | None:
         with self._lock:
-            return self._live.get(pid) or None
+            hit = self._live.get(pid)
+        return hit[0] if hit and hit[0] else None
 
     def exited_name(self, pid: int) -> str | None:
         """The name of the last process with this pid that exited within the keep time."""
@@ -93,32 +94,37 @@ class ProcessTracker:
                 self._handle(event)
 
     def _handle(self, ev: wire.ProcEvent) -> None:
+        """Events of different CPUs can arrive out of order (an exec before the fork that made the process):
+        each name carries the time of the event that set it, and an older event never replaces a newer one."""
         what = ev.what
         if what == abi.PROC_EVENT_EXEC or what == abi.PROC_EVENT_COMM:
             if ev.pid != ev.tgid:
                 return  # a thread's own name: processes are named by their main thread
-            name = ev.comm if what == abi.PROC_EVENT_COMM else _read_comm(ev.tgid)
-            with self._lock:
-                # After an exec the name from before it (inherited at fork) is wrong: unknown ("") rather than
-                # a guess when the new name could not be read in time.
-                self._live[ev.tgid] = name
+            # After an exec the name from before it (inherited at fork) is wrong: unknown ("") rather than a
+            # guess when the new name could not be read in time.
+            self._set(ev.tgid, ev.comm if what == abi.PROC_EVENT_COMM else _read_comm(ev.tgid), ev.timestamp_ns)
         elif what == abi.PROC_EVENT_FORK:
             if ev.pid != ev.tgid:
                 return  # a new thread
             with self._lock:
                 parent = self._live.get(ev.parent_tgid)
-            name = parent or _read_comm(ev.tgid)
-            if name:
-                with self._lock:
-                    self._live[ev.tgid] = name
+            self._set(ev.tgid, parent[0] if parent else _read_comm(ev.tgid), ev.timestamp_ns)
         elif what == abi.PROC_EVENT_EXIT and ev.pid == ev.tgid:
             with self._lock:
-                name = self._live.pop(ev.tgid, "")
-                if ev.tgid in self._exited or name:
-                    self._exited[ev.tgid] = (name, time.monotonic())
-                    self._exited.move_to_end(ev.tgid)
-                    while len(self._exited) > self._kept:
-                        self._exited.popitem(last=False)
+                name, stamp = self._live.pop(ev.tgid, ("", 0))
+                if stamp > ev.timestamp_ns:  # the entry belongs to a later process with the same pid
+                    self._live[ev.tgid] = (name, stamp)
+                    return
+                self._exited[ev.tgid] = (name, time.monotonic())
+                self._exited.move_to_end(ev.tgid)
+                while len(self._exited) > self._kept:
+                    self._exited.popitem(last=False)
+
+    def _set(self, tgid: int, name: str, stamp: int) -> None:
+        with self._lock:
+            current = self._live.get(tgid)
+            if current is None or current[1] <= stamp:
+                self._live[tgid] = (name, stamp)
 
 
 def _read_comm(pid: int) -> str:
