@@ -118,7 +118,7 @@ def test_file_operations_fire_events_with_paths_pids_and_names(monitor: Callable
     pid = sh(f"rm -r {d}/moved")
     for path in (f"{d}/moved/b.txt", f"{d}/moved"):
         name, got_pid, _ = seen.wait("notify_delete_file", file_name=path)
-        assert name in ("rm", "") and got_pid != pid  # rm is a child of the shell
+        assert name in ("rm", "") and got_pid != pid, (name, got_pid, pid)  # rm is a child of the shell
     # a name, when there is one, is the process's own
     with seen.lock:
         names = {(n, p) for _, n, p, _ in seen.items if n}

@@ -154,11 +154,11 @@ class _Names:
                 return status[0]
         tracker = self.tracker
         if tracker is not None:
-            # Gone before its record was read: the process connector saw it start (and end).
+            # Gone before its record was read: the process connector saw it start (and end). Its answer is
+            # final: a name read earlier may be the one from before an exec.
             name = tracker.exited_name(pid) if pidfd == fa.FAN_NOPIDFD else (
                 tracker.live_name(pid) or tracker.exited_name(pid))
-            if name:
-                return name
+            return name or ""
         hit = self._seen.get(pid)
         if hit is not None and now - hit[1] <= self._keep:
             return hit[0]

@@ -29,6 +29,7 @@ class ProcessTracker:
         self._keep = keep_seconds
         self._kept = kept
         self._live: dict[int, tuple[str, int]] = {}  # tgid -> (name, timestamp of the event that set it)
+        self._confirmed: set[int] = set()  # tgids whose name came from an exec or a name change
         self._exited: OrderedDict[int, tuple[str, float]] = OrderedDict()
         self._lock = threading.Lock()
         self._stopping = False
@@ -62,9 +63,12 @@ class ProcessTracker:
         self.sock.close()
 
     def live_name(self, pid: int) -> str | None:
+        """The name of a running process, once its exec (or a name change) has been seen: a name inherited
+        at fork may be about to change with an exec this thread has not seen yet."""
         with self._lock:
             hit = self._live.get(pid)
-        return hit[0] if hit and hit[0] else None
+            confirmed = pid in self._confirmed
+        return hit[0] if hit and hit[0] and confirmed else None
 
     def exited_name(self, pid: int) -> str | None:
         """The name of the last process with this pid that exited within the keep time."""
@@ -103,11 +107,14 @@ class ProcessTracker:
             # After an exec the name from before it (inherited at fork) is wrong: unknown ("") rather than a
             # guess when the new name could not be read in time.
             self._set(ev.tgid, ev.comm if what == abi.PROC_EVENT_COMM else _read_comm(ev.tgid), ev.timestamp_ns)
+            with self._lock:
+                self._confirmed.add(ev.tgid)
         elif what == abi.PROC_EVENT_FORK:
             if ev.pid != ev.tgid:
                 return  # a new thread
             with self._lock:
                 parent = self._live.get(ev.parent_tgid)
+                self._confirmed.discard(ev.tgid)
             self._set(ev.tgid, parent[0] if parent else _read_comm(ev.tgid), ev.timestamp_ns)
         elif what == abi.PROC_EVENT_EXIT and ev.pid == ev.tgid:
             with self._lock:
@@ -115,6 +122,7 @@ class ProcessTracker:
                 if stamp > ev.timestamp_ns:  # the entry belongs to a later process with the same pid
                     self._live[ev.tgid] = (name, stamp)
                     return
+                self._confirmed.discard(ev.tgid)
                 self._exited[ev.tgid] = (name, time.monotonic())
                 self._exited.move_to_end(ev.tgid)
                 while len(self._exited) > self._kept:
