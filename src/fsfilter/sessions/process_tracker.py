@@ -114,8 +114,9 @@ class ProcessTracker:
                 return  # a new thread
             with self._lock:
                 parent = self._live.get(ev.parent_tgid)
-                self._confirmed.discard(ev.tgid)
-            self._set(ev.tgid, parent[0] if parent else _read_comm(ev.tgid), ev.timestamp_ns)
+            if self._set(ev.tgid, parent[0] if parent else _read_comm(ev.tgid), ev.timestamp_ns):
+                with self._lock:
+                    self._confirmed.discard(ev.tgid)  # a new process: not confirmed until its exec
         elif what == abi.PROC_EVENT_EXIT and ev.pid == ev.tgid:
             with self._lock:
                 name, stamp = self._live.pop(ev.tgid, ("", 0))
@@ -128,11 +129,14 @@ class ProcessTracker:
                 while len(self._exited) > self._kept:
                     self._exited.popitem(last=False)
 
-    def _set(self, tgid: int, name: str, stamp: int) -> None:
+    def _set(self, tgid: int, name: str, stamp: int) -> bool:
+        """Record a name unless a newer event set one; True when it did."""
         with self._lock:
             current = self._live.get(tgid)
             if current is None or current[1] <= stamp:
                 self._live[tgid] = (name, stamp)
+                return True
+            return False
 
 
 def _read_comm(pid: int) -> str:
