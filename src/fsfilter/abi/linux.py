@@ -41,9 +41,10 @@ FS_IOC_SETFLAGS = 0x40086602
 
 _SYSCALLS = {
     "x86_64": {"tgkill": 234, "setgroups": 116, "renameat2": 316, "syncfs": 306, "utimensat": 280, "getdents64": 217,
-               "open": 2, "creat": 85, "openat": 257, "openat2": 437, "open_by_handle_at": 304},
+               "open": 2, "creat": 85, "openat": 257, "openat2": 437, "open_by_handle_at": 304, "execve": 59,
+               "execveat": 322},
     "aarch64": {"tgkill": 131, "setgroups": 159, "renameat2": 276, "syncfs": 267, "utimensat": 88, "getdents64": 61,
-                "openat": 56, "openat2": 437, "open_by_handle_at": 265},
+                "openat": 56, "openat2": 437, "open_by_handle_at": 265, "execve": 221, "execveat": 281},
 }
 
 

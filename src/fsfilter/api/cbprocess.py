@@ -1,0 +1,647 @@
+"""CBProcess: process and thread creation and termination events, and refusing programs, on Linux.
+
+Notifications come from the kernel's process connector (fork, exec, exit; threads too). Refusing a program
+needs a decision before it runs: a fanotify ``FAN_OPEN_EXEC_PERM`` group on the file systems named by
+``config("ExecPermissionPaths=...")`` asks ``on_process_creation`` at the moment ``execve`` opens the program,
+and a ``result_code`` makes that ``execve`` fail with ``EPERM``. See docs/process.md.
+
+What a "process creation" is here: a new program in a process. ``fork`` + ``execve`` (what a shell, ``system``
+or ``posix_spawn`` do) is one creation, reported at the exec with the new image and command line. A child that
+forks and never execs is reported as a creation of its parent's program when it exits, or when it has lived
+100 ms without an exec, whichever comes first. An exec in a process already reported (a shell that ``exec``s
+its last command) is reported as a creation again: same pid, new image.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import select
+import socket
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from fsfilter.abi import cn_proc as cn
+from fsfilter.abi import fanotify as fa
+from fsfilter.abi import linux
+from fsfilter.api.params import EVENTS, EventParams, make_params
+from fsfilter.engine import dispatch
+from fsfilter.engine.masks import MaskError, file_matches_mask
+from fsfilter.errors import CBFSFilterError
+from fsfilter.sessions.fanotify_session import local_mounts
+from fsfilter.system import fanotify as fan
+from fsfilter.system import libc
+from fsfilter.wire import cn_proc as wire
+from fsfilter.wire import fanotify as fwire
+
+log = logging.getLogger("fsfilter.process")
+
+_PROCESS_EVENTS: dict[str, tuple[str, str]] = {
+    "process_creation": ("O", "process_id parent_process_id creating_process_id creating_thread_id process_name "
+                              "image_file_name file_open_name_available command_line"),
+    "process_termination": ("O", "process_id process_name exit_status"),
+    "process_handle_operation": ("O", "duplication process_id originator_process_id originator_thread_id "
+                                      "source_process_id target_process_id original_desired_access desired_access"),
+    "thread_creation": ("O", "process_id thread_id creating_process_id creating_thread_id"),
+    "thread_termination": ("O", "process_id thread_id"),
+    "thread_handle_operation": ("O", "duplication process_id thread_id originator_process_id originator_thread_id "
+                                     "source_process_id target_process_id original_desired_access desired_access"),
+    "error": EVENTS["error"],
+    "worker_thread_creation": EVENTS["worker_thread_creation"],
+    "worker_thread_termination": EVENTS["worker_thread_termination"],
+}
+PROCESS_PARAMS: dict[str, type[EventParams]] = {
+    event: make_params("CBProcess", event, kind, fields) for event, (kind, fields) in _PROCESS_EVENTS.items()}
+globals().update({cls.__name__: cls for cls in PROCESS_PARAMS.values()})
+
+# EventsToFire bits (the SDK's samples set -1 = all)
+PROCESS_EVENT_PROCESS_CREATION = 0x1
+PROCESS_EVENT_PROCESS_TERMINATION = 0x2
+PROCESS_EVENT_THREAD_CREATION = 0x4
+PROCESS_EVENT_THREAD_TERMINATION = 0x8
+
+_CONFIG_DEFAULTS = {"EventsToFire": "-1", "FilterOwnRequests": "false", "MinWorkerThreadCount": "1",
+                    "MaxWorkerThreadCount": "0", "ExecPermissionPaths": "", "ForkReportDelay": "0.1"}
+_FORK_SWEEP = 0.05
+_EXECVE = linux.syscall_numbers().get("execve")
+_EXECVEAT = linux.syscall_numbers().get("execveat")
+_RCVBUF = 8 << 20
+_SO_RCVBUFFORCE = 33
+
+
+@dataclass
+class _Proc:
+    pid: int
+    parent: int
+    start: int  # start time (clock ticks since boot): pid + start time identify a process
+    name: str = ""
+    image: str = ""
+    reported: bool = False  # a creation event was fired for its current program
+    forked_at: float = 0.0
+    creator: tuple[int, int] = (0, 0)  # the process and thread that forked it
+
+
+class CBProcess:
+    """Process and thread events (process connector), and refusing programs (fanotify exec permission)."""
+
+    _ready = False
+
+    def __init__(self) -> None:
+        object.__setattr__(self, "_ready", False)
+        self.tag: Any = 0
+        self.altitude = "360000"
+        self.strict_altitude = False
+        self.serialize_events = 0
+        self._config = dict(_CONFIG_DEFAULTS)
+        self._lock = threading.RLock()
+        self._procs: dict[int, _Proc] = {}
+        self._filtered_ids: dict[int, bool] = {}
+        self._filtered_names: dict[str, bool] = {}
+        self._ignored_ids: dict[int, bool] = {}
+        self._ignored_names: dict[str, bool] = {}
+        self._sock: socket.socket | None = None
+        self._threads: list[threading.Thread] = []
+        self._stopping = False
+        self._perm_group = -1
+        self._exec_seen: dict[int, float] = {}  # tgid -> when its exec was reported from the permission event
+        self.lost_events = 0
+        self.dispatcher = dispatch.Dispatcher(on_error=self._fire_error)
+        for name in PROCESS_PARAMS:
+            object.__setattr__(self, "on_" + name, None)
+        object.__setattr__(self, "_ready", True)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name.startswith("on_") and self._ready:
+            if name[3:] not in PROCESS_PARAMS:
+                raise CBFSFilterError(errno.EINVAL, f"CBProcess has no event {name[3:]!r}: see docs/process.md")
+            if value is not None and not callable(value):
+                raise CBFSFilterError(errno.EINVAL, f"{name} takes a function of one argument or None")
+            if value is not None and name in ("on_process_handle_operation", "on_thread_handle_operation"):
+                raise CBFSFilterError(errno.ENOSYS, f"{name}: Linux has no process or thread handles whose access "
+                                                    "a filter could narrow (see docs/process.md)")
+        object.__setattr__(self, name, value)
+
+    # -- settings
+
+    def initialize(self, product_guid: str) -> None:
+        if not isinstance(product_guid, str):
+            raise CBFSFilterError(errno.EINVAL, "product_guid must be a string")
+
+    def config(self, configuration_string: str) -> str:
+        name, sep, value = configuration_string.partition("=")
+        name = name.strip()
+        if name not in self._config:
+            raise CBFSFilterError(errno.EINVAL, f"unknown setting {name!r}; known: {', '.join(sorted(self._config))}")
+        if not sep:
+            return self._config[name]
+        value = value.strip()
+        if name == "FilterOwnRequests":
+            if value.lower() not in ("true", "false", "1", "0", "yes", "no"):
+                raise CBFSFilterError(errno.EINVAL, f"{name} takes true or false, not {value!r}")
+            value = "true" if value.lower() in ("true", "1", "yes") else "false"
+        elif name == "EventsToFire":
+            try:
+                int(value, 0)
+            except ValueError:
+                raise CBFSFilterError(errno.EINVAL, f"{name} takes an int (-1 = all), not {value!r}") from None
+        elif name == "ExecPermissionPaths":
+            for path in filter(None, value.split(",")):
+                if not path.startswith("/") or not os.path.exists(path):
+                    raise CBFSFilterError(errno.EINVAL, f"{name}: {path!r} is not an existing absolute path")
+        elif name == "ForkReportDelay":
+            try:
+                if not 0 <= float(value) <= 60:
+                    raise ValueError
+            except ValueError:
+                raise CBFSFilterError(errno.EINVAL, f"{name} takes seconds between 0 and 60, not {value!r}") from None
+        elif not value.isdigit():
+            raise CBFSFilterError(errno.EINVAL, f"{name} takes a whole number >= 0, not {value!r}")
+        self._config[name] = value
+        return ""
+
+    # -- filtered and ignored processes
+
+    def add_filtered_process_by_id(self, process_id: int, include_children: bool = False) -> None:
+        self._filtered_ids[_check_pid(process_id)] = bool(include_children)
+
+    def add_filtered_process_by_name(self, process_name: str, include_children: bool = False) -> None:
+        self._filtered_names[_check_name(process_name)] = bool(include_children)
+
+    def add_ignored_process_by_id(self, process_id: int, include_children: bool = False) -> None:
+        self._ignored_ids[_check_pid(process_id)] = bool(include_children)
+
+    def add_ignored_process_by_name(self, process_name: str, include_children: bool = False) -> None:
+        self._ignored_names[_check_name(process_name)] = bool(include_children)
+
+    def delete_filtered_process_by_id(self, process_id: int) -> None:
+        self._filtered_ids.pop(process_id, None)
+
+    def delete_filtered_process_by_name(self, process_name: str) -> None:
+        self._filtered_names.pop(process_name, None)
+
+    def delete_ignored_process_by_id(self, process_id: int) -> None:
+        self._ignored_ids.pop(process_id, None)
+
+    def delete_ignored_process_by_name(self, process_name: str) -> None:
+        self._ignored_names.pop(process_name, None)
+
+    def delete_all_filtered_processes(self) -> None:
+        self._filtered_ids.clear()
+        self._filtered_names.clear()
+
+    def delete_all_ignored_processes(self) -> None:
+        self._ignored_ids.clear()
+        self._ignored_names.clear()
+
+    def _listed(self, pid: int, ids: dict[int, bool], names: dict[str, bool]) -> bool:
+        """Whether ``pid`` (or, where include_children was asked, one of its ancestors) is in the lists."""
+        if -1 in ids:
+            return True
+        with self._lock:
+            proc = self._procs.get(pid)
+            depth = 0
+            while proc is not None and depth < 64:
+                direct = depth == 0
+                if proc.pid in ids and (direct or ids[proc.pid]):
+                    return True
+                for mask, children in names.items():
+                    if (direct or children) and _name_matches(mask, proc):
+                        return True
+                proc = self._procs.get(proc.parent)
+                depth += 1
+        return False
+
+    def _wanted(self, pid: int) -> bool:
+        if pid == os.getpid() and self._config["FilterOwnRequests"] != "true":
+            return False
+        if (self._ignored_ids or self._ignored_names) and self._listed(pid, self._ignored_ids, self._ignored_names):
+            return False
+        if not self._filtered_ids and not self._filtered_names:
+            return True
+        return self._listed(pid, self._filtered_ids, self._filtered_names)
+
+    def get_process_name(self, process_id: int) -> str:
+        with self._lock:
+            proc = self._procs.get(process_id)
+        if proc is not None and proc.name:
+            return proc.name
+        return _read(f"/proc/{process_id}/comm").strip()
+
+    # -- lifecycle
+
+    @property
+    def active(self) -> bool:
+        return self._sock is not None
+
+    def start_filter(self, timeout: int = 0) -> None:
+        with self._lock:
+            if self._sock is not None:
+                raise CBFSFilterError(errno.EALREADY, "the process filter is already started; stop it first")
+            if os.geteuid() != 0:
+                raise CBFSFilterError(errno.EPERM, "CBProcess needs root (the process connector and fanotify)")
+            if not isinstance(timeout, int) or timeout < 0:
+                raise CBFSFilterError(errno.EINVAL, f"timeout must be milliseconds >= 0, not {timeout!r}")
+            try:
+                sock = socket.socket(socket.AF_NETLINK, socket.SOCK_DGRAM, cn.NETLINK_CONNECTOR)
+                try:
+                    sock.setsockopt(socket.SOL_SOCKET, _SO_RCVBUFFORCE, _RCVBUF)
+                except OSError:
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, _RCVBUF)
+                sock.bind((0, cn.CN_IDX_PROC))
+                sock.settimeout(_FORK_SWEEP)
+                sock.send(wire.subscribe(True))
+            except OSError as exc:
+                raise CBFSFilterError.from_os_error(exc, "the process connector is not available (a kernel with "
+                                                    "CONFIG_PROC_EVENTS, and CAP_NET_ADMIN, are needed)") from exc
+            self._snapshot()
+            d = self.dispatcher
+            d.timeout = timeout / 1000.0
+            d.serialize = self.serialize_events == 1
+            d.min_threads = max(1, int(self._config["MinWorkerThreadCount"]))
+            count = int(self._config["MaxWorkerThreadCount"])
+            d.max_threads = max(d.min_threads, count if count > 0 else 4)
+            d.start()
+            self._stopping = False
+            self._sock = sock
+            try:
+                self._start_exec_permissions()
+            except BaseException:
+                self._sock = None
+                sock.close()
+                d.stop()
+                raise
+            t = threading.Thread(target=self._connector_loop, args=(sock,), name="fsfilter-procevents", daemon=True)
+            self._threads.append(t)
+            t.start()
+
+    def stop_filter(self, wait: bool = True) -> None:
+        with self._lock:
+            sock = self._sock
+            if sock is None:
+                return
+            self._stopping = True
+        for t in self._threads:
+            t.join(5)
+        self._threads.clear()
+        try:
+            sock.send(wire.subscribe(False))
+        except OSError:
+            pass
+        sock.close()
+        if self._perm_group >= 0:
+            os.close(self._perm_group)  # pending exec requests are allowed by the kernel
+            self._perm_group = -1
+        self._sock = None
+        self.dispatcher.stop(10.0 if wait else 1.0)
+
+    def __enter__(self) -> CBProcess:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop_filter()
+
+    def _snapshot(self) -> None:
+        """The processes running now, so that parents and names are known for what follows."""
+        procs: dict[int, _Proc] = {}
+        for entry in os.listdir("/proc"):
+            if entry.isdigit():
+                proc = _read_proc(int(entry))
+                if proc is not None:
+                    proc.reported = True
+                    procs[proc.pid] = proc
+        with self._lock:
+            self._procs = procs
+
+    # -- notifications (process connector)
+
+    def _events(self) -> int:
+        return int(self._config["EventsToFire"], 0)
+
+    def _connector_loop(self, sock: socket.socket) -> None:
+        while not self._stopping:
+            try:
+                datagram = sock.recv(65536)
+            except TimeoutError:
+                self._sweep_forks()
+                continue
+            except OSError as exc:
+                if self._stopping:
+                    return
+                if exc.errno == errno.ENOBUFS:
+                    self.lost_events += 1
+                    self._fire_error(errno.ENOBUFS, "process events were lost (the connector socket overflowed)")
+                    continue
+                self._fire_error(exc.errno or errno.EIO, f"the process connector failed: {exc}")
+                return
+            for event in wire.decode(datagram):
+                try:
+                    self._handle(event)
+                except Exception as exc:
+                    log.exception("a process event could not be handled")
+                    self._fire_error(errno.EIO, f"a process event could not be handled: {exc}")
+            self._sweep_forks()
+
+    def _handle(self, ev: wire.ProcEvent) -> None:
+        what = ev.what
+        events = self._events()
+        proc: _Proc | None
+        if what == cn.PROC_EVENT_FORK:
+            if ev.pid != ev.tgid:  # a new thread
+                # The connector names the process's parent here, not the thread that made this one: the
+                # creator is the process itself, the creating thread unknown (-1).
+                if events & PROCESS_EVENT_THREAD_CREATION and self._wanted(ev.tgid):
+                    self._post("thread_creation", ev.tgid, process_id=ev.tgid, thread_id=ev.pid,
+                               creating_process_id=ev.tgid, creating_thread_id=-1)
+                return
+            with self._lock:
+                parent = self._procs.get(ev.parent_tgid)
+                proc = _Proc(ev.tgid, ev.parent_tgid, _start_time(ev.tgid), parent.name if parent else "",
+                             parent.image if parent else "", False, time.monotonic())
+                self._procs[ev.tgid] = proc
+            proc.creator = (ev.parent_tgid, ev.parent_pid)
+        elif what == cn.PROC_EVENT_EXEC:
+            if ev.pid != ev.tgid:
+                return
+            with self._lock:
+                proc = self._procs.get(ev.tgid)
+                if proc is None:
+                    proc = _Proc(ev.tgid, _parent_of(ev.tgid), _start_time(ev.tgid))
+                    self._procs[ev.tgid] = proc
+            assert proc is not None
+            proc.name = _read(f"/proc/{ev.tgid}/comm").strip() or proc.name
+            proc.image = _readlink(f"/proc/{ev.tgid}/exe") or ""
+            announced = self._exec_seen.pop(ev.tgid, 0.0)
+            if announced and time.monotonic() - announced < 2.0:
+                proc.reported = True  # the permission event fired it already, before the program ran
+                return
+            self._report_creation(proc, events)
+        elif what == cn.PROC_EVENT_COMM and ev.pid == ev.tgid:
+            with self._lock:
+                proc = self._procs.get(ev.tgid)
+            if proc is not None:
+                proc.name = ev.comm
+        elif what == cn.PROC_EVENT_EXIT:
+            if ev.pid != ev.tgid:
+                if events & PROCESS_EVENT_THREAD_TERMINATION and self._wanted(ev.tgid):
+                    self._post("thread_termination", ev.tgid, process_id=ev.tgid, thread_id=ev.pid)
+                return
+            with self._lock:
+                proc = self._procs.get(ev.tgid)
+            if proc is not None and not proc.reported:
+                self._report_creation(proc, events)  # a fork that never execed: reported before it ends
+            if events & PROCESS_EVENT_PROCESS_TERMINATION and self._wanted(ev.tgid):
+                self._post("process_termination", ev.tgid, process_id=ev.tgid,
+                           process_name=proc.name if proc else "", exit_status=ev.exit_code)
+            with self._lock:
+                self._procs.pop(ev.tgid, None)
+
+    def _report_creation(self, proc: _Proc, events: int) -> None:
+        proc.reported = True
+        if not events & PROCESS_EVENT_PROCESS_CREATION or not self._wanted(proc.pid):
+            return
+        creator = proc.creator if proc.creator[0] else (proc.parent, proc.parent)
+        self._post("process_creation", proc.pid, process_id=proc.pid, parent_process_id=proc.parent,
+                   creating_process_id=creator[0], creating_thread_id=creator[1], process_name=proc.name,
+                   image_file_name=proc.image, file_open_name_available=bool(proc.image),
+                   command_line=_command_line(proc.pid))
+
+    def _sweep_forks(self) -> None:
+        """Report forked children that have not execed within the delay (a fork without exec is a creation)."""
+        delay = float(self._config["ForkReportDelay"])
+        now = time.monotonic()
+        with self._lock:
+            due = [p for p in self._procs.values() if not p.reported and p.forked_at and now - p.forked_at >= delay]
+        events = self._events()
+        for proc in due:
+            self._report_creation(proc, events)
+
+    # -- refusing programs (fanotify exec permission)
+
+    def _start_exec_permissions(self) -> None:
+        paths = [p for p in self._config["ExecPermissionPaths"].split(",") if p]
+        if not paths:
+            return
+        group = fan.init(fa.FAN_CLASS_CONTENT | fa.FAN_CLOEXEC | fa.FAN_NONBLOCK | fa.FAN_REPORT_TID,
+                         os.O_RDONLY | os.O_LARGEFILE | os.O_CLOEXEC)
+        try:
+            points = [point for _, point, _ in local_mounts(include_pseudo=True)]
+            done: set[str] = set()
+            for path in paths:
+                point = _mount_of(path, points)
+                if point not in done:
+                    fan.mark(group, fa.FAN_MARK_ADD | fa.FAN_MARK_FILESYSTEM, fa.FAN_OPEN_EXEC_PERM, point)
+                    done.add(point)
+        except BaseException:
+            os.close(group)
+            raise
+        self._perm_group = group
+        t = threading.Thread(target=self._permission_loop, args=(group,), name="fsfilter-execperm", daemon=True)
+        self._threads.append(t)
+        t.start()
+
+    def _permission_loop(self, group: int) -> None:
+        poller = select.poll()
+        poller.register(group, select.POLLIN)
+        buffer = bytearray(1 << 16)
+        own = os.getpid()
+        while not self._stopping:
+            try:
+                size = os.readv(group, (buffer,))
+            except BlockingIOError:
+                poller.poll(200)
+                continue
+            except OSError:
+                if self._stopping:
+                    return
+                time.sleep(0.05)
+                continue
+            for ev in fwire.decode(memoryview(buffer)[:size]):
+                if ev.fd < 0:
+                    continue
+                allow = True
+                try:
+                    if not (ev.pid == own or libc.is_thread_of(own, ev.pid)):
+                        allow = self._decide_exec(ev.fd, ev.pid)
+                except Exception as exc:  # answer anyway: the exec must never wait forever
+                    self._fire_error(errno.EIO, f"deciding an exec failed (allowed): {exc}")
+                try:
+                    os.write(group, fwire.encode_response(ev.fd, fa.FAN_ALLOW if allow else fa.FAN_DENY))
+                except OSError as exc:
+                    self._fire_error(exc.errno or errno.EIO, f"answering an exec request failed: {exc}")
+                finally:
+                    os.close(ev.fd)
+
+    def _decide_exec(self, fd: int, tid: int) -> bool:
+        """on_process_creation for a program about to run (``execve`` has opened it); False refuses it."""
+        handler = self.handler("process_creation")
+        tgid = _tgid_of(tid)
+        if handler is None or not self._events() & PROCESS_EVENT_PROCESS_CREATION or not self._wanted(tgid):
+            return True
+        if time.monotonic() - self._exec_seen.get(tgid, 0.0) < 0.5:
+            return True  # the interpreter of a script being execed: the script itself was asked about already
+        image = os.readlink(f"/proc/self/fd/{fd}")
+        with self._lock:
+            proc = self._procs.get(tgid)
+        argv = _exec_argv(tid)
+        params = PROCESS_PARAMS["process_creation"](
+            process_id=tgid, parent_process_id=proc.parent if proc else _parent_of(tgid),
+            creating_process_id=tgid, creating_thread_id=tid, process_name=os.path.basename(image)[:15],
+            image_file_name=image, file_open_name_available=True,
+            command_line=" ".join(argv) if argv is not None else "")
+        origin = dispatch.Origin(tgid, tid, -1, -1, _read(f"/proc/{tid}/comm").strip())
+        outcome = self.dispatcher.call(handler, params, origin)
+        self._exec_seen[tgid] = time.monotonic()
+        if outcome is dispatch.Outcome.FAILED:
+            return True  # a handler error never stops programs (on_error was told)
+        return not params.result_code
+
+    # -- delivery
+
+    def handler(self, event: str) -> Callable[[Any], object] | None:
+        h: Callable[[Any], object] | None = getattr(self, "on_" + event, None)
+        return h
+
+    def _post(self, event: str, pid: int, **fields: Any) -> None:
+        handler = self.handler(event)
+        if handler is None:
+            return
+        self.dispatcher.post(handler, PROCESS_PARAMS[event](**fields), dispatch.Origin(pid, pid, -1, -1, ""))
+
+    def _fire_error(self, code: int, description: str) -> None:
+        handler = self.handler("error")
+        if handler is None:
+            log.error("%s", description)
+            return
+        try:
+            handler(PROCESS_PARAMS["error"](error_code=code, description=description))
+        except Exception:
+            log.exception("on_error raised")
+
+    def shutdown_system(self, shutdown_prompt: str, timeout: int, force_close_apps: bool, reboot: bool) -> bool:
+        raise CBFSFilterError(errno.ENOSYS, "fsfilter does not shut the machine down: use systemctl")
+
+
+def _check_pid(pid: int) -> int:
+    if not isinstance(pid, int) or isinstance(pid, bool) or pid < -1 or pid == 0:
+        raise CBFSFilterError(errno.EINVAL, f"process_id must be a pid or -1 (all), not {pid!r}")
+    return pid
+
+
+def _check_name(name: str) -> str:
+    if not isinstance(name, str) or not name:
+        raise CBFSFilterError(errno.EINVAL, "process_name must be a non-empty name, path or mask")
+    try:
+        file_matches_mask(name if "/" in name else name, "x")
+    except MaskError as exc:
+        raise CBFSFilterError(errno.EINVAL, f"bad process name mask {name!r}: {exc}") from exc
+    return name
+
+
+def _name_matches(mask: str, proc: _Proc) -> bool:
+    """A name mask matches the process name or the image's base name; a mask with '/' matches the image path."""
+    try:
+        if "/" in mask:
+            return bool(proc.image) and file_matches_mask(mask, proc.image)
+        return (bool(proc.name) and file_matches_mask(mask, proc.name)) or (
+            bool(proc.image) and file_matches_mask(mask, os.path.basename(proc.image)))
+    except MaskError:
+        return False
+
+
+def _read(path: str) -> str:
+    try:
+        with open(path, "rb") as f:
+            return f.read().decode(errors="replace")
+    except OSError:
+        return ""
+
+
+def _readlink(path: str) -> str:
+    try:
+        return os.readlink(path)
+    except OSError:
+        return ""
+
+
+def _stat_fields(pid: int) -> list[str]:
+    raw = _read(f"/proc/{pid}/stat")
+    end = raw.rfind(")")
+    return raw[end + 2:].split() if end > 0 else []
+
+
+def _start_time(pid: int) -> int:
+    fields = _stat_fields(pid)
+    return int(fields[19]) if len(fields) > 19 else 0
+
+
+def _parent_of(pid: int) -> int:
+    fields = _stat_fields(pid)
+    return int(fields[1]) if len(fields) > 1 else 0
+
+
+def _tgid_of(tid: int) -> int:
+    for line in _read(f"/proc/{tid}/status").splitlines():
+        if line.startswith("Tgid:"):
+            return int(line.split()[1])
+    return tid
+
+
+def _read_proc(pid: int) -> _Proc | None:
+    fields = _stat_fields(pid)
+    if len(fields) <= 19:
+        return None
+    return _Proc(pid, int(fields[1]), int(fields[19]), _read(f"/proc/{pid}/comm").strip(),
+                 _readlink(f"/proc/{pid}/exe"))
+
+
+def _command_line(pid: int) -> str:
+    return _read(f"/proc/{pid}/cmdline").rstrip("\0").replace("\0", " ")
+
+
+def _exec_argv(tid: int) -> list[str] | None:
+    """The argv of the execve thread ``tid`` is blocked in, read from its memory (the new program's command line
+    is not in /proc/<pid>/cmdline until it runs)."""
+    fields = _read(f"/proc/{tid}/syscall").split()
+    if len(fields) < 4:
+        return None
+    try:
+        number, argv_ptr = int(fields[0]), int(fields[2], 16)
+    except ValueError:
+        return None
+    if number not in (_EXECVE, _EXECVEAT):
+        return None
+    if number == _EXECVEAT:
+        argv_ptr = int(fields[3], 16)
+    try:
+        mem = os.open(f"/proc/{tid}/mem", os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return None
+    args: list[str] = []
+    try:
+        for i in range(256):
+            raw = os.pread(mem, 8, argv_ptr + 8 * i)
+            if len(raw) < 8:
+                break
+            ptr = int.from_bytes(raw, "little")
+            if not ptr:
+                break
+            chunk = os.pread(mem, 4096, ptr)
+            args.append(chunk.split(b"\0", 1)[0].decode(errors="replace"))
+    except OSError:
+        return args or None
+    finally:
+        os.close(mem)
+    return args
+
+
+def _mount_of(path: str, points: list[str]) -> str:
+    real = os.path.realpath(path)
+    best = "/"
+    for point in points:
+        if (real == point or real.startswith(point.rstrip("/") + "/")) and len(point) > len(best):
+            best = point
+    return best
