@@ -142,3 +142,32 @@ def test_system_monitor_refuses_bad_input() -> None:
     r = subprocess.run([sys.executable, "-m", "fsfilter", "monitor", "--system", "--events", "nope", "/tmp"],
                        capture_output=True, text=True, env=ENV, timeout=20)
     assert r.returncode != 0 and "unknown event" in r.stderr
+
+
+def test_procmon_and_deny_exec(scratch: Path) -> None:
+    import shutil as _shutil
+
+    bin_dir = scratch / "bin"
+    bin_dir.mkdir()
+    _shutil.copy("/bin/true", bin_dir / "forbidden-tool")
+    mon = start("procmon")
+    deny = start("deny-exec", f"{bin_dir}/forbidden*")
+    try:
+        for proc in (mon, deny):
+            assert proc.stderr is not None and "Ctrl-C" in proc.stderr.readline()
+        r = subprocess.run([sys.executable, "-c", "import os,sys\ntry: os.execv(sys.argv[1], [sys.argv[1]])\n"
+                            "except OSError as e: print(e.errno)", str(bin_dir / "forbidden-tool")],
+                           capture_output=True, text=True)
+        assert r.stdout.strip() == "1"  # EPERM
+        subprocess.run(["sh", "-c", "/bin/sleep 0.01"], check=True)
+        time.sleep(0.5)
+    finally:
+        for proc in (mon, deny):
+            proc.send_signal(signal.SIGINT)
+        out, _ = mon.communicate(timeout=20)
+        refused, _ = deny.communicate(timeout=20)
+    assert mon.returncode == 0 and deny.returncode == 0
+    assert any(" start " in line and "/bin/sleep 0.01" in line for line in out.splitlines()), out[-2000:]
+    assert any(" exit " in line and "sleep" in line for line in out.splitlines()), out[-2000:]
+    assert "refused" in refused and "forbidden-tool" in refused
+    assert subprocess.run([str(bin_dir / "forbidden-tool")]).returncode == 0  # stopped: allowed again

@@ -18,8 +18,10 @@ from typing import Any
 from fsfilter.api import constants as c
 from fsfilter.api.cbfilter import NOTIFY_BITS, CBFilter
 from fsfilter.api.cbmonitor import MONITOR_PARAMS, CBMonitor
+from fsfilter.api.cbprocess import CBProcess
 from fsfilter.api.params import FILTER_PARAMS
 from fsfilter.api.passthrough import PassthroughFilter
+from fsfilter.engine.masks import MaskError, file_matches_mask
 from fsfilter.errors import CBFSFilterError
 
 
@@ -93,6 +95,19 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--fanotify", action="store_true",
                     help="enforce with fanotify permission events instead of a mount (only --deny-all, --read-only "
                          "and --no-exec; denied opens fail with EPERM)")
+
+    pm = sub.add_parser("procmon", help="print process and thread creation and termination as they happen",
+                        description="One line per event: time, event, pid, parent, image and command line. "
+                                    "Ctrl-C stops.")
+    pm.add_argument("--threads", action="store_true", help="also thread creation and termination")
+    pm.add_argument("--json", action="store_true", help="one JSON object per line instead of text")
+
+    de = sub.add_parser("deny-exec", help="refuse to start matching programs until stopped",
+                        description="Programs whose path (a mask with '/') or name matches are refused: their "
+                                    "execve fails with EPERM. The file systems of the given paths are watched "
+                                    "(fanotify exec permission); a name mask watches every local file system. "
+                                    "Ctrl-C stops, and nothing is refused any more.")
+    de.add_argument("masks", metavar="PATH_OR_NAME_MASK", nargs="+", help="e.g. /opt/tools/* or 'nc*'")
 
     d = sub.add_parser("demo", help="a short live demonstration on a temporary directory")
     d.add_argument("--quiet", action="store_true", help="print only the summary")
@@ -354,6 +369,84 @@ def run_protect(args: argparse.Namespace) -> int:
     return _serve_cbfilter(filt, f"protecting {path} ({', '.join(chosen)}){how}")
 
 
+def run_procmon(args: argparse.Namespace) -> int:
+    proc = CBProcess()
+    lock = threading.Lock()
+    interactive = sys.stdout.isatty()
+
+    def printer(event: str) -> Callable[[Any], None]:
+        def show(e: Any) -> None:
+            fields = {k: getattr(e, k) for k in type(e).__slots__ if k != "result_code"}
+            if args.json:
+                line = json.dumps({"time": _now("%Y-%m-%dT%H:%M:%S"), "event": event, **fields})
+            elif event == "process-start":
+                line = (f"{_now('%H:%M:%S')} start  {fields['process_id']:>7} parent {fields['parent_process_id']:>7} "
+                        f"{fields['image_file_name'] or '?'}  {fields['command_line']}")
+            elif event == "process-exit":
+                line = (f"{_now('%H:%M:%S')} exit   {fields['process_id']:>7} {fields['process_name']} "
+                        f"status {fields['exit_status']}")
+            else:
+                line = f"{_now('%H:%M:%S')} {event} {fields['process_id']:>7} thread {fields['thread_id']}"
+            with lock:
+                sys.stdout.write(line + "\n")
+                if interactive:
+                    sys.stdout.flush()
+        return show
+
+    proc.on_process_creation = printer("process-start")
+    proc.on_process_termination = printer("process-exit")
+    if args.threads:
+        proc.on_thread_creation = printer("thread-start")
+        proc.on_thread_termination = printer("thread-exit")
+    proc.on_error = lambda e: print(f"fsfilter: error {e.error_code}: {e.description}", file=sys.stderr, flush=True)
+    return _serve_process_filter(proc, "watching processes")
+
+
+def run_deny_exec(args: argparse.Namespace) -> int:
+    proc = CBProcess()
+    paths: list[str] = []
+    for mask in args.masks:
+        try:
+            file_matches_mask(mask, "x")
+        except MaskError as exc:
+            raise CBFSFilterError(errno.EINVAL, f"bad mask {mask!r}: {exc}") from exc
+        if "/" in mask:  # the file system the mask's fixed part lies on
+            head = mask[:min((i for i in (mask.find("*"), mask.find("?")) if i >= 0), default=len(mask))]
+            while head != "/" and not os.path.isdir(head):
+                head = os.path.dirname(head.rstrip("/")) or "/"
+            paths.append(head)
+        else:
+            paths.append("/")  # a name can be anywhere: every local file system
+
+    def creation(e: Any) -> None:
+        for mask in args.masks:
+            target = e.image_file_name if "/" in mask else os.path.basename(e.image_file_name)
+            if file_matches_mask(mask, target):
+                e.result_code = errno.EPERM
+                print(f"{_now('%H:%M:%S')} refused {e.image_file_name} (pid {e.process_id}): {e.command_line}",
+                      flush=True)
+                return
+
+    proc.on_process_creation = creation
+    proc.config("ExecPermissionPaths=" + ",".join(sorted({os.path.realpath(p) for p in paths})))
+    return _serve_process_filter(proc, f"refusing {', '.join(args.masks)}")
+
+
+def _serve_process_filter(proc: CBProcess, what: str) -> int:
+    stop = _stop_on_signals()
+    proc.start_filter()
+    try:
+        print(f"fsfilter: {what}; Ctrl-C to stop", file=sys.stderr, flush=True)
+        while not stop.is_set():
+            stop.wait(0.2)
+            sys.stdout.flush()
+    finally:
+        proc.stop_filter()
+        sys.stdout.flush()
+    print("fsfilter: stopped", file=sys.stderr)
+    return 0
+
+
 def _serve_cbfilter(filt: CBFilter, what: str) -> int:
     stop = _stop_on_signals()
     filt.start_filter(0)
@@ -382,6 +475,10 @@ def main(argv: list[str] | None = None) -> int:
             return run_hide(args)
         if args.command == "protect":
             return run_protect(args)
+        if args.command == "procmon":
+            return run_procmon(args)
+        if args.command == "deny-exec":
+            return run_deny_exec(args)
         if args.command == "demo":
             from fsfilter.demo import run_demo
             return run_demo(quiet=args.quiet)

@@ -429,12 +429,19 @@ class CBProcess:
                          os.O_RDONLY | os.O_LARGEFILE | os.O_CLOEXEC)
         try:
             points = [point for _, point, _ in local_mounts(include_pseudo=True)]
-            done: set[str] = set()
-            for path in paths:
-                point = _mount_of(path, points)
-                if point not in done:
+            wanted = {_mount_of(path, points) for path in paths}
+            if "/" in paths:  # "/" stands for every local file system (a program can be anywhere)
+                wanted |= {point for root, point, _ in local_mounts(include_pseudo=False) if root == "/"}
+            marked: set[tuple[int, int]] = set()
+            for point in sorted(wanted):
+                fd = os.open(point, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+                try:
+                    fsid = fan.fsid_of(fd)
+                finally:
+                    os.close(fd)
+                if fsid not in marked:
                     fan.mark(group, fa.FAN_MARK_ADD | fa.FAN_MARK_FILESYSTEM, fa.FAN_OPEN_EXEC_PERM, point)
-                    done.add(point)
+                    marked.add(fsid)
         except BaseException:
             os.close(group)
             raise
