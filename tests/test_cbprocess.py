@@ -142,3 +142,59 @@ def test_handle_operations_are_not_offered() -> None:
     with pytest.raises(CBFSFilterError) as info:
         p.on_process_handle_operation = lambda e: None
     assert info.value.code == errno.ENOSYS
+
+
+FORK_EXEC_LOOP = r"""
+#include <stdio.h>
+#include <stdlib.h>
+#include <sys/wait.h>
+#include <unistd.h>
+int main(int argc, char **argv) {
+    int n = atoi(argv[1]);
+    printf("%d\n", getpid());
+    fflush(stdout);
+    for (int i = 0; i < n; i++) {
+        char arg[32];
+        snprintf(arg, sizeof arg, "run%d", i);
+        pid_t pid = fork();
+        if (pid == 0) {
+            execl(argv[2], "true", arg, (char *)NULL);
+            _exit(127);
+        }
+        int status;
+        waitpid(pid, &status, 0);
+    }
+    return 0;
+}
+"""
+
+
+@pytest.mark.timeout(180)
+def test_a_thousand_fork_execs_each_reported_once(process_filter: Callable[[], CBProcess], tmp_path: Path) -> None:
+    if not shutil.which("gcc"):
+        pytest.skip("gcc is needed (scripts/setup.sh installs it)")
+    source, binary = tmp_path / "loop.c", tmp_path / "loop"
+    source.write_text(FORK_EXEC_LOOP)
+    subprocess.run(["gcc", "-O2", "-o", str(binary), str(source)], check=True)
+    p = process_filter()
+    seen = Seen(p)
+    errors: list[int] = []
+    p.on_error = lambda e: errors.append(e.error_code)
+    p.start_filter()
+    true = os.path.realpath("/bin/true")
+    out = subprocess.run([str(binary), "1000", true], capture_output=True, text=True, check=True)
+    loop = int(out.stdout.split()[0])
+    assert wait_for(lambda: bool(seen.find("process_termination", process_id=loop)), 30)
+    time.sleep(0.5)
+    created = seen.find("process_creation", parent_process_id=loop)
+    pids = [f["process_id"] for f in created]
+    assert len(created) == 1000 and len(set(pids)) == 1000, (len(created), len(set(pids)))  # each exactly once
+    # image, name and command line where the program was still there to be read; never a wrong one
+    assert all(f["image_file_name"] in (true, "") and f["process_name"] in ("true", "") for f in created)
+    # (a program that ends within a millisecond is often gone before it can be read: most, not all, are named)
+    assert sum(f["image_file_name"] == true for f in created) >= 500
+    assert sum(f["command_line"].startswith("true run") for f in created) >= 500
+    ended = [f for f in seen.find("process_termination") if f["process_id"] in set(pids)]
+    assert len(ended) == 1000 and {f["process_id"] for f in ended} == set(pids)
+    assert all(f["process_name"] in ("true", "") for f in ended)
+    assert p.lost_events == 0 and not errors

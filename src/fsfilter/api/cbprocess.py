@@ -372,8 +372,10 @@ class CBProcess:
                     proc = _Proc(ev.tgid, _parent_of(ev.tgid), _start_time(ev.tgid))
                     self._procs[ev.tgid] = proc
             assert proc is not None
-            proc.name = _read(f"/proc/{ev.tgid}/comm").strip() or proc.name
-            proc.image = _readlink(f"/proc/{ev.tgid}/exe") or ""
+            # Read at once: a short-lived program may be gone in a moment. What could not be read is unknown
+            # (""), never the name or image from before the exec.
+            proc.image = _readlink(f"/proc/{ev.tgid}/exe")
+            proc.name = _read(f"/proc/{ev.tgid}/comm").strip() or os.path.basename(proc.image)[:15]
             announced = self._exec_seen.pop(ev.tgid, 0.0)
             if announced and time.monotonic() - announced < 2.0:
                 proc.reported = True  # the permission event fired it already, before the program ran
