@@ -198,3 +198,63 @@ def test_a_thousand_fork_execs_each_reported_once(process_filter: Callable[[], C
     assert len(ended) == 1000 and {f["process_id"] for f in ended} == set(pids)
     assert all(f["process_name"] in ("true", "") for f in ended)
     assert p.lost_events == 0 and not errors
+
+
+def test_filtered_by_id_follows_real_children(process_filter: Callable[[], CBProcess]) -> None:
+    p = process_filter()
+    seen = Seen(p)
+    parent = subprocess.Popen(["sh", "-c", "read x; /bin/sleep 0.2; read y"], stdin=subprocess.PIPE, text=True)
+    other = subprocess.Popen(["sh", "-c", "read x; /bin/sleep 0.2; read y"], stdin=subprocess.PIPE, text=True)
+    try:
+        p.add_filtered_process_by_id(parent.pid, include_children=True)
+        p.start_filter()
+        for proc in (parent, other):
+            assert proc.stdin is not None
+            proc.stdin.write("go\n")
+            proc.stdin.flush()
+        assert wait_for(lambda: bool(seen.find("process_creation", parent_process_id=parent.pid)), 10)
+        time.sleep(0.5)
+        assert not seen.find("process_creation", parent_process_id=other.pid)
+    finally:
+        for proc in (parent, other):
+            proc.kill()
+            proc.wait()
+
+
+KILLABLE_DENY = """
+import sys, errno, time
+sys.path.insert(0, sys.argv[2])
+from fsfilter.api.cbprocess import CBProcess
+p = CBProcess()
+def creation(e):
+    if e.image_file_name.endswith("/forbidden"):
+        e.result_code = errno.EPERM
+p.on_process_creation = creation
+p.config("ExecPermissionPaths=" + sys.argv[1])
+p.start_filter()
+print("ready", flush=True)
+time.sleep(600)
+"""
+
+
+def test_a_killed_process_filter_refuses_nothing(scratch: Path) -> None:
+    from conftest import SRC
+
+    bin_dir = scratch / "bin"
+    bin_dir.mkdir()
+    shutil.copy("/bin/true", bin_dir / "forbidden")
+    proc = subprocess.Popen([sys.executable, "-c", KILLABLE_DENY, str(bin_dir), str(SRC)], stdout=subprocess.PIPE,
+                            text=True)
+    try:
+        assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
+        with pytest.raises(PermissionError):  # the execve failed with EPERM
+            subprocess.run([str(bin_dir / "forbidden")], capture_output=True)
+        proc.kill()
+        proc.wait(10)
+        start = time.monotonic()
+        assert subprocess.run([str(bin_dir / "forbidden")], timeout=10).returncode == 0
+        assert time.monotonic() - start < 5
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)

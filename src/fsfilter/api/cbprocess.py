@@ -99,9 +99,10 @@ class CBProcess:
         self._config = dict(_CONFIG_DEFAULTS)
         self._lock = threading.RLock()
         self._procs: dict[int, _Proc] = {}
-        self._filtered_ids: dict[int, bool] = {}
+        # pid -> (include_children, start time when added): a later process with the same pid is not the same one
+        self._filtered_ids: dict[int, tuple[bool, int]] = {}
         self._filtered_names: dict[str, bool] = {}
-        self._ignored_ids: dict[int, bool] = {}
+        self._ignored_ids: dict[int, tuple[bool, int]] = {}
         self._ignored_names: dict[str, bool] = {}
         self._sock: socket.socket | None = None
         self._threads: list[threading.Thread] = []
@@ -166,13 +167,13 @@ class CBProcess:
     # -- filtered and ignored processes
 
     def add_filtered_process_by_id(self, process_id: int, include_children: bool = False) -> None:
-        self._filtered_ids[_check_pid(process_id)] = bool(include_children)
+        self._filtered_ids[_check_pid(process_id)] = (bool(include_children), _start_time(process_id))
 
     def add_filtered_process_by_name(self, process_name: str, include_children: bool = False) -> None:
         self._filtered_names[_check_name(process_name)] = bool(include_children)
 
     def add_ignored_process_by_id(self, process_id: int, include_children: bool = False) -> None:
-        self._ignored_ids[_check_pid(process_id)] = bool(include_children)
+        self._ignored_ids[_check_pid(process_id)] = (bool(include_children), _start_time(process_id))
 
     def add_ignored_process_by_name(self, process_name: str, include_children: bool = False) -> None:
         self._ignored_names[_check_name(process_name)] = bool(include_children)
@@ -197,7 +198,7 @@ class CBProcess:
         self._ignored_ids.clear()
         self._ignored_names.clear()
 
-    def _listed(self, pid: int, ids: dict[int, bool], names: dict[str, bool]) -> bool:
+    def _listed(self, pid: int, ids: dict[int, tuple[bool, int]], names: dict[str, bool]) -> bool:
         """Whether ``pid`` (or, where include_children was asked, one of its ancestors) is in the lists."""
         if -1 in ids:
             return True
@@ -206,7 +207,8 @@ class CBProcess:
             depth = 0
             while proc is not None and depth < 64:
                 direct = depth == 0
-                if proc.pid in ids and (direct or ids[proc.pid]):
+                entry = ids.get(proc.pid)
+                if entry is not None and (direct or entry[0]) and (not entry[1] or entry[1] == proc.start):
                     return True
                 for mask, children in names.items():
                     if (direct or children) and _name_matches(mask, proc):
