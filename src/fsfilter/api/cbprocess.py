@@ -492,8 +492,6 @@ class CBProcess:
         tgid = _tgid_of(tid)
         if handler is None or not self._events() & PROCESS_EVENT_PROCESS_CREATION or not self._wanted(tgid):
             return True
-        if time.monotonic() - self._exec_seen.get(tgid, 0.0) < 0.5:
-            return True  # the interpreter of a script being execed: the script itself was asked about already
         image = os.readlink(f"/proc/self/fd/{fd}")
         with self._lock:
             proc = self._procs.get(tgid)
