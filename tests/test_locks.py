@@ -438,3 +438,16 @@ def test_a_killed_waiter_is_taken_back_and_holds_nothing(locking: tuple[Path, Pa
     assert wait_for(lambda: filt.fs is not None and filt.fs.locks.waiting() == 0, 5)
     assert a.do("setlk 1 u 0 0") == "ok"
     assert c.do("setlk 1 w 0 0") == "ok"  # nothing went to the dead waiter
+
+
+def test_two_shared_flocks_both_upgrading_do_not_deadlock() -> None:
+    t = LockTable()
+    got: list[int] = []
+    assert t.set(1, 10, 0, OFFSET_MAX, F_RDLCK, 1, 5, flock=True) == 0
+    assert t.set(1, 20, 0, OFFSET_MAX, F_RDLCK, 2, 6, flock=True) == 0
+    # 10 asks for it exclusively: its shared lock goes first (as Linux does), and it waits for 20's
+    assert t.set(1, 10, 0, OFFSET_MAX, F_WRLCK, 1, 5, flock=True, key=1, granted=got.append) is None
+    # 20 asks too: nothing of 10's is held any more, so 20 gets it; 10 waits for 20 to let go
+    assert t.set(1, 20, 0, OFFSET_MAX, F_WRLCK, 2, 6, flock=True, key=2, granted=got.append) == 0
+    assert t.release_fh(1, 6)
+    assert got == [0] and [(x.owner, x.exclusive) for x in t.held(1, flock=True)] == [(10, True)]

@@ -146,10 +146,9 @@ class _Names:
 
     def name(self, pid: int, pidfd: int) -> str:
         now = time.monotonic()
-        known = pid in self._seen
-        if known or pidfd >= 0:
+        if pidfd >= 0:  # the process still exists: /proc/<pid> is its own
             status = self._reader.read(pid)
-            if status is not None and (known or _alive(pidfd)):
+            if status is not None and _alive(pidfd):
                 self._remember(pid, status[0], now)
                 return status[0]
         tracker = self.tracker
@@ -271,6 +270,7 @@ class CBMonitor:
             d.start()
             try:
                 self._mounts.refresh()
+                self._resolver.forget_directories()  # a previous run's paths may have moved since
                 self._sync_marks()
             except BaseException:
                 self._group = None
@@ -322,6 +322,9 @@ class CBMonitor:
         for flag, bits in _FAN_FOR.items():
             if notify & flag:
                 mask |= bits
+        if mask:
+            # Directory renames and deletions keep the directory-path cache true, whatever the rules report.
+            mask |= fa.FAN_RENAME | fa.FAN_DELETE | fa.FAN_ONDIR
         return mask
 
     def _wanted_mounts(self) -> list[str]:
@@ -397,6 +400,7 @@ class CBMonitor:
             if self.fire_volume_events & c.FS_MOUNT_NOTIFY:
                 self._post_simple("notify_filter_detach_from_volume", volume_name=point)
         self._mounts.refresh()
+        self._resolver.forget_directories()
         with self._lock:
             self._sync_marks()
 
@@ -618,6 +622,7 @@ class CBMonitor:
         mask = ev.mask
         if mask & fa.FAN_Q_OVERFLOW:
             self.lost_events += 1
+            self._resolver.forget_directories()  # a rename may be among what was lost
             self._fire_error(errno.ENOBUFS, "the fanotify queue overflowed: events were lost (raise the consumer's "
                                             "speed or config('UnlimitedQueue=true'))")
             return

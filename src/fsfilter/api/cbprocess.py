@@ -288,15 +288,22 @@ class CBProcess:
             self._stopping = True
         for t in self._threads:
             t.join(5)
-        self._threads.clear()
         try:
             sock.send(wire.subscribe(False))
         except OSError:
             pass
         sock.close()
         if self._perm_group >= 0:
-            os.close(self._perm_group)  # pending exec requests are allowed by the kernel
+            # Closing it makes the kernel allow whatever is pending. A thread still in a handler would later
+            # write its answer into whatever file reused the number: then the number is pointed at /dev/null.
+            if any(t.is_alive() for t in self._threads):
+                null = os.open(os.devnull, os.O_WRONLY | os.O_CLOEXEC)
+                os.dup2(null, self._perm_group)
+                os.close(null)
+            else:
+                os.close(self._perm_group)
             self._perm_group = -1
+        self._threads = [t for t in self._threads if t.is_alive()]
         self._sock = None
         self.dispatcher.stop(10.0 if wait else 1.0)
 
@@ -397,6 +404,7 @@ class CBProcess:
                 proc = self._procs.get(ev.tgid)
             if proc is not None and not proc.reported:
                 self._report_creation(proc, events)  # a fork that never execed: reported before it ends
+            self._exec_seen.pop(ev.tgid, None)
             if events & PROCESS_EVENT_PROCESS_TERMINATION and self._wanted(ev.tgid):
                 self._post("process_termination", ev.tgid, process_id=ev.tgid,
                            process_name=proc.name if proc else "", exit_status=ev.exit_code)
@@ -429,8 +437,9 @@ class CBProcess:
         paths = [p for p in self._config["ExecPermissionPaths"].split(",") if p]
         if not paths:
             return
-        group = fan.init(fa.FAN_CLASS_CONTENT | fa.FAN_CLOEXEC | fa.FAN_NONBLOCK | fa.FAN_REPORT_TID,
-                         os.O_RDONLY | os.O_LARGEFILE | os.O_CLOEXEC)
+        # Unlimited queue: a full bounded queue drops permission events, and the exec then runs unasked.
+        group = fan.init(fa.FAN_CLASS_CONTENT | fa.FAN_CLOEXEC | fa.FAN_NONBLOCK | fa.FAN_REPORT_TID
+                         | fa.FAN_UNLIMITED_QUEUE, os.O_RDONLY | os.O_LARGEFILE | os.O_CLOEXEC)
         try:
             points = [point for _, point, _ in local_mounts(include_pseudo=True)]
             wanted = {_mount_of(path, points) for path in paths}
@@ -475,6 +484,8 @@ class CBProcess:
                     continue
                 allow = True
                 try:
+                    # The filter's own execs never wait for this thread. (A handler that starts a program and waits
+                    # for it needs start_filter(timeout): see docs/process.md.)
                     if not (ev.pid == own or libc.is_thread_of(own, ev.pid)):
                         allow = self._decide_exec(ev.fd, ev.pid)
                 except Exception as exc:  # answer anyway: the exec must never wait forever
@@ -493,6 +504,11 @@ class CBProcess:
         if handler is None or not self._events() & PROCESS_EVENT_PROCESS_CREATION or not self._wanted(tgid):
             return True
         image = os.readlink(f"/proc/self/fd/{fd}")
+        target = _exec_target(tid)
+        if target is not None and target != image:
+            # The loader or a script's interpreter, which the kernel opens for the exec of ``target``: the exec
+            # was asked about (or will be) under the program's own name, once.
+            return True
         with self._lock:
             proc = self._procs.get(tgid)
         argv = _exec_argv(tid)
@@ -503,10 +519,11 @@ class CBProcess:
             command_line=" ".join(argv) if argv is not None else "")
         origin = dispatch.Origin(tgid, tid, -1, -1, _read(f"/proc/{tid}/comm").strip())
         outcome = self.dispatcher.call(handler, params, origin)
-        self._exec_seen[tgid] = time.monotonic()
-        if outcome is dispatch.Outcome.FAILED:
-            return True  # a handler error never stops programs (on_error was told)
-        return not params.result_code
+        # a handler error never stops programs (on_error was told)
+        allowed = outcome is dispatch.Outcome.FAILED or not params.result_code
+        if allowed:
+            self._exec_seen[tgid] = time.monotonic()  # the connector's EXEC for it is not reported again
+        return allowed
 
     # -- delivery
 
@@ -609,6 +626,26 @@ def _read_proc(pid: int) -> _Proc | None:
 
 def _command_line(pid: int) -> str:
     return _read(f"/proc/{pid}/cmdline").rstrip("\0").replace("\0", " ")
+
+
+def _exec_target(tid: int) -> str | None:
+    """The program the execve that thread ``tid`` is blocked in was asked to run, resolved as the kernel resolves
+    it (the caller's working directory, symbolic links); None when it cannot be told (execveat, unreadable)."""
+    fields = _read(f"/proc/{tid}/syscall").split()
+    if len(fields) < 2 or not fields[0].isdigit() or int(fields[0]) != _EXECVE:
+        return None
+    try:
+        mem = os.open(f"/proc/{tid}/mem", os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            raw = os.pread(mem, 4096, int(fields[1], 16)).split(b"\0", 1)[0]
+        finally:
+            os.close(mem)
+        path = os.fsdecode(raw)
+        if not path.startswith("/"):
+            path = os.path.join(os.readlink(f"/proc/{tid}/cwd"), path)
+        return os.path.realpath(path)
+    except (OSError, ValueError):
+        return None
 
 
 def _exec_argv(tid: int) -> list[str] | None:

@@ -53,6 +53,8 @@ _FLAGS_ARG = {n: i for name, i in (("open", 1), ("openat", 2), ("open_by_handle_
               if (n := _SYSCALLS.get(name)) is not None}
 _CREAT = _SYSCALLS.get("creat")
 _OPENAT2 = _SYSCALLS.get("openat2")
+# An execve opens the program (and its loader or interpreter) for reading: FAN_OPEN_PERM comes from inside it.
+_EXECS = {n for name in ("execve", "execveat") if (n := _SYSCALLS.get(name)) is not None}
 
 
 class FanotifyAccess:
@@ -63,9 +65,11 @@ class FanotifyAccess:
         self.rules = rules
         self.passthrough = passthrough
         self.own_requests = own_requests
-        self.on_error = on_error
-        self.group = fan.init(fa.FAN_CLASS_CONTENT | fa.FAN_CLOEXEC | fa.FAN_NONBLOCK | fa.FAN_REPORT_TID,
-                              os.O_RDONLY | os.O_LARGEFILE | os.O_CLOEXEC)
+        self._report = on_error
+        # Unlimited queue: when a bounded queue is full the kernel drops permission events and lets the open
+        # through unasked.
+        self.group = fan.init(fa.FAN_CLASS_CONTENT | fa.FAN_CLOEXEC | fa.FAN_NONBLOCK | fa.FAN_REPORT_TID
+                              | fa.FAN_UNLIMITED_QUEUE, os.O_RDONLY | os.O_LARGEFILE | os.O_CLOEXEC)
         self.renames = NotifyGroup(unlimited_queue=False, buffer_size=1 << 14)
         self._wake_r, self._wake_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
         self._stopping = False
@@ -76,6 +80,8 @@ class FanotifyAccess:
         self.denied = 0
         self._own = os.getpid()
         self._generation = -1
+        self._cache_lock = threading.Lock()
+        self._epoch = 0  # bumped by every flush: a decision made before one must not be cached after it
 
     # -- marks
 
@@ -99,9 +105,17 @@ class FanotifyAccess:
             self.renames.mark_filesystem(point, fa.FAN_RENAME | fa.FAN_ATTRIB | fa.FAN_ONDIR)
             self.marked.append(point)
 
+    def on_error(self, code: int, description: str) -> None:
+        """Report, never raise: the answering thread must go on answering whatever a handler does."""
+        try:
+            self._report(code, description)
+        except Exception:
+            log.exception("on_error raised")
+
     def forget_cache(self) -> None:
-        """Drop every ignore mark (the rules changed, or a directory moved)."""
-        if self.ignored:
+        """Drop every ignore mark (the rules changed, or something moved)."""
+        with self._cache_lock:
+            self._epoch += 1
             try:
                 fan.mark(self.group, fa.FAN_MARK_FLUSH, 0, "/")
             except OSError as exc:
@@ -123,10 +137,17 @@ class FanotifyAccess:
         self.renames.wake()
         for t in self._threads:
             t.join(5)
-        # Closing the group answers whatever is still pending (allow) and removes the marks.
+        lingering = any(t.is_alive() for t in self._threads)
+        # Closing the group answers whatever is still pending (allow) and removes the marks. A thread still
+        # running would write into whatever file reused the number: then the number is pointed at /dev/null.
         for fd in (self.group, self._wake_r, self._wake_w):
             try:
-                os.close(fd)
+                if lingering:
+                    null = os.open(os.devnull, os.O_WRONLY | os.O_CLOEXEC)
+                    os.dup2(null, fd)
+                    os.close(null)
+                else:
+                    os.close(fd)
             except OSError:
                 pass
         self.renames.close()
@@ -158,7 +179,7 @@ class FanotifyAccess:
                 continue
             try:
                 events = wire.decode(memoryview(buffer)[:size])
-            except wire.RecordError as exc:
+            except wire.RecordError as exc:  # cannot happen with a sane kernel; the fds are unknown then
                 self.on_error(errno.EIO, f"a permission record could not be read: {exc}")
                 continue
             generation = self.rules.generation + self.passthrough.generation
@@ -188,6 +209,7 @@ class FanotifyAccess:
         if (tid == self._own or libc.is_thread_of(self._own, tid)) and not self.own_requests():
             return True
         generation = self._current_generation()
+        epoch = self._epoch
         path = os.readlink(f"/proc/self/fd/{fd}")
         m = match_path(self.rules, self.passthrough, path)
         access = m.upper.access & FANOTIFY_ACCESS
@@ -197,7 +219,7 @@ class FanotifyAccess:
             # Cache only if no rule could concern any name in the directory, and the rules did not change while
             # deciding (a flush may just have happened).
             if not self.rules.may_match_child(os.path.dirname(path)) and generation == self._current_generation():
-                self._ignore(fd)
+                self._ignore(fd, epoch)
             return True
         if access & c.ACCESS_DENY_ALL:
             return False
@@ -211,7 +233,7 @@ class FanotifyAccess:
     def _current_generation(self) -> int:
         return self.rules.generation + self.passthrough.generation
 
-    def _ignore(self, fd: int) -> None:
+    def _ignore(self, fd: int, epoch: int) -> None:
         """An ignore mark on the file itself: its opens stay in the kernel from now on. Only for a file with one
         name (a second name could be one a rule covers); a new link, a rename or any attribute change on the
         file system drops every mark (the watcher group)."""
@@ -219,8 +241,11 @@ class FanotifyAccess:
             st = os.fstat(fd)
             if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1:
                 return
-            fan.mark_fd(self.group, fa.FAN_MARK_ADD | fa.FAN_MARK_IGNORE_SURV, _PERM, fd)
-            self.ignored += 1
+            with self._cache_lock:
+                if epoch != self._epoch:
+                    return  # flushed while deciding: the decision may be stale
+                fan.mark_fd(self.group, fa.FAN_MARK_ADD | fa.FAN_MARK_IGNORE_SURV, _PERM, fd)
+                self.ignored += 1
         except OSError as exc:
             log.debug("no ignore mark: %s", exc)
 
@@ -278,6 +303,8 @@ def open_flags(tid: int) -> int | None:
         return None
     number = int(fields[0])
     args = [int(x, 16) for x in fields[1:7]]
+    if number in _EXECS:
+        return os.O_RDONLY
     if number in _FLAGS_ARG:
         return args[_FLAGS_ARG[number]] & 0xFFFFFFFF
     if number == _CREAT:

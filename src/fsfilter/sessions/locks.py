@@ -120,8 +120,9 @@ class LockTable:
             space = self._space(flock)
             locks = space.setdefault(node, [])
             result = self._set(node, locks, owner, start, end, kind, pid, fh, flock, key, granted)
-            if result == 0:
-                woken = self._wake(node)  # an unlock, a downgrade or a shrink can make room for others
+            if result is None or result == 0:
+                # an unlock, a downgrade, a shrink or a flock conversion (even one that now waits) can make room
+                woken = self._wake(node)
             if not locks:
                 space.pop(node, None)
         self._notify(woken)
@@ -129,6 +130,10 @@ class LockTable:
 
     def _set(self, node: int, locks: list[Lock], owner: int, start: int, end: int, kind: int, pid: int, fh: int,
              flock: bool, key: int, granted: Granted | None) -> int | None:
+        if flock and kind != F_UNLCK and any(x.owner == owner and x.exclusive != (kind == F_WRLCK) for x in locks):
+            # Converting a flock drops the old one first, as Linux does: two holders of a shared lock that both
+            # ask for it exclusively would otherwise wait for each other forever.
+            self._apply(locks, owner, start, end, None, pid, fh)
         if kind == F_UNLCK:
             self._apply(locks, owner, start, end, None, pid, fh)
             return 0
