@@ -323,8 +323,9 @@ class CBMonitor:
             if notify & flag:
                 mask |= bits
         if mask:
-            # Directory renames and deletions keep the directory-path cache true, whatever the rules report.
-            mask |= fa.FAN_RENAME | fa.FAN_DELETE | fa.FAN_ONDIR
+            # Directory renames keep the directory-path cache true, whatever the rules report. (A deleted
+            # directory's handle is never reused for another one: its stale entry does no harm.)
+            mask |= fa.FAN_RENAME | fa.FAN_ONDIR
         return mask
 
     def _wanted_mounts(self) -> list[str]:
