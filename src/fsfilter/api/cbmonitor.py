@@ -26,7 +26,14 @@ from fsfilter.engine import dispatch
 from fsfilter.engine.masks import MaskError, file_matches_mask
 from fsfilter.engine.rules import RuleSet, attributes_from_stat, match_path
 from fsfilter.errors import CBFSFilterError
-from fsfilter.sessions.fanotify_session import MountTable, NotifyGroup, PathResolver, close_fds, local_mounts
+from fsfilter.sessions.fanotify_session import (
+    MountTable,
+    NotifyGroup,
+    PathResolver,
+    close_fds,
+    local_mounts,
+    mount_point_of,
+)
 from fsfilter.sessions.process_tracker import ProcessTracker, tracker_or_none
 from fsfilter.system import fanotify as fan
 from fsfilter.system.procfs import TaskStatusReader
@@ -340,7 +347,7 @@ class CBMonitor:
             if prefix is None:
                 anywhere = True
                 continue
-            wanted.add(_mount_of(prefix, points))
+            wanted.add(mount_point_of(prefix, points))
         if anywhere:
             wanted.update(points)
         return sorted(wanted)
@@ -389,7 +396,7 @@ class CBMonitor:
 
     def _explicit_mounts(self) -> set[str]:
         points = [point for _, point, _ in local_mounts(include_pseudo=True)]
-        return {_mount_of(rule.compiled.prefix, points) for rule in self.rules if rule.compiled.prefix}
+        return {mount_point_of(rule.compiled.prefix, points) for rule in self.rules if rule.compiled.prefix}
 
     def _mounts_changed(self) -> None:
         current = {point for _, point, _ in local_mounts(include_pseudo=True)}
@@ -774,17 +781,4 @@ class CBMonitor:
                 "notifications_posted": d.notifications_posted, "notifications_delivered": d.notifications_delivered,
                 "notifications_queued": self.dispatcher.queued_notifications,
                 "directory_lookups": self._resolver.misses}
-
-
-def _mount_of(path: str, points: list[str]) -> str:
-    """The mount point whose mount holds ``path`` (the longest mount point that is a prefix of it)."""
-    real = path
-    while not os.path.exists(real) and real != "/":
-        real = os.path.dirname(real)
-    real = os.path.realpath(real)
-    best = "/"
-    for point in points:
-        if (real == point or real.startswith(point.rstrip("/") + "/")) and len(point) > len(best):
-            best = point
-    return best
 

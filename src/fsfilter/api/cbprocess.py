@@ -17,7 +17,6 @@ from __future__ import annotations
 import errno
 import logging
 import os
-import select
 import socket
 import threading
 import time
@@ -32,11 +31,10 @@ from fsfilter.api.params import EVENTS, EventParams, make_params
 from fsfilter.engine import dispatch
 from fsfilter.engine.masks import MaskError, file_matches_mask
 from fsfilter.errors import CBFSFilterError
-from fsfilter.sessions.fanotify_session import local_mounts
-from fsfilter.system import fanotify as fan
+from fsfilter.sessions.fanotify_session import PermissionGroup, local_mounts, mount_point_of
 from fsfilter.system import libc
 from fsfilter.wire import cn_proc as wire
-from fsfilter.wire import fanotify as fwire
+from fsfilter.wire.fanotify import Event
 
 log = logging.getLogger("fsfilter.process")
 
@@ -107,7 +105,7 @@ class CBProcess:
         self._sock: socket.socket | None = None
         self._threads: list[threading.Thread] = []
         self._stopping = False
-        self._perm_group = -1
+        self._perms: PermissionGroup | None = None
         self._exec_seen: dict[int, float] = {}  # tgid -> when its exec was reported from the permission event
         self.lost_events = 0
         self.dispatcher = dispatch.Dispatcher(on_error=self._fire_error)
@@ -293,16 +291,9 @@ class CBProcess:
         except OSError:
             pass
         sock.close()
-        if self._perm_group >= 0:
-            # Closing it makes the kernel allow whatever is pending. A thread still in a handler would later
-            # write its answer into whatever file reused the number: then the number is pointed at /dev/null.
-            if any(t.is_alive() for t in self._threads):
-                null = os.open(os.devnull, os.O_WRONLY | os.O_CLOEXEC)
-                os.dup2(null, self._perm_group)
-                os.close(null)
-            else:
-                os.close(self._perm_group)
-            self._perm_group = -1
+        if self._perms is not None:
+            self._perms.stop()  # closing it makes the kernel allow whatever is pending
+            self._perms = None
         self._threads = [t for t in self._threads if t.is_alive()]
         self._sock = None
         self.dispatcher.stop(10.0 if wait else 1.0)
@@ -437,65 +428,26 @@ class CBProcess:
         paths = [p for p in self._config["ExecPermissionPaths"].split(",") if p]
         if not paths:
             return
-        # Unlimited queue: a full bounded queue drops permission events, and the exec then runs unasked.
-        group = fan.init(fa.FAN_CLASS_CONTENT | fa.FAN_CLOEXEC | fa.FAN_NONBLOCK | fa.FAN_REPORT_TID
-                         | fa.FAN_UNLIMITED_QUEUE, os.O_RDONLY | os.O_LARGEFILE | os.O_CLOEXEC)
+        group = PermissionGroup(fa.FAN_OPEN_EXEC_PERM, self._decide_event, self._fire_error, "fsfilter-execperm")
         try:
             points = [point for _, point, _ in local_mounts(include_pseudo=True)]
-            wanted = {_mount_of(path, points) for path in paths}
+            wanted = {mount_point_of(path, points) for path in paths}
             if "/" in paths:  # "/" stands for every local file system (a program can be anywhere)
                 wanted |= {point for root, point, _ in local_mounts(include_pseudo=False) if root == "/"}
-            marked: set[tuple[int, int]] = set()
-            for point in sorted(wanted):
-                fd = os.open(point, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
-                try:
-                    fsid = fan.fsid_of(fd)
-                finally:
-                    os.close(fd)
-                if fsid not in marked:
-                    fan.mark(group, fa.FAN_MARK_ADD | fa.FAN_MARK_FILESYSTEM, fa.FAN_OPEN_EXEC_PERM, point)
-                    marked.add(fsid)
+            group.mark_filesystems(sorted(wanted))
         except BaseException:
-            os.close(group)
+            group.stop()
             raise
-        self._perm_group = group
-        t = threading.Thread(target=self._permission_loop, args=(group,), name="fsfilter-execperm", daemon=True)
-        self._threads.append(t)
-        t.start()
+        self._perms = group
+        group.start()
 
-    def _permission_loop(self, group: int) -> None:
-        poller = select.poll()
-        poller.register(group, select.POLLIN)
-        buffer = bytearray(1 << 16)
+    def _decide_event(self, ev: Event) -> bool:
+        # The filter's own execs never wait for the answering thread. (A handler that starts a program and waits
+        # for it needs start_filter(timeout): see docs/process.md.)
         own = os.getpid()
-        while not self._stopping:
-            try:
-                size = os.readv(group, (buffer,))
-            except BlockingIOError:
-                poller.poll(200)
-                continue
-            except OSError:
-                if self._stopping:
-                    return
-                time.sleep(0.05)
-                continue
-            for ev in fwire.decode(memoryview(buffer)[:size]):
-                if ev.fd < 0:
-                    continue
-                allow = True
-                try:
-                    # The filter's own execs never wait for this thread. (A handler that starts a program and waits
-                    # for it needs start_filter(timeout): see docs/process.md.)
-                    if not (ev.pid == own or libc.is_thread_of(own, ev.pid)):
-                        allow = self._decide_exec(ev.fd, ev.pid)
-                except Exception as exc:  # answer anyway: the exec must never wait forever
-                    self._fire_error(errno.EIO, f"deciding an exec failed (allowed): {exc}")
-                try:
-                    os.write(group, fwire.encode_response(ev.fd, fa.FAN_ALLOW if allow else fa.FAN_DENY))
-                except OSError as exc:
-                    self._fire_error(exc.errno or errno.EIO, f"answering an exec request failed: {exc}")
-                finally:
-                    os.close(ev.fd)
+        if ev.pid == own or libc.is_thread_of(own, ev.pid):
+            return True
+        return self._decide_exec(ev.fd, ev.pid)
 
     def _decide_exec(self, fd: int, tid: int) -> bool:
         """on_process_creation for a program about to run (``execve`` has opened it); False refuses it."""
@@ -683,11 +635,3 @@ def _exec_argv(tid: int) -> list[str] | None:
         os.close(mem)
     return args
 
-
-def _mount_of(path: str, points: list[str]) -> str:
-    real = os.path.realpath(path)
-    best = "/"
-    for point in points:
-        if (real == point or real.startswith(point.rstrip("/") + "/")) and len(point) > len(best):
-            best = point
-    return best

@@ -28,7 +28,6 @@ from __future__ import annotations
 import errno
 import logging
 import os
-import select
 import stat
 import threading
 from collections.abc import Callable
@@ -36,11 +35,12 @@ from collections.abc import Callable
 from fsfilter.abi import fanotify as fa
 from fsfilter.abi import linux
 from fsfilter.api import constants as c
+from fsfilter.api.filter_fs import ProcessInfo
 from fsfilter.engine.rules import RuleSet, match_path
-from fsfilter.sessions.fanotify_session import NotifyGroup, close_fds, local_mounts
+from fsfilter.sessions.fanotify_session import NotifyGroup, PermissionGroup, close_fds, local_mounts, mount_point_of
 from fsfilter.system import fanotify as fan
 from fsfilter.system import libc
-from fsfilter.wire import fanotify as wire
+from fsfilter.wire.fanotify import Event
 
 log = logging.getLogger("fsfilter.access")
 
@@ -65,95 +65,58 @@ class FanotifyAccess:
         self.rules = rules
         self.passthrough = passthrough
         self.own_requests = own_requests
-        self._report = on_error
-        # Unlimited queue: when a bounded queue is full the kernel drops permission events and lets the open
-        # through unasked.
-        self.group = fan.init(fa.FAN_CLASS_CONTENT | fa.FAN_CLOEXEC | fa.FAN_NONBLOCK | fa.FAN_REPORT_TID
-                              | fa.FAN_UNLIMITED_QUEUE, os.O_RDONLY | os.O_LARGEFILE | os.O_CLOEXEC)
+        self.perms = PermissionGroup(_PERM, self._decide_event, on_error, "fsfilter-permissions")
         self.renames = NotifyGroup(unlimited_queue=False, buffer_size=1 << 14)
-        self._wake_r, self._wake_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
-        self._stopping = False
-        self._threads: list[threading.Thread] = []
+        self._renames_thread: threading.Thread | None = None
         self.marked: list[str] = []
-        self.ignored = 0  # directories given an ignore mark since the last flush
-        self.answered = 0
-        self.denied = 0
+        self.ignored = 0  # files given an ignore mark since the last flush
         self._own = os.getpid()
         self._generation = -1
         self._cache_lock = threading.Lock()
         self._epoch = 0  # bumped by every flush: a decision made before one must not be cached after it
 
-    # -- marks
+    @property
+    def answered(self) -> int:
+        return self.perms.answered
+
+    @property
+    def denied(self) -> int:
+        return self.perms.denied
 
     def mark(self, paths: list[str]) -> None:
         """Permission marks on the file systems ``paths`` lie on (one mark per file system)."""
         points = [point for _, point, _ in local_mounts(include_pseudo=True)]
-        done: set[tuple[int, int]] = set()
-        for path in paths:
-            point = _mount_of(path, points)
-            fd = os.open(point, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
-            try:
-                fsid = fan.fsid_of(fd)
-            finally:
-                os.close(fd)
-            if fsid in done:
-                continue
-            done.add(fsid)
-            fan.mark(self.group, fa.FAN_MARK_ADD | fa.FAN_MARK_FILESYSTEM, _PERM, point)
+        self.marked = self.perms.mark_filesystems(mount_point_of(path, points) for path in paths)
+        for point in self.marked:
             # Whatever could move a cached file under a rule: renames, and new links (which change the
             # file's link count: FAN_ATTRIB).
             self.renames.mark_filesystem(point, fa.FAN_RENAME | fa.FAN_ATTRIB | fa.FAN_ONDIR)
-            self.marked.append(point)
-
-    def on_error(self, code: int, description: str) -> None:
-        """Report, never raise: the answering thread must go on answering whatever a handler does."""
-        try:
-            self._report(code, description)
-        except Exception:
-            log.exception("on_error raised")
 
     def forget_cache(self) -> None:
         """Drop every ignore mark (the rules changed, or something moved)."""
         with self._cache_lock:
             self._epoch += 1
             try:
-                fan.mark(self.group, fa.FAN_MARK_FLUSH, 0, "/")
+                fan.mark(self.perms.fd, fa.FAN_MARK_FLUSH, 0, "/")
             except OSError as exc:
-                self.on_error(exc.errno or errno.EIO, f"dropping the permission cache failed: {exc}")
+                self.perms.on_error(exc.errno or errno.EIO, f"dropping the permission cache failed: {exc}")
             self.ignored = 0
 
-    # -- threads
-
     def start(self) -> None:
-        self._generation = self.rules.generation + self.passthrough.generation
-        for target, name in ((self._answer_loop, "fsfilter-permissions"), (self._rename_loop, "fsfilter-renames")):
-            t = threading.Thread(target=target, name=name, daemon=True)
-            self._threads.append(t)
-            t.start()
+        self._generation = self._current_generation()
+        self.perms.start()
+        self._renames_thread = threading.Thread(target=self._rename_loop, name="fsfilter-renames", daemon=True)
+        self._renames_thread.start()
 
     def stop(self) -> None:
-        self._stopping = True
-        os.write(self._wake_w, b"x")
         self.renames.wake()
-        for t in self._threads:
-            t.join(5)
-        lingering = any(t.is_alive() for t in self._threads)
-        # Closing the group answers whatever is still pending (allow) and removes the marks. A thread still
-        # running would write into whatever file reused the number: then the number is pointed at /dev/null.
-        for fd in (self.group, self._wake_r, self._wake_w):
-            try:
-                if lingering:
-                    null = os.open(os.devnull, os.O_WRONLY | os.O_CLOEXEC)
-                    os.dup2(null, fd)
-                    os.close(null)
-                else:
-                    os.close(fd)
-            except OSError:
-                pass
+        if self._renames_thread is not None:
+            self._renames_thread.join(5)
+        self.perms.stop()  # closing the group answers whatever is still pending (allow) and removes the marks
         self.renames.close()
 
     def _rename_loop(self) -> None:
-        while not self._stopping:
+        while True:
             events = self.renames.read(1000)
             if events is None:
                 return
@@ -161,60 +124,24 @@ class FanotifyAccess:
                 self.forget_cache()
             close_fds(events)
 
-    def _answer_loop(self) -> None:
-        poller = select.poll()
-        poller.register(self.group, select.POLLIN)
-        poller.register(self._wake_r, select.POLLIN)
-        buffer = bytearray(1 << 16)
-        while not self._stopping:
-            try:
-                size = os.readv(self.group, (buffer,))
-            except BlockingIOError:
-                poller.poll(1000)
-                continue
-            except OSError as exc:
-                if self._stopping:
-                    return
-                self.on_error(exc.errno or errno.EIO, f"reading permission events failed: {exc}")
-                continue
-            try:
-                events = wire.decode(memoryview(buffer)[:size])
-            except wire.RecordError as exc:  # cannot happen with a sane kernel; the fds are unknown then
-                self.on_error(errno.EIO, f"a permission record could not be read: {exc}")
-                continue
-            generation = self.rules.generation + self.passthrough.generation
-            if generation != self._generation:
-                self._generation = generation
-                self.forget_cache()
-            for ev in events:
-                if ev.fd < 0:
-                    continue
-                allow = True
-                try:
-                    allow = self._decide(ev.mask, ev.fd, ev.pid)
-                except Exception as exc:  # answer anyway: a caller must never wait for an answer that never comes
-                    self.on_error(errno.EIO, f"deciding a permission request failed (allowed): {exc}")
-                try:
-                    os.write(self.group, wire.encode_response(ev.fd, fa.FAN_ALLOW if allow else fa.FAN_DENY))
-                except OSError as exc:
-                    self.on_error(exc.errno or errno.EIO, f"answering a permission request failed: {exc}")
-                finally:
-                    os.close(ev.fd)
-                self.answered += 1
-                self.denied += not allow
-
     # -- the decision
 
-    def _decide(self, mask: int, fd: int, tid: int) -> bool:
+    def _decide_event(self, ev: Event) -> bool:
+        generation = self._current_generation()
+        if generation != self._generation:  # the rules changed: what was cached was decided under the old ones
+            self._generation = generation
+            self.forget_cache()
+        return self._decide(ev.mask, ev.fd, ev.pid, generation)
+
+    def _decide(self, mask: int, fd: int, tid: int, generation: int) -> bool:
         if (tid == self._own or libc.is_thread_of(self._own, tid)) and not self.own_requests():
             return True
-        generation = self._current_generation()
         epoch = self._epoch
         path = os.readlink(f"/proc/self/fd/{fd}")
         m = match_path(self.rules, self.passthrough, path)
         access = m.upper.access & FANOTIFY_ACCESS
         if access and not m.unconditional:
-            access = m.flags(_Thread(tid), None).access & FANOTIFY_ACCESS
+            access = m.flags(ProcessInfo(tid), None).access & FANOTIFY_ACCESS
         if not access:
             # Cache only if no rule could concern any name in the directory, and the rules did not change while
             # deciding (a flush may just have happened).
@@ -244,51 +171,10 @@ class FanotifyAccess:
             with self._cache_lock:
                 if epoch != self._epoch:
                     return  # flushed while deciding: the decision may be stale
-                fan.mark_fd(self.group, fa.FAN_MARK_ADD | fa.FAN_MARK_IGNORE_SURV, _PERM, fd)
+                fan.mark_fd(self.perms.fd, fa.FAN_MARK_ADD | fa.FAN_MARK_IGNORE_SURV, _PERM, fd)
                 self.ignored += 1
         except OSError as exc:
             log.debug("no ignore mark: %s", exc)
-
-
-class _Thread:
-    """The requesting thread as per-process masks see it."""
-
-    __slots__ = ("tid", "_name", "_exe")
-
-    def __init__(self, tid: int) -> None:
-        self.tid = tid
-        self._name: str | None = None
-        self._exe: str | None = None
-
-    @property
-    def pid(self) -> int:
-        try:
-            with open(f"/proc/{self.tid}/status", "rb") as f:
-                for line in f:
-                    if line.startswith(b"Tgid:"):
-                        return int(line[5:])
-        except (OSError, ValueError):
-            pass
-        return self.tid
-
-    @property
-    def name(self) -> str:
-        if self._name is None:
-            try:
-                with open(f"/proc/{self.tid}/comm", "rb") as f:
-                    self._name = f.read().rstrip(b"\n").decode(errors="replace")
-            except OSError:
-                self._name = ""
-        return self._name
-
-    @property
-    def exe(self) -> str:
-        if self._exe is None:
-            try:
-                self._exe = os.readlink(f"/proc/{self.tid}/exe")
-            except OSError:
-                self._exe = ""
-        return self._exe
 
 
 def open_flags(tid: int) -> int | None:
@@ -321,14 +207,3 @@ def open_flags(tid: int) -> int | None:
         return int.from_bytes(raw, "little") if len(raw) == 8 else None
     return None
 
-
-def _mount_of(path: str, points: list[str]) -> str:
-    real = path
-    while not os.path.exists(real) and real != "/":
-        real = os.path.dirname(real)
-    real = os.path.realpath(real)
-    best = "/"
-    for point in points:
-        if (real == point or real.startswith(point.rstrip("/") + "/")) and len(point) > len(best):
-            best = point
-    return best

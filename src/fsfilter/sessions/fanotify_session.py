@@ -11,18 +11,21 @@ renamed directory is never given its old path.
 from __future__ import annotations
 
 import errno
+import logging
 import os
 import re
 import select
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 from fsfilter.abi import fanotify as abi
 from fsfilter.system import fanotify as fan
 from fsfilter.wire import fanotify as wire
 from fsfilter.wire.fanotify import Event, ObjectId
+
+log = logging.getLogger("fsfilter.fanotify")
 
 # File systems that hold no user files: never marked for masks without a path.
 PSEUDO_FS = frozenset({
@@ -239,3 +242,129 @@ def close_fds(events: Iterable[Event]) -> None:
                     os.close(fd)
                 except OSError:
                     pass
+
+
+def mount_point_of(path: str, points: list[str]) -> str:
+    """The mount point whose mount holds ``path`` (the longest of ``points`` that is a prefix of it; a path that
+    does not exist yet is taken at its nearest existing ancestor)."""
+    real = path
+    while not os.path.exists(real) and real != "/":
+        real = os.path.dirname(real)
+    real = os.path.realpath(real)
+    best = "/"
+    for point in points:
+        if (real == point or real.startswith(point.rstrip("/") + "/")) and len(point) > len(best):
+            best = point
+    return best
+
+
+class PermissionGroup:
+    """A fanotify permission group (``FAN_CLASS_CONTENT``, thread ids) and the thread that answers it.
+
+    Every request gets an answer: ``decide(event)`` (True allows) runs for each, and one that raises allows it
+    and is reported through ``on_error``. The queue is unlimited: when a bounded one is full the kernel drops
+    permission events and lets the operation through unasked. Closing the group makes the kernel allow whatever
+    is pending, so a stopped (or dead) filter never leaves a caller blocked."""
+
+    def __init__(self, mask: int, decide: Callable[[Event], bool], on_error: Callable[[int, str], None],
+                 name: str) -> None:
+        self.mask = mask
+        self._decide = decide
+        self._report = on_error
+        self._name = name
+        self.fd = fan.init(abi.FAN_CLASS_CONTENT | abi.FAN_CLOEXEC | abi.FAN_NONBLOCK | abi.FAN_REPORT_TID
+                           | abi.FAN_UNLIMITED_QUEUE, os.O_RDONLY | os.O_LARGEFILE | os.O_CLOEXEC)
+        self._wake_r, self._wake_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+        self.answered = 0
+        self.denied = 0
+
+    def mark_filesystems(self, points: Iterable[str]) -> list[str]:
+        """A file-system mark on each of ``points`` (mount points), one per file system; the points marked."""
+        marked: list[str] = []
+        seen: set[tuple[int, int]] = set()
+        for point in points:
+            fd = os.open(point, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+            try:
+                fsid = fan.fsid_of(fd)
+            finally:
+                os.close(fd)
+            if fsid not in seen:
+                seen.add(fsid)
+                fan.mark(self.fd, abi.FAN_MARK_ADD | abi.FAN_MARK_FILESYSTEM, self.mask, point)
+                marked.append(point)
+        return marked
+
+    def on_error(self, code: int, description: str) -> None:
+        """Report, never raise: the answering thread must go on answering whatever a handler does."""
+        try:
+            self._report(code, description)
+        except Exception:
+            log.exception("on_error raised")
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._loop, name=self._name, daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stopping = True
+        try:
+            os.write(self._wake_w, b"x")
+        except OSError:
+            pass
+        if self._thread is not None:
+            self._thread.join(5)
+        lingering = self._thread is not None and self._thread.is_alive()
+        # A thread still in a decision would later write its answer into whatever file reused the number:
+        # then the number is pointed at /dev/null instead of being closed.
+        for fd in (self.fd, self._wake_r, self._wake_w):
+            try:
+                if lingering:
+                    null = os.open(os.devnull, os.O_WRONLY | os.O_CLOEXEC)
+                    os.dup2(null, fd)
+                    os.close(null)
+                else:
+                    os.close(fd)
+            except OSError:
+                pass
+
+    def _loop(self) -> None:
+        poller = select.poll()
+        poller.register(self.fd, select.POLLIN)
+        poller.register(self._wake_r, select.POLLIN)
+        buffer = bytearray(1 << 16)
+        while not self._stopping:
+            try:
+                size = os.readv(self.fd, (buffer,))
+            except BlockingIOError:
+                poller.poll(1000)
+                continue
+            except OSError as exc:
+                if self._stopping:
+                    return
+                self.on_error(exc.errno or errno.EIO, f"reading permission events failed: {exc}")
+                time.sleep(0.05)
+                continue
+            try:
+                events = wire.decode(memoryview(buffer)[:size])
+            except wire.RecordError as exc:  # cannot happen with a sane kernel; the fds are unknown then
+                self.on_error(errno.EIO, f"a permission record could not be read: {exc}")
+                continue
+            for ev in events:
+                if ev.fd < 0:
+                    continue
+                allow = True
+                try:
+                    allow = self._decide(ev)
+                except Exception as exc:  # answer anyway: a caller must never wait for an answer that never comes
+                    self.on_error(errno.EIO, f"deciding a permission request failed (allowed): {exc}")
+                try:
+                    os.write(self.fd, wire.encode_response(ev.fd, abi.FAN_ALLOW if allow else abi.FAN_DENY))
+                except OSError as exc:
+                    self.on_error(exc.errno or errno.EIO, f"answering a permission request failed: {exc}")
+                finally:
+                    os.close(ev.fd)
+                self.answered += 1
+                self.denied += not allow
+
