@@ -503,6 +503,7 @@ class LowerFS:
 
     def open(self, req: Request) -> bytes:
         flags, open_flags = wire.fixed(req.body, abi.OPEN_IN)
+        flags = wire.open_flags(flags)
         node = self.inode(req.nodeid)
         st = os.fstat(node.fd)
         fd = os.open(_proc(node.fd), (flags & ~_LOWER_STRIP) | os.O_CLOEXEC)
@@ -531,6 +532,7 @@ class LowerFS:
 
     def create(self, req: Request) -> bytes:
         flags, mode, umask, _ = wire.fixed(req.body, abi.CREATE_IN)
+        flags = wire.open_flags(flags)
         name, _ = wire.name_at(req.body, abi.CREATE_IN.size)
         parent = self.inode(req.nodeid)
         lower = (flags & ~_LOWER_STRIP) | (flags & (os.O_EXCL | os.O_NOFOLLOW)) | os.O_CREAT | os.O_CLOEXEC
@@ -548,6 +550,7 @@ class LowerFS:
 
     def tmpfile(self, req: Request) -> bytes:
         flags, mode, umask, _ = wire.fixed(req.body, abi.CREATE_IN)
+        flags = wire.open_flags(flags)
         parent = self.inode(req.nodeid)
         switched = self._as_caller(req, umask)
         try:

@@ -77,6 +77,13 @@ def fixed(body: memoryview, layout: struct.Struct, offset: int = 0) -> tuple[int
     return layout.unpack_from(body, offset)
 
 
+def open_flags(value: int) -> int:
+    """The open(2) flags of an OPEN/CREATE request: a C int, so a value with the top bit set is no set of flags."""
+    if value >= 1 << 31:
+        raise WireError(errno.EINVAL, f"open flags 0x{value:x} are not valid")
+    return value
+
+
 def cstring(body: memoryview, offset: int = 0) -> tuple[bytes, int]:
     """A NUL-terminated string at ``offset``; returns it and the offset after its NUL."""
     raw = bytes(body[offset:])
