@@ -300,17 +300,7 @@ def _run_system_monitor(args: argparse.Namespace, wanted: int, lock: threading.L
                 mon.add_filter_rule(real, c.FS_NE_ENUMERATE_DIRECTORY)
         else:
             mon.add_filter_rule(target, wanted)
-    stop = _stop_on_signals()
-    mon.start_filter()
-    try:
-        print(f"fsfilter: monitoring {', '.join(args.paths)} with fanotify; Ctrl-C to stop", file=sys.stderr,
-              flush=True)
-        while not stop.is_set():
-            stop.wait(0.2)
-            sys.stdout.flush()
-    finally:
-        mon.stop_filter()
-        sys.stdout.flush()
+    _serve(mon, f"monitoring {', '.join(args.paths)} with fanotify")
     lost = mon.lost_events
     print(f"fsfilter: stopped{f'; {lost} overflow(s): events were lost' if lost else ''}", file=sys.stderr)
     return 0
@@ -433,33 +423,29 @@ def run_deny_exec(args: argparse.Namespace) -> int:
 
 
 def _serve_process_filter(proc: CBProcess, what: str) -> int:
-    stop = _stop_on_signals()
-    proc.start_filter()
-    try:
-        print(f"fsfilter: {what}; Ctrl-C to stop", file=sys.stderr, flush=True)
-        while not stop.is_set():
-            stop.wait(0.2)
-            sys.stdout.flush()
-    finally:
-        proc.stop_filter()
-        sys.stdout.flush()
+    _serve(proc, what)
     print("fsfilter: stopped", file=sys.stderr)
     return 0
 
 
 def _serve_cbfilter(filt: CBFilter, what: str) -> int:
+    _serve(filt, what)
+    print("fsfilter: stopped and unmounted", file=sys.stderr)
+    return 0
+
+
+def _serve(target: CBFilter | CBMonitor | CBProcess, what: str) -> None:
+    """Run a filter until SIGINT/SIGTERM/SIGHUP, flushing what its handlers printed every 0.2 s."""
     stop = _stop_on_signals()
-    filt.start_filter(0)
+    target.start_filter()
     try:
         print(f"fsfilter: {what}; Ctrl-C to stop", file=sys.stderr, flush=True)
         while not stop.is_set():
             stop.wait(0.2)
             sys.stdout.flush()
     finally:
-        filt.stop_filter()
+        target.stop_filter()
         sys.stdout.flush()
-    print("fsfilter: stopped and unmounted", file=sys.stderr)
-    return 0
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -18,6 +18,7 @@ from typing import Any
 from fsfilter.abi import fuse as abi
 from fsfilter.api import constants as c
 from fsfilter.api import fileinfo
+from fsfilter.api.event_source import RuleTables
 from fsfilter.api.fanotify_access import FANOTIFY_ACCESS, FanotifyAccess
 from fsfilter.api.filter_fs import FilterFS
 from fsfilter.api.params import FILTER_PARAMS
@@ -182,7 +183,7 @@ class _Attachment(PassthroughFilter):
         session.router = fs.route
 
 
-class CBFilter:
+class CBFilter(RuleTables):
     """Filters file operations below the directories its rules name. See docs/api.md for every member."""
 
     _handlers_ready = False
@@ -684,74 +685,6 @@ class CBFilter:
         if changed and self._active:
             self._rules_changed()
         return changed
-
-    @property
-    def filter_rule_count(self) -> int:
-        return len(self.rules)
-
-    @property
-    def passthrough_rule_count(self) -> int:
-        return len(self.passthrough_rules)
-
-    def _rule(self, rules: RuleSet, index: int) -> Any:
-        try:
-            return rules[index]
-        except IndexError:
-            raise CBFSFilterError(errno.EINVAL, f"no rule at index {index} (there are {len(rules)})") from None
-
-    def get_filter_rule_mask(self, i: int) -> str:
-        return str(self._rule(self.rules, i).mask)
-
-    def get_filter_rule_access_flags(self, i: int) -> int:
-        return int(self._rule(self.rules, i).access)
-
-    def get_filter_rule_control_flags(self, i: int) -> int:
-        return int(self._rule(self.rules, i).control)
-
-    def get_filter_rule_notify_flags(self, i: int) -> int:
-        return int(self._rule(self.rules, i).notify)
-
-    def get_filter_rule_ea_name(self, i: int) -> str:
-        return str(self._rule(self.rules, i).ea_name)
-
-    def get_filter_rule_min_size(self, i: int) -> int:
-        return int(self._rule(self.rules, i).min_size)
-
-    def get_filter_rule_max_size(self, i: int) -> int:
-        return int(self._rule(self.rules, i).max_size)
-
-    def get_filter_rule_included_attributes(self, i: int) -> int:
-        return int(self._rule(self.rules, i).included_attributes)
-
-    def get_filter_rule_excluded_attributes(self, i: int) -> int:
-        return int(self._rule(self.rules, i).excluded_attributes)
-
-    def get_passthrough_rule_mask(self, i: int) -> str:
-        return str(self._rule(self.passthrough_rules, i).mask)
-
-    def get_passthrough_rule_access_flags(self, i: int) -> int:
-        return int(self._rule(self.passthrough_rules, i).access)
-
-    def get_passthrough_rule_control_flags(self, i: int) -> int:
-        return int(self._rule(self.passthrough_rules, i).control)
-
-    def get_passthrough_rule_notify_flags(self, i: int) -> int:
-        return int(self._rule(self.passthrough_rules, i).notify)
-
-    def get_passthrough_rule_ea_name(self, i: int) -> str:
-        return str(self._rule(self.passthrough_rules, i).ea_name)
-
-    def get_passthrough_rule_min_size(self, i: int) -> int:
-        return int(self._rule(self.passthrough_rules, i).min_size)
-
-    def get_passthrough_rule_max_size(self, i: int) -> int:
-        return int(self._rule(self.passthrough_rules, i).max_size)
-
-    def get_passthrough_rule_included_attributes(self, i: int) -> int:
-        return int(self._rule(self.passthrough_rules, i).included_attributes)
-
-    def get_passthrough_rule_excluded_attributes(self, i: int) -> int:
-        return int(self._rule(self.passthrough_rules, i).excluded_attributes)
 
     def is_file_filtered(self, file_name: str) -> bool:
         """Whether a standard rule's path part matches ``file_name`` (process and qualifiers not checked)."""

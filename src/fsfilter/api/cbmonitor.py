@@ -16,11 +16,11 @@ import stat
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable
 from typing import Any
 
 from fsfilter.abi import fanotify as fa
 from fsfilter.api import constants as c
+from fsfilter.api.event_source import EventSource, RuleTables
 from fsfilter.api.params import EVENTS, EventParams, make_params
 from fsfilter.engine import dispatch
 from fsfilter.engine.masks import MaskError, file_matches_mask
@@ -78,7 +78,6 @@ UNKNOWN = -1  # a value fanotify does not report: sizes, offsets, counts
 
 _CONFIG_DEFAULTS: dict[str, str] = {"FilterOwnRequests": "false", "UnlimitedQueue": "true",
                                     "MinWorkerThreadCount": "1", "MaxWorkerThreadCount": "0"}
-_BOOL_SETTINGS = {"FilterOwnRequests", "UnlimitedQueue"}
 _PROPERTIES = frozenset({"active", "altitude", "fire_volume_events", "process_cached_io_requests",
                          "process_failed_requests", "serialize_events", "strict_altitude", "tag",
                          "filter_rule_count", "passthrough_rule_count", "lost_events"})
@@ -191,13 +190,13 @@ def _alive(pidfd: int) -> bool:
     return True
 
 
-class CBMonitor:
+class CBMonitor(EventSource, RuleTables):
     """Notification events for file operations anywhere on the machine's local file systems (fanotify)."""
 
-    _ready = False
+    PARAMS = MONITOR_PARAMS
+    DOC = "docs/monitor.md"
 
     def __init__(self) -> None:
-        object.__setattr__(self, "_ready", False)
         self.rules = RuleSet()
         self.passthrough_rules = RuleSet()
         self.tag: Any = 0
@@ -208,7 +207,6 @@ class CBMonitor:
         self.process_cached_io_requests = False
         self.process_failed_requests = False
         self._config = dict(_CONFIG_DEFAULTS)
-        self._product_guid = ""
         self._lock = threading.RLock()
         self._group: NotifyGroup | None = None
         self._reader: threading.Thread | None = None
@@ -216,21 +214,10 @@ class CBMonitor:
         self._resolver = PathResolver(self._mounts)
         self._names = _Names()
         self._marked: dict[str, tuple[tuple[int, int], int]] = {}  # mount point -> (fsid, mask)
-        self._volumes: set[str] = set()
         self.lost_events = 0
         self.records = 0
         self.dispatcher = dispatch.Dispatcher(on_error=self._fire_error)
-        for name in MONITOR_PARAMS:
-            object.__setattr__(self, "on_" + name, None)
-        object.__setattr__(self, "_ready", True)
-
-    def __setattr__(self, name: str, value: Any) -> None:
-        if name.startswith("on_") and self._ready:
-            if name[3:] not in MONITOR_PARAMS:
-                raise CBFSFilterError(errno.EINVAL, f"CBMonitor has no event {name[3:]!r}: see docs/monitor.md")
-            if value is not None and not callable(value):
-                raise CBFSFilterError(errno.EINVAL, f"{name} takes a function of one argument or None")
-        object.__setattr__(self, name, value)
+        self._init_events()
 
     def __getattr__(self, name: str) -> Any:
         if name.startswith(("get_", "set_")) and name[4:] in _PROPERTIES:
@@ -240,16 +227,11 @@ class CBMonitor:
             return lambda value: setattr(self, prop, value)
         raise AttributeError(f"CBMonitor has no attribute {name!r}")
 
-    def handler(self, event: str) -> Callable[[Any], object] | None:
-        h: Callable[[Any], object] | None = getattr(self, "on_" + event, None)
-        return h
-
     # -- lifecycle
 
     def initialize(self, product_guid: str) -> None:
         if not isinstance(product_guid, str):
             raise CBFSFilterError(errno.EINVAL, "product_guid must be a string")
-        self._product_guid = product_guid
 
     @property
     def active(self) -> bool:
@@ -472,69 +454,6 @@ class CBMonitor:
     def delete_all_passthrough_rules(self) -> bool:
         return self.passthrough_rules.clear()
 
-    @property
-    def filter_rule_count(self) -> int:
-        return len(self.rules)
-
-    @property
-    def passthrough_rule_count(self) -> int:
-        return len(self.passthrough_rules)
-
-    def _rule(self, rules: RuleSet, index: int) -> Any:
-        if not isinstance(index, int) or not 0 <= index < len(rules):
-            raise CBFSFilterError(errno.EINVAL, f"rule index {index!r} out of range (0..{len(rules) - 1})")
-        return rules[index]
-
-    def get_filter_rule_mask(self, i: int) -> str:
-        return str(self._rule(self.rules, i).mask)
-
-    def get_filter_rule_access_flags(self, i: int) -> int:
-        self._rule(self.rules, i)
-        return 0  # CBMonitor rules have no access flags
-
-    def get_filter_rule_notify_flags(self, i: int) -> int:
-        return int(self._rule(self.rules, i).notify)
-
-    def get_filter_rule_ea_name(self, i: int) -> str:
-        return str(self._rule(self.rules, i).ea_name)
-
-    def get_filter_rule_min_size(self, i: int) -> int:
-        return int(self._rule(self.rules, i).min_size)
-
-    def get_filter_rule_max_size(self, i: int) -> int:
-        return int(self._rule(self.rules, i).max_size)
-
-    def get_filter_rule_included_attributes(self, i: int) -> int:
-        return int(self._rule(self.rules, i).included)
-
-    def get_filter_rule_excluded_attributes(self, i: int) -> int:
-        return int(self._rule(self.rules, i).excluded)
-
-    def get_passthrough_rule_mask(self, i: int) -> str:
-        return str(self._rule(self.passthrough_rules, i).mask)
-
-    def get_passthrough_rule_access_flags(self, i: int) -> int:
-        self._rule(self.passthrough_rules, i)
-        return 0
-
-    def get_passthrough_rule_notify_flags(self, i: int) -> int:
-        return int(self._rule(self.passthrough_rules, i).notify)
-
-    def get_passthrough_rule_ea_name(self, i: int) -> str:
-        return str(self._rule(self.passthrough_rules, i).ea_name)
-
-    def get_passthrough_rule_min_size(self, i: int) -> int:
-        return int(self._rule(self.passthrough_rules, i).min_size)
-
-    def get_passthrough_rule_max_size(self, i: int) -> int:
-        return int(self._rule(self.passthrough_rules, i).max_size)
-
-    def get_passthrough_rule_included_attributes(self, i: int) -> int:
-        return int(self._rule(self.passthrough_rules, i).included)
-
-    def get_passthrough_rule_excluded_attributes(self, i: int) -> int:
-        return int(self._rule(self.passthrough_rules, i).excluded)
-
     def is_file_filtered(self, file_name: str) -> bool:
         m = match_path(self.rules, self.passthrough_rules, os.path.abspath(file_name))
         return bool(m.upper.notify)
@@ -544,23 +463,6 @@ class CBMonitor:
             return file_matches_mask(mask, file_name, case_sensitive)
         except MaskError as exc:
             raise CBFSFilterError(errno.EINVAL, f"bad mask {mask!r}: {exc}") from exc
-
-    def config(self, configuration_string: str) -> str:
-        name, sep, value = configuration_string.partition("=")
-        name = name.strip()
-        if name not in self._config:
-            raise CBFSFilterError(errno.EINVAL, f"unknown setting {name!r}; known: {', '.join(sorted(self._config))}")
-        if not sep:
-            return self._config[name]
-        value = value.strip()
-        if name in _BOOL_SETTINGS:
-            if value.lower() not in ("true", "false", "1", "0", "yes", "no"):
-                raise CBFSFilterError(errno.EINVAL, f"{name} takes true or false, not {value!r}")
-            value = "true" if value.lower() in ("true", "1", "yes") else "false"
-        elif not value.isdigit():
-            raise CBFSFilterError(errno.EINVAL, f"{name} takes a whole number >= 0, not {value!r}")
-        self._config[name] = value
-        return ""
 
     # -- inside handlers
 
@@ -643,15 +545,13 @@ class CBMonitor:
             return
         is_dir = bool(mask & fa.FAN_ONDIR)
         resolver = self._resolver
-        process = _Process(ev.pid, name)
-        origin = dispatch.Origin(ev.pid, ev.pid, -1, -1, process.name)
         if mask & fa.FAN_RENAME:
             old = resolver.entry_path(*ev.old) if ev.old else None
             new = resolver.entry_path(*ev.new) if ev.new else None
             if is_dir:
                 resolver.forget_directories()
             if old is not None or new is not None:
-                self._rename(old or "", new or "", is_dir, process, origin)
+                self._rename(old or "", new or "", _Process(ev.pid, name))
             mask &= ~fa.FAN_RENAME
         if not mask & ~fa.FAN_ONDIR:
             return
@@ -666,13 +566,13 @@ class CBMonitor:
         if path is None:
             return
         m = match_path(self.rules, self.passthrough_rules, path)
-        up = m.upper.notify
-        if not up:
-            return
-        flags = m.flags(process, _PathFacts(path)) if not m.unconditional else m.upper
-        notify = flags.notify
+        if not m.upper.notify:
+            return  # most records end here: nothing below is built for them
+        process = _Process(ev.pid, name)
+        notify = (m.flags(process, _PathFacts(path)) if not m.unconditional else m.upper).notify
         if not notify:
             return
+        origin = dispatch.Origin(ev.pid, ev.pid, -1, -1, name)
         post = self._post
         if mask & fa.FAN_CREATE:
             if notify & c.FS_NE_CREATE_HARD_LINK and not is_dir and self._is_new_link(ev):
@@ -707,15 +607,17 @@ class CBMonitor:
         if mask & fa.FAN_CLOSE:
             post("notify_close_file", c.FS_NE_CLOSE, notify, origin, file_name=path)
 
-    def _rename(self, old: str, new: str, is_dir: bool, process: _Process, origin: dispatch.Origin) -> None:
+    def _rename(self, old: str, new: str, process: _Process) -> None:
         notify = 0
         for path in (old, new):
             if path:
                 m = match_path(self.rules, self.passthrough_rules, path)
                 if m.upper.notify:
                     notify |= (m.flags(process, _PathFacts(path)) if not m.unconditional else m.upper).notify
-        self._post("notify_rename_or_move_file", c.FS_NE_RENAME, notify, origin, file_name=old, new_file_name=new,
-                   replace_if_exists=True)
+        if notify:
+            origin = dispatch.Origin(process.pid, process.pid, -1, -1, process.name)
+            self._post("notify_rename_or_move_file", c.FS_NE_RENAME, notify, origin, file_name=old,
+                       new_file_name=new, replace_if_exists=True)
 
     def _is_new_link(self, ev: Event) -> bool:
         """A created name of an object that has other names: a hard link (the record carries the object)."""
@@ -763,16 +665,6 @@ class CBMonitor:
         handler = self.handler(event)
         if handler is not None:
             self.dispatcher.post(handler, MONITOR_PARAMS[event](**fields), None)
-
-    def _fire_error(self, code: int, description: str) -> None:
-        handler = self.handler("error")
-        if handler is None:
-            log.error("%s", description)
-            return
-        try:
-            handler(MONITOR_PARAMS["error"](error_code=code, description=description))
-        except Exception:
-            log.exception("on_error raised")
 
     @property
     def stats(self) -> dict[str, int]:

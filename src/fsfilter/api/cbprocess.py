@@ -20,13 +20,13 @@ import os
 import socket
 import threading
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from fsfilter.abi import cn_proc as cn
 from fsfilter.abi import fanotify as fa
 from fsfilter.abi import linux
+from fsfilter.api.event_source import EventSource
 from fsfilter.api.params import EVENTS, EventParams, make_params
 from fsfilter.engine import dispatch
 from fsfilter.engine.masks import MaskError, file_matches_mask
@@ -83,13 +83,15 @@ class _Proc:
     creator: tuple[int, int] = (0, 0)  # the process and thread that forked it
 
 
-class CBProcess:
+class CBProcess(EventSource):
     """Process and thread events (process connector), and refusing programs (fanotify exec permission)."""
 
-    _ready = False
+    PARAMS = PROCESS_PARAMS
+    DOC = "docs/process.md"
+    UNSUPPORTED = {event: "Linux has no process or thread handles whose access a filter could narrow"
+                   for event in ("process_handle_operation", "thread_handle_operation")}
 
     def __init__(self) -> None:
-        object.__setattr__(self, "_ready", False)
         self.tag: Any = 0
         self.altitude = "360000"
         self.strict_altitude = False
@@ -109,20 +111,7 @@ class CBProcess:
         self._exec_seen: dict[int, float] = {}  # tgid -> when its exec was reported from the permission event
         self.lost_events = 0
         self.dispatcher = dispatch.Dispatcher(on_error=self._fire_error)
-        for name in PROCESS_PARAMS:
-            object.__setattr__(self, "on_" + name, None)
-        object.__setattr__(self, "_ready", True)
-
-    def __setattr__(self, name: str, value: Any) -> None:
-        if name.startswith("on_") and self._ready:
-            if name[3:] not in PROCESS_PARAMS:
-                raise CBFSFilterError(errno.EINVAL, f"CBProcess has no event {name[3:]!r}: see docs/process.md")
-            if value is not None and not callable(value):
-                raise CBFSFilterError(errno.EINVAL, f"{name} takes a function of one argument or None")
-            if value is not None and name in ("on_process_handle_operation", "on_thread_handle_operation"):
-                raise CBFSFilterError(errno.ENOSYS, f"{name}: Linux has no process or thread handles whose access "
-                                                    "a filter could narrow (see docs/process.md)")
-        object.__setattr__(self, name, value)
+        self._init_events()
 
     # -- settings
 
@@ -130,37 +119,26 @@ class CBProcess:
         if not isinstance(product_guid, str):
             raise CBFSFilterError(errno.EINVAL, "product_guid must be a string")
 
-    def config(self, configuration_string: str) -> str:
-        name, sep, value = configuration_string.partition("=")
-        name = name.strip()
-        if name not in self._config:
-            raise CBFSFilterError(errno.EINVAL, f"unknown setting {name!r}; known: {', '.join(sorted(self._config))}")
-        if not sep:
-            return self._config[name]
-        value = value.strip()
-        if name == "FilterOwnRequests":
-            if value.lower() not in ("true", "false", "1", "0", "yes", "no"):
-                raise CBFSFilterError(errno.EINVAL, f"{name} takes true or false, not {value!r}")
-            value = "true" if value.lower() in ("true", "1", "yes") else "false"
-        elif name == "EventsToFire":
+    def _check_setting(self, name: str, value: str) -> str:
+        if name == "EventsToFire":
             try:
                 int(value, 0)
             except ValueError:
                 raise CBFSFilterError(errno.EINVAL, f"{name} takes an int (-1 = all), not {value!r}") from None
-        elif name == "ExecPermissionPaths":
+            return value
+        if name == "ExecPermissionPaths":
             for path in filter(None, value.split(",")):
                 if not path.startswith("/") or not os.path.exists(path):
                     raise CBFSFilterError(errno.EINVAL, f"{name}: {path!r} is not an existing absolute path")
-        elif name == "ForkReportDelay":
+            return value
+        if name == "ForkReportDelay":
             try:
                 if not 0 <= float(value) <= 60:
                     raise ValueError
             except ValueError:
                 raise CBFSFilterError(errno.EINVAL, f"{name} takes seconds between 0 and 60, not {value!r}") from None
-        elif not value.isdigit():
-            raise CBFSFilterError(errno.EINVAL, f"{name} takes a whole number >= 0, not {value!r}")
-        self._config[name] = value
-        return ""
+            return value
+        return super()._check_setting(name, value)
 
     # -- filtered and ignored processes
 
@@ -479,25 +457,11 @@ class CBProcess:
 
     # -- delivery
 
-    def handler(self, event: str) -> Callable[[Any], object] | None:
-        h: Callable[[Any], object] | None = getattr(self, "on_" + event, None)
-        return h
-
     def _post(self, event: str, pid: int, **fields: Any) -> None:
         handler = self.handler(event)
         if handler is None:
             return
         self.dispatcher.post(handler, PROCESS_PARAMS[event](**fields), dispatch.Origin(pid, pid, -1, -1, ""))
-
-    def _fire_error(self, code: int, description: str) -> None:
-        handler = self.handler("error")
-        if handler is None:
-            log.error("%s", description)
-            return
-        try:
-            handler(PROCESS_PARAMS["error"](error_code=code, description=description))
-        except Exception:
-            log.exception("on_error raised")
 
     def shutdown_system(self, shutdown_prompt: str, timeout: int, force_close_apps: bool, reboot: bool) -> bool:
         raise CBFSFilterError(errno.ENOSYS, "fsfilter does not shut the machine down: use systemctl")

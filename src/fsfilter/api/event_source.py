@@ -1,0 +1,157 @@
+"""What CBMonitor and CBProcess share: handlers assigned as ``on_<event>`` attributes (checked when set), the
+``config("Name=Value")`` form over a table of settings, and an ``on_error`` that never raises into the thread
+that reports."""
+
+from __future__ import annotations
+
+import errno
+import logging
+from collections.abc import Callable
+from typing import Any
+
+from fsfilter.api.params import EventParams
+from fsfilter.engine.rules import Rule, RuleSet
+from fsfilter.errors import CBFSFilterError
+
+log = logging.getLogger("fsfilter")
+
+_TRUE = ("true", "1", "yes")
+_FALSE = ("false", "0", "no")
+
+
+class EventSource:
+    """Base of the classes whose events are ``on_*`` attributes. Subclasses set ``PARAMS`` (event -> params
+    class), ``DOC`` (where their events are described) and may set ``UNSUPPORTED`` (event -> why a handler
+    cannot be set on Linux), then call ``_init_events`` at the end of ``__init__``."""
+
+    PARAMS: dict[str, type[EventParams]] = {}
+    DOC = "docs/api.md"
+    UNSUPPORTED: dict[str, str] = {}
+    _ready = False
+    _config: dict[str, str]
+
+    def _init_events(self) -> None:
+        for name in self.PARAMS:
+            object.__setattr__(self, "on_" + name, None)
+        object.__setattr__(self, "_ready", True)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name.startswith("on_") and self._ready:
+            kind = type(self).__name__
+            if name[3:] not in self.PARAMS:
+                raise CBFSFilterError(errno.EINVAL, f"{kind} has no event {name[3:]!r}: see {self.DOC}")
+            if value is not None and not callable(value):
+                raise CBFSFilterError(errno.EINVAL, f"{name} takes a function of one argument or None")
+            if value is not None and name[3:] in self.UNSUPPORTED:
+                raise CBFSFilterError(errno.ENOSYS, f"{name}: {self.UNSUPPORTED[name[3:]]} (see {self.DOC})")
+        object.__setattr__(self, name, value)
+
+    def handler(self, event: str) -> Callable[[Any], object] | None:
+        h: Callable[[Any], object] | None = getattr(self, "on_" + event, None)
+        return h
+
+    def _fire_error(self, code: int, description: str) -> None:
+        handler = self.handler("error")
+        if handler is None:
+            log.error("%s", description)
+            return
+        try:
+            handler(self.PARAMS["error"](error_code=code, description=description))
+        except Exception:
+            log.exception("on_error raised")
+
+    def config(self, configuration_string: str) -> str:
+        """``"Name=Value"`` sets a setting (checked by ``_check_setting``), ``"Name"`` reads it."""
+        name, sep, value = configuration_string.partition("=")
+        name = name.strip()
+        if name not in self._config:
+            raise CBFSFilterError(errno.EINVAL, f"unknown setting {name!r}; known: {', '.join(sorted(self._config))}")
+        if not sep:
+            return self._config[name]
+        self._config[name] = self._check_setting(name, value.strip())
+        return ""
+
+    def _check_setting(self, name: str, value: str) -> str:
+        """The value to store for a setting, or CBFSFilterError(EINVAL). Here: booleans and counts."""
+        if self._config[name] in ("true", "false"):
+            if value.lower() not in _TRUE + _FALSE:
+                raise CBFSFilterError(errno.EINVAL, f"{name} takes true or false, not {value!r}")
+            return "true" if value.lower() in _TRUE else "false"
+        if not value.isdigit():
+            raise CBFSFilterError(errno.EINVAL, f"{name} takes a whole number >= 0, not {value!r}")
+        return value
+
+
+class RuleTables:
+    """The SDK's rule getters over ``rules`` and ``passthrough_rules`` (CBFilter and CBMonitor): a count property
+    and ``get_<table>_rule_<field>(i)`` for each field; a bad index raises EINVAL."""
+
+    rules: RuleSet
+    passthrough_rules: RuleSet
+
+    @property
+    def filter_rule_count(self) -> int:
+        return len(self.rules)
+
+    @property
+    def passthrough_rule_count(self) -> int:
+        return len(self.passthrough_rules)
+
+    def _rule(self, rules: RuleSet, index: int) -> Rule:
+        if not isinstance(index, int) or not 0 <= index < len(rules):
+            raise CBFSFilterError(errno.EINVAL, f"no rule at index {index!r} (there are {len(rules)})")
+        return rules[index]
+
+    def get_filter_rule_mask(self, i: int) -> str:
+        return str(self._rule(self.rules, i).mask)
+
+    def get_filter_rule_access_flags(self, i: int) -> int:
+        return int(self._rule(self.rules, i).access)
+
+    def get_filter_rule_control_flags(self, i: int) -> int:
+        return int(self._rule(self.rules, i).control)
+
+    def get_filter_rule_notify_flags(self, i: int) -> int:
+        return int(self._rule(self.rules, i).notify)
+
+    def get_filter_rule_ea_name(self, i: int) -> str:
+        return str(self._rule(self.rules, i).ea_name)
+
+    def get_filter_rule_min_size(self, i: int) -> int:
+        return int(self._rule(self.rules, i).min_size)
+
+    def get_filter_rule_max_size(self, i: int) -> int:
+        return int(self._rule(self.rules, i).max_size)
+
+    def get_filter_rule_included_attributes(self, i: int) -> int:
+        return int(self._rule(self.rules, i).included_attributes)
+
+    def get_filter_rule_excluded_attributes(self, i: int) -> int:
+        return int(self._rule(self.rules, i).excluded_attributes)
+
+    def get_passthrough_rule_mask(self, i: int) -> str:
+        return str(self._rule(self.passthrough_rules, i).mask)
+
+    def get_passthrough_rule_access_flags(self, i: int) -> int:
+        return int(self._rule(self.passthrough_rules, i).access)
+
+    def get_passthrough_rule_control_flags(self, i: int) -> int:
+        return int(self._rule(self.passthrough_rules, i).control)
+
+    def get_passthrough_rule_notify_flags(self, i: int) -> int:
+        return int(self._rule(self.passthrough_rules, i).notify)
+
+    def get_passthrough_rule_ea_name(self, i: int) -> str:
+        return str(self._rule(self.passthrough_rules, i).ea_name)
+
+    def get_passthrough_rule_min_size(self, i: int) -> int:
+        return int(self._rule(self.passthrough_rules, i).min_size)
+
+    def get_passthrough_rule_max_size(self, i: int) -> int:
+        return int(self._rule(self.passthrough_rules, i).max_size)
+
+    def get_passthrough_rule_included_attributes(self, i: int) -> int:
+        return int(self._rule(self.passthrough_rules, i).included_attributes)
+
+    def get_passthrough_rule_excluded_attributes(self, i: int) -> int:
+        return int(self._rule(self.passthrough_rules, i).excluded_attributes)
