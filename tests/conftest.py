@@ -162,3 +162,14 @@ def daemon_factory() -> Iterator[Callable[..., Daemon]]:
     finally:
         for d in made:
             d.stop()
+
+
+@pytest.fixture(scope="session")
+def attacker() -> Iterator[Any]:
+    """A real unprivileged user for the hostile-user suite, created for the session and removed after it."""
+    if not IS_ROOT:
+        pytest.skip("creating a user needs root")
+    from hostile import temporary_user
+
+    with temporary_user() as user:
+        yield user
