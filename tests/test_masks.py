@@ -495,3 +495,54 @@ def test_candidates_look_only_at_the_paths_ancestors(monkeypatch: pytest.MonkeyP
     calls.clear()
     assert rules.candidates("/elsewhere/deep/down/file") == []
     assert calls == []
+
+
+# ---------------------------------------------------------------- moving a directory under the rules (issue 11)
+
+_DIR = st.lists(st.sampled_from(["a", "b", "ab", "a.b", "hr", "x"]), min_size=1, max_size=3).map(
+    lambda comps: "/" + "/".join(comps))
+_REL = st.lists(st.sampled_from(["a", "b", "a.b", "b.a", "hr", "x.csv", "ab"]), min_size=1, max_size=3).map(
+    "/".join)
+
+
+@settings(max_examples=3000, deadline=None)
+@given(_PATH_PART, _DIR, _DIR, st.lists(_REL, min_size=1, max_size=6))
+def test_moves_with_directory_only_when_every_path_below_keeps_its_verdict(part: str, old: str, new: str,
+                                                                         below: list[str]) -> None:
+    """Where the analysis says a move changes nothing, no path below may change its verdict (soundness:
+    a wrong True would let a rename carry files out of a rule)."""
+    if old == new or new.startswith(old + "/") or old.startswith(new + "/"):
+        return  # the kernel refuses moving a directory into itself
+    fm = compile_mask(part)
+    if masks.moves_with_directory(fm, old, new):
+        for rel in below:
+            assert fm.matches_path(f"{old}/{rel}") == fm.matches_path(f"{new}/{rel}"), (part, old, new, rel)
+
+
+@pytest.mark.parametrize(("mask", "old", "new", "moves"), [
+    ("/data/hr/*", "/data/hr", "/data/hr2", False),  # the issue's attack
+    ("/data/hr/pay.csv", "/data/hr", "/data/x", False),  # a rule naming one file
+    ("/data/*", "/data/hr", "/data/hr2", True),  # the whole tree: any place in it is the same
+    ("/data/*.csv", "/data/a", "/data/b", True),
+    ("/data/*.csv", "/data/a", "/tmp/b", False),  # out of the rule's tree
+    ("/tmp/*.csv", "/data/a", "/tmp/b", False),  # into it
+    ("*.csv", "/a", "/b", True),
+    ("*/hr/*", "/data/hr", "/data/x", False),
+    ("*/pay.csv", "/data/hr", "/data/x", True),
+    ("/data/x*", "/data/xa", "/data/yb", False),
+    ("||/data/hr/*", "/data/hr", "/data/hr2", False),
+    ("/elsewhere/*", "/data/a", "/data/b", True),
+])
+def test_moves_with_directory_examples(mask: str, old: str, new: str, moves: bool) -> None:
+    assert masks.moves_with_directory(compile_mask(mask), old, new) is moves
+
+
+def test_relocation_rule_finds_the_rule_a_move_escapes() -> None:
+    rules = RuleSet()
+    rules.add("/data/*", 0, 0, 1)  # notify only: moving does not escape anything
+    rules.add("/data/hr/*", 0x05, 0, 0)
+    assert rules.relocation_rule("/data/hr", "/data/hr2", -1 & 0xFFFF, 0).mask == "/data/hr/*"  # type: ignore[union-attr]
+    assert rules.relocation_rule("/data/a", "/data/b", 0xFFFF, 0) is None
+    assert rules.relocation_rule("/data/a", "/data/hr/a", 0xFFFF, 0).mask == "/data/hr/*"  # type: ignore[union-attr]
+    rules.add("/data/a/b/c/d.txt", 0x01, 0, 0)  # a single file deep below
+    assert rules.relocation_rule("/data/a", "/data/b", 0xFFFF, 0).mask == "/data/a/b/c/d.txt"  # type: ignore[union-attr]

@@ -1300,6 +1300,7 @@ class FilterFS(LowerFS):
         f_old = self.effective(m_old, req.pid, parent=old_dir, name=old)
         f_new = self.effective(m_new, req.pid, parent=new_dir, name=new)
         self._check_rename_access(f_old, f_new, new_dir, new, flags_in)
+        self._check_subtree_move(req.pid, old_dir, old, new_dir, new, old_path, new_path, flags_in)
         flags = Flags(f_old.access | f_new.access, f_old.control | f_new.control, f_old.notify | f_new.notify)
         origin = self.origin(req)
         replace = not flags_in & 1  # RENAME_NOREPLACE
@@ -1348,6 +1349,24 @@ class FilterFS(LowerFS):
             except OSError:
                 return
             raise self._deny("delete-protect: the rename would replace a protected file")
+
+    def _check_subtree_move(self, tid: int, old_dir: Inode, old: bytes, new_dir: Inode, new: bytes, old_path: str,
+                            new_path: str, flags_in: int) -> None:
+        """Moving a directory moves every path below it: refuse the move when a rule that restricts access or
+        asks for control events could judge something below it differently in the new place than in the old
+        (a protected file would be carried out of its rule, or an unprotected one into it). Decided from the
+        rules' masks, never by walking the tree."""
+        if not self.core.filter_own_requests and self.is_own(tid):
+            return
+        names = [(old_dir, old)] + ([(new_dir, new)] if flags_in & 2 else [])  # RENAME_EXCHANGE moves both
+        if not any(_is_dir(d.fd, n) for d, n in names):
+            return
+        core = self.core
+        for rules in (core.rules, core.passthrough_rules):
+            rule = rules.relocation_rule(old_path, new_path, c.ACCESS_KNOWN, _ALL_CONTROL) if rules else None
+            if rule is not None:
+                raise self._deny(f"moving the directory {old_path} to {new_path} would change what the rule "
+                                 f"{rule.mask!r} covers below it")
 
     def link(self, req: Request) -> bytes:
         (old,) = wire.fixed(req.body, abi.LINK_IN)
@@ -1597,6 +1616,16 @@ class FilterFS(LowerFS):
 _NAME_OFFSETS: dict[int, int] = {abi.Opcode.CREATE: abi.CREATE_IN.size, abi.Opcode.MKDIR: abi.MKDIR_IN.size,
             abi.Opcode.MKNOD: abi.MKNOD_IN.size, abi.Opcode.RENAME: abi.RENAME_IN.size,
             abi.Opcode.RENAME2: abi.RENAME2_IN.size, abi.Opcode.LINK: abi.LINK_IN.size}
+
+
+_ALL_CONTROL = (1 << 64) - 1
+
+
+def _is_dir(dir_fd: int, name: bytes) -> bool:
+    try:
+        return stat.S_ISDIR(os.stat(name, dir_fd=dir_fd, follow_symlinks=False).st_mode)
+    except OSError:
+        return False
 
 
 def _lock_length(start: int, end: int) -> int:

@@ -39,6 +39,7 @@ __all__ = [
     "ProcessSpec",
     "compile_mask",
     "file_matches_mask",
+    "moves_with_directory",
 ]
 
 # Beyond this many spellings (2 per component ending in ".*") a mask is matched by a position-set
@@ -166,6 +167,47 @@ def file_matches_mask(mask: str, file_name: str, case_sensitive: bool = True) ->
     subject = file_name[file_name.rfind("/") + 1:] if fm.name_only else file_name
     return bool(_folded_matcher(fm.path_mask)(subject)) != fm.inverted
 
+
+
+def moves_with_directory(fm: FileMask, old: str, new: str) -> bool:
+    """Whether moving the directory ``old`` to ``new`` (absolute, normalised) leaves the mask's verdict on
+    every path below it unchanged: ``old/r`` matches exactly when ``new/r`` does, for every non-empty ``r``.
+
+    Decided from the mask's text alone, conservatively: True only when it provably holds. It does for name
+    masks (the names below do not change), for masks that can match nothing below either place, and for a
+    mask whose fixed part lies above both places and whose rest is ``*`` followed by at most one
+    component's worth of text (``/data/*``, ``/data/*.csv``, ``*/report.pdf``): those look only at the
+    end of the path. Inversion does not change the answer (the complement moves with the mask).
+    """
+    if fm.name_only:
+        return True
+    return all(_spelling_moves(spelling, old, new) for spelling in _spellings(fm.path_mask, True))
+
+
+def _spelling_moves(pattern: str, old: str, new: str) -> bool:
+    wild = [i for i in (pattern.find("*"), pattern.find("?")) if i >= 0]
+    if not wild:  # a literal path: below one of the places, it names a file in one place only
+        return not (pattern.startswith(old + "/") or pattern.startswith(new + "/"))
+    head = pattern[: min(wild)]  # every path the mask matches starts with this text
+    reach = []
+    for place in (old, new):
+        below = place + "/"
+        if head.startswith(below):
+            return False  # the mask is anchored inside one of the places
+        reach.append(below.startswith(head))
+    if not any(reach):
+        return True  # nothing below either place can match
+    if not all(reach):
+        return False  # paths below one place can match, below the other none can
+    tail = pattern[len(head):]
+    if tail == "*":
+        return True
+    # "*S": whether a path matches depends on its last len(S) characters only, and those lie in the last
+    # component (S has no "/", or only one in front: "?" never matches "/").
+    if not tail.startswith("*") or "*" in tail[1:]:
+        return False
+    rest = tail[1:]
+    return "/" not in (rest[1:] if rest.startswith("/") else rest)
 
 # ---------------------------------------------------------------------------------------------- parsing
 

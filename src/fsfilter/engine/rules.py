@@ -39,7 +39,7 @@ from dataclasses import dataclass, field
 from operator import attrgetter
 from typing import Protocol
 
-from fsfilter.engine.masks import FileMask, ProcessLike, compile_mask
+from fsfilter.engine.masks import FileMask, ProcessLike, compile_mask, moves_with_directory
 
 __all__ = [
     "FILE_SYS_ATTR_ARCHIVE",
@@ -371,6 +371,36 @@ class RuleSet:
             if "/" not in key[len(below):] and key in self._exact:
                 return True
         return False
+
+    def relocation_rule(self, old: str, new: str, access: int, control: int) -> Rule | None:
+        """A rule with any of the ``access`` or ``control`` flags whose verdict on some path below the directory
+        ``old`` could differ from its verdict on the same relative path below ``new``: moving the directory would
+        carry files into or out of the rule. None when every such rule judges both places alike.
+
+        Decided from the masks (their fixed parts and what follows them), never by walking the tree; only
+        index entries at, above or below the two places are looked at, plus the rules that can match anywhere.
+        """
+        for rule in self._relocation_candidates(old, new):
+            if (rule.access & access or rule.control & control) and not moves_with_directory(rule.compiled, old, new):
+                return rule
+        return None
+
+    def _relocation_candidates(self, old: str, new: str) -> Iterator[Rule]:
+        yield from list(self._unanchored.values())  # literal name masks (_by_name) always move with a directory
+        anchors = self._sorted_anchors()
+        for place in (old, new):
+            below = place + "/"
+            for i in range(bisect_left(anchors, below), len(anchors)):
+                key = anchors[i]
+                if not key.startswith(below):
+                    break
+                yield from list(self._exact.get(key, {}).values())
+                yield from list(self._by_prefix.get(key, {}).values())
+            end = 0
+            while end != -1:  # prefixes at the place and above it
+                yield from list(self._by_prefix.get(place[:end] or "/", {}).values())
+                end = place.find("/", end + 1)
+            yield from list(self._by_prefix.get(place, {}).values())
 
     def _prefix_at_or_above(self, path: str) -> bool:
         """Whether a fixed prefix is ``path`` or one of its ancestors (prefix keys are directories)."""

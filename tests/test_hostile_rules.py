@@ -1,0 +1,135 @@
+"""The hostile-user suite, mount-backed rules: attacks an unprivileged user can make on CBFilter's access rules
+and on ``fsfilter hide``, each refused (issue 11, items 1 and 5).
+
+The attacker owns the files it attacks: file permissions would let it do everything, so only the rule stands
+in the way."""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+from conftest import force_unmount, needs_root
+from hostile import Attacker
+
+from fsfilter import CBFilter
+from fsfilter.api import constants as c
+
+pytestmark = [needs_root, pytest.mark.timeout(120)]
+
+# renameat2(AT_FDCWD, old, AT_FDCWD, new, flags) through ctypes, as the attacker's Python; prints the errno
+RENAMEAT2 = """
+import ctypes, os, sys
+libc = ctypes.CDLL(None, use_errno=True)
+flags = {"exchange": 2, "noreplace": 1, "plain": 0}[sys.argv[3]]
+r = libc.syscall(316, -100, sys.argv[1].encode(), -100, sys.argv[2].encode(), flags)
+print(0 if r == 0 else ctypes.get_errno())
+"""
+
+
+@pytest.fixture
+def cbfilter() -> Iterator[Callable[[], CBFilter]]:
+    made: list[CBFilter] = []
+
+    def make() -> CBFilter:
+        f = CBFilter()
+        made.append(f)
+        return f
+
+    try:
+        yield make
+    finally:
+        for f in made:
+            points = list(f._attached)
+            with contextlib.suppress(Exception):
+                f.stop_filter()
+            for p in points:
+                force_unmount(p)
+
+
+@pytest.fixture
+def payroll(scratch: Path, attacker: Attacker) -> Path:
+    """/data with hr/pay.csv, everything owned by the attacker."""
+    data = scratch / "data"
+    (data / "hr").mkdir(parents=True)
+    (data / "hr" / "pay.csv").write_text("alice,100\n")
+    (data / "pub").mkdir()
+    (data / "pub" / "notes.txt").write_text("notes\n")
+    for p in (data, data / "hr", data / "hr" / "pay.csv", data / "pub", data / "pub" / "notes.txt"):
+        attacker.give(p)
+    return data
+
+
+def protect(f: CBFilter, data: Path, mask: str, access: int) -> None:
+    f.add_filter_rule(f"{data}/*", c.ACCESS_NONE, c.FS_CE_NONE, c.FS_NE_ALL)  # "any flags" on the whole tree
+    f.add_filter_rule(mask, access, c.FS_CE_NONE, c.FS_NE_NONE)
+    f.start_filter()
+
+
+@pytest.mark.parametrize("access", [c.ACCESS_READ_ONLY | c.ACCESS_DELETE_PROTECT, c.ACCESS_DENY_ALL,
+                                    c.ACCESS_READ_ONLY])
+@pytest.mark.parametrize("rule", ["subtree", "file"])
+def test_renaming_a_parent_does_not_carry_a_file_out_of_its_rule(cbfilter: Callable[[], CBFilter], payroll: Path,
+                                                                attacker: Attacker, access: int,
+                                                                rule: str) -> None:
+    f = cbfilter()
+    protect(f, payroll, f"{payroll}/hr/*" if rule == "subtree" else f"{payroll}/hr/pay.csv", access)
+    r = attacker.sh(f"cd {payroll} && mv hr hr2; echo PWNED >> hr2/pay.csv; mv hr2 hr")
+    assert "PWNED" not in (payroll / "hr" / "pay.csv").read_text(), r.stderr
+    assert (payroll / "hr").is_dir() and not (payroll / "hr2").exists()
+    # the same with the grandparent: the attacker makes a new level and moves the tree under it
+    r = attacker.sh(f"cd {payroll} && mkdir box && mv hr box/hr; echo PWNED >> box/hr/pay.csv")
+    assert "PWNED" not in (payroll / "hr" / "pay.csv").read_text(), r.stderr
+    # what the rule does not cover still moves freely
+    assert attacker.sh(f"cd {payroll} && mv pub pub2 && mv pub2 pub").returncode == 0
+
+
+def test_exchanging_a_parent_is_refused(cbfilter: Callable[[], CBFilter], payroll: Path, attacker: Attacker) -> None:
+    f = cbfilter()
+    protect(f, payroll, f"{payroll}/hr/*", c.ACCESS_READ_ONLY | c.ACCESS_DELETE_PROTECT)
+    r = attacker.python(RENAMEAT2, f"{payroll}/hr", f"{payroll}/pub", "exchange")
+    assert int(r.stdout) in (errno.EACCES, errno.EPERM), r.stderr
+    assert (payroll / "hr" / "pay.csv").read_text() == "alice,100\n"
+    assert (payroll / "pub" / "notes.txt").exists()
+    # into the rule's place: a tree of the attacker's moved where the rule would now cover it (the reverse)
+    (payroll / "pub" / "in").mkdir()
+    attacker.give(payroll / "pub" / "in")
+    r = attacker.python(RENAMEAT2, f"{payroll}/pub/in", f"{payroll}/hr/in", "noreplace")
+    assert int(r.stdout) in (errno.EACCES, errno.EPERM), r.stderr
+
+
+def test_moving_a_directory_under_a_tree_wide_rule_still_works(cbfilter: Callable[[], CBFilter], payroll: Path,
+                                                               attacker: Attacker) -> None:
+    """A rule whose verdict depends only on names (``*.csv`` anywhere below /data) judges every place in the
+    tree alike: directories move as usual, and the file stays protected in its new place."""
+    f = cbfilter()
+    protect(f, payroll, f"{payroll}/*.csv", c.ACCESS_READ_ONLY)
+    r = attacker.sh(f"cd {payroll} && mv hr hr2")
+    assert r.returncode == 0, r.stderr
+    r = attacker.sh(f"echo PWNED >> {payroll}/hr2/pay.csv")
+    assert r.returncode != 0
+    assert (payroll / "hr2" / "pay.csv").read_text() == "alice,100\n"
+
+
+def test_control_event_rules_are_not_escaped_by_moving_a_parent(cbfilter: Callable[[], CBFilter], payroll: Path,
+                                                                attacker: Attacker) -> None:
+    """A DLP handler (Before-open) on /data/hr/*: a moved parent would take the files out of its sight."""
+    f = cbfilter()
+    opened: list[str] = []
+
+    def before_open(e: object) -> None:
+        opened.append(e.file_name)  # type: ignore[attr-defined]
+        e.result_code = errno.EACCES  # type: ignore[attr-defined]
+
+    f.on_before_open_file = before_open
+    f.add_filter_rule(f"{payroll}/*", c.ACCESS_NONE, c.FS_CE_NONE, c.FS_NE_ALL)  # attach point: /data
+    f.add_filter_rule(f"{payroll}/hr/*", c.ACCESS_NONE, c.FS_CE_BEFORE_OPEN, c.FS_NE_NONE)
+    f.start_filter()
+    r = attacker.sh(f"cd {payroll} && mv hr hr2; cat hr2/pay.csv")
+    assert "alice" not in r.stdout
+    assert os.path.isdir(payroll / "hr") and "mv:" in r.stderr
+    assert f"{payroll}/hr2/pay.csv" not in opened
