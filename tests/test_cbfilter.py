@@ -282,8 +282,8 @@ def test_deny_open_and_hide(cbfilter: Callable[[], CBFilter], data: Path) -> Non
 
 
 def test_hidden_file_cannot_be_opened_with_o_creat(cbfilter: Callable[[], CBFilter], data: Path) -> None:
-    """open(O_CREAT) of an uncached name reaches the daemon as CREATE even when the file exists: that is an
-    open of an existing file, and a before-open handler that hides the name refuses it too."""
+    """open(O_CREAT) of an uncached name reaches the daemon as CREATE even when the file exists. Of a hidden
+    name it is refused with EACCES (ENOENT or EEXIST would tell that something is there)."""
     f = cbfilter()
     rec = Recorder()
 
@@ -297,8 +297,9 @@ def test_hidden_file_cannot_be_opened_with_o_creat(cbfilter: Callable[[], CBFilt
     f.add_filter_rule(f"{data}/*", 0, c.FS_CE_BEFORE_OPEN, c.FS_NE_CREATE | c.FS_NE_OPEN)
     f.start_filter()
     a, log = str(data / "a.txt"), str(data / "sub" / "b.log")
-    assert errno_of(f"open({a!r}, 'a').write('x')") == errno.ENOENT
-    assert errno_of(f"os.close(os.open({a!r}, os.O_RDWR | os.O_CREAT, 0o644))") == errno.ENOENT
+    assert errno_of(f"open({a!r}, 'a').write('x')") == errno.EACCES
+    assert errno_of(f"os.close(os.open({a!r}, os.O_RDWR | os.O_CREAT, 0o644))") == errno.EACCES
+    assert errno_of(f"os.close(os.open({a!r}, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644))") == errno.EACCES
     # An existing file opened with O_CREAT fires open events, a new one create events.
     assert errno_of(f"os.close(os.open({log!r}, os.O_WRONLY | os.O_CREAT, 0o644))") == 0
     new = str(data / "sub" / "new.txt")

@@ -9,11 +9,14 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import signal
+import subprocess
+import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from conftest import force_unmount, needs_root
+from conftest import SRC, force_unmount, is_mounted, needs_root, wait_for
 from hostile import Attacker
 
 from fsfilter import CBFilter
@@ -133,3 +136,92 @@ def test_control_event_rules_are_not_escaped_by_moving_a_parent(cbfilter: Callab
     assert "alice" not in r.stdout
     assert os.path.isdir(payroll / "hr") and "mv:" in r.stderr
     assert f"{payroll}/hr2/pay.csv" not in opened
+
+
+# ------------------------------------------------------------------------------------------ fsfilter hide (item 5)
+
+
+@pytest.fixture
+def hidden_tree(scratch: Path, attacker: Attacker) -> Iterator[tuple[Path, Path]]:
+    """``fsfilter hide DIR 'secret*'`` on a tree the attacker owns: a hidden file, a hidden directory (with a
+    file in it), and a directory whose only entry is hidden. Yields DIR and the lower directory below the mount
+    (through an fd opened before it), where the test sees what is really there."""
+    d = scratch / "h"
+    (d / "secretdir").mkdir(parents=True)
+    (d / "secretdir" / "inner.txt").write_text("inner\n")
+    (d / "secret4.txt").write_text("the hidden data\n")
+    (d / "only").mkdir()
+    (d / "only" / "secret.key").write_text("key\n")
+    (d / "attacker.txt").write_text("attacker\n")
+    for p in (d, d / "secretdir", d / "secretdir" / "inner.txt", d / "secret4.txt", d / "only",
+              d / "only" / "secret.key", d / "attacker.txt"):
+        attacker.give(p)
+    env = {**os.environ, "PYTHONPATH": str(SRC)}
+    below = os.open(d, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    proc = subprocess.Popen([sys.executable, "-m", "fsfilter", "hide", str(d), "secret*"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        assert wait_for(lambda: is_mounted(d) or proc.poll() is not None, 20) and proc.poll() is None
+        yield d, Path(f"/proc/{os.getpid()}/fd/{below}")
+    finally:
+        os.close(below)
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGINT)
+        try:
+            proc.communicate(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.communicate(timeout=10)
+        force_unmount(d)
+
+
+def _errno(attacker: Attacker, code: str) -> int:
+    r = attacker.python("import os, sys, errno\ntry:\n    " + code.replace("\n", "\n    ")
+                        + "\nexcept OSError as e:\n    print(e.errno)\nelse:\n    print(0)\n")
+    assert r.stdout.strip(), r.stderr
+    return int(r.stdout.split()[-1])
+
+
+def test_hidden_names_cannot_be_replaced_or_probed(hidden_tree: tuple[Path, Path], attacker: Attacker) -> None:
+    d, lower = hidden_tree
+    # every operation that would create or replace a hidden name fails, and with EACCES (not EEXIST: that would
+    # say the name exists)
+    attacks = {
+        "rename over it": f"os.rename({str(d / 'attacker.txt')!r}, {str(d / 'secret4.txt')!r})",
+        "hard link to it": f"os.link({str(d / 'attacker.txt')!r}, {str(d / 'secret4.txt')!r})",
+        "symlink at it": f"os.symlink('x', {str(d / 'secret4.txt')!r})",
+        "mkdir at it": f"os.mkdir({str(d / 'secretdir')!r})",
+        "create with O_EXCL": f"os.close(os.open({str(d / 'secret4.txt')!r}, os.O_WRONLY | os.O_CREAT | os.O_EXCL))",
+        "create with O_TRUNC": f"os.close(os.open({str(d / 'secret4.txt')!r}, os.O_WRONLY | os.O_CREAT | os.O_TRUNC))",
+        "rename a directory over it": f"os.mkdir({str(d / 'dd')!r}); os.rename({str(d / 'dd')!r}, "
+                                      f"{str(d / 'secretdir')!r})",
+    }
+    for what, code in attacks.items():
+        assert _errno(attacker, code) == errno.EACCES, what
+    r = attacker.python(RENAMEAT2, str(d / "attacker.txt"), str(d / "secret4.txt"), "noreplace")
+    assert int(r.stdout) == errno.EACCES, r.stderr
+    # removing or replacing a directory whose entries are all hidden: not ENOTEMPTY (which reveals them)
+    assert _errno(attacker, f"os.rmdir({str(d / 'only')!r})") == errno.EACCES
+    assert _errno(attacker, f"os.mkdir({str(d / 'empty')!r}); os.rename({str(d / 'empty')!r}, "
+                            f"{str(d / 'only')!r})") == errno.EACCES
+    # a directory with visible entries still says ENOTEMPTY, as it would natively
+    assert _errno(attacker, f"os.mkdir({str(d / 'vis')!r}); open({str(d / 'vis' / 'f')!r}, 'w').close(); "
+                            f"os.rmdir({str(d / 'vis')!r})") == errno.ENOTEMPTY
+    # the link count of the parent does not count the hidden directory
+    r = attacker.python(f"import os; print(os.stat({str(d)!r}).st_nlink)")
+    assert int(r.stdout) == 1, r.stderr
+    # nothing hidden was changed
+    assert (lower / "secret4.txt").read_text() == "the hidden data\n"
+    assert (lower / "secretdir" / "inner.txt").read_text() == "inner\n"
+    assert (lower / "only" / "secret.key").read_text() == "key\n"
+    # and the names stay absent for the attacker
+    r = attacker.sh(f"ls -a {d} {d}/only; cat {d}/secret4.txt")
+    assert "secret" not in r.stdout and "No such file" in r.stderr
+
+
+def test_moving_directories_under_a_hide_still_works(hidden_tree: tuple[Path, Path], attacker: Attacker) -> None:
+    """Hiding is by name: a moved directory keeps its hidden names hidden, so moving is allowed."""
+    d, lower = hidden_tree
+    r = attacker.sh(f"cd {d} && mv only elsewhere && ls -a elsewhere && cat elsewhere/secret.key")
+    assert "secret" not in r.stdout and "No such file" in r.stderr
+    assert (lower / "elsewhere" / "secret.key").read_text() == "key\n"

@@ -328,11 +328,11 @@ def run_hide(args: argparse.Namespace) -> int:
     filt.on_before_open_file = on_open
     filt.on_before_create_file = on_open
     filt.on_after_enumerate_directory = on_list
+    # Name masks, on the one attach point: what they match does not depend on where a directory is, so moving
+    # directories below PATH stays possible and cannot uncover anything.
+    filt.add_attach_point(path)
     for pattern in args.patterns:
-        filt.add_filter_rule(f"{path.rstrip('/')}/*/{pattern}", c.ACCESS_NONE,
-                             c.FS_CE_BEFORE_OPEN | c.FS_CE_BEFORE_CREATE, c.FS_NE_NONE)
-        filt.add_filter_rule(f"{path.rstrip('/')}/{pattern}", c.ACCESS_NONE,
-                             c.FS_CE_BEFORE_OPEN | c.FS_CE_BEFORE_CREATE, c.FS_NE_NONE)
+        filt.add_filter_rule(pattern, c.ACCESS_NONE, c.FS_CE_BEFORE_OPEN | c.FS_CE_BEFORE_CREATE, c.FS_NE_NONE)
     filt.add_filter_rule(path, c.ACCESS_NONE, c.FS_CE_AFTER_ENUMERATE_DIRECTORY, c.FS_NE_NONE)
     filt.add_filter_rule(path.rstrip("/") + "/*", c.ACCESS_NONE, c.FS_CE_AFTER_ENUMERATE_DIRECTORY, c.FS_NE_NONE)
     return _serve_cbfilter(filt, f"hiding {', '.join(args.patterns)} below {path}")

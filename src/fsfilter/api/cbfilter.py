@@ -101,11 +101,11 @@ _CONFIG_DEFAULTS: dict[str, str] = {
     "FilterOwnRequests": "false", "MinWorkerThreadCount": "1", "MaxWorkerThreadCount": "0",
     "DenyExpiredEvents": "false", "ModifiableReadWriteBuffers": "true", "AllowFileAccessInBeforeOpen": "true",
     "EntryTimeout": "60", "AttrTimeout": "60", "NegativeTimeout": "10", "KernelPassthrough": "true",
-    "AccessViaFanotify": "false",
+    "AccessViaFanotify": "false", "HideDirectoryLinkCounts": "true",
 }
 _COUNT_SETTINGS = {"MinWorkerThreadCount", "MaxWorkerThreadCount"}
 _BOOL_SETTINGS = {"FilterOwnRequests", "DenyExpiredEvents", "ModifiableReadWriteBuffers",
-                  "AllowFileAccessInBeforeOpen", "KernelPassthrough", "AccessViaFanotify"}
+                  "AllowFileAccessInBeforeOpen", "KernelPassthrough", "AccessViaFanotify", "HideDirectoryLinkCounts"}
 
 
 def _check_flags(name: str, value: int, known: int) -> int:

@@ -187,8 +187,9 @@ class _Handle:
 class _StatView:
     """A stat result with sizes an event handler changed (what wire.encode_attr reads)."""
 
-    def __init__(self, st: os.stat_result, size: int, blocks: int) -> None:
-        for name in ("st_ino", "st_mode", "st_nlink", "st_uid", "st_gid", "st_rdev", "st_blksize", "st_atime_ns",
+    def __init__(self, st: os.stat_result, size: int, blocks: int, nlink: int | None = None) -> None:
+        self.st_nlink = st.st_nlink if nlink is None else nlink
+        for name in ("st_ino", "st_mode", "st_uid", "st_gid", "st_rdev", "st_blksize", "st_atime_ns",
                      "st_mtime_ns", "st_ctime_ns"):
             setattr(self, name, getattr(st, name))
         self.st_size = size
@@ -517,6 +518,85 @@ class FilterFS(LowerFS):
                 reply = _no_cache(reply)
         return reply
 
+    # -- hidden names: absent for every operation that names them
+
+    def _lookup_refusal(self, req: Request, parent: Inode, name: bytes) -> int:
+        """The errno a LOOKUP of this *existing* name would get from the before-open handler (0: none, or the
+        name does not exist). A name hidden that way must behave as absent for every request naming it."""
+        core = self.core
+        if not core.control_handlers & c.FS_CE_BEFORE_OPEN or core.handler("before_open_file") is None:
+            return 0
+        path = self.child_path(parent.nodeid, name)
+        flags = self.effective(self.match_name(path), req.pid, parent=parent, name=name)
+        if not flags.control & c.FS_CE_BEFORE_OPEN:
+            return 0
+        dfd, at, owned = self.where(None, parent, name)
+        try:
+            os.stat(at, dir_fd=dfd, follow_symlinks=False)
+        except OSError:
+            return 0
+        finally:
+            if owned:
+                os.close(dfd)
+        try:
+            self.fire("before_open_file", c.FS_CE_BEFORE_OPEN, flags, self.origin(req), file_name=path,
+                      desired_access=c.DESIRED_ACCESS_FILE_READ_ATTRIBUTES, options=os.O_PATH, flags=os.O_PATH,
+                      create_disposition=c.FILE_DISPOSITION_OPEN_EXISTING)
+        except OSError as exc:
+            return exc.errno or errno.EACCES
+        return 0
+
+    def _check_not_hidden(self, req: Request, parent: Inode, name: bytes) -> None:
+        """Refuse to create, link or rename over a name a handler hides. Doing it would destroy the hidden object
+        (or fail with EEXIST, which reveals it): EACCES says neither."""
+        if self._lookup_refusal(req, parent, name):
+            raise OSError(errno.EACCES, "the name is hidden by an event handler")
+
+    def _only_hidden_inside(self, req: Request, parent: Inode, name: bytes) -> bool:
+        """Whether the directory ``name`` holds entries, all of them hidden (its rmdir or replacement failed with
+        ENOTEMPTY, which would reveal them). Stops at the first visible entry."""
+        try:
+            fd = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=parent.fd)
+        except OSError:
+            return False
+        try:
+            view = Inode(-1, fd, (0, 0), parent.nodeid, name)
+            path = self.child_path(parent.nodeid, name)
+            seen = False
+            for entry in os.scandir(fd):
+                seen = True
+                child = os.fsencode(entry.name)
+                child_path = path + "/" + entry.name
+                flags = self.effective(self.match_name(child_path), req.pid, parent=view, name=child)
+                if not flags.control & c.FS_CE_BEFORE_OPEN:
+                    return False
+                try:
+                    self.fire("before_open_file", c.FS_CE_BEFORE_OPEN, flags, self.origin(req), file_name=child_path,
+                              desired_access=c.DESIRED_ACCESS_FILE_READ_ATTRIBUTES, options=os.O_PATH,
+                              flags=os.O_PATH, create_disposition=c.FILE_DISPOSITION_OPEN_EXISTING)
+                except OSError:
+                    continue
+                return False
+            return seen
+        finally:
+            os.close(fd)
+
+    def _hiding_children(self, nodeid: int) -> bool:
+        """Whether a handler may hide names in this directory (then its link count, which counts
+        subdirectories, would give hidden ones away)."""
+        core = self.core
+        if not core.control_handlers & (c.FS_CE_BEFORE_OPEN | c.FS_CE_AFTER_ENUMERATE_DIRECTORY) or \
+                not core.config_bool("HideDirectoryLinkCounts"):
+            return False
+        return self.reaches(nodeid) and core.rules.may_match_child(self.abspath(nodeid))
+
+    def shown(self, nodeid: int, st: os.stat_result) -> Any:
+        if st.st_nlink >= 2 and stat.S_ISDIR(st.st_mode) and self._hiding_children(nodeid):
+            # 1 is what file systems without subdirectory counts (btrfs) report; find(1) copes with it.
+            view = _StatView(st, st.st_size, st.st_blocks, nlink=1)
+            return view
+        return st
+
     def _keep_match(self, entry: bytes, m: PathMatch) -> None:
         """Cache the match of the path an entry reply just named, under the node id it gave."""
         nodeid = struct.unpack_from("<Q", entry, 0)[0]
@@ -572,7 +652,7 @@ class FilterFS(LowerFS):
         if p is None:
             return reply
         view: Any = _StatView(st, size, (alloc + 511) // 512)
-        return wire.encode_attr_out(view, timeout)
+        return wire.encode_attr_out(self.shown(req.nodeid, view), timeout)
 
     # -- create and open
 
@@ -697,6 +777,8 @@ class FilterFS(LowerFS):
             finally:
                 if owned:
                     os.close(dfd)
+        if existing is not None:
+            self._check_not_hidden(req, parent, name)
         created = existing is None or bool(open_flags & os.O_EXCL)
         self._check_open_access(flags, open_flags, created)
         known = self.by_key.get((existing.st_dev, existing.st_ino)) if existing is not None else None
@@ -729,6 +811,7 @@ class FilterFS(LowerFS):
         if flags.access & (c.ACCESS_DENY_ALL | c.ACCESS_READ_ONLY) and not (
                 flags.control & c.FS_CE_BEFORE_CREATE and self.core.handler("before_create_file")):
             raise self._deny("read-only")
+        self._check_not_hidden(req, self.inode(req.nodeid), name)
         origin = self.origin(req)
         fields: dict[str, Any] = dict(file_name=path, desired_access=c.DESIRED_ACCESS_FILE_WRITE_DATA,
                                       attributes=attributes, options=0, flags=0, mode=mode,
@@ -1208,7 +1291,7 @@ class FilterFS(LowerFS):
                           directory_context=self.file_context(parent.nodeid),
                           handle_context=handle.context if handle else 0,
                           enumeration_context=handle.enum_context if handle else 0, **fields)
-        view: Any = st
+        view: Any = self.shown(nodeid, st) if nodeid else st
         timeouts = (self.options.entry_timeout, self.options.attr_timeout)
         if after is not None:
             if handle is not None:
@@ -1216,7 +1299,7 @@ class FilterFS(LowerFS):
             if not after.process_request:
                 return None  # the handler hid the entry
             if int(after.size) != st.st_size or int(after.allocation_size) != st.st_blocks * 512:
-                view = _StatView(st, int(after.size), (int(after.allocation_size) + 511) // 512)
+                view = _StatView(view, int(after.size), (int(after.allocation_size) + 511) // 512)
                 timeouts = (0.0, 0.0)
             for key in ("size", "allocation_size", "attributes"):
                 fields[key] = getattr(after, key)
@@ -1268,7 +1351,13 @@ class FilterFS(LowerFS):
         # process_request = False: the handler completed the delete (or chose to report it done).
         handled = before is not None and not before.process_request
         try:
-            reply = b"" if handled else serve(req)
+            try:
+                reply = b"" if handled else serve(req)
+            except OSError as exc:
+                if is_dir and exc.errno == errno.ENOTEMPTY and self._only_hidden_inside(req, self.inode(req.nodeid),
+                                                                                         name):
+                    raise OSError(errno.EACCES, "the directory holds hidden names") from exc
+                raise
         except OSError as exc:
             if self.after_ok(exc.errno or errno.EIO):
                 self.fire("after_delete_file", c.FS_CE_AFTER_DELETE, flags, origin, file_name=path,
@@ -1301,6 +1390,7 @@ class FilterFS(LowerFS):
         f_new = self.effective(m_new, req.pid, parent=new_dir, name=new)
         self._check_rename_access(f_old, f_new, new_dir, new, flags_in)
         self._check_subtree_move(req.pid, old_dir, old, new_dir, new, old_path, new_path, flags_in)
+        self._check_not_hidden(req, new_dir, new)
         flags = Flags(f_old.access | f_new.access, f_old.control | f_new.control, f_old.notify | f_new.notify)
         origin = self.origin(req)
         replace = not flags_in & 1  # RENAME_NOREPLACE
@@ -1316,7 +1406,12 @@ class FilterFS(LowerFS):
                 if flags_in & 2:
                     self._moved(old_dir, old)
             else:
-                reply = super()._rename(req, newdir, flags_in, offset)
+                try:
+                    reply = super()._rename(req, newdir, flags_in, offset)
+                except OSError as exc:
+                    if exc.errno == errno.ENOTEMPTY and self._only_hidden_inside(req, new_dir, new):
+                        raise OSError(errno.EACCES, "the directory holds hidden names") from exc
+                    raise
         except OSError as exc:
             if self.after_ok(exc.errno or errno.EIO):
                 self.fire("after_rename_or_move_file", c.FS_CE_AFTER_RENAME, flags, origin, status=exc.errno,
@@ -1384,6 +1479,7 @@ class FilterFS(LowerFS):
             raise self._deny("a hard link would bypass an access rule")
         if f_new.access & (c.ACCESS_DENY_ALL | c.ACCESS_READ_ONLY):
             raise self._deny("read-only")
+        self._check_not_hidden(req, self.inode(req.nodeid), name)
         flags = Flags(f_src.access | f_new.access, f_src.control | f_new.control, f_src.notify | f_new.notify)
         origin = self.origin(req)
         fields: dict[str, Any] = dict(file_name=src_path, link_name=link_path, replace_if_exists=False)
@@ -1452,7 +1548,7 @@ class FilterFS(LowerFS):
         for event, bit, _nbit, fields in events:
             before = self.fire(f"before_{event}", bit, flags, origin, **ctx, **fields)
             if before is not None and not before.process_request:
-                return wire.encode_attr_out(os.fstat(node.fd), 0.0)
+                return wire.encode_attr_out(self.shown(node.nodeid, os.fstat(node.fd)), 0.0)
         reply, error = self.attempt(lambda: super(FilterFS, self).setattr(req))
         for event, bit, nbit, fields in events:
             self.fire(f"after_{event}", bit << 1, flags, origin, status=error, **ctx, **fields)

@@ -21,6 +21,7 @@ import stat
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from fsfilter.abi import fuse as abi
 from fsfilter.abi import linux
@@ -214,7 +215,8 @@ class LowerFS:
             os.close(fd)
             raise
         node = self._remember(fd, st, parent, name)
-        return wire.encode_entry(node.nodeid, st, self.options.entry_timeout, self.options.attr_timeout)
+        return wire.encode_entry(node.nodeid, self.shown(node.nodeid, st), self.options.entry_timeout,
+                                 self.options.attr_timeout)
 
     def where(self, req: Request | None, parent: Inode, name: bytes) -> tuple[int, bytes, bool]:
         """The directory fd and name that a request naming ``name`` in ``parent`` acts on, and whether the
@@ -239,6 +241,10 @@ class LowerFS:
             os.close(fd)
             raise
         return self._remember(fd, st, parent.nodeid, name), st
+
+    def shown(self, nodeid: int, st: os.stat_result) -> Any:
+        """The attributes replies show for node ``nodeid`` (a subclass may change them)."""
+        return st
 
     def hides(self, parent: Inode, name: bytes) -> bool:
         """Whether a listing leaves this name out (for subclasses; LOOKUP must then refuse it too)."""
@@ -311,7 +317,7 @@ class LowerFS:
         node = self.inode(req.nodeid)
         f = self.files.get(fh) if flags & abi.FUSE_GETATTR_FH else None
         st = os.fstat(f.fd if f is not None else node.fd)
-        return wire.encode_attr_out(st, self.options.attr_timeout)
+        return wire.encode_attr_out(self.shown(node.nodeid, st), self.options.attr_timeout)
 
     def setattr(self, req: Request) -> bytes:
         (valid, _, fh, size, _owner, atime, mtime, _ctime, atime_ns, mtime_ns, _ctime_ns, mode, _, uid, gid,
@@ -346,7 +352,7 @@ class LowerFS:
         if valid & (abi.FATTR_ATIME | abi.FATTR_MTIME | abi.FATTR_ATIME_NOW | abi.FATTR_MTIME_NOW):
             libc.utimensat_fd(node.fd, _time_arg(valid, abi.FATTR_ATIME, abi.FATTR_ATIME_NOW, atime, atime_ns),
                               _time_arg(valid, abi.FATTR_MTIME, abi.FATTR_MTIME_NOW, mtime, mtime_ns))
-        return wire.encode_attr_out(os.fstat(node.fd), self.options.attr_timeout)
+        return wire.encode_attr_out(self.shown(node.nodeid, os.fstat(node.fd)), self.options.attr_timeout)
 
     def readlink(self, req: Request) -> bytes:
         return libc.readlink_fd(self.inode(req.nodeid).fd)
@@ -752,7 +758,8 @@ class LowerFS:
             node, st = self._lookup_child(parent, name)
         except FileNotFoundError:
             return None  # gone since it was listed
-        entry = wire.encode_entry(node.nodeid, st, self.options.entry_timeout, self.options.attr_timeout)
+        entry = wire.encode_entry(node.nodeid, self.shown(node.nodeid, st), self.options.entry_timeout,
+                                  self.options.attr_timeout)
         return entry + wire.encode_dirent(st.st_ino, next_off, dtype, name)
 
     def readdir(self, req: Request) -> bytes:
