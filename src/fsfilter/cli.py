@@ -224,6 +224,30 @@ def _now(fmt: str) -> str:
     return hit[1]
 
 
+_C_ESCAPES = {"\a": "\\a", "\b": "\\b", "\t": "\\t", "\n": "\\n", "\v": "\\v", "\f": "\\f", "\r": "\\r",
+              "\\": "\\\\"}
+
+
+def escape_text(text: str) -> str:
+    """``text`` safe to print as one line, as ``ls -b`` prints names: C escapes for control characters and the
+    backslash, ``\\ooo`` (octal) for the bytes of a name that are not valid UTF-8 and for other unprintable
+    characters (bidi overrides, line separators …), so that a file name or command line can neither start a
+    forged line nor send terminal escapes."""
+    if text.isprintable() and "\\" not in text:
+        return text
+    out = []
+    for ch in text:
+        if ch in _C_ESCAPES:
+            out.append(_C_ESCAPES[ch])
+        elif ch.isprintable():
+            out.append(ch)
+        elif "\udc80" <= ch <= "\udcff":  # a byte os.fsdecode could not decode
+            out.append(f"\\{ord(ch) - 0xDC00:03o}")
+        else:
+            out.extend(f"\\{b:03o}" for b in ch.encode("utf-8", "surrogatepass"))
+    return "".join(out)
+
+
 def _printer(event: str, originator: Callable[[], tuple[str, int]], as_json: bool,
              lock: threading.Lock) -> Callable[[Any], None]:
     def show(p: Any) -> None:
@@ -240,7 +264,7 @@ def _printer(event: str, originator: Callable[[], tuple[str, int]], as_json: boo
                            else field] = value
             line = json.dumps(record)
         else:
-            line = f"{_now('%H:%M:%S')} {name or '?'}({pid}) {_describe(event, p)}"
+            line = escape_text(f"{_now('%H:%M:%S')} {name or '?'}({pid}) {_describe(event, p)}")
         with lock:
             # Line by line to a terminal; to a file or a pipe, in blocks (the serving loops flush every 0.2 s):
             # a write(2) per event would cost the watched workload more than the event itself.
@@ -377,6 +401,8 @@ def run_procmon(args: argparse.Namespace) -> int:
                         f"status {fields['exit_status']}")
             else:
                 line = f"{_now('%H:%M:%S')} {event} {fields['process_id']:>7} thread {fields['thread_id']}"
+            if not args.json:
+                line = escape_text(line)
             with lock:
                 sys.stdout.write(line + "\n")
                 if interactive:
@@ -413,8 +439,8 @@ def run_deny_exec(args: argparse.Namespace) -> int:
             target = e.image_file_name if "/" in mask else os.path.basename(e.image_file_name)
             if file_matches_mask(mask, target):
                 e.result_code = errno.EPERM
-                print(f"{_now('%H:%M:%S')} refused {e.image_file_name} (pid {e.process_id}): {e.command_line}",
-                      flush=True)
+                print(escape_text(f"{_now('%H:%M:%S')} refused {e.image_file_name} (pid {e.process_id}): "
+                                  f"{e.command_line}"), flush=True)
                 return
 
     proc.on_process_creation = creation
