@@ -178,6 +178,8 @@ PROTECT_FLAGS_HELP: dict[str, str] = {
 
 
 def _directory(path: str) -> str:
+    if not path.strip():
+        raise CBFSFilterError(errno.EINVAL, "the directory is an empty string: give the directory to filter")
     real = os.path.realpath(path)
     if not os.path.isdir(real):
         raise CBFSFilterError(errno.ENOTDIR, f"{path} is not a directory: give the directory to filter")

@@ -63,3 +63,12 @@ def syscall_number(name: str) -> int:
     if table is None:
         raise OSError(f"unsupported architecture {machine}: fsfilter knows x86_64 and aarch64")
     return table[name]
+
+# statfs f_type of file systems a filter cannot stand on: kernel-generated content, no real files (linux/magic.h)
+PSEUDO_FS_MAGIC = {
+    0x9FA0: "proc", 0x62656572: "sysfs", 0x0027E0EB: "cgroup", 0x63677270: "cgroup2", 0x64626720: "debugfs",
+    0x74726163: "tracefs", 0x73636673: "securityfs", 0x1CD1: "devpts", 0xCAFE4A11: "bpf", 0x62656570: "configfs",
+    0x65735543: "fusectl", 0x6165676C: "pstore", 0xDE5E81E4: "efivarfs", 0xF97CFF8C: "selinuxfs",
+    0x19800202: "mqueue", 0x6E736673: "nsfs", 0x42494E4D: "binfmt_misc", 0x0187: "autofs", 0x958458F6: "hugetlbfs",
+}
+FUSE_SUPER_MAGIC = 0x65735546

@@ -18,11 +18,11 @@ from typing import Any
 from fsfilter.abi import fuse as abi
 from fsfilter.api import constants as c
 from fsfilter.api import fileinfo
-from fsfilter.api.event_source import RuleTables
+from fsfilter.api.event_source import RuleTables, check_thread_count
 from fsfilter.api.fanotify_access import FANOTIFY_ACCESS, FanotifyAccess
 from fsfilter.api.filter_fs import FilterFS
 from fsfilter.api.params import FILTER_PARAMS
-from fsfilter.api.passthrough import PassthroughFilter
+from fsfilter.api.passthrough import PassthroughFilter, check_filterable
 from fsfilter.engine import dispatch
 from fsfilter.engine.masks import MaskError, file_matches_mask
 from fsfilter.engine.reparse import ReparseRules
@@ -37,6 +37,8 @@ from fsfilter.wire import fuse as wire
 log = logging.getLogger("fsfilter")
 
 # Directories the filter never mounts over: the system would stop working, or the directory is virtual.
+MAX_ATTACH_POINTS = 64
+MAX_TIMEOUT_MS = 2**31 - 1  # about 24.8 days: what the SDK's 32-bit timeout can say, and what threads can wait
 FORBIDDEN_ATTACH = frozenset({"/", "/proc", "/sys", "/dev", "/usr", "/etc", "/boot", "/bin", "/sbin", "/lib",
                               "/lib64", "/run", "/var", "/tmp"})
 
@@ -327,8 +329,9 @@ class CBFilter(RuleTables):
                 raise CBFSFilterError(errno.EALREADY, "the filter is already started; call stop_filter first")
             if os.geteuid() != 0:
                 raise CBFSFilterError(errno.EPERM, "CBFilter mounts over directories and needs root (CAP_SYS_ADMIN)")
-            if not isinstance(timeout, int) or timeout < 0:
-                raise CBFSFilterError(errno.EINVAL, f"timeout must be milliseconds >= 0, not {timeout!r}")
+            if not isinstance(timeout, int) or isinstance(timeout, bool) or not 0 <= timeout <= MAX_TIMEOUT_MS:
+                raise CBFSFilterError(errno.EINVAL, f"timeout must be milliseconds from 0 (no limit) to "
+                                                    f"{MAX_TIMEOUT_MS}, not {timeout!r}")
             points = self._wanted_attach_points()
             guarded = [r for r in self.rules if self._via_fanotify(r)]
             if not points and not guarded:
@@ -403,6 +406,9 @@ class CBFilter(RuleTables):
         real = self._check_attach_path(path)
         with self._lock:
             if real not in self._attach_points:
+                if len(self._attach_points) >= MAX_ATTACH_POINTS:
+                    raise CBFSFilterError(errno.ENOSPC, f"a filter has at most {MAX_ATTACH_POINTS} attach points (each "
+                                                        "is a mount with its own threads): attach a common parent")
                 self._attach_points.append(real)
             if self._active:
                 self._sync_attachments()
@@ -439,7 +445,13 @@ class CBFilter(RuleTables):
             raise CBFSFilterError(errno.EPERM, f"fsfilter does not mount over {real}: name a directory below it")
         if not os.path.isdir(real):
             raise CBFSFilterError(errno.ENOTDIR, f"{real} is not an existing directory")
+        if not self._covered(real):
+            check_filterable(real)
         return real
+
+    def _covered(self, path: str) -> bool:
+        """Whether ``path`` is one of this filter's mounted attach points or lies below one (it needs no mount)."""
+        return any(path == q or path.startswith(q.rstrip("/") + "/") for q in self._attached)
 
     def _wanted_attach_points(self) -> list[str]:
         wanted: set[str] = set(self._attach_points)
@@ -470,6 +482,13 @@ class CBFilter(RuleTables):
         for p in sorted(wanted):
             if not any(p == q or p.startswith(q.rstrip("/") + "/") for q in out):
                 out.append(p)
+        for p in out:
+            if not self._covered(p):
+                check_filterable(p)
+        if len(out) > MAX_ATTACH_POINTS:
+            raise CBFSFilterError(errno.ENOSPC, f"the rules name {len(out)} directories to mount over, more than "
+                                                f"{MAX_ATTACH_POINTS}: use masks below a common parent, or "
+                                                "add_attach_point(parent)")
         return out
 
     def _via_fanotify(self, rule: Any) -> bool:
@@ -701,6 +720,9 @@ class CBFilter(RuleTables):
 
     def config(self, configuration_string: str) -> str:
         """``"Name=Value"`` sets a setting, ``"Name"`` reads it. Unknown names raise."""
+        if not isinstance(configuration_string, str):
+            raise CBFSFilterError(errno.EINVAL, f"config takes a string 'Name' or 'Name=Value', not "
+                                                f"{type(configuration_string).__name__}")
         name, sep, value = configuration_string.partition("=")
         name = name.strip()
         if name not in self._config:
@@ -713,9 +735,7 @@ class CBFilter(RuleTables):
                 raise CBFSFilterError(errno.EINVAL, f"{name} takes true or false, not {value!r}")
             value = "true" if value.lower() in ("true", "1", "yes") else "false"
         elif name in _COUNT_SETTINGS:
-            if not value.isdigit():
-                raise CBFSFilterError(errno.EINVAL, f"{name} takes a whole number >= 0, not {value!r}")
-            value = str(int(value))
+            value = check_thread_count(name, value, self._config)
         else:
             try:
                 number = float(value)

@@ -242,6 +242,9 @@ class CBMonitor(EventSource, RuleTables):
         with self._lock:
             if self._group is not None:
                 raise CBFSFilterError(errno.EALREADY, "the monitor is already started; stop it first")
+            if not isinstance(timeout, int) or isinstance(timeout, bool) or not 0 <= timeout <= 2**31 - 1:
+                raise CBFSFilterError(errno.EINVAL, f"timeout must be milliseconds from 0 (no limit) to {2**31 - 1}, "
+                                                    f"not {timeout!r}")
             if os.geteuid() != 0:
                 raise CBFSFilterError(errno.EPERM, "CBMonitor needs root (fanotify file-system marks)")
             try:

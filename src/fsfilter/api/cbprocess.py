@@ -221,8 +221,9 @@ class CBProcess(EventSource):
                 raise CBFSFilterError(errno.EALREADY, "the process filter is already started; stop it first")
             if os.geteuid() != 0:
                 raise CBFSFilterError(errno.EPERM, "CBProcess needs root (the process connector and fanotify)")
-            if not isinstance(timeout, int) or timeout < 0:
-                raise CBFSFilterError(errno.EINVAL, f"timeout must be milliseconds >= 0, not {timeout!r}")
+            if not isinstance(timeout, int) or isinstance(timeout, bool) or not 0 <= timeout <= 2**31 - 1:
+                raise CBFSFilterError(errno.EINVAL, f"timeout must be milliseconds from 0 (no limit) to {2**31 - 1}, "
+                                                    f"not {timeout!r}")
             try:
                 sock = socket.socket(socket.AF_NETLINK, socket.SOCK_DGRAM, cn.NETLINK_CONNECTOR)
                 try:

@@ -62,6 +62,9 @@ class EventSource:
 
     def config(self, configuration_string: str) -> str:
         """``"Name=Value"`` sets a setting (checked by ``_check_setting``), ``"Name"`` reads it."""
+        if not isinstance(configuration_string, str):
+            raise CBFSFilterError(errno.EINVAL, f"config takes a string 'Name' or 'Name=Value', not "
+                                                f"{type(configuration_string).__name__}")
         name, sep, value = configuration_string.partition("=")
         name = name.strip()
         if name not in self._config:
@@ -77,9 +80,29 @@ class EventSource:
             if value.lower() not in _TRUE + _FALSE:
                 raise CBFSFilterError(errno.EINVAL, f"{name} takes true or false, not {value!r}")
             return "true" if value.lower() in _TRUE else "false"
+        if name.endswith("WorkerThreadCount"):
+            return check_thread_count(name, value, self._config)
         if not value.isdigit():
             raise CBFSFilterError(errno.EINVAL, f"{name} takes a whole number >= 0, not {value!r}")
         return value
+
+
+MAX_WORKER_THREADS = 256
+
+
+def check_thread_count(name: str, value: str, config: dict[str, str]) -> str:
+    """A Min/MaxWorkerThreadCount value, checked here rather than at start: a whole number up to
+    MAX_WORKER_THREADS (0 for Max = the default), and Min not above a Max that is set."""
+    if not value.isdigit() or int(value) > MAX_WORKER_THREADS:
+        raise CBFSFilterError(errno.EINVAL, f"{name} takes a whole number from 0 to {MAX_WORKER_THREADS}, "
+                                            f"not {value!r}")
+    count = int(value)
+    low = count if name.startswith("Min") else int(config.get("MinWorkerThreadCount", "0"))
+    high = count if name.startswith("Max") else int(config.get("MaxWorkerThreadCount", "0"))
+    if high and low > high:
+        raise CBFSFilterError(errno.EINVAL, f"MinWorkerThreadCount {low} would be above MaxWorkerThreadCount {high}: "
+                                            "raise the maximum first")
+    return str(count)
 
 
 class RuleTables:

@@ -18,14 +18,40 @@ import types
 from collections.abc import Callable
 
 from fsfilter.abi import fuse as abi
+from fsfilter.abi import linux
 from fsfilter.errors import CBFSFilterError
 from fsfilter.sessions.fuse_session import Session, SessionOptions, SessionStats
 from fsfilter.sessions.lower_fs import IoPolicy, LowerFS, LowerOptions
-from fsfilter.system import fuse_device
+from fsfilter.system import fuse_device, libc
 from fsfilter.wire import fuse as wire
 from fsfilter.wire.fuse import Request
 
 log = logging.getLogger("fsfilter")
+
+# Mount points this process serves. A filter mounted inside one of them would have its daemon wait for itself.
+_served: set[str] = set()
+_served_lock = threading.Lock()
+
+
+def check_filterable(path: str, what: str = "directory to filter") -> None:
+    """Refuse, with a CBFSFilterError that says why, a directory no filter can stand on: one on a pseudo file system
+    (procfs, sysfs, cgroup …, whose content the kernel makes up), or one inside a mount this process serves itself."""
+    try:
+        kind = libc.statfs_type(path)
+    except OSError as exc:
+        raise CBFSFilterError.from_os_error(exc, f"cannot use {path} as the {what}") from exc
+    name = linux.PSEUDO_FS_MAGIC.get(kind)
+    if name is not None:
+        raise CBFSFilterError(errno.EINVAL, f"{path} is on {name}, whose files the kernel makes up: filter a directory "
+                                            "of a real file system (ext4, xfs, btrfs, tmpfs …)")
+    if kind == linux.FUSE_SUPER_MAGIC:
+        real = os.path.realpath(path)
+        with _served_lock:
+            inside = [p for p in _served if real == p or real.startswith(p.rstrip("/") + "/")]
+        if inside:
+            raise CBFSFilterError(errno.EDEADLK, f"{path} lies inside {inside[0]}, which this process filters: its "
+                                                 "requests would wait for this process itself; attach one filter "
+                                                 "to the outer directory, or filter from another process")
 
 
 class PassthroughFilter:
@@ -93,6 +119,8 @@ class PassthroughFilter:
                 log.warning("the kernel did not offer FUSE_POSIX_LOCKS: locks stay in the kernel, unseen")
             session.start()
             self.fs, self.session = fs, session
+            with _served_lock:
+                _served.add(self.mountpoint)
         except OSError as exc:
             self._teardown()
             raise CBFSFilterError.from_os_error(exc, f"could not mount {self.mountpoint}") from exc
@@ -119,6 +147,9 @@ class PassthroughFilter:
             raise CBFSFilterError(errno.ENODEV, "/dev/fuse is missing: load the fuse module (modprobe fuse)")
         if not self.in_place and self.mountpoint.startswith(self.lower + os.sep):
             raise CBFSFilterError(errno.EINVAL, "the mount point must not lie inside the lower directory")
+        check_filterable(self.lower, "lower directory")
+        if not self.in_place:
+            check_filterable(self.mountpoint, "mount point")
 
     def _mount(self, root_mode: int) -> None:
         fsname = f"fsfilter:{self.lower}"[:200].replace(",", "_")
@@ -149,6 +180,8 @@ class PassthroughFilter:
             self._teardown(timeout)
 
     def _teardown(self, timeout: float = 10.0) -> None:
+        with _served_lock:
+            _served.discard(self.mountpoint)
         session, self.session = self.session, None
         lingering = 0
         if session is not None:

@@ -147,3 +147,14 @@ _libc.linkat.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_c
 def link_fd(fd: int, newdirfd: int, newname: bytes) -> None:
     """A new name for the object an fd refers to (an O_TMPFILE file too); needs CAP_DAC_READ_SEARCH."""
     _check(_libc.linkat(fd, b"", newdirfd, newname, linux.AT_EMPTY_PATH), "linkat")
+
+
+_libc.statfs.argtypes = [ctypes.c_char_p, ctypes.c_char_p]
+_STATFS_SIZE = 120  # struct statfs on x86_64 and aarch64; f_type is its first long
+
+
+def statfs_type(path: str) -> int:
+    """statfs(2)'s f_type (the file system's magic number) of the file system ``path`` lies on."""
+    buf = ctypes.create_string_buffer(_STATFS_SIZE)
+    _check(_libc.statfs(os.fsencode(path), buf), f"statfs {path}")
+    return int(struct.unpack_from("=q", buf.raw, 0)[0]) & 0xFFFFFFFF
