@@ -208,8 +208,13 @@ def test_hidden_names_cannot_be_replaced_or_probed(hidden_tree: tuple[Path, Path
     assert _errno(attacker, f"os.mkdir({str(d / 'vis')!r}); open({str(d / 'vis' / 'f')!r}, 'w').close(); "
                             f"os.rmdir({str(d / 'vis')!r})") == errno.ENOTEMPTY
     # the link count of the parent does not count the hidden directory
-    r = attacker.python(f"import os; print(os.stat({str(d)!r}).st_nlink)")
-    assert int(r.stdout) == 1, r.stderr
+    r = attacker.python(f"import os; s = os.stat({str(d)!r}); print(s.st_nlink, s.st_size)")
+    assert r.stdout.split() == ["1", "4096"], r.stderr
+    before = attacker.python(f"import os; s = os.stat({str(d / 'only')!r}); print(s.st_nlink, s.st_size)").stdout
+    (lower / "only" / "secret.more").write_text("more")  # another hidden entry: nothing changes
+    (lower / "only" / "secret.sub").mkdir()
+    after = attacker.python(f"import os; s = os.stat({str(d / 'only')!r}); print(s.st_nlink, s.st_size)").stdout
+    assert before == after == "1 4096\n"
     # nothing hidden was changed
     assert (lower / "secret4.txt").read_text() == "the hidden data\n"
     assert (lower / "secretdir" / "inner.txt").read_text() == "inner\n"

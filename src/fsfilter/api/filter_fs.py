@@ -591,10 +591,11 @@ class FilterFS(LowerFS):
         return self.reaches(nodeid) and core.rules.may_match_child(self.abspath(nodeid))
 
     def shown(self, nodeid: int, st: os.stat_result) -> Any:
-        if st.st_nlink >= 2 and stat.S_ISDIR(st.st_mode) and self._hiding_children(nodeid):
-            # 1 is what file systems without subdirectory counts (btrfs) report; find(1) copes with it.
-            view = _StatView(st, st.st_size, st.st_blocks, nlink=1)
-            return view
+        if stat.S_ISDIR(st.st_mode) and self._hiding_children(nodeid):
+            # A directory's link count counts its subdirectories, and its size grows with its entries (tmpfs: 20
+            # bytes each): both would give hidden names away. Link count 1 is what file systems without
+            # subdirectory counts (btrfs) report, and find(1) copes with it; the size shown is one block's.
+            return _StatView(st, 4096, 8, nlink=1)
         return st
 
     def _keep_match(self, entry: bytes, m: PathMatch) -> None:
