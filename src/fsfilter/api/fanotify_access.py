@@ -7,10 +7,16 @@ FUSE mount. For each open the kernel waits for an answer:
 
 - the path is the event fd's ``/proc/self/fd`` link; the requesting thread is the record's pid
   (``FAN_REPORT_TID``); the rules decide as they do in the FUSE filter (per-process masks included);
-- ``ACCESS_READ_ONLY`` needs the open's access mode, which fanotify does not report: it is read from the
-  blocked thread's ``/proc/<tid>/syscall`` (``open``, ``openat``, ``creat``; ``openat2`` through
-  ``/proc/<tid>/mem``). An open whose mode cannot be read there (io_uring, kernel threads) is refused under a
-  read-only rule: the rule then errs on the safe side;
+- ``ACCESS_READ_ONLY`` needs the open's access mode, which fanotify does not report (the event fd is a new
+  open by the group, with the group's flags). It is read from the blocked thread's ``/proc/<tid>/syscall``:
+  the arguments there are the thread's saved registers, which no other thread can change while it waits
+  (the wait is killable only, so ptrace cannot stop it there). That covers ``open``, ``openat``, ``creat``,
+  ``open_by_handle_at`` and the program an ``execve`` opens. ``openat2``'s flags are in the caller's memory,
+  which another thread may change after the kernel copied them: an ``openat2`` of a file under a read-only
+  rule is refused, whatever flags it seems to carry (nothing in memory can prove the absence of ``O_TRUNC``,
+  which truncates after this event). So is an open whose mode cannot be read (io_uring workers, kernel
+  threads). A waiting thread is woken for a moment by every answer the group gives (one wait queue), and
+  ``/proc/<tid>/syscall`` then says ``running``: it is read again until the thread sleeps (bounded);
 - allowed opens are cached with ignore marks: a file with one name, in a directory where no rule can match
   any name, gets an ignore mark (``FAN_MARK_IGNORE_SURV``), so its further opens reach no Python. A rename
   or a new link could give a cached file a name a rule covers: a notification group watches renames and
@@ -30,6 +36,7 @@ import logging
 import os
 import stat
 import threading
+import time
 from collections.abc import Callable
 
 from fsfilter.abi import fanotify as fa
@@ -178,32 +185,62 @@ class FanotifyAccess:
 
 
 def open_flags(tid: int) -> int | None:
-    """The open(2) flags of the open thread ``tid`` is blocked in, from /proc/<tid>/syscall; None when it is not
-    in a known open call (or the flags cannot be read)."""
+    """The open(2) flags of the open thread ``tid`` is blocked in, from /proc/<tid>/syscall; None when they
+    cannot be trusted: not a known open call, ``openat2`` (its flags are in memory other threads can change),
+    an io_uring worker (its registers are a copy of its creator's), or unreadable."""
+    fields = _syscall_fields(tid)
+    if fields is None or len(fields) < 9:
+        return None
     try:
-        with open(f"/proc/{tid}/syscall", "rb") as f:
-            fields = f.read().split()
-    except OSError:
+        number = int(fields[0])
+        args = [int(x, 16) for x in fields[1:9]]
+    except ValueError:
         return None
-    if len(fields) < 4 or not fields[0].lstrip(b"-").isdigit():
+    if args[6] == 0 and args[7] == 0:
+        # sp and pc 0: an io_uring worker (copy_thread copies its creator's registers and clears these two),
+        # so the syscall shown is not the one that opens.
         return None
-    number = int(fields[0])
-    args = [int(x, 16) for x in fields[1:7]]
     if number in _EXECS:
         return os.O_RDONLY
     if number in _FLAGS_ARG:
         return args[_FLAGS_ARG[number]] & 0xFFFFFFFF
     if number == _CREAT:
         return os.O_CREAT | os.O_WRONLY | os.O_TRUNC
-    if number == _OPENAT2:
-        try:
-            fd = os.open(f"/proc/{tid}/mem", os.O_RDONLY | os.O_CLOEXEC)
-            try:
-                raw = os.pread(fd, 8, args[2])
-            finally:
-                os.close(fd)
-        except OSError:
-            return None
-        return int.from_bytes(raw, "little") if len(raw) == 8 else None
+    # openat2: how.flags is in the caller's memory, read by the kernel before this event and changeable by any
+    # thread sharing it since, so what we would read proves nothing. None: refused under a read-only rule.
     return None
 
+
+# How long a thread woken in its permission wait may take to go back to sleep. All waiters of a group share one
+# wait queue, so every answer wakes them all for a moment; /proc/<tid>/syscall then says "running".
+_SYSCALL_PATIENCE = 0.5
+
+
+def _syscall_fields(tid: int) -> list[bytes] | None:
+    """The fields of /proc/<tid>/syscall once the thread is blocked; None when it cannot be read or the thread
+    does not settle within _SYSCALL_PATIENCE."""
+    try:
+        fd = os.open(f"/proc/{tid}/syscall", os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        deadline = 0.0
+        spins = 0
+        while True:
+            fields = os.pread(fd, 512, 0).split()
+            if fields and fields[0] != b"running":
+                return fields
+            spins += 1
+            if spins <= 64:
+                os.sched_yield()
+                continue
+            now = time.monotonic()
+            if not deadline:
+                deadline = now + _SYSCALL_PATIENCE
+            elif now > deadline:
+                return None
+            time.sleep(0.0002)
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
