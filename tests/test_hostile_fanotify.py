@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import os
 import shutil
 import subprocess
 from collections.abc import Callable, Iterator
@@ -19,6 +20,7 @@ from conftest import needs_root
 
 from fsfilter import CBFilter
 from fsfilter.api import constants as c
+from fsfilter.api.cbprocess import CBProcess
 
 pytestmark = [needs_root, pytest.mark.timeout(300)]
 
@@ -201,3 +203,81 @@ def test_concurrent_read_only_opens_are_never_refused(guarded: Callable[[], CBFi
                         "except OSError as e:\n    print(e.errno)", files[0])
     assert r.stdout.split() == [str(errno.EPERM)]
     assert f.active and (area / "ro" / "f0").read_text() == "original\n"
+
+
+# -- item 4: another path to the same file
+
+
+def test_a_bind_mount_in_a_user_namespace_does_not_escape_the_rule(guarded: Callable[[], CBFilter], area: Path,
+                                                                   attacker: Any) -> None:
+    (area / "out" / "x").mkdir()
+    attacker.give(area / "out" / "x")
+    read_only(guarded, area)
+    script = (f"mount --bind {area}/ro {area}/out/x || exit 9; cat {area}/out/x/f1 || exit 8; "
+              f"echo evil >> {area}/out/x/f1 && echo written")
+    out = attacker.run("unshare", "-rm", "/bin/sh", "-c", script, timeout=60)
+    assert out.returncode not in (8, 9), out.stderr  # the namespace and the mount worked, reading too
+    assert "original" in out.stdout and "written" not in out.stdout, (out.stdout, out.stderr)
+    assert (area / "ro" / "f1").read_text() == "original\n"
+
+
+def test_a_hard_link_outside_the_rule_does_not_escape_it(guarded: Callable[[], CBFilter], area: Path,
+                                                         attacker: Any) -> None:
+    # one link made before the filter starts, one while it runs
+    os.link(area / "ro" / "f2", area / "out" / "early")
+    read_only(guarded, area)
+    for name in ("early", "late"):
+        script = (f"[ -e {area}/out/{name} ] || ln {area}/ro/f2 {area}/out/{name} || exit 9; "
+                  f"cat {area}/out/{name} || exit 8; echo evil >> {area}/out/{name} && echo written")
+        out = attacker.sh(script)
+        assert out.returncode not in (8, 9), out.stderr
+        assert "original" in out.stdout and "written" not in out.stdout, (name, out.stdout, out.stderr)
+    assert (area / "ro" / "f2").read_text() == "original\n"
+    # a file with two names both outside every rule is not refused
+    (area / "out" / "free").write_text("x")
+    os.link(area / "out" / "free", area / "out" / "free2")
+    attacker.give(area / "out" / "free")
+    assert "written" in attacker.sh(f"echo y >> {area}/out/free2 && echo written").stdout
+
+
+@pytest.fixture
+def process_filters() -> Iterator[Callable[[], CBProcess]]:
+    made: list[CBProcess] = []
+
+    def make() -> CBProcess:
+        p = CBProcess()
+        made.append(p)
+        return p
+
+    try:
+        yield make
+    finally:
+        for p in made:
+            with contextlib.suppress(Exception):
+                p.stop_filter()
+
+
+def test_deny_exec_through_a_bind_mount_in_a_user_namespace(process_filters: Callable[[], CBProcess],
+                                                            area: Path, attacker: Any) -> None:
+    (area / "tools" / "denied").mkdir()
+    shutil.copy("/bin/true", area / "tools" / "denied" / "prog")
+    (area / "out" / "x").mkdir()
+    attacker.give(area / "out" / "x")
+    denied = str(area / "tools" / "denied")
+    seen: list[str] = []
+    p = process_filters()
+
+    def creation(e: Any) -> None:
+        seen.append(e.image_file_name)
+        if e.image_file_name.startswith(denied + "/"):
+            e.result_code = errno.EPERM
+
+    p.on_process_creation = creation
+    p.config(f"ExecPermissionPaths={area}")
+    p.start_filter()
+    assert attacker.run(f"{denied}/prog").returncode != 0  # refused by its own name
+    script = f"mount --bind {denied} {area}/out/x || exit 9; {area}/out/x/prog && echo ran"
+    out = attacker.run("unshare", "-rm", "/bin/sh", "-c", script, timeout=60)
+    assert out.returncode != 9, out.stderr
+    assert "ran" not in out.stdout, (out.stdout, out.stderr, seen)
+    assert f"{denied}/prog" in seen

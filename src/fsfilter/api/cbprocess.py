@@ -31,7 +31,7 @@ from fsfilter.api.params import EVENTS, EventParams, make_params
 from fsfilter.engine import dispatch
 from fsfilter.engine.masks import MaskError, file_matches_mask
 from fsfilter.errors import CBFSFilterError
-from fsfilter.sessions.fanotify_session import PermissionGroup, local_mounts, mount_point_of
+from fsfilter.sessions.fanotify_session import MountTable, PermissionGroup, local_mounts, local_path, mount_point_of
 from fsfilter.system import libc
 from fsfilter.wire import cn_proc as wire
 from fsfilter.wire.fanotify import Event
@@ -108,6 +108,7 @@ class CBProcess(EventSource):
         self._threads: list[threading.Thread] = []
         self._stopping = False
         self._perms: PermissionGroup | None = None
+        self._mounts = MountTable()
         self._exec_seen: dict[int, float] = {}  # tgid -> when its exec was reported from the permission event
         self.lost_events = 0
         self.dispatcher = dispatch.Dispatcher(on_error=self._fire_error)
@@ -433,9 +434,11 @@ class CBProcess(EventSource):
         tgid = _tgid_of(tid)
         if handler is None or not self._events() & PROCESS_EVENT_PROCESS_CREATION or not self._wanted(tgid):
             return True
-        image = os.readlink(f"/proc/self/fd/{fd}")
+        # The program's path as our namespace names it: a bind mount in the caller's own namespace must not give it
+        # a name the handler does not recognise.
+        image = local_path(fd, self._mounts)
         target = _exec_target(tid)
-        if target is not None and target != image:
+        if target is not None and target != _identity(fd):
             # The loader or a script's interpreter, which the kernel opens for the exec of ``target``: the exec
             # was asked about (or will be) under the program's own name, once.
             return True
@@ -544,9 +547,10 @@ def _command_line(pid: int) -> str:
     return _read(f"/proc/{pid}/cmdline").rstrip("\0").replace("\0", " ")
 
 
-def _exec_target(tid: int) -> str | None:
-    """The program the execve that thread ``tid`` is blocked in was asked to run, resolved as the kernel resolves
-    it (the caller's working directory, symbolic links); None when it cannot be told (execveat, unreadable)."""
+def _exec_target(tid: int) -> tuple[int, int] | None:
+    """(st_dev, st_ino) of the program the execve that thread ``tid`` is blocked in was asked to run, looked up
+    as the kernel looks it up: in the caller's own root and working directory (its mount namespace, through
+    /proc/<tid>/root and cwd), following symbolic links. None when it cannot be told (execveat, unreadable)."""
     fields = _read(f"/proc/{tid}/syscall").split()
     if len(fields) < 2 or not fields[0].isdigit() or int(fields[0]) != _EXECVE:
         return None
@@ -557,11 +561,21 @@ def _exec_target(tid: int) -> str | None:
         finally:
             os.close(mem)
         path = os.fsdecode(raw)
-        if not path.startswith("/"):
-            path = os.path.join(os.readlink(f"/proc/{tid}/cwd"), path)
-        return os.path.realpath(path)
+        where = f"/proc/{tid}/root{path}" if path.startswith("/") else f"/proc/{tid}/cwd/{path}"
+        return _identity_of(os.stat(where))
     except (OSError, ValueError):
         return None
+
+
+def _identity(fd: int) -> tuple[int, int] | None:
+    try:
+        return _identity_of(os.fstat(fd))
+    except OSError:
+        return None
+
+
+def _identity_of(st: os.stat_result) -> tuple[int, int]:
+    return st.st_dev, st.st_ino
 
 
 def _exec_argv(tid: int) -> list[str] | None:

@@ -5,7 +5,11 @@ With ``config("AccessViaFanotify=true")``, rules whose only flags are ``ACCESS_D
 (``FAN_CLASS_CONTENT``) with file-system marks for ``FAN_OPEN_PERM | FAN_OPEN_EXEC_PERM``, instead of by a
 FUSE mount. For each open the kernel waits for an answer:
 
-- the path is the event fd's ``/proc/self/fd`` link; the requesting thread is the record's pid
+- the path is the one our mount namespace gives the file (the event fd's ``/proc/self/fd`` link, or, when that
+  names another inode here — a bind mount in the opener's own namespace — the path found again from the file
+  handle through our mount of its file system); a file with several names is also decided by a name under a
+  restricting rule, from an index (LinkIndex) of the multi-named files below the rules' fixed prefixes; the
+  requesting thread is the record's pid
   (``FAN_REPORT_TID``); the rules decide as they do in the FUSE filter (per-process masks included);
 - ``ACCESS_READ_ONLY`` needs the open's access mode, which fanotify does not report (the event fd is a new
   open by the group, with the group's flags). It is read from the blocked thread's ``/proc/<tid>/syscall``:
@@ -44,7 +48,15 @@ from fsfilter.abi import linux
 from fsfilter.api import constants as c
 from fsfilter.api.filter_fs import ProcessInfo
 from fsfilter.engine.rules import RuleSet, match_path
-from fsfilter.sessions.fanotify_session import NotifyGroup, PermissionGroup, close_fds, local_mounts, mount_point_of
+from fsfilter.sessions.fanotify_session import (
+    MountTable,
+    NotifyGroup,
+    PermissionGroup,
+    close_fds,
+    local_mounts,
+    local_path,
+    mount_point_of,
+)
 from fsfilter.system import fanotify as fan
 from fsfilter.system import libc
 from fsfilter.wire.fanotify import Event
@@ -81,6 +93,8 @@ class FanotifyAccess:
         self._generation = -1
         self._cache_lock = threading.Lock()
         self._epoch = 0  # bumped by every flush: a decision made before one must not be cached after it
+        self.mounts = MountTable()
+        self.links = LinkIndex(self)
 
     @property
     def answered(self) -> int:
@@ -101,6 +115,7 @@ class FanotifyAccess:
 
     def forget_cache(self) -> None:
         """Drop every ignore mark (the rules changed, or something moved)."""
+        self.links.stale = True
         with self._cache_lock:
             self._epoch += 1
             try:
@@ -144,11 +159,15 @@ class FanotifyAccess:
         if (tid == self._own or libc.is_thread_of(self._own, tid)) and not self.own_requests():
             return True
         epoch = self._epoch
-        path = os.readlink(f"/proc/self/fd/{fd}")
-        m = match_path(self.rules, self.passthrough, path)
-        access = m.upper.access & FANOTIFY_ACCESS
-        if access and not m.unconditional:
-            access = m.flags(ProcessInfo(tid), None).access & FANOTIFY_ACCESS
+        path = local_path(fd, self.mounts)
+        access = self.access_of(path, tid)
+        if not access:
+            # Another name of the same file may be under a rule (a hard link made outside it).
+            st = os.fstat(fd)
+            if st.st_nlink > 1 and stat.S_ISREG(st.st_mode):
+                other = self.links.restricted_name(st)
+                if other is not None:
+                    access = self.access_of(other, tid)
         if not access:
             # Cache only if no rule could concern any name in the directory, and the rules did not change while
             # deciding (a flush may just have happened).
@@ -163,6 +182,14 @@ class FanotifyAccess:
             flags = open_flags(tid)
             return flags is not None and not flags & _WRITE_FLAGS
         return True
+
+    def access_of(self, path: str, tid: int) -> int:
+        """The fanotify-enforced access flags the rules give ``path`` for a request from thread ``tid``."""
+        m = match_path(self.rules, self.passthrough, path)
+        access = m.upper.access & FANOTIFY_ACCESS
+        if access and not m.unconditional:
+            access = m.flags(ProcessInfo(tid), None).access & FANOTIFY_ACCESS
+        return access
 
     def _current_generation(self) -> int:
         return self.rules.generation + self.passthrough.generation
@@ -182,6 +209,65 @@ class FanotifyAccess:
                 self.ignored += 1
         except OSError as exc:
             log.debug("no ignore mark: %s", exc)
+
+
+# A new link changes the file's ctime, taken from a coarse clock that may lag ours by a tick: a file whose ctime
+# is this close to (or after) the start of the last walk may have a link the walk did not see.
+_CTIME_SLACK_NS = 50_000_000
+
+
+class LinkIndex:
+    """The files with several names (st_nlink > 1) that a restricting rule covers by one of them, by (st_dev,
+    st_ino), found by walking the fixed-prefix directories of those rules.
+
+    Rebuilt lazily, on the first decision about a multi-named file after it went stale: on a rename or
+    attribute change on a watched file system (the watcher group), a rule change, or when the file's ctime is
+    no older than the last walk (a link made since; this closes the race with the watcher). Rules without a
+    fixed prefix (name-only masks) cannot be walked: a hard link under another name escapes those."""
+
+    def __init__(self, owner: FanotifyAccess) -> None:
+        self.owner = owner
+        self.stale = True
+        self.walks = 0
+        self._inodes: dict[tuple[int, int], str] = {}
+        self._walked_at = 0
+        self._lock = threading.Lock()
+
+    def restricted_name(self, st: os.stat_result) -> str | None:
+        """A name of the file ``st`` describes that a restricting rule covers, if one is known."""
+        with self._lock:
+            if self.stale or st.st_ctime_ns >= self._walked_at - _CTIME_SLACK_NS:
+                self._rebuild()
+            return self._inodes.get((st.st_dev, st.st_ino))
+
+    def _rebuild(self) -> None:
+        self.stale = False
+        self._walked_at = time.time_ns()
+        self.walks += 1
+        found: dict[tuple[int, int], str] = {}
+        owner = self.owner
+        tops = {r.compiled.prefix for r in owner.rules if r.access & FANOTIFY_ACCESS and r.compiled.prefix}
+        pending = [t for t in tops if not any(t != o and t.startswith(o.rstrip("/") + "/") for o in tops)]
+        while pending:
+            directory = pending.pop()
+            try:
+                entries = list(os.scandir(directory))
+            except OSError:
+                continue
+            for entry in entries:
+                try:
+                    if entry.is_dir(follow_symlinks=False):
+                        pending.append(entry.path)
+                        continue
+                    if not entry.is_file(follow_symlinks=False):
+                        continue
+                    st = entry.stat(follow_symlinks=False)
+                except OSError:
+                    continue
+                if st.st_nlink > 1 and match_path(owner.rules, owner.passthrough, entry.path).upper.access \
+                        & FANOTIFY_ACCESS:
+                    found[(st.st_dev, st.st_ino)] = entry.path
+        self._inodes = found
 
 
 def open_flags(tid: int) -> int | None:

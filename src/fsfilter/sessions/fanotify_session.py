@@ -258,6 +258,48 @@ def mount_point_of(path: str, points: list[str]) -> str:
     return best
 
 
+def local_path(fd: int, mounts: MountTable) -> str:
+    """The path of the object ``fd`` refers to, as this process's mount namespace names it.
+
+    ``/proc/self/fd`` gives the path through the mount the opener used. That may be a bind mount in another
+    mount namespace (any user can make one in a user namespace of their own), which names the file differently
+    or not at all here: then the file is found again by its file handle through our own mount of its file
+    system. Falls back to the link's path when that fails (a file system without handles, no mount of it
+    here)."""
+    path = os.readlink(f"/proc/self/fd/{fd}")
+    st = os.fstat(fd)
+    if _same_object(path, st):
+        return path
+    try:
+        handle_type, handle = fan.handle_of(fd)
+        mount_fd = mounts.open_mount(fan.fsid_of(fd))
+    except OSError:
+        return path
+    if mount_fd is None:
+        return path
+    try:
+        obj = fan.open_by_handle(mount_fd, handle_type, handle, os.O_PATH)
+    except OSError:
+        return path
+    finally:
+        os.close(mount_fd)
+    try:
+        found = os.readlink(f"/proc/self/fd/{obj}")
+    except OSError:
+        return path
+    finally:
+        os.close(obj)
+    return found if _same_object(found, st) else path
+
+
+def _same_object(path: str, st: os.stat_result) -> bool:
+    try:
+        here = os.stat(path, follow_symlinks=False)
+    except (OSError, ValueError):
+        return False
+    return here.st_ino == st.st_ino and here.st_dev == st.st_dev
+
+
 class PermissionGroup:
     """A fanotify permission group (``FAN_CLASS_CONTENT``, thread ids) and the thread that answers it.
 
