@@ -10,13 +10,15 @@ import contextlib
 import errno
 import os
 import shutil
+import signal
 import subprocess
+import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import needs_root
+from conftest import SRC, needs_root
 
 from fsfilter import CBFilter
 from fsfilter.api import constants as c
@@ -281,3 +283,35 @@ def test_deny_exec_through_a_bind_mount_in_a_user_namespace(process_filters: Cal
     assert out.returncode != 9, out.stderr
     assert "ran" not in out.stdout, (out.stdout, out.stderr, seen)
     assert f"{denied}/prog" in seen
+
+
+# -- item 9: the start says which file systems it marked
+
+
+@pytest.mark.parametrize("command", [["deny-exec", "{area}/tools/*"], ["protect", "{area}/ro", "--read-only",
+                                                                        "--fanotify"]])
+def test_the_cli_says_which_file_systems_it_marked(area: Path, command: list[str]) -> None:
+    env = {**os.environ, "PYTHONPATH": str(SRC)}
+    argv = [sys.executable, "-m", "fsfilter", *(a.format(area=area) for a in command)]
+    proc = subprocess.Popen(argv, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        assert proc.stderr is not None
+        first = proc.stderr.readline()
+        assert "Ctrl-C" in first, first
+        assert proc.stderr.readline().strip() == f"fsfilter: permission marks on the file systems of: {area}"
+    finally:
+        proc.send_signal(signal.SIGINT)
+        proc.communicate(timeout=30)
+    assert proc.returncode == 0
+
+
+def test_the_library_says_which_file_systems_it_marked(guarded: Callable[[], CBFilter],
+                                                       process_filters: Callable[[], CBProcess], area: Path) -> None:
+    f = read_only(guarded, area)
+    assert f.permission_marks == [str(area)]
+    p = process_filters()
+    p.config(f"ExecPermissionPaths={area}/tools")
+    p.start_filter()
+    assert p.permission_marks == [str(area)]
+    f.stop_filter()
+    assert f.permission_marks == []

@@ -109,6 +109,7 @@ class CBProcess(EventSource):
         self._stopping = False
         self._perms: PermissionGroup | None = None
         self._mounts = MountTable()
+        self.permission_marks: list[str] = []  # mount points (one per file system) the exec permission group marked
         self._exec_seen: dict[int, float] = {}  # tgid -> when its exec was reported from the permission event
         self.lost_events = 0
         self.dispatcher = dispatch.Dispatcher(on_error=self._fire_error)
@@ -413,11 +414,12 @@ class CBProcess(EventSource):
             wanted = {mount_point_of(path, points) for path in paths}
             if "/" in paths:  # "/" stands for every local file system (a program can be anywhere)
                 wanted |= {point for root, point, _ in local_mounts(include_pseudo=False) if root == "/"}
-            group.mark_filesystems(sorted(wanted))
+            self.permission_marks = group.mark_filesystems(sorted(wanted))
         except BaseException:
             group.stop()
             raise
         self._perms = group
+        log.info("fanotify exec permission marks on the file systems of: %s", ", ".join(self.permission_marks))
         group.start()
 
     def _decide_event(self, ev: Event) -> bool:
