@@ -13,6 +13,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -315,3 +316,70 @@ def test_the_library_says_which_file_systems_it_marked(guarded: Callable[[], CBF
     assert p.permission_marks == [str(area)]
     f.stop_filter()
     assert f.permission_marks == []
+
+
+# -- item 8: a decision that never comes is answered at the deadline
+
+
+@pytest.mark.parametrize("denies", [False, True])
+def test_a_handler_that_never_returns_is_answered_at_the_deadline(process_filters: Callable[[], CBProcess],
+                                                                  area: Path, attacker: Any, denies: bool) -> None:
+    for name in ("hang", "quick"):
+        shutil.copy("/bin/true", area / "tools" / name)
+    release, entered = threading.Event(), threading.Event()
+    errors: list[int] = []
+    p = process_filters()
+
+    def creation(e: Any) -> None:
+        if e.image_file_name.endswith("/hang"):
+            entered.set()
+            release.wait(120)  # "forever": released when the test ends
+
+    p.on_process_creation = creation
+    p.on_error = lambda e: errors.append(e.error_code)
+    p.config(f"ExecPermissionPaths={area}")
+    p.config("ExecPermissionTimeout=3")
+    p.config(f"ExecPermissionTimeoutDenies={'true' if denies else 'false'}")
+    p.start_filter()
+    hung = attacker.popen(str(area / "tools" / "hang"))
+    try:
+        assert entered.wait(30)
+        quick = attacker.run(str(area / "tools" / "quick"), timeout=30)
+        assert quick.returncode == 0, quick.stderr
+        assert hung.poll() is None  # still waiting for its answer while another exec was answered
+        hung.communicate(timeout=30)  # answered by the timeout policy (a hang detector, not a timing)
+        assert (hung.returncode != 0) == denies
+        assert p.late_exec_answers == 1 and errno.ETIMEDOUT in errors
+    finally:
+        release.set()
+        if hung.poll() is None:
+            hung.kill()
+            hung.communicate(timeout=10)
+
+
+def test_an_access_decision_that_never_returns_is_answered_by_the_path(guarded: Callable[[], CBFilter],
+                                                                       area: Path) -> None:
+    f = guarded()
+    f.add_filter_rule(f"{area}/ro/*", c.ACCESS_DENY_ALL, c.FS_CE_NONE, c.FS_NE_NONE)
+    f.start_filter()
+    guard = f._fanotify
+    assert guard is not None
+    release = threading.Event()
+    decide = guard.perms._decide
+
+    def slow(ev: Any) -> bool:
+        if os.readlink(f"/proc/self/fd/{ev.fd}").startswith(f"{area}/"):
+            release.wait(120)
+        return decide(ev)
+
+    guard.perms._decide = slow
+    guard.perms.deadline = 2.0
+    (area / "out" / "free").write_text("free")
+    try:
+        code = "import sys\ntry:\n    print(open(sys.argv[1]).read())\nexcept OSError as e:\n    print(e.errno)"
+        for path, expected in ((area / "ro" / "f0", str(errno.EPERM)), (area / "out" / "free", "free")):
+            out = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True, timeout=30)
+            assert out.stdout.split() == [expected], (path, out.stdout, out.stderr)
+        assert guard.perms.timed_out >= 2
+    finally:
+        release.set()

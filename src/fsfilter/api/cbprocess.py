@@ -63,7 +63,8 @@ PROCESS_EVENT_THREAD_CREATION = 0x4
 PROCESS_EVENT_THREAD_TERMINATION = 0x8
 
 _CONFIG_DEFAULTS = {"EventsToFire": "-1", "FilterOwnRequests": "false", "MinWorkerThreadCount": "1",
-                    "MaxWorkerThreadCount": "0", "ExecPermissionPaths": "", "ForkReportDelay": "0.1"}
+                    "MaxWorkerThreadCount": "0", "ExecPermissionPaths": "", "ForkReportDelay": "0.1",
+                    "ExecPermissionTimeout": "5", "ExecPermissionTimeoutDenies": "false"}
 _FORK_SWEEP = 0.05
 _EXECVE = linux.syscall_numbers().get("execve")
 _EXECVEAT = linux.syscall_numbers().get("execveat")
@@ -132,6 +133,13 @@ class CBProcess(EventSource):
             for path in filter(None, value.split(",")):
                 if not path.startswith("/") or not os.path.exists(path):
                     raise CBFSFilterError(errno.EINVAL, f"{name}: {path!r} is not an existing absolute path")
+            return value
+        if name == "ExecPermissionTimeout":
+            try:
+                if not 0 < float(value) <= 60:
+                    raise ValueError
+            except ValueError:
+                raise CBFSFilterError(errno.EINVAL, f"{name} takes seconds in (0, 60], not {value!r}") from None
             return value
         if name == "ForkReportDelay":
             try:
@@ -408,7 +416,10 @@ class CBProcess(EventSource):
         paths = [p for p in self._config["ExecPermissionPaths"].split(",") if p]
         if not paths:
             return
-        group = PermissionGroup(fa.FAN_OPEN_EXEC_PERM, self._decide_event, self._fire_error, "fsfilter-execperm")
+        deny_late = self._config["ExecPermissionTimeoutDenies"] == "true"
+        group = PermissionGroup(fa.FAN_OPEN_EXEC_PERM, self._decide_event, self._fire_error, "fsfilter-execperm",
+                                deadline=float(self._config["ExecPermissionTimeout"]),
+                                late=lambda ev: not deny_late)
         try:
             points = [point for _, point, _ in local_mounts(include_pseudo=True)]
             wanted = {mount_point_of(path, points) for path in paths}
@@ -459,6 +470,12 @@ class CBProcess(EventSource):
         if allowed:
             self._exec_seen[tgid] = time.monotonic()  # the connector's EXEC for it is not reported again
         return allowed
+
+    @property
+    def late_exec_answers(self) -> int:
+        """Execs answered by the timeout policy because their decision took longer than ExecPermissionTimeout."""
+        perms = self._perms
+        return perms.timed_out if perms is not None else 0
 
     # -- delivery
 

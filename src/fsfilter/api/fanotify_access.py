@@ -26,7 +26,9 @@ FUSE mount. For each open the kernel waits for an answer:
   or a new link could give a cached file a name a rule covers: a notification group watches renames and
   attribute changes (a new link changes the link count), and every ignore mark is dropped when one happens
   (and when the rules change);
-- every request is answered, also when deciding fails (then it is allowed and ``on_error`` is told);
+- every request is answered, also when deciding fails (then it is allowed and ``on_error`` is told), and within
+  a deadline (5 s): a decision still running then is answered by the opener's path alone (refused if a rule
+  restricts it, allowed otherwise), with ``on_error`` (ETIMEDOUT);
 - the filtering process's own opens are allowed at once. The reader thread itself opens nothing.
 
 When the filtering process dies, the kernel answers pending and later requests itself (allow) within
@@ -80,11 +82,12 @@ class FanotifyAccess:
     """Answers open permission events for the access rules of ``rules``."""
 
     def __init__(self, rules: RuleSet, passthrough: RuleSet, own_requests: Callable[[], bool],
-                 on_error: Callable[[int, str], None]) -> None:
+                 on_error: Callable[[int, str], None], deadline: float = 5.0) -> None:
         self.rules = rules
         self.passthrough = passthrough
         self.own_requests = own_requests
-        self.perms = PermissionGroup(_PERM, self._decide_event, on_error, "fsfilter-permissions")
+        self.perms = PermissionGroup(_PERM, self._decide_event, on_error, "fsfilter-permissions",
+                                     deadline=deadline, late=self._late)
         self.renames = NotifyGroup(unlimited_queue=False, buffer_size=1 << 14)
         self._renames_thread: threading.Thread | None = None
         self.marked: list[str] = []
@@ -190,6 +193,12 @@ class FanotifyAccess:
         if access and not m.unconditional:
             access = m.flags(ProcessInfo(tid), None).access & FANOTIFY_ACCESS
         return access
+
+    def _late(self, ev: Event) -> bool:
+        """The answer to a request whose decision missed the deadline: refused if a rule restricts the path it
+        was opened by (fail closed for the rules' files), allowed otherwise (the rest of the file system must
+        not stop because the filter is slow)."""
+        return not self.access_of(os.readlink(f"/proc/self/fd/{ev.fd}"), ev.pid)
 
     def _current_generation(self) -> int:
         return self.rules.generation + self.passthrough.generation
