@@ -468,6 +468,10 @@ def _serve(target: CBFilter | CBMonitor | CBProcess, what: str) -> None:
     target.start_filter()
     try:
         print(f"fsfilter: {what}; Ctrl-C to stop", file=sys.stderr, flush=True)
+        marks = getattr(target, "permission_marks", [])
+        if marks:  # a name-only mask marks every local file system: say which, every open there waits for us
+            print(f"fsfilter: permission marks on the file systems of: {', '.join(marks)}", file=sys.stderr,
+                  flush=True)
         while not stop.is_set():
             stop.wait(0.2)
             sys.stdout.flush()

@@ -374,6 +374,7 @@ class CBFilter(RuleTables):
         except OSError as exc:
             raise CBFSFilterError.from_os_error(exc, "cannot put fanotify permission marks on the file systems "
                                                 "of the rules") from exc
+        log.info("fanotify permission marks on the file systems of: %s", ", ".join(guard.marked))
         guard.start()
 
     def _stop_fanotify_access(self) -> None:
@@ -425,6 +426,13 @@ class CBFilter(RuleTables):
         """While active, the directories mounted over; before, those start_filter would mount over."""
         with self._lock:
             return sorted(self._attached) if self._active else self._wanted_attach_points()
+
+    @property
+    def permission_marks(self) -> list[str]:
+        """The mount points (one per file system) the fanotify permission group of the AccessViaFanotify rules
+        marked at start; empty when none. A rule without a fixed prefix marks every local file system."""
+        guard = self._fanotify
+        return list(guard.marked) if guard is not None else []
 
     @property
     def attach_point_count(self) -> int:

@@ -31,7 +31,7 @@ from fsfilter.api.params import EVENTS, EventParams, make_params
 from fsfilter.engine import dispatch
 from fsfilter.engine.masks import MaskError, file_matches_mask
 from fsfilter.errors import CBFSFilterError
-from fsfilter.sessions.fanotify_session import PermissionGroup, local_mounts, mount_point_of
+from fsfilter.sessions.fanotify_session import MountTable, PermissionGroup, local_mounts, local_path, mount_point_of
 from fsfilter.system import libc
 from fsfilter.wire import cn_proc as wire
 from fsfilter.wire.fanotify import Event
@@ -63,7 +63,8 @@ PROCESS_EVENT_THREAD_CREATION = 0x4
 PROCESS_EVENT_THREAD_TERMINATION = 0x8
 
 _CONFIG_DEFAULTS = {"EventsToFire": "-1", "FilterOwnRequests": "false", "MinWorkerThreadCount": "1",
-                    "MaxWorkerThreadCount": "0", "ExecPermissionPaths": "", "ForkReportDelay": "0.1"}
+                    "MaxWorkerThreadCount": "0", "ExecPermissionPaths": "", "ForkReportDelay": "0.1",
+                    "ExecPermissionTimeout": "5", "ExecPermissionTimeoutDenies": "false"}
 _FORK_SWEEP = 0.05
 _EXECVE = linux.syscall_numbers().get("execve")
 _EXECVEAT = linux.syscall_numbers().get("execveat")
@@ -108,6 +109,8 @@ class CBProcess(EventSource):
         self._threads: list[threading.Thread] = []
         self._stopping = False
         self._perms: PermissionGroup | None = None
+        self._mounts = MountTable()
+        self.permission_marks: list[str] = []  # mount points (one per file system) the exec permission group marked
         self._exec_seen: dict[int, float] = {}  # tgid -> when its exec was reported from the permission event
         self.lost_events = 0
         self.dispatcher = dispatch.Dispatcher(on_error=self._fire_error)
@@ -130,6 +133,13 @@ class CBProcess(EventSource):
             for path in filter(None, value.split(",")):
                 if not path.startswith("/") or not os.path.exists(path):
                     raise CBFSFilterError(errno.EINVAL, f"{name}: {path!r} is not an existing absolute path")
+            return value
+        if name == "ExecPermissionTimeout":
+            try:
+                if not 0 < float(value) <= 60:
+                    raise ValueError
+            except ValueError:
+                raise CBFSFilterError(errno.EINVAL, f"{name} takes seconds in (0, 60], not {value!r}") from None
             return value
         if name == "ForkReportDelay":
             try:
@@ -407,17 +417,21 @@ class CBProcess(EventSource):
         paths = [p for p in self._config["ExecPermissionPaths"].split(",") if p]
         if not paths:
             return
-        group = PermissionGroup(fa.FAN_OPEN_EXEC_PERM, self._decide_event, self._fire_error, "fsfilter-execperm")
+        deny_late = self._config["ExecPermissionTimeoutDenies"] == "true"
+        group = PermissionGroup(fa.FAN_OPEN_EXEC_PERM, self._decide_event, self._fire_error, "fsfilter-execperm",
+                                deadline=float(self._config["ExecPermissionTimeout"]),
+                                late=lambda ev: not deny_late)
         try:
             points = [point for _, point, _ in local_mounts(include_pseudo=True)]
             wanted = {mount_point_of(path, points) for path in paths}
             if "/" in paths:  # "/" stands for every local file system (a program can be anywhere)
                 wanted |= {point for root, point, _ in local_mounts(include_pseudo=False) if root == "/"}
-            group.mark_filesystems(sorted(wanted))
+            self.permission_marks = group.mark_filesystems(sorted(wanted))
         except BaseException:
             group.stop()
             raise
         self._perms = group
+        log.info("fanotify exec permission marks on the file systems of: %s", ", ".join(self.permission_marks))
         group.start()
 
     def _decide_event(self, ev: Event) -> bool:
@@ -434,9 +448,11 @@ class CBProcess(EventSource):
         tgid = _tgid_of(tid)
         if handler is None or not self._events() & PROCESS_EVENT_PROCESS_CREATION or not self._wanted(tgid):
             return True
-        image = os.readlink(f"/proc/self/fd/{fd}")
+        # The program's path as our namespace names it: a bind mount in the caller's own namespace must not give it
+        # a name the handler does not recognise.
+        image = local_path(fd, self._mounts)
         target = _exec_target(tid)
-        if target is not None and target != image:
+        if target is not None and target != _identity(fd):
             # The loader or a script's interpreter, which the kernel opens for the exec of ``target``: the exec
             # was asked about (or will be) under the program's own name, once.
             return True
@@ -455,6 +471,12 @@ class CBProcess(EventSource):
         if allowed:
             self._exec_seen[tgid] = time.monotonic()  # the connector's EXEC for it is not reported again
         return allowed
+
+    @property
+    def late_exec_answers(self) -> int:
+        """Execs answered by the timeout policy because their decision took longer than ExecPermissionTimeout."""
+        perms = self._perms
+        return perms.timed_out if perms is not None else 0
 
     # -- delivery
 
@@ -545,9 +567,10 @@ def _command_line(pid: int) -> str:
     return _read(f"/proc/{pid}/cmdline").rstrip("\0").replace("\0", " ")
 
 
-def _exec_target(tid: int) -> str | None:
-    """The program the execve that thread ``tid`` is blocked in was asked to run, resolved as the kernel resolves
-    it (the caller's working directory, symbolic links); None when it cannot be told (execveat, unreadable)."""
+def _exec_target(tid: int) -> tuple[int, int] | None:
+    """(st_dev, st_ino) of the program the execve that thread ``tid`` is blocked in was asked to run, looked up
+    as the kernel looks it up: in the caller's own root and working directory (its mount namespace, through
+    /proc/<tid>/root and cwd), following symbolic links. None when it cannot be told (execveat, unreadable)."""
     fields = _read(f"/proc/{tid}/syscall").split()
     if len(fields) < 2 or not fields[0].isdigit() or int(fields[0]) != _EXECVE:
         return None
@@ -558,11 +581,21 @@ def _exec_target(tid: int) -> str | None:
         finally:
             os.close(mem)
         path = os.fsdecode(raw)
-        if not path.startswith("/"):
-            path = os.path.join(os.readlink(f"/proc/{tid}/cwd"), path)
-        return os.path.realpath(path)
+        where = f"/proc/{tid}/root{path}" if path.startswith("/") else f"/proc/{tid}/cwd/{path}"
+        return _identity_of(os.stat(where))
     except (OSError, ValueError):
         return None
+
+
+def _identity(fd: int) -> tuple[int, int] | None:
+    try:
+        return _identity_of(os.fstat(fd))
+    except OSError:
+        return None
+
+
+def _identity_of(st: os.stat_result) -> tuple[int, int]:
+    return st.st_dev, st.st_ino
 
 
 def _exec_argv(tid: int) -> list[str] | None:

@@ -5,18 +5,30 @@ With ``config("AccessViaFanotify=true")``, rules whose only flags are ``ACCESS_D
 (``FAN_CLASS_CONTENT``) with file-system marks for ``FAN_OPEN_PERM | FAN_OPEN_EXEC_PERM``, instead of by a
 FUSE mount. For each open the kernel waits for an answer:
 
-- the path is the event fd's ``/proc/self/fd`` link; the requesting thread is the record's pid
+- the path is the one our mount namespace gives the file (the event fd's ``/proc/self/fd`` link, or, when that
+  names another inode here — a bind mount in the opener's own namespace — the path found again from the file
+  handle through our mount of its file system); a file with several names is also decided by a name under a
+  restricting rule, from an index (LinkIndex) of the multi-named files below the rules' fixed prefixes; the
+  requesting thread is the record's pid
   (``FAN_REPORT_TID``); the rules decide as they do in the FUSE filter (per-process masks included);
-- ``ACCESS_READ_ONLY`` needs the open's access mode, which fanotify does not report: it is read from the
-  blocked thread's ``/proc/<tid>/syscall`` (``open``, ``openat``, ``creat``; ``openat2`` through
-  ``/proc/<tid>/mem``). An open whose mode cannot be read there (io_uring, kernel threads) is refused under a
-  read-only rule: the rule then errs on the safe side;
+- ``ACCESS_READ_ONLY`` needs the open's access mode, which fanotify does not report (the event fd is a new
+  open by the group, with the group's flags). It is read from the blocked thread's ``/proc/<tid>/syscall``:
+  the arguments there are the thread's saved registers, which no other thread can change while it waits
+  (the wait is killable only, so ptrace cannot stop it there). That covers ``open``, ``openat``, ``creat``,
+  ``open_by_handle_at`` and the program an ``execve`` opens. ``openat2``'s flags are in the caller's memory,
+  which another thread may change after the kernel copied them: an ``openat2`` of a file under a read-only
+  rule is refused, whatever flags it seems to carry (nothing in memory can prove the absence of ``O_TRUNC``,
+  which truncates after this event). So is an open whose mode cannot be read (io_uring workers, kernel
+  threads). A waiting thread is woken for a moment by every answer the group gives (one wait queue), and
+  ``/proc/<tid>/syscall`` then says ``running``: it is read again until the thread sleeps (bounded);
 - allowed opens are cached with ignore marks: a file with one name, in a directory where no rule can match
   any name, gets an ignore mark (``FAN_MARK_IGNORE_SURV``), so its further opens reach no Python. A rename
   or a new link could give a cached file a name a rule covers: a notification group watches renames and
   attribute changes (a new link changes the link count), and every ignore mark is dropped when one happens
   (and when the rules change);
-- every request is answered, also when deciding fails (then it is allowed and ``on_error`` is told);
+- every request is answered, also when deciding fails (then it is allowed and ``on_error`` is told), and within
+  a deadline (5 s): a decision still running then is answered by the opener's path alone (refused if a rule
+  restricts it, allowed otherwise), with ``on_error`` (ETIMEDOUT);
 - the filtering process's own opens are allowed at once. The reader thread itself opens nothing.
 
 When the filtering process dies, the kernel answers pending and later requests itself (allow) within
@@ -30,6 +42,7 @@ import logging
 import os
 import stat
 import threading
+import time
 from collections.abc import Callable
 
 from fsfilter.abi import fanotify as fa
@@ -37,7 +50,15 @@ from fsfilter.abi import linux
 from fsfilter.api import constants as c
 from fsfilter.api.filter_fs import ProcessInfo
 from fsfilter.engine.rules import RuleSet, match_path
-from fsfilter.sessions.fanotify_session import NotifyGroup, PermissionGroup, close_fds, local_mounts, mount_point_of
+from fsfilter.sessions.fanotify_session import (
+    MountTable,
+    NotifyGroup,
+    PermissionGroup,
+    close_fds,
+    local_mounts,
+    local_path,
+    mount_point_of,
+)
 from fsfilter.system import fanotify as fan
 from fsfilter.system import libc
 from fsfilter.wire.fanotify import Event
@@ -61,11 +82,12 @@ class FanotifyAccess:
     """Answers open permission events for the access rules of ``rules``."""
 
     def __init__(self, rules: RuleSet, passthrough: RuleSet, own_requests: Callable[[], bool],
-                 on_error: Callable[[int, str], None]) -> None:
+                 on_error: Callable[[int, str], None], deadline: float = 5.0) -> None:
         self.rules = rules
         self.passthrough = passthrough
         self.own_requests = own_requests
-        self.perms = PermissionGroup(_PERM, self._decide_event, on_error, "fsfilter-permissions")
+        self.perms = PermissionGroup(_PERM, self._decide_event, on_error, "fsfilter-permissions",
+                                     deadline=deadline, late=self._late)
         self.renames = NotifyGroup(unlimited_queue=False, buffer_size=1 << 14)
         self._renames_thread: threading.Thread | None = None
         self.marked: list[str] = []
@@ -74,6 +96,8 @@ class FanotifyAccess:
         self._generation = -1
         self._cache_lock = threading.Lock()
         self._epoch = 0  # bumped by every flush: a decision made before one must not be cached after it
+        self.mounts = MountTable()
+        self.links = LinkIndex(self)
 
     @property
     def answered(self) -> int:
@@ -94,6 +118,7 @@ class FanotifyAccess:
 
     def forget_cache(self) -> None:
         """Drop every ignore mark (the rules changed, or something moved)."""
+        self.links.stale = True
         with self._cache_lock:
             self._epoch += 1
             try:
@@ -137,11 +162,15 @@ class FanotifyAccess:
         if (tid == self._own or libc.is_thread_of(self._own, tid)) and not self.own_requests():
             return True
         epoch = self._epoch
-        path = os.readlink(f"/proc/self/fd/{fd}")
-        m = match_path(self.rules, self.passthrough, path)
-        access = m.upper.access & FANOTIFY_ACCESS
-        if access and not m.unconditional:
-            access = m.flags(ProcessInfo(tid), None).access & FANOTIFY_ACCESS
+        path = local_path(fd, self.mounts)
+        access = self.access_of(path, tid)
+        if not access:
+            # Another name of the same file may be under a rule (a hard link made outside it).
+            st = os.fstat(fd)
+            if st.st_nlink > 1 and stat.S_ISREG(st.st_mode):
+                other = self.links.restricted_name(st)
+                if other is not None:
+                    access = self.access_of(other, tid)
         if not access:
             # Cache only if no rule could concern any name in the directory, and the rules did not change while
             # deciding (a flush may just have happened).
@@ -156,6 +185,20 @@ class FanotifyAccess:
             flags = open_flags(tid)
             return flags is not None and not flags & _WRITE_FLAGS
         return True
+
+    def access_of(self, path: str, tid: int) -> int:
+        """The fanotify-enforced access flags the rules give ``path`` for a request from thread ``tid``."""
+        m = match_path(self.rules, self.passthrough, path)
+        access = m.upper.access & FANOTIFY_ACCESS
+        if access and not m.unconditional:
+            access = m.flags(ProcessInfo(tid), None).access & FANOTIFY_ACCESS
+        return access
+
+    def _late(self, ev: Event) -> bool:
+        """The answer to a request whose decision missed the deadline: refused if a rule restricts the path it
+        was opened by (fail closed for the rules' files), allowed otherwise (the rest of the file system must
+        not stop because the filter is slow)."""
+        return not self.access_of(os.readlink(f"/proc/self/fd/{ev.fd}"), ev.pid)
 
     def _current_generation(self) -> int:
         return self.rules.generation + self.passthrough.generation
@@ -177,33 +220,122 @@ class FanotifyAccess:
             log.debug("no ignore mark: %s", exc)
 
 
+# A new link changes the file's ctime, taken from a coarse clock that may lag ours by a tick: a file whose ctime
+# is this close to (or after) the start of the last walk may have a link the walk did not see.
+_CTIME_SLACK_NS = 50_000_000
+
+
+class LinkIndex:
+    """The files with several names (st_nlink > 1) that a restricting rule covers by one of them, by (st_dev,
+    st_ino), found by walking the fixed-prefix directories of those rules.
+
+    Rebuilt lazily, on the first decision about a multi-named file after it went stale: on a rename or
+    attribute change on a watched file system (the watcher group), a rule change, or when the file's ctime is
+    no older than the last walk (a link made since; this closes the race with the watcher). Rules without a
+    fixed prefix (name-only masks) cannot be walked: a hard link under another name escapes those."""
+
+    def __init__(self, owner: FanotifyAccess) -> None:
+        self.owner = owner
+        self.stale = True
+        self.walks = 0
+        self._inodes: dict[tuple[int, int], str] = {}
+        self._walked_at = 0
+        self._lock = threading.Lock()
+
+    def restricted_name(self, st: os.stat_result) -> str | None:
+        """A name of the file ``st`` describes that a restricting rule covers, if one is known."""
+        with self._lock:
+            if self.stale or st.st_ctime_ns >= self._walked_at - _CTIME_SLACK_NS:
+                self._rebuild()
+            return self._inodes.get((st.st_dev, st.st_ino))
+
+    def _rebuild(self) -> None:
+        self.stale = False
+        self._walked_at = time.time_ns()
+        self.walks += 1
+        found: dict[tuple[int, int], str] = {}
+        owner = self.owner
+        tops = {r.compiled.prefix for r in owner.rules if r.access & FANOTIFY_ACCESS and r.compiled.prefix}
+        pending = [t for t in tops if not any(t != o and t.startswith(o.rstrip("/") + "/") for o in tops)]
+        while pending:
+            directory = pending.pop()
+            try:
+                entries = list(os.scandir(directory))
+            except OSError:
+                continue
+            for entry in entries:
+                try:
+                    if entry.is_dir(follow_symlinks=False):
+                        pending.append(entry.path)
+                        continue
+                    if not entry.is_file(follow_symlinks=False):
+                        continue
+                    st = entry.stat(follow_symlinks=False)
+                except OSError:
+                    continue
+                if st.st_nlink > 1 and match_path(owner.rules, owner.passthrough, entry.path).upper.access \
+                        & FANOTIFY_ACCESS:
+                    found[(st.st_dev, st.st_ino)] = entry.path
+        self._inodes = found
+
+
 def open_flags(tid: int) -> int | None:
-    """The open(2) flags of the open thread ``tid`` is blocked in, from /proc/<tid>/syscall; None when it is not
-    in a known open call (or the flags cannot be read)."""
+    """The open(2) flags of the open thread ``tid`` is blocked in, from /proc/<tid>/syscall; None when they
+    cannot be trusted: not a known open call, ``openat2`` (its flags are in memory other threads can change),
+    an io_uring worker (its registers are a copy of its creator's), or unreadable."""
+    fields = _syscall_fields(tid)
+    if fields is None or len(fields) < 9:
+        return None
     try:
-        with open(f"/proc/{tid}/syscall", "rb") as f:
-            fields = f.read().split()
-    except OSError:
+        number = int(fields[0])
+        args = [int(x, 16) for x in fields[1:9]]
+    except ValueError:
         return None
-    if len(fields) < 4 or not fields[0].lstrip(b"-").isdigit():
+    if args[6] == 0 and args[7] == 0:
+        # sp and pc 0: an io_uring worker (copy_thread copies its creator's registers and clears these two),
+        # so the syscall shown is not the one that opens.
         return None
-    number = int(fields[0])
-    args = [int(x, 16) for x in fields[1:7]]
     if number in _EXECS:
         return os.O_RDONLY
     if number in _FLAGS_ARG:
         return args[_FLAGS_ARG[number]] & 0xFFFFFFFF
     if number == _CREAT:
         return os.O_CREAT | os.O_WRONLY | os.O_TRUNC
-    if number == _OPENAT2:
-        try:
-            fd = os.open(f"/proc/{tid}/mem", os.O_RDONLY | os.O_CLOEXEC)
-            try:
-                raw = os.pread(fd, 8, args[2])
-            finally:
-                os.close(fd)
-        except OSError:
-            return None
-        return int.from_bytes(raw, "little") if len(raw) == 8 else None
+    # openat2: how.flags is in the caller's memory, read by the kernel before this event and changeable by any
+    # thread sharing it since, so what we would read proves nothing. None: refused under a read-only rule.
     return None
 
+
+# How long a thread woken in its permission wait may take to go back to sleep. All waiters of a group share one
+# wait queue, so every answer wakes them all for a moment; /proc/<tid>/syscall then says "running".
+_SYSCALL_PATIENCE = 0.5
+
+
+def _syscall_fields(tid: int) -> list[bytes] | None:
+    """The fields of /proc/<tid>/syscall once the thread is blocked; None when it cannot be read or the thread
+    does not settle within _SYSCALL_PATIENCE."""
+    try:
+        fd = os.open(f"/proc/{tid}/syscall", os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        deadline = 0.0
+        spins = 0
+        while True:
+            fields = os.pread(fd, 512, 0).split()
+            if fields and fields[0] != b"running":
+                return fields
+            spins += 1
+            if spins <= 64:
+                os.sched_yield()
+                continue
+            now = time.monotonic()
+            if not deadline:
+                deadline = now + _SYSCALL_PATIENCE
+            elif now > deadline:
+                return None
+            time.sleep(0.0002)
+    except OSError:
+        return None
+    finally:
+        os.close(fd)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import queue
 import re
 import select
 import threading
@@ -258,27 +259,96 @@ def mount_point_of(path: str, points: list[str]) -> str:
     return best
 
 
-class PermissionGroup:
-    """A fanotify permission group (``FAN_CLASS_CONTENT``, thread ids) and the thread that answers it.
+def local_path(fd: int, mounts: MountTable) -> str:
+    """The path of the object ``fd`` refers to, as this process's mount namespace names it.
 
-    Every request gets an answer: ``decide(event)`` (True allows) runs for each, and one that raises allows it
-    and is reported through ``on_error``. The queue is unlimited: when a bounded one is full the kernel drops
-    permission events and lets the operation through unasked. Closing the group makes the kernel allow whatever
-    is pending, so a stopped (or dead) filter never leaves a caller blocked."""
+    ``/proc/self/fd`` gives the path through the mount the opener used. That may be a bind mount in another
+    mount namespace (any user can make one in a user namespace of their own), which names the file differently
+    or not at all here: then the file is found again by its file handle through our own mount of its file
+    system. Falls back to the link's path when that fails (a file system without handles, no mount of it
+    here)."""
+    path = os.readlink(f"/proc/self/fd/{fd}")
+    st = os.fstat(fd)
+    if _same_object(path, st):
+        return path
+    try:
+        handle_type, handle = fan.handle_of(fd)
+        mount_fd = mounts.open_mount(fan.fsid_of(fd))
+    except OSError:
+        return path
+    if mount_fd is None:
+        return path
+    try:
+        obj = fan.open_by_handle(mount_fd, handle_type, handle, os.O_PATH)
+    except OSError:
+        return path
+    finally:
+        os.close(mount_fd)
+    try:
+        found = os.readlink(f"/proc/self/fd/{obj}")
+    except OSError:
+        return path
+    finally:
+        os.close(obj)
+    return found if _same_object(found, st) else path
+
+
+def _same_object(path: str, st: os.stat_result) -> bool:
+    try:
+        here = os.stat(path, follow_symlinks=False)
+    except (OSError, ValueError):
+        return False
+    return here.st_ino == st.st_ino and here.st_dev == st.st_dev
+
+
+class _Request:
+    __slots__ = ("answered", "due", "event", "started")
+
+    def __init__(self, event: Event, due: float) -> None:
+        self.event = event
+        self.due = due
+        self.started = False  # a worker is deciding it (then that worker closes the event fd)
+        self.answered = False
+
+
+class PermissionGroup:
+    """A fanotify permission group (``FAN_CLASS_CONTENT``, thread ids) and the threads that answer it.
+
+    Every request gets an answer, and within ``deadline`` seconds: ``decide(event)`` (True allows) runs on a
+    worker thread; one that raises allows the request and is reported through ``on_error``; one still running at
+    the deadline is answered by the reader thread with ``late(event)`` (the caller's fail policy; allow when it
+    raises), reported through ``on_error`` (ETIMEDOUT) and counted in ``timed_out``, while the late decision runs
+    on. The kernel has no answer timeout of its own. Workers are added while all are busy, up to
+    ``max_workers``; a decision that never returns keeps its worker. The queue is unlimited: when a bounded one is
+    full the kernel drops permission events and lets the operation through unasked. Closing the group makes the
+    kernel allow whatever is pending, so a stopped (or dead) filter never leaves a caller blocked.
+
+    What this cannot cover: a whole process stopped (SIGSTOP, a debugger) answers nothing, and every request
+    waits until it runs again or dies (then the kernel allows them)."""
 
     def __init__(self, mask: int, decide: Callable[[Event], bool], on_error: Callable[[int, str], None],
-                 name: str) -> None:
+                 name: str, deadline: float = 5.0, late: Callable[[Event], bool] | None = None,
+                 max_workers: int = 16) -> None:
         self.mask = mask
         self._decide = decide
+        self._late = late
         self._report = on_error
         self._name = name
+        self.deadline = deadline
+        self.max_workers = max(1, max_workers)
         self.fd = fan.init(abi.FAN_CLASS_CONTENT | abi.FAN_CLOEXEC | abi.FAN_NONBLOCK | abi.FAN_REPORT_TID
                            | abi.FAN_UNLIMITED_QUEUE, os.O_RDONLY | os.O_LARGEFILE | os.O_CLOEXEC)
         self._wake_r, self._wake_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
         self._stopping = False
         self._thread: threading.Thread | None = None
+        self._workers: list[threading.Thread] = []
+        self._queue: queue.SimpleQueue[_Request | None] = queue.SimpleQueue()
+        self._pending: dict[int, _Request] = {}  # id -> request not answered yet, oldest first
+        self._lock = threading.Lock()
+        self._idle = 0
         self.answered = 0
         self.denied = 0
+        self.timed_out = 0
 
     def mark_filesystems(self, points: Iterable[str]) -> list[str]:
         """A file-system mark on each of ``points`` (mount points), one per file system; the points marked."""
@@ -315,9 +385,17 @@ class PermissionGroup:
             pass
         if self._thread is not None:
             self._thread.join(5)
-        lingering = self._thread is not None and self._thread.is_alive()
+        with self._lock:
+            workers = list(self._workers)
+        for _ in workers:
+            self._queue.put(None)
+        end = time.monotonic() + 1.0
+        for w in workers:
+            w.join(max(0.0, end - time.monotonic()))
+        lingering = (self._thread is not None and self._thread.is_alive()) or any(w.is_alive() for w in workers)
         # A thread still in a decision would later write its answer into whatever file reused the number:
-        # then the number is pointed at /dev/null instead of being closed.
+        # then the number is pointed at /dev/null instead of being closed (which also releases the group: the
+        # kernel allows what is pending).
         for fd in (self.fd, self._wake_r, self._wake_w):
             try:
                 if lingering:
@@ -335,10 +413,11 @@ class PermissionGroup:
         poller.register(self._wake_r, select.POLLIN)
         buffer = bytearray(1 << 16)
         while not self._stopping:
+            self._expire()
             try:
                 size = os.readv(self.fd, (buffer,))
             except BlockingIOError:
-                poller.poll(1000)
+                poller.poll(self._poll_ms())
                 continue
             except OSError as exc:
                 if self._stopping:
@@ -351,20 +430,90 @@ class PermissionGroup:
             except wire.RecordError as exc:  # cannot happen with a sane kernel; the fds are unknown then
                 self.on_error(errno.EIO, f"a permission record could not be read: {exc}")
                 continue
+            due = time.monotonic() + self.deadline
             for ev in events:
                 if ev.fd < 0:
                     continue
-                allow = True
-                try:
-                    allow = self._decide(ev)
-                except Exception as exc:  # answer anyway: a caller must never wait for an answer that never comes
-                    self.on_error(errno.EIO, f"deciding a permission request failed (allowed): {exc}")
-                try:
-                    os.write(self.fd, wire.encode_response(ev.fd, abi.FAN_ALLOW if allow else abi.FAN_DENY))
-                except OSError as exc:
-                    self.on_error(exc.errno or errno.EIO, f"answering a permission request failed: {exc}")
-                finally:
-                    os.close(ev.fd)
-                self.answered += 1
-                self.denied += not allow
+                req = _Request(ev, due)
+                with self._lock:
+                    self._pending[id(req)] = req
+                    spawn = self._idle == 0 and len(self._workers) < self.max_workers
+                    if not spawn:
+                        self._idle -= 1  # taken by a waiting worker (counted here so that a burst spawns enough)
+                    else:
+                        w = threading.Thread(target=self._work, name=f"{self._name}-{len(self._workers)}",
+                                             daemon=True)
+                        self._workers.append(w)
+                self._queue.put(req)
+                if spawn:
+                    w.start()
 
+    def _poll_ms(self) -> int:
+        with self._lock:
+            oldest = next(iter(self._pending.values()), None)
+        if oldest is None:
+            return 1000
+        return max(1, min(1000, int((oldest.due - time.monotonic()) * 1000) + 1))
+
+    def _expire(self) -> None:
+        """Answer the requests whose decision is late, by the fail policy."""
+        now = time.monotonic()
+        with self._lock:
+            late = []
+            for req in self._pending.values():
+                if req.due > now:
+                    break  # in arrival order: the rest are younger
+                late.append(req)
+        for req in late:
+            allow = True
+            if self._late is not None:
+                try:
+                    allow = self._late(req.event)
+                except Exception as exc:
+                    self.on_error(errno.EIO, f"the late answer's policy failed (allowed): {exc}")
+            if self._answer(req, allow, late=True):
+                self.timed_out += 1
+                self.on_error(errno.ETIMEDOUT, f"a permission decision took over {self.deadline:g} s: "
+                                               f"{'allowed' if allow else 'denied'} (pid {req.event.pid})")
+
+    def _work(self) -> None:
+        while True:
+            req = self._queue.get()
+            if req is None:
+                return
+            with self._lock:
+                if req.answered:  # late before it started: the reader answered it and closed its fd
+                    self._idle += 1
+                    continue
+                req.started = True
+            allow = True
+            try:
+                allow = self._decide(req.event)
+            except Exception as exc:  # answer anyway: a caller must never wait for an answer that never comes
+                self.on_error(errno.EIO, f"deciding a permission request failed (allowed): {exc}")
+            self._answer(req, allow)
+            with self._lock:
+                self._idle += 1
+
+    def _answer(self, req: _Request, allow: bool, late: bool = False) -> bool:
+        """Write the answer unless one was written; close the event fd unless a worker still decides with it.
+        Whether this call answered."""
+        ev = req.event
+        with self._lock:
+            if req.answered:
+                if not late:
+                    os.close(ev.fd)  # the worker of a request answered late: its fd is closed now
+                return False
+            req.answered = True
+            self._pending.pop(id(req), None)
+            keep_fd = late and req.started
+        try:
+            os.write(self.fd, wire.encode_response(ev.fd, abi.FAN_ALLOW if allow else abi.FAN_DENY))
+        except OSError as exc:
+            self.on_error(exc.errno or errno.EIO, f"answering a permission request failed: {exc}")
+        finally:
+            if not keep_fd:
+                os.close(ev.fd)
+        self.answered += 1
+        self.denied += not allow
+        return True

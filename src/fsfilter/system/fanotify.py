@@ -59,3 +59,21 @@ def fsid_of(fd: int) -> tuple[int, int]:
     _check(_libc.fstatfs(fd, buf), "fstatfs")
     first, second = abi.FSID.unpack_from(buf.raw, _FSID_OFFSET)
     return first, second
+
+
+_libc.name_to_handle_at.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_char_p, ctypes.POINTER(ctypes.c_int),
+                                    ctypes.c_int]
+_libc.name_to_handle_at.restype = ctypes.c_int
+_AT_EMPTY_PATH = 0x1000
+_MAX_HANDLE = 128  # MAX_HANDLE_SZ
+
+
+def handle_of(fd: int) -> tuple[int, bytes]:
+    """name_to_handle_at(fd, "", AT_EMPTY_PATH): the (type, bytes) file handle of the object ``fd`` refers to,
+    valid through any mount of its file system."""
+    buf = ctypes.create_string_buffer(abi.FILE_HANDLE.size + _MAX_HANDLE)
+    abi.FILE_HANDLE.pack_into(buf, 0, _MAX_HANDLE, 0)
+    mount_id = ctypes.c_int()
+    _check(_libc.name_to_handle_at(fd, b"", buf, ctypes.byref(mount_id), _AT_EMPTY_PATH), "name_to_handle_at")
+    size, handle_type = abi.FILE_HANDLE.unpack_from(buf.raw, 0)
+    return handle_type, buf.raw[abi.FILE_HANDLE.size:abi.FILE_HANDLE.size + size]

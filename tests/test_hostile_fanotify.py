@@ -1,0 +1,385 @@
+"""The fanotify permission rules (AccessViaFanotify, CBProcess's exec refusal) attacked as a hostile user would
+(issue 11): openat2 with flags flipped by another thread, many concurrent read-only opens, another path to the
+same file (a bind mount in a user namespace, a hard link), a handler that never answers, and which file systems
+a start marks. The attacks run as a real unprivileged user (the ``attacker`` fixture); permission marks go only on
+the test's own tmpfs."""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import SRC, needs_root
+
+from fsfilter import CBFilter
+from fsfilter.api import constants as c
+from fsfilter.api.cbprocess import CBProcess
+
+pytestmark = [needs_root, pytest.mark.timeout(300)]
+
+needs_gcc = pytest.mark.skipif(shutil.which("gcc") is None, reason="gcc builds the attack programs")
+
+# openat2 with a second thread flipping how.flags between O_RDWR and O_RDONLY; prints "writable opened refused".
+OPENAT2_RACE = r"""
+#define _GNU_SOURCE
+#include <fcntl.h>
+#include <pthread.h>
+#include <sched.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+#include <linux/openat2.h>
+static struct open_how how;
+static volatile int done, started;
+static void *flip(void *arg) {
+    volatile __u64 *flags = &how.flags;  /* volatile: both stores must happen */
+    (void)arg;
+    started = 1;
+    while (!done) { *flags = O_RDWR; *flags = O_RDONLY; }
+    return NULL;
+}
+int main(int argc, char **argv) {
+    int tries = atoi(argv[2]), writable = 0, opened = 0, refused = 0;
+    pthread_t t;
+    (void)argc;
+    memset(&how, 0, sizeof how);
+    pthread_create(&t, NULL, flip, NULL);
+    while (!started) sched_yield();
+    for (int i = 0; i < tries; i++) {
+        int fd = syscall(SYS_openat2, AT_FDCWD, argv[1], &how, sizeof how);
+        if (fd < 0) { refused++; continue; }
+        opened++;
+        if ((fcntl(fd, F_GETFL) & O_ACCMODE) != O_RDONLY) writable++;
+        close(fd);
+    }
+    done = 1;
+    pthread_join(t, NULL);
+    printf("%d %d %d\n", writable, opened, refused);
+    return 0;
+}
+"""
+
+# readers NPROCS OPENS PATH...: NPROCS processes open the paths read-only OPENS times each, in turn;
+# prints "opened eperm other".
+READERS = r"""
+#define _GNU_SOURCE
+#include <errno.h>
+#include <fcntl.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <sys/wait.h>
+#include <unistd.h>
+int main(int argc, char **argv) {
+    int procs = atoi(argv[1]), opens = atoi(argv[2]), nfiles = argc - 3, fds[2];
+    if (pipe(fds) < 0) return 2;
+    for (int p = 0; p < procs; p++) {
+        if (fork() == 0) {
+            long counts[3] = {0, 0, 0};
+            for (int i = 0; i < opens; i++) {
+                int fd = open(argv[3 + (i + p) % nfiles], O_RDONLY);
+                if (fd >= 0) { counts[0]++; close(fd); }
+                else if (errno == EPERM) counts[1]++;
+                else counts[2]++;
+            }
+            if (write(fds[1], counts, sizeof counts) != sizeof counts) _exit(3);
+            _exit(0);
+        }
+    }
+    close(fds[1]);
+    long total[3] = {0, 0, 0}, c[3];
+    while (read(fds[0], c, sizeof c) == sizeof c) for (int k = 0; k < 3; k++) total[k] += c[k];
+    while (wait(NULL) > 0) {}
+    printf("%ld %ld %ld\n", total[0], total[1], total[2]);
+    return 0;
+}
+"""
+
+
+def build(source: str, where: Path, name: str) -> Path:
+    """Compile a C attack program into ``where`` (world-executable, so the attacker can run it)."""
+    src = where / f"{name}.c"
+    src.write_text(source)
+    binary = where / name
+    subprocess.run(["gcc", "-O2", "-pthread", "-o", str(binary), str(src)], check=True, capture_output=True)
+    binary.chmod(0o755)
+    return binary
+
+
+@pytest.fixture
+def guarded() -> Iterator[Callable[[], CBFilter]]:
+    made: list[CBFilter] = []
+
+    def make() -> CBFilter:
+        f = CBFilter()
+        f.config("AccessViaFanotify=true")
+        made.append(f)
+        return f
+
+    try:
+        yield make
+    finally:
+        for f in made:
+            with contextlib.suppress(Exception):
+                f.stop_filter()
+
+
+@pytest.fixture
+def area(scratch: Path, attacker: Any) -> Path:
+    """scratch/ro (a read-only rule will cover it) with files the attacker owns (DAC lets them write: only the
+    rule stops them), scratch/out (no rule), scratch/tools for the attack programs."""
+    for sub in ("ro", "out", "tools"):
+        (scratch / sub).mkdir()
+    for i in range(4):
+        (scratch / "ro" / f"f{i}").write_text("original\n")
+    attacker.give(scratch / "ro", scratch / "out", *(scratch / "ro").iterdir())
+    return scratch
+
+
+def read_only(guarded: Callable[[], CBFilter], area: Path) -> CBFilter:
+    f = guarded()
+    f.add_filter_rule(f"{area}/ro/*", c.ACCESS_READ_ONLY, c.FS_CE_NONE, c.FS_NE_NONE)
+    f.start_filter()
+    return f
+
+
+# -- item 2: openat2's flags live in the caller's memory
+
+
+@needs_gcc
+def test_openat2_with_flipped_flags_gets_no_writable_open(guarded: Callable[[], CBFilter], area: Path,
+                                                         attacker: Any) -> None:
+    race = build(OPENAT2_RACE, area / "tools", "race")
+    target = area / "ro" / "f0"
+    # without a rule the attack program really opens for writing now and then (the race is real)
+    # (the kernel copies how.flags at one instant, so unfiltered it may take a few runs to catch an O_RDWR)
+    for _ in range(20):
+        out = attacker.run(str(race), str(target), "3000", timeout=120)
+        assert out.returncode == 0, out.stderr
+        writable, opened, _ = map(int, out.stdout.split())
+        assert opened == 3000
+        if writable:
+            break
+    assert writable > 0
+    read_only(guarded, area)
+    out = attacker.run(str(race), str(target), "3000", timeout=120)
+    assert out.returncode == 0, out.stderr
+    writable, opened, refused = map(int, out.stdout.split())
+    assert writable == 0 and opened + refused == 3000
+    assert target.read_text() == "original\n"
+
+
+# -- item 3: concurrent read-only opens must not be refused
+
+
+@needs_gcc
+def test_concurrent_read_only_opens_are_never_refused(guarded: Callable[[], CBFilter], area: Path,
+                                                      attacker: Any) -> None:
+    readers = build(READERS, area / "tools", "readers")
+    f = read_only(guarded, area)
+    files = [str(p) for p in sorted((area / "ro").iterdir())]
+    total = 0
+    for procs, opens in ((32, 1250), (16, 2500), (4, 5000)):  # 40,000 + 40,000 + 20,000 = 100,000
+        out = subprocess.run([str(readers), str(procs), str(opens), *files], capture_output=True, text=True,
+                             timeout=240)
+        assert out.returncode == 0, out.stderr
+        assert out.stdout.split() == [str(procs * opens), "0", "0"], (procs, out.stdout)
+        total += procs * opens
+    assert total == 100_000
+    # while refusing what writes, as the attacker too
+    for mode in ("'r+'", "'w'", "'a'"):
+        r = attacker.python(f"import sys\ntry:\n    open(sys.argv[1], {mode})\n"
+                            "except OSError as e:\n    print(e.errno)", files[0])
+        assert r.stdout.split() == [str(errno.EPERM)], (mode, r.stdout, r.stderr)
+    r = attacker.python("import os, sys\ntry:\n    os.open(sys.argv[1], os.O_RDONLY | os.O_TRUNC)\n"
+                        "except OSError as e:\n    print(e.errno)", files[0])
+    assert r.stdout.split() == [str(errno.EPERM)]
+    assert f.active and (area / "ro" / "f0").read_text() == "original\n"
+
+
+# -- item 4: another path to the same file
+
+
+def test_a_bind_mount_in_a_user_namespace_does_not_escape_the_rule(guarded: Callable[[], CBFilter], area: Path,
+                                                                   attacker: Any) -> None:
+    (area / "out" / "x").mkdir()
+    attacker.give(area / "out" / "x")
+    read_only(guarded, area)
+    script = (f"mount --bind {area}/ro {area}/out/x || exit 9; cat {area}/out/x/f1 || exit 8; "
+              f"echo evil >> {area}/out/x/f1 && echo written")
+    out = attacker.run("unshare", "-rm", "/bin/sh", "-c", script, timeout=60)
+    assert out.returncode not in (8, 9), out.stderr  # the namespace and the mount worked, reading too
+    assert "original" in out.stdout and "written" not in out.stdout, (out.stdout, out.stderr)
+    assert (area / "ro" / "f1").read_text() == "original\n"
+
+
+def test_a_hard_link_outside_the_rule_does_not_escape_it(guarded: Callable[[], CBFilter], area: Path,
+                                                         attacker: Any) -> None:
+    # one link made before the filter starts, one while it runs
+    os.link(area / "ro" / "f2", area / "out" / "early")
+    read_only(guarded, area)
+    for name in ("early", "late"):
+        script = (f"[ -e {area}/out/{name} ] || ln {area}/ro/f2 {area}/out/{name} || exit 9; "
+                  f"cat {area}/out/{name} || exit 8; echo evil >> {area}/out/{name} && echo written")
+        out = attacker.sh(script)
+        assert out.returncode not in (8, 9), out.stderr
+        assert "original" in out.stdout and "written" not in out.stdout, (name, out.stdout, out.stderr)
+    assert (area / "ro" / "f2").read_text() == "original\n"
+    # a file with two names both outside every rule is not refused
+    (area / "out" / "free").write_text("x")
+    os.link(area / "out" / "free", area / "out" / "free2")
+    attacker.give(area / "out" / "free")
+    assert "written" in attacker.sh(f"echo y >> {area}/out/free2 && echo written").stdout
+
+
+@pytest.fixture
+def process_filters() -> Iterator[Callable[[], CBProcess]]:
+    made: list[CBProcess] = []
+
+    def make() -> CBProcess:
+        p = CBProcess()
+        made.append(p)
+        return p
+
+    try:
+        yield make
+    finally:
+        for p in made:
+            with contextlib.suppress(Exception):
+                p.stop_filter()
+
+
+def test_deny_exec_through_a_bind_mount_in_a_user_namespace(process_filters: Callable[[], CBProcess],
+                                                            area: Path, attacker: Any) -> None:
+    (area / "tools" / "denied").mkdir()
+    shutil.copy("/bin/true", area / "tools" / "denied" / "prog")
+    (area / "out" / "x").mkdir()
+    attacker.give(area / "out" / "x")
+    denied = str(area / "tools" / "denied")
+    seen: list[str] = []
+    p = process_filters()
+
+    def creation(e: Any) -> None:
+        seen.append(e.image_file_name)
+        if e.image_file_name.startswith(denied + "/"):
+            e.result_code = errno.EPERM
+
+    p.on_process_creation = creation
+    p.config(f"ExecPermissionPaths={area}")
+    p.start_filter()
+    assert attacker.run(f"{denied}/prog").returncode != 0  # refused by its own name
+    script = f"mount --bind {denied} {area}/out/x || exit 9; {area}/out/x/prog && echo ran"
+    out = attacker.run("unshare", "-rm", "/bin/sh", "-c", script, timeout=60)
+    assert out.returncode != 9, out.stderr
+    assert "ran" not in out.stdout, (out.stdout, out.stderr, seen)
+    assert f"{denied}/prog" in seen
+
+
+# -- item 9: the start says which file systems it marked
+
+
+@pytest.mark.parametrize("command", [["deny-exec", "{area}/tools/*"], ["protect", "{area}/ro", "--read-only",
+                                                                        "--fanotify"]])
+def test_the_cli_says_which_file_systems_it_marked(area: Path, command: list[str]) -> None:
+    env = {**os.environ, "PYTHONPATH": str(SRC)}
+    argv = [sys.executable, "-m", "fsfilter", *(a.format(area=area) for a in command)]
+    proc = subprocess.Popen(argv, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        assert proc.stderr is not None
+        first = proc.stderr.readline()
+        assert "Ctrl-C" in first, first
+        assert proc.stderr.readline().strip() == f"fsfilter: permission marks on the file systems of: {area}"
+    finally:
+        proc.send_signal(signal.SIGINT)
+        proc.communicate(timeout=30)
+    assert proc.returncode == 0
+
+
+def test_the_library_says_which_file_systems_it_marked(guarded: Callable[[], CBFilter],
+                                                       process_filters: Callable[[], CBProcess], area: Path) -> None:
+    f = read_only(guarded, area)
+    assert f.permission_marks == [str(area)]
+    p = process_filters()
+    p.config(f"ExecPermissionPaths={area}/tools")
+    p.start_filter()
+    assert p.permission_marks == [str(area)]
+    f.stop_filter()
+    assert f.permission_marks == []
+
+
+# -- item 8: a decision that never comes is answered at the deadline
+
+
+@pytest.mark.parametrize("denies", [False, True])
+def test_a_handler_that_never_returns_is_answered_at_the_deadline(process_filters: Callable[[], CBProcess],
+                                                                  area: Path, attacker: Any, denies: bool) -> None:
+    for name in ("hang", "quick"):
+        shutil.copy("/bin/true", area / "tools" / name)
+    release, entered = threading.Event(), threading.Event()
+    errors: list[int] = []
+    p = process_filters()
+
+    def creation(e: Any) -> None:
+        if e.image_file_name.endswith("/hang"):
+            entered.set()
+            release.wait(120)  # "forever": released when the test ends
+
+    p.on_process_creation = creation
+    p.on_error = lambda e: errors.append(e.error_code)
+    p.config(f"ExecPermissionPaths={area}")
+    p.config("ExecPermissionTimeout=3")
+    p.config(f"ExecPermissionTimeoutDenies={'true' if denies else 'false'}")
+    p.start_filter()
+    hung = attacker.popen(str(area / "tools" / "hang"))
+    try:
+        assert entered.wait(30)
+        quick = attacker.run(str(area / "tools" / "quick"), timeout=30)
+        assert quick.returncode == 0, quick.stderr
+        assert hung.poll() is None  # still waiting for its answer while another exec was answered
+        hung.communicate(timeout=30)  # answered by the timeout policy (a hang detector, not a timing)
+        assert (hung.returncode != 0) == denies
+        assert p.late_exec_answers == 1 and errno.ETIMEDOUT in errors
+    finally:
+        release.set()
+        if hung.poll() is None:
+            hung.kill()
+            hung.communicate(timeout=10)
+
+
+def test_an_access_decision_that_never_returns_is_answered_by_the_path(guarded: Callable[[], CBFilter],
+                                                                       area: Path) -> None:
+    f = guarded()
+    f.add_filter_rule(f"{area}/ro/*", c.ACCESS_DENY_ALL, c.FS_CE_NONE, c.FS_NE_NONE)
+    f.start_filter()
+    guard = f._fanotify
+    assert guard is not None
+    release = threading.Event()
+    decide = guard.perms._decide
+
+    def slow(ev: Any) -> bool:
+        if os.readlink(f"/proc/self/fd/{ev.fd}").startswith(f"{area}/"):
+            release.wait(120)
+        return decide(ev)
+
+    guard.perms._decide = slow
+    guard.perms.deadline = 2.0
+    (area / "out" / "free").write_text("free")
+    try:
+        code = "import sys\ntry:\n    print(open(sys.argv[1]).read())\nexcept OSError as e:\n    print(e.errno)"
+        for path, expected in ((area / "ro" / "f0", str(errno.EPERM)), (area / "out" / "free", "free")):
+            out = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True, timeout=30)
+            assert out.stdout.split() == [expected], (path, out.stdout, out.stderr)
+        assert guard.perms.timed_out >= 2
+    finally:
+        release.set()
