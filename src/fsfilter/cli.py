@@ -43,6 +43,13 @@ def _seconds(text: str) -> float:
     return value
 
 
+def _whole_seconds(text: str) -> int:
+    value = int(text)
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"must be between 0 (none) and 65535 seconds, not {text}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fsfilter", description="Watch, allow, deny and hide file operations.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log what the daemon does")
@@ -62,6 +69,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--attr-timeout", type=_seconds, default=60.0, help="seconds the kernel caches attributes")
     p.add_argument("--negative-timeout", type=_seconds, default=10.0, help="seconds the kernel caches misses")
     p.add_argument("--spin", type=_seconds, default=0.0002, help="seconds a reader polls before sleeping")
+    p.add_argument("--request-timeout", type=_whole_seconds, default=60,
+                   help="seconds after which the kernel gives up on a daemon that does not answer (stopped, "
+                        "wedged) and aborts the mount (default 60)")
     p.add_argument("--stats", action="store_true", help="print request counts when stopping")
 
     m = sub.add_parser("monitor", help="print the file operations below a directory, with process names",
@@ -138,7 +148,7 @@ def run_passthrough(args: argparse.Namespace) -> int:
     filt = PassthroughFilter(args.lower, args.mountpoint, workers=args.workers, pool=args.pool,
                              passthrough=not args.no_kernel_passthrough, entry_timeout=args.entry_timeout,
                              attr_timeout=args.attr_timeout, negative_timeout=args.negative_timeout,
-                             spin=args.spin)
+                             spin=args.spin, request_timeout=args.request_timeout)
     stop = _stop_on_signals()
     filt.start()
     try:

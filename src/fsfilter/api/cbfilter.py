@@ -10,6 +10,7 @@ from __future__ import annotations
 import errno
 import io
 import logging
+import math
 import os
 import threading
 from collections.abc import Callable
@@ -101,7 +102,7 @@ _CONFIG_DEFAULTS: dict[str, str] = {
     "FilterOwnRequests": "false", "MinWorkerThreadCount": "1", "MaxWorkerThreadCount": "0",
     "DenyExpiredEvents": "false", "ModifiableReadWriteBuffers": "true", "AllowFileAccessInBeforeOpen": "true",
     "EntryTimeout": "60", "AttrTimeout": "60", "NegativeTimeout": "10", "KernelPassthrough": "true",
-    "AccessViaFanotify": "false",
+    "AccessViaFanotify": "false", "RequestTimeout": "60",
 }
 _COUNT_SETTINGS = {"MinWorkerThreadCount", "MaxWorkerThreadCount"}
 _BOOL_SETTINGS = {"FilterOwnRequests", "DenyExpiredEvents", "ModifiableReadWriteBuffers",
@@ -142,7 +143,8 @@ class _Attachment(PassthroughFilter):
                          entry_timeout=float(core.config("EntryTimeout")),
                          attr_timeout=float(core.config("AttrTimeout")),
                          negative_timeout=float(core.config("NegativeTimeout")),
-                         locks=core.wants_lock_requests())
+                         locks=core.wants_lock_requests(),
+                         request_timeout=min(0xFFFF, math.ceil(float(core.config("RequestTimeout")))))
         self.core = core
         self._stale = False  # the rules changed: the kernel's cached names and attributes may lie
         self._invalidator: threading.Thread | None = None

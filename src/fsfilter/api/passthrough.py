@@ -34,13 +34,16 @@ class PassthroughFilter:
     ``workers``: reader threads (each on a cloned /dev/fuse fd); ``pool``: threads for requests that
     can block; ``passthrough``: use kernel passthrough where the kernel allows it; ``io_policy``:
     a callable given a file's path (bytes, relative to the mount, starting with "/") that returns True
-    when the daemon must see that file's reads and writes. Timeouts are in seconds.
+    when the daemon must see that file's reads and writes. Timeouts are in seconds. ``request_timeout``:
+    the kernel aborts the connection (callers get ECONNABORTED/ENOTCONN) when any request stays unanswered
+    that long, e.g. while this process is stopped (SIGSTOP); 0 = wait forever (kernel 6.14+).
     """
 
     def __init__(self, lower: str | os.PathLike[str], mountpoint: str | os.PathLike[str] | None = None, *,
                  workers: int = 1, pool: int = 4, passthrough: bool = True, io_policy: IoPolicy | None = None,
                  entry_timeout: float = 60.0, attr_timeout: float = 60.0, negative_timeout: float = 10.0,
-                 allow_other: bool | None = None, spin: float = 0.0002, locks: bool = False) -> None:
+                 allow_other: bool | None = None, spin: float = 0.0002, locks: bool = False,
+                 request_timeout: int = 60) -> None:
         if workers < 1 or workers > 64:
             raise CBFSFilterError(errno.EINVAL, f"workers must be between 1 and 64, not {workers}")
         if pool < 1 or pool > 256:
@@ -49,11 +52,15 @@ class PassthroughFilter:
                             ("negative_timeout", negative_timeout), ("spin", spin)):
             if not 0 <= value <= 86400:
                 raise CBFSFilterError(errno.EINVAL, f"{name} must be between 0 and 86400 seconds, not {value}")
+        if isinstance(request_timeout, bool) or not isinstance(request_timeout, int) \
+                or not 0 <= request_timeout <= 0xFFFF:
+            raise CBFSFilterError(errno.EINVAL, f"request_timeout must be whole seconds from 0 (none) to 65535, "
+                                                f"not {request_timeout!r}")
         self.lower = os.path.realpath(os.fspath(lower))
         self.mountpoint = os.path.realpath(os.fspath(mountpoint)) if mountpoint is not None else self.lower
         self.in_place = self.mountpoint == self.lower
         self.session_options = SessionOptions(workers=workers, pool=pool, passthrough=passthrough, spin=spin,
-                                              locks=locks)
+                                              locks=locks, request_timeout=request_timeout)
         self.lower_options = LowerOptions(entry_timeout, attr_timeout, negative_timeout, io_policy, locks)
         self.allow_other = (os.geteuid() == 0) if allow_other is None else allow_other
         self.session: Session | None = None
@@ -140,13 +147,22 @@ class PassthroughFilter:
         with self._stop_lock:
             if self.session is None and self._dev_fd < 0:
                 return
-            # Without root, closing the fusermount3 socket in _teardown unmounts (auto_unmount).
-            if os.geteuid() == 0 and fuse_device.find_mount(self.mountpoint) is not None:
-                try:
-                    fuse_device.unmount(self.mountpoint)
-                except OSError as exc:
-                    log.warning("unmounting %s failed: %s", self.mountpoint, exc)
+            self._unmount()
             self._teardown(timeout)
+            if fuse_device.find_mount(self.mountpoint) is not None:
+                log.warning("%s is still mounted after stop: unmount it with umount -l (or fusermount3 -u -z)",
+                            self.mountpoint)
+
+    def _unmount(self) -> None:
+        if fuse_device.find_mount(self.mountpoint) is None:
+            return
+        try:
+            if self._fusermount is not None:
+                fuse_device.fusermount_unmount(self.mountpoint)
+            else:
+                fuse_device.unmount(self.mountpoint)
+        except (OSError, subprocess.SubprocessError) as exc:
+            log.warning("unmounting %s failed: %s", self.mountpoint, exc)
 
     def _teardown(self, timeout: float = 10.0) -> None:
         session, self.session = self.session, None

@@ -58,6 +58,10 @@ class SessionOptions:
     spin: float = 0.0002  # seconds a reader busy-polls for the next request before it sleeps
     max_stack_depth: int = 1
     locks: bool = False  # serve fcntl/flock locks (FUSE_POSIX_LOCKS, FUSE_FLOCK_LOCKS) instead of the kernel
+    # Seconds after which the kernel aborts the whole connection when a request is still unanswered
+    # (FUSE_REQUEST_TIMEOUT, kernel 6.14+): a dead man's switch for a stopped or wedged daemon, not a
+    # per-request deadline (those are the dispatcher's). 0 = none.
+    request_timeout: int = 60
 
 
 @dataclass
@@ -66,6 +70,7 @@ class Negotiated:
     flags: int = 0
     max_write: int = 0
     passthrough: bool = False
+    request_timeout: int = 0  # seconds the kernel waits for any answer before it aborts the connection; 0 = never
 
     def has(self, flag: int) -> bool:
         return bool(self.flags & flag)
@@ -189,16 +194,19 @@ class Session:
             wanted |= abi.InitFlag.PASSTHROUGH
         if self.options.locks:
             wanted |= LOCK_FLAGS
+        if self.options.request_timeout > 0:
+            wanted |= abi.InitFlag.REQUEST_TIMEOUT
         flags = offered & wanted
         max_pages = min(self.options.max_write // 4096, _max_pages_limit())
         max_write = max_pages * 4096 if flags & abi.InitFlag.MAX_PAGES else min(self.options.max_write, 128 * 1024)
         our_minor = min(minor, abi.OUR_MINOR)
+        timeout = self.options.request_timeout if flags & abi.InitFlag.REQUEST_TIMEOUT else 0
         reply = wire.encode_init_out(our_minor, readahead, flags, 64, 48, max_write, max_pages,
-                                     self.options.max_stack_depth if flags & abi.InitFlag.PASSTHROUGH else 0)
+                                     self.options.max_stack_depth if flags & abi.InitFlag.PASSTHROUGH else 0, timeout)
         if our_minor < 23:
             reply = reply[:24]
         self._write([wire.encode_reply(req.unique, reply)])
-        self.negotiated = Negotiated(our_minor, flags, max_write, bool(flags & abi.InitFlag.PASSTHROUGH))
+        self.negotiated = Negotiated(our_minor, flags, max_write, bool(flags & abi.InitFlag.PASSTHROUGH), timeout)
         return self.negotiated
 
     # -- threads

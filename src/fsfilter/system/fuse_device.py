@@ -133,7 +133,9 @@ def fusermount_mount(target: str, *, fsname: str, allow_other: bool
     if allow_other:
         options += ",allow_other"
     env = {**os.environ, "_FUSE_COMMFD": str(theirs.fileno())}
-    proc = subprocess.Popen([tool, "-o", options, "--", target], env=env,
+    # A session of its own: a Ctrl-C at the terminal signals the whole foreground group, and fusermount3
+    # killed by it could no longer unmount for us.
+    proc = subprocess.Popen([tool, "-o", options, "--", target], env=env, start_new_session=True,
                             pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL, stderr=subprocess.PIPE)
     theirs.close()
     try:
@@ -149,6 +151,20 @@ def fusermount_mount(target: str, *, fsname: str, allow_other: bool
     except BaseException:
         ours.close()
         raise
+
+
+def fusermount_unmount(target: str) -> None:
+    """Unmount a mount fusermount3 made (lazily, so a busy one goes too). auto_unmount alone is not enough:
+    fusermount3 unmounts on our socket's EOF only if it then finds the connection dead, which it did not
+    here (the mount stayed, answering EACCES/ENOTCONN)."""
+    tool = shutil.which("fusermount3")
+    if tool is None:
+        raise OSError(errno.ENOENT, "fusermount3 not found: install the fuse3 package")
+    r = subprocess.run([tool, "-u", "-z", "-q", "--", target], stdin=subprocess.DEVNULL, capture_output=True,
+                       timeout=30)
+    if r.returncode != 0:
+        detail = r.stderr.decode(errors="replace").strip()
+        raise OSError(errno.EBUSY, f"fusermount3 -u {target} failed: {detail or f'exit {r.returncode}'}")
 
 
 def unmount(target: str) -> bool:
