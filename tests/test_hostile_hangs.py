@@ -19,8 +19,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import SRC, end_processes, force_unmount, is_mounted, needs_root
+from conftest import SRC, end_processes, force_unmount, is_mounted, needs_root, wait_for
 from hostile import SYSTEM_PYTHON
+
+from fsfilter import CBFilter
+from fsfilter.api import constants as c
 
 pytestmark = [needs_root]
 ENV = {**os.environ, "PYTHONPATH": str(SRC)}
@@ -135,3 +138,97 @@ def test_unprivileged_passthrough_unmounts_on_ctrl_c(scratch: Path, attacker: An
             assert (lower / "x").read_text() == "hi\n"
         finally:
             force_unmount(lower)
+
+
+# -- item 10: a filter whose mount is gone stops, says so, and is no longer active
+
+
+def abort_connection(path: Path) -> None:
+    """Write 1 to the fusectl ``abort`` file of the fsfilter mount at ``path`` (its connection number is the
+    mount's device minor, read from mountinfo so that the mount itself is not touched). fusectl is not
+    mounted on this machine: it is mounted for the moment on a directory of our own."""
+    minor = None
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            fields = line.split()
+            if fields[4] == str(path) and fields[fields.index("-") + 1] == "fuse.fsfilter":
+                minor = fields[2].split(":")[1]
+    assert minor is not None, f"{path} is not an fsfilter mount"
+    ctl = Path(path).parent / ".fusectl"
+    ctl.mkdir(exist_ok=True)
+    subprocess.run(["mount", "-t", "fusectl", "fusectl", str(ctl)], check=True)
+    try:
+        (ctl / minor / "abort").write_text("1")
+    finally:
+        subprocess.run(["umount", str(ctl)], check=True)
+        ctl.rmdir()
+
+
+def cut_off(path: Path, how: str) -> None:
+    if how == "abort":
+        abort_connection(path)
+    else:
+        subprocess.run(["umount", "-l", str(path)], check=True)
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("how", ["abort", "umount"])
+def test_cbfilter_notices_its_mount_is_gone(scratch: Path, how: str) -> None:
+    d = scratch / "protected"
+    d.mkdir()
+    (d / "f").write_text("keep")
+    filt = CBFilter()
+    errors: list[tuple[int, str]] = []
+    stops: list[bool] = []
+    filt.on_error = lambda p: errors.append((p.error_code, p.description))
+    filt.on_filter_stop = lambda p: stops.append(True)
+    filt.add_filter_rule(f"{d}/*", c.ACCESS_READ_ONLY, c.FS_CE_NONE, c.FS_NE_NONE)
+    filt.start_filter()
+    try:
+        assert filt.active
+        write = ["/bin/sh", "-c", f"echo changed > {d}/f"]
+        assert subprocess.run(write, capture_output=True).returncode != 0  # read-only for other processes
+        cut_off(d, how)
+        assert wait_for(lambda: not filt.active, 5), "the filter still says it is active without its mount"
+        assert [code for code, _ in errors] == [errno.ENOTCONN], errors
+        assert ("aborted" if how == "abort" else "unmounted") in errors[0][1], errors
+        assert stops == [True]
+        assert wait_for(lambda: not is_mounted(d), 5), "the dead mount is still there"
+        assert (d / "f").read_text() == "keep"  # the directory is usable again (unfiltered)
+        filt.stop_filter()  # a no-op now
+    finally:
+        filt.stop_filter()
+        force_unmount(d)
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("how", ["abort", "umount"])
+def test_cli_protect_exits_non_zero_when_its_mount_is_gone(scratch: Path, procs: list[subprocess.Popen[Any]],
+                                                          how: str) -> None:
+    d = scratch / "protected"
+    d.mkdir()
+    daemon = cli_daemon(procs, "protect", "--read-only", str(d))
+    try:
+        cut_off(d, how)
+        rc = daemon.wait(10)
+        err = daemon.stderr.read() if daemon.stderr else ""
+        assert rc == 1, err
+        assert ("aborted" if how == "abort" else "unmounted") in err and "Traceback" not in err, err
+        assert not is_mounted(d)
+    finally:
+        force_unmount(d)
+
+
+@pytest.mark.timeout(30)
+def test_cli_passthrough_exits_non_zero_when_aborted(scratch: Path, procs: list[subprocess.Popen[Any]]) -> None:
+    lower = scratch / "lower"
+    lower.mkdir()
+    daemon = cli_daemon(procs, "passthrough", str(lower))
+    try:
+        cut_off(lower, "abort")
+        rc = daemon.wait(10)
+        err = daemon.stderr.read() if daemon.stderr else ""
+        assert rc == 1 and "aborted" in err, err
+        assert not is_mounted(lower)
+    finally:
+        force_unmount(lower)

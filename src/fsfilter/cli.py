@@ -161,6 +161,9 @@ def run_passthrough(args: argparse.Namespace) -> int:
     if args.stats and stats is not None:
         for name, count in sorted(stats.by_opcode().items()):
             print(f"{name:16} {count}", file=sys.stderr)
+    if "aborted" in filt.lost:  # unmounting it is a way to stop a pass-through; an abort is a failure
+        print(f"fsfilter: error: {filt.lost}", file=sys.stderr)
+        return 1
     print("fsfilter: unmounted", file=sys.stderr)
     return 0
 
@@ -439,13 +442,26 @@ def _serve_process_filter(proc: CBProcess, what: str) -> int:
 
 
 def _serve_cbfilter(filt: CBFilter, what: str) -> int:
-    _serve(filt, what)
+    lost: list[str] = []
+
+    def on_error(p: Any) -> None:
+        if p.error_code == errno.ENOTCONN:  # the mount was lost: said once, as the exit message
+            lost.append(p.description)
+        else:
+            print(f"fsfilter: error {p.error_code}: {p.description}", file=sys.stderr, flush=True)
+
+    filt.on_error = on_error
+    if not _serve(filt, what):
+        # The mount went away under it: what it enforced no longer holds, which is a failure, not a stop.
+        print(f"fsfilter: error: {lost[-1] if lost else 'the filter stopped on its own'}", file=sys.stderr)
+        return 1
     print("fsfilter: stopped and unmounted", file=sys.stderr)
     return 0
 
 
-def _serve(target: CBFilter | CBMonitor | CBProcess, what: str) -> None:
-    """Run a filter until SIGINT/SIGTERM/SIGHUP, flushing what its handlers printed every 0.2 s."""
+def _serve(target: CBFilter | CBMonitor | CBProcess, what: str) -> bool:
+    """Run a filter until SIGINT/SIGTERM/SIGHUP, flushing what its handlers printed every 0.2 s. False when
+    the filter stopped on its own first (its mount was lost)."""
     stop = _stop_on_signals()
     target.start_filter()
     try:
@@ -453,6 +469,9 @@ def _serve(target: CBFilter | CBMonitor | CBProcess, what: str) -> None:
         while not stop.is_set():
             stop.wait(0.2)
             sys.stdout.flush()
+            if not target.active:
+                return False
+        return True
     finally:
         target.stop_filter()
         sys.stdout.flush()

@@ -146,6 +146,7 @@ class _Attachment(PassthroughFilter):
                          locks=core.wants_lock_requests(),
                          request_timeout=min(0xFFFF, math.ceil(float(core.config("RequestTimeout")))))
         self.core = core
+        self.on_lost = lambda reason: core._attachment_lost(path, reason)
         self._stale = False  # the rules changed: the kernel's cached names and attributes may lie
         self._invalidator: threading.Thread | None = None
         self._stale_lock = threading.Lock()
@@ -356,6 +357,16 @@ class CBFilter(RuleTables):
                 self._active = False
                 raise
             self._fire_simple("filter_start")
+
+    def _attachment_lost(self, path: str, reason: str) -> None:
+        """An attach point's mount went away under the filter (unmounted, or its connection aborted): the rules
+        no longer hold there, so the filter stops as a whole, says why through on_error, and is no longer
+        active — rather than run on, looking active, over a directory that answers ENOTCONN."""
+        with self._lock:
+            if not self._active or path not in self._attached:
+                return
+            self._fire_error(errno.ENOTCONN, f"{reason}; the filter stopped: start it again to filter {path}")
+            self.stop_filter(wait=False)
 
     def _start_fanotify_access(self, rules: list[Any]) -> None:
         try:

@@ -71,6 +71,12 @@ class PassthroughFilter:
         self._fusermount: tuple[subprocess.Popen[bytes], socket.socket] | None = None
         self._trace: Callable[[Request], None] | None = None
         self._stop_lock = threading.Lock()
+        self._mount_id = -1
+        # Why the filter stopped on its own ("" while it has not): its mount was unmounted from outside, or its
+        # connection aborted (``/sys/fs/fuse/connections/N/abort``, the kernel's request timeout).
+        self.lost = ""
+        # Called with that reason, from a thread of its own, before the filter cleans up after the loss.
+        self.on_lost: Callable[[str], None] | None = None
 
     # -- lifecycle
 
@@ -91,6 +97,8 @@ class PassthroughFilter:
             self._mount(root_mode)
             session = Session(self._dev_fd, fs.handlers(), self.session_options)
             session.trace = self._trace
+            session.on_lost = self._connection_lost
+            self.lost = ""
             self._configure_session(session, fs)
             negotiated = session.negotiate()
             fs.session_fd = self._dev_fd
@@ -136,11 +144,33 @@ class PassthroughFilter:
             entry = fuse_device.find_mount(self.mountpoint)
             if entry is None:
                 raise OSError(errno.EIO, "the new mount is not in /proc/self/mountinfo")
+            self._mount_id = entry.mount_id
             self._watchdog = fuse_device.start_watchdog(self.mountpoint, entry.mount_id)
         else:
             fd, proc, sock = fuse_device.fusermount_mount(self.mountpoint, fsname=fsname, allow_other=self.allow_other)
             self._dev_fd = fd
             self._fusermount = (proc, sock)
+            entry = fuse_device.find_mount(self.mountpoint)
+            self._mount_id = entry.mount_id if entry is not None else -1
+
+    def _connection_lost(self) -> None:
+        entry = fuse_device.find_mount(self.mountpoint)
+        if entry is not None and entry.mount_id == self._mount_id:
+            self.lost = (f"the FUSE connection of {self.mountpoint} was aborted (the kernel's request timeout, or "
+                         "/sys/fs/fuse/connections/N/abort): the filter stopped and its dead mount was removed")
+        else:
+            self.lost = f"{self.mountpoint} was unmounted from outside: the filter stopped"
+        log.warning("%s", self.lost)
+        # Stopping waits for the readers, and this runs on one of them.
+        threading.Thread(target=self._after_loss, name="fsfilter-lost", daemon=True).start()
+
+    def _after_loss(self) -> None:
+        if self.on_lost is not None:
+            try:
+                self.on_lost(self.lost)
+            except Exception:
+                log.exception("the on_lost handler raised")
+        self.stop()  # the dead mount, when aborted, must not stay behind answering ENOTCONN
 
     def stop(self, timeout: float = 10.0) -> None:
         """Unmount (lazily if the mount is busy) and stop serving. Safe to call more than once."""
@@ -149,13 +179,16 @@ class PassthroughFilter:
                 return
             self._unmount()
             self._teardown(timeout)
-            if fuse_device.find_mount(self.mountpoint) is not None:
+            if self._ours(fuse_device.find_mount(self.mountpoint)):
                 log.warning("%s is still mounted after stop: unmount it with umount -l (or fusermount3 -u -z)",
                             self.mountpoint)
 
+    def _ours(self, entry: fuse_device.MountEntry | None) -> bool:
+        return entry is not None and (self._mount_id < 0 or entry.mount_id == self._mount_id)
+
     def _unmount(self) -> None:
-        if fuse_device.find_mount(self.mountpoint) is None:
-            return
+        if not self._ours(fuse_device.find_mount(self.mountpoint)):
+            return  # gone already, or a later mount at the same place that is not ours to touch
         try:
             if self._fusermount is not None:
                 fuse_device.fusermount_unmount(self.mountpoint)

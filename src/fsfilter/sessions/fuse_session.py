@@ -162,6 +162,10 @@ class Session:
         # event handler), False = the reader itself (e.g. requests made by the filtering process, which
         # must never wait for a pool thread that may be waiting on them), None = by opcode.
         self.router: Callable[[Request], bool | None] | None = None
+        # Called once, on a reader thread, when the connection ends without close() (unmounted or aborted).
+        # It must not wait for the session's threads (hand the clean-up to a thread of its own).
+        self.on_lost: Callable[[], None] | None = None
+        self.lost = False
 
     # -- INIT
 
@@ -278,6 +282,7 @@ class Session:
                 continue
             except OSError as exc:
                 if exc.errno == errno.ENODEV:  # unmounted or aborted
+                    self._connection_lost()
                     break
                 if exc.errno in (errno.EINTR, errno.ENOENT, errno.EAGAIN):
                     continue
@@ -287,6 +292,20 @@ class Session:
             spin_until = monotonic() + spin
         self._running = False
         self.finished.set()
+
+    def _connection_lost(self) -> None:
+        # Unmounted or aborted from outside while serving (close() clears _running first, so a stop is not
+        # a loss). Told once, before ``finished`` is set, so that whoever waits for it can read why.
+        with self._lock:
+            if not self._running or self.lost:
+                return
+            self.lost = True
+            callback = self.on_lost
+        if callback is not None:
+            try:
+                callback()
+            except Exception:
+                log.exception("the on_lost callback failed")
 
     def _handle(self, fd: int, buf: bytes) -> None:
         try:
