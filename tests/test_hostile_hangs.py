@@ -13,6 +13,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -232,3 +233,152 @@ def test_cli_passthrough_exits_non_zero_when_aborted(scratch: Path, procs: list[
         assert not is_mounted(lower)
     finally:
         force_unmount(lower)
+
+
+# -- item 7: handlers that never return
+
+
+# Opens argv[1] with the flags named in argv[2]; prints "opened" or the errno.
+OPEN = ("import os, sys\nflags = {'r': os.O_RDONLY, 'trunc': os.O_WRONLY | os.O_TRUNC}[sys.argv[2]]\n"
+        "try:\n    os.close(os.open(sys.argv[1], flags)); print('opened', flush=True)\n"
+        "except OSError as exc:\n    print(exc.errno, flush=True)\n")
+
+
+class Wedge:
+    """A before-open handler that never returns (until released) for names starting with "stuck", and records
+    the other names it saw; ``deny`` names get EACCES."""
+
+    def __init__(self, deny: str = "") -> None:
+        self.release = threading.Event()
+        self.entered = 0
+        self.seen: list[str] = []
+        self.deny = deny
+        self._lock = threading.Lock()
+
+    def __call__(self, p: Any) -> None:
+        name = os.path.basename(p.file_name)
+        if name.startswith("stuck"):
+            with self._lock:
+                self.entered += 1
+            self.release.wait(60)
+            return
+        self.seen.append(name)
+        if name == self.deny:
+            p.result_code = errno.EACCES
+
+
+@contextlib.contextmanager
+def wedged_filter(d: Path, wedge: Wedge, timeout_ms: int = 0, **config: str) -> Iterator[CBFilter]:
+    filt = CBFilter()
+    for name, value in config.items():
+        filt.config(f"{name}={value}")
+    errors: list[tuple[int, str]] = []
+    filt.on_error = lambda p: errors.append((p.error_code, p.description))
+    filt.on_before_open_file = wedge
+    filt.add_filter_rule(f"{d}/*", c.ACCESS_NONE, c.FS_CE_BEFORE_OPEN, c.FS_NE_NONE)
+    filt.start_filter(timeout_ms)
+    filt.errors = errors  # type: ignore[attr-defined]
+    try:
+        yield filt
+    finally:
+        wedge.release.set()
+        filt.stop_filter()
+        force_unmount(d)
+
+
+@pytest.mark.timeout(60)
+def test_sigkilled_caller_of_a_stuck_handler_goes_at_once(scratch: Path, attacker: Any,
+                                                         procs: list[subprocess.Popen[Any]]) -> None:
+    d = scratch / "d"
+    d.mkdir()
+    for i in range(3):
+        (d / f"stuck{i}").write_text("data")
+        attacker.give(d / f"stuck{i}")
+    wedge = Wedge()
+    took: list[float] = []
+    with wedged_filter(d, wedge) as filt:
+        for i in range(3):
+            caller = attacker.popen(SYSTEM_PYTHON, "-S", "-c", OPEN, str(d / f"stuck{i}"), "trunc")
+            procs.append(caller)
+            assert wait_for(lambda n=i + 1: wedge.entered == n, 10), "the open never reached the handler"
+            killed = time.monotonic()
+            caller.kill()
+            caller.wait(10)
+            took.append(time.monotonic() - killed)
+        print(f"\nSIGKILLed callers of a stuck handler gone after {', '.join(f'{t * 1000:.0f} ms' for t in took)}")
+        assert max(took) < 1.0, took
+        assert filt.stats["abandoned"] == 3
+        wedge.release.set()  # the handlers return now: their requests must have no effect (no truncation)
+        time.sleep(0.3)
+        for i in range(3):
+            assert (d / f"stuck{i}").read_text() == "data"
+        r = attacker.python(OPEN, str(d / "stuck0"), "r")  # and the filter serves on
+        assert r.stdout.strip() == "opened", r
+
+
+@pytest.mark.timeout(60)
+def test_stuck_handlers_do_not_hold_up_other_files(scratch: Path, attacker: Any,
+                                                   procs: list[subprocess.Popen[Any]]) -> None:
+    d = scratch / "d"
+    d.mkdir()
+    stuck = 12  # more than the 8 threads of the pool this machine starts with
+    for i in range(stuck):
+        (d / f"stuck{i}").write_text("x")
+    (d / "other").write_text("x")
+    wedge = Wedge()
+    with wedged_filter(d, wedge) as filt:
+        for i in range(stuck):
+            procs.append(attacker.popen(SYSTEM_PYTHON, "-S", "-c", OPEN, str(d / f"stuck{i}"), "r"))
+        assert wait_for(lambda: wedge.entered >= stuck, 15), f"only {wedge.entered} handlers were entered"
+        r = attacker.python(OPEN, str(d / "other"), "r", timeout=10)
+        assert r.stdout.strip() == "opened", r
+        assert "other" in wedge.seen  # served normally: its handler ran
+        assert filt.stats["request_threads"] > stuck
+
+
+@pytest.mark.timeout(60)
+def test_wedged_event_workers_do_not_make_new_events_expire(scratch: Path, attacker: Any,
+                                                            procs: list[subprocess.Popen[Any]]) -> None:
+    """With a timeout, handlers wedged past it keep their threads: a later event (a deny verdict on malware)
+    must still get a thread of its own, not expire unhandled and let the open through."""
+    d = scratch / "d"
+    d.mkdir()
+    stuck = 10  # more than the 8 event threads (MaxWorkerThreadCount) this machine allows
+    for i in range(stuck):
+        (d / f"stuck{i}").write_text("x")
+    (d / "malware").write_text("x")
+    wedge = Wedge(deny="malware")
+    with wedged_filter(d, wedge, timeout_ms=1000) as filt:
+        callers = [attacker.popen(SYSTEM_PYTHON, "-S", "-c", OPEN, str(d / f"stuck{i}"), "r") for i in range(stuck)]
+        procs.extend(callers)
+        assert wait_for(lambda: wedge.entered >= stuck, 15), f"only {wedge.entered} handlers were entered"
+        for caller in callers:  # each expired after 1 s and went ahead, its handler still running
+            out, _ = caller.communicate(timeout=10)
+            assert out.strip() == "opened", out
+        assert filt.stats["overdue"] >= stuck
+        shed = filt.stats["shed"]
+        r = attacker.python(OPEN, str(d / "malware"), "r", timeout=10)
+        assert r.stdout.strip() == str(errno.EACCES), f"the deny verdict was skipped: {r}"
+        assert filt.stats["shed"] == shed
+        assert any(code == 110 for code, _ in filt.errors)  # type: ignore[attr-defined]  # the overruns
+
+
+@pytest.mark.timeout(60)
+def test_at_the_thread_limit_expired_events_are_denied_when_the_rule_says_so(
+        scratch: Path, attacker: Any, procs: list[subprocess.Popen[Any]]) -> None:
+    d = scratch / "d"
+    d.mkdir()
+    for i in range(4):
+        (d / f"stuck{i}").write_text("x")
+    (d / "malware").write_text("x")
+    wedge = Wedge(deny="malware")
+    with wedged_filter(d, wedge, timeout_ms=500, DenyExpiredEvents="true") as filt:
+        filt.dispatcher.thread_limit = 4  # the bound, made small: 4 wedged handlers reach it
+        callers = [attacker.popen(SYSTEM_PYTHON, "-S", "-c", OPEN, str(d / f"stuck{i}"), "r") for i in range(4)]
+        procs.extend(callers)
+        assert wait_for(lambda: wedge.entered >= 4, 15), f"only {wedge.entered} handlers were entered"
+        shed = filt.stats["shed"]
+        r = attacker.python(OPEN, str(d / "malware"), "r", timeout=10)
+        assert r.stdout.strip() == str(errno.ETIMEDOUT), r  # fails closed, and says why
+        assert filt.stats["shed"] == shed + 1
+        assert any("could run" in text for _, text in filt.errors)  # type: ignore[attr-defined]

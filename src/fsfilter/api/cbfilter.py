@@ -184,6 +184,10 @@ class _Attachment(PassthroughFilter):
     def _configure_session(self, session: Session, fs: LowerFS) -> None:
         assert isinstance(fs, FilterFS)
         session.router = fs.route
+        path = self.mountpoint
+        session.on_saturated = lambda threads: self.core._fire_error(
+            errno.EAGAIN, f"all {threads} request threads of {path} are busy (event handlers that do not return?): "
+                          "requests there now wait for one to come back; fix the handlers or set a timeout")
 
 
 class CBFilter(RuleTables):
@@ -1014,6 +1018,15 @@ class CBFilter(RuleTables):
     @property
     def stats(self) -> dict[str, int]:
         d = self.dispatcher.stats
-        return {"control_events": d.control, "notifications_posted": d.notifications_posted,
-                "notifications_delivered": d.notifications_delivered, "expired": d.expired, "failed": d.failed,
-                "notifications_queued": self.dispatcher.queued_notifications}
+        out = {"control_events": d.control, "notifications_posted": d.notifications_posted,
+               "notifications_delivered": d.notifications_delivered, "expired": d.expired, "failed": d.failed,
+               "notifications_queued": self.dispatcher.queued_notifications, "overdue": d.overdue, "shed": d.shed,
+               "event_threads": d.threads, "event_threads_peak": d.peak_threads,
+               "abandoned": 0, "request_threads": 0, "request_pool_saturated": 0}
+        for mount in list(self._attached.values()):
+            s = mount.stats
+            if s is not None:
+                out["abandoned"] += s.abandoned
+                out["request_threads"] += s.pool_threads
+                out["request_pool_saturated"] += s.pool_saturated
+        return out

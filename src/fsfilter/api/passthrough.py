@@ -104,6 +104,7 @@ class PassthroughFilter:
             fs.session_fd = self._dev_fd
             fs.passthrough = negotiated.passthrough
             fs.defer = session.defer
+            fs.interruptible = session.interruptible
             if self.lower_options.locks and not negotiated.has(abi.InitFlag.POSIX_LOCKS):
                 log.warning("the kernel did not offer FUSE_POSIX_LOCKS: locks stay in the kernel, unseen")
             session.start()

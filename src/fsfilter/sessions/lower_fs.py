@@ -13,13 +13,14 @@ they would natively.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import logging
 import os
 import stat
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from fsfilter.abi import fuse as abi
@@ -136,6 +137,8 @@ class LowerFS:
         self._is_root = os.geteuid() == 0
         self.session_fd = -1  # set when the session exists: needed for backing ids
         self.defer: Callable[[Request], Deferred] | None = None  # the session's, for lock waits
+        # The session's, around waits for an application's handler (see Session.interruptible).
+        self.interruptible: Callable[[], contextlib.AbstractContextManager[Callable[[], bool]]] = _not_interruptible
         self.locks = LockTable()
         self.passthrough = False  # set from the INIT negotiation; cleared if the kernel refuses backing ids
 
@@ -946,3 +949,8 @@ def _writes_drop_privileges(fd: int, st: os.stat_result) -> bool:
     except OSError:
         return False
     return True
+
+
+@contextlib.contextmanager
+def _not_interruptible() -> Iterator[Callable[[], bool]]:
+    yield lambda: False
