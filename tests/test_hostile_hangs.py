@@ -382,3 +382,45 @@ def test_at_the_thread_limit_expired_events_are_denied_when_the_rule_says_so(
         assert r.stdout.strip() == str(errno.ETIMEDOUT), r  # fails closed, and says why
         assert filt.stats["shed"] == shed + 1
         assert any("could run" in text for _, text in filt.errors)  # type: ignore[attr-defined]
+
+
+# -- item 11: a filter over the directory that holds its own interpreter and modules
+
+
+def read_line(stream: Any, timeout: float) -> str:
+    """The next line of a pipe, or "" when none comes within ``timeout`` seconds (a reader thread)."""
+    got: list[str] = []
+    t = threading.Thread(target=lambda: got.append(stream.readline()), daemon=True)
+    t.start()
+    t.join(timeout)
+    return got[0] if got else ""
+
+
+@pytest.mark.timeout(60)
+def test_filter_over_its_own_interpreter_and_modules(scratch: Path, procs: list[subprocess.Popen[Any]]) -> None:
+    """The watchdog used to be started after the mount, from this interpreter, below the mount: it waited
+    for the mount's INIT, which the daemon answered only once the watchdog had started. Now it starts first,
+    so the filter serves, and a SIGKILL leaves no dead mount behind."""
+    d = scratch / "d"
+    (d / "bin").mkdir(parents=True)
+    shutil.copytree(SRC, d / "src", ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+    python = d / "bin" / "python3"
+    shutil.copy2(os.path.realpath(sys.executable), python)  # the interpreter itself, a copy under the mount
+    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "PYTHONPATH": str(d / "src"),
+           "PYTHONHOME": sys.base_prefix, "PYTHONDONTWRITEBYTECODE": "1"}
+    p = subprocess.Popen([str(python), "-m", "fsfilter", "protect", "--no-delete", str(d)], env=env,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd="/")
+    procs.append(p)
+    try:
+        line = read_line(p.stderr, 20)
+        assert "Ctrl-C to stop" in line, f"the filter did not start (deadlocked?): {line!r}"
+        other = subprocess.run(["/bin/rm", str(d / "src" / "fsfilter" / "cli.py")], capture_output=True)
+        assert other.returncode != 0  # it protects (another process may not delete)
+        p.kill()
+        p.wait(10)
+        assert wait_for(lambda: not is_mounted(d), 2), "SIGKILL left a dead mount"
+        assert (d / "src" / "fsfilter" / "cli.py").exists()
+    finally:
+        p.kill()
+        p.wait(10)
+        force_unmount(d)

@@ -140,13 +140,14 @@ class PassthroughFilter:
         fsname = f"fsfilter:{self.lower}"[:200].replace(",", "_")
         if os.geteuid() == 0:
             self._dev_fd = fuse_device.open_device()
+            self._watchdog = fuse_device.start_watchdog(self.mountpoint)  # before: see start_watchdog
             fuse_device.kernel_mount(self._dev_fd, self.mountpoint, root_mode=root_mode,
                                      allow_other=self.allow_other, fsname=fsname)
             entry = fuse_device.find_mount(self.mountpoint)
             if entry is None:
                 raise OSError(errno.EIO, "the new mount is not in /proc/self/mountinfo")
             self._mount_id = entry.mount_id
-            self._watchdog = fuse_device.start_watchdog(self.mountpoint, entry.mount_id)
+            fuse_device.watch_mount(self._watchdog, entry.mount_id)
         else:
             fd, proc, sock = fuse_device.fusermount_mount(self.mountpoint, fsname=fsname, allow_other=self.allow_other)
             self._dev_fd = fd
@@ -178,6 +179,8 @@ class PassthroughFilter:
         with self._stop_lock:
             if self.session is None and self._dev_fd < 0:
                 return
+            if self.session is not None:
+                self.session.stopping()
             self._unmount()
             self._teardown(timeout)
             if self._ours(fuse_device.find_mount(self.mountpoint)):

@@ -178,7 +178,8 @@ class Session:
         self._deferrable: dict[int, Deferred] = {}
         # Pool requests being run (unique -> fd), those waiting in an interruptible section, and interrupts
         # that came for a running request before it got there (all under _lock).
-        self._started: dict[int, int] = {}
+        self._started: dict[int, tuple[int, int]] = {}  # unique -> (opcode, fd)
+        self._answered: set[int] = set()  # running requests answered EINTR already: their reply is dropped
         self._waiting: dict[int, _Waiting] = {}
         self._early: dict[int, None] = {}
         self._pool_threads = 0
@@ -198,6 +199,12 @@ class Session:
         # It must not wait for the session's threads (hand the clean-up to a thread of its own).
         self.on_lost: Callable[[], None] | None = None
         self.lost = False
+        self._stopping = False
+
+    def stopping(self) -> None:
+        """Say that the end of the connection that follows (an unmount by the owner) is no loss."""
+        with self._lock:
+            self._stopping = True
 
     # -- INIT
 
@@ -342,7 +349,7 @@ class Session:
         # Unmounted or aborted from outside while serving (close() clears _running first, so a stop is not
         # a loss). Told once, before ``finished`` is set, so that whoever waits for it can read why.
         with self._lock:
-            if not self._running or self.lost:
+            if not self._running or self._stopping or self.lost:
                 return
             self.lost = True
             callback = self.on_lost
@@ -407,13 +414,14 @@ class Session:
                 if self._inflight.pop(req.unique, None) is None:
                     continue  # interrupted while queued, and already answered
                 self._pool_idle -= 1
-                self._started[req.unique] = fd
+                self._started[req.unique] = (req.opcode, fd)
             try:
                 self._run(req, fd)
             finally:
                 with self._lock:
                     self._pool_idle += 1
                     self._started.pop(req.unique, None)
+                    self._answered.discard(req.unique)
                     self._early.pop(req.unique, None)
                     if self._saturated and self._pool_idle > 0:
                         self._saturated = False
@@ -437,6 +445,11 @@ class Session:
                 # caller is in uninterruptible sleep until we do) and drop whatever the handler returns later.
                 waiting.answered = True
                 self.stats.abandoned += 1
+            elif waiting is None and self._started.get(target, (-1, fd))[0] in SIDE_EFFECT_FREE:
+                # Running, but its effect is nothing but its answer: answer now, drop the late reply.
+                self._answered.add(target)
+                answer_now = True
+                fd = self._started[target][1]  # a reply goes back on the fd its request came from
             elif waiting is None and deferred is None and not cancel and (queued is not None
                                                                          or target in self._started):
                 self._early[target] = None  # not waiting yet: it is answered as soon as it starts to
@@ -446,6 +459,9 @@ class Session:
         if waiting is not None:
             if answer_now:
                 self._reply_error(target, errno.EINTR, waiting.fd)
+            return
+        if answer_now:
+            self._reply_error(target, errno.EINTR, fd)
             return
         if deferred is not None:
             deferred.interrupt()
@@ -491,6 +507,10 @@ class Session:
             if waiting.answered:
                 _current.abandoned = True
 
+    def _dropped(self, unique: int) -> bool:
+        """Whether the request was answered already (interrupted): then its own reply must not be written."""
+        return bool(_current.abandoned) or unique in self._answered
+
     def _run(self, req: Request, fd: int) -> None:
         _current.request = (req.unique, fd)
         _current.abandoned = False
@@ -513,7 +533,7 @@ class Session:
         except OSError as exc:
             if req.opcode in DEFERRABLE:
                 self._forget_deferred(req.unique)
-            if req.opcode not in NO_REPLY and not _current.abandoned:
+            if req.opcode not in NO_REPLY and not self._dropped(req.unique):
                 self.stats.errors += 1
                 self._reply_error(req.unique, exc.errno or errno.EIO, fd)
             return
@@ -521,7 +541,7 @@ class Session:
             self.stats.malformed += 1
             if req.opcode in DEFERRABLE:
                 self._forget_deferred(req.unique)
-            if req.opcode not in NO_REPLY and not _current.abandoned:
+            if req.opcode not in NO_REPLY and not self._dropped(req.unique):
                 self._reply_error(req.unique, exc.code, fd)
             return
         except Exception:
@@ -529,10 +549,10 @@ class Session:
             log.exception("handler for %r failed", req)
             if req.opcode in DEFERRABLE:
                 self._forget_deferred(req.unique)
-            if req.opcode not in NO_REPLY and not _current.abandoned:
+            if req.opcode not in NO_REPLY and not self._dropped(req.unique):
                 self._reply_error(req.unique, errno.EIO, fd)
             return
-        if payload is None or _current.abandoned:
+        if payload is None or self._dropped(req.unique):
             return  # no reply (FORGET), or a deferred request that its Deferred answers
         if req.opcode in DEFERRABLE:
             self._forget_deferred(req.unique)

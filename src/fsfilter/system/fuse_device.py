@@ -182,9 +182,25 @@ def unmount(target: str) -> bool:
     return True
 
 
-def start_watchdog(target: str, mount_id: int) -> subprocess.Popen[bytes]:
-    """A separate process that detaches the mount when this process dies (see watchdog.py)."""
-    return subprocess.Popen(
-        [sys.executable, "-S", "-I", str(WATCHDOG), target, str(mount_id), FSTYPE],
-        stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, close_fds=True, start_new_session=True,
+def start_watchdog(target: str) -> subprocess.Popen[bytes]:
+    """A separate process that detaches the mount at ``target`` when this process dies (see watchdog.py).
+    Started before mounting, and returned once it is ready: afterwards, starting it could need files under
+    the mount (this interpreter, its libraries) that nobody serves yet. Tell it the mount id with
+    :func:`watch_mount` once mounted."""
+    proc = subprocess.Popen(
+        [sys.executable, "-S", "-I", str(WATCHDOG), target, FSTYPE],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, close_fds=True, start_new_session=True,
     )
+    assert proc.stdout is not None
+    if proc.stdout.readline() != b"ready\n":
+        proc.kill()
+        proc.wait()
+        raise OSError(errno.ECHILD, "the watchdog process did not start")
+    proc.stdout.close()
+    return proc
+
+
+def watch_mount(watchdog: subprocess.Popen[bytes], mount_id: int) -> None:
+    assert watchdog.stdin is not None
+    watchdog.stdin.write(b"%d\n" % mount_id)
+    watchdog.stdin.flush()
