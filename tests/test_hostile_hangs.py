@@ -23,7 +23,7 @@ import pytest
 from conftest import SRC, end_processes, force_unmount, is_mounted, needs_root, wait_for
 from hostile import SYSTEM_PYTHON
 
-from fsfilter import CBFilter
+from fsfilter import CBFilter, PassthroughFilter
 from fsfilter.api import constants as c
 
 pytestmark = [needs_root]
@@ -200,6 +200,28 @@ def test_cbfilter_notices_its_mount_is_gone(scratch: Path, how: str) -> None:
     finally:
         filt.stop_filter()
         force_unmount(d)
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("how", ["abort", "umount"])
+def test_passthrough_filter_notices_its_mount_is_gone(scratch: Path, how: str) -> None:
+    lower = scratch / "lower"
+    lower.mkdir()
+    filt = PassthroughFilter(lower)
+    told: list[str] = []
+    filt.on_lost = told.append
+    filt.start()
+    try:
+        (lower / "f").write_text("x")
+        cut_off(lower, how)
+        assert wait_for(lambda: not filt.active, 5)
+        assert ("aborted" if how == "abort" else "unmounted") in filt.lost, filt.lost
+        assert wait_for(lambda: told == [filt.lost], 5), told
+        assert wait_for(lambda: not is_mounted(lower), 5), "the dead mount is still there"
+        assert (lower / "f").read_text() == "x"
+    finally:
+        filt.stop()
+        force_unmount(lower)
 
 
 @pytest.mark.timeout(30)

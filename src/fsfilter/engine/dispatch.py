@@ -232,6 +232,8 @@ class Dispatcher:
                 job = self._work.get()
                 with self._lock:
                     self._idle -= 1
+                    if job is not None:
+                        self._grow()  # an event queued while this thread still counted as idle
                 if job is None:
                     return
                 if job.lock is None:  # a notification (only those are not waited for), when events are serialised

@@ -415,6 +415,8 @@ class Session:
                     continue  # interrupted while queued, and already answered
                 self._pool_idle -= 1
                 self._started[req.unique] = (req.opcode, fd)
+                if len(self._inflight) > self._pool_idle and self._pool_threads < self.options.pool_max:
+                    self._spawn_pool_thread()  # a request queued while this thread still counted as idle
             try:
                 self._run(req, fd)
             finally:
