@@ -309,8 +309,10 @@ def wedged_filter(d: Path, wedge: Wedge, timeout_ms: int = 0, **config: str) -> 
 
 
 @pytest.mark.timeout(60)
+@pytest.mark.parametrize("timeout_ms", [0, 30000], ids=["no-timeout", "timeout"])
 def test_sigkilled_caller_of_a_stuck_handler_goes_at_once(scratch: Path, attacker: Any,
-                                                         procs: list[subprocess.Popen[Any]]) -> None:
+                                                         procs: list[subprocess.Popen[Any]], timeout_ms: int
+                                                         ) -> None:
     d = scratch / "d"
     d.mkdir()
     for i in range(3):
@@ -318,7 +320,7 @@ def test_sigkilled_caller_of_a_stuck_handler_goes_at_once(scratch: Path, attacke
         attacker.give(d / f"stuck{i}")
     wedge = Wedge()
     took: list[float] = []
-    with wedged_filter(d, wedge) as filt:
+    with wedged_filter(d, wedge, timeout_ms) as filt:
         for i in range(3):
             caller = attacker.popen(SYSTEM_PYTHON, "-S", "-c", OPEN, str(d / f"stuck{i}"), "trunc")
             procs.append(caller)
