@@ -543,7 +543,7 @@ class LowerFS:
         try:
             switched = self._as_caller(req, umask)
             try:
-                fd = os.open(at, lower, mode, dir_fd=dfd)
+                fd = os.open(at, lower, mode & 0o7777, dir_fd=dfd)  # permission bits only: a top bit overflows C int
             finally:
                 self._restore_identity(switched)
         finally:
@@ -557,7 +557,7 @@ class LowerFS:
         parent = self.inode(req.nodeid)
         switched = self._as_caller(req, umask)
         try:
-            fd = os.open(_proc(parent.fd), (flags & ~_LOWER_STRIP) | os.O_CLOEXEC, mode)
+            fd = os.open(_proc(parent.fd), (flags & ~_LOWER_STRIP) | os.O_CLOEXEC, mode & 0o7777)
         finally:
             self._restore_identity(switched)
         return self._created(fd, parent, b"")
