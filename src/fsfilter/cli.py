@@ -43,6 +43,13 @@ def _seconds(text: str) -> float:
     return value
 
 
+def _whole_seconds(text: str) -> int:
+    value = int(text)
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"must be between 0 (none) and 65535 seconds, not {text}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fsfilter", description="Watch, allow, deny and hide file operations.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log what the daemon does")
@@ -62,6 +69,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--attr-timeout", type=_seconds, default=60.0, help="seconds the kernel caches attributes")
     p.add_argument("--negative-timeout", type=_seconds, default=10.0, help="seconds the kernel caches misses")
     p.add_argument("--spin", type=_seconds, default=0.0002, help="seconds a reader polls before sleeping")
+    p.add_argument("--request-timeout", type=_whole_seconds, default=45,
+                   help="seconds after which the kernel gives up on a daemon that does not answer (stopped, "
+                        "wedged) and aborts the mount (default 45; the kernel checks every 15 s)")
     p.add_argument("--stats", action="store_true", help="print request counts when stopping")
 
     m = sub.add_parser("monitor", help="print the file operations below a directory, with process names",
@@ -138,7 +148,7 @@ def run_passthrough(args: argparse.Namespace) -> int:
     filt = PassthroughFilter(args.lower, args.mountpoint, workers=args.workers, pool=args.pool,
                              passthrough=not args.no_kernel_passthrough, entry_timeout=args.entry_timeout,
                              attr_timeout=args.attr_timeout, negative_timeout=args.negative_timeout,
-                             spin=args.spin)
+                             spin=args.spin, request_timeout=args.request_timeout)
     stop = _stop_on_signals()
     filt.start()
     try:
@@ -151,6 +161,9 @@ def run_passthrough(args: argparse.Namespace) -> int:
     if args.stats and stats is not None:
         for name, count in sorted(stats.by_opcode().items()):
             print(f"{name:16} {count}", file=sys.stderr)
+    if "aborted" in filt.lost:  # unmounting it is a way to stop a pass-through; an abort is a failure
+        print(f"fsfilter: error: {filt.lost}", file=sys.stderr)
+        return 1
     print("fsfilter: unmounted", file=sys.stderr)
     return 0
 
@@ -457,13 +470,26 @@ def _serve_process_filter(proc: CBProcess, what: str) -> int:
 
 
 def _serve_cbfilter(filt: CBFilter, what: str) -> int:
-    _serve(filt, what)
+    lost: list[str] = []
+
+    def on_error(p: Any) -> None:
+        if p.error_code == errno.ENOTCONN:  # the mount was lost: said once, as the exit message
+            lost.append(p.description)
+        else:
+            print(f"fsfilter: error {p.error_code}: {p.description}", file=sys.stderr, flush=True)
+
+    filt.on_error = on_error
+    if not _serve(filt, what):
+        # The mount went away under it: what it enforced no longer holds, which is a failure, not a stop.
+        print(f"fsfilter: error: {lost[-1] if lost else 'the filter stopped on its own'}", file=sys.stderr)
+        return 1
     print("fsfilter: stopped and unmounted", file=sys.stderr)
     return 0
 
 
-def _serve(target: CBFilter | CBMonitor | CBProcess, what: str) -> None:
-    """Run a filter until SIGINT/SIGTERM/SIGHUP, flushing what its handlers printed every 0.2 s."""
+def _serve(target: CBFilter | CBMonitor | CBProcess, what: str) -> bool:
+    """Run a filter until SIGINT/SIGTERM/SIGHUP, flushing what its handlers printed every 0.2 s. False when
+    the filter stopped on its own first (its mount was lost)."""
     stop = _stop_on_signals()
     target.start_filter()
     try:
@@ -475,6 +501,9 @@ def _serve(target: CBFilter | CBMonitor | CBProcess, what: str) -> None:
         while not stop.is_set():
             stop.wait(0.2)
             sys.stdout.flush()
+            if not target.active:
+                return False
+        return True
     finally:
         target.stop_filter()
         sys.stdout.flush()

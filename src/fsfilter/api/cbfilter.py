@@ -10,6 +10,7 @@ from __future__ import annotations
 import errno
 import io
 import logging
+import math
 import os
 import threading
 from collections.abc import Callable
@@ -103,7 +104,7 @@ _CONFIG_DEFAULTS: dict[str, str] = {
     "FilterOwnRequests": "false", "MinWorkerThreadCount": "1", "MaxWorkerThreadCount": "0",
     "DenyExpiredEvents": "false", "ModifiableReadWriteBuffers": "true", "AllowFileAccessInBeforeOpen": "true",
     "EntryTimeout": "60", "AttrTimeout": "60", "NegativeTimeout": "10", "KernelPassthrough": "true",
-    "AccessViaFanotify": "false", "HideDirectoryLinkCounts": "true",
+    "AccessViaFanotify": "false", "HideDirectoryLinkCounts": "true", "RequestTimeout": "45",
 }
 _COUNT_SETTINGS = {"MinWorkerThreadCount", "MaxWorkerThreadCount"}
 _BOOL_SETTINGS = {"FilterOwnRequests", "DenyExpiredEvents", "ModifiableReadWriteBuffers",
@@ -144,8 +145,10 @@ class _Attachment(PassthroughFilter):
                          entry_timeout=float(core.config("EntryTimeout")),
                          attr_timeout=float(core.config("AttrTimeout")),
                          negative_timeout=float(core.config("NegativeTimeout")),
-                         locks=core.wants_lock_requests())
+                         locks=core.wants_lock_requests(),
+                         request_timeout=min(0xFFFF, math.ceil(float(core.config("RequestTimeout")))))
         self.core = core
+        self.on_lost = lambda reason: core._attachment_lost(path, reason)
         self._stale = False  # the rules changed: the kernel's cached names and attributes may lie
         self._invalidator: threading.Thread | None = None
         self._stale_lock = threading.Lock()
@@ -183,6 +186,10 @@ class _Attachment(PassthroughFilter):
     def _configure_session(self, session: Session, fs: LowerFS) -> None:
         assert isinstance(fs, FilterFS)
         session.router = fs.route
+        path = self.mountpoint
+        session.on_saturated = lambda threads: self.core._fire_error(
+            errno.EAGAIN, f"all {threads} request threads of {path} are busy (event handlers that do not return?): "
+                          "requests there now wait for one to come back; fix the handlers or set a timeout")
 
 
 class CBFilter(RuleTables):
@@ -357,6 +364,16 @@ class CBFilter(RuleTables):
                 self._active = False
                 raise
             self._fire_simple("filter_start")
+
+    def _attachment_lost(self, path: str, reason: str) -> None:
+        """An attach point's mount went away under the filter (unmounted, or its connection aborted): the rules
+        no longer hold there, so the filter stops as a whole, says why through on_error, and is no longer
+        active — rather than run on, looking active, over a directory that answers ENOTCONN."""
+        with self._lock:
+            if not self._active or path not in self._attached:
+                return
+            self._fire_error(errno.ENOTCONN, f"{reason}; the filter stopped: start it again to filter {path}")
+            self.stop_filter(wait=False)
 
     def _start_fanotify_access(self, rules: list[Any]) -> None:
         try:
@@ -1029,6 +1046,15 @@ class CBFilter(RuleTables):
     @property
     def stats(self) -> dict[str, int]:
         d = self.dispatcher.stats
-        return {"control_events": d.control, "notifications_posted": d.notifications_posted,
-                "notifications_delivered": d.notifications_delivered, "expired": d.expired, "failed": d.failed,
-                "notifications_queued": self.dispatcher.queued_notifications}
+        out = {"control_events": d.control, "notifications_posted": d.notifications_posted,
+               "notifications_delivered": d.notifications_delivered, "expired": d.expired, "failed": d.failed,
+               "notifications_queued": self.dispatcher.queued_notifications, "overdue": d.overdue, "shed": d.shed,
+               "event_threads": d.threads, "event_threads_peak": d.peak_threads,
+               "abandoned": 0, "request_threads": 0, "request_pool_saturated": 0}
+        for mount in list(self._attached.values()):
+            s = mount.stats
+            if s is not None:
+                out["abandoned"] += s.abandoned
+                out["request_threads"] += s.pool_threads
+                out["request_pool_saturated"] += s.pool_saturated
+        return out

@@ -353,7 +353,12 @@ class FilterFS(LowerFS):
         if handler is None:
             return None
         params = FILTER_PARAMS[event](**fields)
-        outcome = self.core.dispatcher.call(handler, params, origin, creator, subject)
+        with self.interruptible() as interrupted:
+            outcome = self.core.dispatcher.call(handler, params, origin, creator, subject)
+        if interrupted():
+            # The caller was interrupted (killed, as a rule) while the handler ran, and has had EINTR: the
+            # request must have no effect now, whatever the handler decided.
+            raise OSError(errno.EINTR, "the caller was interrupted while the event handler ran")
         if outcome is Outcome.EXPIRED:
             if self.core.deny_expired_events:
                 raise OSError(errno.ETIMEDOUT, "the event handler did not answer in time")

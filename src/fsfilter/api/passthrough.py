@@ -60,13 +60,16 @@ class PassthroughFilter:
     ``workers``: reader threads (each on a cloned /dev/fuse fd); ``pool``: threads for requests that
     can block; ``passthrough``: use kernel passthrough where the kernel allows it; ``io_policy``:
     a callable given a file's path (bytes, relative to the mount, starting with "/") that returns True
-    when the daemon must see that file's reads and writes. Timeouts are in seconds.
+    when the daemon must see that file's reads and writes. Timeouts are in seconds. ``request_timeout``:
+    the kernel aborts the connection (callers get ECONNABORTED/ENOTCONN) when any request stays unanswered
+    that long, e.g. while this process is stopped (SIGSTOP); 0 = wait forever (kernel 6.14+).
     """
 
     def __init__(self, lower: str | os.PathLike[str], mountpoint: str | os.PathLike[str] | None = None, *,
                  workers: int = 1, pool: int = 4, passthrough: bool = True, io_policy: IoPolicy | None = None,
                  entry_timeout: float = 60.0, attr_timeout: float = 60.0, negative_timeout: float = 10.0,
-                 allow_other: bool | None = None, spin: float = 0.0002, locks: bool = False) -> None:
+                 allow_other: bool | None = None, spin: float = 0.0002, locks: bool = False,
+                 request_timeout: int = 45) -> None:
         if workers < 1 or workers > 64:
             raise CBFSFilterError(errno.EINVAL, f"workers must be between 1 and 64, not {workers}")
         if pool < 1 or pool > 256:
@@ -75,11 +78,15 @@ class PassthroughFilter:
                             ("negative_timeout", negative_timeout), ("spin", spin)):
             if not 0 <= value <= 86400:
                 raise CBFSFilterError(errno.EINVAL, f"{name} must be between 0 and 86400 seconds, not {value}")
+        if isinstance(request_timeout, bool) or not isinstance(request_timeout, int) \
+                or not 0 <= request_timeout <= 0xFFFF:
+            raise CBFSFilterError(errno.EINVAL, f"request_timeout must be whole seconds from 0 (none) to 65535, "
+                                                f"not {request_timeout!r}")
         self.lower = os.path.realpath(os.fspath(lower))
         self.mountpoint = os.path.realpath(os.fspath(mountpoint)) if mountpoint is not None else self.lower
         self.in_place = self.mountpoint == self.lower
         self.session_options = SessionOptions(workers=workers, pool=pool, passthrough=passthrough, spin=spin,
-                                              locks=locks)
+                                              locks=locks, request_timeout=request_timeout)
         self.lower_options = LowerOptions(entry_timeout, attr_timeout, negative_timeout, io_policy, locks)
         self.allow_other = (os.geteuid() == 0) if allow_other is None else allow_other
         self.session: Session | None = None
@@ -90,6 +97,12 @@ class PassthroughFilter:
         self._fusermount: tuple[subprocess.Popen[bytes], socket.socket] | None = None
         self._trace: Callable[[Request], None] | None = None
         self._stop_lock = threading.Lock()
+        self._mount_id = -1
+        # Why the filter stopped on its own ("" while it has not): its mount was unmounted from outside, or its
+        # connection aborted (``/sys/fs/fuse/connections/N/abort``, the kernel's request timeout).
+        self.lost = ""
+        # Called with that reason, from a thread of its own, before the filter cleans up after the loss.
+        self.on_lost: Callable[[str], None] | None = None
 
     # -- lifecycle
 
@@ -110,11 +123,14 @@ class PassthroughFilter:
             self._mount(root_mode)
             session = Session(self._dev_fd, fs.handlers(), self.session_options)
             session.trace = self._trace
+            session.on_lost = self._connection_lost
+            self.lost = ""
             self._configure_session(session, fs)
             negotiated = session.negotiate()
             fs.session_fd = self._dev_fd
             fs.passthrough = negotiated.passthrough
             fs.defer = session.defer
+            fs.interruptible = session.interruptible
             if self.lower_options.locks and not negotiated.has(abi.InitFlag.POSIX_LOCKS):
                 log.warning("the kernel did not offer FUSE_POSIX_LOCKS: locks stay in the kernel, unseen")
             session.start()
@@ -155,29 +171,66 @@ class PassthroughFilter:
         fsname = f"fsfilter:{self.lower}"[:200].replace(",", "_")
         if os.geteuid() == 0:
             self._dev_fd = fuse_device.open_device()
+            self._watchdog = fuse_device.start_watchdog(self.mountpoint)  # before: see start_watchdog
             fuse_device.kernel_mount(self._dev_fd, self.mountpoint, root_mode=root_mode,
                                      allow_other=self.allow_other, fsname=fsname)
             entry = fuse_device.find_mount(self.mountpoint)
             if entry is None:
                 raise OSError(errno.EIO, "the new mount is not in /proc/self/mountinfo")
-            self._watchdog = fuse_device.start_watchdog(self.mountpoint, entry.mount_id)
+            self._mount_id = entry.mount_id
+            fuse_device.watch_mount(self._watchdog, entry.mount_id)
         else:
             fd, proc, sock = fuse_device.fusermount_mount(self.mountpoint, fsname=fsname, allow_other=self.allow_other)
             self._dev_fd = fd
             self._fusermount = (proc, sock)
+            entry = fuse_device.find_mount(self.mountpoint)
+            self._mount_id = entry.mount_id if entry is not None else -1
+
+    def _connection_lost(self) -> None:
+        entry = fuse_device.find_mount(self.mountpoint)
+        if entry is not None and entry.mount_id == self._mount_id:
+            self.lost = (f"the FUSE connection of {self.mountpoint} was aborted (the kernel's request timeout, or "
+                         "/sys/fs/fuse/connections/N/abort): the filter stopped and its dead mount was removed")
+        else:
+            self.lost = f"{self.mountpoint} was unmounted from outside: the filter stopped"
+        log.warning("%s", self.lost)
+        # Stopping waits for the readers, and this runs on one of them.
+        threading.Thread(target=self._after_loss, name="fsfilter-lost", daemon=True).start()
+
+    def _after_loss(self) -> None:
+        if self.on_lost is not None:
+            try:
+                self.on_lost(self.lost)
+            except Exception:
+                log.exception("the on_lost handler raised")
+        self.stop()  # the dead mount, when aborted, must not stay behind answering ENOTCONN
 
     def stop(self, timeout: float = 10.0) -> None:
         """Unmount (lazily if the mount is busy) and stop serving. Safe to call more than once."""
         with self._stop_lock:
             if self.session is None and self._dev_fd < 0:
                 return
-            # Without root, closing the fusermount3 socket in _teardown unmounts (auto_unmount).
-            if os.geteuid() == 0 and fuse_device.find_mount(self.mountpoint) is not None:
-                try:
-                    fuse_device.unmount(self.mountpoint)
-                except OSError as exc:
-                    log.warning("unmounting %s failed: %s", self.mountpoint, exc)
+            if self.session is not None:
+                self.session.stopping()
+            self._unmount()
             self._teardown(timeout)
+            if self._ours(fuse_device.find_mount(self.mountpoint)):
+                log.warning("%s is still mounted after stop: unmount it with umount -l (or fusermount3 -u -z)",
+                            self.mountpoint)
+
+    def _ours(self, entry: fuse_device.MountEntry | None) -> bool:
+        return entry is not None and (self._mount_id < 0 or entry.mount_id == self._mount_id)
+
+    def _unmount(self) -> None:
+        if not self._ours(fuse_device.find_mount(self.mountpoint)):
+            return  # gone already, or a later mount at the same place that is not ours to touch
+        try:
+            if self._fusermount is not None:
+                fuse_device.fusermount_unmount(self.mountpoint)
+            else:
+                fuse_device.unmount(self.mountpoint)
+        except (OSError, subprocess.SubprocessError) as exc:
+            log.warning("unmounting %s failed: %s", self.mountpoint, exc)
 
     def _teardown(self, timeout: float = 10.0) -> None:
         with _served_lock:

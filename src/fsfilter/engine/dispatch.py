@@ -47,7 +47,7 @@ class Origin:
 
 class Job:
     __slots__ = ("handler", "params", "origin", "creator", "subject", "done", "deadline", "started", "cancelled",
-                 "error", "lock")
+                 "error", "lock", "overdue")
 
     def __init__(self, handler: Handler, params: object, origin: Origin | None, deadline: float,
                  waited: bool = True, creator: Origin | None = None, subject: object = None) -> None:
@@ -63,6 +63,7 @@ class Job:
         self.deadline = deadline  # monotonic seconds; 0 = none
         self.started = False
         self.cancelled = False
+        self.overdue = False  # its deadline passed while its handler still ran: no longer counted as a worker
         self.error: BaseException | None = None
 
 
@@ -83,6 +84,10 @@ class DispatchStats:
         self.notifications_delivered = 0
         self.expired = 0
         self.failed = 0
+        self.overdue = 0  # handlers running past their event's deadline now
+        self.shed = 0  # events that expired before any thread was free to run their handler
+        self.threads = 0
+        self.peak_threads = 0
 
 
 class Dispatcher:
@@ -96,6 +101,9 @@ class Dispatcher:
         self.timeout = 0.0  # seconds; 0 = control events wait as long as the handler takes
         self.min_threads = 1
         self.max_threads = 8
+        # Threads whose handler overran its deadline do not count against max_threads (an attacker who wedges
+        # the handlers must not make every later event expire unhandled), but the pool never grows beyond this.
+        self.thread_limit = 256
         self.stats = DispatchStats()
         self._work: SimpleQueue[Job | None] = SimpleQueue()
         # Notifications: an unbounded deque, and an event set when it turns non-empty (see _notify_loop).
@@ -114,6 +122,8 @@ class Dispatcher:
 
     def start(self) -> None:
         self._running = True
+        with self._lock:
+            self._threads = [t for t in self._threads if t.is_alive()]  # of an earlier start, still in a handler
         count = 1 if self.serialize else max(1, self.min_threads)
         for _ in range(count):
             self._spawn()
@@ -148,6 +158,8 @@ class Dispatcher:
     def _spawn(self) -> None:
         t = threading.Thread(target=self._worker, name=f"fsfilter-event-{len(self._threads)}", daemon=True)
         self._threads.append(t)
+        self.stats.threads = len(self._threads)
+        self.stats.peak_threads = max(self.stats.peak_threads, self.stats.threads)
         t.start()
 
     # -- control events
@@ -179,17 +191,37 @@ class Dispatcher:
                     continue
                 if time.monotonic() < job.deadline:
                     continue
-                if not job.started:
+                shed = not job.started
+                if shed:
                     job.cancelled = True  # never run a handler whose request is already answered
+                elif not job.done.is_set():
+                    job.overdue = True
+                    with self._lock:
+                        self.stats.overdue += 1
+                        self._grow()  # its thread no longer counts: events queued behind it get another
                 self.stats.expired += 1
-            self._report(110, f"an event handler ({_name(handler)}) did not return within {timeout:g} s")
+            if shed:
+                with self._lock:
+                    self.stats.shed += 1
+                    threads = len(self._threads)
+                self._report(110, f"an event expired before its handler ({_name(handler)}) could run: all {threads} "
+                                  "event threads are busy (handlers that do not return?); raise the timeout, fix the "
+                                  "handlers, or set DenyExpiredEvents to deny such events")
+            else:
+                self._report(110, f"an event handler ({_name(handler)}) did not return within {timeout:g} s")
             return Outcome.EXPIRED
 
     def _submit(self, job: Job) -> None:
         with self._lock:
-            if not self.serialize and self._idle == 0 and len(self._threads) < self.max_threads:
-                self._spawn()
+            self._grow(1)
         self._work.put(job)
+
+    def _grow(self, coming: int = 0) -> None:
+        # Under _lock: another thread when queued events outnumber idle threads, within the bounds.
+        if not self.serialize and self._running and self._idle < self._work.qsize() + coming:
+            count = len(self._threads)
+            if count - self.stats.overdue < self.max_threads and count < self.thread_limit:
+                self._spawn()
 
     def _worker(self) -> None:
         self._thread_event(True)
@@ -200,6 +232,8 @@ class Dispatcher:
                 job = self._work.get()
                 with self._lock:
                     self._idle -= 1
+                    if job is not None:
+                        self._grow()  # an event queued while this thread still counted as idle
                 if job is None:
                     return
                 if job.lock is None:  # a notification (only those are not waited for), when events are serialised
@@ -212,6 +246,12 @@ class Dispatcher:
                         continue
                     job.started = True
                 self._run(job)
+                with job.lock:
+                    overdue = job.overdue
+                    job.overdue = False
+                if overdue:
+                    with self._lock:
+                        self.stats.overdue -= 1
         finally:
             self._thread_event(False)
 

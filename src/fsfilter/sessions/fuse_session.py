@@ -8,13 +8,14 @@ after each request: on these VMs a sleeping thread takes ~30 µs to wake, more t
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import os
 import select
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from queue import SimpleQueue
 
@@ -52,12 +53,20 @@ WANTED_FLAGS = (
 @dataclass
 class SessionOptions:
     workers: int = 1  # reader threads, each on its own /dev/fuse fd
-    pool: int = 4  # threads for requests that may block
+    pool: int = 4  # threads for requests that may block, at first
+    # The pool grows when every pool thread is busy (handlers that do not return must not hold up requests
+    # no such handler is about), up to this many threads.
+    pool_max: int = 256
     passthrough: bool = True  # ask the kernel for FUSE_PASSTHROUGH
     max_write: int = 1 << 20
     spin: float = 0.0002  # seconds a reader busy-polls for the next request before it sleeps
     max_stack_depth: int = 1
     locks: bool = False  # serve fcntl/flock locks (FUSE_POSIX_LOCKS, FUSE_FLOCK_LOCKS) instead of the kernel
+    # Seconds after which the kernel aborts the whole connection when a request is still unanswered
+    # (FUSE_REQUEST_TIMEOUT, kernel 6.14+): a dead man's switch for a stopped or wedged daemon, not a
+    # per-request deadline (those are the dispatcher's). 0 = none.
+    # The kernel looks every 15 s, so a caller waits up to request_timeout + 15 s: 45 keeps that within a minute.
+    request_timeout: int = 45
 
 
 @dataclass
@@ -66,6 +75,7 @@ class Negotiated:
     flags: int = 0
     max_write: int = 0
     passthrough: bool = False
+    request_timeout: int = 0  # seconds the kernel waits for any answer before it aborts the connection; 0 = never
 
     def has(self, flag: int) -> bool:
         return bool(self.flags & flag)
@@ -80,6 +90,9 @@ class SessionStats:
         self.malformed = 0
         self.interrupts = 0
         self.failures = 0  # handler bugs answered with EIO
+        self.abandoned = 0  # interrupted while their handler ran: answered EINTR at once, late result dropped
+        self.pool_threads = 0
+        self.pool_saturated = 0  # requests that had to queue because the pool was at pool_max, all busy
 
     def by_opcode(self) -> dict[str, int]:
         out = {}
@@ -128,6 +141,21 @@ class Deferred:
         self._session.finish_deferred(self, code, b"")
 
 
+class _Waiting:
+    """A request whose handler is inside :meth:`Session.interruptible` (waiting on an application's code)."""
+
+    __slots__ = ("unique", "fd", "answered")
+
+    def __init__(self, unique: int, fd: int) -> None:
+        self.unique = unique
+        self.fd = fd
+        self.answered = False
+
+
+_current = threading.local()  # .request: the (unique, fd) a thread is serving; .abandoned: answered already
+_EARLY_MAX = 4096  # interrupts remembered for requests not yet inside an interruptible section
+
+
 class Session:
     """Serves one FUSE connection with a table of opcode handlers."""
 
@@ -149,6 +177,17 @@ class Session:
         # Deferrable requests (lock waits) from the moment they are read until they are answered, so that an
         # INTERRUPT finds them whether they are queued, being handled, or waiting.
         self._deferrable: dict[int, Deferred] = {}
+        # Pool requests being run (unique -> fd), those waiting in an interruptible section, and interrupts
+        # that came for a running request before it got there (all under _lock).
+        self._started: dict[int, tuple[int, int]] = {}  # unique -> (opcode, fd)
+        self._answered: set[int] = set()  # running requests answered EINTR already: their reply is dropped
+        self._waiting: dict[int, _Waiting] = {}
+        self._early: dict[int, None] = {}
+        self._pool_threads = 0
+        self._pool_idle = 0
+        self._saturated = False
+        # Told (on a thread of its own) when requests start queueing because the pool is at pool_max.
+        self.on_saturated: Callable[[int], None] | None = None
         self._running = False
         self.finished = threading.Event()
         self.lingering = 0  # threads still busy in a handler when close() gave up waiting for them
@@ -157,6 +196,16 @@ class Session:
         # event handler), False = the reader itself (e.g. requests made by the filtering process, which
         # must never wait for a pool thread that may be waiting on them), None = by opcode.
         self.router: Callable[[Request], bool | None] | None = None
+        # Called once, on a reader thread, when the connection ends without close() (unmounted or aborted).
+        # It must not wait for the session's threads (hand the clean-up to a thread of its own).
+        self.on_lost: Callable[[], None] | None = None
+        self.lost = False
+        self._stopping = False
+
+    def stopping(self) -> None:
+        """Say that the end of the connection that follows (an unmount by the owner) is no loss."""
+        with self._lock:
+            self._stopping = True
 
     # -- INIT
 
@@ -189,16 +238,21 @@ class Session:
             wanted |= abi.InitFlag.PASSTHROUGH
         if self.options.locks:
             wanted |= LOCK_FLAGS
+        # Not while serving locks: a blocking lock request stays unanswered for as long as the lock is held,
+        # and the kernel would abort the whole connection for it.
+        if self.options.request_timeout > 0 and not self.options.locks:
+            wanted |= abi.InitFlag.REQUEST_TIMEOUT
         flags = offered & wanted
         max_pages = min(self.options.max_write // 4096, _max_pages_limit())
         max_write = max_pages * 4096 if flags & abi.InitFlag.MAX_PAGES else min(self.options.max_write, 128 * 1024)
         our_minor = min(minor, abi.OUR_MINOR)
+        timeout = self.options.request_timeout if flags & abi.InitFlag.REQUEST_TIMEOUT else 0
         reply = wire.encode_init_out(our_minor, readahead, flags, 64, 48, max_write, max_pages,
-                                     self.options.max_stack_depth if flags & abi.InitFlag.PASSTHROUGH else 0)
+                                     self.options.max_stack_depth if flags & abi.InitFlag.PASSTHROUGH else 0, timeout)
         if our_minor < 23:
             reply = reply[:24]
         self._write([wire.encode_reply(req.unique, reply)])
-        self.negotiated = Negotiated(our_minor, flags, max_write, bool(flags & abi.InitFlag.PASSTHROUGH))
+        self.negotiated = Negotiated(our_minor, flags, max_write, bool(flags & abi.InitFlag.PASSTHROUGH), timeout)
         return self.negotiated
 
     # -- threads
@@ -214,10 +268,20 @@ class Session:
                 self._fds.append(fd)
             t = threading.Thread(target=self._reader, args=(fd,), name=f"fsfilter-reader-{i}", daemon=True)
             self._threads.append(t)
-        for i in range(max(1, self.options.pool)):
-            self._threads.append(threading.Thread(target=self._pool_worker, name=f"fsfilter-io-{i}", daemon=True))
         for t in self._threads:
             t.start()
+        with self._lock:
+            for _ in range(max(1, self.options.pool)):
+                self._spawn_pool_thread()
+
+    def _spawn_pool_thread(self) -> None:
+        # Under _lock.
+        t = threading.Thread(target=self._pool_worker, name=f"fsfilter-io-{self._pool_threads}", daemon=True)
+        self._pool_threads += 1
+        self._pool_idle += 1
+        self.stats.pool_threads = self._pool_threads
+        self._threads.append(t)
+        t.start()
 
     def close(self, timeout: float = 5.0) -> None:
         """Stop every thread and close cloned fds (the session fd belongs to the caller).
@@ -228,14 +292,17 @@ class Session:
         self._running = False
         with self._lock:
             self._deferrable.clear()  # the connection is going: late answers must not be written
-        for _ in range(max(1, self.options.pool)):
+            self._waiting.clear()
+            threads = list(self._threads)
+            pool_threads = self._pool_threads
+        for _ in range(pool_threads):
             self._pool.put(None)
         me = threading.current_thread()
         deadline = time.monotonic() + timeout
-        for t in self._threads:
+        for t in threads:
             if t is not me:
                 t.join(max(0.0, deadline - time.monotonic()))
-        self.lingering = sum(1 for t in self._threads if t is not me and t.is_alive())
+        self.lingering = sum(1 for t in threads if t is not me and t.is_alive())
         for fd in self._fds[1:]:
             if self.lingering:
                 fuse_device.retire_fd(fd)
@@ -270,6 +337,7 @@ class Session:
                 continue
             except OSError as exc:
                 if exc.errno == errno.ENODEV:  # unmounted or aborted
+                    self._connection_lost()
                     break
                 if exc.errno in (errno.EINTR, errno.ENOENT, errno.EAGAIN):
                     continue
@@ -279,6 +347,20 @@ class Session:
             spin_until = monotonic() + spin
         self._running = False
         self.finished.set()
+
+    def _connection_lost(self) -> None:
+        # Unmounted or aborted from outside while serving (close() clears _running first, so a stop is not
+        # a loss). Told once, before ``finished`` is set, so that whoever waits for it can read why.
+        with self._lock:
+            if not self._running or self._stopping or self.lost:
+                return
+            self.lost = True
+            callback = self.on_lost
+        if callback is not None:
+            try:
+                callback()
+            except Exception:
+                log.exception("the on_lost callback failed")
 
     def _handle(self, fd: int, buf: bytes) -> None:
         try:
@@ -304,9 +386,19 @@ class Session:
             if routed is not None:
                 pooled = routed
         if pooled:
+            saturated = False
             with self._lock:
                 self._inflight[req.unique] = (req, fd)
+                if len(self._inflight) > self._pool_idle:  # no idle thread left for this one
+                    if self._pool_threads < self.options.pool_max:
+                        self._spawn_pool_thread()
+                    else:
+                        self.stats.pool_saturated += 1
+                        saturated, self._saturated = not self._saturated, True
             self._pool.put((req, fd))
+            if saturated and self.on_saturated is not None:
+                threading.Thread(target=self.on_saturated, args=(self._pool_threads,), name="fsfilter-saturated",
+                                 daemon=True).start()
             return
         self._run(req, fd)
 
@@ -324,7 +416,20 @@ class Session:
             with self._lock:
                 if self._inflight.pop(req.unique, None) is None:
                     continue  # interrupted while queued, and already answered
-            self._run(req, fd)
+                self._pool_idle -= 1
+                self._started[req.unique] = (req.opcode, fd)
+                if len(self._inflight) > self._pool_idle and self._pool_threads < self.options.pool_max:
+                    self._spawn_pool_thread()  # a request queued while this thread still counted as idle
+            try:
+                self._run(req, fd)
+            finally:
+                with self._lock:
+                    self._pool_idle += 1
+                    self._started.pop(req.unique, None)
+                    self._answered.discard(req.unique)
+                    self._early.pop(req.unique, None)
+                    if self._saturated and self._pool_idle > 0:
+                        self._saturated = False
 
     def _interrupt(self, req: Request, fd: int) -> None:
         self.stats.interrupts += 1
@@ -338,6 +443,31 @@ class Session:
             if cancel:
                 del self._inflight[target]
             deferred = self._deferrable.get(target)
+            waiting = self._waiting.get(target)
+            answer_now = waiting is not None and not waiting.answered
+            if waiting is not None and answer_now:
+                # Its handler is off in the application's code and may never come back: answer now (a killed
+                # caller is in uninterruptible sleep until we do) and drop whatever the handler returns later.
+                waiting.answered = True
+                self.stats.abandoned += 1
+            elif waiting is None and self._started.get(target, (-1, fd))[0] in SIDE_EFFECT_FREE:
+                # Running, but its effect is nothing but its answer: answer now, drop the late reply.
+                self._answered.add(target)
+                answer_now = True
+                fd = self._started[target][1]  # a reply goes back on the fd its request came from
+            elif waiting is None and deferred is None and not cancel and (queued is not None
+                                                                         or target in self._started):
+                self._early[target] = None  # not waiting yet: it is answered as soon as it starts to
+                while len(self._early) > _EARLY_MAX:
+                    del self._early[next(iter(self._early))]
+                return
+        if waiting is not None:
+            if answer_now:
+                self._reply_error(target, errno.EINTR, waiting.fd)
+            return
+        if answer_now:
+            self._reply_error(target, errno.EINTR, fd)
+            return
         if deferred is not None:
             deferred.interrupt()
             return
@@ -351,7 +481,50 @@ class Session:
             # Another reader may not have registered the request yet: ask the kernel to send it again.
             self._reply_error(req.unique, errno.EAGAIN, fd)
 
+    @contextlib.contextmanager
+    def interruptible(self) -> Iterator[Callable[[], bool]]:
+        """Around a wait for code that may never return (an application's event handler): an INTERRUPT for the
+        request being served on this thread is then answered EINTR at once. Yields a function that says
+        whether that happened; when it did, the caller must undo or skip the request's effects, and whatever
+        the request's handler returns or raises afterwards is dropped."""
+        current = getattr(_current, "request", None)
+        if current is None:
+            yield _never
+            return
+        unique, fd = current
+        waiting = _Waiting(unique, fd)
+        with self._lock:
+            early = self._early.pop(unique, None) is not None or unique in self._waiting
+            if not early:
+                self._waiting[unique] = waiting
+        if early:  # interrupted before it got here: answer now, before waiting at all
+            waiting.answered = True
+            self.stats.abandoned += 1
+            self._reply_error(unique, errno.EINTR, fd)
+            _current.abandoned = True
+            yield _always
+            return
+        try:
+            yield lambda: waiting.answered
+        finally:
+            with self._lock:
+                self._waiting.pop(unique, None)
+            if waiting.answered:
+                _current.abandoned = True
+
+    def _dropped(self, unique: int) -> bool:
+        """Whether the request was answered already (interrupted): then its own reply must not be written."""
+        return bool(_current.abandoned) or unique in self._answered
+
     def _run(self, req: Request, fd: int) -> None:
+        _current.request = (req.unique, fd)
+        _current.abandoned = False
+        try:
+            self._serve(req, fd)
+        finally:
+            _current.request = None
+
+    def _serve(self, req: Request, fd: int) -> None:
         if self.trace is not None:
             try:
                 self.trace(req)
@@ -365,7 +538,7 @@ class Session:
         except OSError as exc:
             if req.opcode in DEFERRABLE:
                 self._forget_deferred(req.unique)
-            if req.opcode not in NO_REPLY:
+            if req.opcode not in NO_REPLY and not self._dropped(req.unique):
                 self.stats.errors += 1
                 self._reply_error(req.unique, exc.errno or errno.EIO, fd)
             return
@@ -373,7 +546,7 @@ class Session:
             self.stats.malformed += 1
             if req.opcode in DEFERRABLE:
                 self._forget_deferred(req.unique)
-            if req.opcode not in NO_REPLY:
+            if req.opcode not in NO_REPLY and not self._dropped(req.unique):
                 self._reply_error(req.unique, exc.code, fd)
             return
         except Exception:
@@ -381,10 +554,10 @@ class Session:
             log.exception("handler for %r failed", req)
             if req.opcode in DEFERRABLE:
                 self._forget_deferred(req.unique)
-            if req.opcode not in NO_REPLY:
+            if req.opcode not in NO_REPLY and not self._dropped(req.unique):
                 self._reply_error(req.unique, errno.EIO, fd)
             return
-        if payload is None:
+        if payload is None or self._dropped(req.unique):
             return  # no reply (FORGET), or a deferred request that its Deferred answers
         if req.opcode in DEFERRABLE:
             self._forget_deferred(req.unique)
@@ -436,6 +609,14 @@ class Session:
         except OSError as exc:
             return exc.errno or errno.EIO
         return 0
+
+
+def _never() -> bool:
+    return False
+
+
+def _always() -> bool:
+    return True
 
 
 def _max_pages_limit() -> int:

@@ -13,13 +13,14 @@ they would natively.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import logging
 import os
 import stat
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -137,6 +138,8 @@ class LowerFS:
         self._is_root = os.geteuid() == 0
         self.session_fd = -1  # set when the session exists: needed for backing ids
         self.defer: Callable[[Request], Deferred] | None = None  # the session's, for lock waits
+        # The session's, around waits for an application's handler (see Session.interruptible).
+        self.interruptible: Callable[[], contextlib.AbstractContextManager[Callable[[], bool]]] = _not_interruptible
         self.locks = LockTable()
         self.passthrough = False  # set from the INIT negotiation; cleared if the kernel refuses backing ids
 
@@ -546,7 +549,7 @@ class LowerFS:
         try:
             switched = self._as_caller(req, umask)
             try:
-                fd = os.open(at, lower, mode, dir_fd=dfd)
+                fd = os.open(at, lower, mode & 0o7777, dir_fd=dfd)  # permission bits only: a top bit overflows C int
             finally:
                 self._restore_identity(switched)
         finally:
@@ -560,7 +563,7 @@ class LowerFS:
         parent = self.inode(req.nodeid)
         switched = self._as_caller(req, umask)
         try:
-            fd = os.open(_proc(parent.fd), (flags & ~_LOWER_STRIP) | os.O_CLOEXEC, mode)
+            fd = os.open(_proc(parent.fd), (flags & ~_LOWER_STRIP) | os.O_CLOEXEC, mode & 0o7777)
         finally:
             self._restore_identity(switched)
         return self._created(fd, parent, b"")
@@ -953,3 +956,8 @@ def _writes_drop_privileges(fd: int, st: os.stat_result) -> bool:
     except OSError:
         return False
     return True
+
+
+@contextlib.contextmanager
+def _not_interruptible() -> Iterator[Callable[[], bool]]:
+    yield lambda: False

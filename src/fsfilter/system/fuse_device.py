@@ -133,7 +133,9 @@ def fusermount_mount(target: str, *, fsname: str, allow_other: bool
     if allow_other:
         options += ",allow_other"
     env = {**os.environ, "_FUSE_COMMFD": str(theirs.fileno())}
-    proc = subprocess.Popen([tool, "-o", options, "--", target], env=env,
+    # A session of its own: a Ctrl-C at the terminal signals the whole foreground group, and fusermount3
+    # killed by it could no longer unmount for us.
+    proc = subprocess.Popen([tool, "-o", options, "--", target], env=env, start_new_session=True,
                             pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL, stderr=subprocess.PIPE)
     theirs.close()
     try:
@@ -151,6 +153,20 @@ def fusermount_mount(target: str, *, fsname: str, allow_other: bool
         raise
 
 
+def fusermount_unmount(target: str) -> None:
+    """Unmount a mount fusermount3 made (lazily, so a busy one goes too). auto_unmount alone is not enough:
+    fusermount3 unmounts on our socket's EOF only if it then finds the connection dead, which it did not
+    here (the mount stayed, answering EACCES/ENOTCONN)."""
+    tool = shutil.which("fusermount3")
+    if tool is None:
+        raise OSError(errno.ENOENT, "fusermount3 not found: install the fuse3 package")
+    r = subprocess.run([tool, "-u", "-z", "-q", "--", target], stdin=subprocess.DEVNULL, capture_output=True,
+                       timeout=30)
+    if r.returncode != 0:
+        detail = r.stderr.decode(errors="replace").strip()
+        raise OSError(errno.EBUSY, f"fusermount3 -u {target} failed: {detail or f'exit {r.returncode}'}")
+
+
 def unmount(target: str) -> bool:
     """Unmount ``target``; detach lazily if it is busy. Returns False if it was not mounted."""
     path = os.fsencode(target)
@@ -166,9 +182,25 @@ def unmount(target: str) -> bool:
     return True
 
 
-def start_watchdog(target: str, mount_id: int) -> subprocess.Popen[bytes]:
-    """A separate process that detaches the mount when this process dies (see watchdog.py)."""
-    return subprocess.Popen(
-        [sys.executable, "-S", "-I", str(WATCHDOG), target, str(mount_id), FSTYPE],
-        stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, close_fds=True, start_new_session=True,
+def start_watchdog(target: str) -> subprocess.Popen[bytes]:
+    """A separate process that detaches the mount at ``target`` when this process dies (see watchdog.py).
+    Started before mounting, and returned once it is ready: afterwards, starting it could need files under
+    the mount (this interpreter, its libraries) that nobody serves yet. Tell it the mount id with
+    :func:`watch_mount` once mounted."""
+    proc = subprocess.Popen(
+        [sys.executable, "-S", "-I", str(WATCHDOG), target, FSTYPE],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, close_fds=True, start_new_session=True,
     )
+    assert proc.stdout is not None
+    if proc.stdout.readline() != b"ready\n":
+        proc.kill()
+        proc.wait()
+        raise OSError(errno.ECHILD, "the watchdog process did not start")
+    proc.stdout.close()
+    return proc
+
+
+def watch_mount(watchdog: subprocess.Popen[bytes], mount_id: int) -> None:
+    assert watchdog.stdin is not None
+    watchdog.stdin.write(b"%d\n" % mount_id)
+    watchdog.stdin.flush()

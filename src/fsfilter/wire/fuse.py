@@ -238,8 +238,10 @@ def decode_init(body: memoryview) -> tuple[int, int, int, int]:
 
 
 def encode_init_out(minor: int, max_readahead: int, flags: int, max_background: int, congestion_threshold: int,
-                    max_write: int, max_pages: int, max_stack_depth: int) -> bytes:
+                    max_write: int, max_pages: int, max_stack_depth: int, request_timeout: int = 0) -> bytes:
+    """``request_timeout``: seconds (0 = none) after which the kernel aborts the connection when a request is
+    still unanswered; only honoured with FUSE_REQUEST_TIMEOUT in ``flags``."""
     return abi.INIT_OUT.pack(
         abi.KERNEL_VERSION, minor, max_readahead, flags & 0xFFFFFFFF, max_background, congestion_threshold,
-        max_write, 1, max_pages, 0, flags >> 32, max_stack_depth, 0,
+        max_write, 1, max_pages, 0, flags >> 32, max_stack_depth, min(max(0, request_timeout), 0xFFFF),
     )
