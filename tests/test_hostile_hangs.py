@@ -102,11 +102,14 @@ def fuse_device_for(uid: int) -> Iterator[None]:
     """Let ``uid`` open /dev/fuse (0600 root here) for the duration of the block."""
     if shutil.which("setfacl") is None or shutil.which("fusermount3") is None:
         pytest.skip("setfacl and fusermount3 are needed")
+    # The device's ACL as it was, to put back exactly (removing the entry alone would leave a mask entry behind).
+    saved = subprocess.run(["getfacl", "-p", "/dev/fuse"], check=True, capture_output=True, text=True).stdout
     subprocess.run(["setfacl", "-m", f"u:{uid}:rw", "/dev/fuse"], check=True)
     try:
         yield
     finally:
-        subprocess.run(["setfacl", "-x", f"u:{uid}", "/dev/fuse"], check=True)
+        subprocess.run(["setfacl", "-b", "/dev/fuse"], check=True)
+        subprocess.run(["setfacl", "--restore=-"], input=saved, text=True, check=True)
 
 
 @pytest.mark.timeout(60)
