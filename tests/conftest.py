@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from fsfilter import PassthroughFilter
+from fsfilter import CBFilter, CBProcess, PassthroughFilter
 
 SRC = Path(__file__).resolve().parent.parent / "src"
 IS_ROOT = os.geteuid() == 0
@@ -173,3 +173,57 @@ def attacker() -> Iterator[Any]:
 
     with temporary_user() as user:
         yield user
+
+
+@contextlib.contextmanager
+def _made(build: Callable[[], Any], stop: Callable[[Any], None]) -> Iterator[Callable[[], Any]]:
+    """A factory fixture's body: every object ``build`` made is stopped afterwards, whatever happened."""
+    made: list[Any] = []
+
+    def make() -> Any:
+        obj = build()
+        made.append(obj)
+        return obj
+
+    try:
+        yield make
+    finally:
+        for obj in made:
+            with contextlib.suppress(Exception):
+                stop(obj)
+
+
+def _stop_cbfilter(f: CBFilter) -> None:
+    points = list(f._attached)
+    try:
+        f.stop_filter()
+    finally:
+        for p in points:
+            force_unmount(p)
+
+
+def _guarded_filter() -> CBFilter:
+    f = CBFilter()
+    f.config("AccessViaFanotify=true")
+    return f
+
+
+@pytest.fixture
+def cbfilter() -> Iterator[Callable[[], CBFilter]]:
+    """Make CBFilters; each is stopped and its attach points unmounted afterwards."""
+    with _made(CBFilter, _stop_cbfilter) as make:
+        yield make
+
+
+@pytest.fixture
+def guarded() -> Iterator[Callable[[], CBFilter]]:
+    """Make CBFilters that enforce deny-only rules through fanotify (AccessViaFanotify); stopped afterwards."""
+    with _made(_guarded_filter, _stop_cbfilter) as make:
+        yield make
+
+
+@pytest.fixture
+def process_filter() -> Iterator[Callable[[], CBProcess]]:
+    """Make CBProcess filters; each is stopped afterwards."""
+    with _made(CBProcess, lambda p: p.stop_filter()) as make:
+        yield make

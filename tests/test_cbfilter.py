@@ -3,7 +3,6 @@ parameters; denials give that process the intended errno; handlers change what i
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import os
 import subprocess
@@ -11,12 +10,12 @@ import sys
 import textwrap
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import end_processes, force_unmount, is_mounted, needs_root, wait_for
+from conftest import end_processes, is_mounted, needs_root, wait_for
 
 from fsfilter import CBFilter, CBFSFilterError
 from fsfilter.api import constants as c
@@ -60,26 +59,6 @@ class Recorder:
     def named(self, name: str, **match: Any) -> list[dict[str, Any]]:
         with self.lock:
             return [f for n, f in self.events if n == name and all(f.get(k) == v for k, v in match.items())]
-
-
-@pytest.fixture
-def cbfilter() -> Iterator[Callable[[], CBFilter]]:
-    made: list[CBFilter] = []
-
-    def make() -> CBFilter:
-        f = CBFilter()
-        made.append(f)
-        return f
-
-    try:
-        yield make
-    finally:
-        for f in made:
-            points = list(f._attached)
-            with contextlib.suppress(Exception):
-                f.stop_filter()
-            for p in points:
-                force_unmount(p)
 
 
 @pytest.fixture

@@ -3,7 +3,6 @@ with fanotify exec permission (marks only on the test's own tmpfs), filtered and
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import os
 import shutil
@@ -11,7 +10,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -40,23 +39,6 @@ class Seen:
     def find(self, event: str, **match: Any) -> list[dict[str, Any]]:
         with self.lock:
             return [f for e, f in self.items if e == event and all(f.get(k) == v for k, v in match.items())]
-
-
-@pytest.fixture
-def process_filter() -> Iterator[Callable[[], CBProcess]]:
-    made: list[CBProcess] = []
-
-    def make() -> CBProcess:
-        p = CBProcess()
-        made.append(p)
-        return p
-
-    try:
-        yield make
-    finally:
-        for p in made:
-            with contextlib.suppress(Exception):
-                p.stop_filter()
 
 
 def test_fork_exec_is_one_creation_with_image_and_command_line(process_filter: Callable[[], CBProcess]) -> None:

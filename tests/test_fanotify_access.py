@@ -5,7 +5,6 @@ filter leaves no caller blocked. Permission marks go only on the test's own tmpf
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import os
 import shutil
@@ -14,7 +13,7 @@ import subprocess
 import sys
 import textwrap
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -33,24 +32,6 @@ def errno_of(code: str, *args: str) -> int:
     out = subprocess.run([sys.executable, "-c", wrapped, *args], capture_output=True, text=True, timeout=30)
     assert out.returncode == 0, out.stderr
     return int(out.stdout.split()[-1])
-
-
-@pytest.fixture
-def guarded() -> Iterator[Callable[[], CBFilter]]:
-    made: list[CBFilter] = []
-
-    def make() -> CBFilter:
-        f = CBFilter()
-        f.config("AccessViaFanotify=true")
-        made.append(f)
-        return f
-
-    try:
-        yield make
-    finally:
-        for f in made:
-            with contextlib.suppress(Exception):
-                f.stop_filter()
 
 
 @pytest.fixture

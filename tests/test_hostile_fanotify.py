@@ -6,7 +6,6 @@ the test's own tmpfs."""
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import os
 import shutil
@@ -14,7 +13,7 @@ import signal
 import subprocess
 import sys
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -115,24 +114,6 @@ def build(source: str, where: Path, name: str) -> Path:
     subprocess.run(["gcc", "-O2", "-pthread", "-o", str(binary), str(src)], check=True, capture_output=True)
     binary.chmod(0o755)
     return binary
-
-
-@pytest.fixture
-def guarded() -> Iterator[Callable[[], CBFilter]]:
-    made: list[CBFilter] = []
-
-    def make() -> CBFilter:
-        f = CBFilter()
-        f.config("AccessViaFanotify=true")
-        made.append(f)
-        return f
-
-    try:
-        yield make
-    finally:
-        for f in made:
-            with contextlib.suppress(Exception):
-                f.stop_filter()
 
 
 @pytest.fixture
@@ -243,24 +224,7 @@ def test_a_hard_link_outside_the_rule_does_not_escape_it(guarded: Callable[[], C
     assert "written" in attacker.sh(f"echo y >> {area}/out/free2 && echo written").stdout
 
 
-@pytest.fixture
-def process_filters() -> Iterator[Callable[[], CBProcess]]:
-    made: list[CBProcess] = []
-
-    def make() -> CBProcess:
-        p = CBProcess()
-        made.append(p)
-        return p
-
-    try:
-        yield make
-    finally:
-        for p in made:
-            with contextlib.suppress(Exception):
-                p.stop_filter()
-
-
-def test_deny_exec_through_a_bind_mount_in_a_user_namespace(process_filters: Callable[[], CBProcess],
+def test_deny_exec_through_a_bind_mount_in_a_user_namespace(process_filter: Callable[[], CBProcess],
                                                             area: Path, attacker: Any) -> None:
     (area / "tools" / "denied").mkdir()
     shutil.copy("/bin/true", area / "tools" / "denied" / "prog")
@@ -268,7 +232,7 @@ def test_deny_exec_through_a_bind_mount_in_a_user_namespace(process_filters: Cal
     attacker.give(area / "out" / "x")
     denied = str(area / "tools" / "denied")
     seen: list[str] = []
-    p = process_filters()
+    p = process_filter()
 
     def creation(e: Any) -> None:
         seen.append(e.image_file_name)
@@ -307,10 +271,10 @@ def test_the_cli_says_which_file_systems_it_marked(area: Path, command: list[str
 
 
 def test_the_library_says_which_file_systems_it_marked(guarded: Callable[[], CBFilter],
-                                                       process_filters: Callable[[], CBProcess], area: Path) -> None:
+                                                       process_filter: Callable[[], CBProcess], area: Path) -> None:
     f = read_only(guarded, area)
     assert f.permission_marks == [str(area)]
-    p = process_filters()
+    p = process_filter()
     p.config(f"ExecPermissionPaths={area}/tools")
     p.start_filter()
     assert p.permission_marks == [str(area)]
@@ -322,13 +286,13 @@ def test_the_library_says_which_file_systems_it_marked(guarded: Callable[[], CBF
 
 
 @pytest.mark.parametrize("denies", [False, True])
-def test_a_handler_that_never_returns_is_answered_at_the_deadline(process_filters: Callable[[], CBProcess],
+def test_a_handler_that_never_returns_is_answered_at_the_deadline(process_filter: Callable[[], CBProcess],
                                                                   area: Path, attacker: Any, denies: bool) -> None:
     for name in ("hang", "quick"):
         shutil.copy("/bin/true", area / "tools" / name)
     release, entered = threading.Event(), threading.Event()
     errors: list[int] = []
-    p = process_filters()
+    p = process_filter()
 
     def creation(e: Any) -> None:
         if e.image_file_name.endswith("/hang"):

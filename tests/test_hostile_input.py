@@ -3,12 +3,11 @@ wrong, and changes nothing (issue 11, item 13)."""
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import os
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -21,16 +20,8 @@ pytestmark = [needs_root, pytest.mark.timeout(60)]
 
 
 @pytest.fixture
-def cbfilter() -> Iterator[CBFilter]:
-    f = CBFilter()
-    try:
-        yield f
-    finally:
-        points = list(f._attached)
-        with contextlib.suppress(Exception):
-            f.stop_filter()
-        for p in points:
-            force_unmount(p)
+def one(cbfilter: Callable[[], CBFilter]) -> CBFilter:
+    return cbfilter()
 
 
 def fsfilter_mounts(below: Path) -> list[str]:
@@ -38,29 +29,29 @@ def fsfilter_mounts(below: Path) -> list[str]:
 
 
 @pytest.mark.parametrize("path", ["/proc/self", "/proc/sys/kernel", "/sys/kernel", "/dev/pts"])
-def test_pseudo_file_systems_are_refused_at_add_attach_point(cbfilter: CBFilter, path: str) -> None:
+def test_pseudo_file_systems_are_refused_at_add_attach_point(one: CBFilter, path: str) -> None:
     with pytest.raises(CBFSFilterError) as info:
-        cbfilter.add_attach_point(path)
+        one.add_attach_point(path)
     assert info.value.code == errno.EINVAL and "real file system" in info.value.message
-    assert cbfilter.attach_point_count == 0
+    assert one.attach_point_count == 0
 
 
-def test_a_mask_on_procfs_is_refused_at_start(cbfilter: CBFilter) -> None:
-    cbfilter.add_filter_rule(f"/proc/{os.getpid()}/*", c.ACCESS_NONE, c.FS_CE_NONE, c.FS_NE_ALL)
+def test_a_mask_on_procfs_is_refused_at_start(one: CBFilter) -> None:
+    one.add_filter_rule(f"/proc/{os.getpid()}/*", c.ACCESS_NONE, c.FS_CE_NONE, c.FS_NE_ALL)
     with pytest.raises(CBFSFilterError) as info:
-        cbfilter.start_filter()
+        one.start_filter()
     assert info.value.code == errno.EINVAL and "proc" in info.value.message
-    assert not cbfilter.active
+    assert not one.active
 
 
-def test_an_attach_point_inside_a_mount_this_process_serves_is_refused(scratch: Path, cbfilter: CBFilter) -> None:
+def test_an_attach_point_inside_a_mount_this_process_serves_is_refused(scratch: Path, one: CBFilter) -> None:
     outer = scratch / "outer"
     (outer / "inner").mkdir(parents=True)
     p = PassthroughFilter(outer)
     p.start()
     try:
         with pytest.raises(CBFSFilterError) as info:
-            cbfilter.add_attach_point(str(outer / "inner"))
+            one.add_attach_point(str(outer / "inner"))
         assert info.value.code == errno.EDEADLK
         with pytest.raises(CBFSFilterError) as info:
             PassthroughFilter(outer / "inner").start()
@@ -68,24 +59,24 @@ def test_an_attach_point_inside_a_mount_this_process_serves_is_refused(scratch: 
     finally:
         p.stop()
         force_unmount(outer)
-    cbfilter.add_attach_point(str(outer / "inner"))  # once the outer one stopped, it is an ordinary directory
+    one.add_attach_point(str(outer / "inner"))  # once the outer one stopped, it is an ordinary directory
 
 
 @pytest.mark.parametrize("timeout", [-1, 10**13, 2**31, True, 1.5, "10"])
-def test_start_filter_refuses_bad_timeouts(scratch: Path, cbfilter: CBFilter, timeout: object) -> None:
-    cbfilter.add_filter_rule(f"{scratch}/*", c.ACCESS_NONE, c.FS_CE_NONE, c.FS_NE_ALL)
+def test_start_filter_refuses_bad_timeouts(scratch: Path, one: CBFilter, timeout: object) -> None:
+    one.add_filter_rule(f"{scratch}/*", c.ACCESS_NONE, c.FS_CE_NONE, c.FS_NE_ALL)
     with pytest.raises(CBFSFilterError) as info:
-        cbfilter.start_filter(timeout)  # type: ignore[arg-type]
+        one.start_filter(timeout)  # type: ignore[arg-type]
     assert info.value.code == errno.EINVAL
-    assert not cbfilter.active and not is_mounted(scratch)
+    assert not one.active and not is_mounted(scratch)
 
 
-def test_start_filter_takes_the_largest_timeout(scratch: Path, cbfilter: CBFilter) -> None:
+def test_start_filter_takes_the_largest_timeout(scratch: Path, one: CBFilter) -> None:
     d = scratch / "d"
     d.mkdir()
-    cbfilter.add_filter_rule(f"{d}/*", c.ACCESS_NONE, c.FS_CE_BEFORE_OPEN, c.FS_NE_NONE)
-    cbfilter.on_before_open_file = lambda e: None
-    cbfilter.start_filter(2**31 - 1)
+    one.add_filter_rule(f"{d}/*", c.ACCESS_NONE, c.FS_CE_BEFORE_OPEN, c.FS_NE_NONE)
+    one.on_before_open_file = lambda e: None
+    one.start_filter(2**31 - 1)
     (d / "x").write_text("ok")  # served, not EIO
     assert (d / "x").read_text() == "ok"
 
@@ -117,16 +108,16 @@ def test_worker_counts_are_checked_by_config(cls: type) -> None:
     assert obj.config("MaxWorkerThreadCount") == "8"
 
 
-def test_attach_points_are_bounded(scratch: Path, cbfilter: CBFilter) -> None:
+def test_attach_points_are_bounded(scratch: Path, one: CBFilter) -> None:
     from fsfilter.api.cbfilter import MAX_ATTACH_POINTS
 
     for i in range(MAX_ATTACH_POINTS + 1):
         (scratch / f"d{i}").mkdir()
     for i in range(MAX_ATTACH_POINTS):
-        cbfilter.add_attach_point(str(scratch / f"d{i}"))
+        one.add_attach_point(str(scratch / f"d{i}"))
     with pytest.raises(CBFSFilterError) as info:
-        cbfilter.add_attach_point(str(scratch / f"d{MAX_ATTACH_POINTS}"))
-    assert info.value.code == errno.ENOSPC and cbfilter.attach_point_count == MAX_ATTACH_POINTS
+        one.add_attach_point(str(scratch / f"d{MAX_ATTACH_POINTS}"))
+    assert info.value.code == errno.ENOSPC and one.attach_point_count == MAX_ATTACH_POINTS
     # the same limit for directories named by masks
     other = CBFilter()
     for i in range(MAX_ATTACH_POINTS + 1):

@@ -6,7 +6,6 @@ in the way."""
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import os
 import signal
@@ -32,26 +31,6 @@ flags = {"exchange": 2, "noreplace": 1, "plain": 0}[sys.argv[3]]
 r = libc.syscall(316, -100, sys.argv[1].encode(), -100, sys.argv[2].encode(), flags)
 print(0 if r == 0 else ctypes.get_errno())
 """
-
-
-@pytest.fixture
-def cbfilter() -> Iterator[Callable[[], CBFilter]]:
-    made: list[CBFilter] = []
-
-    def make() -> CBFilter:
-        f = CBFilter()
-        made.append(f)
-        return f
-
-    try:
-        yield make
-    finally:
-        for f in made:
-            points = list(f._attached)
-            with contextlib.suppress(Exception):
-                f.stop_filter()
-            for p in points:
-                force_unmount(p)
 
 
 @pytest.fixture

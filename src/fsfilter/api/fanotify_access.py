@@ -198,7 +198,7 @@ class FanotifyAccess:
         """The answer to a request whose decision missed the deadline: refused if a rule restricts the path it
         was opened by (fail closed for the rules' files), allowed otherwise (the rest of the file system must
         not stop because the filter is slow)."""
-        return not self.access_of(os.readlink(f"/proc/self/fd/{ev.fd}"), ev.pid)
+        return not self.access_of(local_path(ev.fd, self.mounts), ev.pid)
 
     def _current_generation(self) -> int:
         return self.rules.generation + self.passthrough.generation

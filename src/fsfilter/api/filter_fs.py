@@ -513,9 +513,7 @@ class FilterFS(LowerFS):
             # Resolving a name is Linux's equivalent of Windows opening a file to read its attributes: a
             # before-open handler sees it (desired_access FILE_READ_ATTRIBUTES, flags O_PATH) and can refuse
             # it, so that a hidden name stays hidden from stat and path walks, not only from open.
-            self.fire("before_open_file", c.FS_CE_BEFORE_OPEN, flags, self.origin(req), file_name=path,
-                      desired_access=c.DESIRED_ACCESS_FILE_READ_ATTRIBUTES, options=os.O_PATH, flags=os.O_PATH,
-                      create_disposition=c.FILE_DISPOSITION_OPEN_EXISTING)
+            self._fire_lookup(req, flags, path)
         reply = super().lookup(req)
         if m is not None:
             self._keep_match(reply, m)
@@ -525,13 +523,19 @@ class FilterFS(LowerFS):
 
     # -- hidden names: absent for every operation that names them
 
-    def _lookup_refusal(self, req: Request, parent: Inode, name: bytes) -> int:
+    def _fire_lookup(self, req: Request, flags: Flags, path: str) -> None:
+        """The before-open event a LOOKUP fires (raises OSError when the handler refuses the name)."""
+        self.fire("before_open_file", c.FS_CE_BEFORE_OPEN, flags, self.origin(req), file_name=path,
+                  desired_access=c.DESIRED_ACCESS_FILE_READ_ATTRIBUTES, options=os.O_PATH, flags=os.O_PATH,
+                  create_disposition=c.FILE_DISPOSITION_OPEN_EXISTING)
+
+    def _lookup_refusal(self, req: Request, parent: Inode, name: bytes, path: str | None = None) -> int:
         """The errno a LOOKUP of this *existing* name would get from the before-open handler (0: none, or the
         name does not exist). A name hidden that way must behave as absent for every request naming it."""
         core = self.core
         if not core.control_handlers & c.FS_CE_BEFORE_OPEN or core.handler("before_open_file") is None:
             return 0
-        path = self.child_path(parent.nodeid, name)
+        path = self.child_path(parent.nodeid, name) if path is None else path
         flags = self.effective(self.match_name(path), req.pid, parent=parent, name=name)
         if not flags.control & c.FS_CE_BEFORE_OPEN:
             return 0
@@ -544,9 +548,7 @@ class FilterFS(LowerFS):
             if owned:
                 os.close(dfd)
         try:
-            self.fire("before_open_file", c.FS_CE_BEFORE_OPEN, flags, self.origin(req), file_name=path,
-                      desired_access=c.DESIRED_ACCESS_FILE_READ_ATTRIBUTES, options=os.O_PATH, flags=os.O_PATH,
-                      create_disposition=c.FILE_DISPOSITION_OPEN_EXISTING)
+            self._fire_lookup(req, flags, path)
         except OSError as exc:
             return exc.errno or errno.EACCES
         return 0
@@ -557,31 +559,30 @@ class FilterFS(LowerFS):
         if self._lookup_refusal(req, parent, name):
             raise OSError(errno.EACCES, "the name is hidden by an event handler")
 
+    def _hidden_emptiness(self, req: Request, parent: Inode, name: bytes, serve: Callable[[], bytes]) -> bytes:
+        """Serve an rmdir of, or a rename over, the directory ``name``; its ENOTEMPTY becomes EACCES when every
+        entry left in it is hidden (ENOTEMPTY would reveal them)."""
+        try:
+            return serve()
+        except OSError as exc:
+            if exc.errno == errno.ENOTEMPTY and self._only_hidden_inside(req, parent, name):
+                raise OSError(errno.EACCES, "the directory holds hidden names") from exc
+            raise
+
     def _only_hidden_inside(self, req: Request, parent: Inode, name: bytes) -> bool:
-        """Whether the directory ``name`` holds entries, all of them hidden (its rmdir or replacement failed with
-        ENOTEMPTY, which would reveal them). Stops at the first visible entry."""
+        """Whether the directory ``name`` holds entries, all of them hidden. Stops at the first visible entry."""
         try:
             fd = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=parent.fd)
         except OSError:
             return False
         try:
-            view = Inode(-1, fd, (0, 0), parent.nodeid, name)
+            inside = Inode(-1, fd, (0, 0), parent.nodeid, name)  # only its fd is used: rules' facts and the names
             path = self.child_path(parent.nodeid, name)
             seen = False
             for entry in os.scandir(fd):
                 seen = True
-                child = os.fsencode(entry.name)
-                child_path = path + "/" + entry.name
-                flags = self.effective(self.match_name(child_path), req.pid, parent=view, name=child)
-                if not flags.control & c.FS_CE_BEFORE_OPEN:
+                if not self._lookup_refusal(req, inside, os.fsencode(entry.name), f"{path}/{entry.name}"):
                     return False
-                try:
-                    self.fire("before_open_file", c.FS_CE_BEFORE_OPEN, flags, self.origin(req), file_name=child_path,
-                              desired_access=c.DESIRED_ACCESS_FILE_READ_ATTRIBUTES, options=os.O_PATH,
-                              flags=os.O_PATH, create_disposition=c.FILE_DISPOSITION_OPEN_EXISTING)
-                except OSError:
-                    continue
-                return False
             return seen
         finally:
             os.close(fd)
@@ -1357,13 +1358,7 @@ class FilterFS(LowerFS):
         # process_request = False: the handler completed the delete (or chose to report it done).
         handled = before is not None and not before.process_request
         try:
-            try:
-                reply = b"" if handled else serve(req)
-            except OSError as exc:
-                if is_dir and exc.errno == errno.ENOTEMPTY and self._only_hidden_inside(req, self.inode(req.nodeid),
-                                                                                         name):
-                    raise OSError(errno.EACCES, "the directory holds hidden names") from exc
-                raise
+            reply = b"" if handled else self._hidden_emptiness(req, self.inode(req.nodeid), name, lambda: serve(req))
         except OSError as exc:
             if self.after_ok(exc.errno or errno.EIO):
                 self.fire("after_delete_file", c.FS_CE_AFTER_DELETE, flags, origin, file_name=path,
@@ -1412,12 +1407,8 @@ class FilterFS(LowerFS):
                 if flags_in & 2:
                     self._moved(old_dir, old)
             else:
-                try:
-                    reply = super()._rename(req, newdir, flags_in, offset)
-                except OSError as exc:
-                    if exc.errno == errno.ENOTEMPTY and self._only_hidden_inside(req, new_dir, new):
-                        raise OSError(errno.EACCES, "the directory holds hidden names") from exc
-                    raise
+                reply = self._hidden_emptiness(req, new_dir, new,
+                                               lambda: super(FilterFS, self)._rename(req, newdir, flags_in, offset))
         except OSError as exc:
             if self.after_ok(exc.errno or errno.EIO):
                 self.fire("after_rename_or_move_file", c.FS_CE_AFTER_RENAME, flags, origin, status=exc.errno,

@@ -130,23 +130,9 @@ class PathResolver:
             if hit is not None:
                 self._dirs.move_to_end(obj)
                 return hit
-        mount_fd = self.mounts.open_mount(obj.fsid)
-        if mount_fd is None:
-            return None
         self.misses += 1
-        try:
-            fd = fan.open_by_handle(mount_fd, obj.handle_type, obj.handle)
-        except OSError:
-            return None  # ESTALE: deleted
-        finally:
-            os.close(mount_fd)
-        try:
-            path = os.readlink(f"/proc/self/fd/{fd}")
-        except OSError:
-            return None
-        finally:
-            os.close(fd)
-        if path.endswith(" (deleted)") or not path.startswith("/"):
+        path = path_by_handle(self.mounts, obj.fsid, obj.handle_type, obj.handle)
+        if path is None or path.endswith(" (deleted)") or not path.startswith("/"):
             return None
         if directory:
             self._dirs[obj] = path
@@ -273,24 +259,30 @@ def local_path(fd: int, mounts: MountTable) -> str:
         return path
     try:
         handle_type, handle = fan.handle_of(fd)
-        mount_fd = mounts.open_mount(fan.fsid_of(fd))
+        found = path_by_handle(mounts, fan.fsid_of(fd), handle_type, handle)
     except OSError:
         return path
+    return found if found is not None and _same_object(found, st) else path
+
+
+def path_by_handle(mounts: MountTable, fsid: tuple[int, int], handle_type: int, handle: bytes) -> str | None:
+    """The path, in our namespace, of the object a file handle names, through our mount of its file system; None
+    when there is no such mount or the object is gone (ESTALE)."""
+    mount_fd = mounts.open_mount(fsid)
     if mount_fd is None:
-        return path
+        return None
     try:
         obj = fan.open_by_handle(mount_fd, handle_type, handle, os.O_PATH)
     except OSError:
-        return path
+        return None
     finally:
         os.close(mount_fd)
     try:
-        found = os.readlink(f"/proc/self/fd/{obj}")
+        return os.readlink(f"/proc/self/fd/{obj}")
     except OSError:
-        return path
+        return None
     finally:
         os.close(obj)
-    return found if _same_object(found, st) else path
 
 
 def _same_object(path: str, st: os.stat_result) -> bool:
