@@ -19,7 +19,7 @@ from typing import Any
 from fsfilter.abi import fuse as abi
 from fsfilter.api import constants as c
 from fsfilter.api import fileinfo
-from fsfilter.api.event_source import RuleTables, check_thread_count
+from fsfilter.api.event_source import RuleTables, check_thread_count, check_timeout, split_setting
 from fsfilter.api.fanotify_access import FANOTIFY_ACCESS, FanotifyAccess
 from fsfilter.api.filter_fs import FilterFS
 from fsfilter.api.params import FILTER_PARAMS
@@ -39,7 +39,6 @@ log = logging.getLogger("fsfilter")
 
 # Directories the filter never mounts over: the system would stop working, or the directory is virtual.
 MAX_ATTACH_POINTS = 64
-MAX_TIMEOUT_MS = 2**31 - 1  # about 24.8 days: what the SDK's 32-bit timeout can say, and what threads can wait
 FORBIDDEN_ATTACH = frozenset({"/", "/proc", "/sys", "/dev", "/usr", "/etc", "/boot", "/bin", "/sbin", "/lib",
                               "/lib64", "/run", "/var", "/tmp"})
 
@@ -336,9 +335,7 @@ class CBFilter(RuleTables):
                 raise CBFSFilterError(errno.EALREADY, "the filter is already started; call stop_filter first")
             if os.geteuid() != 0:
                 raise CBFSFilterError(errno.EPERM, "CBFilter mounts over directories and needs root (CAP_SYS_ADMIN)")
-            if not isinstance(timeout, int) or isinstance(timeout, bool) or not 0 <= timeout <= MAX_TIMEOUT_MS:
-                raise CBFSFilterError(errno.EINVAL, f"timeout must be milliseconds from 0 (no limit) to "
-                                                    f"{MAX_TIMEOUT_MS}, not {timeout!r}")
+            check_timeout(timeout)
             points = self._wanted_attach_points()
             guarded = [r for r in self.rules if self._via_fanotify(r)]
             if not points and not guarded:
@@ -745,16 +742,11 @@ class CBFilter(RuleTables):
 
     def config(self, configuration_string: str) -> str:
         """``"Name=Value"`` sets a setting, ``"Name"`` reads it. Unknown names raise."""
-        if not isinstance(configuration_string, str):
-            raise CBFSFilterError(errno.EINVAL, f"config takes a string 'Name' or 'Name=Value', not "
-                                                f"{type(configuration_string).__name__}")
-        name, sep, value = configuration_string.partition("=")
-        name = name.strip()
+        name, sep, value = split_setting(configuration_string)
         if name not in self._config:
             raise CBFSFilterError(errno.EINVAL, f"unknown setting {name!r}; known: {', '.join(sorted(self._config))}")
         if not sep:
             return self._config[name]
-        value = value.strip()
         if name in _BOOL_SETTINGS:
             if value.lower() not in ("true", "false", "1", "0", "yes", "no"):
                 raise CBFSFilterError(errno.EINVAL, f"{name} takes true or false, not {value!r}")

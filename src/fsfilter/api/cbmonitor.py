@@ -20,7 +20,7 @@ from typing import Any
 
 from fsfilter.abi import fanotify as fa
 from fsfilter.api import constants as c
-from fsfilter.api.event_source import EventSource, RuleTables
+from fsfilter.api.event_source import EventSource, RuleTables, check_timeout
 from fsfilter.api.params import EVENTS, EventParams, make_params
 from fsfilter.engine import dispatch
 from fsfilter.engine.masks import MaskError, file_matches_mask
@@ -242,9 +242,7 @@ class CBMonitor(EventSource, RuleTables):
         with self._lock:
             if self._group is not None:
                 raise CBFSFilterError(errno.EALREADY, "the monitor is already started; stop it first")
-            if not isinstance(timeout, int) or isinstance(timeout, bool) or not 0 <= timeout <= 2**31 - 1:
-                raise CBFSFilterError(errno.EINVAL, f"timeout must be milliseconds from 0 (no limit) to {2**31 - 1}, "
-                                                    f"not {timeout!r}")
+            check_timeout(timeout)
             if os.geteuid() != 0:
                 raise CBFSFilterError(errno.EPERM, "CBMonitor needs root (fanotify file-system marks)")
             try:

@@ -26,7 +26,7 @@ from typing import Any
 from fsfilter.abi import cn_proc as cn
 from fsfilter.abi import fanotify as fa
 from fsfilter.abi import linux
-from fsfilter.api.event_source import EventSource
+from fsfilter.api.event_source import EventSource, check_timeout
 from fsfilter.api.params import EVENTS, EventParams, make_params
 from fsfilter.engine import dispatch
 from fsfilter.engine.masks import MaskError, file_matches_mask
@@ -231,9 +231,7 @@ class CBProcess(EventSource):
                 raise CBFSFilterError(errno.EALREADY, "the process filter is already started; stop it first")
             if os.geteuid() != 0:
                 raise CBFSFilterError(errno.EPERM, "CBProcess needs root (the process connector and fanotify)")
-            if not isinstance(timeout, int) or isinstance(timeout, bool) or not 0 <= timeout <= 2**31 - 1:
-                raise CBFSFilterError(errno.EINVAL, f"timeout must be milliseconds from 0 (no limit) to {2**31 - 1}, "
-                                                    f"not {timeout!r}")
+            check_timeout(timeout)
             try:
                 sock = socket.socket(socket.AF_NETLINK, socket.SOCK_DGRAM, cn.NETLINK_CONNECTOR)
                 try:

@@ -62,16 +62,12 @@ class EventSource:
 
     def config(self, configuration_string: str) -> str:
         """``"Name=Value"`` sets a setting (checked by ``_check_setting``), ``"Name"`` reads it."""
-        if not isinstance(configuration_string, str):
-            raise CBFSFilterError(errno.EINVAL, f"config takes a string 'Name' or 'Name=Value', not "
-                                                f"{type(configuration_string).__name__}")
-        name, sep, value = configuration_string.partition("=")
-        name = name.strip()
+        name, sep, value = split_setting(configuration_string)
         if name not in self._config:
             raise CBFSFilterError(errno.EINVAL, f"unknown setting {name!r}; known: {', '.join(sorted(self._config))}")
         if not sep:
             return self._config[name]
-        self._config[name] = self._check_setting(name, value.strip())
+        self._config[name] = self._check_setting(name, value)
         return ""
 
     def _check_setting(self, name: str, value: str) -> str:
@@ -88,6 +84,24 @@ class EventSource:
 
 
 MAX_WORKER_THREADS = 256
+MAX_TIMEOUT_MS = 2**31 - 1  # about 24.8 days: what the SDK's 32-bit timeout can say, and what threads can wait
+
+
+def check_timeout(timeout: object) -> int:
+    """A ``start_filter`` timeout: whole milliseconds from 0 (no limit) to MAX_TIMEOUT_MS."""
+    if not isinstance(timeout, int) or isinstance(timeout, bool) or not 0 <= timeout <= MAX_TIMEOUT_MS:
+        raise CBFSFilterError(errno.EINVAL, f"timeout must be milliseconds from 0 (no limit) to {MAX_TIMEOUT_MS}, "
+                                            f"not {timeout!r}")
+    return timeout
+
+
+def split_setting(configuration_string: object) -> tuple[str, str, str]:
+    """``"Name=Value"`` or ``"Name"`` as (name, "=" or "", value), names and values stripped."""
+    if not isinstance(configuration_string, str):
+        raise CBFSFilterError(errno.EINVAL, f"config takes a string 'Name' or 'Name=Value', not "
+                                            f"{type(configuration_string).__name__}")
+    name, sep, value = configuration_string.partition("=")
+    return name.strip(), sep, value.strip()
 
 
 def check_thread_count(name: str, value: str, config: dict[str, str]) -> str:
