@@ -250,6 +250,55 @@ def test_deny_exec_through_a_bind_mount_in_a_user_namespace(process_filter: Call
     assert f"{denied}/prog" in seen
 
 
+def test_a_refused_program_does_not_run_as_an_interpreter(process_filter: Callable[[], CBProcess], area: Path,
+                                                         attacker: Any) -> None:
+    """Found in review: the interpreter of a script (and an ELF file's PT_INTERP loader) was let through unasked,
+    so ``#!/path/refused`` ran the refused program."""
+    (area / "tools" / "denied").mkdir()
+    refused = area / "tools" / "denied" / "prog"
+    shutil.copy("/bin/echo", refused)
+    script = area / "out" / "s.sh"
+    script.write_text(f"#!{refused}\n")
+    script.chmod(0o755)
+    attacker.give(script)
+    # an ELF program naming the refused program as its loader: /bin/true with its PT_INTERP string replaced by a
+    # short symbolic link to it (the kernel follows it; the path must fit in the 27 characters of the original)
+    link = Path(f"/tmp/fsfi{os.getpid()}")
+    elf = bytearray((Path("/bin/true")).read_bytes())
+    interp = elf.find(b"/lib64/ld-linux-x86-64.so.2\0")
+    if interp >= 0:
+        link.symlink_to(refused)
+        elf[interp:interp + 28] = str(link).encode().ljust(28, b"\0")
+        (area / "out" / "crafted").write_bytes(bytes(elf))
+        (area / "out" / "crafted").chmod(0o755)
+    try:
+        _refused_as_interpreter(process_filter, area, attacker, refused, script)
+    finally:
+        link.unlink(missing_ok=True)
+
+
+def _refused_as_interpreter(process_filter: Callable[[], CBProcess], area: Path, attacker: Any, refused: Path,
+                            script: Path) -> None:
+    p = process_filter()
+    seen: list[str] = []
+
+    def creation(e: Any) -> None:
+        seen.append(e.image_file_name)
+        if e.image_file_name == str(refused):
+            e.result_code = errno.EPERM
+
+    p.on_process_creation = creation
+    p.config(f"ExecPermissionPaths={area}")
+    p.start_filter()
+    out = attacker.run(str(script), "ran")
+    assert "ran" not in out.stdout and out.returncode != 0, (out.stdout, out.stderr, seen)
+    assert str(script) in seen and str(refused) in seen
+    if (area / "out" / "crafted").exists():
+        out = attacker.run(str(area / "out" / "crafted"))
+        assert out.returncode != 0, (out.stdout, out.stderr, seen)
+    assert attacker.run("/bin/sh", "-c", f"cp /bin/true {area}/out/t && {area}/out/t").returncode == 0
+
+
 # -- item 9: the start says which file systems it marked
 
 

@@ -449,11 +449,13 @@ class CBProcess(EventSource):
         # The program's path as our namespace names it: a bind mount in the caller's own namespace must not give it
         # a name the handler does not recognise.
         image = local_path(fd, self._mounts)
+        # The loader or a script's interpreter, which the kernel opens for the exec of the named program, runs too:
+        # it is asked about as well (a "#!/path/refused" script or an ELF file naming it as its interpreter must not
+        # run it), but only the named program's answer counts as this process's creation. The named program is told
+        # from the memory of the caller, which another thread may change: that may only make an exec count as a
+        # creation or not, never let a program run unasked.
         target = _exec_target(tid)
-        if target is not None and target != _identity(fd):
-            # The loader or a script's interpreter, which the kernel opens for the exec of ``target``: the exec
-            # was asked about (or will be) under the program's own name, once.
-            return True
+        loader = target is not None and target != _identity(fd)
         with self._lock:
             proc = self._procs.get(tgid)
         argv = _exec_argv(tid)
@@ -466,7 +468,7 @@ class CBProcess(EventSource):
         outcome = self.dispatcher.call(handler, params, origin)
         # a handler error never stops programs (on_error was told)
         allowed = outcome is dispatch.Outcome.FAILED or not params.result_code
-        if allowed:
+        if allowed and not loader:
             self._exec_seen[tgid] = time.monotonic()  # the connector's EXEC for it is not reported again
         return allowed
 
