@@ -10,30 +10,25 @@ from __future__ import annotations
 import errno
 import io
 import logging
-import math
 import os
 import threading
 from collections.abc import Callable
 from typing import Any
 
-from fsfilter.abi import fuse as abi
 from fsfilter.api import constants as c
-from fsfilter.api import fileinfo
+from fsfilter.api import fileinfo, stacks
 from fsfilter.api.event_source import RuleTables, check_thread_count, check_timeout, split_setting
 from fsfilter.api.fanotify_access import FANOTIFY_ACCESS, FanotifyAccess
-from fsfilter.api.filter_fs import FilterFS
 from fsfilter.api.params import FILTER_PARAMS
-from fsfilter.api.passthrough import PassthroughFilter, check_filterable
+from fsfilter.api.passthrough import check_filterable
 from fsfilter.engine import dispatch
 from fsfilter.engine.masks import MaskError, file_matches_mask
 from fsfilter.engine.reparse import ReparseRules
 from fsfilter.engine.rules import RuleSet
 from fsfilter.errors import CBFSFilterError
+from fsfilter.layers.filter import FilterLayer
 from fsfilter.sessions.fanotify_session import local_mounts
-from fsfilter.sessions.fuse_session import Session
-from fsfilter.sessions.lower_fs import LowerFS
 from fsfilter.system import fuse_device
-from fsfilter.wire import fuse as wire
 
 log = logging.getLogger("fsfilter")
 
@@ -135,62 +130,6 @@ _DISPOSITION_FLAGS = {
 }
 
 
-class _Attachment(PassthroughFilter):
-    """The FUSE mount of one attach point."""
-
-    def __init__(self, core: CBFilter, path: str) -> None:
-        threads = core.worker_threads()
-        super().__init__(path, None, pool=max(4, threads), passthrough=core.config_bool("KernelPassthrough"),
-                         entry_timeout=float(core.config("EntryTimeout")),
-                         attr_timeout=float(core.config("AttrTimeout")),
-                         negative_timeout=float(core.config("NegativeTimeout")),
-                         locks=core.wants_lock_requests(),
-                         request_timeout=min(0xFFFF, math.ceil(float(core.config("RequestTimeout")))))
-        self.core = core
-        self.on_lost = lambda reason: core._attachment_lost(path, reason)
-        self._stale = False  # the rules changed: the kernel's cached names and attributes may lie
-        self._invalidator: threading.Thread | None = None
-        self._stale_lock = threading.Lock()
-
-    def rules_changed(self) -> None:
-        """Make the kernel forget the names and attributes it cached, so that the new rules decide the next
-        lookups (hiding, access) at once. Done on a thread of its own: invalidating a name waits for the
-        directory's lock, which a request whose handler changed the rules may be holding."""
-        with self._stale_lock:
-            self._stale = True
-            if self._invalidator is None:
-                self._invalidator = threading.Thread(target=self._invalidate, name="fsfilter-invalidate",
-                                                     daemon=True)
-                self._invalidator.start()
-
-    def _invalidate(self) -> None:
-        while True:
-            with self._stale_lock:
-                if not self._stale:
-                    self._invalidator = None
-                    return
-                self._stale = False
-            session, fs = self.session, self.fs
-            if session is None or fs is None:
-                continue
-            for node in list(fs.nodes.values()):
-                if node.nodeid == abi.ROOT_ID:
-                    continue
-                session.notify(wire.encode_inval_entry(node.parent, node.name))
-                session.notify(wire.encode_inval_inode(node.nodeid, -1, 0))  # attributes only
-
-    def _make_fs(self, lower_fd: int) -> LowerFS:
-        return FilterFS(lower_fd, self.lower_options, self.core, self.mountpoint)
-
-    def _configure_session(self, session: Session, fs: LowerFS) -> None:
-        assert isinstance(fs, FilterFS)
-        session.router = fs.route
-        path = self.mountpoint
-        session.on_saturated = lambda threads: self.core._fire_error(
-            errno.EAGAIN, f"all {threads} request threads of {path} are busy (event handlers that do not return?): "
-                          "requests there now wait for one to come back; fix the handlers or set a timeout")
-
-
 class CBFilter(RuleTables):
     """Filters file operations below the directories its rules name. See docs/api.md for every member."""
 
@@ -207,6 +146,7 @@ class CBFilter(RuleTables):
         self.notify_handlers = 0
         self.tag = 0
         self.altitude = "360000"
+        self._altitude = 360000.0  # parsed at start
         self.strict_altitude = False
         self.serialize_events = c.SERIALIZE_EVENTS_ON_MULTIPLE_THREADS
         self.fire_volume_events = c.FS_MOUNT_IGNORE
@@ -216,7 +156,7 @@ class CBFilter(RuleTables):
         self.file_flushing_behavior = 0
         self._config = dict(_CONFIG_DEFAULTS)
         self._attach_points: list[str] = []
-        self._attached: dict[str, _Attachment] = {}
+        self._attached: dict[str, stacks.Attachment] = {}  # attach point -> the filter's layer in its mount's stack
         self._product_guid = ""
         self._timeout_ms = 0
         self._lock = threading.RLock()
@@ -336,6 +276,7 @@ class CBFilter(RuleTables):
             if os.geteuid() != 0:
                 raise CBFSFilterError(errno.EPERM, "CBFilter mounts over directories and needs root (CAP_SYS_ADMIN)")
             check_timeout(timeout)
+            self._altitude = stacks.parse_altitude(self.altitude)
             points = self._wanted_attach_points()
             guarded = [r for r in self.rules if self._via_fanotify(r)]
             if not points and not guarded:
@@ -467,8 +408,8 @@ class CBFilter(RuleTables):
             raise CBFSFilterError(errno.EPERM, f"fsfilter does not mount over {real}: name a directory below it")
         if not os.path.isdir(real):
             raise CBFSFilterError(errno.ENOTDIR, f"{real} is not an existing directory")
-        if not self._covered(real):
-            check_filterable(real)
+        if not self._covered(real) and stacks.stack_for(real) is None:
+            check_filterable(real)  # a directory inside a mount of this process joins its stack instead
         return real
 
     def _covered(self, path: str) -> bool:
@@ -505,7 +446,7 @@ class CBFilter(RuleTables):
             if not any(p == q or p.startswith(q.rstrip("/") + "/") for q in out):
                 out.append(p)
         for p in out:
-            if not self._covered(p):
+            if not self._covered(p) and stacks.stack_for(p) is None:
                 check_filterable(p)
         if len(out) > MAX_ATTACH_POINTS:
             raise CBFSFilterError(errno.ENOSPC, f"the rules name {len(out)} directories to mount over, more than "
@@ -534,18 +475,22 @@ class CBFilter(RuleTables):
         if any(q.startswith(path.rstrip("/") + "/") for q in self._attached):
             raise CBFSFilterError(errno.EBUSY, f"{path} contains an attach point that is already mounted: stop the "
                                                "filter, add the rule, and start it again")
-        mount = _Attachment(self, path)
-        mount.start()
-        self._attached[path] = mount
+        self._attached[path] = stacks.attach(self, path, self._altitude, bool(self.strict_altitude))
         if volume_control:
             self._fire_simple("after_filter_attach_to_volume", volume_name=path)
         if volume_notify:
             self._post_simple("notify_filter_attach_to_volume", volume_name=path)
 
+    def _moved_to(self, path: str, attachment: stacks.Attachment) -> None:
+        """The mount serving this filter's attach point ``path`` was taken over by one mounted above it."""
+        with self._lock:
+            if path in self._attached:
+                self._attached[path] = attachment
+
     def _detach_all(self) -> None:
         for path, mount in sorted(self._attached.items(), reverse=True):
             try:
-                mount.stop()
+                stacks.detach(self, mount)
             except Exception as exc:
                 log.warning("detaching %s failed: %s", path, exc)
             if self.fire_volume_events & c.FS_MOUNT_CONTROL:
@@ -717,7 +662,7 @@ class CBFilter(RuleTables):
         real = os.path.normpath(path)
         for point, mount in list(self._attached.items()):
             if real == point or real.startswith(point.rstrip("/") + "/"):
-                rel = os.path.relpath(real, point)
+                rel = os.path.relpath(real, mount.mountpoint)
                 return os.open(rel, flags, dir_fd=mount._lower_fd)
         return os.open(real, flags)
 
@@ -831,7 +776,7 @@ class CBFilter(RuleTables):
 
     @staticmethod
     def _fill(origin: dispatch.Origin) -> None:
-        from fsfilter.api.filter_fs import ProcessInfo
+        from fsfilter.layers.filter import ProcessInfo
         info = ProcessInfo(origin.tid)
         origin.name, origin.pid = info.name, info.pid
 
@@ -855,7 +800,7 @@ class CBFilter(RuleTables):
         where, dir_fd = real, None
         for path, mount in self._attached.items():
             if real == path or real.startswith(path.rstrip("/") + "/"):
-                where, dir_fd = os.path.relpath(real, path), mount._lower_fd
+                where, dir_fd = os.path.relpath(real, mount.mountpoint), mount._lower_fd
                 break
         try:
             fd = os.open(where, flags, 0o666, dir_fd=dir_fd)
@@ -958,7 +903,7 @@ class CBFilter(RuleTables):
         this file until all its handles are closed. Access rules still apply."""
         job = dispatch.current_job()
         subject = job.subject if job is not None else None
-        if not (isinstance(subject, tuple) and len(subject) == 2 and isinstance(subject[0], FilterFS)):
+        if not (isinstance(subject, tuple) and len(subject) == 2 and isinstance(subject[0], FilterLayer)):
             raise CBFSFilterError(errno.EINVAL, "suspend_file_events works only inside on_after_create_file or "
                                                 "on_after_open_file")
         fs, nodeid = subject

@@ -48,8 +48,8 @@ from collections.abc import Callable
 from fsfilter.abi import fanotify as fa
 from fsfilter.abi import linux
 from fsfilter.api import constants as c
-from fsfilter.api.filter_fs import ProcessInfo
 from fsfilter.engine.rules import RuleSet, match_path
+from fsfilter.layers.filter import ProcessInfo
 from fsfilter.sessions.fanotify_session import (
     MountTable,
     NotifyGroup,

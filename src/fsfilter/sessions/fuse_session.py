@@ -24,20 +24,15 @@ from fsfilter.abi import linux
 from fsfilter.system import fuse_device, libc
 from fsfilter.wire import fuse as wire
 from fsfilter.wire.fuse import Request, WireError
+from fsfilter.wire.ops import DEFERRABLE, MAY_BLOCK, NO_REPLY, SIDE_EFFECT_FREE, Op, decode_op
+from fsfilter.wire.replies import Reply
 
 log = logging.getLogger("fsfilter.session")
 
-Handler = Callable[[Request], bytes | None]
+# A handler serves one typed operation and returns its typed reply, or None when it sends no reply itself
+# (FORGET) or answers later (a deferred lock wait).
+Handler = Callable[[Op], Reply | None]
 
-NO_REPLY = frozenset({abi.Opcode.FORGET, abi.Opcode.BATCH_FORGET})
-MAY_BLOCK = frozenset({
-    abi.Opcode.FSYNC, abi.Opcode.FSYNCDIR, abi.Opcode.SYNCFS, abi.Opcode.FALLOCATE, abi.Opcode.COPY_FILE_RANGE,
-    abi.Opcode.COPY_FILE_RANGE_64, abi.Opcode.READ, abi.Opcode.WRITE, abi.Opcode.IOCTL,
-})
-# Requests whose effect is nothing but their answer: an interrupted one can be failed with EINTR.
-SIDE_EFFECT_FREE = frozenset({abi.Opcode.FSYNC, abi.Opcode.FSYNCDIR, abi.Opcode.SYNCFS, abi.Opcode.READ})
-# Requests a handler may answer later, from another thread (a lock wait): see Session.defer.
-DEFERRABLE = frozenset({abi.Opcode.SETLKW})
 LOCK_FLAGS = abi.InitFlag.POSIX_LOCKS | abi.InitFlag.FLOCK_LOCKS
 
 WANTED_FLAGS = (
@@ -169,10 +164,10 @@ class Session:
         self._bufsize = options.max_write + 4096 * 2
         self._fds: list[int] = [fd]
         self._threads: list[threading.Thread] = []
-        self._pool: SimpleQueue[tuple[Request, int] | None] = SimpleQueue()
+        self._pool: SimpleQueue[tuple[Op, int] | None] = SimpleQueue()
         # Requests queued for the pool and not yet started, with their fd; a reader that answers one
         # (interrupted) removes it, and the pool then skips it.
-        self._inflight: dict[int, tuple[Request, int]] = {}
+        self._inflight: dict[int, tuple[Op, int]] = {}
         self._lock = threading.Lock()
         # Deferrable requests (lock waits) from the moment they are read until they are answered, so that an
         # INTERRUPT finds them whether they are queued, being handled, or waiting.
@@ -195,7 +190,7 @@ class Session:
         # Says where a request is served: True = a pool thread (its handler may wait on an application's
         # event handler), False = the reader itself (e.g. requests made by the filtering process, which
         # must never wait for a pool thread that may be waiting on them), None = by opcode.
-        self.router: Callable[[Request], bool | None] | None = None
+        self.router: Callable[[Op], bool | None] | None = None
         # Called once, on a reader thread, when the connection ends without close() (unmounted or aborted).
         # It must not wait for the session's threads (hand the clean-up to a thread of its own).
         self.on_lost: Callable[[], None] | None = None
@@ -377,30 +372,41 @@ class Session:
         if opcode == abi.Opcode.INTERRUPT:
             self._interrupt(req, fd)
             return
+        try:
+            op = decode_op(req)  # once: the router and every layer read the same typed operation
+        except WireError as exc:
+            self.stats.malformed += 1
+            if opcode not in NO_REPLY:
+                self._reply_error(req.unique, exc.code, fd)
+            return
+        if op is None:
+            self._trace(req)
+            self._reply_error(req.unique, errno.ENOSYS, fd)
+            return
         if opcode in DEFERRABLE:
             with self._lock:
                 self._deferrable[req.unique] = Deferred(self, req.unique, fd)
         pooled = opcode in MAY_BLOCK
         if self.router is not None:
-            routed = self.router(req)
+            routed = self.router(op)
             if routed is not None:
                 pooled = routed
         if pooled:
             saturated = False
             with self._lock:
-                self._inflight[req.unique] = (req, fd)
+                self._inflight[req.unique] = (op, fd)
                 if len(self._inflight) > self._pool_idle:  # no idle thread left for this one
                     if self._pool_threads < self.options.pool_max:
                         self._spawn_pool_thread()
                     else:
                         self.stats.pool_saturated += 1
                         saturated, self._saturated = not self._saturated, True
-            self._pool.put((req, fd))
+            self._pool.put((op, fd))
             if saturated and self.on_saturated is not None:
                 threading.Thread(target=self.on_saturated, args=(self._pool_threads,), name="fsfilter-saturated",
                                  daemon=True).start()
             return
-        self._run(req, fd)
+        self._run(op, fd)
 
     def _pool_worker(self) -> None:
         # Pool threads serve creates too when a router sends them here: they need their own umask as well,
@@ -412,22 +418,22 @@ class Session:
             item = self._pool.get()
             if item is None:
                 return
-            req, fd = item  # a reply must go back on the fd its request came from
+            op, fd = item  # a reply must go back on the fd its request came from
             with self._lock:
-                if self._inflight.pop(req.unique, None) is None:
+                if self._inflight.pop(op.unique, None) is None:
                     continue  # interrupted while queued, and already answered
                 self._pool_idle -= 1
-                self._started[req.unique] = (req.opcode, fd)
+                self._started[op.unique] = (op.opcode, fd)
                 if len(self._inflight) > self._pool_idle and self._pool_threads < self.options.pool_max:
                     self._spawn_pool_thread()  # a request queued while this thread still counted as idle
             try:
-                self._run(req, fd)
+                self._run(op, fd)
             finally:
                 with self._lock:
                     self._pool_idle += 1
-                    self._started.pop(req.unique, None)
-                    self._answered.discard(req.unique)
-                    self._early.pop(req.unique, None)
+                    self._started.pop(op.unique, None)
+                    self._answered.discard(op.unique)
+                    self._early.pop(op.unique, None)
                     if self._saturated and self._pool_idle > 0:
                         self._saturated = False
 
@@ -516,25 +522,30 @@ class Session:
         """Whether the request was answered already (interrupted): then its own reply must not be written."""
         return bool(_current.abandoned) or unique in self._answered
 
-    def _run(self, req: Request, fd: int) -> None:
-        _current.request = (req.unique, fd)
+    def _run(self, op: Op, fd: int) -> None:
+        _current.request = (op.unique, fd)
         _current.abandoned = False
         try:
-            self._serve(req, fd)
+            self._serve(op, fd)
         finally:
             _current.request = None
 
-    def _serve(self, req: Request, fd: int) -> None:
+    def _trace(self, req: Request) -> None:
         if self.trace is not None:
             try:
                 self.trace(req)
             except Exception:  # a tracing bug must not fail the request
                 log.exception("trace hook failed")
+
+    def _serve(self, op: Op, fd: int) -> None:
+        req = op.req
+        self._trace(req)
         handler = self.handlers.get(req.opcode)
         try:
             if handler is None:
                 raise OSError(errno.ENOSYS, "not implemented")
-            payload = handler(req)
+            reply = handler(op)
+            payload = reply.encode() if reply is not None else None
         except OSError as exc:
             if req.opcode in DEFERRABLE:
                 self._forget_deferred(req.unique)
@@ -551,13 +562,13 @@ class Session:
             return
         except Exception:
             self.stats.failures += 1
-            log.exception("handler for %r failed", req)
+            log.exception("handler for %r failed", op)
             if req.opcode in DEFERRABLE:
                 self._forget_deferred(req.unique)
             if req.opcode not in NO_REPLY and not self._dropped(req.unique):
                 self._reply_error(req.unique, errno.EIO, fd)
             return
-        if payload is None or self._dropped(req.unique):
+        if payload is None or req.opcode in NO_REPLY or self._dropped(req.unique):
             return  # no reply (FORGET), or a deferred request that its Deferred answers
         if req.opcode in DEFERRABLE:
             self._forget_deferred(req.unique)
@@ -565,7 +576,7 @@ class Session:
 
     # -- deferred replies
 
-    def defer(self, req: Request) -> Deferred:
+    def defer(self, req: Request | Op) -> Deferred:
         """For a handler of a DEFERRABLE request that will answer later: return None from the handler, then
         call ``reply``/``fail`` on this object exactly once."""
         with self._lock:

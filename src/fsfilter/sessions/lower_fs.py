@@ -1,4 +1,5 @@
-"""Serving FUSE requests on a lower directory: the inode and handle tables, passthrough backing ids.
+"""The bottom of every filter stack: FUSE operations served on a lower directory, the node and handle
+tables, file backends and passthrough backing ids.
 
 Every lower object is reached through an fd: an ``O_PATH`` fd per inode (opened before the mount
 for the root), ``*at()`` calls relative to it, and ``/proc/self/fd/N`` to reopen it. So the daemon
@@ -26,11 +27,30 @@ from typing import Any
 
 from fsfilter.abi import fuse as abi
 from fsfilter.abi import linux
-from fsfilter.sessions.fuse_session import Deferred
+from fsfilter.sessions.fuse_session import Deferred, Handler
+from fsfilter.sessions.layer import NO_HOOKS, Layer, StackHooks
 from fsfilter.sessions.locks import F_RDLCK, F_UNLCK, F_WRLCK, LockTable
 from fsfilter.system import fuse_device, libc
 from fsfilter.wire import fuse as wire
-from fsfilter.wire.fuse import Request, WireError
+from fsfilter.wire import ops
+from fsfilter.wire.fuse import StatLike
+from fsfilter.wire.replies import (
+    EMPTY,
+    Attr,
+    Created,
+    Data,
+    DirEntry,
+    Entry,
+    IoctlOut,
+    Listing,
+    LockOut,
+    Offset,
+    Opened,
+    Reply,
+    Statfs,
+    Written,
+    xattr_reply,
+)
 
 log = logging.getLogger("fsfilter.lower")
 
@@ -51,8 +71,11 @@ def _proc(fd: int) -> str:
 
 
 class Inode:
+    """One node the kernel knows: an O_PATH fd of the lower object, its lookup count, its last known name (for
+    paths), its passthrough state, and a slot per layer (``slots``, keyed by the layer) dropped with the node."""
+
     __slots__ = ("nodeid", "fd", "key", "nlookup", "parent", "name", "backing_id", "backing_refs", "daemon_opens",
-                 "cache_sig")
+                 "cache_sig", "slots")
 
     def __init__(self, nodeid: int, fd: int, key: tuple[int, int], parent: int, name: bytes) -> None:
         self.nodeid = nodeid
@@ -65,15 +88,61 @@ class Inode:
         self.backing_refs = 0  # passthrough opens
         self.daemon_opens = 0  # opens whose I/O the daemon serves
         self.cache_sig: tuple[int, int] | None = None  # (mtime_ns, size) when the page cache was last filled
+        self.slots: dict[object, Any] = {}
+
+
+class LowerFile:
+    """The file backend the bottom installs on every open: the lower file's own fd. A layer may replace a handle's
+    backend at OPEN (isolation, encryption, virtual files) with any object that has these methods;
+    ``passthrough_fd`` says which fd the kernel may read and write directly (None: every read and write must
+    reach the daemon)."""
+
+    __slots__ = ("fd",)
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+
+    def read(self, size: int, offset: int) -> bytes:
+        return os.pread(self.fd, size, offset)
+
+    def readinto(self, buf: memoryview, offset: int) -> int:
+        return os.preadv(self.fd, [buf], offset)
+
+    def write(self, data: bytes | memoryview, offset: int) -> int:
+        return os.pwrite(self.fd, data, offset)
+
+    def size(self) -> int:
+        return os.fstat(self.fd).st_size
+
+    def truncate(self, size: int) -> None:
+        os.ftruncate(self.fd, size)
+
+    def fsync(self, datasync: bool) -> None:
+        if datasync:
+            os.fdatasync(self.fd)
+        else:
+            os.fsync(self.fd)
+
+    def allocate(self, mode: int, offset: int, length: int) -> None:
+        libc.fallocate(self.fd, mode, offset, length)
+
+    def passthrough_fd(self) -> int | None:
+        return self.fd
 
 
 class OpenFile:
-    __slots__ = ("fd", "inode", "passthrough")
+    """One open of a file: the lower fd (its number is the handle), its node, its backend, how its reads and
+    writes are served (None until the whole stack has answered the OPEN), and a slot per layer."""
 
-    def __init__(self, fd: int, inode: Inode, passthrough: bool) -> None:
+    __slots__ = ("fd", "inode", "passthrough", "backend", "st", "slots")
+
+    def __init__(self, fd: int, inode: Inode, st: os.stat_result) -> None:
         self.fd = fd
         self.inode = inode
-        self.passthrough = passthrough
+        self.passthrough: bool | None = None
+        self.backend: Any = LowerFile(fd)
+        self.st = st  # the lower file's attributes at open (mtime and size say whether the page cache is good)
+        self.slots: dict[object, Any] = {}
 
 
 class OpenDir:
@@ -96,33 +165,19 @@ class LowerOptions:
     locks: bool = False  # the daemon serves fcntl/flock locks (the session asks for them at INIT)
 
 
-@dataclass
-class LockRequest:
-    """A GETLK/SETLK/SETLKW request: range [start, end] (end inclusive), kind F_RDLCK/F_WRLCK/F_UNLCK."""
-
-    fh: int
-    owner: int
-    start: int
-    end: int
-    kind: int
-    pid: int
-    flock: bool
-
-    @classmethod
-    def decode(cls, req: Request) -> LockRequest:
-        fh, owner, start, end, kind, pid, lk_flags, _ = wire.fixed(req.body, abi.LK_IN)
-        return cls(fh, owner, start, end, kind, pid, bool(lk_flags & abi.FUSE_LK_FLOCK))
-
-
 # Decides what the caller of a lock request gets: called with the outcome (0 or an errno), returns the errno
 # to answer (0: success).
 LockFinish = Callable[[int], int]
 
 
-class LowerFS:
-    """Request handlers for a pass-through of the directory ``root_fd`` refers to."""
+class LowerFS(Layer):
+    """The bottom of a filter stack: every operation served on the directory ``root_fd`` refers to.
+
+    ``hooks`` asks the layers above what the bottom cannot decide alone (see sessions/layer.py); ``handlers``
+    builds the session's table, entering the stack at its top layer."""
 
     def __init__(self, root_fd: int, options: LowerOptions) -> None:
+        super().__init__()
         st = os.fstat(root_fd)
         if not stat.S_ISDIR(st.st_mode):
             raise NotADirectoryError(errno.ENOTDIR, "the lower object is not a directory")
@@ -134,36 +189,45 @@ class LowerFS:
         self.files: dict[int, OpenFile] = {}
         self.dirs: dict[int, OpenDir] = {}
         self._next_id = abi.ROOT_ID + 1
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # the node and handle tables, and each node's passthrough state
         self._is_root = os.geteuid() == 0
         self.session_fd = -1  # set when the session exists: needed for backing ids
-        self.defer: Callable[[Request], Deferred] | None = None  # the session's, for lock waits
+        self.defer: Callable[[ops.Op], Deferred] | None = None  # the session's, for lock waits
         # The session's, around waits for an application's handler (see Session.interruptible).
         self.interruptible: Callable[[], contextlib.AbstractContextManager[Callable[[], bool]]] = _not_interruptible
         self.locks = LockTable()
         self.passthrough = False  # set from the INIT negotiation; cleared if the kernel refuses backing ids
+        self.hooks: StackHooks = NO_HOOKS
+        self.top: Layer = self  # where the session enters the stack
 
     # -- tables
 
-    def handlers(self) -> dict[int, Callable[[Request], bytes | None]]:
-        op = abi.Opcode
-        table: dict[int, Callable[[Request], bytes | None]] = {
-            op.LOOKUP: self.lookup, op.FORGET: self.forget, op.BATCH_FORGET: self.batch_forget,
-            op.GETATTR: self.getattr, op.SETATTR: self.setattr, op.READLINK: self.readlink,
-            op.SYMLINK: self.symlink, op.MKNOD: self.mknod, op.MKDIR: self.mkdir, op.UNLINK: self.unlink,
-            op.RMDIR: self.rmdir, op.RENAME: self.rename, op.RENAME2: self.rename2, op.LINK: self.link,
-            op.OPEN: self.open, op.CREATE: self.create, op.TMPFILE: self.tmpfile, op.READ: self.read,
-            op.WRITE: self.write, op.FLUSH: self.flush, op.RELEASE: self.release, op.FSYNC: self.fsync,
-            op.OPENDIR: self.opendir, op.READDIR: self.readdir, op.READDIRPLUS: self.readdirplus,
-            op.RELEASEDIR: self.releasedir, op.FSYNCDIR: self.fsyncdir, op.STATFS: self.statfs,
-            op.ACCESS: self.access, op.SETXATTR: self.setxattr, op.GETXATTR: self.getxattr,
-            op.LISTXATTR: self.listxattr, op.REMOVEXATTR: self.removexattr, op.FALLOCATE: self.fallocate,
-            op.LSEEK: self.lseek, op.COPY_FILE_RANGE: self.copy_file_range, op.IOCTL: self.ioctl,
-            op.SYNCFS: self.syncfs, op.DESTROY: self.destroy,
-        }
-        if self.options.locks:
-            table.update({op.GETLK: self.getlk, op.SETLK: self.setlk, op.SETLKW: self.setlkw})
+    def handlers(self) -> dict[int, Handler]:
+        """The session's table: each opcode served by the top of the stack (looked up per request, so that layers
+        join and leave while the session runs); an open's I/O mode is settled once the whole stack answered."""
+        table: dict[int, Handler] = {}
+        for opcode, spec in ops.OPS.items():
+            if opcode in (abi.Opcode.GETLK, abi.Opcode.SETLK, abi.Opcode.SETLKW) and not self.options.locks:
+                continue  # the kernel keeps locks itself
+            if spec.method in ("open", "create", "tmpfile"):
+                table[opcode] = self._settled(spec.method)
+            else:
+                table[opcode] = self._entering(spec.method)
         return table
+
+    def _entering(self, method: str) -> Handler:
+        def serve(op: ops.Op) -> Reply | None:
+            return getattr(self.top, method)(op)  # type: ignore[no-any-return]
+        return serve
+
+    def _settled(self, method: str) -> Handler:
+        def serve(op: ops.Op) -> Reply | None:
+            reply = getattr(self.top, method)(op)
+            opened = reply.opened if isinstance(reply, Created) else reply
+            if isinstance(opened, Opened):
+                self.settle_open(opened)
+            return reply  # type: ignore[no-any-return]
+        return serve
 
     def inode(self, nodeid: int) -> Inode:
         node = self.nodes.get(nodeid)
@@ -171,13 +235,13 @@ class LowerFS:
             raise OSError(errno.ESTALE, "unknown node id")
         return node
 
-    def _file(self, fh: int) -> OpenFile:
+    def file(self, fh: int) -> OpenFile:
         f = self.files.get(fh)
         if f is None:
             raise OSError(errno.EBADF, "unknown file handle")
         return f
 
-    def _dir(self, fh: int) -> OpenDir:
+    def directory(self, fh: int) -> OpenDir:
         d = self.dirs.get(fh)
         if d is None:
             raise OSError(errno.EBADF, "unknown directory handle")
@@ -208,35 +272,38 @@ class LowerFS:
                 os.close(fd)
                 node.parent, node.name = parent, name
             node.nlookup += 1
+        self.hooks.remembered(node)
         return node
 
-    def _entry(self, fd: int, parent: int, name: bytes) -> bytes:
-        """Reply with the entry of a freshly opened O_PATH fd, which the tables then own."""
+    def entry(self, node: Inode, st: StatLike) -> Entry:
+        return Entry(node.nodeid, self.hooks.shown(node.nodeid, st), self.options.entry_timeout,
+                     self.options.attr_timeout)
+
+    def _entry(self, fd: int, parent: int, name: bytes) -> Entry:
+        """The entry of a freshly opened O_PATH fd, which the tables then own."""
         try:
             st = os.fstat(fd)
         except BaseException:
             os.close(fd)
             raise
-        node = self._remember(fd, st, parent, name)
-        return wire.encode_entry(node.nodeid, self.shown(node.nodeid, st), self.options.entry_timeout,
-                                 self.options.attr_timeout)
+        return self.entry(self._remember(fd, st, parent, name), st)
 
-    def where(self, req: Request | None, parent: Inode, name: bytes) -> tuple[int, bytes, bool]:
+    def locate(self, op: ops.Op | None, parent: Inode, name: bytes) -> tuple[int, bytes, bool]:
         """The directory fd and name that a request naming ``name`` in ``parent`` acts on, and whether the
-        caller must close that fd. Here the name itself; a subclass may redirect it (reparse rules)."""
-        return parent.fd, name, False
+        caller must close that fd: the name itself, unless a layer redirects it (reparse rules)."""
+        return self.hooks.where(op, parent, name)
 
-    def _open_path(self, req: Request | None, parent: Inode, name: bytes) -> int:
+    def _open_path(self, op: ops.Op | None, parent: Inode, name: bytes) -> int:
         """An O_PATH fd of the object ``name`` in ``parent`` resolves to."""
-        dfd, at, owned = self.where(req, parent, name)
+        dfd, at, owned = self.locate(op, parent, name)
         try:
             return os.open(at, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dfd)
         finally:
             if owned:
                 os.close(dfd)
 
-    def _lookup_child(self, parent: Inode, name: bytes) -> tuple[Inode, os.stat_result]:
-        """Like LOOKUP, for READDIRPLUS."""
+    def lookup_child(self, parent: Inode, name: bytes) -> tuple[Inode, os.stat_result]:
+        """Like LOOKUP, for READDIRPLUS (no event fires): the node and its attributes; one more lookup counted."""
         fd = self._open_path(None, parent, name)
         try:
             st = os.fstat(fd)
@@ -245,15 +312,11 @@ class LowerFS:
             raise
         return self._remember(fd, st, parent.nodeid, name), st
 
-    def shown(self, nodeid: int, st: os.stat_result) -> Any:
-        """The attributes replies show for node ``nodeid`` (a subclass may change them)."""
-        return st
+    def attributes(self, nodeid: int, st: StatLike) -> StatLike:
+        """The attributes replies show for node ``nodeid`` (layers may change them)."""
+        return self.hooks.shown(nodeid, st)
 
-    def hides(self, parent: Inode, name: bytes) -> bool:
-        """Whether a listing leaves this name out (for subclasses; LOOKUP must then refuse it too)."""
-        return False
-
-    def _forget_one(self, nodeid: int, count: int) -> None:
+    def forget_one(self, nodeid: int, count: int) -> None:
         with self._lock:
             node = self.nodes.get(nodeid)
             if node is None or nodeid == abi.ROOT_ID:
@@ -265,22 +328,19 @@ class LowerFS:
             if self.by_key.get(node.key) is node:
                 del self.by_key[node.key]
         os.close(node.fd)
-        self.node_dropped(nodeid)
-
-    def node_dropped(self, nodeid: int) -> None:
-        """Hook: the kernel forgot the node and its id is gone (subclasses drop what they keep per node)."""
+        self.hooks.dropped(nodeid)
 
     # -- identity of the caller, for objects we create
 
-    def _as_caller(self, req: Request, umask: int | None) -> bool:
+    def _as_caller(self, op: ops.Op, umask: int | None) -> bool:
         if umask is not None:
             os.umask(umask)  # per thread: readers unshare CLONE_FS
-        if not self._is_root or (req.uid == 0 and req.gid == 0):
+        if not self._is_root or (op.uid == 0 and op.gid == 0):
             return False
-        group = wire.supplementary_group(req.ext)
+        group = wire.supplementary_group(op.req.ext)
         libc.setgroups_thread([group] if group is not None else [])
-        libc.setfsgid(req.gid)
-        libc.setfsuid(req.uid)
+        libc.setfsgid(op.gid)
+        libc.setfsuid(op.uid)
         return True
 
     @staticmethod
@@ -292,79 +352,73 @@ class LowerFS:
 
     # -- names
 
-    def lookup(self, req: Request) -> bytes:
-        parent = self.inode(req.nodeid)
-        name, _ = wire.name_at(req.body)
+    def lookup(self, op: ops.Lookup) -> Reply:
+        parent = self.inode(op.nodeid)
         try:
-            fd = self._open_path(req, parent, name)
+            fd = self._open_path(op, parent, op.name)
         except FileNotFoundError:
             if self.options.negative_timeout > 0:
-                return wire.encode_negative_entry(self.options.negative_timeout)
+                return Entry(0, None, self.options.negative_timeout, 0.0)
             raise
-        return self._entry(fd, parent.nodeid, name)
+        return self._entry(fd, parent.nodeid, op.name)
 
-    def forget(self, req: Request) -> None:
-        (count,) = wire.fixed(req.body, abi.FORGET_IN)
-        self._forget_one(req.nodeid, count)
+    def forget(self, op: ops.Forget) -> None:
+        self.forget_one(op.nodeid, op.count)
 
-    def batch_forget(self, req: Request) -> None:
-        count, _ = wire.fixed(req.body, abi.BATCH_FORGET_IN)
-        pos = abi.BATCH_FORGET_IN.size
-        for _ in range(count):
-            nodeid, nlookup = wire.fixed(req.body, abi.FORGET_ONE, pos)
-            self._forget_one(nodeid, nlookup)
-            pos += abi.FORGET_ONE.size
+    def batch_forget(self, op: ops.BatchForget) -> None:
+        for nodeid, nlookup in op.items:
+            self.forget_one(nodeid, nlookup)
 
-    def getattr(self, req: Request) -> bytes:
-        flags, _, fh = wire.fixed(req.body, abi.GETATTR_IN)
-        node = self.inode(req.nodeid)
-        f = self.files.get(fh) if flags & abi.FUSE_GETATTR_FH else None
+    def getattr(self, op: ops.Getattr) -> Reply:
+        node = self.inode(op.nodeid)
+        f = self.files.get(op.fh) if op.fh is not None else None
         st = os.fstat(f.fd if f is not None else node.fd)
-        return wire.encode_attr_out(self.shown(node.nodeid, st), self.options.attr_timeout)
+        return Attr(self.attributes(node.nodeid, st), self.options.attr_timeout)
 
-    def setattr(self, req: Request) -> bytes:
-        (valid, _, fh, size, _owner, atime, mtime, _ctime, atime_ns, mtime_ns, _ctime_ns, mode, _, uid, gid,
-         _) = wire.fixed(req.body, abi.SETATTR_IN)
-        node = self.inode(req.nodeid)
-        f = self.files.get(fh) if valid & abi.FATTR_FH else None
+    def setattr(self, op: ops.Setattr) -> Reply:
+        valid = op.valid
+        node = self.inode(op.nodeid)
+        f = self.files.get(op.fh) if op.fh is not None else None
         if not valid & ~(abi.FATTR_FH | abi.FATTR_LOCKOWNER):
             # No attribute at all: a chown(-1, -1), or a change by a caller without CAP_FSETID that must drop
             # set-id bits (HANDLE_KILLPRIV_V2 leaves that to us). A chown that changes nothing, as the caller,
             # drops exactly what the caller's would natively (and updates ctime).
-            switched = self._as_caller(req, None)
+            switched = self._as_caller(op, None)
             try:
                 libc.fchown_fd(node.fd, -1, -1)
             finally:
                 self._restore_identity(switched)
         if valid & abi.FATTR_MODE:
             if f is not None:
-                os.fchmod(f.fd, stat.S_IMODE(mode))
+                os.fchmod(f.fd, stat.S_IMODE(op.mode))
             else:
                 if stat.S_ISLNK(os.fstat(node.fd).st_mode):
                     raise OSError(errno.EOPNOTSUPP, "symlinks have no mode")
-                os.chmod(_proc(node.fd), stat.S_IMODE(mode))
+                os.chmod(_proc(node.fd), stat.S_IMODE(op.mode))
         if valid & (abi.FATTR_UID | abi.FATTR_GID):
-            libc.fchown_fd(node.fd, uid if valid & abi.FATTR_UID else -1, gid if valid & abi.FATTR_GID else -1)
+            libc.fchown_fd(node.fd, op.uid_to if valid & abi.FATTR_UID else -1,
+                           op.gid_to if valid & abi.FATTR_GID else -1)
         if valid & abi.FATTR_SIZE:
             if f is not None:
-                os.ftruncate(f.fd, size)
+                f.backend.truncate(op.size)
             else:
-                os.truncate(_proc(node.fd), size)
+                os.truncate(_proc(node.fd), op.size)
             if valid & abi.FATTR_KILL_SUIDGID:
-                self._kill_privileges(f.fd if f is not None else node.fd)
+                self.kill_privileges(f.fd if f is not None else node.fd)
         if valid & (abi.FATTR_ATIME | abi.FATTR_MTIME | abi.FATTR_ATIME_NOW | abi.FATTR_MTIME_NOW):
-            libc.utimensat_fd(node.fd, _time_arg(valid, abi.FATTR_ATIME, abi.FATTR_ATIME_NOW, atime, atime_ns),
-                              _time_arg(valid, abi.FATTR_MTIME, abi.FATTR_MTIME_NOW, mtime, mtime_ns))
-        return wire.encode_attr_out(self.shown(node.nodeid, os.fstat(node.fd)), self.options.attr_timeout)
+            libc.utimensat_fd(node.fd,
+                              _time_arg(valid, abi.FATTR_ATIME, abi.FATTR_ATIME_NOW, op.atime, op.atime_ns),
+                              _time_arg(valid, abi.FATTR_MTIME, abi.FATTR_MTIME_NOW, op.mtime, op.mtime_ns))
+        return Attr(self.attributes(node.nodeid, os.fstat(node.fd)), self.options.attr_timeout)
 
-    def readlink(self, req: Request) -> bytes:
-        return libc.readlink_fd(self.inode(req.nodeid).fd)
+    def readlink(self, op: ops.Plain) -> Reply:
+        return Data(libc.readlink_fd(self.inode(op.nodeid).fd))
 
-    def _make(self, req: Request, name: bytes, umask: int | None, make: Callable[[int, bytes], None]) -> bytes:
-        parent = self.inode(req.nodeid)
-        dfd, at, owned = self.where(req, parent, name)
+    def _make(self, op: ops.Op, name: bytes, umask: int | None, make: Callable[[int, bytes], None]) -> Entry:
+        parent = self.inode(op.nodeid)
+        dfd, at, owned = self.locate(op, parent, name)
         try:
-            switched = self._as_caller(req, umask)
+            switched = self._as_caller(op, umask)
             try:
                 make(dfd, at)
             finally:
@@ -375,70 +429,59 @@ class LowerFS:
                 os.close(dfd)
         return self._entry(fd, parent.nodeid, name)
 
-    def mknod(self, req: Request) -> bytes:
-        mode, rdev, umask, _ = wire.fixed(req.body, abi.MKNOD_IN)
-        name, _ = wire.name_at(req.body, abi.MKNOD_IN.size)
-        dev = wire.decode_rdev(rdev)
-        return self._make(req, name, umask, lambda dfd, at: os.mknod(at, mode, dev, dir_fd=dfd))
+    def mknod(self, op: ops.Mknod) -> Reply:
+        dev = wire.decode_rdev(op.rdev)
+        return self._make(op, op.name, op.umask, lambda dfd, at: os.mknod(at, op.mode, dev, dir_fd=dfd))
 
-    def mkdir(self, req: Request) -> bytes:
-        mode, umask = wire.fixed(req.body, abi.MKDIR_IN)
-        name, _ = wire.name_at(req.body, abi.MKDIR_IN.size)
-        return self._make(req, name, umask, lambda dfd, at: os.mkdir(at, mode, dir_fd=dfd))
+    def mkdir(self, op: ops.Mkdir) -> Reply:
+        return self._make(op, op.name, op.umask, lambda dfd, at: os.mkdir(at, op.mode, dir_fd=dfd))
 
-    def symlink(self, req: Request) -> bytes:
-        name, pos = wire.name_at(req.body)
-        target, _ = wire.cstring(req.body, pos)
-        return self._make(req, name, None, lambda dfd, at: os.symlink(target, at, dir_fd=dfd))
+    def symlink(self, op: ops.Symlink) -> Reply:
+        return self._make(op, op.name, None, lambda dfd, at: os.symlink(op.target, at, dir_fd=dfd))
 
-    def link(self, req: Request) -> bytes:
-        (old,) = wire.fixed(req.body, abi.LINK_IN)
-        name, _ = wire.name_at(req.body, abi.LINK_IN.size)
-        node = self.inode(old)
-        parent = self.inode(req.nodeid)
+    def link(self, op: ops.Link) -> Reply:
+        node = self.inode(op.target)
+        parent = self.inode(op.nodeid)
         if self._is_root:
-            libc.link_fd(node.fd, parent.fd, name)
+            libc.link_fd(node.fd, parent.fd, op.name)
         else:
-            os.link(_proc(node.fd), name, dst_dir_fd=parent.fd, follow_symlinks=True)
-        fd = os.open(name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=parent.fd)
-        return self._entry(fd, parent.nodeid, name)
+            os.link(_proc(node.fd), op.name, dst_dir_fd=parent.fd, follow_symlinks=True)
+        fd = os.open(op.name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=parent.fd)
+        return self._entry(fd, parent.nodeid, op.name)
 
-    def unlink(self, req: Request) -> bytes:
-        name, _ = wire.name_at(req.body)
-        dfd, at, owned = self.where(req, self.inode(req.nodeid), name)
+    def unlink(self, op: ops.Remove) -> Reply:
+        dfd, at, owned = self.locate(op, self.inode(op.nodeid), op.name)
         try:
             os.unlink(at, dir_fd=dfd)
         finally:
             if owned:
                 os.close(dfd)
-        return b""
+        return EMPTY
 
-    def rmdir(self, req: Request) -> bytes:
-        name, _ = wire.name_at(req.body)
-        dfd, at, owned = self.where(req, self.inode(req.nodeid), name)
+    def rmdir(self, op: ops.Remove) -> Reply:
+        dfd, at, owned = self.locate(op, self.inode(op.nodeid), op.name)
         try:
             os.rmdir(at, dir_fd=dfd)
         finally:
             if owned:
                 os.close(dfd)
-        return b""
+        return EMPTY
 
-    def _rename(self, req: Request, newdir: int, flags: int, offset: int) -> bytes:
-        old, pos = wire.name_at(req.body, offset)
-        new, _ = wire.name_at(req.body, pos)
-        src, dst = self.inode(req.nodeid), self.inode(newdir)
+    def rename(self, op: ops.Rename) -> Reply:
+        src, dst = self.inode(op.nodeid), self.inode(op.new_dir)
+        flags = op.flags
         if flags & ~(linux.RENAME_NOREPLACE | linux.RENAME_EXCHANGE):
             raise OSError(errno.EINVAL, "unsupported rename flags")
         if flags:
-            libc.renameat2(src.fd, old, dst.fd, new, flags)
+            libc.renameat2(src.fd, op.name, dst.fd, op.new_name, flags)
         else:
-            os.rename(old, new, src_dir_fd=src.fd, dst_dir_fd=dst.fd)
-        self._moved(dst, new)
+            os.rename(op.name, op.new_name, src_dir_fd=src.fd, dst_dir_fd=dst.fd)
+        self.moved(dst, op.new_name)
         if flags & linux.RENAME_EXCHANGE:
-            self._moved(src, old)
-        return b""
+            self.moved(src, op.name)
+        return EMPTY
 
-    def _moved(self, parent: Inode, name: bytes) -> None:
+    def moved(self, parent: Inode, name: bytes) -> None:
         """Keep the remembered name of a renamed object current (for path_of)."""
         try:
             st = os.stat(name, dir_fd=parent.fd, follow_symlinks=False)
@@ -448,37 +491,42 @@ class LowerFS:
         if node is not None:
             node.parent, node.name = parent.nodeid, name
 
-    def rename(self, req: Request) -> bytes:
-        (newdir,) = wire.fixed(req.body, abi.RENAME_IN)
-        return self._rename(req, newdir, 0, abi.RENAME_IN.size)
-
-    def rename2(self, req: Request) -> bytes:
-        newdir, flags, _ = wire.fixed(req.body, abi.RENAME2_IN)
-        return self._rename(req, newdir, flags, abi.RENAME2_IN.size)
-
     # -- files
 
-    def _wants_daemon(self, node: Inode, st: os.stat_result) -> bool:
-        """Whether this file's reads and writes must go through the daemon rather than kernel passthrough."""
-        if not self.passthrough or not stat.S_ISREG(st.st_mode):
+    def _needs_daemon(self, f: OpenFile) -> bool:
+        """Whether this open's reads and writes must go through the daemon rather than kernel passthrough."""
+        node = f.inode
+        if not self.passthrough or f.backend.passthrough_fd() is None:
             return True
-        if _writes_drop_privileges(node.fd, st):
+        lower = f.st
+        if not stat.S_ISREG(lower.st_mode):
+            return True
+        if _writes_drop_privileges(node.fd, lower):
             # A passthrough write runs with the daemon's credentials and so would keep set-id bits and
             # capabilities that the caller's write must clear; the daemon clears them itself.
             return True
         policy = self.options.io_policy
-        return policy is not None and policy(self.path_of(node.nodeid))
+        if policy is not None and policy(self.path_of(node.nodeid)):
+            return True
+        return self.hooks.needs_io(node, lower)
 
-    def _open_reply(self, fd: int, node: Inode, st: os.stat_result) -> bytes:
-        """Register an open lower fd and pick passthrough or the daemon for its I/O."""
+    def settle_open(self, opened: Opened) -> None:
+        """Decide, once the whole stack has answered an OPEN/CREATE, how the open's reads and writes are served:
+        kernel passthrough when its backend offers an fd and no layer needs them, else the daemon. One mode per
+        inode while it has opens (the kernel refuses to mix them)."""
+        f = self.files.get(opened.fh)
+        if f is None or f.passthrough is not None:
+            return
+        node = f.inode
         with self._lock:
             if node.backing_refs:
                 daemon = False
             elif node.daemon_opens:
                 daemon = True
             else:
-                daemon = self._wants_daemon(node, st)
+                daemon = self._needs_daemon(f)
             if not daemon and not node.backing_refs:
+                fd = f.backend.passthrough_fd()
                 try:
                     node.backing_id = fuse_device.backing_open(self.session_fd, fd)
                 except OSError as exc:
@@ -487,112 +535,103 @@ class LowerFS:
                     daemon = True
             if daemon:
                 node.daemon_opens += 1
-                sig = (st.st_mtime_ns, st.st_size)
-                flags = abi.OpenReplyFlag.NOFLUSH
+                f.passthrough = False
+                flags = opened.flags | abi.OpenReplyFlag.NOFLUSH
+                sig = (f.st.st_mtime_ns, f.st.st_size)
                 if node.cache_sig == sig:
                     flags |= abi.OpenReplyFlag.KEEP_CACHE
                 node.cache_sig = sig
-                self.files[fd] = OpenFile(fd, node, False)
-                return wire.encode_open_out(fd, self._reply_flags(node, int(flags), False))
+                opened.flags = self._reply_flags(node, int(flags), False)
+                return
             node.backing_refs += 1
-            self.files[fd] = OpenFile(fd, node, True)
-            flags = abi.OpenReplyFlag.NOFLUSH | abi.OpenReplyFlag.PASSTHROUGH
-            return wire.encode_open_out(fd, self._reply_flags(node, int(flags), True), node.backing_id)
+            f.passthrough = True
+            flags = opened.flags | abi.OpenReplyFlag.NOFLUSH | abi.OpenReplyFlag.PASSTHROUGH
+            opened.flags = self._reply_flags(node, int(flags), True)
+            opened.backing_id = node.backing_id
 
     def _reply_flags(self, node: Inode, flags: int, passthrough: bool) -> int:
-        flags = self.open_reply_flags(node, flags, passthrough)
+        flags = self.hooks.open_reply_flags(node, flags, passthrough)
         if self.options.locks:
             # close(2) drops the caller's POSIX locks; the kernel tells the daemon so only with a FLUSH.
             flags &= ~abi.OpenReplyFlag.NOFLUSH
         return flags
 
-    def open_reply_flags(self, node: Inode, flags: int, passthrough: bool) -> int:
-        """The FOPEN_* flags of an open's reply (for subclasses: e.g. direct I/O, or FLUSH wanted)."""
-        return flags
+    def _registered(self, fd: int, node: Inode, st: os.stat_result) -> Opened:
+        with self._lock:
+            self.files[fd] = OpenFile(fd, node, st)
+        return Opened(fd)
 
-    def open(self, req: Request) -> bytes:
-        flags, open_flags = wire.fixed(req.body, abi.OPEN_IN)
-        flags = wire.open_flags(flags)
-        node = self.inode(req.nodeid)
+    def open(self, op: ops.Open) -> Reply:
+        node = self.inode(op.nodeid)
         st = os.fstat(node.fd)
-        fd = os.open(_proc(node.fd), (flags & ~_LOWER_STRIP) | os.O_CLOEXEC)
+        fd = os.open(_proc(node.fd), (op.flags & ~_LOWER_STRIP) | os.O_CLOEXEC)
         try:
-            if flags & os.O_TRUNC and open_flags & abi.FUSE_OPEN_KILL_SUIDGID:
-                self._kill_privileges(fd)
-            if flags & os.O_TRUNC:
+            if op.flags & os.O_TRUNC and op.open_flags & abi.FUSE_OPEN_KILL_SUIDGID:
+                self.kill_privileges(fd)
+            if op.flags & os.O_TRUNC:
                 st = os.fstat(fd)
-            return self._open_reply(fd, node, st)
+            return self._registered(fd, node, st)
         except BaseException:
             self.files.pop(fd, None)
             os.close(fd)
             raise
 
-    def _created(self, fd: int, parent: Inode, name: bytes) -> bytes:
+    def _created(self, fd: int, parent: Inode, name: bytes) -> Reply:
         """Reply to CREATE/TMPFILE: the new object's entry, then its open."""
         try:
             path_fd = os.open(_proc(fd), os.O_PATH | os.O_CLOEXEC)
             st = os.fstat(path_fd)
             node = self._remember(path_fd, st, parent.nodeid, name)
-            entry = wire.encode_entry(node.nodeid, st, self.options.entry_timeout, self.options.attr_timeout)
-            return entry + self._open_reply(fd, node, st)
+            entry = Entry(node.nodeid, st, self.options.entry_timeout, self.options.attr_timeout)
+            return Created(entry, self._registered(fd, node, st))
         except BaseException:
             os.close(fd)
             raise
 
-    def create(self, req: Request) -> bytes:
-        flags, mode, umask, _ = wire.fixed(req.body, abi.CREATE_IN)
-        flags = wire.open_flags(flags)
-        name, _ = wire.name_at(req.body, abi.CREATE_IN.size)
-        parent = self.inode(req.nodeid)
+    def create(self, op: ops.Create) -> Reply:
+        flags = op.flags
+        parent = self.inode(op.nodeid)
         lower = (flags & ~_LOWER_STRIP) | (flags & (os.O_EXCL | os.O_NOFOLLOW)) | os.O_CREAT | os.O_CLOEXEC
-        dfd, at, owned = self.where(req, parent, name)
+        dfd, at, owned = self.locate(op, parent, op.name)
         try:
-            switched = self._as_caller(req, umask)
+            switched = self._as_caller(op, op.umask)
             try:
-                fd = os.open(at, lower, mode & 0o7777, dir_fd=dfd)  # permission bits only: a top bit overflows C int
+                fd = os.open(at, lower, op.mode & 0o7777, dir_fd=dfd)  # permission bits only: a top bit overflows
             finally:
                 self._restore_identity(switched)
         finally:
             if owned:
                 os.close(dfd)
-        return self._created(fd, parent, name)
+        return self._created(fd, parent, op.name)
 
-    def tmpfile(self, req: Request) -> bytes:
-        flags, mode, umask, _ = wire.fixed(req.body, abi.CREATE_IN)
-        flags = wire.open_flags(flags)
-        parent = self.inode(req.nodeid)
-        switched = self._as_caller(req, umask)
+    def tmpfile(self, op: ops.Create) -> Reply:
+        parent = self.inode(op.nodeid)
+        switched = self._as_caller(op, op.umask)
         try:
-            fd = os.open(_proc(parent.fd), (flags & ~_LOWER_STRIP) | os.O_CLOEXEC, mode & 0o7777)
+            fd = os.open(_proc(parent.fd), (op.flags & ~_LOWER_STRIP) | os.O_CLOEXEC, op.mode & 0o7777)
         finally:
             self._restore_identity(switched)
         return self._created(fd, parent, b"")
 
-    def read(self, req: Request) -> bytes:
-        fh, offset, size, *_ = wire.fixed(req.body, abi.READ_IN)
-        return os.pread(self._file(fh).fd, size, offset)
+    def read(self, op: ops.Read) -> Reply:
+        return Data(self.file(op.fh).backend.read(op.size, op.offset))
 
-    def write(self, req: Request) -> bytes:
-        fh, offset, size, write_flags, *_ = wire.fixed(req.body, abi.WRITE_IN)
-        data = req.body[abi.WRITE_IN.size:abi.WRITE_IN.size + size]
-        if len(data) != size:
-            raise WireError(errno.EINVAL, "write data shorter than its size")
-        f = self._file(fh)
-        written = os.pwrite(f.fd, data, offset)
-        if write_flags & abi.FUSE_WRITE_KILL_SUIDGID:
-            self._kill_privileges(f.fd)
-        return wire.encode_write_out(written)
+    def write(self, op: ops.Write) -> Reply:
+        f = self.file(op.fh)
+        written = f.backend.write(op.data, op.offset)
+        if op.write_flags & abi.FUSE_WRITE_KILL_SUIDGID:
+            self.kill_privileges(f.fd)
+        return Written(written)
 
-    def flush(self, req: Request) -> bytes:
-        fh, _, _, owner = wire.fixed(req.body, abi.FLUSH_IN)
-        f = self._file(fh)
+    def flush(self, op: ops.Flush) -> Reply:
+        f = self.file(op.fh)
         if self.options.locks:
-            self.locks.release_owner(f.inode.nodeid, owner)
-        return b""
+            self.locks.release_owner(f.inode.nodeid, op.owner)
+        return EMPTY
 
-    def release(self, req: Request) -> bytes:
-        self.release_file(wire.fixed(req.body, abi.RELEASE_IN)[0])
-        return b""
+    def release(self, op: ops.Release) -> Reply:
+        self.release_file(op.fh)
+        return EMPTY
 
     def release_file(self, fh: int) -> None:
         """Forget an open file and close its lower fd (also used to undo an open a handler refused)."""
@@ -608,7 +647,7 @@ class LowerFS:
                     # until the last open of the inode is released.
                     fuse_device.backing_close(self.session_fd, node.backing_id)
                     node.backing_id = 0
-            else:
+            elif f.passthrough is False:
                 node.daemon_opens -= 1
         if self.options.locks:
             self.locks.release_fh(node.nodeid, fh)  # flock and OFD locks belong to the open file
@@ -616,28 +655,27 @@ class LowerFS:
 
     # -- locks (only with LowerOptions.locks; otherwise the kernel keeps them on its own inodes)
 
-    def getlk(self, req: Request) -> bytes:
-        lk = LockRequest.decode(req)
-        node = self._file(lk.fh).inode
-        found = self.locks.test(node.nodeid, lk.owner, lk.start, lk.end, lk.kind == F_WRLCK, lk.flock)
+    def getlk(self, op: ops.Lock) -> Reply:
+        node = self.file(op.fh).inode
+        found = self.locks.test(node.nodeid, op.owner, op.start, op.end, op.kind == F_WRLCK, op.flock)
         if found is None:
-            return abi.LK_OUT.pack(lk.start, lk.end, F_UNLCK, 0)
-        return abi.LK_OUT.pack(found.start, found.end, F_WRLCK if found.exclusive else F_RDLCK, found.pid)
+            return LockOut(op.start, op.end, F_UNLCK, 0)
+        return LockOut(found.start, found.end, F_WRLCK if found.exclusive else F_RDLCK, found.pid)
 
-    def setlk(self, req: Request) -> bytes | None:
-        return self.lock(req, LockRequest.decode(req), False)
+    def setlk(self, op: ops.Lock) -> Reply | None:
+        return self.lock(op, False, *_lock_finish(op))
 
-    def setlkw(self, req: Request) -> bytes | None:
-        return self.lock(req, LockRequest.decode(req), True)
+    def setlkw(self, op: ops.Lock) -> Reply | None:
+        return self.lock(op, True, *_lock_finish(op))
 
-    def lock(self, req: Request, lk: LockRequest, wait: bool, finish: LockFinish | None = None,
-             finish_in_thread: bool = False) -> bytes | None:
+    def lock(self, lk: ops.Lock, wait: bool, finish: LockFinish | None = None,
+             finish_in_thread: bool = False) -> Reply | None:
         """Take or release a lock. A lock that must wait is answered later (returns None): when a release
         grants it, or with EINTR when the caller is interrupted. ``finish`` sees the outcome and says what the
         caller gets; when it turns a granted lock into a failure, the lock is let go again. With
         ``finish_in_thread`` a late outcome is finished on a thread of its own (``finish`` may block), not on
         the thread of the request whose release granted it."""
-        node = self._file(lk.fh).inode
+        node = self.file(lk.fh).inode
         if lk.kind not in (F_RDLCK, F_WRLCK, F_UNLCK):
             raise OSError(errno.EINVAL, "bad lock type")
 
@@ -651,7 +689,7 @@ class LowerFS:
         if wait:
             if self.defer is None:
                 raise OSError(errno.ENOLCK, "lock waits need the session")
-            deferred = self.defer(req)
+            deferred = self.defer(lk)
             if deferred.interrupted:
                 raise OSError(errno.EINTR, "interrupted")
 
@@ -674,28 +712,23 @@ class LowerFS:
             else:
                 complete()
 
-        result = self.locks.set(node.nodeid, lk.owner, lk.start, lk.end, lk.kind, lk.pid, lk.fh, flock=lk.flock,
-                                key=req.unique, granted=granted if wait else None)
+        result = self.locks.set(node.nodeid, lk.owner, lk.start, lk.end, lk.kind, lk.lock_pid, lk.fh,
+                                flock=lk.flock, key=lk.unique, granted=granted if wait else None)
         if result is None:
             assert deferred is not None
-            if not deferred.on_interrupt(lambda: self.locks.cancel(req.unique)) and self.locks.cancel(req.unique):
+            if not deferred.on_interrupt(lambda: self.locks.cancel(lk.unique)) and self.locks.cancel(lk.unique):
                 raise OSError(errno.EINTR, "interrupted")  # the interrupt came before the canceller was set
             return None
         final = settle(result)
         if final:
             raise OSError(final, os.strerror(final))
-        return b""
+        return EMPTY
 
-    def fsync(self, req: Request) -> bytes:
-        fh, flags, _ = wire.fixed(req.body, abi.FSYNC_IN)
-        fd = self._file(fh).fd
-        if flags & abi.FUSE_FSYNC_FDATASYNC:
-            os.fdatasync(fd)
-        else:
-            os.fsync(fd)
-        return b""
+    def fsync(self, op: ops.Fsync) -> Reply:
+        self.file(op.fh).backend.fsync(op.datasync)
+        return EMPTY
 
-    def _kill_privileges(self, fd: int) -> None:
+    def kill_privileges(self, fd: int) -> None:
         """What a write, truncate or chown by an unprivileged caller does to set-id bits and capabilities."""
         st = os.fstat(fd)
         mode = st.st_mode
@@ -711,69 +744,62 @@ class LowerFS:
 
     # -- directories
 
-    def opendir(self, req: Request) -> bytes:
-        node = self.inode(req.nodeid)
+    def opendir(self, op: ops.Open) -> Reply:
+        node = self.inode(op.nodeid)
         fd = os.open(_proc(node.fd), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         self.dirs[fd] = OpenDir(fd)
-        return wire.encode_open_out(fd, 0)
+        return Opened(fd)
 
-    def _listing(self, req: Request, plus: bool) -> bytes:
-        fh, offset, size, *_ = wire.fixed(req.body, abi.READ_IN)
-        d = self._dir(fh)
-        out: list[bytes] = []
+    def readdir(self, op: ops.Read) -> Reply:
+        """READDIR and READDIRPLUS: the names that fit, each passed up through the layers (which may hide it or
+        change it) before the next is taken, so that hidden names never end a listing early."""
+        d = self.directory(op.fh)
+        plus = op.plus
+        out: list[DirEntry] = []
         used = 0
-        parent = self.inode(req.nodeid)
+        parent = self.inode(op.nodeid)
+        hooks = self.hooks
         with d.lock:
-            if offset != d.pos:  # a seekdir/rewinddir, or a reply the kernel did not take whole
-                os.lseek(d.fd, offset, os.SEEK_SET)
+            if op.offset != d.pos:  # a seekdir/rewinddir, or a reply the kernel did not take whole
+                os.lseek(d.fd, op.offset, os.SEEK_SET)
                 d.pending = []
-                d.pos = offset
+                d.pos = op.offset
             while True:
                 if not d.pending:
                     d.pending = d.reader.read(d.fd)
                     if not d.pending:
                         break
                 ino, next_off, dtype, name = d.pending[0]
-                if self.hides(parent, name):
-                    d.pending.pop(0)
-                    d.pos = next_off
-                    continue
-                need = wire.dirent_size(name) + (abi.ENTRY_OUT_SIZE if plus else 0)
-                if used + need > size:
+                entry = DirEntry(name, ino, next_off, dtype)
+                need = entry.size(plus)
+                if used + need > op.size:
                     break
                 d.pending.pop(0)
                 d.pos = next_off
-                record = self.dir_record(req, fh, parent, name, ino, next_off, dtype, plus)
-                if record is None:
-                    continue
-                out.append(record)
-                used += need
-        return b"".join(out)
+                nodeid = 0
+                if plus and name not in (b".", b".."):
+                    try:
+                        node, st = self.lookup_child(parent, name)
+                    except FileNotFoundError:
+                        continue  # gone since it was listed
+                    nodeid = node.nodeid
+                    entry.attr = st
+                    entry.entry = self.entry(node, st)
+                kept: DirEntry | None = entry
+                try:
+                    if hooks.lists:
+                        kept = hooks.listed(op, parent, entry)
+                finally:
+                    if nodeid and (kept is None or kept.entry is None):
+                        self.forget_one(nodeid, 1)  # the kernel never hears of the node: give its lookup back
+                if kept is not None:
+                    out.append(kept)
+                    used += need
+        return Listing(out, plus)
 
-    def dir_record(self, req: Request, fh: int, parent: Inode, name: bytes, ino: int, next_off: int, dtype: int,
-                   plus: bool) -> bytes | None:
-        """The record of one listed name (None leaves it out; the caller checks it fits)."""
-        if not plus:
-            return wire.encode_dirent(ino, next_off, dtype, name)
-        if name in (b".", b".."):
-            return bytes(abi.ENTRY_OUT_SIZE) + wire.encode_dirent(ino, next_off, dtype, name)
-        try:
-            node, st = self._lookup_child(parent, name)
-        except FileNotFoundError:
-            return None  # gone since it was listed
-        entry = wire.encode_entry(node.nodeid, self.shown(node.nodeid, st), self.options.entry_timeout,
-                                  self.options.attr_timeout)
-        return entry + wire.encode_dirent(st.st_ino, next_off, dtype, name)
-
-    def readdir(self, req: Request) -> bytes:
-        return self._listing(req, False)
-
-    def readdirplus(self, req: Request) -> bytes:
-        return self._listing(req, True)
-
-    def releasedir(self, req: Request) -> bytes:
-        self.release_dir(wire.fixed(req.body, abi.RELEASE_IN)[0])
-        return b""
+    def releasedir(self, op: ops.Release) -> Reply:
+        self.release_dir(op.fh)
+        return EMPTY
 
     def release_dir(self, fh: int) -> None:
         d = self.dirs.pop(fh, None)
@@ -781,109 +807,92 @@ class LowerFS:
             raise OSError(errno.EBADF, "unknown directory handle")
         os.close(d.fd)
 
-    def fsyncdir(self, req: Request) -> bytes:
-        fh, _, _ = wire.fixed(req.body, abi.FSYNC_IN)
-        os.fsync(self._dir(fh).fd)
-        return b""
+    def fsyncdir(self, op: ops.Fsync) -> Reply:
+        os.fsync(self.directory(op.fh).fd)
+        return EMPTY
 
     # -- the rest
 
-    def statfs(self, req: Request) -> bytes:
-        return wire.encode_statfs(os.fstatvfs(self.inode(req.nodeid).fd))
+    def statfs(self, op: ops.Plain) -> Reply:
+        return Statfs(os.fstatvfs(self.inode(op.nodeid).fd))
 
-    def access(self, req: Request) -> bytes:
-        (mask, _) = wire.fixed(req.body, abi.ACCESS_IN)
-        node = self.inode(req.nodeid)
-        switched = self._as_caller(req, None)
+    def access(self, op: ops.Access) -> Reply:
+        node = self.inode(op.nodeid)
+        switched = self._as_caller(op, None)
         try:
-            ok = os.access(_proc(node.fd), mask, effective_ids=True)
+            ok = os.access(_proc(node.fd), op.mask, effective_ids=True)
         finally:
             self._restore_identity(switched)
         if not ok:
             raise OSError(errno.EACCES, "access denied")
-        return b""
+        return EMPTY
 
-    def setxattr(self, req: Request) -> bytes:
-        size, flags, xflags, _ = wire.fixed(req.body, abi.SETXATTR_IN)
-        name, pos = wire.cstring(req.body, abi.SETXATTR_IN.size)
-        value = bytes(req.body[pos:pos + size])
-        if len(value) != size:
-            raise WireError(errno.EINVAL, "xattr value shorter than its size")
-        node = self.inode(req.nodeid)
-        os.setxattr(_proc(node.fd), name, value, flags)
-        if xflags & abi.FUSE_SETXATTR_ACL_KILL_SGID:
+    def setxattr(self, op: ops.Setxattr) -> Reply:
+        node = self.inode(op.nodeid)
+        os.setxattr(_proc(node.fd), op.name, op.value, op.flags)
+        if op.xflags & abi.FUSE_SETXATTR_ACL_KILL_SGID:
             mode = os.fstat(node.fd).st_mode
             os.chmod(_proc(node.fd), stat.S_IMODE(mode) & ~stat.S_ISGID)
-        return b""
+        return EMPTY
 
-    def getxattr(self, req: Request) -> bytes:
-        size, _ = wire.fixed(req.body, abi.GETXATTR_IN)
-        return _sized(self.xattr_value(req), size)
+    def getxattr(self, op: ops.Getxattr) -> Reply:
+        """GETXATTR and LISTXATTR (``op.name`` empty)."""
+        return xattr_reply(self.xattr_value(op), op.size)
 
-    def xattr_value(self, req: Request) -> bytes:
-        """The whole value a GETXATTR asks for (the reply is cut to the caller's size from it)."""
-        name, _ = wire.cstring(req.body, abi.GETXATTR_IN.size)
-        return os.getxattr(_proc(self.inode(req.nodeid).fd), name)
-
-    def listxattr(self, req: Request) -> bytes:
-        size, _ = wire.fixed(req.body, abi.GETXATTR_IN)
-        return _sized(self.xattr_names(req), size)
-
-    def xattr_names(self, req: Request) -> bytes:
-        """The NUL-terminated names a LISTXATTR lists."""
-        names = os.listxattr(_proc(self.inode(req.nodeid).fd))
-        if req.uid != 0:
+    def xattr_value(self, op: ops.Getxattr) -> bytes:
+        """The whole value a GETXATTR asks for, or the NUL-terminated names a LISTXATTR lists (the reply is cut
+        to the caller's size from it)."""
+        where = _proc(self.inode(op.nodeid).fd)
+        if op.opcode == abi.Opcode.GETXATTR:
+            return os.getxattr(where, op.name)
+        names = os.listxattr(where)
+        if op.uid != 0:
             # Listed natively only to callers with CAP_SYS_ADMIN (we list as root): uid 0 stands for that.
             names = [n for n in names if not n.startswith("trusted.")]
         return b"".join(os.fsencode(n) + b"\0" for n in names)
 
-    def removexattr(self, req: Request) -> bytes:
-        name, _ = wire.cstring(req.body)
-        os.removexattr(_proc(self.inode(req.nodeid).fd), name)
-        return b""
+    def removexattr(self, op: ops.Removexattr) -> Reply:
+        os.removexattr(_proc(self.inode(op.nodeid).fd), op.name)
+        return EMPTY
 
-    def fallocate(self, req: Request) -> bytes:
-        fh, offset, length, mode, _ = wire.fixed(req.body, abi.FALLOCATE_IN)
-        libc.fallocate(self._file(fh).fd, mode, offset, length)
-        return b""
+    def fallocate(self, op: ops.Fallocate) -> Reply:
+        self.file(op.fh).backend.allocate(op.mode, op.offset, op.length)
+        return EMPTY
 
-    def lseek(self, req: Request) -> bytes:
-        fh, offset, whence, _ = wire.fixed(req.body, abi.LSEEK_IN)
-        return abi.LSEEK_OUT.pack(os.lseek(self._file(fh).fd, offset, whence))
+    def lseek(self, op: ops.Lseek) -> Reply:
+        return Offset(os.lseek(self.file(op.fh).fd, op.offset, op.whence))
 
-    def copy_file_range(self, req: Request) -> bytes:
-        fh_in, off_in, _node_out, fh_out, off_out, length, flags = wire.fixed(req.body, abi.COPY_FILE_RANGE_IN)
-        if flags:
+    def copy_file_range(self, op: ops.CopyFileRange) -> Reply:
+        if op.flags:
             raise OSError(errno.EINVAL, "copy_file_range flags must be 0")
-        n = os.copy_file_range(self._file(fh_in).fd, self._file(fh_out).fd, min(length, 1 << 30), off_in, off_out)
-        return wire.encode_write_out(n)
+        n = os.copy_file_range(self.file(op.fh_in).fd, self.file(op.fh_out).fd, min(op.length, 1 << 30), op.off_in,
+                               op.off_out)
+        return Written(n)
 
-    def ioctl(self, req: Request) -> bytes:
-        fh, flags, cmd, _arg, in_size, out_size = wire.fixed(req.body, abi.IOCTL_IN)
-        if flags & abi.FUSE_IOCTL_COMPAT:
+    def ioctl(self, op: ops.Ioctl) -> Reply:
+        if op.flags & abi.FUSE_IOCTL_COMPAT:
             raise OSError(errno.ENOSYS, "32-bit ioctls are not served")
-        f = self.files.get(fh)
-        fd = f.fd if f is not None else self._dir(fh).fd
-        if cmd == linux.FS_IOC_GETFLAGS:
-            buf = bytearray(max(out_size, 8))
-            fcntl.ioctl(fd, cmd, buf, True)
-            return abi.IOCTL_OUT.pack(0, 0, 0, 0) + bytes(buf[:out_size])
-        if cmd == linux.FS_IOC_SETFLAGS:
-            data = bytes(req.body[abi.IOCTL_IN.size:abi.IOCTL_IN.size + in_size]).ljust(8, b"\0")
-            fcntl.ioctl(fd, cmd, data)
-            return abi.IOCTL_OUT.pack(0, 0, 0, 0)
+        f = self.files.get(op.fh)
+        fd = f.fd if f is not None else self.directory(op.fh).fd
+        if op.cmd == linux.FS_IOC_GETFLAGS:
+            buf = bytearray(max(op.out_size, 8))
+            fcntl.ioctl(fd, op.cmd, buf, True)
+            return IoctlOut(0, bytes(buf[:op.out_size]))
+        if op.cmd == linux.FS_IOC_SETFLAGS:
+            fcntl.ioctl(fd, op.cmd, op.data.ljust(8, b"\0"))
+            return IoctlOut(0)
         raise OSError(errno.ENOTTY, "ioctl not served")
 
-    def syncfs(self, req: Request) -> bytes:
+    def syncfs(self, op: ops.Plain) -> Reply:
         fd = os.open(_proc(self.root.fd), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         try:
             libc.syncfs(fd)
         finally:
             os.close(fd)
-        return b""
+        return EMPTY
 
-    def destroy(self, req: Request) -> bytes:
-        return b""
+    def destroy(self, op: ops.Plain) -> Reply:
+        return EMPTY
 
     # -- invalidation and shutdown
 
@@ -928,21 +937,36 @@ class LowerFS:
         self.by_key = {self.root.key: self.root}
 
 
+_LOCK_FINISH = "lock-finish"
+
+
+def add_lock_finish(op: ops.Lock, finish: LockFinish, in_thread: bool) -> None:
+    """A layer's After work on a lock request's outcome, run by the bottom once the outcome is known; layers
+    add theirs on the way down, and they run from the lowest up."""
+    finishes: list[tuple[LockFinish, bool]] | None = op.recall(_LOCK_FINISH)
+    if finishes is None:
+        finishes = op.remember(_LOCK_FINISH, [])
+    finishes.append((finish, in_thread))
+
+
+def _lock_finish(op: ops.Lock) -> tuple[LockFinish | None, bool]:
+    finishes: list[tuple[LockFinish, bool]] | None = op.recall(_LOCK_FINISH)
+    if not finishes:
+        return None, False
+
+    def finish(error: int) -> int:
+        for step, _ in reversed(finishes):
+            error = step(error)
+        return error
+    return finish, any(in_thread for _, in_thread in finishes)
+
+
 def _time_arg(valid: int, set_flag: int, now_flag: int, sec: int, nsec: int) -> tuple[int, int]:
     if valid & now_flag:
         return (0, linux.UTIME_NOW)
     if valid & set_flag:
         return (sec, nsec)
     return (0, linux.UTIME_OMIT)
-
-
-def _sized(value: bytes, size: int) -> bytes:
-    """The reply to a size probe (size 0) or to a read of an xattr value or list."""
-    if size == 0:
-        return abi.GETXATTR_OUT.pack(len(value), 0)
-    if len(value) > size:
-        raise OSError(errno.ERANGE, "buffer too small")
-    return value
 
 
 def _writes_drop_privileges(fd: int, st: os.stat_result) -> bool:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import errno
 import os
 import struct
+from typing import Protocol
 
 from fsfilter.abi import fuse as abi
 
@@ -143,12 +144,41 @@ def decode_rdev(value: int) -> int:
 # -- replies
 
 
+class StatLike(Protocol):
+    """What a reply needs of a file's attributes: an ``os.stat_result``, or a view with some fields changed."""
+
+    @property
+    def st_ino(self) -> int: ...
+    @property
+    def st_mode(self) -> int: ...
+    @property
+    def st_nlink(self) -> int: ...
+    @property
+    def st_uid(self) -> int: ...
+    @property
+    def st_gid(self) -> int: ...
+    @property
+    def st_rdev(self) -> int: ...
+    @property
+    def st_size(self) -> int: ...
+    @property
+    def st_blocks(self) -> int: ...
+    @property
+    def st_blksize(self) -> int: ...
+    @property
+    def st_atime_ns(self) -> int: ...
+    @property
+    def st_mtime_ns(self) -> int: ...
+    @property
+    def st_ctime_ns(self) -> int: ...
+
+
 def timeout_parts(seconds: float) -> tuple[int, int]:
     whole = int(seconds)
     return whole, int((seconds - whole) * 1e9)
 
 
-def encode_attr(st: os.stat_result) -> bytes:
+def encode_attr(st: StatLike) -> bytes:
     a_s, a_ns = divmod(st.st_atime_ns, 1_000_000_000)
     m_s, m_ns = divmod(st.st_mtime_ns, 1_000_000_000)
     c_s, c_ns = divmod(st.st_ctime_ns, 1_000_000_000)
@@ -158,7 +188,7 @@ def encode_attr(st: os.stat_result) -> bytes:
     )
 
 
-def encode_entry(nodeid: int, st: os.stat_result, entry_timeout: float, attr_timeout: float) -> bytes:
+def encode_entry(nodeid: int, st: StatLike, entry_timeout: float, attr_timeout: float) -> bytes:
     e_s, e_ns = timeout_parts(entry_timeout)
     a_s, a_ns = timeout_parts(attr_timeout)
     return abi.ENTRY_OUT_HEAD.pack(nodeid, 0, e_s, a_s, e_ns, a_ns) + encode_attr(st)
@@ -170,7 +200,7 @@ def encode_negative_entry(timeout: float) -> bytes:
     return abi.ENTRY_OUT_HEAD.pack(0, 0, e_s, 0, e_ns, 0) + bytes(abi.ATTR.size)
 
 
-def encode_attr_out(st: os.stat_result, attr_timeout: float) -> bytes:
+def encode_attr_out(st: StatLike, attr_timeout: float) -> bytes:
     a_s, a_ns = timeout_parts(attr_timeout)
     return abi.ATTR_OUT_HEAD.pack(a_s, a_ns, 0) + encode_attr(st)
 

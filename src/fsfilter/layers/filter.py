@@ -1,9 +1,9 @@
-"""The FUSE request handlers of one CBFilter attach point: rules, access checks, events, contexts.
+"""The layer of one CBFilter in the stack of a mount: rules, access checks, events, contexts.
 
-It extends the plain pass-through (LowerFS) request by request: it finds what the rules say about the
-path (cached per inode, keyed by the rules' generation), enforces access rules without events, fires the
-Before event (which may deny, change or complete the request), serves the request on the lower directory,
-fires the After event (which may change what the caller gets) and queues the notification.
+For each operation it finds what its filter's rules say about the path (cached per node, keyed by the rules'
+generation), enforces access rules, fires the Before event (which may deny, change or complete the request),
+has the layers below serve the request, fires the After event (which may change what the caller gets) and
+queues the notification. A request this filter's rules cannot concern passes down untouched.
 
 Paths in events are absolute paths as applications see them (the attach point plus the path below it).
 """
@@ -15,25 +15,66 @@ import errno
 import logging
 import os
 import stat
-import struct
 import threading
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from fsfilter.abi import fuse as abi
 from fsfilter.api import constants as c
 from fsfilter.api.params import FILTER_PARAMS, EventParams
-from fsfilter.engine.dispatch import Origin, Outcome
-from fsfilter.engine.rules import NO_FLAGS, Flags, PathMatch, attributes_from_stat, match_path
+from fsfilter.engine.dispatch import Dispatcher, Origin, Outcome
+from fsfilter.engine.reparse import ReparseRules
+from fsfilter.engine.rules import NO_FLAGS, Flags, PathMatch, RuleSet, attributes_from_stat, match_path
+from fsfilter.sessions.layer import Layer
 from fsfilter.sessions.locks import F_UNLCK, F_WRLCK, OFFSET_MAX
-from fsfilter.sessions.lower_fs import Inode, LockRequest, LowerFS, LowerOptions, _proc, _sized
+from fsfilter.sessions.lower_fs import Inode, LowerFS, OpenFile, _proc, add_lock_finish
 from fsfilter.system import libc
 from fsfilter.system.procfs import task_status
-from fsfilter.wire import fuse as wire
-from fsfilter.wire.fuse import Request
+from fsfilter.wire import ops
+from fsfilter.wire.fuse import StatLike
+from fsfilter.wire.replies import (
+    EMPTY,
+    Attr,
+    Created,
+    Data,
+    DirEntry,
+    Entry,
+    IoctlOut,
+    Listing,
+    Opened,
+    Reply,
+    StatView,
+    Written,
+    xattr_reply,
+)
 
-if TYPE_CHECKING:
-    from fsfilter.api.cbfilter import CBFilter
+
+class FilterCore(Protocol):
+    """What a filter layer needs of the filter it serves (CBFilter): its rules, handlers and settings."""
+
+    rules: RuleSet
+    passthrough_rules: RuleSet
+    reparse: ReparseRules
+    control_handlers: int
+    notify_handlers: int
+    dispatcher: Dispatcher
+    process_cached_io_requests: bool
+    process_failed_requests: bool
+
+    @property
+    def has_rules(self) -> bool: ...
+    @property
+    def rules_generation(self) -> int: ...
+    @property
+    def filter_own_requests(self) -> bool: ...
+    @property
+    def deny_expired_events(self) -> bool: ...
+    def handler(self, event: str) -> Callable[[Any], object] | None: ...
+    def config_bool(self, name: str) -> bool: ...
+    def contains_attach_point(self, path: str) -> bool: ...
+    def is_attach_point(self, path: str) -> bool: ...
+    def open_below(self, path: str, flags: int) -> int: ...
+
 
 log = logging.getLogger("fsfilter.filter")
 
@@ -184,24 +225,18 @@ class _Handle:
         self.is_dir = is_dir
 
 
-class _StatView:
-    """A stat result with sizes an event handler changed (what wire.encode_attr reads)."""
+class FilterLayer(Layer):
+    """The layer of one filter (``core``) in the stack of the mount at ``base``, whose bottom is ``lower``."""
 
-    def __init__(self, st: os.stat_result, size: int, blocks: int, nlink: int | None = None) -> None:
-        self.st_nlink = st.st_nlink if nlink is None else nlink
-        for name in ("st_ino", "st_mode", "st_uid", "st_gid", "st_rdev", "st_blksize", "st_atime_ns",
-                     "st_mtime_ns", "st_ctime_ns"):
-            setattr(self, name, getattr(st, name))
-        self.st_size = size
-        self.st_blocks = blocks
-
-
-class FilterFS(LowerFS):
-    def __init__(self, root_fd: int, options: LowerOptions, core: CBFilter, base: str) -> None:
-        super().__init__(root_fd, options)
+    def __init__(self, lower: LowerFS, core: FilterCore, base: str, scope: str | None = None) -> None:
+        super().__init__()
+        self.lower = lower
         self.core = core
         self.base = base.rstrip("/") or "/"
-        self._matches: dict[int, tuple[int, PathMatch]] = {}
+        # The directory this filter is attached to: the mount's own, or one below it when the filter joined the
+        # stack of an outer attach point. Nothing outside it (but the way to it) is this filter's business.
+        self.scope = (scope or self.base).rstrip("/") or "/"
+        self._matches: dict[int, tuple[int, PathMatch | None]] = {}
         self._access_rules = (-1, False)  # (rules generation, whether any rule has access flags)
         self._reach: dict[int, tuple[int, bool]] = {}  # nodeid -> (generation, can a rule concern its subtree)
         self._suspended: set[int] = set()  # nodes whose events suspend_file_events stopped until the last close
@@ -211,13 +246,36 @@ class FilterFS(LowerFS):
         self._epoch = 0  # bumped on renames: cached matches of moved subtrees are then stale
         self._ctx_lock = threading.Lock()
         self._own_pid = os.getpid()
-        self._listing_state = threading.local()  # the flags and origin of the listing this thread serves
         self._naming = threading.local()  # (parent, name, match) of the name this thread is creating
+
+    # -- what the tests and tools look at: the stack's tables
+
+    @property
+    def nodes(self) -> dict[int, Inode]:
+        return self.lower.nodes
+
+    @property
+    def files(self) -> dict[int, OpenFile]:
+        return self.lower.files
+
+    @property
+    def options(self) -> Any:
+        return self.lower.options
+
+    def path_of(self, nodeid: int) -> bytes:
+        return self.lower.path_of(nodeid)
 
     # -- paths and matching
 
+    def in_scope(self, path: str) -> bool:
+        scope = self.scope
+        return scope == self.base or path == scope or path.startswith(scope + "/") or scope == "/"
+
+    def _on_way_to_scope(self, path: str) -> bool:
+        return self.scope.startswith(path.rstrip("/") + "/")
+
     def abspath(self, nodeid: int) -> str:
-        rel = self.path_of(nodeid)
+        rel = self.lower.path_of(nodeid)
         return self.base if rel == b"/" else (self.base.rstrip("/") + os.fsdecode(rel))
 
     def child_path(self, parent: int, name: bytes) -> str:
@@ -241,7 +299,7 @@ class FilterFS(LowerFS):
             return hit[1]
         # Walk up to the nearest node decided in this generation, then decide downwards.
         chain: list[int] = []
-        node = self.nodes.get(nodeid)
+        node = self.lower.nodes.get(nodeid)
         above = True
         while node is not None:
             chain.append(node.nodeid)
@@ -251,14 +309,15 @@ class FilterFS(LowerFS):
             if hit is not None and hit[0] == gen:
                 above = hit[1]
                 break
-            node = self.nodes.get(node.parent)
+            node = self.lower.nodes.get(node.parent)
         if node is None:
             return True  # an unknown or detached node: do not skip the rules
         reparse = core.reparse
         for n in reversed(chain):
             if above:
                 path = self.abspath(n)
-                above = core.rules.may_reach(path) or (len(reparse) > 0 and reparse.may_reach(path))
+                above = (self.in_scope(path) or self._on_way_to_scope(path)) and (
+                    core.rules.may_reach(path) or (len(reparse) > 0 and reparse.may_reach(path)))
             self._reach[n] = (gen, above)
         return above
 
@@ -270,13 +329,14 @@ class FilterFS(LowerFS):
         hit = self._matches.get(nodeid)
         if hit is not None and hit[0] == gen:
             return hit[1]
-        m = match_path(core.rules, core.passthrough_rules, self.abspath(nodeid))
+        path = self.abspath(nodeid)
+        m = match_path(core.rules, core.passthrough_rules, path) if self.in_scope(path) else None
         self._matches[nodeid] = (gen, m)
         return m
 
     def match_name(self, path: str) -> PathMatch | None:
         core = self.core
-        if not core.has_rules:
+        if not core.has_rules or not self.in_scope(path):
             return None
         return match_path(core.rules, core.passthrough_rules, path)
 
@@ -308,39 +368,47 @@ class FilterFS(LowerFS):
         """suspend_file_events: no events for this node until all its handles are closed."""
         self._suspended.add(nodeid)
 
-    def route(self, req: Request) -> bool | None:
-        """Session router: requests that may fire a control event go to the pool; our own, to the reader."""
+    def route(self, op: ops.Op) -> bool | None:
+        """Session router: requests that may fire a control event of this filter go to the pool (True); our own
+        stay on the reader (False); None: this layer does not care."""
         core = self.core
         if not core.has_rules:
             return None
-        bits = _OP_CONTROL.get(req.opcode)
+        opcode = op.opcode
+        bits = _OP_CONTROL.get(opcode)
         if not bits or not (core.control_handlers & bits):
             return None
-        if req.opcode not in (abi.Opcode.RENAME, abi.Opcode.RENAME2, abi.Opcode.LINK) and not self.reaches(req.nodeid):
+        if isinstance(op, ops.Rename | ops.Link):
+            if op.nodeid not in self.lower.nodes:
+                return None
+            return not self.is_own(op.pid)  # two names, either may match: the pool, to be safe
+        if not self.reaches(op.nodeid):
             return None
         m: PathMatch | None
-        if req.opcode in (abi.Opcode.LOOKUP, abi.Opcode.CREATE, abi.Opcode.MKDIR, abi.Opcode.MKNOD,
-                          abi.Opcode.SYMLINK, abi.Opcode.UNLINK, abi.Opcode.RMDIR, abi.Opcode.RENAME,
-                          abi.Opcode.RENAME2, abi.Opcode.LINK):
-            if req.nodeid not in self.nodes:
+        if isinstance(op, ops.Lookup | ops.Create | ops.Mkdir | ops.Mknod | ops.Symlink | ops.Remove):
+            if op.nodeid not in self.lower.nodes:
                 return None
-            if req.opcode in (abi.Opcode.RENAME, abi.Opcode.RENAME2, abi.Opcode.LINK):
-                return not self.is_own(req.pid)  # two names, either may match: the pool, to be safe
-            try:
-                name, _ = wire.cstring(req.body, _name_offset(req.opcode))
-            except wire.WireError:
-                return None
-            m = self.match_name(self.child_path(req.nodeid, name))
+            m = self.name_match(op, op.name)
         else:
-            m = self.match_node(req.nodeid)
+            m = self.match_node(op.nodeid)
         if m is None or not (m.upper.control & bits):
             return None
-        return not self.is_own(req.pid)
+        return not self.is_own(op.pid)
+
+    def name_match(self, op: ops.Op, name: bytes, parent: int | None = None) -> PathMatch | None:
+        """The match of ``name`` in the node of ``op`` (or in ``parent``), decided once per request."""
+        key = (self, parent, name)
+        if op.memo is not None and key in op.memo:
+            known: PathMatch | None = op.memo[key]
+            return known
+        m = self.match_name(self.child_path(op.nodeid if parent is None else parent, name))
+        op.remember(key, m)
+        return m
 
     # -- firing
 
-    def origin(self, req: Request) -> Origin:
-        return Origin(req.pid, req.pid, req.uid, req.gid)
+    def origin(self, op: ops.Op) -> Origin:
+        return Origin(op.pid, op.pid, op.uid, op.gid)
 
     def fire(self, event: str, bit: int, flags: Flags, origin: Origin, /, *, creator: Origin | None = None,
              subject: object = None, **fields: Any) -> EventParams | None:
@@ -353,7 +421,7 @@ class FilterFS(LowerFS):
         if handler is None:
             return None
         params = FILTER_PARAMS[event](**fields)
-        with self.interruptible() as interrupted:
+        with self.lower.interruptible() as interrupted:
             outcome = self.core.dispatcher.call(handler, params, origin, creator, subject)
         if interrupted():
             # The caller was interrupted (killed, as a rule) while the handler ran, and has had EINTR: the
@@ -385,17 +453,6 @@ class FilterFS(LowerFS):
 
     def after_ok(self, error: int) -> bool:
         return error == 0 or self.core.process_failed_requests
-
-    def attempt(self, serve: Callable[[], bytes]) -> tuple[bytes, int]:
-        """Serve a request; a failure comes back as its errno when After events see failed requests,
-        and is raised at once otherwise."""
-        try:
-            return serve(), 0
-        except OSError as exc:
-            error = exc.errno or errno.EIO
-            if not self.after_ok(error):
-                raise
-            return b"", error
 
     def _deny(self, what: str) -> OSError:
         return OSError(errno.EACCES, f"denied by an access rule: {what}")
@@ -429,16 +486,16 @@ class FilterFS(LowerFS):
 
     # -- names
 
-    def where(self, req: Request | None, parent: Inode, name: bytes) -> tuple[int, bytes, bool]:
+    def where(self, op: ops.Op | None, parent: Inode, name: bytes) -> tuple[int, bytes, bool] | None:
         """Reparse: a name that a reparse rule (or an on_reparse_file_name handler) redirects is served from
         its target, resolved below the filter: looked up, created and deleted there."""
         core = self.core
         if not (len(core.reparse) or core.control_handlers & c.FS_CE_REPARSE_FILENAME) \
                 or not self.reaches(parent.nodeid):
-            return parent.fd, name, False
-        target = self.reparse_target(req, parent, name)
+            return None
+        target = self.reparse_target(op, parent, name)
         if target is None:
-            return parent.fd, name, False
+            return None
         if core.contains_attach_point(target):
             # Served from there, the filter's own mount would be reached through the redirect: a loop.
             raise OSError(errno.ELOOP, f"{target}, where {self.child_path(parent.nodeid, name)} is redirected, "
@@ -461,15 +518,17 @@ class FilterFS(LowerFS):
                                        f"{target}")
         return dfd, os.fsencode(tail), True
 
-    def reparse_target(self, req: Request | None, parent: Inode, name: bytes) -> str | None:
+    def reparse_target(self, op: ops.Op | None, parent: Inode, name: bytes) -> str | None:
         """Where a name is redirected (an absolute path), or None."""
         core = self.core
         path = self.child_path(parent.nodeid, name)
+        if not self.in_scope(path):
+            return None
         hit = core.reparse.resolve(path) if len(core.reparse) else None
         target = hit[0] if hit is not None else None
-        if req is not None and core.control_handlers & c.FS_CE_REPARSE_FILENAME:
-            flags = self.effective(self.match_name(path), req.pid, parent=parent, name=name)
-            params = self.fire("reparse_file_name", c.FS_CE_REPARSE_FILENAME, flags, self.origin(req),
+        if op is not None and core.control_handlers & c.FS_CE_REPARSE_FILENAME:
+            flags = self.effective(self.match_name(path), op.pid, parent=parent, name=name)
+            params = self.fire("reparse_file_name", c.FS_CE_REPARSE_FILENAME, flags, self.origin(op),
                                file_name=path, reparsed_name=target or "")
             if params is not None:
                 chosen = params.reparsed_name
@@ -488,24 +547,24 @@ class FilterFS(LowerFS):
                 return True
             if current.nodeid == abi.ROOT_ID:
                 return False
-            current = self.nodes.get(current.parent)
+            current = self.lower.nodes.get(current.parent)
             seen += 1
         return False
 
-    def _redirected(self, req: Request, parent: Inode, name: bytes) -> bool:
+    def _redirected(self, op: ops.Op, parent: Inode, name: bytes) -> bool:
         core = self.core
         if not (len(core.reparse) or core.control_handlers & c.FS_CE_REPARSE_FILENAME):
             return False
-        return self.reaches(parent.nodeid) and self.reparse_target(req, parent, name) is not None
+        return self.reaches(parent.nodeid) and self.reparse_target(op, parent, name) is not None
 
-    def lookup(self, req: Request) -> bytes:
-        if not self.reaches(req.nodeid):
-            return super().lookup(req)
-        parent = self.inode(req.nodeid)
-        name, _ = wire.name_at(req.body)
+    def lookup(self, op: ops.Lookup) -> Reply:
+        if not self.reaches(op.nodeid):
+            return self.down.lookup(op)
+        parent = self.lower.inode(op.nodeid)
+        name = op.name
         path = self.child_path(parent.nodeid, name)
-        m = self.match_name(path)
-        flags = self.effective(m, req.pid, parent=parent, name=name)
+        m = self.name_match(op, name)
+        flags = self.effective(m, op.pid, parent=parent, name=name)
         if flags.access & c.ACCESS_DENY_ALL and not (flags.control & c.FS_CE_BEFORE_OPEN
                                                      and self.core.handler("before_open_file")):
             raise self._deny("deny all")
@@ -513,33 +572,33 @@ class FilterFS(LowerFS):
             # Resolving a name is Linux's equivalent of Windows opening a file to read its attributes: a
             # before-open handler sees it (desired_access FILE_READ_ATTRIBUTES, flags O_PATH) and can refuse
             # it, so that a hidden name stays hidden from stat and path walks, not only from open.
-            self._fire_lookup(req, flags, path)
-        reply = super().lookup(req)
-        if m is not None:
+            self._fire_lookup(op, flags, path)
+        reply = self.down.lookup(op)
+        if m is not None and isinstance(reply, Entry):
             self._keep_match(reply, m)
             if self._volatile(m):
-                reply = _no_cache(reply)
+                reply.uncached()
         return reply
 
     # -- hidden names: absent for every operation that names them
 
-    def _fire_lookup(self, req: Request, flags: Flags, path: str) -> None:
+    def _fire_lookup(self, op: ops.Op, flags: Flags, path: str) -> None:
         """The before-open event a LOOKUP fires (raises OSError when the handler refuses the name)."""
-        self.fire("before_open_file", c.FS_CE_BEFORE_OPEN, flags, self.origin(req), file_name=path,
+        self.fire("before_open_file", c.FS_CE_BEFORE_OPEN, flags, self.origin(op), file_name=path,
                   desired_access=c.DESIRED_ACCESS_FILE_READ_ATTRIBUTES, options=os.O_PATH, flags=os.O_PATH,
                   create_disposition=c.FILE_DISPOSITION_OPEN_EXISTING)
 
-    def _lookup_refusal(self, req: Request, parent: Inode, name: bytes, path: str | None = None) -> int:
+    def _lookup_refusal(self, op: ops.Op, parent: Inode, name: bytes, path: str | None = None) -> int:
         """The errno a LOOKUP of this *existing* name would get from the before-open handler (0: none, or the
         name does not exist). A name hidden that way must behave as absent for every request naming it."""
         core = self.core
         if not core.control_handlers & c.FS_CE_BEFORE_OPEN or core.handler("before_open_file") is None:
             return 0
         path = self.child_path(parent.nodeid, name) if path is None else path
-        flags = self.effective(self.match_name(path), req.pid, parent=parent, name=name)
+        flags = self.effective(self.match_name(path), op.pid, parent=parent, name=name)
         if not flags.control & c.FS_CE_BEFORE_OPEN:
             return 0
-        dfd, at, owned = self.where(None, parent, name)
+        dfd, at, owned = self.lower.locate(None, parent, name)
         try:
             os.stat(at, dir_fd=dfd, follow_symlinks=False)
         except OSError:
@@ -548,28 +607,28 @@ class FilterFS(LowerFS):
             if owned:
                 os.close(dfd)
         try:
-            self._fire_lookup(req, flags, path)
+            self._fire_lookup(op, flags, path)
         except OSError as exc:
             return exc.errno or errno.EACCES
         return 0
 
-    def _check_not_hidden(self, req: Request, parent: Inode, name: bytes) -> None:
+    def _check_not_hidden(self, op: ops.Op, parent: Inode, name: bytes) -> None:
         """Refuse to create, link or rename over a name a handler hides. Doing it would destroy the hidden object
         (or fail with EEXIST, which reveals it): EACCES says neither."""
-        if self._lookup_refusal(req, parent, name):
+        if self._lookup_refusal(op, parent, name):
             raise OSError(errno.EACCES, "the name is hidden by an event handler")
 
-    def _hidden_emptiness(self, req: Request, parent: Inode, name: bytes, serve: Callable[[], bytes]) -> bytes:
+    def _hidden_emptiness(self, op: ops.Op, parent: Inode, name: bytes, serve: Callable[[], Reply]) -> Reply:
         """Serve an rmdir of, or a rename over, the directory ``name``; its ENOTEMPTY becomes EACCES when every
         entry left in it is hidden (ENOTEMPTY would reveal them)."""
         try:
             return serve()
         except OSError as exc:
-            if exc.errno == errno.ENOTEMPTY and self._only_hidden_inside(req, parent, name):
+            if exc.errno == errno.ENOTEMPTY and self._only_hidden_inside(op, parent, name):
                 raise OSError(errno.EACCES, "the directory holds hidden names") from exc
             raise
 
-    def _only_hidden_inside(self, req: Request, parent: Inode, name: bytes) -> bool:
+    def _only_hidden_inside(self, op: ops.Op, parent: Inode, name: bytes) -> bool:
         """Whether the directory ``name`` holds entries, all of them hidden. Stops at the first visible entry."""
         try:
             fd = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=parent.fd)
@@ -581,7 +640,7 @@ class FilterFS(LowerFS):
             seen = False
             for entry in os.scandir(fd):
                 seen = True
-                if not self._lookup_refusal(req, inside, os.fsencode(entry.name), f"{path}/{entry.name}"):
+                if not self._lookup_refusal(op, inside, os.fsencode(entry.name), f"{path}/{entry.name}"):
                     return False
             return seen
         finally:
@@ -596,19 +655,18 @@ class FilterFS(LowerFS):
             return False
         return self.reaches(nodeid) and core.rules.may_match_child(self.abspath(nodeid))
 
-    def shown(self, nodeid: int, st: os.stat_result) -> Any:
+    def shown(self, nodeid: int, st: StatLike) -> StatLike:
         if stat.S_ISDIR(st.st_mode) and self._hiding_children(nodeid):
             # A directory's link count counts its subdirectories, and its size grows with its entries (tmpfs: 20
             # bytes each): both would give hidden names away. Link count 1 is what file systems without
             # subdirectory counts (btrfs) report, and find(1) copes with it; the size shown is one block's.
-            return _StatView(st, 4096, 8, nlink=1)
+            return StatView(st, size=4096, blocks=8, nlink=1)
         return st
 
-    def _keep_match(self, entry: bytes, m: PathMatch) -> None:
+    def _keep_match(self, entry: Entry, m: PathMatch) -> None:
         """Cache the match of the path an entry reply just named, under the node id it gave."""
-        nodeid = struct.unpack_from("<Q", entry, 0)[0]
-        if nodeid:
-            self._matches[nodeid] = (self._generation(), m)
+        if entry.nodeid:
+            self._matches[entry.nodeid] = (self._generation(), m)
 
     def _any_volatile(self) -> bool:
         """Whether any path can be volatile (see _volatile): a handler for a volatile bit, or an access rule."""
@@ -625,41 +683,38 @@ class FilterFS(LowerFS):
         return bool(up.control & _VOLATILE & self.core.control_handlers) or bool(
             up.access and not m.unconditional)
 
-    def _remember(self, fd: int, st: os.stat_result, parent: int, name: bytes) -> Inode:
-        node = super()._remember(fd, st, parent, name)
+    def remembered(self, node: Inode) -> None:
         naming = getattr(self._naming, "entry", None)
-        if naming is not None and naming[0] == parent and naming[1] == name:
+        if naming is not None and naming[0] == node.parent and naming[1] == node.name:
             # The new node's path was just matched: cache it before the open reply asks for it.
             self._matches[node.nodeid] = (self._generation(), naming[2])
-        return node
 
-    def node_dropped(self, nodeid: int) -> None:
+    def dropped(self, nodeid: int) -> None:
         self._matches.pop(nodeid, None)
         self._reach.pop(nodeid, None)
 
-    def getattr(self, req: Request) -> bytes:
-        reply = super().getattr(req)
-        m = self.match_node(req.nodeid)
+    def getattr(self, op: ops.Getattr) -> Reply:
+        reply = self.down.getattr(op)
+        m = self.match_node(op.nodeid)
         if m is None or not (m.upper.control & c.FS_CE_AFTER_GET_SIZES or m.upper.notify & c.FS_NE_GET_SIZES):
             return reply
-        flags = self.effective(m, req.pid, self.inode(req.nodeid))
+        flags = self.effective(m, op.pid, self.lower.inode(op.nodeid))
         if not (flags.control & c.FS_CE_AFTER_GET_SIZES or flags.notify & c.FS_NE_GET_SIZES):
             return reply
-        st = os.fstat(self.inode(req.nodeid).fd)
-        path = self.abspath(req.nodeid)
-        origin = self.origin(req)
+        st = os.fstat(self.lower.inode(op.nodeid).fd)
+        path = self.abspath(op.nodeid)
+        origin = self.origin(op)
         size, alloc = st.st_size, st.st_blocks * 512
         p = self.fire("after_get_file_sizes", c.FS_CE_AFTER_GET_SIZES, flags, origin, file_name=path, size=size,
-                      allocation_size=alloc, file_context=self.file_context(req.nodeid))
-        timeout = self.options.attr_timeout
+                      allocation_size=alloc, file_context=self.file_context(op.nodeid))
+        timeout = self.lower.options.attr_timeout
         if p is not None:
             size, alloc, timeout = int(p.size), int(p.allocation_size), 0.0
         self.notify("notify_get_file_sizes", c.FS_NE_GET_SIZES, flags, origin, file_name=path, size=size,
                     allocation_size=alloc)
         if p is None:
             return reply
-        view: Any = _StatView(st, size, (alloc + 511) // 512)
-        return wire.encode_attr_out(self.shown(req.nodeid, view), timeout)
+        return Attr(self.lower.attributes(op.nodeid, StatView(st, size=size, blocks=(alloc + 511) // 512)), timeout)
 
     # -- create and open
 
@@ -681,16 +736,14 @@ class FilterFS(LowerFS):
         if access & c.ACCESS_EXECUTE_PROTECT and open_flags & _FMODE_EXEC:
             raise self._deny("execute-protect")
 
-    def open(self, req: Request) -> bytes:
-        if not self.reaches(req.nodeid):
-            return super().open(req)
-        open_flags, _ = wire.fixed(req.body, abi.OPEN_IN)
-        node = self.inode(req.nodeid)
+    def open(self, op: ops.Open) -> Reply:
+        if not self.reaches(op.nodeid):
+            return self.down.open(op)
+        node = self.lower.inode(op.nodeid)
         m = self.match_node(node.nodeid)
-        flags = self.effective(m, req.pid, node)
-        self._check_open_access(flags, open_flags, False)
-        return self._open_with_events(req, node, open_flags, flags, lambda: super(FilterFS, self).open(req),
-                                      created=False)
+        flags = self.effective(m, op.pid, node)
+        self._check_open_access(flags, op.flags, False)
+        return self._open_with_events(op, node, op.flags, flags, lambda: self.down.open(op), created=False)
 
     def _open_fields(self, path: str, open_flags: int, mode: int, created: bool, is_dir: bool) -> dict[str, Any]:
         attributes = c.FILE_SYS_ATTR_DIRECTORY if is_dir else 0
@@ -698,15 +751,15 @@ class FilterFS(LowerFS):
                     options=open_flags, flags=open_flags, mode=mode,
                     create_disposition=_disposition(open_flags, created))
 
-    def _open_with_events(self, req: Request, node: Inode, open_flags: int, flags: Flags,
-                          serve: Callable[[], bytes], created: bool, mode: int = 0, path: str | None = None,
-                          offset: int = 0, is_dir: bool = False, context_node: int = 0) -> bytes:
+    def _open_with_events(self, op: ops.Op, node: Inode, open_flags: int, flags: Flags,
+                          serve: Callable[[], Reply], created: bool, mode: int = 0, path: str | None = None,
+                          is_dir: bool = False, context_node: int = 0) -> Reply:
         """Fire before/after/notify open (or create) around ``serve`` and register the new handle.
 
         ``node`` is the object opened, or for CREATE the directory (``context_node``: the existing object
         it opens, if known)."""
         path = path if path is not None else self.abspath(node.nodeid)
-        origin = self.origin(req)
+        origin = self.origin(op)
         kind = "create" if created else "open"
         bits = (c.FS_CE_BEFORE_CREATE, c.FS_CE_AFTER_CREATE, c.FS_NE_CREATE) if created else (
             c.FS_CE_BEFORE_OPEN, c.FS_CE_AFTER_OPEN, c.FS_NE_OPEN)
@@ -726,14 +779,16 @@ class FilterFS(LowerFS):
             if self.after_ok(error):
                 self._after_open(kind, bits, flags, origin, fields, error, file_context, handle_context)
             raise
-        fh = struct.unpack_from("<Q", reply, offset)[0]
+        opened = reply.opened if isinstance(reply, Created) else reply
+        assert isinstance(opened, Opened)
+        fh = opened.fh
         # A CREATE reply starts with the new object's entry: its node id is the one the handle is on.
-        nodeid = struct.unpack_from("<Q", reply, 0)[0] if offset else node.nodeid
+        nodeid = reply.entry.nodeid if isinstance(reply, Created) else node.nodeid
         try:
             file_context, handle_context = self._after_open(kind, bits, flags, origin, fields, 0, file_context,
                                                             handle_context, (self, nodeid))
         except BaseException:
-            self._undo_open(fh, is_dir)
+            self._undo_open(op, fh, is_dir)
             if nodeid not in self._node_opens:
                 self._suspended.discard(nodeid)
             raise
@@ -745,7 +800,7 @@ class FilterFS(LowerFS):
 
     def _after_open(self, kind: str, bits: tuple[int, int, int], flags: Flags, origin: Origin,
                     fields: dict[str, Any], error: int, file_context: int, handle_context: int,
-                    subject: tuple[FilterFS, int] | None = None) -> tuple[int, int]:
+                    subject: tuple[FilterLayer, int] | None = None) -> tuple[int, int]:
         after = self.fire(f"after_{kind}_file", bits[1], flags, origin, status=error, file_context=file_context,
                           handle_context=handle_context, subject=subject, **fields)
         if after is not None:
@@ -753,30 +808,31 @@ class FilterFS(LowerFS):
         self.notify(f"notify_{kind}_file", bits[2], flags, origin, status=error, **fields)
         return file_context, handle_context
 
-    def _undo_open(self, fh: int, is_dir: bool) -> None:
+    def _undo_open(self, op: ops.Op, fh: int, is_dir: bool) -> None:
+        """Close an open the layers below granted and this layer's After handler refused: they see it closed."""
+        release = ops.Release.undoing(op, fh)
         try:
             if is_dir:
-                self.release_dir(fh)
+                self.down.releasedir(release)
             else:
-                self.release_file(fh)
+                self.down.release(release)
         except OSError:
             pass
 
-    def create(self, req: Request) -> bytes:
-        if not self.reaches(req.nodeid):
-            return super().create(req)
-        open_flags, mode, _umask, _ = wire.fixed(req.body, abi.CREATE_IN)
-        name, _ = wire.name_at(req.body, abi.CREATE_IN.size)
-        parent = self.inode(req.nodeid)
+    def create(self, op: ops.Create) -> Reply:
+        if not self.reaches(op.nodeid):
+            return self.down.create(op)
+        open_flags, mode, name = op.flags, op.mode, op.name
+        parent = self.lower.inode(op.nodeid)
         path = self.child_path(parent.nodeid, name)
-        m = self.match_name(path)
-        flags = self.effective(m, req.pid, parent=parent, name=name)
+        m = self.name_match(op, name)
+        flags = self.effective(m, op.pid, parent=parent, name=name)
         # The kernel sends CREATE for open(O_CREAT) whenever the name is not in its cache, whether or not
         # the file exists. Opening an existing file is an open (with the events and access checks of one,
         # and a hiding before-open handler refuses it), a new one a create.
         existing: os.stat_result | None = None
         if flags:  # with no rule on the name the kind of open decides nothing: save the syscall
-            dfd, at, owned = self.where(None, parent, name)  # reparse rules apply (no event fired here)
+            dfd, at, owned = self.lower.locate(None, parent, name)  # reparse rules apply (no event fired here)
             try:
                 existing = os.stat(at, dir_fd=dfd, follow_symlinks=False)
             except OSError:
@@ -785,41 +841,40 @@ class FilterFS(LowerFS):
                 if owned:
                     os.close(dfd)
         if existing is not None:
-            self._check_not_hidden(req, parent, name)
+            self._check_not_hidden(op, parent, name)
         created = existing is None or bool(open_flags & os.O_EXCL)
         self._check_open_access(flags, open_flags, created)
-        known = self.by_key.get((existing.st_dev, existing.st_ino)) if existing is not None else None
+        known = self.lower.by_key.get((existing.st_dev, existing.st_ino)) if existing is not None else None
         self._naming.entry = (parent.nodeid, name, m) if m is not None else None
         try:
-            reply = self._open_with_events(req, parent, open_flags, flags,
-                                           lambda: super(FilterFS, self).create(req), created=created, mode=mode,
-                                           path=path, offset=abi.ENTRY_OUT_SIZE,
+            reply = self._open_with_events(op, parent, open_flags, flags, lambda: self.down.create(op),
+                                           created=created, mode=mode, path=path,
                                            context_node=known.nodeid if known is not None else 0)
         finally:
             self._naming.entry = None
-        if m is not None and self._volatile(m):
-            reply = _no_cache(reply[:abi.ENTRY_OUT_SIZE]) + reply[abi.ENTRY_OUT_SIZE:]
+        if m is not None and self._volatile(m) and isinstance(reply, Created):
+            reply.entry.uncached()
         return reply
 
-    def tmpfile(self, req: Request) -> bytes:
-        if self.reaches(req.nodeid) and self.core.rules.may_match_child(self.abspath(req.nodeid)):
+    def tmpfile(self, op: ops.Create) -> Reply:
+        if self.reaches(op.nodeid) and self.core.rules.may_match_child(self.abspath(op.nodeid)):
             # An unnamed file would be written before any rule could see a name for it, then linked in
             # under one: refuse, and callers fall back to a named temporary file, which the rules see.
             raise OSError(errno.EOPNOTSUPP, "O_TMPFILE is not available where filter rules apply")
-        return super().tmpfile(req)
+        return self.down.tmpfile(op)
 
-    def _make_with_events(self, req: Request, name: bytes, mode: int, attributes: int, make: Callable[[], bytes],
-                          target: str = "") -> bytes:
-        if not self.reaches(req.nodeid):
+    def _make_with_events(self, op: ops.Op, name: bytes, mode: int, attributes: int,
+                          make: Callable[[], Reply]) -> Reply:
+        if not self.reaches(op.nodeid):
             return make()
-        path = self.child_path(req.nodeid, name)
-        m = self.match_name(path)
-        flags = self.effective(m, req.pid, parent=self.inode(req.nodeid), name=name)
+        path = self.child_path(op.nodeid, name)
+        m = self.name_match(op, name)
+        flags = self.effective(m, op.pid, parent=self.lower.inode(op.nodeid), name=name)
         if flags.access & (c.ACCESS_DENY_ALL | c.ACCESS_READ_ONLY) and not (
                 flags.control & c.FS_CE_BEFORE_CREATE and self.core.handler("before_create_file")):
             raise self._deny("read-only")
-        self._check_not_hidden(req, self.inode(req.nodeid), name)
-        origin = self.origin(req)
+        self._check_not_hidden(op, self.lower.inode(op.nodeid), name)
+        origin = self.origin(op)
         fields: dict[str, Any] = dict(file_name=path, desired_access=c.DESIRED_ACCESS_FILE_WRITE_DATA,
                                       attributes=attributes, options=0, flags=0, mode=mode,
                                       create_disposition=c.FILE_DISPOSITION_CREATE_NEW)
@@ -841,45 +896,38 @@ class FilterFS(LowerFS):
             if handler is not None:
                 self.core.dispatcher.call(handler, FILTER_PARAMS["cleanup_context"](
                     file_context=file_context, handle_context=handle_context), origin)
-        if m is not None and self._volatile(m):
-            reply = _no_cache(reply)
+        if m is not None and self._volatile(m) and isinstance(reply, Entry):
+            reply.uncached()
         return reply
 
-    def mkdir(self, req: Request) -> bytes:
-        mode, _ = wire.fixed(req.body, abi.MKDIR_IN)
-        name, _ = wire.name_at(req.body, abi.MKDIR_IN.size)
-        return self._make_with_events(req, name, mode | stat.S_IFDIR, c.FILE_SYS_ATTR_DIRECTORY,
-                                      lambda: super(FilterFS, self).mkdir(req))
+    def mkdir(self, op: ops.Mkdir) -> Reply:
+        return self._make_with_events(op, op.name, op.mode | stat.S_IFDIR, c.FILE_SYS_ATTR_DIRECTORY,
+                                      lambda: self.down.mkdir(op))
 
-    def mknod(self, req: Request) -> bytes:
-        mode, _, _, _ = wire.fixed(req.body, abi.MKNOD_IN)
-        name, _ = wire.name_at(req.body, abi.MKNOD_IN.size)
-        attributes = c.FILE_SYS_ATTR_ARCHIVE if stat.S_ISREG(mode) else c.FILE_SYS_ATTR_SYSTEM
-        return self._make_with_events(req, name, mode, attributes, lambda: super(FilterFS, self).mknod(req))
+    def mknod(self, op: ops.Mknod) -> Reply:
+        attributes = c.FILE_SYS_ATTR_ARCHIVE if stat.S_ISREG(op.mode) else c.FILE_SYS_ATTR_SYSTEM
+        return self._make_with_events(op, op.name, op.mode, attributes, lambda: self.down.mknod(op))
 
-    def symlink(self, req: Request) -> bytes:
-        name, _ = wire.name_at(req.body)
-        return self._make_with_events(req, name, stat.S_IFLNK | 0o777, c.FILE_SYS_ATTR_REPARSE_POINT,
-                                      lambda: super(FilterFS, self).symlink(req))
+    def symlink(self, op: ops.Symlink) -> Reply:
+        return self._make_with_events(op, op.name, stat.S_IFLNK | 0o777, c.FILE_SYS_ATTR_REPARSE_POINT,
+                                      lambda: self.down.symlink(op))
 
-    def opendir(self, req: Request) -> bytes:
-        if not self.reaches(req.nodeid):
-            return super().opendir(req)
-        node = self.inode(req.nodeid)
+    def opendir(self, op: ops.Open) -> Reply:
+        if not self.reaches(op.nodeid):
+            return self.down.opendir(op)
+        node = self.lower.inode(op.nodeid)
         m = self.match_node(node.nodeid)
-        flags = self.effective(m, req.pid, node)
+        flags = self.effective(m, op.pid, node)
         if flags.access & c.ACCESS_DENY_ALL and not (
                 flags.control & c.FS_CE_BEFORE_OPEN and self.core.handler("before_open_file")):
             raise self._deny("deny all")
         open_flags = os.O_RDONLY | os.O_DIRECTORY
-        return self._open_with_events(req, node, open_flags, flags, lambda: super(FilterFS, self).opendir(req),
+        return self._open_with_events(op, node, open_flags, flags, lambda: self.down.opendir(op),
                                       created=False, is_dir=True)
 
     # -- open reply flags: daemon I/O, direct I/O, FLUSH
 
-    def _wants_daemon(self, node: Inode, st: os.stat_result) -> bool:
-        if super()._wants_daemon(node, st):
-            return True
+    def needs_io(self, node: Inode, st: os.stat_result) -> bool:
         m = self.match_node(node.nodeid)
         if m is None:
             return False
@@ -902,12 +950,12 @@ class FilterFS(LowerFS):
 
     # -- read and write
 
-    def _io_flags(self, req: Request, node: Inode, handle: _Handle | None) -> tuple[Flags, Origin]:
+    def _io_flags(self, op: ops.Op, node: Inode, handle: _Handle | None) -> tuple[Flags, Origin]:
         m = self.match_node(node.nodeid)
-        if req.pid == 0 and handle is not None:  # write-back and read-ahead run without a caller
+        if op.pid == 0 and handle is not None:  # write-back and read-ahead run without a caller
             origin = handle.origin
             return self.effective(m, origin.tid, node), origin
-        return self.effective(m, req.pid, node), self.origin(req)
+        return self.effective(m, op.pid, node), self.origin(op)
 
     def _direction(self, handle: _Handle | None, direct: bool) -> int:
         if not direct:
@@ -916,27 +964,39 @@ class FilterFS(LowerFS):
             return c.FS_REQUEST_DIR_USER_NONCACHED
         return c.FS_REQUEST_DIR_USER_CACHED
 
-    def read(self, req: Request) -> bytes:
-        fh, offset, size, *_ = wire.fixed(req.body, abi.READ_IN)
-        f = self._file(fh)
+    def _served(self, serve: Callable[[], Reply]) -> tuple[Reply | None, int]:
+        """The reply of the layers below, or their errno when After events see failed requests (else it is
+        raised at once)."""
+        try:
+            return serve(), 0
+        except OSError as exc:
+            error = exc.errno or errno.EIO
+            if not self.after_ok(error):
+                raise
+            return None, error
+
+    def read(self, op: ops.Read) -> Reply:
+        fh, offset, size = op.fh, op.offset, op.size
+        f = self.lower.file(fh)
         if not self.reaches(f.inode.nodeid):
-            return super().read(req)
+            return self.down.read(op)
         handle = self._handles.get(fh)
-        flags, origin = self._io_flags(req, f.inode, handle)
+        flags, origin = self._io_flags(op, f.inode, handle)
         control = flags.control & (c.FS_CE_BEFORE_READ | c.FS_CE_AFTER_READ)
         if not (control or flags.notify & c.FS_NE_READ):
-            return super().read(req)
+            return self.down.read(op)
         direct = bool(self.core.process_cached_io_requests)
         direction = self._direction(handle, direct)
         path = handle.path if handle is not None else self.abspath(f.inode.nodeid)
         if not control:  # a notification only: no buffer for handlers to see
-            data, error = self.attempt(lambda: super(FilterFS, self).read(req))
+            reply, error = self._served(lambda: self.down.read(op))
+            got = len(reply.data) if isinstance(reply, Data) else 0
             self.notify("notify_read_file", c.FS_NE_READ, flags, origin, creator=handle.origin if handle else None,
                         file_name=path, position=offset,
-                        bytes_to_read=size, direction=direction, bytes_read=len(data), status=error)
-            if error:
+                        bytes_to_read=size, direction=direction, bytes_read=got, status=error)
+            if error or reply is None:
                 raise OSError(error, os.strerror(error))
-            return data
+            return reply
         ctx = self._handle_ctx(f.inode.nodeid, handle)
         buf = ctypes.create_string_buffer(max(size, 1))
         view = memoryview(buf).cast("B")[:size]
@@ -952,13 +1012,12 @@ class FilterFS(LowerFS):
             count = max(0, min(size, int(before.bytes_to_read)))
         if before is not None and not before.process_request:
             done = count  # the handler put the data in the buffer
-        else:
-            try:
-                done = os.preadv(f.fd, [view[:count]], position) if count else 0
-            except OSError as exc:
-                error = exc.errno or errno.EIO
-        if error and not self.after_ok(error):
-            raise OSError(error, os.strerror(error))
+        elif count:
+            op.offset, op.size = position, count  # what the Before handler asked for is what the layers below see
+            reply, error = self._served(lambda: self.down.read(op))
+            if isinstance(reply, Data):
+                done = min(count, len(reply.data))
+                view[:done] = reply.data[:done]
         after = self.fire("after_read_file", c.FS_CE_AFTER_READ, flags, origin, file_name=path, position=position,
                           buffer=pointer, buffer_length=size, buffer_view=view, bytes_to_read=count,
                           direction=direction, bytes_read=done, status=error, **ctx)
@@ -970,35 +1029,32 @@ class FilterFS(LowerFS):
                     bytes_to_read=count, direction=direction, bytes_read=done, status=error)
         if error:
             raise OSError(error, os.strerror(error))
-        return bytes(view[:done])
+        return Data(bytes(view[:done]))
 
-    def write(self, req: Request) -> bytes:
-        fh, offset, size, write_flags, *_ = wire.fixed(req.body, abi.WRITE_IN)
-        f = self._file(fh)
+    def write(self, op: ops.Write) -> Reply:
+        fh, offset, size = op.fh, op.offset, op.size
+        f = self.lower.file(fh)
         if not self.reaches(f.inode.nodeid):
-            return super().write(req)
+            return self.down.write(op)
         handle = self._handles.get(fh)
-        flags, origin = self._io_flags(req, f.inode, handle)
+        flags, origin = self._io_flags(op, f.inode, handle)
         control = flags.control & (c.FS_CE_BEFORE_WRITE | c.FS_CE_AFTER_WRITE)
         if not (control or flags.notify & c.FS_NE_WRITE):
-            return super().write(req)
+            return self.down.write(op)
         direct = bool(self.core.process_cached_io_requests)
         direction = self._direction(handle, direct)
         path = handle.path if handle is not None else self.abspath(f.inode.nodeid)
         if not control:  # a notification only: no buffer for handlers to see
-            reply, error = self.attempt(lambda: super(FilterFS, self).write(req))
-            written = abi.WRITE_OUT.unpack_from(reply)[0] if reply else 0
+            reply, error = self._served(lambda: self.down.write(op))
+            written = reply.size if isinstance(reply, Written) else 0
             self.notify("notify_write_file", c.FS_NE_WRITE, flags, origin,
                         creator=handle.origin if handle else None, file_name=path, position=offset,
                         bytes_to_write=size, direction=direction, bytes_written=written, status=error)
-            if error:
+            if error or reply is None:
                 raise OSError(error, os.strerror(error))
             return reply
-        data = req.body[abi.WRITE_IN.size:abi.WRITE_IN.size + size]
-        if len(data) != size:
-            raise wire.WireError(errno.EINVAL, "write data shorter than its size")
         ctx = self._handle_ctx(f.inode.nodeid, handle)
-        buf = ctypes.create_string_buffer(bytes(data), max(size, 1))
+        buf = ctypes.create_string_buffer(bytes(op.data), max(size, 1))
         view = memoryview(buf).cast("B")[:size]
         pointer = ctypes.c_void_p(ctypes.addressof(buf))
         position, count = offset, size
@@ -1012,17 +1068,17 @@ class FilterFS(LowerFS):
             count = max(0, min(size, int(before.bytes_to_write)))
         if before is not None and not before.process_request:
             done = count
-        else:
+        elif count:
             try:
                 if position < 0:  # -1: append, as the SDK defines it
-                    position = os.fstat(f.fd).st_size
-                done = os.pwrite(f.fd, view[:count], position) if count else 0
-                if write_flags & abi.FUSE_WRITE_KILL_SUIDGID:
-                    self._kill_privileges(f.fd)
+                    position = f.backend.size()
             except OSError as exc:
                 error = exc.errno or errno.EIO
-        if error and not self.after_ok(error):
-            raise OSError(error, os.strerror(error))
+            else:
+                # The (possibly changed) buffer, position and count are what the layers below write.
+                op.offset, op.size, op.data = position, count, view[:count]
+                reply, error = self._served(lambda: self.down.write(op))
+                done = reply.size if isinstance(reply, Written) else 0
         after = self.fire("after_write_file", c.FS_CE_AFTER_WRITE, flags, origin, file_name=path, position=position,
                           buffer=pointer, buffer_length=size, buffer_view=view, bytes_to_write=count,
                           direction=direction, bytes_written=done, status=error, **ctx)
@@ -1036,38 +1092,37 @@ class FilterFS(LowerFS):
             raise OSError(error, os.strerror(error))
         # A handler that shortened the write still owes the kernel the full count it asked for, or the
         # page cache and the file disagree; the SDK semantics are kept by what reached the file.
-        return wire.encode_write_out(size if before is not None and not before.process_request else done)
+        return Written(size if before is not None and not before.process_request else done)
 
-    def copy_file_range(self, req: Request) -> bytes:
-        fh_in, _off_in, _node_out, fh_out, *_ = wire.fixed(req.body, abi.COPY_FILE_RANGE_IN)
-        src, dst = self._file(fh_in), self._file(fh_out)
+    def copy_file_range(self, op: ops.CopyFileRange) -> Reply:
+        src, dst = self.lower.file(op.fh_in), self.lower.file(op.fh_out)
         if not (self.reaches(src.inode.nodeid) or self.reaches(dst.inode.nodeid)):
-            return super().copy_file_range(req)
-        f_in, _ = self._io_flags(req, src.inode, self._handles.get(fh_in))
-        f_out, _ = self._io_flags(req, dst.inode, self._handles.get(fh_out))
+            return self.down.copy_file_range(op)
+        f_in, _ = self._io_flags(op, src.inode, self._handles.get(op.fh_in))
+        f_out, _ = self._io_flags(op, dst.inode, self._handles.get(op.fh_out))
         if (f_in.control & (c.FS_CE_BEFORE_READ | c.FS_CE_AFTER_READ) or f_in.notify & c.FS_NE_READ
                 or f_out.control & (c.FS_CE_BEFORE_WRITE | c.FS_CE_AFTER_WRITE) or f_out.notify & c.FS_NE_WRITE):
             # A copy done below the filter would bypass the read/write events: the kernel then copies
             # through READ and WRITE requests, which fire them.
             raise OSError(errno.EOPNOTSUPP, "copied through read and write so that events fire")
-        return super().copy_file_range(req)
+        return self.down.copy_file_range(op)
 
     # -- cleanup and close
 
-    def flush(self, req: Request) -> bytes:
-        fh, _, _, owner = wire.fixed(req.body, abi.FLUSH_IN)
+    def flush(self, op: ops.Flush) -> Reply:
+        fh, owner = op.fh, op.owner
         handle = self._handles.get(fh)
-        f = self._file(fh)
-        if self.options.locks and self.locks.owner_holds(f.inode.nodeid, owner):
+        f = self.lower.file(fh)
+        if self.lower.options.locks and self.lower.locks.owner_holds(f.inode.nodeid, owner):
             # close(2) of any descriptor drops the caller's POSIX locks on the file
-            self._unlock_all(req, f.inode, handle, lambda: self.locks.release_owner(f.inode.nodeid, owner))
+            self._unlock_all(op, f.inode, handle, lambda: self.lower.locks.release_owner(f.inode.nodeid, owner))
         if handle is None:
-            return super().flush(req)
-        flags, origin = self._io_flags(req, f.inode, handle)
+            return self.down.flush(op)
+        flags, origin = self._io_flags(op, f.inode, handle)
         ctx = self._handle_ctx(f.inode.nodeid, handle)
         before = self.fire("before_cleanup_file", c.FS_CE_BEFORE_CLEANUP, flags, origin, file_name=handle.path,
                            **ctx)
-        reply = super().flush(req) if before is None or before.process_request else b""
+        reply = self.down.flush(op) if before is None or before.process_request else EMPTY
         after = self.fire("after_cleanup_file", c.FS_CE_AFTER_CLEANUP, flags, origin, file_name=handle.path,
                           **ctx)
         if after is not None:
@@ -1090,38 +1145,38 @@ class FilterFS(LowerFS):
                 else:
                     self._file_contexts.pop(nodeid, None)
 
-    def release(self, req: Request) -> bytes:
-        fh = wire.fixed(req.body, abi.RELEASE_IN)[0]
+    def release(self, op: ops.Release) -> Reply:
+        fh = op.fh
         handle = self._handles.pop(fh, None)
         if handle is None:
-            return super().release(req)
-        f = self._file(fh)
+            return self.down.release(op)
+        f = self.lower.file(fh)
         nodeid = f.inode.nodeid
-        if self.options.locks and self.locks.fh_holds(nodeid, fh):  # flock and OFD locks of this open file
-            self._unlock_all(req, f.inode, handle, lambda: self.locks.release_fh(nodeid, fh))
-        self._close_events(req, f.inode, handle, False)
+        if self.lower.options.locks and self.lower.locks.fh_holds(nodeid, fh):  # flock and OFD locks of this open file
+            self._unlock_all(op, f.inode, handle, lambda: self.lower.locks.release_fh(nodeid, fh))
+        self._close_events(op, f.inode, handle, False)
         try:
-            return super().release(req)
+            return self.down.release(op)
         finally:
             self._node_closed(nodeid, handle)
 
     # -- locks (served when a lock handler was set at start: LowerOptions.locks)
 
-    def setlk(self, req: Request) -> bytes | None:
-        return self._lock_with_events(req, False)
+    def setlk(self, op: ops.Lock) -> Reply | None:
+        return self._lock_with_events(op, False)
 
-    def setlkw(self, req: Request) -> bytes | None:
-        return self._lock_with_events(req, True)
+    def setlkw(self, op: ops.Lock) -> Reply | None:
+        return self._lock_with_events(op, True)
 
-    def _lock_with_events(self, req: Request, wait: bool) -> bytes | None:
-        lk = LockRequest.decode(req)
-        node = self._file(lk.fh).inode
+    def _lock_with_events(self, lk: ops.Lock, wait: bool) -> Reply | None:
+        node = self.lower.file(lk.fh).inode
+        serve = self.down.setlkw if wait else self.down.setlk
         if not self.reaches(node.nodeid):
-            return self.lock(req, lk, wait)
+            return serve(lk)
         handle = self._handles.get(lk.fh)
-        flags, origin = self._io_flags(req, node, handle)
+        flags, origin = self._io_flags(lk, node, handle)
         if not (flags.control & _LOCK_BITS[0] or flags.notify & _LOCK_BITS[1]):
-            return self.lock(req, lk, wait)
+            return serve(lk)
         path = handle.path if handle is not None else self.abspath(node.nodeid)
         ctx = self._handle_ctx(node.nodeid, handle)
         kind = "unlock_single" if lk.kind == F_UNLCK else "lock"
@@ -1132,7 +1187,7 @@ class FilterFS(LowerFS):
         before = self.fire(f"before_{kind}", c.FS_CE_BEFORE_LOCK_CONTROL, flags, origin, **fields, **ctx)
         if before is not None:
             if not before.process_request:
-                return b""  # the handler completed the request: nothing is locked or unlocked here
+                return EMPTY  # the handler completed the request: nothing is locked or unlocked here
             start, length = int(before.offset), int(before.length)
             if start < 0 or length < 0 or start > OFFSET_MAX:
                 raise OSError(errno.EINVAL, "a lock handler gave a negative offset or length")
@@ -1153,15 +1208,17 @@ class FilterFS(LowerFS):
                         status=error, **fields)
             return error
 
-        # A wait granted later is finished on a thread of its own: the After handler must not run on the
-        # thread of the request (an unlock, a close) whose release granted it.
-        return self.lock(req, lk, wait, finish, finish_in_thread=bool(flags.control & c.FS_CE_AFTER_LOCK_CONTROL))
+        # The outcome reaches this layer's After work once the bottom knows it (at once, or when a wait is
+        # granted); a wait granted later is finished on a thread of its own: the After handler must not run on
+        # the thread of the request (an unlock, a close) whose release granted it.
+        add_lock_finish(lk, finish, bool(flags.control & c.FS_CE_AFTER_LOCK_CONTROL))
+        return serve(lk)
 
-    def _unlock_all(self, req: Request, node: Inode, handle: _Handle | None, drop: Callable[[], bool]) -> None:
+    def _unlock_all(self, op: ops.Op, node: Inode, handle: _Handle | None, drop: Callable[[], bool]) -> None:
         """Locks that go with a close (FLUSH: the caller's POSIX locks; RELEASE: the open file's flock and OFD
         locks). They go whatever the handlers say: a close cannot fail, and a lock kept past it would be
         kept forever."""
-        flags, origin = self._io_flags(req, node, handle)
+        flags, origin = self._io_flags(op, node, handle)
         if not (flags.control & _LOCK_BITS[0] or flags.notify & _LOCK_BITS[1]):
             drop()
             return
@@ -1179,7 +1236,7 @@ class FilterFS(LowerFS):
         self.notify("notify_unlock_all", c.FS_NE_LOCK_CONTROL, flags, origin, creator=ctx["creator"],
                     file_name=path)
 
-    def _close_events(self, req: Request, node: Inode, handle: _Handle, is_dir: bool) -> None:
+    def _close_events(self, op: ops.Op, node: Inode, handle: _Handle, is_dir: bool) -> None:
         m = self.match_node(node.nodeid)
         # RELEASE comes from the kernel (pid 0) after the last reference went: the handle's opener stands in.
         origin = handle.origin
@@ -1206,143 +1263,117 @@ class FilterFS(LowerFS):
             pass
         self.notify("notify_close_file", c.FS_NE_CLOSE, flags, origin, file_name=handle.path)
 
-    def releasedir(self, req: Request) -> bytes:
-        fh = wire.fixed(req.body, abi.RELEASE_IN)[0]
+    def releasedir(self, op: ops.Release) -> Reply:
+        fh = op.fh
         handle = self._handles.pop(fh, None)
         if handle is None:
-            return super().releasedir(req)
-        node = self.nodes.get(req.nodeid)
+            return self.down.releasedir(op)
+        node = self.lower.nodes.get(op.nodeid)
         if node is not None:
-            self._close_events(req, node, handle, True)
+            self._close_events(op, node, handle, True)
         try:
-            return super().releasedir(req)
+            return self.down.releasedir(op)
         finally:
-            self._node_closed(req.nodeid, handle)
+            self._node_closed(op.nodeid, handle)
 
     # -- directory listings
 
-    def readdir(self, req: Request) -> bytes:
-        return self._listing_with_events(req, False)
-
-    def readdirplus(self, req: Request) -> bytes:
-        return self._listing_with_events(req, True)
-
-    def _listing_with_events(self, req: Request, plus: bool) -> bytes:
-        if not self.reaches(req.nodeid):
-            return self._listing(req, plus)
-        fh, offset, *_ = wire.fixed(req.body, abi.READ_IN)
-        node = self.inode(req.nodeid)
+    def readdir(self, op: ops.Read) -> Reply:
+        """READDIR and READDIRPLUS: the Before event at the start of a listing; each entry's After event comes
+        in ``listed``, as the bottom passes the entry up."""
+        if not self.reaches(op.nodeid):
+            return self.down.readdir(op)
+        node = self.lower.inode(op.nodeid)
         m = self.match_node(node.nodeid)
-        flags = self.effective(m, req.pid, node)
-        handle = self._handles.get(fh)
-        self._listing_state.flags = flags
-        self._listing_state.origin = self.origin(req)
+        flags = self.effective(m, op.pid, node)
+        handle = self._handles.get(op.fh)
+        origin = self.origin(op)
+        op.remember((self, "listing"), (flags, origin, handle))
         if handle is not None and (flags.control & (c.FS_CE_BEFORE_ENUMERATE_DIRECTORY
                                                     | c.FS_CE_AFTER_ENUMERATE_DIRECTORY)
                                    or flags.notify & c.FS_NE_ENUMERATE_DIRECTORY):
-            if offset == 0:
+            if op.offset == 0:
                 before = self.fire("before_enumerate_directory", c.FS_CE_BEFORE_ENUMERATE_DIRECTORY, flags,
-                                   self._listing_state.origin, directory_name=handle.path, file_name_mask="*",
+                                   origin, directory_name=handle.path, file_name_mask="*",
                                    directory_context=self.file_context(node.nodeid), handle_context=handle.context,
                                    enumeration_context=handle.enum_context, restart=handle.enumerated)
                 if before is not None:
                     handle.enum_context = int(before.enumeration_context)
                     if not before.process_request:
-                        return b""
+                        return Listing([], op.plus)
             handle.enumerated = True
-        try:
-            return self._listing(req, plus)
-        finally:
-            self._listing_state.flags = NO_FLAGS
+        return self.down.readdir(op)
 
-    def dir_record(self, req: Request, fh: int, parent: Inode, name: bytes, ino: int, next_off: int, dtype: int,
-                   plus: bool) -> bytes | None:
-        state = self._listing_state
-        flags: Flags = getattr(state, "flags", NO_FLAGS)
-        record: bytes | None
-        if not (flags.control & c.FS_CE_AFTER_ENUMERATE_DIRECTORY or flags.notify & c.FS_NE_ENUMERATE_DIRECTORY) \
-                or name in (b".", b".."):
-            record = super().dir_record(req, fh, parent, name, ino, next_off, dtype, plus)
-            return self._volatile_child(parent, name, record, plus)
-        handle = self._handles.get(fh)
-        nodeid = 0
-        try:
-            if plus:  # the entry's lookup gives the attributes the events report
-                node, st = self._lookup_child(parent, name)
-                nodeid = node.nodeid
-            else:
-                st = os.stat(name, dir_fd=parent.fd, follow_symlinks=False)
-        except OSError:
-            return None  # gone since it was listed
-        try:
-            record = self._enumerated(handle, parent, name, st, nodeid, next_off, dtype, ino, flags, state.origin)
-        except BaseException:
-            record = None
-            raise
-        finally:
-            if nodeid and record is None:
-                self._forget_one(nodeid, 1)  # the kernel never hears of the entry: give its lookup back
-        return self._volatile_child(parent, name, record, plus)
+    def listed(self, op: ops.Read, parent: Inode, entry: DirEntry) -> DirEntry | None:
+        state: tuple[Flags, Origin, _Handle | None] | None = op.recall((self, "listing"))
+        if state is None or entry.name in (b".", b".."):
+            return entry  # a listing this filter's rules cannot concern
+        flags, origin, handle = state
+        if flags.control & c.FS_CE_AFTER_ENUMERATE_DIRECTORY or flags.notify & c.FS_NE_ENUMERATE_DIRECTORY:
+            if entry.attr is None:
+                try:
+                    entry.attr = os.stat(entry.name, dir_fd=parent.fd, follow_symlinks=False)
+                except OSError:
+                    return None  # gone since it was listed
+            if not self._enumerated(handle, parent, entry, flags, origin):
+                return None
+        return self._volatile_child(parent, entry, op.plus)
 
-    def _enumerated(self, handle: _Handle | None, parent: Inode, name: bytes,
-                    st: os.stat_result, nodeid: int, next_off: int, dtype: int, ino: int, flags: Flags,
-                    origin: Origin) -> bytes | None:
-        """Fire the enumeration events of one entry; its record, or None when a handler hid it."""
+    def _enumerated(self, handle: _Handle | None, parent: Inode, entry: DirEntry, flags: Flags,
+                    origin: Origin) -> bool:
+        """Fire the enumeration events of one entry (changing it as the handler says); False when it hid it."""
+        st = entry.attr
+        assert st is not None
+        name = os.fsdecode(entry.name)
         dirname = handle.path if handle is not None else self.abspath(parent.nodeid)
         fields: dict[str, Any] = dict(
-            directory_name=dirname, file_name=os.fsdecode(name), creation_time=None,
+            directory_name=dirname, file_name=name, creation_time=None,
             last_access_time=st.st_atime_ns, last_write_time=st.st_mtime_ns, change_time=st.st_ctime_ns,
             size=st.st_size, allocation_size=st.st_blocks * 512, file_id=st.st_ino,
-            attributes=attributes_from_stat(st.st_mode, st.st_size, st.st_blocks, os.fsdecode(name)))
+            attributes=attributes_from_stat(st.st_mode, st.st_size, st.st_blocks, name))
         after = self.fire("after_enumerate_directory", c.FS_CE_AFTER_ENUMERATE_DIRECTORY, flags, origin,
                           directory_context=self.file_context(parent.nodeid),
                           handle_context=handle.context if handle else 0,
                           enumeration_context=handle.enum_context if handle else 0, **fields)
-        view: Any = self.shown(nodeid, st) if nodeid else st
-        timeouts = (self.options.entry_timeout, self.options.attr_timeout)
         if after is not None:
             if handle is not None:
                 handle.enum_context = int(after.enumeration_context)
             if not after.process_request:
-                return None  # the handler hid the entry
-            if int(after.size) != st.st_size or int(after.allocation_size) != st.st_blocks * 512:
-                view = _StatView(view, int(after.size), (int(after.allocation_size) + 511) // 512)
-                timeouts = (0.0, 0.0)
+                return False  # the handler hid the entry
+            if (int(after.size) != st.st_size or int(after.allocation_size) != st.st_blocks * 512) \
+                    and entry.entry is not None and entry.entry.attr is not None:
+                entry.entry.attr = StatView(entry.entry.attr, size=int(after.size),
+                                            blocks=(int(after.allocation_size) + 511) // 512)
+                entry.entry.uncached()
             for key in ("size", "allocation_size", "attributes"):
                 fields[key] = getattr(after, key)
         self.notify("notify_enumerate_directory", c.FS_NE_ENUMERATE_DIRECTORY, flags, origin, **fields)
-        if not nodeid:
-            return wire.encode_dirent(ino, next_off, dtype, name)
-        return wire.encode_entry(nodeid, view, *timeouts) + wire.encode_dirent(st.st_ino, next_off, dtype, name)
+        return True
 
-    def _volatile_child(self, parent: Inode, name: bytes, record: bytes | None, plus: bool) -> bytes | None:
-        """A READDIRPLUS entry must not put a name in the cache that a per-request rule may refuse."""
-        if record is None or not plus or name in (b".", b"..") or not self._any_volatile() \
-                or not self.reaches(parent.nodeid):
-            return record
-        m = self.match_name(self.child_path(parent.nodeid, name))
+    def _volatile_child(self, parent: Inode, entry: DirEntry, plus: bool) -> DirEntry:
+        """A READDIRPLUS entry must not put a name in the cache that a per-request rule may refuse: the name
+        goes up without its entry (the bottom gives back the lookup it counted)."""
+        if not plus or entry.entry is None or not self._any_volatile():
+            return entry
+        m = self.match_name(self.child_path(parent.nodeid, entry.name))
         if m is not None and self._volatile(m):
-            nodeid = struct.unpack_from("<Q", record, 0)[0]
-            if nodeid:
-                # Give back the lookup the entry counted, and send the name without an entry.
-                self._forget_one(nodeid, 1)
-            return bytes(abi.ENTRY_OUT_SIZE) + record[abi.ENTRY_OUT_SIZE:]
-        return record
+            entry.entry = None
+        return entry
 
     # -- delete, rename, link
 
-    def _delete(self, req: Request, is_dir: bool) -> bytes:
-        name, _ = wire.name_at(req.body)
-        serve = super().rmdir if is_dir else super().unlink
-        if not self.reaches(req.nodeid):
-            return serve(req)
-        path = self.child_path(req.nodeid, name)
-        m = self.match_name(path)
-        flags = self.effective(m, req.pid, parent=self.inode(req.nodeid), name=name)
+    def _delete(self, op: ops.Remove, is_dir: bool) -> Reply:
+        name = op.name
+        serve: Callable[[ops.Remove], Reply] = self.down.rmdir if is_dir else self.down.unlink
+        if not self.reaches(op.nodeid):
+            return serve(op)
+        path = self.child_path(op.nodeid, name)
+        m = self.name_match(op, name)
+        flags = self.effective(m, op.pid, parent=self.lower.inode(op.nodeid), name=name)
         if flags.access & (c.ACCESS_DENY_ALL | c.ACCESS_DELETE_PROTECT | c.ACCESS_DELETE_ONLY_PROTECT
                            | c.ACCESS_READ_ONLY | c.ACCESS_WRITE_ONLY):
             raise self._deny("delete-protect")
-        origin = self.origin(req)
+        origin = self.origin(op)
         before = self.fire("before_can_file_be_deleted", c.FS_CE_BEFORE_CAN_DELETE, flags, origin, file_name=path,
                            can_delete=True)
         can_delete = True if before is None else bool(before.can_delete)
@@ -1358,7 +1389,8 @@ class FilterFS(LowerFS):
         # process_request = False: the handler completed the delete (or chose to report it done).
         handled = before is not None and not before.process_request
         try:
-            reply = b"" if handled else self._hidden_emptiness(req, self.inode(req.nodeid), name, lambda: serve(req))
+            reply = EMPTY if handled else self._hidden_emptiness(op, self.lower.inode(op.nodeid), name,
+                                                                 lambda: serve(op))
         except OSError as exc:
             if self.after_ok(exc.errno or errno.EIO):
                 self.fire("after_delete_file", c.FS_CE_AFTER_DELETE, flags, origin, file_name=path,
@@ -1368,32 +1400,32 @@ class FilterFS(LowerFS):
         self.notify("notify_delete_file", c.FS_NE_DELETE, flags, origin, file_name=path)
         return reply
 
-    def unlink(self, req: Request) -> bytes:
-        return self._delete(req, False)
+    def unlink(self, op: ops.Remove) -> Reply:
+        return self._delete(op, False)
 
-    def rmdir(self, req: Request) -> bytes:
-        return self._delete(req, True)
+    def rmdir(self, op: ops.Remove) -> Reply:
+        return self._delete(op, True)
 
-    def _rename(self, req: Request, newdir: int, flags_in: int, offset: int) -> bytes:
-        if not (self.reaches(req.nodeid) or self.reaches(newdir)):
-            return super()._rename(req, newdir, flags_in, offset)
-        old, pos = wire.name_at(req.body, offset)
-        new, _ = wire.name_at(req.body, pos)
-        old_path = self.child_path(req.nodeid, old)
+    def rename(self, op: ops.Rename) -> Reply:
+        newdir, flags_in = op.new_dir, op.flags
+        if not (self.reaches(op.nodeid) or self.reaches(newdir)):
+            return self.down.rename(op)
+        old, new = op.name, op.new_name
+        old_path = self.child_path(op.nodeid, old)
         new_path = self.child_path(newdir, new)
-        m_old, m_new = self.match_name(old_path), self.match_name(new_path)
-        old_dir, new_dir = self.inode(req.nodeid), self.inode(newdir)
-        if self._redirected(req, old_dir, old) or self._redirected(req, new_dir, new):
+        m_old, m_new = self.name_match(op, old), self.name_match(op, new, newdir)
+        old_dir, new_dir = self.lower.inode(op.nodeid), self.lower.inode(newdir)
+        if self._redirected(op, old_dir, old) or self._redirected(op, new_dir, new):
             # The two names live in different places: callers such as mv then copy and delete, which the
             # reparse rules send to the right place.
             raise OSError(errno.EXDEV, "a redirected name is renamed by copying")
-        f_old = self.effective(m_old, req.pid, parent=old_dir, name=old)
-        f_new = self.effective(m_new, req.pid, parent=new_dir, name=new)
+        f_old = self.effective(m_old, op.pid, parent=old_dir, name=old)
+        f_new = self.effective(m_new, op.pid, parent=new_dir, name=new)
         self._check_rename_access(f_old, f_new, new_dir, new, flags_in)
-        self._check_subtree_move(req.pid, old_dir, old, new_dir, new, old_path, new_path, flags_in)
-        self._check_not_hidden(req, new_dir, new)
+        self._check_subtree_move(op.pid, old_dir, old, new_dir, new, old_path, new_path, flags_in)
+        self._check_not_hidden(op, new_dir, new)
         flags = Flags(f_old.access | f_new.access, f_old.control | f_new.control, f_old.notify | f_new.notify)
-        origin = self.origin(req)
+        origin = self.origin(op)
         replace = not flags_in & 1  # RENAME_NOREPLACE
         fields: dict[str, Any] = dict(file_name=old_path, new_file_name=new_path, replace_if_exists=replace,
                                       flags=flags_in)
@@ -1402,13 +1434,12 @@ class FilterFS(LowerFS):
             if before is not None and not before.process_request:
                 # The handler completed the rename: the caller is told it succeeded, and the names
                 # remembered for paths follow whatever the lower directory now holds.
-                reply = b""
-                self._moved(new_dir, new)
+                reply: Reply = EMPTY
+                self.lower.moved(new_dir, new)
                 if flags_in & 2:
-                    self._moved(old_dir, old)
+                    self.lower.moved(old_dir, old)
             else:
-                reply = self._hidden_emptiness(req, new_dir, new,
-                                               lambda: super(FilterFS, self)._rename(req, newdir, flags_in, offset))
+                reply = self._hidden_emptiness(op, new_dir, new, lambda: self.down.rename(op))
         except OSError as exc:
             if self.after_ok(exc.errno or errno.EIO):
                 self.fire("after_rename_or_move_file", c.FS_CE_AFTER_RENAME, flags, origin, status=exc.errno,
@@ -1460,35 +1491,35 @@ class FilterFS(LowerFS):
                 raise self._deny(f"moving the directory {old_path} to {new_path} would change what the rule "
                                  f"{rule.mask!r} covers below it")
 
-    def link(self, req: Request) -> bytes:
-        (old,) = wire.fixed(req.body, abi.LINK_IN)
-        if not (self.reaches(old) or self.reaches(req.nodeid)):
-            return super().link(req)
-        name, _ = wire.name_at(req.body, abi.LINK_IN.size)
+    def link(self, op: ops.Link) -> Reply:
+        old = op.target
+        if not (self.reaches(old) or self.reaches(op.nodeid)):
+            return self.down.link(op)
+        name = op.name
         src_path = self.abspath(old)
-        link_path = self.child_path(req.nodeid, name)
-        if self._redirected(req, self.inode(req.nodeid), name):
+        link_path = self.child_path(op.nodeid, name)
+        if self._redirected(op, self.lower.inode(op.nodeid), name):
             raise OSError(errno.EXDEV, "a hard link cannot be made under a redirected name")
-        f_src = self.effective(self.match_node(old), req.pid, self.inode(old))
-        f_new = self.effective(self.match_name(link_path), req.pid, parent=self.inode(req.nodeid), name=name)
+        f_src = self.effective(self.match_node(old), op.pid, self.lower.inode(old))
+        f_new = self.effective(self.name_match(op, name), op.pid, parent=self.lower.inode(op.nodeid), name=name)
         if f_src.access and not f_new.access & f_src.access == f_src.access:
             # A second name outside the rule would escape it: refuse it.
             raise self._deny("a hard link would bypass an access rule")
         if f_new.access & (c.ACCESS_DENY_ALL | c.ACCESS_READ_ONLY):
             raise self._deny("read-only")
-        self._check_not_hidden(req, self.inode(req.nodeid), name)
+        self._check_not_hidden(op, self.lower.inode(op.nodeid), name)
         flags = Flags(f_src.access | f_new.access, f_src.control | f_new.control, f_src.notify | f_new.notify)
-        origin = self.origin(req)
+        origin = self.origin(op)
         fields: dict[str, Any] = dict(file_name=src_path, link_name=link_path, replace_if_exists=False)
         before = self.fire("before_create_hard_link", c.FS_CE_BEFORE_CREATE_HARD_LINK, flags, origin, **fields)
         try:
             if before is not None and not before.process_request:
                 # The handler completed it: the reply needs the new name's entry, so it must exist now.
-                parent = self.inode(req.nodeid)
-                fd = os.open(name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=parent.fd)
-                reply = self._entry(fd, parent.nodeid, name)
+                parent = self.lower.inode(op.nodeid)
+                node, st = self.lower.lookup_child(parent, name)
+                reply: Reply = self.lower.entry(node, st)
             else:
-                reply = super().link(req)
+                reply = self.down.link(op)
         except OSError as exc:
             if self.after_ok(exc.errno or errno.EIO):
                 self.fire("after_create_hard_link", c.FS_CE_AFTER_CREATE_HARD_LINK, flags, origin,
@@ -1500,16 +1531,16 @@ class FilterFS(LowerFS):
 
     # -- attributes, sizes, security
 
-    def setattr(self, req: Request) -> bytes:
-        if not self.reaches(req.nodeid):
-            return super().setattr(req)
-        (valid, _, fh, size, _owner, atime, mtime, _ctime, atime_ns, mtime_ns, _ctime_ns, mode, _, uid, gid,
-         _) = wire.fixed(req.body, abi.SETATTR_IN)
-        node = self.inode(req.nodeid)
+    def setattr(self, op: ops.Setattr) -> Reply:
+        if not self.reaches(op.nodeid):
+            return self.down.setattr(op)
+        valid, fh, size, mode, uid, gid = op.valid, op.fh, op.size, op.mode, op.uid_to, op.gid_to
+        atime, mtime, atime_ns, mtime_ns = op.atime, op.mtime, op.atime_ns, op.mtime_ns
+        node = self.lower.inode(op.nodeid)
         m = self.match_node(node.nodeid)
-        flags = self.effective(m, req.pid, node)
+        flags = self.effective(m, op.pid, node)
         if not (flags.access or flags.control or flags.notify):
-            return super().setattr(req)
+            return self.down.setattr(op)
         access = flags.access
         if access & c.ACCESS_DENY_ALL:
             raise self._deny("deny all")
@@ -1520,8 +1551,8 @@ class FilterFS(LowerFS):
         if valid & (abi.FATTR_UID | abi.FATTR_GID) and access & c.ACCESS_NO_CHANGE_OWNER:
             raise self._deny("no-change-owner")
         path = self.abspath(node.nodeid)
-        origin = self.origin(req)
-        handle = self._handles.get(fh) if valid & abi.FATTR_FH else None
+        origin = self.origin(op)
+        handle = self._handles.get(fh) if fh is not None else None
         ctx = self._handle_ctx(node.nodeid, handle)
         events: list[tuple[str, int, int, dict[str, Any]]] = []
         if valid & abi.FATTR_SIZE:
@@ -1545,22 +1576,22 @@ class FilterFS(LowerFS):
         for event, bit, _nbit, fields in events:
             before = self.fire(f"before_{event}", bit, flags, origin, **ctx, **fields)
             if before is not None and not before.process_request:
-                return wire.encode_attr_out(self.shown(node.nodeid, os.fstat(node.fd)), 0.0)
-        reply, error = self.attempt(lambda: super(FilterFS, self).setattr(req))
+                return Attr(self.lower.attributes(node.nodeid, os.fstat(node.fd)), 0.0)
+        reply, error = self._served(lambda: self.down.setattr(op))
         for event, bit, nbit, fields in events:
             self.fire(f"after_{event}", bit << 1, flags, origin, status=error, **ctx, **fields)
             self.notify(f"notify_{event}", nbit, flags, origin, status=error, **fields)
-        if error:
+        if error or reply is None:
             raise OSError(error, os.strerror(error))
         return reply
 
-    def fallocate(self, req: Request) -> bytes:
-        fh, offset, length, _mode, _ = wire.fixed(req.body, abi.FALLOCATE_IN)
-        f = self._file(fh)
+    def fallocate(self, op: ops.Fallocate) -> Reply:
+        fh, offset, length = op.fh, op.offset, op.length
+        f = self.lower.file(fh)
         if not self.reaches(f.inode.nodeid):
-            return super().fallocate(req)
+            return self.down.fallocate(op)
         handle = self._handles.get(fh)
-        flags, origin = self._io_flags(req, f.inode, handle)
+        flags, origin = self._io_flags(op, f.inode, handle)
         if flags.access & (c.ACCESS_READ_ONLY | c.ACCESS_DENY_ALL):
             raise self._deny("read-only")
         path = handle.path if handle else self.abspath(f.inode.nodeid)
@@ -1568,22 +1599,22 @@ class FilterFS(LowerFS):
         ctx = self._handle_ctx(f.inode.nodeid, handle)
         before = self.fire("before_set_allocation_size", c.FS_CE_BEFORE_SET_SIZES, flags, origin, **ctx, **fields)
         if before is not None and not before.process_request:
-            return b""
-        reply = super().fallocate(req)
+            return EMPTY
+        reply = self.down.fallocate(op)
         self.fire("after_set_allocation_size", c.FS_CE_AFTER_SET_SIZES, flags, origin, **ctx, **fields)
         self.notify("notify_set_allocation_size", c.FS_NE_SET_SIZES, flags, origin, creator=ctx["creator"],
                     **fields)
         return reply
 
-    def _xattr_events(self, req: Request, name: bytes, setting: bool, serve: Callable[[], bytes],
-                      value: bytes = b"", size: int = 0) -> bytes:
-        """Events around an xattr request. ``serve`` sets/removes (``setting``) or returns the whole
-        value or name list, which the reply then cuts to the caller's ``size`` (0: a size probe)."""
-        node = self.inode(req.nodeid)
+    def _xattr_events(self, op: ops.Op, name: bytes, setting: bool, value: bytes = b"", size: int = 0) -> Reply:
+        """Events around an xattr request: a set/remove (``setting``), or a query whose whole value (or name
+        list) the events see and the reply then cuts to the caller's ``size`` (0: a size probe)."""
+        node = self.lower.inode(op.nodeid)
         m = self.match_node(node.nodeid)
-        flags = self.effective(m, req.pid, node)
+        flags = self.effective(m, op.pid, node)
+        serve = self._xattr_server(op, setting)
         if not (flags.access or flags.control or flags.notify):
-            return serve() if setting else _sized(serve(), size)
+            return serve() if setting else xattr_reply(self._whole(serve), size)
         acl = name in _ACL_NAMES
         if setting and flags.access & c.ACCESS_DENY_ALL:
             raise self._deny("deny all")
@@ -1592,7 +1623,7 @@ class FilterFS(LowerFS):
         if setting and not acl and flags.access & c.ACCESS_READ_ONLY:
             raise self._deny("read-only")
         path = self.abspath(node.nodeid)
-        origin = self.origin(req)
+        origin = self.origin(op)
         ctx: dict[str, Any] = dict(file_context=self.file_context(node.nodeid))
         if acl:
             kind = "set_file_security" if setting else "get_file_security"
@@ -1615,62 +1646,77 @@ class FilterFS(LowerFS):
         before = self.fire(f"before_{kind}", bit, flags, origin, **ctx, **fields)
         if before is not None and not before.process_request:
             if setting:
-                return b""
+                return EMPTY
             if acl:
-                return _sized(bytes(before.security_descriptor or b""), size)
-            return _sized(bytes(out[:max(0, min(len(out), int(before.valid_bytes)))]), size)
-        raw, error = self.attempt(serve)
-        if not setting and acl:
-            fields.update(security_descriptor=raw, length=len(raw))
-        elif not setting:
-            fields.update(buffer_length=size, buffer_view=memoryview(raw), valid_bytes=len(raw))
+                return xattr_reply(bytes(before.security_descriptor or b""), size)
+            return xattr_reply(bytes(out[:max(0, min(len(out), int(before.valid_bytes)))]), size)
+        reply, error = self._served(serve)
+        raw = b""
+        if not setting:
+            raw = bytes(reply.data) if isinstance(reply, Data) else b""
+            if acl:
+                fields.update(security_descriptor=raw, length=len(raw))
+            else:
+                fields.update(buffer_length=size, buffer_view=memoryview(raw), valid_bytes=len(raw))
         self.fire(f"after_{kind}", bit << 1, flags, origin, status=error, **ctx, **fields)
         self.notify(f"notify_{kind}", nbit, flags, origin, status=error, **fields)
-        if error:
+        if error or reply is None:
             raise OSError(error, os.strerror(error))
-        return raw if setting else _sized(raw, size)
+        return reply if setting else xattr_reply(raw, size)
 
-    def getxattr(self, req: Request) -> bytes:
-        if not self.reaches(req.nodeid):
-            return super().getxattr(req)
-        size, _ = wire.fixed(req.body, abi.GETXATTR_IN)
-        name, _ = wire.cstring(req.body, abi.GETXATTR_IN.size)
-        return self._xattr_events(req, name, False, lambda: self.xattr_value(req), size=size)
+    def _xattr_server(self, op: ops.Op, setting: bool) -> Callable[[], Reply]:
+        """The layers below, asked for a set/remove, or for a query's whole value (whatever the caller's size)."""
+        if isinstance(op, ops.Setxattr):
+            return lambda: self.down.setxattr(op)
+        if isinstance(op, ops.Removexattr):
+            return lambda: self.down.removexattr(op)
+        assert isinstance(op, ops.Getxattr)
 
-    def listxattr(self, req: Request) -> bytes:
-        if not self.reaches(req.nodeid):
-            return super().listxattr(req)
-        size, _ = wire.fixed(req.body, abi.GETXATTR_IN)
-        return self._xattr_events(req, b"", False, lambda: self.xattr_names(req), size=size)
+        def whole() -> Reply:
+            asked = op.size
+            op.size = _XATTR_SIZE_MAX
+            try:
+                return self.down.getxattr(op)
+            finally:
+                op.size = asked
+        return whole
 
-    def setxattr(self, req: Request) -> bytes:
-        if not self.reaches(req.nodeid):
-            return super().setxattr(req)
-        size, _, _, _ = wire.fixed(req.body, abi.SETXATTR_IN)
-        name, pos = wire.cstring(req.body, abi.SETXATTR_IN.size)
-        return self._xattr_events(req, name, True, lambda: super(FilterFS, self).setxattr(req),
-                                  bytes(req.body[pos:pos + size]))
+    @staticmethod
+    def _whole(serve: Callable[[], Reply]) -> bytes:
+        reply = serve()
+        return bytes(reply.data) if isinstance(reply, Data) else b""
 
-    def removexattr(self, req: Request) -> bytes:
-        if not self.reaches(req.nodeid):
-            return super().removexattr(req)
-        name, _ = wire.cstring(req.body)
-        return self._xattr_events(req, name, True, lambda: super(FilterFS, self).removexattr(req))
+    def getxattr(self, op: ops.Getxattr) -> Reply:
+        """GETXATTR and LISTXATTR (``op.name`` empty)."""
+        if not self.reaches(op.nodeid):
+            return self.down.getxattr(op)
+        return self._xattr_events(op, op.name, False, size=op.size)
 
-    def readlink(self, req: Request) -> bytes:
-        if not self.reaches(req.nodeid):
-            return super().readlink(req)
-        node = self.inode(req.nodeid)
-        flags = self.effective(self.match_node(node.nodeid), req.pid, node)
+    def setxattr(self, op: ops.Setxattr) -> Reply:
+        if not self.reaches(op.nodeid):
+            return self.down.setxattr(op)
+        return self._xattr_events(op, op.name, True, op.value)
+
+    def removexattr(self, op: ops.Removexattr) -> Reply:
+        if not self.reaches(op.nodeid):
+            return self.down.removexattr(op)
+        return self._xattr_events(op, op.name, True)
+
+    def readlink(self, op: ops.Plain) -> Reply:
+        if not self.reaches(op.nodeid):
+            return self.down.readlink(op)
+        node = self.lower.inode(op.nodeid)
+        flags = self.effective(self.match_node(node.nodeid), op.pid, node)
         if not (flags.control or flags.notify):
-            return super().readlink(req)
+            return self.down.readlink(op)
         path = self.abspath(node.nodeid)
-        origin = self.origin(req)
+        origin = self.origin(op)
         before = self.fire("before_get_reparse_point", c.FS_CE_BEFORE_GET_REPARSE_POINT, flags, origin,
                            file_name=path)
         if before is not None and not before.process_request:
-            return _link_target(before.reparse_buffer)
-        target = super().readlink(req)
+            return Data(_link_target(before.reparse_buffer))
+        served = self.down.readlink(op)
+        target = bytes(served.data) if isinstance(served, Data) else b""
         after = self.fire("after_get_reparse_point", c.FS_CE_AFTER_GET_REPARSE_POINT, flags, origin,
                           file_name=path, reparse_buffer=target, reparse_buffer_length=len(target),
                           valid_bytes=len(target))
@@ -1678,37 +1724,31 @@ class FilterFS(LowerFS):
             target = _link_target(after.reparse_buffer)
         self.notify("notify_get_reparse_point", c.FS_NE_GET_REPARSE_POINT, flags, origin, file_name=path,
                     reparse_buffer=target, reparse_buffer_length=len(target), valid_bytes=len(target))
-        return target
+        return Data(target)
 
-    def ioctl(self, req: Request) -> bytes:
-        if not self.reaches(req.nodeid):
-            return super().ioctl(req)
-        fh, _flags, cmd, _arg, in_size, out_size = wire.fixed(req.body, abi.IOCTL_IN)
+    def ioctl(self, op: ops.Ioctl) -> Reply:
+        if not self.reaches(op.nodeid):
+            return self.down.ioctl(op)
+        fh, cmd, in_size, out_size = op.fh, op.cmd, op.in_size, op.out_size
         handle = self._handles.get(fh)
-        node = self.inode(req.nodeid)
-        flags = self.effective(self.match_node(node.nodeid), req.pid, node)
+        node = self.lower.inode(op.nodeid)
+        flags = self.effective(self.match_node(node.nodeid), op.pid, node)
         if not (flags.control or flags.notify):
-            return super().ioctl(req)
+            return self.down.ioctl(op)
         path = handle.path if handle else self.abspath(node.nodeid)
-        origin = self.origin(req)
-        data = bytes(req.body[abi.IOCTL_IN.size:abi.IOCTL_IN.size + in_size])
+        origin = self.origin(op)
+        data = op.data
         fields: dict[str, Any] = dict(file_name=path, io_control_code=cmd, input_buffer=data,
                                       input_buffer_length=in_size, output_buffer_length=out_size)
         before = self.fire("before_ioctl", c.FS_CE_BEFORE_IOCTL, flags, origin, **fields)
         if before is not None and not before.process_request:
-            out = bytes(before.output_buffer or b"")[:out_size]
-            return abi.IOCTL_OUT.pack(0, 0, 0, 0) + out
-        reply, error = self.attempt(lambda: super(FilterFS, self).ioctl(req))
+            return IoctlOut(0, bytes(before.output_buffer or b"")[:out_size])
+        reply, error = self._served(lambda: self.down.ioctl(op))
         self.fire("after_ioctl", c.FS_CE_AFTER_IOCTL, flags, origin, status=error, **fields)
         self.notify("notify_ioctl", c.FS_NE_IOCTL, flags, origin, status=error, **fields)
-        if error:
+        if error or reply is None:
             raise OSError(error, os.strerror(error))
         return reply
-
-
-_NAME_OFFSETS: dict[int, int] = {abi.Opcode.CREATE: abi.CREATE_IN.size, abi.Opcode.MKDIR: abi.MKDIR_IN.size,
-            abi.Opcode.MKNOD: abi.MKNOD_IN.size, abi.Opcode.RENAME: abi.RENAME_IN.size,
-            abi.Opcode.RENAME2: abi.RENAME2_IN.size, abi.Opcode.LINK: abi.LINK_IN.size}
 
 
 _ALL_CONTROL = (1 << 64) - 1
@@ -1730,10 +1770,6 @@ def _lock_end(start: int, length: int) -> int:
     return OFFSET_MAX if length == 0 else min(OFFSET_MAX, start + length - 1)
 
 
-def _name_offset(opcode: int) -> int:
-    return _NAME_OFFSETS.get(opcode, 0)
-
-
 def _link_target(value: object) -> bytes:
     """A symlink target a handler supplied: str (file system encoding), bytes-like, or None/empty."""
     if not value:
@@ -1743,13 +1779,6 @@ def _link_target(value: object) -> bytes:
     if isinstance(value, (bytes, bytearray, memoryview)):
         return bytes(value)
     raise OSError(errno.EIO, f"the event handler gave a {type(value).__name__} as the link target")
-
-
-def _no_cache(entry: bytes) -> bytes:
-    """The same entry_out with zero entry and attribute timeouts."""
-    head = bytearray(entry[:abi.ENTRY_OUT_SIZE])
-    struct.pack_into("<QQII", head, 16, 0, 0, 0, 0)
-    return bytes(head) + entry[abi.ENTRY_OUT_SIZE:]
 
 
 def _desired_access(open_flags: int) -> int:

@@ -1,0 +1,282 @@
+"""One mount per filtered directory: the stacks every filter of this process shares.
+
+A filter attached to a directory joins the stack of the mount that serves it: the mount at that directory, or
+at a directory above it (the filter's layer then applies below its own directory only). A filter attached above
+existing mounts gets a new mount at its directory, the filters of the mounts below it join that one, and the
+mounts below are detached lazily: processes already inside them (open files, cwds) keep being served there until
+they leave, with the filters they had, and new path walks reach the directory through the new mount. FUSE never
+serves FUSE, so kernel passthrough keeps working, and no layer sees another layer's threads as the originator.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import math
+import os
+import threading
+from typing import TYPE_CHECKING, Any
+
+from fsfilter.abi import fuse as abi
+from fsfilter.abi import linux
+from fsfilter.api.passthrough import PassthroughFilter
+from fsfilter.errors import CBFSFilterError
+from fsfilter.layers.filter import FilterLayer
+from fsfilter.sessions.fuse_session import Session, SessionStats
+from fsfilter.sessions.lower_fs import LowerFS
+from fsfilter.sessions.stack import AltitudeTaken, LayerStack
+from fsfilter.system import libc
+from fsfilter.wire import fuse as wire
+
+if TYPE_CHECKING:
+    from fsfilter.api.cbfilter import CBFilter
+
+log = logging.getLogger("fsfilter")
+
+_stacks: dict[str, MountStack] = {}  # mount point -> its stack, for every live (not draining) mount
+_registry_lock = threading.RLock()
+
+
+def _below(path: str, top: str) -> bool:
+    return path == top or path.startswith(top.rstrip("/") + "/")
+
+
+def stack_for(path: str) -> MountStack | None:
+    """The stack of this process whose mount serves ``path`` (at it or above it), if any."""
+    with _registry_lock:
+        for point, stack in _stacks.items():
+            if _below(path, point):
+                return stack
+    return None
+
+
+def parse_altitude(value: object) -> float:
+    """The SDK gives altitudes as decimal strings ("360000", "370030.5"); numbers are taken too."""
+    try:
+        altitude = float(value) if isinstance(value, (str, int, float)) and not isinstance(value, bool) else math.nan
+    except ValueError:
+        altitude = math.nan
+    if not math.isfinite(altitude) or altitude < 0:
+        raise CBFSFilterError(errno.EINVAL, f"altitude {value!r} is not a decimal number >= 0: give one such as "
+                                            "\"360000\" (higher = nearer the application)")
+    return altitude
+
+
+class Attachment:
+    """One filter on one directory: its layer in the stack of the mount that serves the directory."""
+
+    def __init__(self, stack: MountStack, layer: FilterLayer, path: str) -> None:
+        self.stack = stack
+        self.layer = layer
+        self.path = path
+
+    @property
+    def fs(self) -> FilterLayer:
+        return self.layer
+
+    @property
+    def mountpoint(self) -> str:
+        return self.stack.mountpoint
+
+    @property
+    def _lower_fd(self) -> int:
+        return self.stack._lower_fd
+
+    @property
+    def stats(self) -> SessionStats | None:
+        return self.stack.stats
+
+    def rules_changed(self) -> None:
+        self.stack.rules_changed()
+
+
+class MountStack(PassthroughFilter):
+    """The FUSE mount of one directory and the stack of layers of the filters on it. Its mount options (timeouts,
+    locks, kernel passthrough, request threads) are those of the filter that made it."""
+
+    def __init__(self, path: str, first: CBFilter) -> None:
+        threads = first.worker_threads()
+        super().__init__(path, None, pool=max(4, threads), passthrough=first.config_bool("KernelPassthrough"),
+                         entry_timeout=float(first.config("EntryTimeout")),
+                         attr_timeout=float(first.config("AttrTimeout")),
+                         negative_timeout=float(first.config("NegativeTimeout")),
+                         locks=first.wants_lock_requests(),
+                         request_timeout=min(0xFFFF, math.ceil(float(first.config("RequestTimeout")))))
+        self.layers: LayerStack | None = None
+        self.members: dict[int, tuple[CBFilter, FilterLayer]] = {}  # id(filter) -> (filter, its layer here)
+        self.draining = False  # detached: serving only what was inside it already
+        self._pending: list[tuple[CBFilter, str, float, bool]] = []  # layers to put in before the first request
+        self._stale = False  # the rules changed: the kernel's cached names and attributes may lie
+        self._invalidator: threading.Thread | None = None
+        self._stale_lock = threading.Lock()
+        self.on_lost = self._lost
+
+    # -- mount and session
+
+    def _make_fs(self, lower_fd: int) -> LowerFS:
+        fs = LowerFS(lower_fd, self.lower_options)
+        self.layers = LayerStack(fs)
+        for core, scope, altitude, strict in self._pending:  # before the session serves anything
+            self._join(fs, core, scope, altitude, strict)
+        self._pending.clear()
+        return fs
+
+    def _configure_session(self, session: Session, fs: LowerFS) -> None:
+        assert self.layers is not None
+        session.router = self.layers.route
+        path = self.mountpoint
+        session.on_saturated = lambda threads: self._tell_all(
+            errno.EAGAIN, f"all {threads} request threads of {path} are busy (event handlers that do not return?): "
+                          "requests there now wait for one to come back; fix the handlers or set a timeout")
+
+    def _tell_all(self, code: int, message: str) -> None:
+        for core, _ in list(self.members.values()):
+            core._fire_error(code, message)
+
+    def _lost(self, reason: str) -> None:
+        with _registry_lock:
+            if _stacks.get(self.mountpoint) is self:
+                del _stacks[self.mountpoint]
+            if self in _draining:
+                _draining.remove(self)
+        if self.draining:
+            return  # the last process inside a detached mount left it: nothing was lost
+        for core, _ in list(self.members.values()):
+            core._attachment_lost(self.mountpoint, reason)
+
+    # -- layers
+
+    def _join(self, fs: LowerFS, core: CBFilter, scope: str, altitude: float, strict: bool) -> FilterLayer:
+        assert self.layers is not None
+        layer = FilterLayer(fs, core, self.mountpoint, scope)
+        try:
+            self.layers.join(layer, altitude, strict, name=f"the filter with tag {core.tag}")
+        except AltitudeTaken as exc:
+            raise CBFSFilterError(errno.EEXIST, f"{exc}: on {self.mountpoint}; give this filter another altitude, "
+                                                "or set strict_altitude to False on both") from exc
+        self.members[id(core)] = (core, layer)
+        return layer
+
+    def add(self, core: CBFilter, scope: str, altitude: float, strict: bool) -> FilterLayer:
+        """Put the filter's layer in the stack (the mount is started already)."""
+        if id(core) in self.members:
+            return self.members[id(core)][1]
+        if core.wants_lock_requests() and not self.lower_options.locks:
+            raise CBFSFilterError(errno.EBUSY, f"{self.mountpoint} is served by a filter started without lock "
+                                               "handlers, so the kernel keeps its locks and no lock event can fire: "
+                                               "start the filter with lock handlers first")
+        assert self.fs is not None
+        layer = self._join(self.fs, core, scope, altitude, strict)
+        self.rules_changed()  # names and attributes cached before it joined may be ones its rules change
+        return layer
+
+    def remove(self, core: CBFilter) -> bool:
+        """Take the filter's layer out; True when no layer is left."""
+        member = self.members.pop(id(core), None)
+        if member is not None and self.layers is not None:
+            self.layers.leave(member[1])
+            self.rules_changed()  # names it hid or made volatile must be looked up again
+        return not self.members
+
+    def detach_lazily(self, via: str) -> None:
+        """Take the mount out of the namespace while what is inside stays served (MNT_DETACH); the session ends when
+        the last open file or cwd inside it goes. ``via`` names the mount's root without crossing the mount that
+        took over from it (whose path walks would reach a directory of its own there instead)."""
+        self.draining = True
+        with _registry_lock:
+            if _stacks.get(self.mountpoint) is self:
+                del _stacks[self.mountpoint]
+            _draining.append(self)
+        try:
+            libc.umount2(os.fsencode(via), linux.MNT_DETACH)
+        except OSError as exc:
+            log.warning("detaching %s failed: %s", self.mountpoint, exc)
+
+    def rules_changed(self) -> None:
+        """Make the kernel forget the names and attributes it cached, so that the new rules decide the next
+        lookups (hiding, access) at once. Done on a thread of its own: invalidating a name waits for the
+        directory's lock, which a request whose handler changed the rules may be holding."""
+        with self._stale_lock:
+            self._stale = True
+            if self._invalidator is None:
+                self._invalidator = threading.Thread(target=self._invalidate, name="fsfilter-invalidate",
+                                                     daemon=True)
+                self._invalidator.start()
+
+    def _invalidate(self) -> None:
+        while True:
+            with self._stale_lock:
+                if not self._stale:
+                    self._invalidator = None
+                    return
+                self._stale = False
+            session, fs = self.session, self.fs
+            if session is None or fs is None:
+                continue
+            for node in list(fs.nodes.values()):
+                if node.nodeid == abi.ROOT_ID:
+                    continue
+                session.notify(wire.encode_inval_entry(node.parent, node.name))
+                session.notify(wire.encode_inval_inode(node.nodeid, -1, 0))  # attributes only
+
+    def describe(self) -> list[dict[str, Any]]:
+        """The layers, top first: altitude, the filter's tag, the directory it applies below."""
+        if self.layers is None:
+            return []
+        out = []
+        for m in self.layers.members:
+            layer = m.layer
+            assert isinstance(layer, FilterLayer)
+            out.append({"altitude": m.altitude, "tag": getattr(layer.core, "tag", 0), "scope": layer.scope})
+        return out
+
+
+def attach(core: CBFilter, path: str, altitude: float, strict: bool) -> Attachment:
+    """Put ``core``'s layer for the directory ``path`` in the stack that serves it, mounting one if none does."""
+    with _registry_lock:
+        stack = stack_for(path)
+        if stack is not None:
+            return Attachment(stack, stack.add(core, path, altitude, strict), path)
+        inner = [s for point, s in _stacks.items() if _below(point, path)]
+        stack = MountStack(path, core)
+        stack._pending.append((core, path, altitude, strict))
+        for s in inner:  # the filters of mounts below join the new one before it serves anything
+            for other, layer in list(s.members.values()):
+                stack._pending.append((other, layer.scope, other._altitude, bool(other.strict_altitude)))
+        stack.start()
+        _stacks[path] = stack
+        for s in inner:
+            for other, layer in list(s.members.values()):
+                other._moved_to(layer.scope, Attachment(stack, stack.members[id(other)][1], layer.scope))
+            _retire(stack, s)
+        return Attachment(stack, stack.members[id(core)][1], path)
+
+
+def _retire(outer: MountStack, inner: MountStack) -> None:
+    """Detach a mount that a new mount above took over from, and make the new one look its names up again (a
+    walk that reached them through the old mount in between would keep it alive)."""
+    # The old mount's root, reached below the new mount: through the new one's lower directory.
+    inner.detach_lazily(f"/proc/self/fd/{outer._lower_fd}/{os.path.relpath(inner.mountpoint, outer.mountpoint)}")
+    try:
+        outer.notify_changed(inner.mountpoint)
+    except CBFSFilterError:
+        pass
+
+
+def detach(core: CBFilter, attachment: Attachment) -> None:
+    """Take ``core``'s layer out of the stack; the mount goes with its last layer. Layers the filter still has in
+    detached mounts being drained leave them too (those mounts then serve what is inside them unfiltered)."""
+    with _registry_lock:
+        stack = attachment.stack
+        if set(stack.members) == {id(core)} and not stack.draining:
+            # The last layer: unmount first, so that requests already sent (a RELEASE after the last close)
+            # still reach it, as they would on a filter of its own.
+            if _stacks.get(stack.mountpoint) is stack:
+                del _stacks[stack.mountpoint]
+            stack.stop()
+        stack.remove(core)
+        for drained in list(_draining):
+            drained.remove(core)
+
+
+_draining: list[MountStack] = []  # detached mounts still serving what was inside them (under _registry_lock)
