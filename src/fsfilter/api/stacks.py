@@ -133,6 +133,15 @@ class MountStack(PassthroughFilter):
         for core, _ in list(self.members.values()):
             core._fire_error(code, message)
 
+    def _connection_lost(self) -> None:
+        if not self.draining:
+            super()._connection_lost()
+            return
+        # The last process inside a detached mount left it: the kernel ended the connection, as it should.
+        self.lost = f"{self.mountpoint} (detached) is no longer used"
+        log.info("%s: its session ends", self.lost)
+        threading.Thread(target=self._after_loss, name="fsfilter-drained", daemon=True).start()
+
     def _lost(self, reason: str) -> None:
         with _registry_lock:
             if _stacks.get(self.mountpoint) is self:
