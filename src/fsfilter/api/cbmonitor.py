@@ -36,6 +36,7 @@ from fsfilter.sessions.fanotify_session import (
 )
 from fsfilter.sessions.process_tracker import ProcessTracker, tracker_or_none
 from fsfilter.system import fanotify as fan
+from fsfilter.system import libc
 from fsfilter.system.procfs import TaskStatusReader
 from fsfilter.wire.fanotify import Event
 
@@ -497,7 +498,6 @@ class CBMonitor(EventSource, RuleTables):
     # -- the reader
 
     def _read_loop(self, group: NotifyGroup) -> None:
-        own = os.getpid()
         while True:
             try:
                 events = group.read(1000)
@@ -522,14 +522,14 @@ class CBMonitor(EventSource, RuleTables):
                 for event in events:
                     self.records += 1
                     try:
-                        self._deliver(event, own, names.get(event.pid, ""))
+                        self._deliver(event, names.get(event.pid, ""))
                     except Exception as exc:
                         log.exception("an event record could not be delivered")
                         self._fire_error(errno.EIO, f"an event record could not be delivered: {exc}")
             finally:
                 close_fds(events)
 
-    def _deliver(self, ev: Event, own: int, name: str) -> None:
+    def _deliver(self, ev: Event, name: str) -> None:
         mask = ev.mask
         if mask & fa.FAN_Q_OVERFLOW:
             self.lost_events += 1
@@ -540,7 +540,7 @@ class CBMonitor(EventSource, RuleTables):
         if mask & fa.FAN_FS_ERROR:
             self._fire_error(ev.error or errno.EIO, "a watched file system reported an error")
             return
-        if ev.pid == own and self._config["FilterOwnRequests"] != "true":
+        if libc.is_own_process(ev.pid) and self._config["FilterOwnRequests"] != "true":
             if mask & _DIRECTORY_CHANGES and mask & fa.FAN_ONDIR:
                 self._resolver.forget_directories()
             return

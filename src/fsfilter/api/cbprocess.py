@@ -204,7 +204,7 @@ class CBProcess(EventSource):
         return False
 
     def _wanted(self, pid: int) -> bool:
-        if pid == os.getpid() and self._config["FilterOwnRequests"] != "true":
+        if libc.is_own_process(pid) and self._config["FilterOwnRequests"] != "true":
             return False
         if (self._ignored_ids or self._ignored_names) and self._listed(pid, self._ignored_ids, self._ignored_names):
             return False
@@ -435,8 +435,7 @@ class CBProcess(EventSource):
     def _decide_event(self, ev: Event) -> bool:
         # The filter's own execs never wait for the answering thread. (A handler that starts a program and waits
         # for it needs start_filter(timeout): see docs/process.md.)
-        own = os.getpid()
-        if ev.pid == own or libc.is_thread_of(own, ev.pid):
+        if libc.is_own_thread(ev.pid):
             return True
         return self._decide_exec(ev.fd, ev.pid)
 

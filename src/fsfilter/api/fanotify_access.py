@@ -92,7 +92,6 @@ class FanotifyAccess:
         self._renames_thread: threading.Thread | None = None
         self.marked: list[str] = []
         self.ignored = 0  # files given an ignore mark since the last flush
-        self._own = os.getpid()
         self._generation = -1
         self._cache_lock = threading.Lock()
         self._epoch = 0  # bumped by every flush: a decision made before one must not be cached after it
@@ -159,7 +158,7 @@ class FanotifyAccess:
         return self._decide(ev.mask, ev.fd, ev.pid, generation)
 
     def _decide(self, mask: int, fd: int, tid: int, generation: int) -> bool:
-        if (tid == self._own or libc.is_thread_of(self._own, tid)) and not self.own_requests():
+        if libc.is_own_thread(tid) and not self.own_requests():
             return True
         epoch = self._epoch
         path = local_path(fd, self.mounts)

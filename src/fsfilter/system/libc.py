@@ -83,6 +83,30 @@ def is_thread_of(tgid: int, tid: int) -> bool:
     return tid > 0 and _syscall_keep_gil(_TGKILL, tgid, tid, 0) == 0
 
 
+# This process's id, kept (getpid is a syscall, and these checks run per request) and renewed in a forked child.
+_own_pid = os.getpid()
+
+
+def _forked() -> None:
+    global _own_pid
+    _own_pid = os.getpid()
+
+
+os.register_at_fork(after_in_child=_forked)
+
+
+def is_own_process(pid: int) -> bool:
+    """Whether ``pid`` (a process id: a thread-group id) is this process."""
+    return pid == _own_pid
+
+
+def is_own_thread(tid: int) -> bool:
+    """Whether thread ``tid`` is one of this process's threads, the main one included: a request the filter makes
+    itself (a handler's, a worker's), which must never wait for the filter's own answer."""
+    own = _own_pid
+    return tid == own or is_thread_of(own, tid)
+
+
 def unshare(flags: int) -> None:
     check(_libc.unshare(flags), "unshare")
 
