@@ -32,7 +32,7 @@ from fsfilter.engine import dispatch
 from fsfilter.engine.masks import MaskError, file_matches_mask
 from fsfilter.errors import CBFSFilterError
 from fsfilter.sessions.fanotify_session import MountTable, PermissionGroup, local_mounts, local_path, mount_point_of
-from fsfilter.system import libc
+from fsfilter.system import libc, netlink
 from fsfilter.wire import cn_proc as wire
 from fsfilter.wire.fanotify import Event
 
@@ -68,8 +68,6 @@ _CONFIG_DEFAULTS = {"EventsToFire": "-1", "FilterOwnRequests": "false", "MinWork
 _FORK_SWEEP = 0.05
 _EXECVE = linux.syscall_numbers().get("execve")
 _EXECVEAT = linux.syscall_numbers().get("execveat")
-_RCVBUF = 8 << 20
-_SO_RCVBUFFORCE = 33
 
 
 @dataclass
@@ -233,14 +231,7 @@ class CBProcess(EventSource):
                 raise CBFSFilterError(errno.EPERM, "CBProcess needs root (the process connector and fanotify)")
             check_timeout(timeout)
             try:
-                sock = socket.socket(socket.AF_NETLINK, socket.SOCK_DGRAM, cn.NETLINK_CONNECTOR)
-                try:
-                    sock.setsockopt(socket.SOL_SOCKET, _SO_RCVBUFFORCE, _RCVBUF)
-                except OSError:
-                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, _RCVBUF)
-                sock.bind((0, cn.CN_IDX_PROC))
-                sock.settimeout(_FORK_SWEEP)
-                sock.send(wire.subscribe(True))
+                sock = netlink.open_proc_connector(_FORK_SWEEP)
             except OSError as exc:
                 raise CBFSFilterError.from_os_error(exc, "the process connector is not available (a kernel with "
                                                     "CONFIG_PROC_EVENTS, and CAP_NET_ADMIN, are needed)") from exc
@@ -273,11 +264,7 @@ class CBProcess(EventSource):
             self._stopping = True
         for t in self._threads:
             t.join(5)
-        try:
-            sock.send(wire.subscribe(False))
-        except OSError:
-            pass
-        sock.close()
+        netlink.close_proc_connector(sock)
         if self._perms is not None:
             self._perms.stop()  # closing it makes the kernel allow whatever is pending
             self._perms = None

@@ -10,18 +10,15 @@ changes, and keeps the names of exited processes for a while, so that a record r
 from __future__ import annotations
 
 import logging
-import socket
 import threading
 import time
 from collections import OrderedDict
 
 from fsfilter.abi import cn_proc as abi
+from fsfilter.system import netlink
 from fsfilter.wire import cn_proc as wire
 
 log = logging.getLogger("fsfilter.processes")
-
-_RCVBUF = 8 << 20
-_SO_RCVBUFFORCE = 33
 
 
 class ProcessTracker:
@@ -35,18 +32,7 @@ class ProcessTracker:
         self._stopping = False
         self._thread: threading.Thread | None = None
         self.lost = 0  # datagrams the socket dropped (ENOBUFS)
-        self.sock = socket.socket(socket.AF_NETLINK, socket.SOCK_DGRAM, abi.NETLINK_CONNECTOR)
-        try:
-            try:
-                self.sock.setsockopt(socket.SOL_SOCKET, _SO_RCVBUFFORCE, _RCVBUF)
-            except OSError:
-                self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, _RCVBUF)
-            self.sock.bind((0, abi.CN_IDX_PROC))
-            self.sock.settimeout(0.5)  # so that stop() is seen
-            self.sock.send(wire.subscribe(True))
-        except BaseException:
-            self.sock.close()
-            raise
+        self.sock = netlink.open_proc_connector(0.5)  # timing out so that stop() is seen
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._loop, name="fsfilter-processes", daemon=True)
@@ -56,11 +42,7 @@ class ProcessTracker:
         self._stopping = True
         if self._thread is not None:
             self._thread.join(3)
-        try:
-            self.sock.send(wire.subscribe(False))
-        except OSError:
-            pass
-        self.sock.close()
+        netlink.close_proc_connector(self.sock)
 
     def live_name(self, pid: int) -> str | None:
         """The name of a running process, once its exec (or a name change) has been seen: a name inherited
