@@ -1,19 +1,62 @@
-"""Reading a task's name and thread-group id from /proc, cheaply enough to do it for every request.
+"""Everything fsfilter reads from /proc: the mount table, and what a task is (name, thread-group id, ...).
 
-An open /proc/<tid>/comm descriptor stays bound to the task it was opened for: reading it at offset 0
-gives that task's current name (after execve or PR_SET_NAME too), and fails with ESRCH once the task is
-gone, even if its id has been given to another task since. A task's thread-group id never changes while
-it lives (a thread that calls execve takes its leader's id, and its old id's descriptors then fail). So
-the first request of a thread reads /proc/<tid>/status once for the thread-group id and keeps the comm
-descriptor; later ones cost one pread of comm (about 1 µs, against 12 µs for open+read+close of status).
-On any failure the entry is dropped and read again from the paths.
+Standard library only: the unmount watchdog loads this file by its path, without the package (see watchdog.py).
+
+Mounts: /proc/self/mountinfo, one line per mount of our mount namespace, parents before children and a later
+mount on the same point after the one it covers.
+
+A task's name and thread-group id are read cheaply enough to do it for every request (TaskStatusReader). An
+open /proc/<tid>/comm descriptor stays bound to the task it was opened for: reading it at offset 0 gives that
+task's current name (after execve or PR_SET_NAME too), and fails with ESRCH once the task is gone, even if its
+id has been given to another task since. A task's thread-group id never changes while it lives (a thread that
+calls execve takes its leader's id, and its old id's descriptors then fail). So the first request of a thread
+reads /proc/<tid>/status once for the thread-group id and keeps the comm descriptor; later ones cost one pread
+of comm (about 1 µs, against 12 µs for open+read+close of status). On any failure the entry is dropped and
+read again from the paths.
 """
-
 from __future__ import annotations
 
 import os
+import re
 import threading
 from collections import OrderedDict
+from dataclasses import dataclass
+
+MOUNTINFO = "/proc/self/mountinfo"
+
+
+@dataclass(frozen=True)
+class MountEntry:
+    mount_id: int
+    parent_id: int
+    mountpoint: str
+    options: str
+    fstype: str
+    source: str
+    root: str  # the directory of its file system the mount shows: "/" unless it is a bind mount of a part
+
+
+def unescape(field: str) -> str:
+    # mountinfo writes space, tab, newline and backslash as \ooo
+    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field)
+
+
+def mountinfo() -> list[MountEntry]:
+    """The mounts of our mount namespace, in the kernel's order."""
+    entries = []
+    with open(MOUNTINFO) as f:
+        for line in f:
+            fields = line.split()
+            sep = fields.index("-")  # after a variable number of optional fields
+            entries.append(MountEntry(int(fields[0]), int(fields[1]), unescape(fields[4]), fields[5],
+                                      fields[sep + 1], unescape(fields[sep + 2]), unescape(fields[3])))
+    return entries
+
+
+def watch_mounts() -> int:
+    """An fd that polls POLLPRI when the mount table changes (a mount or an unmount); reading it (pread at 0)
+    arms the next notice. The caller closes it."""
+    return os.open(MOUNTINFO, os.O_RDONLY | os.O_CLOEXEC)
 
 _KEPT = 256  # descriptors kept open, least recently used dropped first
 
