@@ -33,6 +33,7 @@ from fsfilter.sessions.fanotify_session import local_mounts
 from fsfilter.sessions.fuse_session import Session
 from fsfilter.sessions.lower_fs import LowerFS
 from fsfilter.system import fuse_device
+from fsfilter.system.procfs import ProcessInfo
 from fsfilter.wire import fuse as wire
 
 log = logging.getLogger("fsfilter")
@@ -831,7 +832,6 @@ class CBFilter(RuleTables):
 
     @staticmethod
     def _fill(origin: dispatch.Origin) -> None:
-        from fsfilter.api.filter_fs import ProcessInfo
         info = ProcessInfo(origin.tid)
         origin.name, origin.pid = info.name, info.pid
 

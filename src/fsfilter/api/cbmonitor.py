@@ -36,7 +36,7 @@ from fsfilter.sessions.fanotify_session import (
 )
 from fsfilter.sessions.process_tracker import ProcessTracker, tracker_or_none
 from fsfilter.system import fanotify as fan
-from fsfilter.system import libc
+from fsfilter.system import libc, procfs
 from fsfilter.system.procfs import TaskStatusReader
 from fsfilter.wire.fanotify import Event
 
@@ -97,10 +97,7 @@ class _Process:
     @property
     def exe(self) -> str:
         if self._exe is None:
-            try:
-                self._exe = os.readlink(f"/proc/{self.pid}/exe")
-            except OSError:
-                self._exe = ""
+            self._exe = procfs.exe(self.pid)
         return self._exe
 
 

@@ -32,7 +32,7 @@ from fsfilter.engine import dispatch
 from fsfilter.engine.masks import MaskError, file_matches_mask
 from fsfilter.errors import CBFSFilterError
 from fsfilter.sessions.fanotify_session import MountTable, PermissionGroup, local_mounts, local_path, mount_point_of
-from fsfilter.system import libc, netlink
+from fsfilter.system import libc, netlink, procfs
 from fsfilter.wire import cn_proc as wire
 from fsfilter.wire.fanotify import Event
 
@@ -151,13 +151,13 @@ class CBProcess(EventSource):
     # -- filtered and ignored processes
 
     def add_filtered_process_by_id(self, process_id: int, include_children: bool = False) -> None:
-        self._filtered_ids[_check_pid(process_id)] = (bool(include_children), _start_time(process_id))
+        self._filtered_ids[_check_pid(process_id)] = (bool(include_children), procfs.start_time(process_id))
 
     def add_filtered_process_by_name(self, process_name: str, include_children: bool = False) -> None:
         self._filtered_names[_check_name(process_name)] = bool(include_children)
 
     def add_ignored_process_by_id(self, process_id: int, include_children: bool = False) -> None:
-        self._ignored_ids[_check_pid(process_id)] = (bool(include_children), _start_time(process_id))
+        self._ignored_ids[_check_pid(process_id)] = (bool(include_children), procfs.start_time(process_id))
 
     def add_ignored_process_by_name(self, process_name: str, include_children: bool = False) -> None:
         self._ignored_names[_check_name(process_name)] = bool(include_children)
@@ -215,7 +215,7 @@ class CBProcess(EventSource):
             proc = self._procs.get(process_id)
         if proc is not None and proc.name:
             return proc.name
-        return _read(f"/proc/{process_id}/comm").strip()
+        return procfs.comm(process_id).strip()
 
     # -- lifecycle
 
@@ -281,10 +281,9 @@ class CBProcess(EventSource):
     def _snapshot(self) -> None:
         """The processes running now, so that parents and names are known for what follows."""
         procs: dict[int, _Proc] = {}
-        for entry in os.listdir("/proc"):
-            if entry.isdigit():
-                proc = _read_proc(int(entry))
-                if proc is not None:
+        for pid in procfs.pids():
+            proc = _read_proc(pid)
+            if proc is not None:
                     proc.reported = True
                     procs[proc.pid] = proc
         with self._lock:
@@ -333,7 +332,7 @@ class CBProcess(EventSource):
                 return
             with self._lock:
                 parent = self._procs.get(ev.parent_tgid)
-                proc = _Proc(ev.tgid, ev.parent_tgid, _start_time(ev.tgid), parent.name if parent else "",
+                proc = _Proc(ev.tgid, ev.parent_tgid, procfs.start_time(ev.tgid), parent.name if parent else "",
                              parent.image if parent else "", False, time.monotonic())
                 self._procs[ev.tgid] = proc
             proc.creator = (ev.parent_tgid, ev.parent_pid)
@@ -343,13 +342,13 @@ class CBProcess(EventSource):
             with self._lock:
                 proc = self._procs.get(ev.tgid)
                 if proc is None:
-                    proc = _Proc(ev.tgid, _parent_of(ev.tgid), _start_time(ev.tgid))
+                    proc = _Proc(ev.tgid, procfs.parent_pid(ev.tgid), procfs.start_time(ev.tgid))
                     self._procs[ev.tgid] = proc
             assert proc is not None
             # Read at once: a short-lived program may be gone in a moment. What could not be read is unknown
             # (""), never the name or image from before the exec.
-            proc.image = _readlink(f"/proc/{ev.tgid}/exe")
-            proc.name = _read(f"/proc/{ev.tgid}/comm").strip() or os.path.basename(proc.image)[:15]
+            proc.image = procfs.exe(ev.tgid)
+            proc.name = procfs.comm(ev.tgid).strip() or os.path.basename(proc.image)[:15]
             announced = self._exec_seen.pop(ev.tgid, 0.0)
             if announced and time.monotonic() - announced < 2.0:
                 proc.reported = True  # the permission event fired it already, before the program ran
@@ -384,7 +383,7 @@ class CBProcess(EventSource):
         self._post("process_creation", proc.pid, process_id=proc.pid, parent_process_id=proc.parent,
                    creating_process_id=creator[0], creating_thread_id=creator[1], process_name=proc.name,
                    image_file_name=proc.image, file_open_name_available=bool(proc.image),
-                   command_line=_command_line(proc.pid))
+                   command_line=procfs.cmdline(proc.pid))
 
     def _sweep_forks(self) -> None:
         """Report forked children that have not execed within the delay (a fork without exec is a creation)."""
@@ -429,7 +428,7 @@ class CBProcess(EventSource):
     def _decide_exec(self, fd: int, tid: int) -> bool:
         """on_process_creation for a program about to run (``execve`` has opened it); False refuses it."""
         handler = self.handler("process_creation")
-        tgid = _tgid_of(tid)
+        tgid = procfs.tgid(tid)
         if handler is None or not self._events() & PROCESS_EVENT_PROCESS_CREATION or not self._wanted(tgid):
             return True
         # The program's path as our namespace names it: a bind mount in the caller's own namespace must not give it
@@ -446,11 +445,11 @@ class CBProcess(EventSource):
             proc = self._procs.get(tgid)
         argv = _exec_argv(tid)
         params = PROCESS_PARAMS["process_creation"](
-            process_id=tgid, parent_process_id=proc.parent if proc else _parent_of(tgid),
+            process_id=tgid, parent_process_id=proc.parent if proc else procfs.parent_pid(tgid),
             creating_process_id=tgid, creating_thread_id=tid, process_name=os.path.basename(image)[:15],
             image_file_name=image, file_open_name_available=True,
             command_line=" ".join(argv) if argv is not None else "")
-        origin = dispatch.Origin(tgid, tid, -1, -1, _read(f"/proc/{tid}/comm").strip())
+        origin = dispatch.Origin(tgid, tid, -1, -1, procfs.comm(tid).strip())
         outcome = self.dispatcher.call(handler, params, origin)
         # a handler error never stops programs (on_error was told)
         allowed = outcome is dispatch.Outcome.FAILED or not params.result_code
@@ -503,72 +502,24 @@ def _name_matches(mask: str, proc: _Proc) -> bool:
         return False
 
 
-def _read(path: str) -> str:
-    try:
-        with open(path, "rb") as f:
-            return f.read().decode(errors="replace")
-    except OSError:
-        return ""
-
-
-def _readlink(path: str) -> str:
-    try:
-        return os.readlink(path)
-    except OSError:
-        return ""
-
-
-def _stat_fields(pid: int) -> list[str]:
-    raw = _read(f"/proc/{pid}/stat")
-    end = raw.rfind(")")
-    return raw[end + 2:].split() if end > 0 else []
-
-
-def _start_time(pid: int) -> int:
-    fields = _stat_fields(pid)
-    return int(fields[19]) if len(fields) > 19 else 0
-
-
-def _parent_of(pid: int) -> int:
-    fields = _stat_fields(pid)
-    return int(fields[1]) if len(fields) > 1 else 0
-
-
-def _tgid_of(tid: int) -> int:
-    for line in _read(f"/proc/{tid}/status").splitlines():
-        if line.startswith("Tgid:"):
-            return int(line.split()[1])
-    return tid
-
-
 def _read_proc(pid: int) -> _Proc | None:
-    fields = _stat_fields(pid)
+    fields = procfs.stat_fields(pid)
     if len(fields) <= 19:
         return None
-    return _Proc(pid, int(fields[1]), int(fields[19]), _read(f"/proc/{pid}/comm").strip(),
-                 _readlink(f"/proc/{pid}/exe"))
-
-
-def _command_line(pid: int) -> str:
-    return _read(f"/proc/{pid}/cmdline").rstrip("\0").replace("\0", " ")
+    return _Proc(pid, int(fields[1]), int(fields[19]), procfs.comm(pid).strip(), procfs.exe(pid))
 
 
 def _exec_target(tid: int) -> tuple[int, int] | None:
     """(st_dev, st_ino) of the program the execve that thread ``tid`` is blocked in was asked to run, looked up
     as the kernel looks it up: in the caller's own root and working directory (its mount namespace, through
     /proc/<tid>/root and cwd), following symbolic links. None when it cannot be told (execveat, unreadable)."""
-    fields = _read(f"/proc/{tid}/syscall").split()
+    fields = procfs.syscall(tid) or []
     if len(fields) < 2 or not fields[0].isdigit() or int(fields[0]) != _EXECVE:
         return None
     try:
-        mem = os.open(f"/proc/{tid}/mem", os.O_RDONLY | os.O_CLOEXEC)
-        try:
-            raw = os.pread(mem, 4096, int(fields[1], 16)).split(b"\0", 1)[0]
-        finally:
-            os.close(mem)
-        path = os.fsdecode(raw)
-        where = f"/proc/{tid}/root{path}" if path.startswith("/") else f"/proc/{tid}/cwd/{path}"
-        return _identity_of(os.stat(where))
+        with procfs.TaskMemory(tid) as mem:
+            raw = mem.read(int(fields[1], 16), 4096).split(b"\0", 1)[0]
+        return _identity_of(os.stat(procfs.task_path(tid, os.fsdecode(raw))))
     except (OSError, ValueError):
         return None
 
@@ -587,7 +538,7 @@ def _identity_of(st: os.stat_result) -> tuple[int, int]:
 def _exec_argv(tid: int) -> list[str] | None:
     """The argv of the execve thread ``tid`` is blocked in, read from its memory (the new program's command line
     is not in /proc/<pid>/cmdline until it runs)."""
-    fields = _read(f"/proc/{tid}/syscall").split()
+    fields = procfs.syscall(tid) or []
     if len(fields) < 4:
         return None
     try:
@@ -599,23 +550,23 @@ def _exec_argv(tid: int) -> list[str] | None:
     if number == _EXECVEAT:
         argv_ptr = int(fields[3], 16)
     try:
-        mem = os.open(f"/proc/{tid}/mem", os.O_RDONLY | os.O_CLOEXEC)
+        mem = procfs.TaskMemory(tid)
     except OSError:
         return None
     args: list[str] = []
     try:
         for i in range(256):
-            raw = os.pread(mem, 8, argv_ptr + 8 * i)
+            raw = mem.read(argv_ptr + 8 * i, 8)
             if len(raw) < 8:
                 break
             ptr = int.from_bytes(raw, "little")
             if not ptr:
                 break
-            chunk = os.pread(mem, 4096, ptr)
+            chunk = mem.read(ptr, 4096)
             args.append(chunk.split(b"\0", 1)[0].decode(errors="replace"))
     except OSError:
         return args or None
     finally:
-        os.close(mem)
+        mem.close()
     return args
 

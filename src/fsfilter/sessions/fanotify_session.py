@@ -241,7 +241,7 @@ def local_path(fd: int, mounts: MountTable) -> str:
     or not at all here: then the file is found again by its file handle through our own mount of its file
     system. Falls back to the link's path when that fails (a file system without handles, no mount of it
     here)."""
-    path = os.readlink(f"/proc/self/fd/{fd}")
+    path = procfs.fd_target(fd)
     st = os.fstat(fd)
     if _same_object(path, st):
         return path
@@ -266,7 +266,7 @@ def path_by_handle(mounts: MountTable, fsid: tuple[int, int], handle_type: int, 
     finally:
         os.close(mount_fd)
     try:
-        return os.readlink(f"/proc/self/fd/{obj}")
+        return procfs.fd_target(obj)
     except OSError:
         return None
     finally:

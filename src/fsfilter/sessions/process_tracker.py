@@ -15,7 +15,7 @@ import time
 from collections import OrderedDict
 
 from fsfilter.abi import cn_proc as abi
-from fsfilter.system import netlink
+from fsfilter.system import netlink, procfs
 from fsfilter.wire import cn_proc as wire
 
 log = logging.getLogger("fsfilter.processes")
@@ -88,7 +88,7 @@ class ProcessTracker:
                 return  # a thread's own name: processes are named by their main thread
             # After an exec the name from before it (inherited at fork) is wrong: unknown ("") rather than a
             # guess when the new name could not be read in time.
-            self._set(ev.tgid, ev.comm if what == abi.PROC_EVENT_COMM else _read_comm(ev.tgid), ev.timestamp_ns)
+            self._set(ev.tgid, ev.comm if what == abi.PROC_EVENT_COMM else procfs.comm(ev.tgid), ev.timestamp_ns)
             with self._lock:
                 self._confirmed.add(ev.tgid)
         elif what == abi.PROC_EVENT_FORK:
@@ -96,7 +96,7 @@ class ProcessTracker:
                 return  # a new thread
             with self._lock:
                 parent = self._live.get(ev.parent_tgid)
-            if self._set(ev.tgid, parent[0] if parent else _read_comm(ev.tgid), ev.timestamp_ns):
+            if self._set(ev.tgid, parent[0] if parent else procfs.comm(ev.tgid), ev.timestamp_ns):
                 with self._lock:
                     self._confirmed.discard(ev.tgid)  # a new process: not confirmed until its exec
         elif what == abi.PROC_EVENT_EXIT and ev.pid == ev.tgid:
@@ -119,14 +119,6 @@ class ProcessTracker:
                 self._live[tgid] = (name, stamp)
                 return True
             return False
-
-
-def _read_comm(pid: int) -> str:
-    try:
-        with open(f"/proc/{pid}/comm", "rb") as f:
-            return f.read().rstrip(b"\n").decode(errors="replace")
-    except OSError:
-        return ""
 
 
 def tracker_or_none() -> ProcessTracker | None:
