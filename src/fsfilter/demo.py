@@ -23,6 +23,8 @@ from fsfilter.api.cbfilter import NOTIFY_BITS, CBFilter
 from fsfilter.errors import CBFSFilterError
 from fsfilter.system import procfs
 
+__all__ = ["run_demo"]
+
 PROTECTED = "protected.txt"
 HIDDEN = "hidden.txt"
 

@@ -36,6 +36,8 @@ from fsfilter.system import fuse_device
 from fsfilter.system.procfs import ProcessInfo
 from fsfilter.wire import fuse as wire
 
+__all__ = ["CBFilter", "EVENT_BITS", "NOTIFY_BITS"]  # its event-parameter classes are in params.py
+
 log = logging.getLogger("fsfilter")
 
 # Directories the filter never mounts over: the system would stop working, or the directory is virtual.

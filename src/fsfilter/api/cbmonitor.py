@@ -58,6 +58,10 @@ MONITOR_PARAMS: dict[str, type[EventParams]] = {
     event: make_params("CBMonitor", event, *EVENTS[event]) for event in MONITOR_EVENTS}
 globals().update({cls.__name__: cls for cls in MONITOR_PARAMS.values()})
 
+# The class, and its event-parameter classes (made from the table above, so their names are known at run time).
+__all__ = ["CBMonitor", "MONITOR_EVENTS", "MONITOR_PARAMS", "UNKNOWN",
+           *sorted(cls.__name__ for cls in MONITOR_PARAMS.values())]
+
 # The fanotify events each FS_NE_* flag needs in the group's marks.
 _FAN_FOR: dict[int, int] = {
     c.FS_NE_CREATE: fa.FAN_CREATE | fa.FAN_ONDIR,

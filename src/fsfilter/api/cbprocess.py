@@ -26,6 +26,12 @@ from typing import Any
 from fsfilter.abi import cn_proc as cn
 from fsfilter.abi import fanotify as fa
 from fsfilter.abi import linux
+from fsfilter.api.constants import (
+    PROCESS_EVENT_PROCESS_CREATION,
+    PROCESS_EVENT_PROCESS_TERMINATION,
+    PROCESS_EVENT_THREAD_CREATION,
+    PROCESS_EVENT_THREAD_TERMINATION,
+)
 from fsfilter.api.event_source import EventSource, check_timeout
 from fsfilter.api.params import EVENTS, EventParams, make_params
 from fsfilter.engine import dispatch
@@ -56,11 +62,8 @@ PROCESS_PARAMS: dict[str, type[EventParams]] = {
     event: make_params("CBProcess", event, kind, fields) for event, (kind, fields) in _PROCESS_EVENTS.items()}
 globals().update({cls.__name__: cls for cls in PROCESS_PARAMS.values()})
 
-# EventsToFire bits (the SDK's samples set -1 = all)
-PROCESS_EVENT_PROCESS_CREATION = 0x1
-PROCESS_EVENT_PROCESS_TERMINATION = 0x2
-PROCESS_EVENT_THREAD_CREATION = 0x4
-PROCESS_EVENT_THREAD_TERMINATION = 0x8
+# The class, and its event-parameter classes (made from the table above, so their names are known at run time).
+__all__ = ["CBProcess", "PROCESS_PARAMS", *sorted(cls.__name__ for cls in PROCESS_PARAMS.values())]
 
 _CONFIG_DEFAULTS = {"EventsToFire": "-1", "FilterOwnRequests": "false", "MinWorkerThreadCount": "1",
                     "MaxWorkerThreadCount": "0", "ExecPermissionPaths": "", "ForkReportDelay": "0.1",

@@ -62,6 +62,8 @@ from fsfilter.system import fanotify as fan
 from fsfilter.system import libc, procfs
 from fsfilter.wire.fanotify import Event
 
+__all__ = ["FANOTIFY_ACCESS", "FanotifyAccess", "LinkIndex", "open_flags"]
+
 log = logging.getLogger("fsfilter.access")
 
 FANOTIFY_ACCESS = c.ACCESS_DENY_ALL | c.ACCESS_READ_ONLY | c.ACCESS_EXECUTE_PROTECT

@@ -17,6 +17,13 @@ from fsfilter.api import constants as c
 from fsfilter.engine.rules import attributes_from_stat
 from fsfilter.system import libc, procfs
 
+__all__ = [
+    "FILE_ALLOCATION_INFORMATION", "FILE_ATTRIBUTE_TAG_INFORMATION", "FILE_BASIC_INFORMATION",
+    "FILE_DISPOSITION_INFORMATION", "FILE_END_OF_FILE_INFORMATION", "FILE_INTERNAL_INFORMATION",
+    "FILE_POSITION_INFORMATION", "FILE_RENAME_INFORMATION", "FILE_STANDARD_INFORMATION", "IO_REPARSE_TAG_SYMLINK",
+    "apply", "filetime", "ns_from_filetime", "query", "rename_information",
+]
+
 FILE_BASIC_INFORMATION = 4
 FILE_STANDARD_INFORMATION = 5
 FILE_INTERNAL_INFORMATION = 6
