@@ -189,11 +189,10 @@ def link_fd(fd: int, newdirfd: int, newname: bytes) -> None:
 
 
 _libc.statfs.argtypes = [ctypes.c_char_p, ctypes.c_char_p]
-_STATFS_SIZE = 120  # struct statfs on x86_64 and aarch64; f_type is its first long
 
 
 def statfs_type(path: str) -> int:
     """statfs(2)'s f_type (the file system's magic number) of the file system ``path`` lies on."""
-    buf = ctypes.create_string_buffer(_STATFS_SIZE)
+    buf = ctypes.create_string_buffer(linux.STATFS_SIZE)  # f_type is its first long
     check(_libc.statfs(os.fsencode(path), buf), f"statfs {path}")
     return int(struct.unpack_from("=q", buf.raw, 0)[0]) & 0xFFFFFFFF
