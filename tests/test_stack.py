@@ -7,7 +7,6 @@ remount while other processes work inside; nested attach points share the outer 
 from __future__ import annotations
 
 import errno
-import os
 import subprocess
 import sys
 import textwrap

@@ -24,6 +24,8 @@ from fsfilter.api.passthrough import PassthroughFilter
 from fsfilter.engine.masks import MaskError, file_matches_mask
 from fsfilter.errors import CBFSFilterError
 
+__all__ = ["main"]  # the `fsfilter` command
+
 
 def _count(high: int) -> Callable[[str], int]:
     """An argparse type for an integer from 1 to ``high``: out of range is a usage error (exit 2)."""

@@ -21,6 +21,9 @@ from typing import Any
 from fsfilter.api import constants as c
 from fsfilter.api.cbfilter import NOTIFY_BITS, CBFilter
 from fsfilter.errors import CBFSFilterError
+from fsfilter.system import procfs
+
+__all__ = ["run_demo"]
 
 PROTECTED = "protected.txt"
 HIDDEN = "hidden.txt"
@@ -111,7 +114,7 @@ def run_demo(quiet: bool = False) -> int:
              ["sh", "-c", f"mkdir {base}/d && mv {base}/d {base}/e && rmdir {base}/e"])
         stats = filt.stats
         filt.stop_filter()
-        still = any(m.split()[1] == base for m in open("/proc/mounts"))
+        still = any(m.mountpoint == base for m in procfs.mountinfo())
         print(f"== {stats['notifications_delivered']} notifications delivered, "
               f"{stats['notifications_posted'] - stats['notifications_delivered']} lost")
         print(f"== unmounted cleanly: {not still}; files after: {', '.join(sorted(os.listdir(base)))}")

@@ -5,6 +5,8 @@ from __future__ import annotations
 import errno
 import os
 
+__all__ = ["CBFSFilterError"]
+
 
 class CBFSFilterError(Exception):
     """A failure of an fsfilter call: ``code`` is an errno value, ``message`` says what to do."""

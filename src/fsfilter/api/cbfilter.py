@@ -15,8 +15,9 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
+from fsfilter.api import _stacks as stacks
 from fsfilter.api import constants as c
-from fsfilter.api import fileinfo, stacks
+from fsfilter.api import fileinfo
 from fsfilter.api.event_source import RuleTables, check_thread_count, check_timeout, split_setting
 from fsfilter.api.fanotify_access import FANOTIFY_ACCESS, FanotifyAccess
 from fsfilter.api.params import FILTER_PARAMS
@@ -29,6 +30,9 @@ from fsfilter.errors import CBFSFilterError
 from fsfilter.layers.filter import FilterLayer
 from fsfilter.sessions.fanotify_session import local_mounts
 from fsfilter.system import fuse_device
+from fsfilter.system.procfs import ProcessInfo
+
+__all__ = ["CBFilter", "EVENT_BITS", "NOTIFY_BITS"]  # its event-parameter classes are in params.py
 
 log = logging.getLogger("fsfilter")
 
@@ -776,7 +780,6 @@ class CBFilter(RuleTables):
 
     @staticmethod
     def _fill(origin: dispatch.Origin) -> None:
-        from fsfilter.layers.filter import ProcessInfo
         info = ProcessInfo(origin.tid)
         origin.name, origin.pid = info.name, info.pid
 

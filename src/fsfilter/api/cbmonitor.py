@@ -36,6 +36,7 @@ from fsfilter.sessions.fanotify_session import (
 )
 from fsfilter.sessions.process_tracker import ProcessTracker, tracker_or_none
 from fsfilter.system import fanotify as fan
+from fsfilter.system import libc, procfs
 from fsfilter.system.procfs import TaskStatusReader
 from fsfilter.wire.fanotify import Event
 
@@ -56,6 +57,10 @@ MONITOR_EVENTS = (
 MONITOR_PARAMS: dict[str, type[EventParams]] = {
     event: make_params("CBMonitor", event, *EVENTS[event]) for event in MONITOR_EVENTS}
 globals().update({cls.__name__: cls for cls in MONITOR_PARAMS.values()})
+
+# The class, and its event-parameter classes (made from the table above, so their names are known at run time).
+__all__ = ["CBMonitor", "MONITOR_EVENTS", "MONITOR_PARAMS", "UNKNOWN",
+           *sorted(cls.__name__ for cls in MONITOR_PARAMS.values())]
 
 # The fanotify events each FS_NE_* flag needs in the group's marks.
 _FAN_FOR: dict[int, int] = {
@@ -96,10 +101,7 @@ class _Process:
     @property
     def exe(self) -> str:
         if self._exe is None:
-            try:
-                self._exe = os.readlink(f"/proc/{self.pid}/exe")
-            except OSError:
-                self._exe = ""
+            self._exe = procfs.exe(self.pid)
         return self._exe
 
 
@@ -497,7 +499,6 @@ class CBMonitor(EventSource, RuleTables):
     # -- the reader
 
     def _read_loop(self, group: NotifyGroup) -> None:
-        own = os.getpid()
         while True:
             try:
                 events = group.read(1000)
@@ -522,14 +523,14 @@ class CBMonitor(EventSource, RuleTables):
                 for event in events:
                     self.records += 1
                     try:
-                        self._deliver(event, own, names.get(event.pid, ""))
+                        self._deliver(event, names.get(event.pid, ""))
                     except Exception as exc:
                         log.exception("an event record could not be delivered")
                         self._fire_error(errno.EIO, f"an event record could not be delivered: {exc}")
             finally:
                 close_fds(events)
 
-    def _deliver(self, ev: Event, own: int, name: str) -> None:
+    def _deliver(self, ev: Event, name: str) -> None:
         mask = ev.mask
         if mask & fa.FAN_Q_OVERFLOW:
             self.lost_events += 1
@@ -540,7 +541,7 @@ class CBMonitor(EventSource, RuleTables):
         if mask & fa.FAN_FS_ERROR:
             self._fire_error(ev.error or errno.EIO, "a watched file system reported an error")
             return
-        if ev.pid == own and self._config["FilterOwnRequests"] != "true":
+        if libc.is_own_process(ev.pid) and self._config["FilterOwnRequests"] != "true":
             if mask & _DIRECTORY_CHANGES and mask & fa.FAN_ONDIR:
                 self._resolver.forget_directories()
             return

@@ -26,13 +26,19 @@ from typing import Any
 from fsfilter.abi import cn_proc as cn
 from fsfilter.abi import fanotify as fa
 from fsfilter.abi import linux
+from fsfilter.api.constants import (
+    PROCESS_EVENT_PROCESS_CREATION,
+    PROCESS_EVENT_PROCESS_TERMINATION,
+    PROCESS_EVENT_THREAD_CREATION,
+    PROCESS_EVENT_THREAD_TERMINATION,
+)
 from fsfilter.api.event_source import EventSource, check_timeout
 from fsfilter.api.params import EVENTS, EventParams, make_params
 from fsfilter.engine import dispatch
 from fsfilter.engine.masks import MaskError, file_matches_mask
 from fsfilter.errors import CBFSFilterError
 from fsfilter.sessions.fanotify_session import MountTable, PermissionGroup, local_mounts, local_path, mount_point_of
-from fsfilter.system import libc
+from fsfilter.system import libc, netlink, procfs
 from fsfilter.wire import cn_proc as wire
 from fsfilter.wire.fanotify import Event
 
@@ -56,11 +62,8 @@ PROCESS_PARAMS: dict[str, type[EventParams]] = {
     event: make_params("CBProcess", event, kind, fields) for event, (kind, fields) in _PROCESS_EVENTS.items()}
 globals().update({cls.__name__: cls for cls in PROCESS_PARAMS.values()})
 
-# EventsToFire bits (the SDK's samples set -1 = all)
-PROCESS_EVENT_PROCESS_CREATION = 0x1
-PROCESS_EVENT_PROCESS_TERMINATION = 0x2
-PROCESS_EVENT_THREAD_CREATION = 0x4
-PROCESS_EVENT_THREAD_TERMINATION = 0x8
+# The class, and its event-parameter classes (made from the table above, so their names are known at run time).
+__all__ = ["CBProcess", "PROCESS_PARAMS", *sorted(cls.__name__ for cls in PROCESS_PARAMS.values())]
 
 _CONFIG_DEFAULTS = {"EventsToFire": "-1", "FilterOwnRequests": "false", "MinWorkerThreadCount": "1",
                     "MaxWorkerThreadCount": "0", "ExecPermissionPaths": "", "ForkReportDelay": "0.1",
@@ -68,8 +71,6 @@ _CONFIG_DEFAULTS = {"EventsToFire": "-1", "FilterOwnRequests": "false", "MinWork
 _FORK_SWEEP = 0.05
 _EXECVE = linux.syscall_numbers().get("execve")
 _EXECVEAT = linux.syscall_numbers().get("execveat")
-_RCVBUF = 8 << 20
-_SO_RCVBUFFORCE = 33
 
 
 @dataclass
@@ -153,13 +154,13 @@ class CBProcess(EventSource):
     # -- filtered and ignored processes
 
     def add_filtered_process_by_id(self, process_id: int, include_children: bool = False) -> None:
-        self._filtered_ids[_check_pid(process_id)] = (bool(include_children), _start_time(process_id))
+        self._filtered_ids[_check_pid(process_id)] = (bool(include_children), procfs.start_time(process_id))
 
     def add_filtered_process_by_name(self, process_name: str, include_children: bool = False) -> None:
         self._filtered_names[_check_name(process_name)] = bool(include_children)
 
     def add_ignored_process_by_id(self, process_id: int, include_children: bool = False) -> None:
-        self._ignored_ids[_check_pid(process_id)] = (bool(include_children), _start_time(process_id))
+        self._ignored_ids[_check_pid(process_id)] = (bool(include_children), procfs.start_time(process_id))
 
     def add_ignored_process_by_name(self, process_name: str, include_children: bool = False) -> None:
         self._ignored_names[_check_name(process_name)] = bool(include_children)
@@ -204,7 +205,7 @@ class CBProcess(EventSource):
         return False
 
     def _wanted(self, pid: int) -> bool:
-        if pid == os.getpid() and self._config["FilterOwnRequests"] != "true":
+        if libc.is_own_process(pid) and self._config["FilterOwnRequests"] != "true":
             return False
         if (self._ignored_ids or self._ignored_names) and self._listed(pid, self._ignored_ids, self._ignored_names):
             return False
@@ -217,7 +218,7 @@ class CBProcess(EventSource):
             proc = self._procs.get(process_id)
         if proc is not None and proc.name:
             return proc.name
-        return _read(f"/proc/{process_id}/comm").strip()
+        return procfs.comm(process_id).strip()
 
     # -- lifecycle
 
@@ -233,14 +234,7 @@ class CBProcess(EventSource):
                 raise CBFSFilterError(errno.EPERM, "CBProcess needs root (the process connector and fanotify)")
             check_timeout(timeout)
             try:
-                sock = socket.socket(socket.AF_NETLINK, socket.SOCK_DGRAM, cn.NETLINK_CONNECTOR)
-                try:
-                    sock.setsockopt(socket.SOL_SOCKET, _SO_RCVBUFFORCE, _RCVBUF)
-                except OSError:
-                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, _RCVBUF)
-                sock.bind((0, cn.CN_IDX_PROC))
-                sock.settimeout(_FORK_SWEEP)
-                sock.send(wire.subscribe(True))
+                sock = netlink.open_proc_connector(_FORK_SWEEP)
             except OSError as exc:
                 raise CBFSFilterError.from_os_error(exc, "the process connector is not available (a kernel with "
                                                     "CONFIG_PROC_EVENTS, and CAP_NET_ADMIN, are needed)") from exc
@@ -273,11 +267,7 @@ class CBProcess(EventSource):
             self._stopping = True
         for t in self._threads:
             t.join(5)
-        try:
-            sock.send(wire.subscribe(False))
-        except OSError:
-            pass
-        sock.close()
+        netlink.close_proc_connector(sock)
         if self._perms is not None:
             self._perms.stop()  # closing it makes the kernel allow whatever is pending
             self._perms = None
@@ -294,10 +284,9 @@ class CBProcess(EventSource):
     def _snapshot(self) -> None:
         """The processes running now, so that parents and names are known for what follows."""
         procs: dict[int, _Proc] = {}
-        for entry in os.listdir("/proc"):
-            if entry.isdigit():
-                proc = _read_proc(int(entry))
-                if proc is not None:
+        for pid in procfs.pids():
+            proc = _read_proc(pid)
+            if proc is not None:
                     proc.reported = True
                     procs[proc.pid] = proc
         with self._lock:
@@ -346,7 +335,7 @@ class CBProcess(EventSource):
                 return
             with self._lock:
                 parent = self._procs.get(ev.parent_tgid)
-                proc = _Proc(ev.tgid, ev.parent_tgid, _start_time(ev.tgid), parent.name if parent else "",
+                proc = _Proc(ev.tgid, ev.parent_tgid, procfs.start_time(ev.tgid), parent.name if parent else "",
                              parent.image if parent else "", False, time.monotonic())
                 self._procs[ev.tgid] = proc
             proc.creator = (ev.parent_tgid, ev.parent_pid)
@@ -356,13 +345,13 @@ class CBProcess(EventSource):
             with self._lock:
                 proc = self._procs.get(ev.tgid)
                 if proc is None:
-                    proc = _Proc(ev.tgid, _parent_of(ev.tgid), _start_time(ev.tgid))
+                    proc = _Proc(ev.tgid, procfs.parent_pid(ev.tgid), procfs.start_time(ev.tgid))
                     self._procs[ev.tgid] = proc
             assert proc is not None
             # Read at once: a short-lived program may be gone in a moment. What could not be read is unknown
             # (""), never the name or image from before the exec.
-            proc.image = _readlink(f"/proc/{ev.tgid}/exe")
-            proc.name = _read(f"/proc/{ev.tgid}/comm").strip() or os.path.basename(proc.image)[:15]
+            proc.image = procfs.exe(ev.tgid)
+            proc.name = procfs.comm(ev.tgid).strip() or os.path.basename(proc.image)[:15]
             announced = self._exec_seen.pop(ev.tgid, 0.0)
             if announced and time.monotonic() - announced < 2.0:
                 proc.reported = True  # the permission event fired it already, before the program ran
@@ -397,7 +386,7 @@ class CBProcess(EventSource):
         self._post("process_creation", proc.pid, process_id=proc.pid, parent_process_id=proc.parent,
                    creating_process_id=creator[0], creating_thread_id=creator[1], process_name=proc.name,
                    image_file_name=proc.image, file_open_name_available=bool(proc.image),
-                   command_line=_command_line(proc.pid))
+                   command_line=procfs.cmdline(proc.pid))
 
     def _sweep_forks(self) -> None:
         """Report forked children that have not execed within the delay (a fork without exec is a creation)."""
@@ -435,15 +424,14 @@ class CBProcess(EventSource):
     def _decide_event(self, ev: Event) -> bool:
         # The filter's own execs never wait for the answering thread. (A handler that starts a program and waits
         # for it needs start_filter(timeout): see docs/process.md.)
-        own = os.getpid()
-        if ev.pid == own or libc.is_thread_of(own, ev.pid):
+        if libc.is_own_thread(ev.pid):
             return True
         return self._decide_exec(ev.fd, ev.pid)
 
     def _decide_exec(self, fd: int, tid: int) -> bool:
         """on_process_creation for a program about to run (``execve`` has opened it); False refuses it."""
         handler = self.handler("process_creation")
-        tgid = _tgid_of(tid)
+        tgid = procfs.tgid(tid)
         if handler is None or not self._events() & PROCESS_EVENT_PROCESS_CREATION or not self._wanted(tgid):
             return True
         # The program's path as our namespace names it: a bind mount in the caller's own namespace must not give it
@@ -460,11 +448,11 @@ class CBProcess(EventSource):
             proc = self._procs.get(tgid)
         argv = _exec_argv(tid)
         params = PROCESS_PARAMS["process_creation"](
-            process_id=tgid, parent_process_id=proc.parent if proc else _parent_of(tgid),
+            process_id=tgid, parent_process_id=proc.parent if proc else procfs.parent_pid(tgid),
             creating_process_id=tgid, creating_thread_id=tid, process_name=os.path.basename(image)[:15],
             image_file_name=image, file_open_name_available=True,
             command_line=" ".join(argv) if argv is not None else "")
-        origin = dispatch.Origin(tgid, tid, -1, -1, _read(f"/proc/{tid}/comm").strip())
+        origin = dispatch.Origin(tgid, tid, -1, -1, procfs.comm(tid).strip())
         outcome = self.dispatcher.call(handler, params, origin)
         # a handler error never stops programs (on_error was told)
         allowed = outcome is dispatch.Outcome.FAILED or not params.result_code
@@ -517,72 +505,24 @@ def _name_matches(mask: str, proc: _Proc) -> bool:
         return False
 
 
-def _read(path: str) -> str:
-    try:
-        with open(path, "rb") as f:
-            return f.read().decode(errors="replace")
-    except OSError:
-        return ""
-
-
-def _readlink(path: str) -> str:
-    try:
-        return os.readlink(path)
-    except OSError:
-        return ""
-
-
-def _stat_fields(pid: int) -> list[str]:
-    raw = _read(f"/proc/{pid}/stat")
-    end = raw.rfind(")")
-    return raw[end + 2:].split() if end > 0 else []
-
-
-def _start_time(pid: int) -> int:
-    fields = _stat_fields(pid)
-    return int(fields[19]) if len(fields) > 19 else 0
-
-
-def _parent_of(pid: int) -> int:
-    fields = _stat_fields(pid)
-    return int(fields[1]) if len(fields) > 1 else 0
-
-
-def _tgid_of(tid: int) -> int:
-    for line in _read(f"/proc/{tid}/status").splitlines():
-        if line.startswith("Tgid:"):
-            return int(line.split()[1])
-    return tid
-
-
 def _read_proc(pid: int) -> _Proc | None:
-    fields = _stat_fields(pid)
+    fields = procfs.stat_fields(pid)
     if len(fields) <= 19:
         return None
-    return _Proc(pid, int(fields[1]), int(fields[19]), _read(f"/proc/{pid}/comm").strip(),
-                 _readlink(f"/proc/{pid}/exe"))
-
-
-def _command_line(pid: int) -> str:
-    return _read(f"/proc/{pid}/cmdline").rstrip("\0").replace("\0", " ")
+    return _Proc(pid, int(fields[1]), int(fields[19]), procfs.comm(pid).strip(), procfs.exe(pid))
 
 
 def _exec_target(tid: int) -> tuple[int, int] | None:
     """(st_dev, st_ino) of the program the execve that thread ``tid`` is blocked in was asked to run, looked up
     as the kernel looks it up: in the caller's own root and working directory (its mount namespace, through
     /proc/<tid>/root and cwd), following symbolic links. None when it cannot be told (execveat, unreadable)."""
-    fields = _read(f"/proc/{tid}/syscall").split()
+    fields = procfs.syscall(tid) or []
     if len(fields) < 2 or not fields[0].isdigit() or int(fields[0]) != _EXECVE:
         return None
     try:
-        mem = os.open(f"/proc/{tid}/mem", os.O_RDONLY | os.O_CLOEXEC)
-        try:
-            raw = os.pread(mem, 4096, int(fields[1], 16)).split(b"\0", 1)[0]
-        finally:
-            os.close(mem)
-        path = os.fsdecode(raw)
-        where = f"/proc/{tid}/root{path}" if path.startswith("/") else f"/proc/{tid}/cwd/{path}"
-        return _identity_of(os.stat(where))
+        with procfs.TaskMemory(tid) as mem:
+            raw = mem.read(int(fields[1], 16), 4096).split(b"\0", 1)[0]
+        return _identity_of(os.stat(procfs.task_path(tid, os.fsdecode(raw))))
     except (OSError, ValueError):
         return None
 
@@ -601,7 +541,7 @@ def _identity_of(st: os.stat_result) -> tuple[int, int]:
 def _exec_argv(tid: int) -> list[str] | None:
     """The argv of the execve thread ``tid`` is blocked in, read from its memory (the new program's command line
     is not in /proc/<pid>/cmdline until it runs)."""
-    fields = _read(f"/proc/{tid}/syscall").split()
+    fields = procfs.syscall(tid) or []
     if len(fields) < 4:
         return None
     try:
@@ -613,23 +553,23 @@ def _exec_argv(tid: int) -> list[str] | None:
     if number == _EXECVEAT:
         argv_ptr = int(fields[3], 16)
     try:
-        mem = os.open(f"/proc/{tid}/mem", os.O_RDONLY | os.O_CLOEXEC)
+        mem = procfs.TaskMemory(tid)
     except OSError:
         return None
     args: list[str] = []
     try:
         for i in range(256):
-            raw = os.pread(mem, 8, argv_ptr + 8 * i)
+            raw = mem.read(argv_ptr + 8 * i, 8)
             if len(raw) < 8:
                 break
             ptr = int.from_bytes(raw, "little")
             if not ptr:
                 break
-            chunk = os.pread(mem, 4096, ptr)
+            chunk = mem.read(ptr, 4096)
             args.append(chunk.split(b"\0", 1)[0].decode(errors="replace"))
     except OSError:
         return args or None
     finally:
-        os.close(mem)
+        mem.close()
     return args
 

@@ -13,6 +13,9 @@ from fsfilter.api.params import EventParams
 from fsfilter.engine.rules import Rule, RuleSet
 from fsfilter.errors import CBFSFilterError
 
+__all__ = ["MAX_TIMEOUT_MS", "MAX_WORKER_THREADS", "EventSource", "RuleTables", "check_thread_count", "check_timeout",
+           "split_setting"]
+
 log = logging.getLogger("fsfilter")
 
 _TRUE = ("true", "1", "yes")

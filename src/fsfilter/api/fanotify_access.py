@@ -49,7 +49,6 @@ from fsfilter.abi import fanotify as fa
 from fsfilter.abi import linux
 from fsfilter.api import constants as c
 from fsfilter.engine.rules import RuleSet, match_path
-from fsfilter.layers.filter import ProcessInfo
 from fsfilter.sessions.fanotify_session import (
     MountTable,
     NotifyGroup,
@@ -60,8 +59,10 @@ from fsfilter.sessions.fanotify_session import (
     mount_point_of,
 )
 from fsfilter.system import fanotify as fan
-from fsfilter.system import libc
+from fsfilter.system import libc, procfs
 from fsfilter.wire.fanotify import Event
+
+__all__ = ["FANOTIFY_ACCESS", "FanotifyAccess", "LinkIndex", "open_flags"]
 
 log = logging.getLogger("fsfilter.access")
 
@@ -92,7 +93,6 @@ class FanotifyAccess:
         self._renames_thread: threading.Thread | None = None
         self.marked: list[str] = []
         self.ignored = 0  # files given an ignore mark since the last flush
-        self._own = os.getpid()
         self._generation = -1
         self._cache_lock = threading.Lock()
         self._epoch = 0  # bumped by every flush: a decision made before one must not be cached after it
@@ -159,7 +159,7 @@ class FanotifyAccess:
         return self._decide(ev.mask, ev.fd, ev.pid, generation)
 
     def _decide(self, mask: int, fd: int, tid: int, generation: int) -> bool:
-        if (tid == self._own or libc.is_thread_of(self._own, tid)) and not self.own_requests():
+        if libc.is_own_thread(tid) and not self.own_requests():
             return True
         epoch = self._epoch
         path = local_path(fd, self.mounts)
@@ -191,7 +191,7 @@ class FanotifyAccess:
         m = match_path(self.rules, self.passthrough, path)
         access = m.upper.access & FANOTIFY_ACCESS
         if access and not m.unconditional:
-            access = m.flags(ProcessInfo(tid), None).access & FANOTIFY_ACCESS
+            access = m.flags(procfs.ProcessInfo(tid), None).access & FANOTIFY_ACCESS
         return access
 
     def _late(self, ev: Event) -> bool:
@@ -279,11 +279,16 @@ class LinkIndex:
         self._inodes = found
 
 
+# How long a thread woken in its permission wait may take to go back to sleep. All waiters of a group share one
+# wait queue, so every answer wakes them all for a moment; /proc/<tid>/syscall then says "running".
+_SYSCALL_PATIENCE = 0.5
+
+
 def open_flags(tid: int) -> int | None:
     """The open(2) flags of the open thread ``tid`` is blocked in, from /proc/<tid>/syscall; None when they
     cannot be trusted: not a known open call, ``openat2`` (its flags are in memory other threads can change),
     an io_uring worker (its registers are a copy of its creator's), or unreadable."""
-    fields = _syscall_fields(tid)
+    fields = procfs.syscall(tid, settle=_SYSCALL_PATIENCE)
     if fields is None or len(fields) < 9:
         return None
     try:
@@ -304,38 +309,3 @@ def open_flags(tid: int) -> int | None:
     # openat2: how.flags is in the caller's memory, read by the kernel before this event and changeable by any
     # thread sharing it since, so what we would read proves nothing. None: refused under a read-only rule.
     return None
-
-
-# How long a thread woken in its permission wait may take to go back to sleep. All waiters of a group share one
-# wait queue, so every answer wakes them all for a moment; /proc/<tid>/syscall then says "running".
-_SYSCALL_PATIENCE = 0.5
-
-
-def _syscall_fields(tid: int) -> list[bytes] | None:
-    """The fields of /proc/<tid>/syscall once the thread is blocked; None when it cannot be read or the thread
-    does not settle within _SYSCALL_PATIENCE."""
-    try:
-        fd = os.open(f"/proc/{tid}/syscall", os.O_RDONLY | os.O_CLOEXEC)
-    except OSError:
-        return None
-    try:
-        deadline = 0.0
-        spins = 0
-        while True:
-            fields = os.pread(fd, 512, 0).split()
-            if fields and fields[0] != b"running":
-                return fields
-            spins += 1
-            if spins <= 64:
-                os.sched_yield()
-                continue
-            now = time.monotonic()
-            if not deadline:
-                deadline = now + _SYSCALL_PATIENCE
-            elif now > deadline:
-                return None
-            time.sleep(0.0002)
-    except OSError:
-        return None
-    finally:
-        os.close(fd)

@@ -15,7 +15,14 @@ import struct
 from fsfilter.abi import linux
 from fsfilter.api import constants as c
 from fsfilter.engine.rules import attributes_from_stat
-from fsfilter.system import libc
+from fsfilter.system import libc, procfs
+
+__all__ = [
+    "FILE_ALLOCATION_INFORMATION", "FILE_ATTRIBUTE_TAG_INFORMATION", "FILE_BASIC_INFORMATION",
+    "FILE_DISPOSITION_INFORMATION", "FILE_END_OF_FILE_INFORMATION", "FILE_INTERNAL_INFORMATION",
+    "FILE_POSITION_INFORMATION", "FILE_RENAME_INFORMATION", "FILE_STANDARD_INFORMATION", "IO_REPARSE_TAG_SYMLINK",
+    "apply", "filetime", "ns_from_filetime", "query", "rename_information",
+]
 
 FILE_BASIC_INFORMATION = 4
 FILE_STANDARD_INFORMATION = 5
@@ -44,14 +51,10 @@ def ns_from_filetime(ft: int) -> int:
     return (ft - _EPOCH_AS_FILETIME) * 100
 
 
-def _proc_path(fd: int) -> str:
-    return os.readlink(f"/proc/self/fd/{fd}")
-
-
 def query(fd: int, info_class: int) -> bytes:
     """The structure of ``info_class`` for the open file ``fd``."""
     st = os.fstat(fd)
-    name = _proc_path(fd)
+    name = procfs.fd_target(fd)
     attrs = attributes_from_stat(st.st_mode, st.st_size, st.st_blocks, name)
     if info_class == FILE_BASIC_INFORMATION:
         return _BASIC.pack(filetime(st.st_ctime_ns), filetime(st.st_atime_ns), filetime(st.st_mtime_ns),
@@ -103,7 +106,7 @@ def apply(fd: int, info_class: int, data: bytes) -> None:
     if info_class == FILE_DISPOSITION_INFORMATION:
         _need(data, 1)
         if data[0]:  # Linux removes the name now; the open file lives on until it is closed, as on Windows
-            path = _proc_path(fd)
+            path = procfs.fd_target(fd)
             if stat.S_ISDIR(os.fstat(fd).st_mode):
                 os.rmdir(path)
             else:
@@ -117,7 +120,7 @@ def apply(fd: int, info_class: int, data: bytes) -> None:
         raw = data[_RENAME_HEAD.size:_RENAME_HEAD.size + length]
         _need(raw, length)
         target = raw.decode("utf-16-le")
-        old = _proc_path(fd)
+        old = procfs.fd_target(fd)
         if not target.startswith("/"):
             target = os.path.join(os.path.dirname(old), target)
         libc.renameat2(linux.AT_FDCWD, os.fsencode(old), linux.AT_FDCWD, os.fsencode(target),

@@ -26,6 +26,8 @@ from fsfilter.system import fuse_device, libc
 from fsfilter.wire import fuse as wire
 from fsfilter.wire.fuse import Request
 
+__all__ = ["PassthroughFilter", "check_filterable"]
+
 log = logging.getLogger("fsfilter")
 
 # Mount points this process serves. A filter mounted inside one of them would have its daemon wait for itself.

@@ -27,9 +27,10 @@ from fsfilter.engine.reparse import ReparseRules
 from fsfilter.engine.rules import NO_FLAGS, Flags, PathMatch, RuleSet, attributes_from_stat, match_path
 from fsfilter.sessions.layer import Layer
 from fsfilter.sessions.locks import F_UNLCK, F_WRLCK, OFFSET_MAX
-from fsfilter.sessions.lower_fs import Inode, LowerFS, OpenFile, _proc, add_lock_finish
-from fsfilter.system import libc
-from fsfilter.system.procfs import task_status
+from fsfilter.sessions.lower_fs import LowerFS, add_lock_finish
+from fsfilter.sessions.nodes import Inode, OpenFile
+from fsfilter.system import libc, procfs
+from fsfilter.system.procfs import ProcessInfo
 from fsfilter.wire import ops
 from fsfilter.wire.fuse import StatLike
 from fsfilter.wire.replies import (
@@ -133,43 +134,6 @@ _CLEANUP_BITS = (c.FS_CE_BEFORE_CLEANUP | c.FS_CE_AFTER_CLEANUP, c.FS_NE_CLEANUP
 _LOCK_BITS = (c.FS_CE_BEFORE_LOCK_CONTROL | c.FS_CE_AFTER_LOCK_CONTROL, c.FS_NE_LOCK_CONTROL)
 
 
-class ProcessInfo:
-    """The requesting thread, read from /proc only when a rule or handler asks (ProcessLike)."""
-
-    __slots__ = ("tid", "_name", "_exe", "_tgid")
-
-    def __init__(self, tid: int) -> None:
-        self.tid = tid
-        self._name: str | None = None
-        self._exe: str | None = None
-        self._tgid: int | None = None
-
-    @property
-    def pid(self) -> int:
-        if self._tgid is None:
-            self._read_status()
-        return self._tgid or self.tid
-
-    @property
-    def name(self) -> str:
-        if self._name is None:
-            self._read_status()
-        return self._name or ""
-
-    @property
-    def exe(self) -> str:
-        if self._exe is None:
-            try:
-                self._exe = os.readlink(f"/proc/{self.tid}/exe")
-            except OSError:
-                self._exe = ""
-        return self._exe
-
-    def _read_status(self) -> None:
-        info = task_status.read(self.tid)
-        self._name, self._tgid = info if info is not None else ("", self.tid)
-
-
 class _Facts:
     """What size/attribute/xattr qualifiers of rules look at, read lazily from the lower object: an open
     node (``fd``) or a name in a lower directory (``dir_fd``, ``name``) that may not exist yet."""
@@ -201,7 +165,7 @@ class _Facts:
             if st is not None else None
 
     def has_xattr(self, name: str) -> bool:
-        where = _proc(self.fd) if self.fd >= 0 else _proc(self.dir_fd) + "/" + os.fsdecode(self.name)
+        where = procfs.fd_path(self.fd) if self.fd >= 0 else procfs.fd_path(self.dir_fd) + "/" + os.fsdecode(self.name)
         try:
             os.getxattr(where, name, follow_symlinks=False)
         except OSError:
@@ -245,7 +209,6 @@ class FilterLayer(Layer):
         self._handles: dict[int, _Handle] = {}
         self._epoch = 0  # bumped on renames: cached matches of moved subtrees are then stale
         self._ctx_lock = threading.Lock()
-        self._own_pid = os.getpid()
         self._naming = threading.local()  # (parent, name, match) of the name this thread is creating
 
     # -- what the tests and tools look at: the stack's tables
@@ -340,8 +303,9 @@ class FilterLayer(Layer):
             return None
         return match_path(core.rules, core.passthrough_rules, path)
 
-    def is_own(self, tid: int) -> bool:
-        return tid == self._own_pid or libc.is_thread_of(self._own_pid, tid)
+    @staticmethod
+    def is_own(tid: int) -> bool:
+        return libc.is_own_thread(tid)
 
     def effective(self, m: PathMatch | None, tid: int, node: Inode | None = None, parent: Inode | None = None,
                   name: bytes = b"") -> Flags:

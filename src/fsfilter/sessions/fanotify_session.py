@@ -14,7 +14,6 @@ import errno
 import logging
 import os
 import queue
-import re
 import select
 import threading
 import time
@@ -23,6 +22,7 @@ from collections.abc import Callable, Iterable
 
 from fsfilter.abi import fanotify as abi
 from fsfilter.system import fanotify as fan
+from fsfilter.system import procfs
 from fsfilter.wire import fanotify as wire
 from fsfilter.wire.fanotify import Event, ObjectId
 
@@ -39,20 +39,8 @@ _DIR_CACHE = 65536
 
 def local_mounts(include_pseudo: bool = False) -> list[tuple[str, str, str]]:
     """(root within its file system, mount point, type) of each mount in /proc/self/mountinfo, in order."""
-    out = []
-    with open("/proc/self/mountinfo") as f:
-        for line in f:
-            fields = line.split()
-            sep = fields.index("-")
-            fstype = fields[sep + 1]
-            if not include_pseudo and (fstype in PSEUDO_FS or fstype.startswith("fuse")):
-                continue
-            out.append((_unescape(fields[3]), _unescape(fields[4]), fstype))
-    return out
-
-
-def _unescape(field: str) -> str:
-    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field)
+    return [(m.root, m.mountpoint, m.fstype) for m in procfs.mountinfo()
+            if include_pseudo or not (m.fstype in PSEUDO_FS or m.fstype.startswith("fuse"))]
 
 
 class MountTable:
@@ -161,7 +149,7 @@ class NotifyGroup:
         os.set_blocking(self.fd, False)
         self._wake_r, self._wake_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
         # The kernel flags /proc/self/mountinfo (POLLPRI) when the mount table changes: volume events.
-        self._mounts_fd = os.open("/proc/self/mountinfo", os.O_RDONLY | os.O_CLOEXEC)
+        self._mounts_fd = procfs.watch_mounts()
         self.mounts_changed = False
         self._poll = select.poll()
         self._poll.register(self.fd, select.POLLIN)
@@ -253,7 +241,7 @@ def local_path(fd: int, mounts: MountTable) -> str:
     or not at all here: then the file is found again by its file handle through our own mount of its file
     system. Falls back to the link's path when that fails (a file system without handles, no mount of it
     here)."""
-    path = os.readlink(f"/proc/self/fd/{fd}")
+    path = procfs.fd_target(fd)
     st = os.fstat(fd)
     if _same_object(path, st):
         return path
@@ -278,7 +266,7 @@ def path_by_handle(mounts: MountTable, fsid: tuple[int, int], handle_type: int, 
     finally:
         os.close(mount_fd)
     try:
-        return os.readlink(f"/proc/self/fd/{obj}")
+        return procfs.fd_target(obj)
     except OSError:
         return None
     finally:

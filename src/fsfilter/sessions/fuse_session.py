@@ -21,7 +21,7 @@ from queue import SimpleQueue
 
 from fsfilter.abi import fuse as abi
 from fsfilter.abi import linux
-from fsfilter.system import fuse_device, libc
+from fsfilter.system import fuse_device, libc, procfs
 from fsfilter.wire import fuse as wire
 from fsfilter.wire.fuse import Request, WireError
 from fsfilter.wire.ops import DEFERRABLE, MAY_BLOCK, NO_REPLY, SIDE_EFFECT_FREE, Op, decode_op
@@ -631,10 +631,7 @@ def _always() -> bool:
 
 
 def _max_pages_limit() -> int:
-    try:
-        with open("/proc/sys/fs/fuse/max_pages_limit") as f:
-            return max(32, int(f.read()))
-    except (OSError, ValueError):
-        return 256
+    limit = procfs.sysctl_int("fs/fuse/max_pages_limit")
+    return max(32, limit) if limit is not None else 256
 
 

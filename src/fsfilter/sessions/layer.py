@@ -17,14 +17,11 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
 
+from fsfilter.sessions.nodes import Inode
 from fsfilter.wire import ops
 from fsfilter.wire.fuse import StatLike
 from fsfilter.wire.replies import DirEntry, Reply
-
-if TYPE_CHECKING:
-    from fsfilter.sessions.lower_fs import Inode
 
 
 class Layer:

@@ -23,14 +23,14 @@ import stat
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any
 
 from fsfilter.abi import fuse as abi
 from fsfilter.abi import linux
 from fsfilter.sessions.fuse_session import Deferred, Handler
 from fsfilter.sessions.layer import NO_HOOKS, Layer, StackHooks
 from fsfilter.sessions.locks import F_RDLCK, F_UNLCK, F_WRLCK, LockTable
-from fsfilter.system import fuse_device, libc
+from fsfilter.sessions.nodes import Inode, OpenDir, OpenFile
+from fsfilter.system import fuse_device, libc, procfs
 from fsfilter.wire import fuse as wire
 from fsfilter.wire import ops
 from fsfilter.wire.fuse import StatLike
@@ -64,96 +64,6 @@ IoPolicy = Callable[[bytes], bool]
 # applied by the kernel already, and would make reopening through /proc/self/fd (a symlink) fail with ELOOP.
 _LOWER_STRIP = os.O_CREAT | os.O_EXCL | os.O_NOCTTY | os.O_APPEND | os.O_DIRECT | os.O_NOFOLLOW
 _SETID = stat.S_ISUID | stat.S_ISGID
-
-
-def _proc(fd: int) -> str:
-    return f"/proc/self/fd/{fd}"
-
-
-class Inode:
-    """One node the kernel knows: an O_PATH fd of the lower object, its lookup count, its last known name (for
-    paths), its passthrough state, and a slot per layer (``slots``, keyed by the layer) dropped with the node."""
-
-    __slots__ = ("nodeid", "fd", "key", "nlookup", "parent", "name", "backing_id", "backing_refs", "daemon_opens",
-                 "cache_sig", "slots")
-
-    def __init__(self, nodeid: int, fd: int, key: tuple[int, int], parent: int, name: bytes) -> None:
-        self.nodeid = nodeid
-        self.fd = fd  # O_PATH
-        self.key = key
-        self.nlookup = 0
-        self.parent = parent
-        self.name = name
-        self.backing_id = 0
-        self.backing_refs = 0  # passthrough opens
-        self.daemon_opens = 0  # opens whose I/O the daemon serves
-        self.cache_sig: tuple[int, int] | None = None  # (mtime_ns, size) when the page cache was last filled
-        self.slots: dict[object, Any] = {}
-
-
-class LowerFile:
-    """The file backend the bottom installs on every open: the lower file's own fd. A layer may replace a handle's
-    backend at OPEN (isolation, encryption, virtual files) with any object that has these methods;
-    ``passthrough_fd`` says which fd the kernel may read and write directly (None: every read and write must
-    reach the daemon)."""
-
-    __slots__ = ("fd",)
-
-    def __init__(self, fd: int) -> None:
-        self.fd = fd
-
-    def read(self, size: int, offset: int) -> bytes:
-        return os.pread(self.fd, size, offset)
-
-    def readinto(self, buf: memoryview, offset: int) -> int:
-        return os.preadv(self.fd, [buf], offset)
-
-    def write(self, data: bytes | memoryview, offset: int) -> int:
-        return os.pwrite(self.fd, data, offset)
-
-    def size(self) -> int:
-        return os.fstat(self.fd).st_size
-
-    def truncate(self, size: int) -> None:
-        os.ftruncate(self.fd, size)
-
-    def fsync(self, datasync: bool) -> None:
-        if datasync:
-            os.fdatasync(self.fd)
-        else:
-            os.fsync(self.fd)
-
-    def allocate(self, mode: int, offset: int, length: int) -> None:
-        libc.fallocate(self.fd, mode, offset, length)
-
-    def passthrough_fd(self) -> int | None:
-        return self.fd
-
-
-class OpenFile:
-    """One open of a file: the lower fd (its number is the handle), its node, its backend, how its reads and
-    writes are served (None until the whole stack has answered the OPEN), and a slot per layer."""
-
-    __slots__ = ("fd", "inode", "passthrough", "backend", "st", "slots")
-
-    def __init__(self, fd: int, inode: Inode, st: os.stat_result) -> None:
-        self.fd = fd
-        self.inode = inode
-        self.passthrough: bool | None = None
-        self.backend: Any = LowerFile(fd)
-        self.st = st  # the lower file's attributes at open (mtime and size say whether the page cache is good)
-        self.slots: dict[object, Any] = {}
-
-
-class OpenDir:
-    __slots__ = ("fd", "pos", "pending", "lock", "reader")
-
-    def __init__(self, fd: int) -> None:
-        self.fd = fd
-        self.pos = 0  # the offset the next entry in ``pending`` starts at
-        self.pending: list[tuple[int, int, int, bytes]] = []
-        self.lock = threading.Lock()
-        self.reader = libc.DirentReader(32768)
 
 
 @dataclass
@@ -394,7 +304,7 @@ class LowerFS(Layer):
             else:
                 if stat.S_ISLNK(os.fstat(node.fd).st_mode):
                     raise OSError(errno.EOPNOTSUPP, "symlinks have no mode")
-                os.chmod(_proc(node.fd), stat.S_IMODE(op.mode))
+                os.chmod(procfs.fd_path(node.fd), stat.S_IMODE(op.mode))
         if valid & (abi.FATTR_UID | abi.FATTR_GID):
             libc.fchown_fd(node.fd, op.uid_to if valid & abi.FATTR_UID else -1,
                            op.gid_to if valid & abi.FATTR_GID else -1)
@@ -402,7 +312,7 @@ class LowerFS(Layer):
             if f is not None:
                 f.backend.truncate(op.size)
             else:
-                os.truncate(_proc(node.fd), op.size)
+                os.truncate(procfs.fd_path(node.fd), op.size)
             if valid & abi.FATTR_KILL_SUIDGID:
                 self.kill_privileges(f.fd if f is not None else node.fd)
         if valid & (abi.FATTR_ATIME | abi.FATTR_MTIME | abi.FATTR_ATIME_NOW | abi.FATTR_MTIME_NOW):
@@ -445,7 +355,7 @@ class LowerFS(Layer):
         if self._is_root:
             libc.link_fd(node.fd, parent.fd, op.name)
         else:
-            os.link(_proc(node.fd), op.name, dst_dir_fd=parent.fd, follow_symlinks=True)
+            os.link(procfs.fd_path(node.fd), op.name, dst_dir_fd=parent.fd, follow_symlinks=True)
         fd = os.open(op.name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=parent.fd)
         return self._entry(fd, parent.nodeid, op.name)
 
@@ -564,7 +474,7 @@ class LowerFS(Layer):
     def open(self, op: ops.Open) -> Reply:
         node = self.inode(op.nodeid)
         st = os.fstat(node.fd)
-        fd = os.open(_proc(node.fd), (op.flags & ~_LOWER_STRIP) | os.O_CLOEXEC)
+        fd = os.open(procfs.fd_path(node.fd), (op.flags & ~_LOWER_STRIP) | os.O_CLOEXEC)
         try:
             if op.flags & os.O_TRUNC and op.open_flags & abi.FUSE_OPEN_KILL_SUIDGID:
                 self.kill_privileges(fd)
@@ -579,7 +489,7 @@ class LowerFS(Layer):
     def _created(self, fd: int, parent: Inode, name: bytes) -> Reply:
         """Reply to CREATE/TMPFILE: the new object's entry, then its open."""
         try:
-            path_fd = os.open(_proc(fd), os.O_PATH | os.O_CLOEXEC)
+            path_fd = os.open(procfs.fd_path(fd), os.O_PATH | os.O_CLOEXEC)
             st = os.fstat(path_fd)
             node = self._remember(path_fd, st, parent.nodeid, name)
             entry = Entry(node.nodeid, st, self.options.entry_timeout, self.options.attr_timeout)
@@ -608,7 +518,7 @@ class LowerFS(Layer):
         parent = self.inode(op.nodeid)
         switched = self._as_caller(op, op.umask)
         try:
-            fd = os.open(_proc(parent.fd), (op.flags & ~_LOWER_STRIP) | os.O_CLOEXEC, op.mode & 0o7777)
+            fd = os.open(procfs.fd_path(parent.fd), (op.flags & ~_LOWER_STRIP) | os.O_CLOEXEC, op.mode & 0o7777)
         finally:
             self._restore_identity(switched)
         return self._created(fd, parent, b"")
@@ -734,10 +644,10 @@ class LowerFS(Layer):
         mode = st.st_mode
         kill = stat.S_ISUID | (stat.S_ISGID if mode & stat.S_IXGRP else 0)
         if mode & kill:
-            os.chmod(_proc(fd), stat.S_IMODE(mode) & ~kill)
+            os.chmod(procfs.fd_path(fd), stat.S_IMODE(mode) & ~kill)
         if mode & 0o111:
             try:
-                os.removexattr(_proc(fd), "security.capability")
+                os.removexattr(procfs.fd_path(fd), "security.capability")
             except OSError as exc:
                 if exc.errno not in (errno.ENODATA, errno.EOPNOTSUPP):
                     raise
@@ -746,7 +656,7 @@ class LowerFS(Layer):
 
     def opendir(self, op: ops.Open) -> Reply:
         node = self.inode(op.nodeid)
-        fd = os.open(_proc(node.fd), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        fd = os.open(procfs.fd_path(node.fd), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         self.dirs[fd] = OpenDir(fd)
         return Opened(fd)
 
@@ -820,7 +730,7 @@ class LowerFS(Layer):
         node = self.inode(op.nodeid)
         switched = self._as_caller(op, None)
         try:
-            ok = os.access(_proc(node.fd), op.mask, effective_ids=True)
+            ok = os.access(procfs.fd_path(node.fd), op.mask, effective_ids=True)
         finally:
             self._restore_identity(switched)
         if not ok:
@@ -829,10 +739,10 @@ class LowerFS(Layer):
 
     def setxattr(self, op: ops.Setxattr) -> Reply:
         node = self.inode(op.nodeid)
-        os.setxattr(_proc(node.fd), op.name, op.value, op.flags)
+        os.setxattr(procfs.fd_path(node.fd), op.name, op.value, op.flags)
         if op.xflags & abi.FUSE_SETXATTR_ACL_KILL_SGID:
             mode = os.fstat(node.fd).st_mode
-            os.chmod(_proc(node.fd), stat.S_IMODE(mode) & ~stat.S_ISGID)
+            os.chmod(procfs.fd_path(node.fd), stat.S_IMODE(mode) & ~stat.S_ISGID)
         return EMPTY
 
     def getxattr(self, op: ops.Getxattr) -> Reply:
@@ -842,7 +752,7 @@ class LowerFS(Layer):
     def xattr_value(self, op: ops.Getxattr) -> bytes:
         """The whole value a GETXATTR asks for, or the NUL-terminated names a LISTXATTR lists (the reply is cut
         to the caller's size from it)."""
-        where = _proc(self.inode(op.nodeid).fd)
+        where = procfs.fd_path(self.inode(op.nodeid).fd)
         if op.opcode == abi.Opcode.GETXATTR:
             return os.getxattr(where, op.name)
         names = os.listxattr(where)
@@ -852,7 +762,7 @@ class LowerFS(Layer):
         return b"".join(os.fsencode(n) + b"\0" for n in names)
 
     def removexattr(self, op: ops.Removexattr) -> Reply:
-        os.removexattr(_proc(self.inode(op.nodeid).fd), op.name)
+        os.removexattr(procfs.fd_path(self.inode(op.nodeid).fd), op.name)
         return EMPTY
 
     def fallocate(self, op: ops.Fallocate) -> Reply:
@@ -884,7 +794,7 @@ class LowerFS(Layer):
         raise OSError(errno.ENOTTY, "ioctl not served")
 
     def syncfs(self, op: ops.Plain) -> Reply:
-        fd = os.open(_proc(self.root.fd), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        fd = os.open(procfs.fd_path(self.root.fd), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         try:
             libc.syncfs(fd)
         finally:
@@ -976,7 +886,7 @@ def _writes_drop_privileges(fd: int, st: os.stat_result) -> bool:
     if not mode & 0o111:
         return False
     try:
-        os.getxattr(_proc(fd), "security.capability")
+        os.getxattr(procfs.fd_path(fd), "security.capability")
     except OSError:
         return False
     return True

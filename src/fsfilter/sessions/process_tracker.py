@@ -10,18 +10,15 @@ changes, and keeps the names of exited processes for a while, so that a record r
 from __future__ import annotations
 
 import logging
-import socket
 import threading
 import time
 from collections import OrderedDict
 
 from fsfilter.abi import cn_proc as abi
+from fsfilter.system import netlink, procfs
 from fsfilter.wire import cn_proc as wire
 
 log = logging.getLogger("fsfilter.processes")
-
-_RCVBUF = 8 << 20
-_SO_RCVBUFFORCE = 33
 
 
 class ProcessTracker:
@@ -35,18 +32,7 @@ class ProcessTracker:
         self._stopping = False
         self._thread: threading.Thread | None = None
         self.lost = 0  # datagrams the socket dropped (ENOBUFS)
-        self.sock = socket.socket(socket.AF_NETLINK, socket.SOCK_DGRAM, abi.NETLINK_CONNECTOR)
-        try:
-            try:
-                self.sock.setsockopt(socket.SOL_SOCKET, _SO_RCVBUFFORCE, _RCVBUF)
-            except OSError:
-                self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, _RCVBUF)
-            self.sock.bind((0, abi.CN_IDX_PROC))
-            self.sock.settimeout(0.5)  # so that stop() is seen
-            self.sock.send(wire.subscribe(True))
-        except BaseException:
-            self.sock.close()
-            raise
+        self.sock = netlink.open_proc_connector(0.5)  # timing out so that stop() is seen
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._loop, name="fsfilter-processes", daemon=True)
@@ -56,11 +42,7 @@ class ProcessTracker:
         self._stopping = True
         if self._thread is not None:
             self._thread.join(3)
-        try:
-            self.sock.send(wire.subscribe(False))
-        except OSError:
-            pass
-        self.sock.close()
+        netlink.close_proc_connector(self.sock)
 
     def live_name(self, pid: int) -> str | None:
         """The name of a running process, once its exec (or a name change) has been seen: a name inherited
@@ -106,7 +88,7 @@ class ProcessTracker:
                 return  # a thread's own name: processes are named by their main thread
             # After an exec the name from before it (inherited at fork) is wrong: unknown ("") rather than a
             # guess when the new name could not be read in time.
-            self._set(ev.tgid, ev.comm if what == abi.PROC_EVENT_COMM else _read_comm(ev.tgid), ev.timestamp_ns)
+            self._set(ev.tgid, ev.comm if what == abi.PROC_EVENT_COMM else procfs.comm(ev.tgid), ev.timestamp_ns)
             with self._lock:
                 self._confirmed.add(ev.tgid)
         elif what == abi.PROC_EVENT_FORK:
@@ -114,7 +96,7 @@ class ProcessTracker:
                 return  # a new thread
             with self._lock:
                 parent = self._live.get(ev.parent_tgid)
-            if self._set(ev.tgid, parent[0] if parent else _read_comm(ev.tgid), ev.timestamp_ns):
+            if self._set(ev.tgid, parent[0] if parent else procfs.comm(ev.tgid), ev.timestamp_ns):
                 with self._lock:
                     self._confirmed.discard(ev.tgid)  # a new process: not confirmed until its exec
         elif what == abi.PROC_EVENT_EXIT and ev.pid == ev.tgid:
@@ -137,14 +119,6 @@ class ProcessTracker:
                 self._live[tgid] = (name, stamp)
                 return True
             return False
-
-
-def _read_comm(pid: int) -> str:
-    try:
-        with open(f"/proc/{pid}/comm", "rb") as f:
-            return f.read().rstrip(b"\n").decode(errors="replace")
-    except OSError:
-        return ""
 
 
 def tracker_or_none() -> ProcessTracker | None:

@@ -6,18 +6,17 @@ import array
 import errno
 import fcntl
 import os
-import re
 import resource
 import shutil
 import socket
 import subprocess
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 
 from fsfilter.abi import fuse as abi
 from fsfilter.abi import linux
-from fsfilter.system import libc
+from fsfilter.system import libc, procfs
+from fsfilter.system.procfs import MountEntry as MountEntry  # passthrough.py names it here
 
 DEVICE = "/dev/fuse"
 FSTYPE = "fuse.fsfilter"
@@ -72,36 +71,10 @@ def backing_close(session_fd: int, backing_id: int) -> None:
     fcntl.ioctl(session_fd, abi.FUSE_DEV_IOC_BACKING_CLOSE, array.array("i", [backing_id]))
 
 
-@dataclass(frozen=True)
-class MountEntry:
-    mount_id: int
-    parent_id: int
-    mountpoint: str
-    options: str
-    fstype: str
-    source: str
-
-
-def _unescape(field: str) -> str:
-    # mountinfo writes space, tab, newline and backslash as \ooo
-    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field)
-
-
-def mountinfo() -> list[MountEntry]:
-    entries = []
-    with open("/proc/self/mountinfo") as f:
-        for line in f:
-            fields = line.split()
-            sep = fields.index("-")
-            entries.append(MountEntry(int(fields[0]), int(fields[1]), _unescape(fields[4]), fields[5],
-                                      fields[sep + 1], _unescape(fields[sep + 2])))
-    return entries
-
-
 def find_mount(mountpoint: str, fstype: str = FSTYPE) -> MountEntry | None:
     """The topmost mount of ``fstype`` at ``mountpoint`` (mountinfo lists later mounts last)."""
     found = None
-    for entry in mountinfo():
+    for entry in procfs.mountinfo():
         if entry.mountpoint == mountpoint and entry.fstype == fstype:
             found = entry
     return found

@@ -1,19 +1,253 @@
-"""Reading a task's name and thread-group id from /proc, cheaply enough to do it for every request.
+"""Everything fsfilter reads from /proc: the mount table, and what a task is (name, thread-group id, ...).
 
-An open /proc/<tid>/comm descriptor stays bound to the task it was opened for: reading it at offset 0
-gives that task's current name (after execve or PR_SET_NAME too), and fails with ESRCH once the task is
-gone, even if its id has been given to another task since. A task's thread-group id never changes while
-it lives (a thread that calls execve takes its leader's id, and its old id's descriptors then fail). So
-the first request of a thread reads /proc/<tid>/status once for the thread-group id and keeps the comm
-descriptor; later ones cost one pread of comm (about 1 µs, against 12 µs for open+read+close of status).
-On any failure the entry is dropped and read again from the paths.
+Standard library only: the unmount watchdog loads this file by its path, without the package (see watchdog.py).
+
+Mounts: /proc/self/mountinfo, one line per mount of our mount namespace, parents before children and a later
+mount on the same point after the one it covers.
+
+A task's name and thread-group id are read cheaply enough to do it for every request (TaskStatusReader). An
+open /proc/<tid>/comm descriptor stays bound to the task it was opened for: reading it at offset 0 gives that
+task's current name (after execve or PR_SET_NAME too), and fails with ESRCH once the task is gone, even if its
+id has been given to another task since. A task's thread-group id never changes while it lives (a thread that
+calls execve takes its leader's id, and its old id's descriptors then fail). So the first request of a thread
+reads /proc/<tid>/status once for the thread-group id and keeps the comm descriptor; later ones cost one pread
+of comm (about 1 µs, against 12 µs for open+read+close of status). On any failure the entry is dropped and
+read again from the paths.
 """
-
 from __future__ import annotations
 
 import os
+import re
 import threading
+import time
 from collections import OrderedDict
+from dataclasses import dataclass
+
+MOUNTINFO = "/proc/self/mountinfo"
+
+
+@dataclass(frozen=True)
+class MountEntry:
+    mount_id: int
+    parent_id: int
+    mountpoint: str
+    options: str
+    fstype: str
+    source: str
+    root: str  # the directory of its file system the mount shows: "/" unless it is a bind mount of a part
+
+
+def unescape(field: str) -> str:
+    # mountinfo writes space, tab, newline and backslash as \ooo
+    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field)
+
+
+def mountinfo() -> list[MountEntry]:
+    """The mounts of our mount namespace, in the kernel's order."""
+    entries = []
+    with open(MOUNTINFO) as f:
+        for line in f:
+            fields = line.split()
+            sep = fields.index("-")  # after a variable number of optional fields
+            entries.append(MountEntry(int(fields[0]), int(fields[1]), unescape(fields[4]), fields[5],
+                                      fields[sep + 1], unescape(fields[sep + 2]), unescape(fields[3])))
+    return entries
+
+
+def watch_mounts() -> int:
+    """An fd that polls POLLPRI when the mount table changes (a mount or an unmount); reading it (pread at 0)
+    arms the next notice. The caller closes it."""
+    return os.open(MOUNTINFO, os.O_RDONLY | os.O_CLOEXEC)
+
+# -- files of this process and of the system
+
+
+def fd_path(fd: int) -> str:
+    """A path to what our ``fd`` refers to: opening it opens that object again (an O_PATH fd too), by the
+    kernel's link, not by its name."""
+    return f"/proc/self/fd/{fd}"
+
+
+def fd_target(fd: int) -> str:
+    """The path of what our ``fd`` refers to, as our mount namespace names it (through the mount the opener
+    used; " (deleted)" appended once it is unlinked). OSError when it cannot be read."""
+    return os.readlink(fd_path(fd))
+
+
+def sysctl_int(name: str) -> int | None:
+    """An integer kernel setting, /proc/sys/``name`` (``fs/fuse/max_pages_limit``); None when there is none
+    (an older kernel, another module) or it cannot be read."""
+    try:
+        with open(f"/proc/sys/{name}") as f:
+            return int(f.read())
+    except (OSError, ValueError):
+        return None
+
+
+# -- tasks (processes and threads). Each reader returns a neutral value ("", 0, None) when the task is gone or
+# its file cannot be read: a task may exit at any moment, and callers go on without what they could not learn.
+
+
+def _read(path: str) -> str:
+    try:
+        with open(path, "rb") as f:
+            return f.read().decode(errors="replace")
+    except OSError:
+        return ""
+
+
+def pids() -> list[int]:
+    """The processes alive now (their ids; threads other than a process's first are not listed)."""
+    return [int(entry) for entry in os.listdir("/proc") if entry.isdigit()]
+
+
+def comm(tid: int) -> str:
+    """The task's name (its comm: at most 15 bytes, the program's name unless the task changed it)."""
+    return _read(f"/proc/{tid}/comm").rstrip("\n")
+
+
+def exe(pid: int) -> str:
+    """The path of the program the process runs."""
+    try:
+        return os.readlink(f"/proc/{pid}/exe")
+    except OSError:
+        return ""
+
+
+def cmdline(pid: int) -> str:
+    """The process's arguments, joined by spaces."""
+    return _read(f"/proc/{pid}/cmdline").rstrip("\0").replace("\0", " ")
+
+
+def tgid(tid: int) -> int:
+    """The id of the process (thread group) thread ``tid`` belongs to; ``tid`` itself when it cannot be read."""
+    return _parse(_read(f"/proc/{tid}/status").encode(), tid)[1]
+
+
+def groups(tid: int) -> list[int]:
+    """The task's supplementary group ids."""
+    try:
+        with open(f"/proc/{tid}/status") as f:
+            for line in f:
+                if line.startswith("Groups:"):
+                    return [int(g) for g in line.split()[1:]]
+    except (OSError, ValueError):
+        pass
+    return []
+
+
+def stat_fields(pid: int) -> list[str]:
+    """The fields of /proc/<pid>/stat after the name (which may hold spaces and parentheses, so it is cut at the
+    last ")"): [0] is the state, [1] the parent's id, [19] the start time."""
+    raw = _read(f"/proc/{pid}/stat")
+    end = raw.rfind(")")
+    return raw[end + 2:].split() if end > 0 else []
+
+
+def parent_pid(pid: int) -> int:
+    """The id of the process's parent; 0 when unknown."""
+    fields = stat_fields(pid)
+    return int(fields[1]) if len(fields) > 1 else 0
+
+
+def start_time(pid: int) -> int:
+    """When the process started, in clock ticks since boot: with its id, it names one process (ids are reused);
+    0 when unknown."""
+    fields = stat_fields(pid)
+    return int(fields[19]) if len(fields) > 19 else 0
+
+
+def syscall(tid: int, settle: float = 0.0) -> list[str] | None:
+    """The fields of /proc/<tid>/syscall: the number of the system call thread ``tid`` is blocked in and its
+    arguments (hex), then its stack and instruction pointers; None when it cannot be read. A thread that is not
+    blocked shows the one field "running"; with ``settle`` it is read again until it blocks (a few yields, then
+    short sleeps), and None when it does not within ``settle`` seconds."""
+    try:
+        fd = os.open(f"/proc/{tid}/syscall", os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        deadline = 0.0
+        spins = 0
+        while True:
+            fields = os.pread(fd, 512, 0).decode(errors="replace").split()
+            if not settle or (fields and fields[0] != "running"):
+                return fields
+            spins += 1
+            if spins <= 64:
+                os.sched_yield()
+                continue
+            now = time.monotonic()
+            if not deadline:
+                deadline = now + settle
+            elif now > deadline:
+                return None
+            time.sleep(0.0002)
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+
+
+def task_path(tid: int, path: str) -> str:
+    """Where ``path`` leads for thread ``tid``: through its root when absolute, its working directory when
+    relative, so in its own mount namespace and chroot."""
+    return f"/proc/{tid}/root{path}" if path.startswith("/") else f"/proc/{tid}/cwd/{path}"
+
+
+class TaskMemory:
+    """The memory of thread ``tid``'s process, read at its addresses (/proc/<tid>/mem; a process may read
+    another's only with ptrace rights over it: root). OSError when it cannot be opened or read."""
+
+    def __init__(self, tid: int) -> None:
+        self.fd = os.open(f"/proc/{tid}/mem", os.O_RDONLY | os.O_CLOEXEC)
+
+    def read(self, address: int, size: int) -> bytes:
+        return os.pread(self.fd, size, address)
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+    def __enter__(self) -> TaskMemory:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class ProcessInfo:
+    """The requesting thread, read from /proc only when a rule or handler asks (an engine.masks.ProcessLike)."""
+
+    __slots__ = ("tid", "_name", "_exe", "_tgid")
+
+    def __init__(self, tid: int) -> None:
+        self.tid = tid
+        self._name: str | None = None
+        self._exe: str | None = None
+        self._tgid: int | None = None
+
+    @property
+    def pid(self) -> int:
+        if self._tgid is None:
+            self._read_status()
+        return self._tgid or self.tid
+
+    @property
+    def name(self) -> str:
+        if self._name is None:
+            self._read_status()
+        return self._name or ""
+
+    @property
+    def exe(self) -> str:
+        if self._exe is None:
+            self._exe = exe(self.tid)
+        return self._exe
+
+    def _read_status(self) -> None:
+        info = task_status.read(self.tid)
+        self._name, self._tgid = info if info is not None else ("", self.tid)
+
 
 _KEPT = 256  # descriptors kept open, least recently used dropped first
 

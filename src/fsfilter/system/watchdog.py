@@ -9,33 +9,36 @@ killed); if the mount is still there, it is detached at once so that the directo
 id makes sure a later mount at the same place is never touched; when the daemon died before it could send
 the id, the one fsfilter mount at MOUNTPOINT that was not there when we started is taken to be its. Standard
 library only; imports nothing from fsfilter so that it starts fast and does not hold the daemon's /dev/fuse
-descriptor.
+descriptor. The one exception is procfs.py beside it (standard library only too), loaded by its path for the
+mountinfo parser.
 """
 
 import ctypes
 import ctypes.util
+import importlib.util
 import os
-import re
 import signal
 import sys
+from types import ModuleType
 
 MNT_DETACH = 2
 
 
-def unescape(field: str) -> str:
-    # mountinfo writes space, tab, newline and backslash as \ooo
-    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field)
+def _load_procfs() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("_fsfilter_watchdog_procfs",
+                                                  os.path.join(os.path.dirname(os.path.abspath(__file__)), "procfs.py"))
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses looks the module of a class up there
+    spec.loader.exec_module(module)
+    return module
+
+
+procfs = _load_procfs()
 
 
 def mounts_at(mountpoint: str, fstype: str) -> set[int]:
-    found = set()
-    with open("/proc/self/mountinfo") as f:
-        for line in f:
-            fields = line.split()
-            sep = fields.index("-")
-            if unescape(fields[4]) == mountpoint and fields[sep + 1] == fstype:
-                found.add(int(fields[0]))
-    return found
+    return {m.mount_id for m in procfs.mountinfo() if m.mountpoint == mountpoint and m.fstype == fstype}
 
 
 def main() -> int:

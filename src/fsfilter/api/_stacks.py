@@ -15,21 +15,35 @@ import logging
 import math
 import os
 import threading
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from fsfilter.abi import fuse as abi
 from fsfilter.abi import linux
 from fsfilter.api.passthrough import PassthroughFilter
 from fsfilter.errors import CBFSFilterError
-from fsfilter.layers.filter import FilterLayer
+from fsfilter.layers.filter import FilterCore, FilterLayer
 from fsfilter.sessions.fuse_session import Session, SessionStats
 from fsfilter.sessions.lower_fs import LowerFS
 from fsfilter.sessions.stack import AltitudeTaken, LayerStack
 from fsfilter.system import libc
 from fsfilter.wire import fuse as wire
 
-if TYPE_CHECKING:
-    from fsfilter.api.cbfilter import CBFilter
+
+class StackedFilter(FilterCore, Protocol):
+    """What a stack needs of a filter on it (a CBFilter) beyond what its layer needs: its mount settings, its
+    altitude, and where to report that its mount was lost or moved."""
+
+    tag: int
+    altitude: str
+    strict_altitude: bool
+    _altitude: float
+
+    def worker_threads(self) -> int: ...
+    def config(self, configuration_string: str) -> str: ...
+    def wants_lock_requests(self) -> bool: ...
+    def _fire_error(self, code: int, description: str) -> None: ...
+    def _attachment_lost(self, path: str, reason: str) -> None: ...
+    def _moved_to(self, path: str, attachment: Attachment) -> None: ...
 
 log = logging.getLogger("fsfilter")
 
@@ -94,7 +108,7 @@ class MountStack(PassthroughFilter):
     """The FUSE mount of one directory and the stack of layers of the filters on it. Its mount options (timeouts,
     locks, kernel passthrough, request threads) are those of the filter that made it."""
 
-    def __init__(self, path: str, first: CBFilter) -> None:
+    def __init__(self, path: str, first: StackedFilter) -> None:
         threads = first.worker_threads()
         super().__init__(path, None, pool=max(4, threads), passthrough=first.config_bool("KernelPassthrough"),
                          entry_timeout=float(first.config("EntryTimeout")),
@@ -103,9 +117,9 @@ class MountStack(PassthroughFilter):
                          locks=first.wants_lock_requests(),
                          request_timeout=min(0xFFFF, math.ceil(float(first.config("RequestTimeout")))))
         self.layers: LayerStack | None = None
-        self.members: dict[int, tuple[CBFilter, FilterLayer]] = {}  # id(filter) -> (filter, its layer here)
+        self.members: dict[int, tuple[StackedFilter, FilterLayer]] = {}  # id(filter) -> (filter, its layer here)
         self.draining = False  # detached: serving only what was inside it already
-        self._pending: list[tuple[CBFilter, str, float, bool]] = []  # layers to put in before the first request
+        self._pending: list[tuple[StackedFilter, str, float, bool]] = []  # layers to put in before the first request
         self._stale = False  # the rules changed: the kernel's cached names and attributes may lie
         self._invalidator: threading.Thread | None = None
         self._stale_lock = threading.Lock()
@@ -155,7 +169,7 @@ class MountStack(PassthroughFilter):
 
     # -- layers
 
-    def _join(self, fs: LowerFS, core: CBFilter, scope: str, altitude: float, strict: bool) -> FilterLayer:
+    def _join(self, fs: LowerFS, core: StackedFilter, scope: str, altitude: float, strict: bool) -> FilterLayer:
         assert self.layers is not None
         layer = FilterLayer(fs, core, self.mountpoint, scope)
         try:
@@ -166,7 +180,7 @@ class MountStack(PassthroughFilter):
         self.members[id(core)] = (core, layer)
         return layer
 
-    def add(self, core: CBFilter, scope: str, altitude: float, strict: bool) -> FilterLayer:
+    def add(self, core: StackedFilter, scope: str, altitude: float, strict: bool) -> FilterLayer:
         """Put the filter's layer in the stack (the mount is started already)."""
         if id(core) in self.members:
             return self.members[id(core)][1]
@@ -179,7 +193,7 @@ class MountStack(PassthroughFilter):
         self.rules_changed()  # names and attributes cached before it joined may be ones its rules change
         return layer
 
-    def remove(self, core: CBFilter) -> bool:
+    def remove(self, core: StackedFilter) -> bool:
         """Take the filter's layer out; True when no layer is left."""
         member = self.members.pop(id(core), None)
         if member is not None and self.layers is not None:
@@ -240,7 +254,7 @@ class MountStack(PassthroughFilter):
         return out
 
 
-def attach(core: CBFilter, path: str, altitude: float, strict: bool) -> Attachment:
+def attach(core: StackedFilter, path: str, altitude: float, strict: bool) -> Attachment:
     """Put ``core``'s layer for the directory ``path`` in the stack that serves it, mounting one if none does."""
     with _registry_lock:
         stack = stack_for(path)
@@ -272,7 +286,7 @@ def _retire(outer: MountStack, inner: MountStack) -> None:
         pass
 
 
-def detach(core: CBFilter, attachment: Attachment) -> None:
+def detach(core: StackedFilter, attachment: Attachment) -> None:
     """Take ``core``'s layer out of the stack; the mount goes with its last layer. Layers the filter still has in
     detached mounts being drained leave them too (those mounts then serve what is inside them unfiltered)."""
     with _registry_lock:
