@@ -119,7 +119,7 @@ class LowerFS(Layer):
         for opcode, spec in ops.OPS.items():
             if opcode in (abi.Opcode.GETLK, abi.Opcode.SETLK, abi.Opcode.SETLKW) and not self.options.locks:
                 continue  # the kernel keeps locks itself
-            if spec.method in ("open", "create", "tmpfile"):
+            if spec.method in ("open", "create", "tmpfile", "opendir"):
                 table[opcode] = self._settled(spec.method)
             else:
                 table[opcode] = self._entering(spec.method)
@@ -132,12 +132,34 @@ class LowerFS(Layer):
 
     def _settled(self, method: str) -> Handler:
         def serve(op: ops.Op) -> Reply | None:
-            reply = getattr(self.top, method)(op)
+            try:
+                reply = getattr(self.top, method)(op)
+            except BaseException:
+                self._undo_open(op, method == "opendir")
+                raise
             opened = reply.opened if isinstance(reply, Created) else reply
-            if isinstance(opened, Opened):
+            if isinstance(opened, Opened) and method != "opendir":
                 self.settle_open(opened)
             return reply  # type: ignore[no-any-return]
         return serve
+
+    def _undo_open(self, op: ops.Op, is_dir: bool) -> None:
+        """An open the bottom granted and a layer above then failed: close it through the whole stack, so that
+        every layer that saw it opened sees it closed (the others pass the release down)."""
+        opened: tuple[int, object] | None = op.recall(_OPENED)
+        if opened is None:
+            return  # refused before the bottom opened anything
+        fh, record = opened
+        if (self.dirs if is_dir else self.files).get(fh) is not record:
+            return  # closed already by the layer that refused (and the number perhaps reused since)
+        release = ops.Release.undoing(op, fh)
+        try:
+            if is_dir:
+                self.top.releasedir(release)
+            else:
+                self.top.release(release)
+        except Exception:
+            log.exception("closing an open that a layer refused failed")
 
     def inode(self, nodeid: int) -> Inode:
         node = self.nodes.get(nodeid)
@@ -466,9 +488,11 @@ class LowerFS(Layer):
             flags &= ~abi.OpenReplyFlag.NOFLUSH
         return flags
 
-    def _registered(self, fd: int, node: Inode, st: os.stat_result) -> Opened:
+    def _registered(self, op: ops.Op, fd: int, node: Inode, st: os.stat_result) -> Opened:
+        record = OpenFile(fd, node, st)
         with self._lock:
-            self.files[fd] = OpenFile(fd, node, st)
+            self.files[fd] = record
+        op.remember(_OPENED, (fd, record))
         return Opened(fd)
 
     def open(self, op: ops.Open) -> Reply:
@@ -480,20 +504,20 @@ class LowerFS(Layer):
                 self.kill_privileges(fd)
             if op.flags & os.O_TRUNC:
                 st = os.fstat(fd)
-            return self._registered(fd, node, st)
+            return self._registered(op, fd, node, st)
         except BaseException:
             self.files.pop(fd, None)
             os.close(fd)
             raise
 
-    def _created(self, fd: int, parent: Inode, name: bytes) -> Reply:
+    def _created(self, op: ops.Op, fd: int, parent: Inode, name: bytes) -> Reply:
         """Reply to CREATE/TMPFILE: the new object's entry, then its open."""
         try:
             path_fd = os.open(procfs.fd_path(fd), os.O_PATH | os.O_CLOEXEC)
             st = os.fstat(path_fd)
             node = self._remember(path_fd, st, parent.nodeid, name)
             entry = Entry(node.nodeid, st, self.options.entry_timeout, self.options.attr_timeout)
-            return Created(entry, self._registered(fd, node, st))
+            return Created(entry, self._registered(op, fd, node, st))
         except BaseException:
             os.close(fd)
             raise
@@ -512,7 +536,7 @@ class LowerFS(Layer):
         finally:
             if owned:
                 os.close(dfd)
-        return self._created(fd, parent, op.name)
+        return self._created(op, fd, parent, op.name)
 
     def tmpfile(self, op: ops.Create) -> Reply:
         parent = self.inode(op.nodeid)
@@ -521,7 +545,7 @@ class LowerFS(Layer):
             fd = os.open(procfs.fd_path(parent.fd), (op.flags & ~_LOWER_STRIP) | os.O_CLOEXEC, op.mode & 0o7777)
         finally:
             self._restore_identity(switched)
-        return self._created(fd, parent, b"")
+        return self._created(op, fd, parent, b"")
 
     def read(self, op: ops.Read) -> Reply:
         return Data(self.file(op.fh).backend.read(op.size, op.offset))
@@ -657,7 +681,8 @@ class LowerFS(Layer):
     def opendir(self, op: ops.Open) -> Reply:
         node = self.inode(op.nodeid)
         fd = os.open(procfs.fd_path(node.fd), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        self.dirs[fd] = OpenDir(fd)
+        record = self.dirs[fd] = OpenDir(fd)
+        op.remember(_OPENED, (fd, record))
         return Opened(fd)
 
     def readdir(self, op: ops.Read) -> Reply:
@@ -848,6 +873,7 @@ class LowerFS(Layer):
 
 
 _LOCK_FINISH = "lock-finish"
+_OPENED = "opened"  # memo of an OPEN/CREATE/OPENDIR: the handle the bottom made for it
 
 
 def add_lock_finish(op: ops.Lock, finish: LockFinish, in_thread: bool) -> None:
