@@ -235,7 +235,7 @@ def test_the_rule_decision_for_a_name_is_made_once(h: Harness, lower: Path, monk
         calls.append(args[2])
         return real(*args)
 
-    monkeypatch.setattr("fsfilter.layers.filter.match_path", counting)
+    monkeypatch.setattr("fsfilter.layers.filter_base.match_path", counting)
     try:
         core.on_before_open_file = lambda p: None
         core.add_filter_rule(f"{lower}/*", c.ACCESS_NONE, c.FS_CE_BEFORE_OPEN, c.FS_NE_NONE)
