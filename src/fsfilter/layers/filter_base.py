@@ -159,6 +159,19 @@ class Facts:
 
 
 
+class NodeState:
+    """A filter layer's slot in a node record: cached decisions and the node's contexts while it has opens."""
+
+    __slots__ = ("match", "reach", "suspended", "file_context", "opens")
+
+    def __init__(self) -> None:
+        self.match: tuple[int, PathMatch | None] | None = None  # (rules generation, what the rules say)
+        self.reach: tuple[int, bool] | None = None  # (rules generation, can a rule concern the node or below)
+        self.suspended = False  # suspend_file_events: no events until the last handle is closed
+        self.file_context = 0  # while the node has opens
+        self.opens = 0  # opens (files and directories) with events
+
+
 class Handle:
     """One open of a file or directory: its handle context and who opened it."""
 
@@ -188,13 +201,9 @@ class FilterBase(Layer):
         # The directory this filter is attached to: the mount's own, or one below it when the filter joined the
         # stack of an outer attach point. Nothing outside it (but the way to it) is this filter's business.
         self.scope = (scope or self.base).rstrip("/") or "/"
-        self._matches: dict[int, tuple[int, PathMatch | None]] = {}
+        # What the layer keeps per node (NodeState) and per open (Handle) lives in the node's and the open's slot
+        # for this layer, and goes with them (FORGET, RELEASE).
         self._access_rules = (-1, False)  # (rules generation, whether any rule has access flags)
-        self._reach: dict[int, tuple[int, bool]] = {}  # nodeid -> (generation, can a rule concern its subtree)
-        self._suspended: set[int] = set()  # nodes whose events suspend_file_events stopped until the last close
-        self._file_contexts: dict[int, int] = {}  # nodeid -> file context, while the node has opens
-        self._node_opens: dict[int, int] = {}  # nodeid -> opens (files and directories) with events
-        self._handles: dict[int, Handle] = {}
         self._epoch = 0  # bumped on renames: cached matches of moved subtrees are then stale
         self._ctx_lock = threading.Lock()
         self._naming = threading.local()  # (parent, name, match) of the name this thread is creating
@@ -241,44 +250,89 @@ class FilterBase(Layer):
         """
         core = self.core
         gen = self._generation()
-        hit = self._reach.get(nodeid)
+        nodes = self.lower.nodes
+        node = nodes.get(nodeid)
+        if node is None:
+            return True  # an unknown or detached node: do not skip the rules
+        state: NodeState | None = node.slots.get(self)
+        hit = state.reach if state is not None else None
         if hit is not None and hit[0] == gen:
             return hit[1]
         # Walk up to the nearest node decided in this generation, then decide downwards.
-        chain: list[int] = []
-        node = self.lower.nodes.get(nodeid)
+        chain: list[Inode] = []
         above = True
-        while node is not None:
-            chain.append(node.nodeid)
-            if node.nodeid == abi.ROOT_ID:
+        current: Inode | None = node
+        while current is not None:
+            chain.append(current)
+            if current.nodeid == abi.ROOT_ID:
                 break
-            hit = self._reach.get(node.parent)
+            parent = nodes.get(current.parent)
+            state = parent.slots.get(self) if parent is not None else None
+            hit = state.reach if state is not None else None
             if hit is not None and hit[0] == gen:
                 above = hit[1]
                 break
-            node = self.lower.nodes.get(node.parent)
-        if node is None:
-            return True  # an unknown or detached node: do not skip the rules
+            current = parent
+        if current is None:
+            return True  # a detached node: do not skip the rules
         reparse = core.reparse
         for n in reversed(chain):
             if above:
-                path = self.abspath(n)
+                path = self.abspath(n.nodeid)
                 above = (self.in_scope(path) or self._on_way_to_scope(path)) and (
                     core.rules.may_reach(path) or (len(reparse) > 0 and reparse.may_reach(path)))
-            self._reach[n] = (gen, above)
+            self.state_of(n).reach = (gen, above)
         return above
+
+    def state_of(self, node: Inode) -> NodeState:
+        """This layer's slot in a node record."""
+        state: NodeState | None = node.slots.get(self)
+        if state is None:
+            state = node.slots.setdefault(self, NodeState())
+        return state
+
+    def _state(self, nodeid: int) -> NodeState | None:
+        node = self.lower.nodes.get(nodeid)
+        return self.state_of(node) if node is not None else None
+
+    def handle(self, fh: int) -> Handle | None:
+        """This layer's slot in an open file's or directory's record (None: it did not register the open)."""
+        record = self.lower.files.get(fh) or self.lower.dirs.get(fh)
+        return record.slots.get(self) if record is not None else None
+
+    def _keep_handle(self, fh: int, handle: Handle) -> None:
+        record = self.lower.files.get(fh) or self.lower.dirs.get(fh)
+        if record is not None:
+            record.slots[self] = handle
+
+    def _drop_handle(self, fh: int) -> Handle | None:
+        record = self.lower.files.get(fh) or self.lower.dirs.get(fh)
+        return record.slots.pop(self, None) if record is not None else None
+
+    def handles(self) -> list[Handle]:
+        """This layer's handles of every open file and directory."""
+        records = list(self.lower.files.values()) + list(self.lower.dirs.values())
+        return [h for h in (r.slots.get(self) for r in records) if h is not None]
+
+    def left(self) -> None:
+        """The layer left its stack: empty its slots (the records outlive it)."""
+        for record in list(self.lower.nodes.values()) + list(self.lower.files.values()) + list(
+                self.lower.dirs.values()):
+            record.slots.pop(self, None)
 
     def match_node(self, nodeid: int) -> PathMatch | None:
         core = self.core
         if not self.reaches(nodeid):
             return None
         gen = self._generation()
-        hit = self._matches.get(nodeid)
+        state = self._state(nodeid)
+        hit = state.match if state is not None else None
         if hit is not None and hit[0] == gen:
             return hit[1]
         path = self.abspath(nodeid)
         m = match_path(core.rules, core.passthrough_rules, path) if self.in_scope(path) else None
-        self._matches[nodeid] = (gen, m)
+        if state is not None:
+            state.match = (gen, m)
         return m
 
     def match_name(self, path: str) -> PathMatch | None:
@@ -308,13 +362,16 @@ class FilterBase(Layer):
             f = m.flags(ProcessInfo(tid) if tid else None, facts)
         if (f.access or f.control or f.notify) and not self.core.filter_own_requests and self.is_own(tid):
             return NO_FLAGS
-        if node is not None and node.nodeid in self._suspended and (f.control or f.notify):
+        state = node.slots.get(self) if node is not None else None
+        if state is not None and state.suspended and (f.control or f.notify):
             return Flags(f.access, 0, 0)  # events suspended; access rules still hold
         return f
 
     def suspend_events(self, nodeid: int) -> None:
         """suspend_file_events: no events for this node until all its handles are closed."""
-        self._suspended.add(nodeid)
+        state = self._state(nodeid)
+        if state is not None:
+            state.suspended = True
 
     def route(self, op: ops.Op) -> bool | None:
         """Session router: requests that may fire a control event of this filter go to the pool (True); our own
@@ -415,21 +472,23 @@ class FilterBase(Layer):
         return OSError(errno.EACCES, f"denied by an access rule: {what}")
 
     def _node_opened(self, nodeid: int, file_context: int) -> None:
+        state = self._state(nodeid)
+        if state is None:
+            return
         with self._ctx_lock:
-            self._node_opens[nodeid] = self._node_opens.get(nodeid, 0) + 1
+            state.opens += 1
             if file_context:
-                self._file_contexts[nodeid] = file_context
+                state.file_context = file_context
 
     def _node_closed(self, nodeid: int, handle: Handle) -> None:
-        with self._ctx_lock:
-            left = self._node_opens.get(nodeid, 1) - 1
-            if left > 0:
-                self._node_opens[nodeid] = left
-                file_context = 0
-            else:
-                self._node_opens.pop(nodeid, None)
-                self._suspended.discard(nodeid)
-                file_context = self._file_contexts.pop(nodeid, 0)
+        state = self._state(nodeid)
+        file_context = 0
+        if state is not None:
+            with self._ctx_lock:
+                state.opens = max(0, state.opens - 1)
+                if not state.opens:
+                    state.suspended = False
+                    file_context, state.file_context = state.file_context, 0
         if file_context or handle.context:
             handler = self.core.handler("cleanup_context")
             if handler is not None:
@@ -437,7 +496,9 @@ class FilterBase(Layer):
                 self.core.dispatcher.call(handler, params, handle.origin)
 
     def file_context(self, nodeid: int) -> int:
-        return self._file_contexts.get(nodeid, 0)
+        node = self.lower.nodes.get(nodeid)
+        state = node.slots.get(self) if node is not None else None
+        return state.file_context if state is not None else 0
 
     def _handle_ctx(self, nodeid: int, handle: Handle | None) -> dict[str, Any]:
         """The context fields of an event about an open handle, and who opened it."""
@@ -445,12 +506,12 @@ class FilterBase(Layer):
                     creator=handle.origin if handle else None)
 
     def _set_file_context(self, nodeid: int, value: int) -> None:
+        state = self._state(nodeid)
+        if state is None:
+            return
         with self._ctx_lock:
-            if nodeid in self._node_opens:
-                if value:
-                    self._file_contexts[nodeid] = value
-                else:
-                    self._file_contexts.pop(nodeid, None)
+            if state.opens:
+                state.file_context = value
 
     def _io_flags(self, op: ops.Op, node: Inode, handle: Handle | None) -> tuple[Flags, Origin]:
         m = self.match_node(node.nodeid)
@@ -483,8 +544,9 @@ class FilterBase(Layer):
 
     def _keep_match(self, entry: Entry, m: PathMatch) -> None:
         """Cache the match of the path an entry reply just named, under the node id it gave."""
-        if entry.nodeid:
-            self._matches[entry.nodeid] = (self._generation(), m)
+        state = self._state(entry.nodeid) if entry.nodeid else None
+        if state is not None:
+            state.match = (self._generation(), m)
 
     def reparse_target(self, op: ops.Op | None, parent: Inode, name: bytes) -> str | None:
         """Where a name is redirected (an absolute path), or None."""

@@ -118,7 +118,7 @@ class ChangeOps(FilterBase):
                 self.notify("notify_rename_or_move_file", c.FS_NE_RENAME, flags, origin, status=exc.errno, **fields)
             raise
         self._epoch += 1
-        for h in self._handles.values():  # open handles keep naming the object by its new path
+        for h in self.handles():  # open handles keep naming the object by its new path
             if h.path == old_path or h.path.startswith(old_path + "/"):
                 h.path = new_path + h.path[len(old_path):]
         self.fire("after_rename_or_move_file", c.FS_CE_AFTER_RENAME, flags, origin, **fields)
@@ -221,7 +221,7 @@ class ChangeOps(FilterBase):
             raise self._deny("no-change-owner")
         path = self.abspath(node.nodeid)
         origin = self.origin(op)
-        handle = self._handles.get(fh) if fh is not None else None
+        handle = self.handle(fh) if fh is not None else None
         ctx = self._handle_ctx(node.nodeid, handle)
         events: list[tuple[str, int, int, dict[str, Any]]] = []
         if valid & abi.FATTR_SIZE:
@@ -378,7 +378,7 @@ class ChangeOps(FilterBase):
         if not self.reaches(op.nodeid):
             return self.down.ioctl(op)
         fh, cmd, in_size, out_size = op.fh, op.cmd, op.in_size, op.out_size
-        handle = self._handles.get(fh)
+        handle = self.handle(fh)
         node = self.lower.inode(op.nodeid)
         flags = self.effective(self.match_node(node.nodeid), op.pid, node)
         if not (flags.control or flags.notify):

@@ -32,7 +32,7 @@ class IoOps(FilterBase):
         f = self.lower.file(fh)
         if not self.reaches(f.inode.nodeid):
             return self.down.read(op)
-        handle = self._handles.get(fh)
+        handle = self.handle(fh)
         flags, origin = self._io_flags(op, f.inode, handle)
         control = flags.control & (c.FS_CE_BEFORE_READ | c.FS_CE_AFTER_READ)
         if not (control or flags.notify & c.FS_NE_READ):
@@ -88,7 +88,7 @@ class IoOps(FilterBase):
         f = self.lower.file(fh)
         if not self.reaches(f.inode.nodeid):
             return self.down.write(op)
-        handle = self._handles.get(fh)
+        handle = self.handle(fh)
         flags, origin = self._io_flags(op, f.inode, handle)
         control = flags.control & (c.FS_CE_BEFORE_WRITE | c.FS_CE_AFTER_WRITE)
         if not (control or flags.notify & c.FS_NE_WRITE):
@@ -150,8 +150,8 @@ class IoOps(FilterBase):
         src, dst = self.lower.file(op.fh_in), self.lower.file(op.fh_out)
         if not (self.reaches(src.inode.nodeid) or self.reaches(dst.inode.nodeid)):
             return self.down.copy_file_range(op)
-        f_in, _ = self._io_flags(op, src.inode, self._handles.get(op.fh_in))
-        f_out, _ = self._io_flags(op, dst.inode, self._handles.get(op.fh_out))
+        f_in, _ = self._io_flags(op, src.inode, self.handle(op.fh_in))
+        f_out, _ = self._io_flags(op, dst.inode, self.handle(op.fh_out))
         if (f_in.control & (c.FS_CE_BEFORE_READ | c.FS_CE_AFTER_READ) or f_in.notify & c.FS_NE_READ
                 or f_out.control & (c.FS_CE_BEFORE_WRITE | c.FS_CE_AFTER_WRITE) or f_out.notify & c.FS_NE_WRITE):
             # A copy done below the filter would bypass the read/write events: the kernel then copies
@@ -164,7 +164,7 @@ class IoOps(FilterBase):
         f = self.lower.file(fh)
         if not self.reaches(f.inode.nodeid):
             return self.down.fallocate(op)
-        handle = self._handles.get(fh)
+        handle = self.handle(fh)
         flags, origin = self._io_flags(op, f.inode, handle)
         if flags.access & (c.ACCESS_READ_ONLY | c.ACCESS_DENY_ALL):
             raise self._deny("read-only")
@@ -191,7 +191,7 @@ class IoOps(FilterBase):
         serve = self.down.setlkw if wait else self.down.setlk
         if not self.reaches(node.nodeid):
             return serve(lk)
-        handle = self._handles.get(lk.fh)
+        handle = self.handle(lk.fh)
         flags, origin = self._io_flags(lk, node, handle)
         if not (flags.control & LOCK_BITS[0] or flags.notify & LOCK_BITS[1]):
             return serve(lk)

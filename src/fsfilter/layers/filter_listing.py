@@ -34,7 +34,7 @@ class ListingOps(FilterBase):
         node = self.lower.inode(op.nodeid)
         m = self.match_node(node.nodeid)
         flags = self.effective(m, op.pid, node)
-        handle = self._handles.get(op.fh)
+        handle = self.handle(op.fh)
         origin = self.origin(op)
         op.remember((self, "listing"), (flags, origin, handle))
         if handle is not None and (flags.control & (c.FS_CE_BEFORE_ENUMERATE_DIRECTORY

@@ -92,11 +92,7 @@ class NameOps(FilterBase):
         naming = getattr(self._naming, "entry", None)
         if naming is not None and naming[0] == node.parent and naming[1] == node.name:
             # The new node's path was just matched: cache it before the open reply asks for it.
-            self._matches[node.nodeid] = (self._generation(), naming[2])
-
-    def dropped(self, nodeid: int) -> None:
-        self._matches.pop(nodeid, None)
-        self._reach.pop(nodeid, None)
+            self.state_of(node).match = (self._generation(), naming[2])
 
     def getattr(self, op: ops.Getattr) -> Reply:
         reply = self.down.getattr(op)

@@ -106,13 +106,14 @@ class OpenOps(FilterBase):
                                                             handle_context, (self, nodeid))
         except BaseException:
             self._undo_open(op, fh, is_dir)
-            if nodeid not in self._node_opens:
-                self._suspended.discard(nodeid)
+            state = self._state(nodeid)
+            if state is not None and not state.opens:
+                state.suspended = False
             raise
         handle = Handle(path, origin, open_flags, is_dir)
         handle.context = handle_context
         self._node_opened(nodeid, file_context)
-        self._handles[fh] = handle
+        self._keep_handle(fh, handle)
         return reply
 
     def _undo_open(self, op: ops.Op, fh: int, is_dir: bool) -> None:
@@ -255,7 +256,7 @@ class OpenOps(FilterBase):
 
     def flush(self, op: ops.Flush) -> Reply:
         fh, owner = op.fh, op.owner
-        handle = self._handles.get(fh)
+        handle = self.handle(fh)
         f = self.lower.file(fh)
         if self.lower.options.locks and self.lower.locks.owner_holds(f.inode.nodeid, owner):
             # close(2) of any descriptor drops the caller's POSIX locks on the file
@@ -278,7 +279,7 @@ class OpenOps(FilterBase):
 
     def release(self, op: ops.Release) -> Reply:
         fh = op.fh
-        handle = self._handles.pop(fh, None)
+        handle = self._drop_handle(fh)
         if handle is None:
             return self.down.release(op)
         f = self.lower.file(fh)
@@ -320,7 +321,7 @@ class OpenOps(FilterBase):
 
     def releasedir(self, op: ops.Release) -> Reply:
         fh = op.fh
-        handle = self._handles.pop(fh, None)
+        handle = self._drop_handle(fh)
         if handle is None:
             return self.down.releasedir(op)
         node = self.lower.nodes.get(op.nodeid)

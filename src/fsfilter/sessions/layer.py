@@ -167,7 +167,10 @@ class Layer:
         """The bottom gave the kernel a (new or known) node for a name."""
 
     def dropped(self, nodeid: int) -> None:
-        """The kernel forgot a node: drop what the layer keeps about it."""
+        """The kernel forgot a node: drop what the layer keeps about it (beyond its slot, which goes anyway)."""
+
+    def left(self) -> None:
+        """The layer left its stack (requests it was serving may still finish): let go of what it keeps."""
 
     def needs_io(self, node: Inode, st: os.stat_result) -> bool:
         """Whether this layer must see the reads and writes of the file (no kernel passthrough for it)."""

@@ -86,9 +86,12 @@ class OpenFile:
 
 
 class OpenDir:
-    __slots__ = ("fd", "pos", "pending", "lock", "reader")
+    """One open of a directory: its fd (the handle), where the listing stands, and a slot per layer."""
+
+    __slots__ = ("fd", "pos", "pending", "lock", "reader", "slots")
 
     def __init__(self, fd: int) -> None:
+        self.slots: dict[object, Any] = {}
         self.fd = fd
         self.pos = 0  # the offset the next entry in ``pending`` starts at
         self.pending: list[tuple[int, int, int, bytes]] = []

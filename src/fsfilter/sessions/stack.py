@@ -69,7 +69,8 @@ class LayerStack:
                 return False
             self._members = kept
             self._relink()
-            return True
+        layer.left()
+        return True
 
     def _relink(self) -> None:
         layers = [m.layer for m in self._members]
