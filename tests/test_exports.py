@@ -26,7 +26,7 @@ CLASSES = {"CBFilter", "CBMonitor", "CBProcess", "PassthroughFilter", "CBFSFilte
 PARAMS = {cls.__name__ for table in (FILTER_PARAMS, MONITOR_PARAMS, PROCESS_PARAMS) for cls in table.values()}
 
 # Public modules that have no __all__ yet: their files belong to another change, which adds it. May only shrink.
-MISSING_ALL = {"fsfilter.api.params"}
+MISSING_ALL: set[str] = set()
 
 
 def star() -> dict[str, object]:
@@ -81,8 +81,10 @@ def test_every_exported_class_is_what_its_name_says() -> None:
 
 def test_the_package_lists_the_constants_as_the_constants_module_does() -> None:
     # spelled out in both (type checkers read only a literal __all__): kept equal here
-    static = [name for name in fsfilter.__all__ if name not in PARAMS]
-    assert static == [*static[:len(CLASSES)], *constants.__all__] and set(static[:len(CLASSES)]) == CLASSES
+    # (the event-parameter classes, EventParams among them, come after them from the generated modules' __all__)
+    classes = CLASSES - {"EventParams"}
+    static = [name for name in fsfilter.__all__ if name not in PARAMS and name != "EventParams"]
+    assert static == [*static[:len(classes)], *constants.__all__] and set(static[:len(classes)]) == classes
 
 
 def test_constants_all_is_every_constant_the_module_defines() -> None:

@@ -6,15 +6,17 @@ PassthroughFilter, CBFSFilterError, the constants (``fsfilter.api.constants``) a
 """
 
 # ruff: noqa: F405 (__all__ names the constants the star import below brings)
+from fsfilter.api import monitor_params as _monitor_params
+from fsfilter.api import params as _params
+from fsfilter.api import process_params as _process_params
 from fsfilter.api.cbfilter import CBFilter
-from fsfilter.api.cbmonitor import MONITOR_PARAMS as _MONITOR_PARAMS
 from fsfilter.api.cbmonitor import CBMonitor
-from fsfilter.api.cbprocess import PROCESS_PARAMS as _PROCESS_PARAMS
 from fsfilter.api.cbprocess import CBProcess
 from fsfilter.api.constants import *  # noqa: F403
-from fsfilter.api.params import FILTER_PARAMS as _FILTER_PARAMS
-from fsfilter.api.params import EventParams
+from fsfilter.api.monitor_params import *  # noqa: F403
+from fsfilter.api.params import *  # noqa: F403
 from fsfilter.api.passthrough import PassthroughFilter
+from fsfilter.api.process_params import *  # noqa: F403
 from fsfilter.errors import CBFSFilterError
 
 __version__ = "0.1.0"
@@ -22,7 +24,7 @@ __version__ = "0.1.0"
 # Spelled out, constants included (the same list as constants.__all__; tests/test_exports.py keeps the two
 # equal): type checkers read only a literal __all__, and code that does `from fsfilter import *` is checked too.
 __all__ = [
-    "CBFilter", "CBMonitor", "CBProcess", "PassthroughFilter", "CBFSFilterError", "EventParams",
+    "CBFilter", "CBMonitor", "CBProcess", "PassthroughFilter", "CBFSFilterError",
     "FILE_SYS_ATTR_ARCHIVE", "FILE_SYS_ATTR_COMPRESSED", "FILE_SYS_ATTR_DIRECTORY", "FILE_SYS_ATTR_ENCRYPTED",
     "FILE_SYS_ATTR_HIDDEN", "FILE_SYS_ATTR_NORMAL", "FILE_SYS_ATTR_NOT_CONTENT_INDEXED", "FILE_SYS_ATTR_OFFLINE",
     "FILE_SYS_ATTR_READ_ONLY", "FILE_SYS_ATTR_REPARSE_POINT", "FILE_SYS_ATTR_SPARSE_FILE", "FILE_SYS_ATTR_SYSTEM",
@@ -69,9 +71,8 @@ __all__ = [
     "ACCESS_KNOWN", "FS_CE_KNOWN", "FS_NE_KNOWN",
 ]
 
-# The event-parameter classes are made from the event tables, so their names are known only at run time; they
-# are taken from the three tables here (params.py itself defines more names than these).
-_EVENT_PARAMS = {cls.__name__: cls for table in (_FILTER_PARAMS, _MONITOR_PARAMS, _PROCESS_PARAMS)
-                 for cls in table.values()}
-globals().update(_EVENT_PARAMS)
-__all__ += sorted(_EVENT_PARAMS)
+# The event-parameter classes (EventParams and every CBFilter…, CBMonitor…, CBProcess…EventParams): the generated
+# modules list exactly these, and type checkers follow `__all__ +=` of a module's `__all__`.
+__all__ += _params.__all__
+__all__ += _monitor_params.__all__
+__all__ += _process_params.__all__

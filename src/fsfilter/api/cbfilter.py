@@ -17,7 +17,7 @@ from typing import Any
 
 from fsfilter.api import _stacks as stacks
 from fsfilter.api import constants as c
-from fsfilter.api import fileinfo
+from fsfilter.api import events, fileinfo
 from fsfilter.api.event_source import RuleTables, check_thread_count, check_timeout, split_setting
 from fsfilter.api.fanotify_access import FANOTIFY_ACCESS, FanotifyAccess
 from fsfilter.api.params import FILTER_PARAMS
@@ -41,63 +41,10 @@ MAX_ATTACH_POINTS = 64
 FORBIDDEN_ATTACH = frozenset({"/", "/proc", "/sys", "/dev", "/usr", "/etc", "/boot", "/bin", "/sbin", "/lib",
                               "/lib64", "/run", "/var", "/tmp"})
 
-# Which rule bit each event needs (control bits for before/after events, notify bits for notify events).
-EVENT_BITS: dict[str, int] = {
-    "before_create_file": c.FS_CE_BEFORE_CREATE, "after_create_file": c.FS_CE_AFTER_CREATE,
-    "before_open_file": c.FS_CE_BEFORE_OPEN, "after_open_file": c.FS_CE_AFTER_OPEN,
-    "before_read_file": c.FS_CE_BEFORE_READ, "after_read_file": c.FS_CE_AFTER_READ,
-    "before_write_file": c.FS_CE_BEFORE_WRITE, "after_write_file": c.FS_CE_AFTER_WRITE,
-    "before_cleanup_file": c.FS_CE_BEFORE_CLEANUP, "after_cleanup_file": c.FS_CE_AFTER_CLEANUP,
-    "before_close_file": c.FS_CE_BEFORE_CLOSE, "after_close_file": c.FS_CE_AFTER_CLOSE,
-    "before_can_file_be_deleted": c.FS_CE_BEFORE_CAN_DELETE, "after_can_file_be_deleted": c.FS_CE_AFTER_CAN_DELETE,
-    "before_delete_file": c.FS_CE_BEFORE_DELETE, "after_delete_file": c.FS_CE_AFTER_DELETE,
-    "before_rename_or_move_file": c.FS_CE_BEFORE_RENAME, "after_rename_or_move_file": c.FS_CE_AFTER_RENAME,
-    "before_create_hard_link": c.FS_CE_BEFORE_CREATE_HARD_LINK,
-    "after_create_hard_link": c.FS_CE_AFTER_CREATE_HARD_LINK,
-    "before_set_file_size": c.FS_CE_BEFORE_SET_SIZES, "after_set_file_size": c.FS_CE_AFTER_SET_SIZES,
-    "before_set_allocation_size": c.FS_CE_BEFORE_SET_SIZES, "after_set_allocation_size": c.FS_CE_AFTER_SET_SIZES,
-    "after_get_file_sizes": c.FS_CE_AFTER_GET_SIZES,
-    "before_set_file_attributes": c.FS_CE_BEFORE_SET_ATTRIBUTES,
-    "after_set_file_attributes": c.FS_CE_AFTER_SET_ATTRIBUTES,
-    "before_query_file_info": c.FS_CE_BEFORE_QUERY_FILE_INFO, "after_query_file_info": c.FS_CE_AFTER_QUERY_FILE_INFO,
-    "before_set_file_info": c.FS_CE_BEFORE_SET_FILE_INFO, "after_set_file_info": c.FS_CE_AFTER_SET_FILE_INFO,
-    "before_get_file_security": c.FS_CE_BEFORE_GET_SECURITY, "after_get_file_security": c.FS_CE_AFTER_GET_SECURITY,
-    "before_set_file_security": c.FS_CE_BEFORE_SET_SECURITY, "after_set_file_security": c.FS_CE_AFTER_SET_SECURITY,
-    "before_enumerate_directory": c.FS_CE_BEFORE_ENUMERATE_DIRECTORY,
-    "after_enumerate_directory": c.FS_CE_AFTER_ENUMERATE_DIRECTORY,
-    "after_close_enumeration": c.FS_CE_BEFORE_CLOSE | c.FS_CE_AFTER_ENUMERATE_DIRECTORY,
-    "before_fsctl": c.FS_CE_BEFORE_FSCTL, "after_fsctl": c.FS_CE_AFTER_FSCTL,
-    "before_ioctl": c.FS_CE_BEFORE_IOCTL, "after_ioctl": c.FS_CE_AFTER_IOCTL,
-    "before_query_ea": c.FS_CE_BEFORE_QUERY_EA, "after_query_ea": c.FS_CE_AFTER_QUERY_EA,
-    "before_set_ea": c.FS_CE_BEFORE_SET_EA, "after_set_ea": c.FS_CE_AFTER_SET_EA,
-    "reparse_file_name": c.FS_CE_REPARSE_FILENAME,
-    "before_get_reparse_point": c.FS_CE_BEFORE_GET_REPARSE_POINT,
-    "after_get_reparse_point": c.FS_CE_AFTER_GET_REPARSE_POINT,
-    "before_set_reparse_point": c.FS_CE_BEFORE_SET_REPARSE_POINT,
-    "after_set_reparse_point": c.FS_CE_AFTER_SET_REPARSE_POINT,
-    "before_delete_reparse_point": c.FS_CE_BEFORE_DELETE_REPARSE_POINT,
-    "after_delete_reparse_point": c.FS_CE_AFTER_DELETE_REPARSE_POINT,
-    "before_lock": c.FS_CE_BEFORE_LOCK_CONTROL, "after_lock": c.FS_CE_AFTER_LOCK_CONTROL,
-    "before_unlock_all": c.FS_CE_BEFORE_LOCK_CONTROL, "after_unlock_all": c.FS_CE_AFTER_LOCK_CONTROL,
-    "before_unlock_all_by_key": c.FS_CE_BEFORE_LOCK_CONTROL, "after_unlock_all_by_key": c.FS_CE_AFTER_LOCK_CONTROL,
-    "before_unlock_single": c.FS_CE_BEFORE_LOCK_CONTROL, "after_unlock_single": c.FS_CE_AFTER_LOCK_CONTROL,
-}
-NOTIFY_BITS: dict[str, int] = {
-    "notify_create_file": c.FS_NE_CREATE, "notify_open_file": c.FS_NE_OPEN, "notify_read_file": c.FS_NE_READ,
-    "notify_write_file": c.FS_NE_WRITE, "notify_cleanup_file": c.FS_NE_CLEANUP, "notify_close_file": c.FS_NE_CLOSE,
-    "notify_can_file_be_deleted": c.FS_NE_CAN_DELETE, "notify_delete_file": c.FS_NE_DELETE,
-    "notify_rename_or_move_file": c.FS_NE_RENAME, "notify_create_hard_link": c.FS_NE_CREATE_HARD_LINK,
-    "notify_set_file_size": c.FS_NE_SET_SIZES, "notify_set_allocation_size": c.FS_NE_SET_SIZES,
-    "notify_get_file_sizes": c.FS_NE_GET_SIZES, "notify_set_file_attributes": c.FS_NE_SET_ATTRIBUTES,
-    "notify_query_file_info": c.FS_NE_QUERY_FILE_INFO, "notify_set_file_info": c.FS_NE_SET_FILE_INFO,
-    "notify_get_file_security": c.FS_NE_GET_SECURITY, "notify_set_file_security": c.FS_NE_SET_SECURITY,
-    "notify_enumerate_directory": c.FS_NE_ENUMERATE_DIRECTORY, "notify_fsctl": c.FS_NE_FSCTL,
-    "notify_ioctl": c.FS_NE_IOCTL, "notify_query_ea": c.FS_NE_QUERY_EA, "notify_set_ea": c.FS_NE_SET_EA,
-    "notify_get_reparse_point": c.FS_NE_GET_REPARSE_POINT, "notify_set_reparse_point": c.FS_NE_SET_REPARSE_POINT,
-    "notify_delete_reparse_point": c.FS_NE_DELETE_REPARSE_POINT, "notify_lock": c.FS_NE_LOCK_CONTROL,
-    "notify_unlock_all": c.FS_NE_LOCK_CONTROL, "notify_unlock_all_by_key": c.FS_NE_LOCK_CONTROL,
-    "notify_unlock_single": c.FS_NE_LOCK_CONTROL,
-}
+# Which rule flag each event needs (control flags for before/after events, notify flags for notify events), from
+# the event table.
+EVENT_BITS: dict[str, int] = events.control_bits()
+NOTIFY_BITS: dict[str, int] = events.notify_bits()
 _CONFIG_DEFAULTS: dict[str, str] = {
     "FilterOwnRequests": "false", "MinWorkerThreadCount": "1", "MaxWorkerThreadCount": "0",
     "DenyExpiredEvents": "false", "ModifiableReadWriteBuffers": "true", "AllowFileAccessInBeforeOpen": "true",

@@ -21,7 +21,8 @@ from typing import Any
 from fsfilter.abi import fanotify as fa
 from fsfilter.api import constants as c
 from fsfilter.api.event_source import EventSource, RuleTables, check_timeout
-from fsfilter.api.params import EVENTS, EventParams, make_params
+from fsfilter.api.monitor_params import *  # noqa: F403  (the CBMonitor<Event>EventParams classes, importable here)
+from fsfilter.api.monitor_params import MONITOR_PARAMS
 from fsfilter.engine import dispatch
 from fsfilter.engine.masks import MaskError, file_matches_mask
 from fsfilter.engine.rules import RuleSet, attributes_from_stat, match_path
@@ -42,25 +43,8 @@ from fsfilter.wire.fanotify import Event
 
 log = logging.getLogger("fsfilter.monitor")
 
-MONITOR_EVENTS = (
-    "after_filter_attach_to_volume", "after_filter_detach_from_volume", "before_filter_attach_to_volume", "error",
-    "filter_start", "filter_stop", "notify_can_file_be_deleted", "notify_cleanup_file", "notify_close_file",
-    "notify_create_file", "notify_create_hard_link", "notify_delete_file", "notify_delete_reparse_point",
-    "notify_enumerate_directory", "notify_filter_attach_to_volume", "notify_filter_detach_from_volume",
-    "notify_fsctl", "notify_get_file_security", "notify_get_file_sizes", "notify_get_reparse_point",
-    "notify_ioctl", "notify_lock", "notify_open_file", "notify_query_ea", "notify_query_file_info",
-    "notify_read_file", "notify_rename_or_move_file", "notify_set_allocation_size", "notify_set_ea",
-    "notify_set_file_attributes", "notify_set_file_info", "notify_set_file_security", "notify_set_file_size",
-    "notify_set_reparse_point", "notify_unlock_all", "notify_unlock_all_by_key", "notify_unlock_single",
-    "notify_write_file", "worker_thread_creation", "worker_thread_termination",
-)
-MONITOR_PARAMS: dict[str, type[EventParams]] = {
-    event: make_params("CBMonitor", event, *EVENTS[event]) for event in MONITOR_EVENTS}
-globals().update({cls.__name__: cls for cls in MONITOR_PARAMS.values()})
-
-# The class, and its event-parameter classes (made from the table above, so their names are known at run time).
-__all__ = ["CBMonitor", "MONITOR_EVENTS", "MONITOR_PARAMS", "UNKNOWN",
-           *sorted(cls.__name__ for cls in MONITOR_PARAMS.values())]
+# The class and its event-parameter classes (generated from the event table in monitor_params.py).
+__all__ = ["CBMonitor", "MONITOR_PARAMS", "UNKNOWN", *sorted(cls.__name__ for cls in MONITOR_PARAMS.values())]
 
 # The fanotify events each FS_NE_* flag needs in the group's marks.
 _FAN_FOR: dict[int, int] = {

@@ -33,7 +33,8 @@ from fsfilter.api.constants import (
     PROCESS_EVENT_THREAD_TERMINATION,
 )
 from fsfilter.api.event_source import EventSource, check_timeout
-from fsfilter.api.params import EVENTS, EventParams, make_params
+from fsfilter.api.process_params import *  # noqa: F403  (the CBProcess<Event>EventParams classes, importable here)
+from fsfilter.api.process_params import PROCESS_PARAMS
 from fsfilter.engine import dispatch
 from fsfilter.engine.masks import MaskError, file_matches_mask
 from fsfilter.errors import CBFSFilterError
@@ -44,25 +45,7 @@ from fsfilter.wire.fanotify import Event
 
 log = logging.getLogger("fsfilter.process")
 
-_PROCESS_EVENTS: dict[str, tuple[str, str]] = {
-    "process_creation": ("O", "process_id parent_process_id creating_process_id creating_thread_id process_name "
-                              "image_file_name file_open_name_available command_line"),
-    "process_termination": ("O", "process_id process_name exit_status"),
-    "process_handle_operation": ("O", "duplication process_id originator_process_id originator_thread_id "
-                                      "source_process_id target_process_id original_desired_access desired_access"),
-    "thread_creation": ("O", "process_id thread_id creating_process_id creating_thread_id"),
-    "thread_termination": ("O", "process_id thread_id"),
-    "thread_handle_operation": ("O", "duplication process_id thread_id originator_process_id originator_thread_id "
-                                     "source_process_id target_process_id original_desired_access desired_access"),
-    "error": EVENTS["error"],
-    "worker_thread_creation": EVENTS["worker_thread_creation"],
-    "worker_thread_termination": EVENTS["worker_thread_termination"],
-}
-PROCESS_PARAMS: dict[str, type[EventParams]] = {
-    event: make_params("CBProcess", event, kind, fields) for event, (kind, fields) in _PROCESS_EVENTS.items()}
-globals().update({cls.__name__: cls for cls in PROCESS_PARAMS.values()})
-
-# The class, and its event-parameter classes (made from the table above, so their names are known at run time).
+# The class and its event-parameter classes (generated from the event table in process_params.py).
 __all__ = ["CBProcess", "PROCESS_PARAMS", *sorted(cls.__name__ for cls in PROCESS_PARAMS.values())]
 
 _CONFIG_DEFAULTS = {"EventsToFire": "-1", "FilterOwnRequests": "false", "MinWorkerThreadCount": "1",

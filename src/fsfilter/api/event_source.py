@@ -9,7 +9,7 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
-from fsfilter.api.params import EventParams
+from fsfilter.api.params_base import EventParams
 from fsfilter.engine.rules import Rule, RuleSet
 from fsfilter.errors import CBFSFilterError
 

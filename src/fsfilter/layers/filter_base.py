@@ -12,6 +12,7 @@ from typing import Any, Protocol
 
 from fsfilter.abi import fuse as abi
 from fsfilter.api import constants as c
+from fsfilter.api import events
 from fsfilter.api.params import FILTER_PARAMS, EventParams
 from fsfilter.engine.dispatch import Dispatcher, Origin, Outcome
 from fsfilter.engine.reparse import ReparseRules
@@ -68,47 +69,10 @@ XATTR_SIZE_MAX = 65536  # the largest xattr value Linux allows
 VOLATILE = c.FS_CE_BEFORE_OPEN | c.FS_CE_BEFORE_CREATE | c.FS_CE_AFTER_GET_SIZES | c.FS_CE_REPARSE_FILENAME
 
 # For each opcode, the control bits whose events it may fire: such a request is served on a pool thread.
-OP_CONTROL: dict[int, int] = {
-    abi.Opcode.LOOKUP: c.FS_CE_BEFORE_OPEN | c.FS_CE_REPARSE_FILENAME,
-    abi.Opcode.OPEN: c.FS_CE_BEFORE_OPEN | c.FS_CE_AFTER_OPEN,
-    abi.Opcode.OPENDIR: c.FS_CE_BEFORE_OPEN | c.FS_CE_AFTER_OPEN,
-    abi.Opcode.CREATE: c.FS_CE_BEFORE_CREATE | c.FS_CE_AFTER_CREATE | c.FS_CE_BEFORE_OPEN | c.FS_CE_AFTER_OPEN
-    | c.FS_CE_REPARSE_FILENAME,
-    abi.Opcode.MKDIR: c.FS_CE_BEFORE_CREATE | c.FS_CE_AFTER_CREATE | c.FS_CE_REPARSE_FILENAME,
-    abi.Opcode.MKNOD: c.FS_CE_BEFORE_CREATE | c.FS_CE_AFTER_CREATE | c.FS_CE_REPARSE_FILENAME,
-    abi.Opcode.SYMLINK: c.FS_CE_BEFORE_CREATE | c.FS_CE_AFTER_CREATE | c.FS_CE_REPARSE_FILENAME,
-    abi.Opcode.READ: c.FS_CE_BEFORE_READ | c.FS_CE_AFTER_READ,
-    abi.Opcode.WRITE: c.FS_CE_BEFORE_WRITE | c.FS_CE_AFTER_WRITE,
-    abi.Opcode.FLUSH: c.FS_CE_BEFORE_CLEANUP | c.FS_CE_AFTER_CLEANUP | c.FS_CE_BEFORE_LOCK_CONTROL
-    | c.FS_CE_AFTER_LOCK_CONTROL,
-    abi.Opcode.RELEASE: c.FS_CE_BEFORE_CLOSE | c.FS_CE_AFTER_CLOSE | c.FS_CE_BEFORE_LOCK_CONTROL
-    | c.FS_CE_AFTER_LOCK_CONTROL,
-    abi.Opcode.SETLK: c.FS_CE_BEFORE_LOCK_CONTROL | c.FS_CE_AFTER_LOCK_CONTROL,
-    abi.Opcode.SETLKW: c.FS_CE_BEFORE_LOCK_CONTROL | c.FS_CE_AFTER_LOCK_CONTROL,
-    abi.Opcode.RELEASEDIR: c.FS_CE_BEFORE_CLOSE | c.FS_CE_AFTER_CLOSE | c.FS_CE_AFTER_ENUMERATE_DIRECTORY,
-    abi.Opcode.READDIR: c.FS_CE_BEFORE_ENUMERATE_DIRECTORY | c.FS_CE_AFTER_ENUMERATE_DIRECTORY,
-    abi.Opcode.READDIRPLUS: c.FS_CE_BEFORE_ENUMERATE_DIRECTORY | c.FS_CE_AFTER_ENUMERATE_DIRECTORY,
-    abi.Opcode.UNLINK: c.FS_CE_BEFORE_CAN_DELETE | c.FS_CE_AFTER_CAN_DELETE | c.FS_CE_BEFORE_DELETE
-    | c.FS_CE_AFTER_DELETE | c.FS_CE_REPARSE_FILENAME,
-    abi.Opcode.RMDIR: c.FS_CE_BEFORE_CAN_DELETE | c.FS_CE_AFTER_CAN_DELETE | c.FS_CE_BEFORE_DELETE
-    | c.FS_CE_AFTER_DELETE | c.FS_CE_REPARSE_FILENAME,
-    abi.Opcode.RENAME: c.FS_CE_BEFORE_RENAME | c.FS_CE_AFTER_RENAME | c.FS_CE_REPARSE_FILENAME,
-    abi.Opcode.RENAME2: c.FS_CE_BEFORE_RENAME | c.FS_CE_AFTER_RENAME | c.FS_CE_REPARSE_FILENAME,
-    abi.Opcode.LINK: c.FS_CE_BEFORE_CREATE_HARD_LINK | c.FS_CE_AFTER_CREATE_HARD_LINK | c.FS_CE_REPARSE_FILENAME,
-    abi.Opcode.SETATTR: c.FS_CE_BEFORE_SET_SIZES | c.FS_CE_AFTER_SET_SIZES | c.FS_CE_BEFORE_SET_ATTRIBUTES
-    | c.FS_CE_AFTER_SET_ATTRIBUTES | c.FS_CE_BEFORE_SET_SECURITY | c.FS_CE_AFTER_SET_SECURITY,
-    abi.Opcode.GETATTR: c.FS_CE_AFTER_GET_SIZES,
-    abi.Opcode.FALLOCATE: c.FS_CE_BEFORE_SET_SIZES | c.FS_CE_AFTER_SET_SIZES,
-    abi.Opcode.GETXATTR: c.FS_CE_BEFORE_GET_SECURITY | c.FS_CE_AFTER_GET_SECURITY | c.FS_CE_BEFORE_QUERY_EA
-    | c.FS_CE_AFTER_QUERY_EA,
-    abi.Opcode.LISTXATTR: c.FS_CE_BEFORE_QUERY_EA | c.FS_CE_AFTER_QUERY_EA,
-    abi.Opcode.SETXATTR: c.FS_CE_BEFORE_SET_SECURITY | c.FS_CE_AFTER_SET_SECURITY | c.FS_CE_BEFORE_SET_EA
-    | c.FS_CE_AFTER_SET_EA,
-    abi.Opcode.REMOVEXATTR: c.FS_CE_BEFORE_SET_SECURITY | c.FS_CE_AFTER_SET_SECURITY | c.FS_CE_BEFORE_SET_EA
-    | c.FS_CE_AFTER_SET_EA,
-    abi.Opcode.READLINK: c.FS_CE_BEFORE_GET_REPARSE_POINT | c.FS_CE_AFTER_GET_REPARSE_POINT,
-    abi.Opcode.IOCTL: c.FS_CE_BEFORE_IOCTL | c.FS_CE_AFTER_IOCTL,
-}
+OP_CONTROL: dict[int, int] = {}
+for _event in events.events_of("CBFilter").values():
+    for _opcode in _event.fuse if _event.control else ():
+        OP_CONTROL[abi.Opcode[_opcode]] = OP_CONTROL.get(abi.Opcode[_opcode], 0) | _event.control
 
 RW_BITS = (c.FS_CE_BEFORE_READ | c.FS_CE_AFTER_READ | c.FS_CE_BEFORE_WRITE | c.FS_CE_AFTER_WRITE, c.FS_NE_READ
             | c.FS_NE_WRITE)
