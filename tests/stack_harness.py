@@ -56,7 +56,11 @@ class Harness:
         return op
 
     def call(self, opcode: int, nodeid: int, body: bytes = b"") -> Reply | None:
-        return self.handlers[opcode](self.op(opcode, nodeid, body))
+        reply = self.handlers[opcode](self.op(opcode, nodeid, body))
+        spec = ops.OPS[opcode]
+        if reply is not None:  # the stack answers with a reply kind the operation table names
+            assert isinstance(reply, spec.reply), (spec, reply)
+        return reply
 
     # -- the requests tests use
 

@@ -29,7 +29,7 @@ from fsfilter.engine.rules import RuleSet
 from fsfilter.errors import CBFSFilterError
 from fsfilter.layers.filter import FilterLayer
 from fsfilter.sessions.fanotify_session import local_mounts
-from fsfilter.system import fuse_device
+from fsfilter.system import fuse_device, procfs
 from fsfilter.system.procfs import ProcessInfo
 
 __all__ = ["CBFilter", "EVENT_BITS", "NOTIFY_BITS"]  # its event-parameter classes are in params.py
@@ -688,15 +688,8 @@ class CBFilter(RuleTables):
         return origin.name or ""
 
     def _token(self, origin: dispatch.Origin) -> dict[str, Any]:
-        groups: list[int] = []
-        try:
-            with open(f"/proc/{origin.tid}/status") as f:
-                for line in f:
-                    if line.startswith("Groups:"):
-                        groups = [int(g) for g in line.split()[1:]]
-        except (OSError, ValueError):
-            pass
-        return {"uid": origin.uid, "gid": origin.gid, "pid": self._process_id(origin), "groups": groups}
+        return {"uid": origin.uid, "gid": origin.gid, "pid": self._process_id(origin),
+                "groups": procfs.groups(origin.tid)}
 
     def get_originator_process_id(self) -> int:
         return self._process_id(self._origin())

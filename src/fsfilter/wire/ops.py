@@ -8,11 +8,11 @@ the same typed fields, and none parses the request bytes again. Pure codecs: no 
 from __future__ import annotations
 
 import errno
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from fsfilter.abi import fuse as abi
+from fsfilter.wire import replies
 from fsfilter.wire.fuse import Request, WireError, cstring, fixed, name_at, open_flags
 
 
@@ -366,64 +366,77 @@ class Lock(Op):
 class OpSpec:
     """One row of the operation table: how a request of ``opcode`` is decoded and treated.
 
-    ``method``: the name of the layer method that serves it; ``may_block``: served on a pool thread, never by
-    a reader (it can take long); ``side_effect_free``: its effect is nothing but its answer, so an interrupted
-    one may be answered EINTR at once; ``no_reply``: the kernel expects no answer; ``deferrable``: may be
-    answered later from another thread (a lock wait)."""
+    ``method``: the name of the layer method that serves it; ``decode``: the typed operation it becomes (its
+    ``names``: the fields that are entry names); ``reply``: the kinds of typed reply it answers with (none: the
+    kernel expects no answer); ``may_block``: served on a pool thread, never by a reader (it can take long);
+    ``side_effect_free``: its effect is nothing but its answer, so an interrupted one may be answered EINTR at
+    once; ``deferrable``: may be answered later from another thread (a lock wait)."""
 
     opcode: int
     method: str
-    decode: Callable[[Request], Op]
+    decode: type[Op]
+    reply: tuple[type[replies.Reply], ...]
     may_block: bool = False
     side_effect_free: bool = False
-    no_reply: bool = False
     deferrable: bool = False
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return self.decode.names
+
+    @property
+    def no_reply(self) -> bool:
+        return not self.reply
 
 
 _O = abi.Opcode
+_R = replies
+_ENTRY = (_R.Entry,)
+_EMPTY = (_R.Empty,)
+_XATTR = (_R.Data, _R.XattrSize)
 OPS: dict[int, OpSpec] = {spec.opcode: spec for spec in (
-    OpSpec(_O.LOOKUP, "lookup", Lookup),
-    OpSpec(_O.FORGET, "forget", Forget, no_reply=True),
-    OpSpec(_O.BATCH_FORGET, "batch_forget", BatchForget, no_reply=True),
-    OpSpec(_O.GETATTR, "getattr", Getattr),
-    OpSpec(_O.SETATTR, "setattr", Setattr),
-    OpSpec(_O.READLINK, "readlink", Plain),
-    OpSpec(_O.SYMLINK, "symlink", Symlink),
-    OpSpec(_O.MKNOD, "mknod", Mknod),
-    OpSpec(_O.MKDIR, "mkdir", Mkdir),
-    OpSpec(_O.UNLINK, "unlink", Remove),
-    OpSpec(_O.RMDIR, "rmdir", Remove),
-    OpSpec(_O.RENAME, "rename", Rename),
-    OpSpec(_O.RENAME2, "rename", Rename),
-    OpSpec(_O.LINK, "link", Link),
-    OpSpec(_O.OPEN, "open", Open),
-    OpSpec(_O.CREATE, "create", Create),
-    OpSpec(_O.TMPFILE, "tmpfile", Create),
-    OpSpec(_O.READ, "read", Read, may_block=True, side_effect_free=True),
-    OpSpec(_O.WRITE, "write", Write, may_block=True),
-    OpSpec(_O.FLUSH, "flush", Flush),
-    OpSpec(_O.RELEASE, "release", Release),
-    OpSpec(_O.FSYNC, "fsync", Fsync, may_block=True, side_effect_free=True),
-    OpSpec(_O.OPENDIR, "opendir", Open),
-    OpSpec(_O.READDIR, "readdir", Read),
-    OpSpec(_O.READDIRPLUS, "readdir", Read),
-    OpSpec(_O.RELEASEDIR, "releasedir", Release),
-    OpSpec(_O.FSYNCDIR, "fsyncdir", Fsync, may_block=True, side_effect_free=True),
-    OpSpec(_O.STATFS, "statfs", Plain),
-    OpSpec(_O.ACCESS, "access", Access),
-    OpSpec(_O.SETXATTR, "setxattr", Setxattr),
-    OpSpec(_O.GETXATTR, "getxattr", Getxattr),
-    OpSpec(_O.LISTXATTR, "getxattr", Getxattr),
-    OpSpec(_O.REMOVEXATTR, "removexattr", Removexattr),
-    OpSpec(_O.FALLOCATE, "fallocate", Fallocate, may_block=True),
-    OpSpec(_O.LSEEK, "lseek", Lseek),
-    OpSpec(_O.COPY_FILE_RANGE, "copy_file_range", CopyFileRange, may_block=True),
-    OpSpec(_O.IOCTL, "ioctl", Ioctl, may_block=True),
-    OpSpec(_O.GETLK, "getlk", Lock),
-    OpSpec(_O.SETLK, "setlk", Lock),
-    OpSpec(_O.SETLKW, "setlkw", Lock, deferrable=True),
-    OpSpec(_O.SYNCFS, "syncfs", Plain, may_block=True, side_effect_free=True),
-    OpSpec(_O.DESTROY, "destroy", Plain),
+    OpSpec(_O.LOOKUP, "lookup", Lookup, _ENTRY),
+    OpSpec(_O.FORGET, "forget", Forget, ()),
+    OpSpec(_O.BATCH_FORGET, "batch_forget", BatchForget, ()),
+    OpSpec(_O.GETATTR, "getattr", Getattr, (_R.Attr,)),
+    OpSpec(_O.SETATTR, "setattr", Setattr, (_R.Attr,)),
+    OpSpec(_O.READLINK, "readlink", Plain, (_R.Data,)),
+    OpSpec(_O.SYMLINK, "symlink", Symlink, _ENTRY),
+    OpSpec(_O.MKNOD, "mknod", Mknod, _ENTRY),
+    OpSpec(_O.MKDIR, "mkdir", Mkdir, _ENTRY),
+    OpSpec(_O.UNLINK, "unlink", Remove, _EMPTY),
+    OpSpec(_O.RMDIR, "rmdir", Remove, _EMPTY),
+    OpSpec(_O.RENAME, "rename", Rename, _EMPTY),
+    OpSpec(_O.RENAME2, "rename", Rename, _EMPTY),
+    OpSpec(_O.LINK, "link", Link, _ENTRY),
+    OpSpec(_O.OPEN, "open", Open, (_R.Opened,)),
+    OpSpec(_O.CREATE, "create", Create, (_R.Created,)),
+    OpSpec(_O.TMPFILE, "tmpfile", Create, (_R.Created,)),
+    OpSpec(_O.READ, "read", Read, (_R.Data,), may_block=True, side_effect_free=True),
+    OpSpec(_O.WRITE, "write", Write, (_R.Written,), may_block=True),
+    OpSpec(_O.FLUSH, "flush", Flush, _EMPTY),
+    OpSpec(_O.RELEASE, "release", Release, _EMPTY),
+    OpSpec(_O.FSYNC, "fsync", Fsync, _EMPTY, may_block=True, side_effect_free=True),
+    OpSpec(_O.OPENDIR, "opendir", Open, (_R.Opened,)),
+    OpSpec(_O.READDIR, "readdir", Read, (_R.Listing,)),
+    OpSpec(_O.READDIRPLUS, "readdir", Read, (_R.Listing,)),
+    OpSpec(_O.RELEASEDIR, "releasedir", Release, _EMPTY),
+    OpSpec(_O.FSYNCDIR, "fsyncdir", Fsync, _EMPTY, may_block=True, side_effect_free=True),
+    OpSpec(_O.STATFS, "statfs", Plain, (_R.Statfs,)),
+    OpSpec(_O.ACCESS, "access", Access, _EMPTY),
+    OpSpec(_O.SETXATTR, "setxattr", Setxattr, _EMPTY),
+    OpSpec(_O.GETXATTR, "getxattr", Getxattr, _XATTR),
+    OpSpec(_O.LISTXATTR, "getxattr", Getxattr, _XATTR),
+    OpSpec(_O.REMOVEXATTR, "removexattr", Removexattr, _EMPTY),
+    OpSpec(_O.FALLOCATE, "fallocate", Fallocate, _EMPTY, may_block=True),
+    OpSpec(_O.LSEEK, "lseek", Lseek, (_R.Offset,)),
+    OpSpec(_O.COPY_FILE_RANGE, "copy_file_range", CopyFileRange, (_R.Written,), may_block=True),
+    OpSpec(_O.IOCTL, "ioctl", Ioctl, (_R.IoctlOut,), may_block=True),
+    OpSpec(_O.GETLK, "getlk", Lock, (_R.LockOut,)),
+    OpSpec(_O.SETLK, "setlk", Lock, _EMPTY),
+    OpSpec(_O.SETLKW, "setlkw", Lock, _EMPTY, deferrable=True),
+    OpSpec(_O.SYNCFS, "syncfs", Plain, _EMPTY, may_block=True, side_effect_free=True),
+    OpSpec(_O.DESTROY, "destroy", Plain, _EMPTY),
 )}
 
 # Requests that are not in the table but still get no answer, and requests the kernel may send that we do
