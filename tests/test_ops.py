@@ -26,8 +26,8 @@ def test_every_row_is_whole() -> None:
         assert all(issubclass(kind, replies.Reply) for kind in spec.reply)
         assert set(spec.names) <= set(spec.decode.__slots__)
         methods.add(spec.method)
-    assert ops.NO_REPLY == {abi.Opcode.FORGET, abi.Opcode.BATCH_FORGET}
-    assert ops.DEFERRABLE == {abi.Opcode.SETLKW}
+    assert {abi.Opcode.FORGET, abi.Opcode.BATCH_FORGET} == ops.NO_REPLY
+    assert {abi.Opcode.SETLKW} == ops.DEFERRABLE
     assert abi.Opcode.READ in ops.SIDE_EFFECT_FREE and abi.Opcode.WRITE not in ops.SIDE_EFFECT_FREE
     assert abi.Opcode.INIT not in ops.OPS and abi.Opcode.INTERRUPT not in ops.OPS  # the session's own
     from fsfilter.sessions.layer import Layer
