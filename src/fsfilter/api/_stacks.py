@@ -48,6 +48,8 @@ class StackedFilter(FilterCore, Protocol):
 log = logging.getLogger("fsfilter")
 
 _stacks: dict[str, MountStack] = {}  # mount point -> its stack, for every live (not draining) mount
+# Lock order: CBFilter._lock, then this, then LayerStack._lock and LowerFS._lock. Never held while waiting for a
+# session's threads (a handler running there may attach a filter and need it).
 _registry_lock = threading.RLock()
 
 
@@ -122,7 +124,7 @@ class MountStack(PassthroughFilter):
         self._pending: list[tuple[StackedFilter, str, float, bool]] = []  # layers to put in before the first request
         self._stale = False  # the rules changed: the kernel's cached names and attributes may lie
         self._invalidator: threading.Thread | None = None
-        self._stale_lock = threading.Lock()
+        self._stale_lock = threading.Lock()  # a leaf: nothing else is taken while it is held
         self.on_lost = self._lost
 
     # -- mount and session
@@ -291,15 +293,18 @@ def detach(core: StackedFilter, attachment: Attachment) -> None:
     detached mounts being drained leave them too (those mounts then serve what is inside them unfiltered)."""
     with _registry_lock:
         stack = attachment.stack
-        if set(stack.members) == {id(core)} and not stack.draining:
-            # The last layer: unmount first, so that requests already sent (a RELEASE after the last close)
-            # still reach it, as they would on a filter of its own.
-            if _stacks.get(stack.mountpoint) is stack:
-                del _stacks[stack.mountpoint]
-            stack.stop()
-        stack.remove(core)
-        for drained in list(_draining):
-            drained.remove(core)
+        last = set(stack.members) == {id(core)} and not stack.draining
+        if last and _stacks.get(stack.mountpoint) is stack:
+            del _stacks[stack.mountpoint]  # no filter joins it from now on
+        drained = [s for s in _draining if id(core) in s.members]
+    if last:
+        # The last layer: unmount first, so that requests already sent (a RELEASE after the last close) still
+        # reach it, as they would on a filter of its own. Outside the registry lock: stopping waits for the
+        # session's threads, and a handler running there may be attaching another filter.
+        stack.stop()
+    stack.remove(core)
+    for other in drained:
+        other.remove(core)
 
 
 _draining: list[MountStack] = []  # detached mounts still serving what was inside them (under _registry_lock)

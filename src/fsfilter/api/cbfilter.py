@@ -110,6 +110,8 @@ class CBFilter(RuleTables):
         self._attached: dict[str, stacks.Attachment] = {}  # attach point -> the filter's layer in its mount's stack
         self._product_guid = ""
         self._timeout_ms = 0
+        # Start, stop and attach points; taken before the stacks' registry lock (api/_stacks.py), never while a
+        # stack's lock is held (a lost mount tells its filters on a thread of its own, after letting go).
         self._lock = threading.RLock()
         self._active = False
         self.dispatcher = dispatch.Dispatcher(self._fire_error, self._thread_event)

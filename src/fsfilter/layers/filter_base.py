@@ -169,7 +169,7 @@ class FilterBase(Layer):
         # for this layer, and goes with them (FORGET, RELEASE).
         self._access_rules = (-1, False)  # (rules generation, whether any rule has access flags)
         self._epoch = 0  # bumped on renames: cached matches of moved subtrees are then stale
-        self._ctx_lock = threading.Lock()
+        self._ctx_lock = threading.Lock()  # a leaf: the node slots' open counts and contexts
         self._naming = threading.local()  # (parent, name, match) of the name this thread is creating
 
     @property

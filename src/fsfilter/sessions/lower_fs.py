@@ -99,7 +99,9 @@ class LowerFS(Layer):
         self.files: dict[int, OpenFile] = {}
         self.dirs: dict[int, OpenDir] = {}
         self._next_id = abi.ROOT_ID + 1
-        self._lock = threading.Lock()  # the node and handle tables, and each node's passthrough state
+        # The node and handle tables and each node's passthrough state. Taken last of the stack's locks; while it is
+        # held the layers' needs_io/open_reply_flags hooks run, which take only their own leaf locks.
+        self._lock = threading.Lock()
         self._is_root = os.geteuid() == 0
         self.session_fd = -1  # set when the session exists: needed for backing ids
         self.defer: Callable[[ops.Op], Deferred] | None = None  # the session's, for lock waits

@@ -37,7 +37,7 @@ class LayerStack:
         self.bottom = bottom
         self._members: list[Member] = []
         self._seq = 0
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # joining and leaving; taken after the registry lock, before LowerFS._lock
 
     @property
     def layers(self) -> list[Layer]:
