@@ -279,3 +279,30 @@ def test_bad_altitude_is_refused_and_changes_nothing(filters: Callable[..., CBFi
         f.start_filter()
     assert raised.value.code == errno.EINVAL
     assert not f.active and fsfilter_mounts(data.parent) == []
+
+
+def test_kernel_passthrough_for_files_no_layer_needs(filters: Callable[..., CBFilter], data: Path) -> None:
+    """Two filters stacked on one mount: a file whose reads no layer asks for keeps kernel passthrough; a file one
+    layer's read events need is served by the daemon (so that layer sees its reads)."""
+    (data / "b.log").write_bytes(b"log\n")
+    watcher, reader = filters("300000"), filters("100000")
+    watcher.on_notify_open_file = lambda p: None
+    watcher.add_filter_rule(f"{data}/*", c.ACCESS_NONE, c.FS_CE_NONE, c.FS_NE_OPEN)
+    reads: list[str] = []
+    reader.on_notify_read_file = lambda p: reads.append(p.file_name)
+    reader.add_filter_rule(f"{data}/*.log", c.ACCESS_NONE, c.FS_CE_NONE, c.FS_NE_READ)
+    watcher.start_filter()
+    reader.start_filter()
+    (fs,) = [a.fs for a in watcher._attached.values()]
+    holder = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
+        import sys
+        a = open({str(data / 'a.txt')!r}, 'rb'); b = open({str(data / 'b.log')!r}, 'rb')
+        a.read(); b.read(); print('ok', flush=True); sys.stdin.readline()
+    """)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "ok"
+        kinds = {fs.path_of(o.inode.nodeid): o.passthrough for o in list(fs.files.values())}
+        assert kinds[b"/a.txt"] is True and kinds[b"/b.log"] is False
+        assert wait_for(lambda: str(data / "b.log") in reads, 5)
+    finally:
+        end_processes([holder])
