@@ -109,7 +109,7 @@ def render_module(table: Any, sdk: str) -> str:
     out = [doc.rstrip("\n") + GENERATED, "from __future__ import annotations", ""]
     if any("ctypes." in t for t in types_used):
         out += ["import ctypes", ""]
-    out += ["from fsfilter.api.params_base import EventParams, EventParamsBase, by_event", ""]
+    out += ["from fsfilter.api._params_base import EventParams, EventParamsBase, by_event", ""]
     out += wrap("__all__ = [", [f'"{n}"' for n in exported + classes], "]", "")
     for event in events.values():
         out += ["", ""] + render_class(event, sdk)

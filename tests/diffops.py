@@ -27,8 +27,8 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-from fsfilter.abi import linux
-from fsfilter.system import libc
+from fsfilter._abi import linux
+from fsfilter._system import libc
 
 Op = tuple[Any, ...]
 Result = tuple[str, Any]

@@ -13,13 +13,13 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from fsfilter.abi import fuse as abi
-from fsfilter.sessions.layer import Layer
-from fsfilter.sessions.lower_fs import LowerFS, LowerOptions
-from fsfilter.sessions.stack import LayerStack
-from fsfilter.wire import fuse as wire
-from fsfilter.wire import ops
-from fsfilter.wire.replies import Created, Data, Entry, Listing, Opened, Reply, Written
+from fsfilter._abi import fuse as abi
+from fsfilter._sessions.layer import Layer
+from fsfilter._sessions.lower_fs import LowerFS, LowerOptions
+from fsfilter._sessions.stack import LayerStack
+from fsfilter._wire import fuse as wire
+from fsfilter._wire import ops
+from fsfilter._wire.replies import Created, Data, Entry, Listing, Opened, Reply, Written
 
 OTHER_PID = 1  # requests from another process (the filter skips its own process's requests)
 

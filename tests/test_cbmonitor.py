@@ -224,8 +224,8 @@ def test_a_file_system_mounted_after_start_is_watched(monitor: Callable[[], CBMo
 
 
 def test_process_connector_messages_decode() -> None:
-    from fsfilter.abi import cn_proc as abi
-    from fsfilter.wire import cn_proc as wire
+    from fsfilter._abi import cn_proc as abi
+    from fsfilter._wire import cn_proc as wire
 
     def message(what: int, body: bytes) -> bytes:
         event = abi.EVENT_HEADER.pack(what, 0, 123) + body
@@ -245,7 +245,7 @@ def test_process_connector_messages_decode() -> None:
 
 
 def test_the_process_tracker_names_short_lived_processes() -> None:
-    from fsfilter.sessions.process_tracker import tracker_or_none
+    from fsfilter._sessions.process_tracker import tracker_or_none
 
     tracker = tracker_or_none()
     if tracker is None:

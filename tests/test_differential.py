@@ -27,7 +27,7 @@ import pytest
 from conftest import SRC, needs_root
 
 from fsfilter import PassthroughFilter
-from fsfilter.abi import fuse as abi
+from fsfilter._abi import fuse as abi
 
 pytestmark = [needs_root]
 Factory = Callable[..., PassthroughFilter]

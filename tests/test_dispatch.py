@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from fsfilter.engine.dispatch import Dispatcher, Origin, Outcome, current_job, reset_timeout
+from fsfilter._engine.dispatch import Dispatcher, Origin, Outcome, current_job, reset_timeout
 
 pytestmark = pytest.mark.timeout(60)
 

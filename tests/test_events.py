@@ -17,13 +17,13 @@ import pytest
 
 import fsfilter
 from fsfilter import CBFilter, CBMonitor, CBProcess
-from fsfilter.abi import cn_proc, fanotify, fuse
+from fsfilter._abi import cn_proc, fanotify, fuse
 from fsfilter.api import cbfilter, cbmonitor, cbprocess, events
 from fsfilter.api import constants as c
+from fsfilter.api._params_base import EventParams, EventParamsBase
 from fsfilter.api.cbmonitor import MONITOR_PARAMS
 from fsfilter.api.cbprocess import PROCESS_PARAMS
 from fsfilter.api.params import FILTER_PARAMS, CBFilterBeforeOpenFileEventParams
-from fsfilter.api.params_base import EventParams, EventParamsBase
 
 ROOT = Path(__file__).resolve().parent.parent
 # Each SDK class: its classes by event, the module users import its parameter classes from, and the SDK object.
@@ -201,7 +201,7 @@ def test_operations_are_kernel_names() -> None:
 def test_fuse_operations_match_what_the_engine_routes() -> None:
     """The engine sends an opcode to the event workers for exactly the control flags of the events the table says
     fire on it (so its routing table could be derived from this one)."""
-    from fsfilter.layers import filter_base
+    from fsfilter._layers import filter_base
     routed: dict[int, int] = filter_base.OP_CONTROL
     derived: dict[str, int] = {}
     for event in events.events_of("CBFilter").values():

@@ -18,9 +18,9 @@ import pytest
 from conftest import SRC, is_mounted, needs_root, wait_for
 
 from fsfilter import CBFSFilterError, PassthroughFilter
-from fsfilter.abi import fuse as abi
-from fsfilter.abi import linux
-from fsfilter.system import fuse_device, libc
+from fsfilter._abi import fuse as abi
+from fsfilter._abi import linux
+from fsfilter._system import fuse_device, libc
 
 pytestmark = [needs_root, pytest.mark.timeout(60)]
 NOBODY = 65534

@@ -3,11 +3,11 @@
 Modules are parsed with ``ast``, never imported, and every import statement counts: at module level, inside a
 function, and under ``if TYPE_CHECKING:`` (a type-only import still ties the lower module to the higher one).
 
-Layers by folder, lowest first: ``errors.py`` (0: the one exception type, which every layer may raise; it imports
-nothing from fsfilter), ``abi`` 1, ``wire`` 2, ``system`` 3, ``sessions`` 4, ``engine`` 5, ``layers`` 6 (the filter
-stack's layers, which use the engine's policy and the sessions' tables), ``api`` 7. Inside ``api`` the SDK's classes
-(cbfilter, cbmonitor, cbprocess) sit above the rest (8): they are the thin compositions on top of the stack's
-modules (DESIGN §2, §7), which must not reach back up into them. The package's ``__init__``, the command line and
+Layers by folder, lowest first: ``errors.py`` (0: the one exception type, which every layer may raise; it
+imports nothing from fsfilter), ``_abi`` 1, ``_wire`` 2, ``_system`` 3, ``_sessions`` 4, ``_engine`` 5, ``_layers`` 6
+(the filter stack's layers, which use the engine's policy and the sessions' tables), ``api`` 7. Inside ``api``
+the SDK's classes (cbfilter, cbmonitor, cbprocess) sit above the rest (8): they are the thin compositions on top
+of the stack's modules (DESIGN §2, §7), which must not reach back up into them. The package's ``__init__``, the command line and
 the demo are above everything (9). A module may import its own layer, as long as the imports make no cycle.
 """
 
@@ -19,7 +19,7 @@ from pathlib import Path
 PACKAGE = "fsfilter"
 SRC = Path(__file__).resolve().parent.parent / "src" / PACKAGE
 
-FOLDERS = {"abi": 1, "wire": 2, "system": 3, "sessions": 4, "engine": 5, "layers": 6, "api": 7}
+FOLDERS = {"_abi": 1, "_wire": 2, "_system": 3, "_sessions": 4, "_engine": 5, "_layers": 6, "api": 7}
 SDK_CLASSES = {"fsfilter.api.cbfilter", "fsfilter.api.cbmonitor", "fsfilter.api.cbprocess"}
 TOP = 9
 RANKS = {"fsfilter.errors": 0, "fsfilter": TOP, "fsfilter.cli": TOP, "fsfilter.demo": TOP, "fsfilter.__main__": TOP,
@@ -27,14 +27,14 @@ RANKS = {"fsfilter.errors": 0, "fsfilter": TOP, "fsfilter.cli": TOP, "fsfilter.d
          # speaks (a layer fires CBFilter's events with CBFilter's flags); they hold no logic and import nothing
          # above the engine, so they rank with it although users find them in the api package.
          "fsfilter.api.constants": 5, "fsfilter.api.params": 5, "fsfilter.api.events": 5,
-         "fsfilter.api.params_base": 5, "fsfilter.api.monitor_params": 5, "fsfilter.api.process_params": 5}
+         "fsfilter.api._params_base": 5, "fsfilter.api.monitor_params": 5, "fsfilter.api.process_params": 5}
 
 # The watchdog runs as `python -S -I watchdog.py` before the mount exists and must start without the package;
 # it loads procfs.py by its path (the one mountinfo parser), so procfs.py may not import fsfilter either.
-STANDALONE = {"fsfilter.system.watchdog", "fsfilter.system.procfs"}
+STANDALONE = {"fsfilter._system.watchdog", "fsfilter._system.procfs"}
 
 # Engine is pure policy (DESIGN §2): no kernel-facing layer below it.
-PURE = {"fsfilter.engine": {"fsfilter.engine", "fsfilter.errors"}}
+PURE = {"fsfilter._engine": {"fsfilter._engine", "fsfilter.errors"}}
 
 # Imports against the layering in files another change owns; each entry is (importer, imported). This list may
 # only shrink: an entry that no longer occurs fails the test, so whoever fixes one removes it here too.
@@ -135,7 +135,7 @@ def test_the_parser_sees_every_kind_of_import() -> None:
     assert ("fsfilter.cli", "fsfilter.demo") in edges  # inside a function
     typed = ast.parse("from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from fsfilter.api import cbfilter\n")
     found = {target for node in ast.walk(typed) if isinstance(node, ast.Import | ast.ImportFrom)
-             for target in resolve("fsfilter.sessions.layer", node)}
+             for target in resolve("fsfilter._sessions.layer", node)}
     assert "fsfilter.api.cbfilter" in found  # under TYPE_CHECKING
 
 

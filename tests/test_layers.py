@@ -17,14 +17,14 @@ import pytest
 from stack_harness import Harness, harness
 
 from fsfilter import CBFilter
+from fsfilter._engine import rules as engine_rules
+from fsfilter._layers.filter import FilterLayer
+from fsfilter._sessions.layer import Layer
+from fsfilter._sessions.nodes import Inode
+from fsfilter._sessions.stack import AltitudeTaken
+from fsfilter._wire import ops
+from fsfilter._wire.replies import DirEntry, Entry, Reply
 from fsfilter.api import constants as c
-from fsfilter.engine import rules as engine_rules
-from fsfilter.layers.filter import FilterLayer
-from fsfilter.sessions.layer import Layer
-from fsfilter.sessions.nodes import Inode
-from fsfilter.sessions.stack import AltitudeTaken
-from fsfilter.wire import ops
-from fsfilter.wire.replies import DirEntry, Entry, Reply
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -235,7 +235,7 @@ def test_the_rule_decision_for_a_name_is_made_once(h: Harness, lower: Path, monk
         calls.append(args[2])
         return real(*args)
 
-    monkeypatch.setattr("fsfilter.layers.filter_base.match_path", counting)
+    monkeypatch.setattr("fsfilter._layers.filter_base.match_path", counting)
     try:
         core.on_before_open_file = lambda p: None
         core.add_filter_rule(f"{lower}/*", c.ACCESS_NONE, c.FS_CE_BEFORE_OPEN, c.FS_NE_NONE)
@@ -253,7 +253,7 @@ def test_the_rule_decision_for_a_name_is_made_once(h: Harness, lower: Path, monk
 
 
 def test_malformed_requests_are_refused_before_any_layer(h: Harness) -> None:
-    from fsfilter.wire.fuse import WireError
+    from fsfilter._wire.fuse import WireError
     log: list[str] = []
     h.join(Recording("only", log), 100)
     with pytest.raises(WireError):

@@ -22,8 +22,8 @@ import pytest
 from conftest import SRC, Daemon, end_processes, force_unmount, mounts, needs_root, wait_for
 
 from fsfilter import CBFSFilterError, PassthroughFilter
-from fsfilter.abi import fuse as abi
-from fsfilter.wire.fuse import Request
+from fsfilter._abi import fuse as abi
+from fsfilter._wire.fuse import Request
 
 pytestmark = [needs_root]
 Factory = Callable[..., PassthroughFilter]

@@ -23,8 +23,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fsfilter import PassthroughFilter
-from fsfilter.abi import fuse as abi
-from fsfilter.sessions.locks import F_RDLCK, F_UNLCK, F_WRLCK, OFFSET_MAX, LockTable
+from fsfilter._abi import fuse as abi
+from fsfilter._sessions.locks import F_RDLCK, F_UNLCK, F_WRLCK, OFFSET_MAX, LockTable
 
 Factory = Callable[..., PassthroughFilter]
 

@@ -11,9 +11,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fsfilter.engine import masks
-from fsfilter.engine.masks import FileMask, MaskError, ProcessSpec, compile_mask, file_matches_mask
-from fsfilter.engine.rules import RuleSet
+from fsfilter._engine import masks
+from fsfilter._engine.masks import FileMask, MaskError, ProcessSpec, compile_mask, file_matches_mask
+from fsfilter._engine.rules import RuleSet
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -8,9 +8,9 @@ import errno
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fsfilter.abi import fuse as abi
-from fsfilter.wire import fuse as wire
-from fsfilter.wire import ops, replies
+from fsfilter._abi import fuse as abi
+from fsfilter._wire import fuse as wire
+from fsfilter._wire import ops, replies
 
 
 def request(opcode: int, body: bytes, nodeid: int = 1) -> wire.Request:
@@ -30,7 +30,7 @@ def test_every_row_is_whole() -> None:
     assert {abi.Opcode.SETLKW} == ops.DEFERRABLE
     assert abi.Opcode.READ in ops.SIDE_EFFECT_FREE and abi.Opcode.WRITE not in ops.SIDE_EFFECT_FREE
     assert abi.Opcode.INIT not in ops.OPS and abi.Opcode.INTERRUPT not in ops.OPS  # the session's own
-    from fsfilter.sessions.layer import Layer
+    from fsfilter._sessions.layer import Layer
     assert all(callable(getattr(Layer, m, None)) for m in methods)  # every row has a layer method
 
 

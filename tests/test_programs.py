@@ -34,7 +34,7 @@ import pytest
 from conftest import SRC, end_processes, is_mounted, needs_root
 
 from fsfilter import PassthroughFilter
-from fsfilter.abi import fuse as abi
+from fsfilter._abi import fuse as abi
 
 pytestmark = [needs_root]
 Factory = Callable[..., PassthroughFilter]
@@ -528,7 +528,7 @@ def test_sqlite_wal_writer_and_concurrent_readers(kind: str, scratch: Path, filt
 IMPORTER = r"""
 import sys
 sys.path.insert(0, sys.argv[1])
-import fsfilter, fsfilter.cli, fsfilter.sessions.lower_fs, fsfilter.wire.fuse, extra.mod
+import fsfilter, fsfilter.cli, fsfilter._sessions.lower_fs, fsfilter._wire.fuse, extra.mod
 assert fsfilter.__file__.startswith(sys.argv[1]), fsfilter.__file__
 print(fsfilter.__version__, extra.mod.value())
 """
@@ -569,8 +569,8 @@ def test_compileall_and_import_from_the_mount(kind: str, scratch: Path, filter_f
 
     out, verbose = import_all()
     assert out == "0.1.0 one"
-    for module in ("fsfilter/__init__.py", "fsfilter/cli.py", "fsfilter/sessions/lower_fs.py",
-                   "fsfilter/wire/fuse.py", "extra/mod.py"):
+    for module in ("fsfilter/__init__.py", "fsfilter/cli.py", "fsfilter/_sessions/lower_fs.py",
+                   "fsfilter/_wire/fuse.py", "extra/mod.py"):
         cached = importlib.util.cache_from_source(str(pkgs / module))
         assert f"code object from {cached!r}" in verbose, f"{module} was not loaded from {cached}"
     assert "bytecode is stale" not in verbose and f"# created {str(pkgs)!r}"[:-1] not in verbose

@@ -8,8 +8,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fsfilter.engine.masks import MaskError
-from fsfilter.engine.rules import (
+from fsfilter._engine.masks import MaskError
+from fsfilter._engine.rules import (
     FILE_SYS_ATTR_ARCHIVE,
     FILE_SYS_ATTR_DIRECTORY,
     FILE_SYS_ATTR_HIDDEN,
@@ -399,7 +399,7 @@ def test_attributes_from_stat(mode: int, size: int, blocks: int, name: str, expe
 
 
 def test_reparse_rules_fill_the_target_with_what_the_wildcards_matched() -> None:
-    from fsfilter.engine.reparse import ReparseRules
+    from fsfilter._engine.reparse import ReparseRules
 
     r = ReparseRules()
     r.add("/data/in/*", "/srv/store/*")

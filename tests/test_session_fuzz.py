@@ -16,9 +16,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from fsfilter.abi import fuse as abi
-from fsfilter.sessions.fuse_session import Session, SessionOptions
-from fsfilter.sessions.lower_fs import LowerFS, LowerOptions
+from fsfilter._abi import fuse as abi
+from fsfilter._sessions.fuse_session import Session, SessionOptions
+from fsfilter._sessions.lower_fs import LowerFS, LowerOptions
 
 SENTINEL = 1 << 40
 

@@ -16,9 +16,9 @@ from pathlib import Path
 
 import pytest
 
-from fsfilter.abi import cn_proc as cn
-from fsfilter.system import fuse_device, libc, netlink, procfs
-from fsfilter.wire import cn_proc as wire
+from fsfilter._abi import cn_proc as cn
+from fsfilter._system import fuse_device, libc, netlink, procfs
+from fsfilter._wire import cn_proc as wire
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="root: mounts and the process connector")
 

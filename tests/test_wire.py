@@ -8,8 +8,8 @@ import struct
 
 import pytest
 
-from fsfilter.abi import fuse as abi
-from fsfilter.wire import fuse as wire
+from fsfilter._abi import fuse as abi
+from fsfilter._wire import fuse as wire
 
 
 def header(length: int, opcode: int, unique: int = 7, nodeid: int = 1, uid: int = 1000, gid: int = 100,

@@ -15,13 +15,13 @@ import types
 from collections.abc import Callable
 from typing import Any
 
+from fsfilter._engine.masks import MaskError, file_matches_mask
 from fsfilter.api import constants as c
 from fsfilter.api.cbfilter import NOTIFY_BITS, CBFilter
 from fsfilter.api.cbmonitor import MONITOR_PARAMS, CBMonitor
 from fsfilter.api.cbprocess import CBProcess
 from fsfilter.api.params import FILTER_PARAMS
 from fsfilter.api.passthrough import PassthroughFilter
-from fsfilter.engine.masks import MaskError, file_matches_mask
 from fsfilter.errors import CBFSFilterError
 
 __all__ = ["main"]  # the `fsfilter` command

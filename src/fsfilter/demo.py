@@ -18,10 +18,10 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from fsfilter._system import procfs
 from fsfilter.api import constants as c
 from fsfilter.api.cbfilter import NOTIFY_BITS, CBFilter
 from fsfilter.errors import CBFSFilterError
-from fsfilter.system import procfs
 
 __all__ = ["run_demo"]
 

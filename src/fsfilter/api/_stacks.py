@@ -17,16 +17,16 @@ import os
 import threading
 from typing import Any, Protocol
 
-from fsfilter.abi import fuse as abi
-from fsfilter.abi import linux
+from fsfilter._abi import fuse as abi
+from fsfilter._abi import linux
+from fsfilter._layers.filter import FilterCore, FilterLayer
+from fsfilter._sessions.fuse_session import Session, SessionStats
+from fsfilter._sessions.lower_fs import LowerFS
+from fsfilter._sessions.stack import AltitudeTaken, LayerStack
+from fsfilter._system import libc
+from fsfilter._wire import fuse as wire
 from fsfilter.api.passthrough import PassthroughFilter
 from fsfilter.errors import CBFSFilterError
-from fsfilter.layers.filter import FilterCore, FilterLayer
-from fsfilter.sessions.fuse_session import Session, SessionStats
-from fsfilter.sessions.lower_fs import LowerFS
-from fsfilter.sessions.stack import AltitudeTaken, LayerStack
-from fsfilter.system import libc
-from fsfilter.wire import fuse as wire
 
 
 class StackedFilter(FilterCore, Protocol):

@@ -15,22 +15,22 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
+from fsfilter._engine import dispatch
+from fsfilter._engine.masks import MaskError, file_matches_mask
+from fsfilter._engine.reparse import ReparseRules
+from fsfilter._engine.rules import RuleSet
+from fsfilter._layers.filter import FilterLayer
+from fsfilter._sessions.fanotify_session import local_mounts
+from fsfilter._system import fuse_device, procfs
+from fsfilter._system.procfs import ProcessInfo
 from fsfilter.api import _stacks as stacks
 from fsfilter.api import constants as c
 from fsfilter.api import events, fileinfo
-from fsfilter.api.event_source import RuleTables, check_thread_count, check_timeout, split_setting
-from fsfilter.api.fanotify_access import FANOTIFY_ACCESS, FanotifyAccess
+from fsfilter.api._event_source import RuleTables, check_thread_count, check_timeout, split_setting
+from fsfilter.api._fanotify_access import FANOTIFY_ACCESS, FanotifyAccess
 from fsfilter.api.params import FILTER_PARAMS
 from fsfilter.api.passthrough import check_filterable
-from fsfilter.engine import dispatch
-from fsfilter.engine.masks import MaskError, file_matches_mask
-from fsfilter.engine.reparse import ReparseRules
-from fsfilter.engine.rules import RuleSet
 from fsfilter.errors import CBFSFilterError
-from fsfilter.layers.filter import FilterLayer
-from fsfilter.sessions.fanotify_session import local_mounts
-from fsfilter.system import fuse_device, procfs
-from fsfilter.system.procfs import ProcessInfo
 
 __all__ = ["CBFilter", "EVENT_BITS", "NOTIFY_BITS"]  # its event-parameter classes are in params.py
 

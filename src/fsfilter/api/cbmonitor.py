@@ -18,16 +18,11 @@ import time
 from collections import OrderedDict
 from typing import Any
 
-from fsfilter.abi import fanotify as fa
-from fsfilter.api import constants as c
-from fsfilter.api.event_source import EventSource, RuleTables, check_timeout
-from fsfilter.api.monitor_params import *  # noqa: F403  (the CBMonitor<Event>EventParams classes, importable here)
-from fsfilter.api.monitor_params import MONITOR_PARAMS
-from fsfilter.engine import dispatch
-from fsfilter.engine.masks import MaskError, file_matches_mask
-from fsfilter.engine.rules import RuleSet, attributes_from_stat, match_path
-from fsfilter.errors import CBFSFilterError
-from fsfilter.sessions.fanotify_session import (
+from fsfilter._abi import fanotify as fa
+from fsfilter._engine import dispatch
+from fsfilter._engine.masks import MaskError, file_matches_mask
+from fsfilter._engine.rules import RuleSet, attributes_from_stat, match_path
+from fsfilter._sessions.fanotify_session import (
     MountTable,
     NotifyGroup,
     PathResolver,
@@ -35,11 +30,16 @@ from fsfilter.sessions.fanotify_session import (
     local_mounts,
     mount_point_of,
 )
-from fsfilter.sessions.process_tracker import ProcessTracker, tracker_or_none
-from fsfilter.system import fanotify as fan
-from fsfilter.system import libc, procfs
-from fsfilter.system.procfs import TaskStatusReader
-from fsfilter.wire.fanotify import Event
+from fsfilter._sessions.process_tracker import ProcessTracker, tracker_or_none
+from fsfilter._system import fanotify as fan
+from fsfilter._system import libc, procfs
+from fsfilter._system.procfs import TaskStatusReader
+from fsfilter._wire.fanotify import Event
+from fsfilter.api import constants as c
+from fsfilter.api._event_source import EventSource, RuleTables, check_timeout
+from fsfilter.api.monitor_params import *  # noqa: F403  (the CBMonitor<Event>EventParams classes, importable here)
+from fsfilter.api.monitor_params import MONITOR_PARAMS
+from fsfilter.errors import CBFSFilterError
 
 log = logging.getLogger("fsfilter.monitor")
 

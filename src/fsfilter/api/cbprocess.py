@@ -23,25 +23,25 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from fsfilter.abi import cn_proc as cn
-from fsfilter.abi import fanotify as fa
-from fsfilter.abi import linux
+from fsfilter._abi import cn_proc as cn
+from fsfilter._abi import fanotify as fa
+from fsfilter._abi import linux
+from fsfilter._engine import dispatch
+from fsfilter._engine.masks import MaskError, file_matches_mask
+from fsfilter._sessions.fanotify_session import MountTable, PermissionGroup, local_mounts, local_path, mount_point_of
+from fsfilter._system import libc, netlink, procfs
+from fsfilter._wire import cn_proc as wire
+from fsfilter._wire.fanotify import Event
+from fsfilter.api._event_source import EventSource, check_timeout
 from fsfilter.api.constants import (
     PROCESS_EVENT_PROCESS_CREATION,
     PROCESS_EVENT_PROCESS_TERMINATION,
     PROCESS_EVENT_THREAD_CREATION,
     PROCESS_EVENT_THREAD_TERMINATION,
 )
-from fsfilter.api.event_source import EventSource, check_timeout
 from fsfilter.api.process_params import *  # noqa: F403  (the CBProcess<Event>EventParams classes, importable here)
 from fsfilter.api.process_params import PROCESS_PARAMS
-from fsfilter.engine import dispatch
-from fsfilter.engine.masks import MaskError, file_matches_mask
 from fsfilter.errors import CBFSFilterError
-from fsfilter.sessions.fanotify_session import MountTable, PermissionGroup, local_mounts, local_path, mount_point_of
-from fsfilter.system import libc, netlink, procfs
-from fsfilter.wire import cn_proc as wire
-from fsfilter.wire.fanotify import Event
 
 log = logging.getLogger("fsfilter.process")
 

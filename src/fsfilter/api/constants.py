@@ -7,7 +7,7 @@ sequence in the SDK's order; code that uses the names, as the SDK's samples do, 
 
 from __future__ import annotations
 
-from fsfilter.engine.rules import (  # the SDK's attribute names, with their Linux meaning
+from fsfilter._engine.rules import (  # the SDK's attribute names, with their Linux meaning
     FILE_SYS_ATTR_ARCHIVE,
     FILE_SYS_ATTR_COMPRESSED,
     FILE_SYS_ATTR_DIRECTORY,

@@ -12,10 +12,10 @@ import os
 import stat
 import struct
 
-from fsfilter.abi import linux
+from fsfilter._abi import linux
+from fsfilter._engine.rules import attributes_from_stat
+from fsfilter._system import libc, procfs
 from fsfilter.api import constants as c
-from fsfilter.engine.rules import attributes_from_stat
-from fsfilter.system import libc, procfs
 
 __all__ = [
     "FILE_ALLOCATION_INFORMATION", "FILE_ATTRIBUTE_TAG_INFORMATION", "FILE_BASIC_INFORMATION",

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import ctypes
 
-from fsfilter.api.params_base import EventParams, EventParamsBase, by_event
+from fsfilter.api._params_base import EventParams, EventParamsBase, by_event
 
 __all__ = ["EventParams", "CBFilterBeforeCreateFileEventParams", "CBFilterAfterCreateFileEventParams",
            "CBFilterNotifyCreateFileEventParams", "CBFilterBeforeOpenFileEventParams",

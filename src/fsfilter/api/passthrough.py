@@ -17,14 +17,14 @@ import threading
 import types
 from collections.abc import Callable
 
-from fsfilter.abi import fuse as abi
-from fsfilter.abi import linux
+from fsfilter._abi import fuse as abi
+from fsfilter._abi import linux
+from fsfilter._sessions.fuse_session import Session, SessionOptions, SessionStats
+from fsfilter._sessions.lower_fs import IoPolicy, LowerFS, LowerOptions
+from fsfilter._system import fuse_device, libc
+from fsfilter._wire import fuse as wire
+from fsfilter._wire.fuse import Request
 from fsfilter.errors import CBFSFilterError
-from fsfilter.sessions.fuse_session import Session, SessionOptions, SessionStats
-from fsfilter.sessions.lower_fs import IoPolicy, LowerFS, LowerOptions
-from fsfilter.system import fuse_device, libc
-from fsfilter.wire import fuse as wire
-from fsfilter.wire.fuse import Request
 
 __all__ = ["PassthroughFilter", "check_filterable"]
 

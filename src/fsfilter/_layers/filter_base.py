@@ -1,0 +1,657 @@
+"""The shared part of a CBFilter's layer in the stack of a mount (see filter.py).
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import threading
+from collections.abc import Callable
+from typing import Any, Protocol
+
+from fsfilter._abi import fuse as abi
+from fsfilter._engine.dispatch import Dispatcher, Origin, Outcome
+from fsfilter._engine.reparse import ReparseRules
+from fsfilter._engine.rules import NO_FLAGS, Flags, PathMatch, RuleSet, attributes_from_stat, match_path
+from fsfilter._sessions.layer import Layer
+from fsfilter._sessions.lower_fs import LowerFS
+from fsfilter._sessions.nodes import Inode, OpenFile
+from fsfilter._system import libc, procfs
+from fsfilter._system.procfs import ProcessInfo
+from fsfilter._wire import ops
+from fsfilter._wire.replies import (
+    Entry,
+    Reply,
+)
+from fsfilter.api import constants as c
+from fsfilter.api import events
+from fsfilter.api.params import FILTER_PARAMS, EventParams
+
+
+class FilterCore(Protocol):
+    """What a filter layer needs of the filter it serves (CBFilter): its rules, handlers and settings."""
+
+    rules: RuleSet
+    passthrough_rules: RuleSet
+    reparse: ReparseRules
+    control_handlers: int
+    notify_handlers: int
+    dispatcher: Dispatcher
+    process_cached_io_requests: bool
+    process_failed_requests: bool
+
+    @property
+    def has_rules(self) -> bool: ...
+    @property
+    def rules_generation(self) -> int: ...
+    @property
+    def filter_own_requests(self) -> bool: ...
+    @property
+    def deny_expired_events(self) -> bool: ...
+    def handler(self, event: str) -> Callable[[Any], object] | None: ...
+    def config_bool(self, name: str) -> bool: ...
+    def contains_attach_point(self, path: str) -> bool: ...
+    def is_attach_point(self, path: str) -> bool: ...
+    def open_below(self, path: str, flags: int) -> int: ...
+
+
+log = logging.getLogger("fsfilter.filter")
+
+
+FMODE_EXEC = 0x20  # in the open flags of execve's open
+
+ACL_NAMES = (b"system.posix_acl_access", b"system.posix_acl_default")
+
+XATTR_SIZE_MAX = 65536  # the largest xattr value Linux allows
+
+# Control bits that make a path's names and attributes volatile: their answer can differ per request.
+VOLATILE = c.FS_CE_BEFORE_OPEN | c.FS_CE_BEFORE_CREATE | c.FS_CE_AFTER_GET_SIZES | c.FS_CE_REPARSE_FILENAME
+
+# For each opcode, the control bits whose events it may fire: such a request is served on a pool thread.
+OP_CONTROL: dict[int, int] = {}
+for _event in events.events_of("CBFilter").values():
+    for _opcode in _event.fuse if _event.control else ():
+        OP_CONTROL[abi.Opcode[_opcode]] = OP_CONTROL.get(abi.Opcode[_opcode], 0) | _event.control
+
+RW_BITS = (c.FS_CE_BEFORE_READ | c.FS_CE_AFTER_READ | c.FS_CE_BEFORE_WRITE | c.FS_CE_AFTER_WRITE, c.FS_NE_READ
+            | c.FS_NE_WRITE)
+
+CLEANUP_BITS = (c.FS_CE_BEFORE_CLEANUP | c.FS_CE_AFTER_CLEANUP, c.FS_NE_CLEANUP)
+
+LOCK_BITS = (c.FS_CE_BEFORE_LOCK_CONTROL | c.FS_CE_AFTER_LOCK_CONTROL, c.FS_NE_LOCK_CONTROL)
+
+
+
+class Facts:
+    """What size/attribute/xattr qualifiers of rules look at, read lazily from the lower object: an open
+    node (``fd``) or a name in a lower directory (``dir_fd``, ``name``) that may not exist yet."""
+
+    __slots__ = ("fd", "dir_fd", "name", "_st")
+
+    def __init__(self, fd: int, dir_fd: int, name: bytes) -> None:
+        self.fd = fd
+        self.dir_fd = dir_fd
+        self.name = name
+        self._st: os.stat_result | None = None
+
+    def _stat(self) -> os.stat_result | None:
+        if self._st is None:
+            try:
+                self._st = os.fstat(self.fd) if self.fd >= 0 else os.stat(self.name, dir_fd=self.dir_fd,
+                                                                            follow_symlinks=False)
+            except OSError:
+                return None
+        return self._st
+
+    def size(self) -> int | None:
+        st = self._stat()
+        return st.st_size if st is not None else None
+
+    def attributes(self) -> int | None:
+        st = self._stat()
+        return attributes_from_stat(st.st_mode, st.st_size, st.st_blocks, os.fsdecode(self.name)) \
+            if st is not None else None
+
+    def has_xattr(self, name: str) -> bool:
+        where = procfs.fd_path(self.fd) if self.fd >= 0 else procfs.fd_path(self.dir_fd) + "/" + os.fsdecode(self.name)
+        try:
+            os.getxattr(where, name, follow_symlinks=False)
+        except OSError:
+            return False
+        return True
+
+
+
+class NodeState:
+    """A filter layer's slot in a node record: cached decisions and the node's contexts while it has opens."""
+
+    __slots__ = ("match", "reach", "suspended", "file_context", "opens")
+
+    def __init__(self) -> None:
+        self.match: tuple[int, PathMatch | None] | None = None  # (rules generation, what the rules say)
+        self.reach: tuple[int, bool] | None = None  # (rules generation, can a rule concern the node or below)
+        self.suspended = False  # suspend_file_events: no events until the last handle is closed
+        self.file_context = 0  # while the node has opens
+        self.opens = 0  # opens (files and directories) with events
+
+
+class Handle:
+    """One open of a file or directory: its handle context and who opened it."""
+
+    __slots__ = ("path", "context", "origin", "flags", "direct", "enum_context", "enumerated", "is_dir")
+
+    def __init__(self, path: str, origin: Origin, flags: int, is_dir: bool = False) -> None:
+        self.path = path
+        self.context = 0
+        self.origin = origin
+        self.flags = flags
+        self.direct = False
+        self.enum_context = 0
+        self.enumerated = False
+        self.is_dir = is_dir
+
+
+
+class FilterBase(Layer):
+    """What every part of a filter's layer shares: where it applies, what its rules say about a node or a name
+    (cached per node and rules generation), the originator, firing events, contexts and the names handlers hide."""
+
+    def __init__(self, lower: LowerFS, core: FilterCore, base: str, scope: str | None = None) -> None:
+        super().__init__()
+        self.lower = lower
+        self.core = core
+        self.base = base.rstrip("/") or "/"
+        # The directory this filter is attached to: the mount's own, or one below it when the filter joined the
+        # stack of an outer attach point. Nothing outside it (but the way to it) is this filter's business.
+        self.scope = (scope or self.base).rstrip("/") or "/"
+        # What the layer keeps per node (NodeState) and per open (Handle) lives in the node's and the open's slot
+        # for this layer, and goes with them (FORGET, RELEASE).
+        self._access_rules = (-1, False)  # (rules generation, whether any rule has access flags)
+        self._epoch = 0  # bumped on renames: cached matches of moved subtrees are then stale
+        self._ctx_lock = threading.Lock()  # a leaf: the node slots' open counts and contexts
+        self._naming = threading.local()  # (parent, name, match) of the name this thread is creating
+
+    @property
+    def nodes(self) -> dict[int, Inode]:
+        return self.lower.nodes
+
+    @property
+    def files(self) -> dict[int, OpenFile]:
+        return self.lower.files
+
+    @property
+    def options(self) -> Any:
+        return self.lower.options
+
+    def path_of(self, nodeid: int) -> bytes:
+        return self.lower.path_of(nodeid)
+
+    def in_scope(self, path: str) -> bool:
+        scope = self.scope
+        return scope == self.base or path == scope or path.startswith(scope + "/") or scope == "/"
+
+    def _on_way_to_scope(self, path: str) -> bool:
+        return self.scope.startswith(path.rstrip("/") + "/")
+
+    def abspath(self, nodeid: int) -> str:
+        rel = self.lower.path_of(nodeid)
+        return self.base if rel == b"/" else (self.base.rstrip("/") + os.fsdecode(rel))
+
+    def child_path(self, parent: int, name: bytes) -> str:
+        return self.abspath(parent).rstrip("/") + "/" + os.fsdecode(name)
+
+    def _generation(self) -> int:
+        """Cached per-node decisions hold while this is unchanged (rules changed or something was renamed)."""
+        return self.core.rules_generation + self._epoch
+
+    def reaches(self, nodeid: int) -> bool:
+        """Whether some rule could concern this node or anything below it.
+
+        When not, every request on the node (and, for a directory, on the names in it) is served as the
+        plain pass-through: no path is built and no rule is matched. Decided once per node and rules
+        generation; a node below one that no rule reaches is not reached either, without a check.
+        """
+        core = self.core
+        gen = self._generation()
+        nodes = self.lower.nodes
+        node = nodes.get(nodeid)
+        if node is None:
+            return True  # an unknown or detached node: do not skip the rules
+        state: NodeState | None = node.slots.get(self)
+        hit = state.reach if state is not None else None
+        if hit is not None and hit[0] == gen:
+            return hit[1]
+        # Walk up to the nearest node decided in this generation, then decide downwards.
+        chain: list[Inode] = []
+        above = True
+        current: Inode | None = node
+        while current is not None:
+            chain.append(current)
+            if current.nodeid == abi.ROOT_ID:
+                break
+            parent = nodes.get(current.parent)
+            state = parent.slots.get(self) if parent is not None else None
+            hit = state.reach if state is not None else None
+            if hit is not None and hit[0] == gen:
+                above = hit[1]
+                break
+            current = parent
+        if current is None:
+            return True  # a detached node: do not skip the rules
+        reparse = core.reparse
+        for n in reversed(chain):
+            if above:
+                path = self.abspath(n.nodeid)
+                above = (self.in_scope(path) or self._on_way_to_scope(path)) and (
+                    core.rules.may_reach(path) or (len(reparse) > 0 and reparse.may_reach(path)))
+            self.state_of(n).reach = (gen, above)
+        return above
+
+    def state_of(self, node: Inode) -> NodeState:
+        """This layer's slot in a node record."""
+        state: NodeState | None = node.slots.get(self)
+        if state is None:
+            state = node.slots.setdefault(self, NodeState())
+        return state
+
+    def _state(self, nodeid: int) -> NodeState | None:
+        node = self.lower.nodes.get(nodeid)
+        return self.state_of(node) if node is not None else None
+
+    def handle(self, fh: int) -> Handle | None:
+        """This layer's slot in an open file's or directory's record (None: it did not register the open)."""
+        record = self.lower.files.get(fh) or self.lower.dirs.get(fh)
+        return record.slots.get(self) if record is not None else None
+
+    def _keep_handle(self, fh: int, handle: Handle) -> None:
+        record = self.lower.files.get(fh) or self.lower.dirs.get(fh)
+        if record is not None:
+            record.slots[self] = handle
+
+    def _drop_handle(self, fh: int) -> Handle | None:
+        record = self.lower.files.get(fh) or self.lower.dirs.get(fh)
+        return record.slots.pop(self, None) if record is not None else None
+
+    def handles(self) -> list[Handle]:
+        """This layer's handles of every open file and directory."""
+        records = list(self.lower.files.values()) + list(self.lower.dirs.values())
+        return [h for h in (r.slots.get(self) for r in records) if h is not None]
+
+    def left(self) -> None:
+        """The layer left its stack: empty its slots (the records outlive it)."""
+        for record in list(self.lower.nodes.values()) + list(self.lower.files.values()) + list(
+                self.lower.dirs.values()):
+            record.slots.pop(self, None)
+
+    def match_node(self, nodeid: int) -> PathMatch | None:
+        core = self.core
+        if not self.reaches(nodeid):
+            return None
+        gen = self._generation()
+        state = self._state(nodeid)
+        hit = state.match if state is not None else None
+        if hit is not None and hit[0] == gen:
+            return hit[1]
+        path = self.abspath(nodeid)
+        m = match_path(core.rules, core.passthrough_rules, path) if self.in_scope(path) else None
+        if state is not None:
+            state.match = (gen, m)
+        return m
+
+    def match_name(self, path: str) -> PathMatch | None:
+        core = self.core
+        if not core.has_rules or not self.in_scope(path):
+            return None
+        return match_path(core.rules, core.passthrough_rules, path)
+
+    @staticmethod
+    def is_own(tid: int) -> bool:
+        return libc.is_own_thread(tid)
+
+    def effective(self, m: PathMatch | None, tid: int, node: Inode | None = None, parent: Inode | None = None,
+                  name: bytes = b"") -> Flags:
+        """What the rules ask for this request: exact, with the process and the facts of the file (an open
+        ``node``, or ``name`` in the directory ``parent``) that size/attribute/xattr qualifiers look at."""
+        if m is None:
+            return NO_FLAGS
+        up = m.upper
+        if not (up.access or up.control or up.notify):
+            return NO_FLAGS
+        if m.unconditional:
+            f = up
+        else:
+            facts = Facts(node.fd, -1, node.name) if node is not None else (
+                Facts(-1, parent.fd, name) if parent is not None else None)
+            f = m.flags(ProcessInfo(tid) if tid else None, facts)
+        if (f.access or f.control or f.notify) and not self.core.filter_own_requests and self.is_own(tid):
+            return NO_FLAGS
+        state = node.slots.get(self) if node is not None else None
+        if state is not None and state.suspended and (f.control or f.notify):
+            return Flags(f.access, 0, 0)  # events suspended; access rules still hold
+        return f
+
+    def suspend_events(self, nodeid: int) -> None:
+        """suspend_file_events: no events for this node until all its handles are closed."""
+        state = self._state(nodeid)
+        if state is not None:
+            state.suspended = True
+
+    def route(self, op: ops.Op) -> bool | None:
+        """Session router: requests that may fire a control event of this filter go to the pool (True); our own
+        stay on the reader (False); None: this layer does not care."""
+        core = self.core
+        if not core.has_rules:
+            return None
+        opcode = op.opcode
+        bits = OP_CONTROL.get(opcode)
+        if not bits or not (core.control_handlers & bits):
+            return None
+        if isinstance(op, ops.Rename | ops.Link):
+            if op.nodeid not in self.lower.nodes:
+                return None
+            return not self.is_own(op.pid)  # two names, either may match: the pool, to be safe
+        if not self.reaches(op.nodeid):
+            return None
+        m: PathMatch | None
+        if isinstance(op, ops.Lookup | ops.Create | ops.Mkdir | ops.Mknod | ops.Symlink | ops.Remove):
+            if op.nodeid not in self.lower.nodes:
+                return None
+            m = self.name_match(op, op.name)
+        else:
+            m = self.match_node(op.nodeid)
+        if m is None or not (m.upper.control & bits):
+            return None
+        return not self.is_own(op.pid)
+
+    def name_match(self, op: ops.Op, name: bytes, parent: int | None = None) -> PathMatch | None:
+        """The match of ``name`` in the node of ``op`` (or in ``parent``), decided once per request."""
+        key = (self, parent, name)
+        if op.memo is not None and key in op.memo:
+            known: PathMatch | None = op.memo[key]
+            return known
+        m = self.match_name(self.child_path(op.nodeid if parent is None else parent, name))
+        op.remember(key, m)
+        return m
+
+    def origin(self, op: ops.Op) -> Origin:
+        return Origin(op.pid, op.pid, op.uid, op.gid)
+
+    def fire(self, event: str, bit: int, flags: Flags, origin: Origin, /, *, creator: Origin | None = None,
+             subject: object = None, **fields: Any) -> EventParams | None:
+        """Fire a control event if the rules ask for it and a handler is set. Raises OSError when the handler
+        fails the request (result_code), when it raised, or when it expired with DenyExpiredEvents.
+        ``creator``: who opened the handle the event is about; ``subject``: what suspend_file_events acts on."""
+        if not flags.control & bit:
+            return None
+        handler = self.core.handler(event)
+        if handler is None:
+            return None
+        params = FILTER_PARAMS[event](**fields)
+        with self.lower.interruptible() as interrupted:
+            outcome = self.core.dispatcher.call(handler, params, origin, creator, subject)
+        if interrupted():
+            # The caller was interrupted (killed, as a rule) while the handler ran, and has had EINTR: the
+            # request must have no effect now, whatever the handler decided.
+            raise OSError(errno.EINTR, "the caller was interrupted while the event handler ran")
+        if outcome is Outcome.EXPIRED:
+            if self.core.deny_expired_events:
+                raise OSError(errno.ETIMEDOUT, "the event handler did not answer in time")
+            return None
+        if outcome is Outcome.FAILED:
+            raise OSError(errno.EIO, "the event handler raised")
+        code = params.result_code
+        if code:
+            raise OSError(int(code), os.strerror(int(code)))
+        return params
+
+    def notify(self, event: str, bit: int, flags: Flags, origin: Origin, /, *, creator: Origin | None = None,
+               **fields: Any) -> None:
+        if not flags.notify & bit:
+            return
+        handler = self.core.handler(event)
+        if handler is None:
+            return
+        for who in (origin, creator):  # the process may be gone when the handler runs: read it now
+            if who is not None and who.name is None:
+                info = ProcessInfo(who.tid)
+                who.name, who.pid = info.name, info.pid
+        self.core.dispatcher.post(handler, FILTER_PARAMS[event](**fields), origin, creator)
+
+    def after_ok(self, error: int) -> bool:
+        return error == 0 or self.core.process_failed_requests
+
+    def _served(self, serve: Callable[[], Reply]) -> tuple[Reply | None, int]:
+        """The reply of the layers below, or their errno when After events see failed requests (else it is
+        raised at once)."""
+        try:
+            return serve(), 0
+        except OSError as exc:
+            error = exc.errno or errno.EIO
+            if not self.after_ok(error):
+                raise
+            return None, error
+
+    def _deny(self, what: str) -> OSError:
+        return OSError(errno.EACCES, f"denied by an access rule: {what}")
+
+    def _node_opened(self, nodeid: int, file_context: int) -> None:
+        state = self._state(nodeid)
+        if state is None:
+            return
+        with self._ctx_lock:
+            state.opens += 1
+            if file_context:
+                state.file_context = file_context
+
+    def _node_closed(self, nodeid: int, handle: Handle) -> None:
+        state = self._state(nodeid)
+        file_context = 0
+        if state is not None:
+            with self._ctx_lock:
+                state.opens = max(0, state.opens - 1)
+                if not state.opens:
+                    state.suspended = False
+                    file_context, state.file_context = state.file_context, 0
+        if file_context or handle.context:
+            handler = self.core.handler("cleanup_context")
+            if handler is not None:
+                params = FILTER_PARAMS["cleanup_context"](file_context=file_context, handle_context=handle.context)
+                self.core.dispatcher.call(handler, params, handle.origin)
+
+    def file_context(self, nodeid: int) -> int:
+        node = self.lower.nodes.get(nodeid)
+        state = node.slots.get(self) if node is not None else None
+        return state.file_context if state is not None else 0
+
+    def _handle_ctx(self, nodeid: int, handle: Handle | None) -> dict[str, Any]:
+        """The context fields of an event about an open handle, and who opened it."""
+        return dict(file_context=self.file_context(nodeid), handle_context=handle.context if handle else 0,
+                    creator=handle.origin if handle else None)
+
+    def _set_file_context(self, nodeid: int, value: int) -> None:
+        state = self._state(nodeid)
+        if state is None:
+            return
+        with self._ctx_lock:
+            if state.opens:
+                state.file_context = value
+
+    def _io_flags(self, op: ops.Op, node: Inode, handle: Handle | None) -> tuple[Flags, Origin]:
+        m = self.match_node(node.nodeid)
+        if op.pid == 0 and handle is not None:  # write-back and read-ahead run without a caller
+            origin = handle.origin
+            return self.effective(m, origin.tid, node), origin
+        return self.effective(m, op.pid, node), self.origin(op)
+
+    def _direction(self, handle: Handle | None, direct: bool) -> int:
+        if not direct:
+            return c.FS_REQUEST_DIR_SYSTEM_NONCACHED
+        if handle is not None and handle.flags & os.O_DIRECT:
+            return c.FS_REQUEST_DIR_USER_NONCACHED
+        return c.FS_REQUEST_DIR_USER_CACHED
+
+    def _any_volatile(self) -> bool:
+        """Whether any path can be volatile (see _volatile): a handler for a volatile bit, or an access rule."""
+        core = self.core
+        if core.control_handlers & VOLATILE:
+            return True
+        gen = core.rules.generation
+        if self._access_rules[0] != gen:
+            self._access_rules = (gen, any(rule.access for rule in core.rules))
+        return self._access_rules[1]
+
+    def _volatile(self, m: PathMatch) -> bool:
+        up = m.upper
+        return bool(up.control & VOLATILE & self.core.control_handlers) or bool(
+            up.access and not m.unconditional)
+
+    def _keep_match(self, entry: Entry, m: PathMatch) -> None:
+        """Cache the match of the path an entry reply just named, under the node id it gave."""
+        state = self._state(entry.nodeid) if entry.nodeid else None
+        if state is not None:
+            state.match = (self._generation(), m)
+
+    def reparse_target(self, op: ops.Op | None, parent: Inode, name: bytes) -> str | None:
+        """Where a name is redirected (an absolute path), or None."""
+        core = self.core
+        path = self.child_path(parent.nodeid, name)
+        if not self.in_scope(path):
+            return None
+        hit = core.reparse.resolve(path) if len(core.reparse) else None
+        target = hit[0] if hit is not None else None
+        if op is not None and core.control_handlers & c.FS_CE_REPARSE_FILENAME:
+            flags = self.effective(self.match_name(path), op.pid, parent=parent, name=name)
+            params = self.fire("reparse_file_name", c.FS_CE_REPARSE_FILENAME, flags, self.origin(op),
+                               file_name=path, reparsed_name=target or "")
+            if params is not None:
+                chosen = params.reparsed_name
+                if chosen and (not isinstance(chosen, str) or not chosen.startswith("/")):
+                    raise OSError(errno.EINVAL, f"on_reparse_file_name gave {chosen!r}: give an absolute path")
+                target = os.path.normpath(chosen) if chosen else None
+        if target is None or target == path or target == "/":
+            return None
+        return target
+
+    def _is_ancestor(self, node: Inode, key: tuple[int, int]) -> bool:
+        seen = 0
+        current: Inode | None = node
+        while current is not None and seen < 4096:
+            if current.key == key:
+                return True
+            if current.nodeid == abi.ROOT_ID:
+                return False
+            current = self.lower.nodes.get(current.parent)
+            seen += 1
+        return False
+
+    def _redirected(self, op: ops.Op, parent: Inode, name: bytes) -> bool:
+        core = self.core
+        if not (len(core.reparse) or core.control_handlers & c.FS_CE_REPARSE_FILENAME):
+            return False
+        return self.reaches(parent.nodeid) and self.reparse_target(op, parent, name) is not None
+
+    def _fire_lookup(self, op: ops.Op, flags: Flags, path: str) -> None:
+        """The before-open event a LOOKUP fires (raises OSError when the handler refuses the name)."""
+        self.fire("before_open_file", c.FS_CE_BEFORE_OPEN, flags, self.origin(op), file_name=path,
+                  desired_access=c.DESIRED_ACCESS_FILE_READ_ATTRIBUTES, options=os.O_PATH, flags=os.O_PATH,
+                  create_disposition=c.FILE_DISPOSITION_OPEN_EXISTING)
+
+    def _lookup_refusal(self, op: ops.Op, parent: Inode, name: bytes, path: str | None = None) -> int:
+        """The errno a LOOKUP of this *existing* name would get from the before-open handler (0: none, or the
+        name does not exist). A name hidden that way must behave as absent for every request naming it."""
+        core = self.core
+        if not core.control_handlers & c.FS_CE_BEFORE_OPEN or core.handler("before_open_file") is None:
+            return 0
+        path = self.child_path(parent.nodeid, name) if path is None else path
+        flags = self.effective(self.match_name(path), op.pid, parent=parent, name=name)
+        if not flags.control & c.FS_CE_BEFORE_OPEN:
+            return 0
+        dfd, at, owned = self.lower.locate(None, parent, name)
+        try:
+            os.stat(at, dir_fd=dfd, follow_symlinks=False)
+        except OSError:
+            return 0
+        finally:
+            if owned:
+                os.close(dfd)
+        try:
+            self._fire_lookup(op, flags, path)
+        except OSError as exc:
+            return exc.errno or errno.EACCES
+        return 0
+
+    def _check_not_hidden(self, op: ops.Op, parent: Inode, name: bytes) -> None:
+        """Refuse to create, link or rename over a name a handler hides. Doing it would destroy the hidden object
+        (or fail with EEXIST, which reveals it): EACCES says neither."""
+        if self._lookup_refusal(op, parent, name):
+            raise OSError(errno.EACCES, "the name is hidden by an event handler")
+
+    def _hidden_emptiness(self, op: ops.Op, parent: Inode, name: bytes, serve: Callable[[], Reply]) -> Reply:
+        """Serve an rmdir of, or a rename over, the directory ``name``; its ENOTEMPTY becomes EACCES when every
+        entry left in it is hidden (ENOTEMPTY would reveal them)."""
+        try:
+            return serve()
+        except OSError as exc:
+            if exc.errno == errno.ENOTEMPTY and self._only_hidden_inside(op, parent, name):
+                raise OSError(errno.EACCES, "the directory holds hidden names") from exc
+            raise
+
+    def _only_hidden_inside(self, op: ops.Op, parent: Inode, name: bytes) -> bool:
+        """Whether the directory ``name`` holds entries, all of them hidden. Stops at the first visible entry."""
+        try:
+            fd = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=parent.fd)
+        except OSError:
+            return False
+        try:
+            inside = Inode(-1, fd, (0, 0), parent.nodeid, name)  # only its fd is used: rules' facts and the names
+            path = self.child_path(parent.nodeid, name)
+            seen = False
+            for entry in os.scandir(fd):
+                seen = True
+                if not self._lookup_refusal(op, inside, os.fsencode(entry.name), f"{path}/{entry.name}"):
+                    return False
+            return seen
+        finally:
+            os.close(fd)
+
+    def _hiding_children(self, nodeid: int) -> bool:
+        """Whether a handler may hide names in this directory (then its link count, which counts
+        subdirectories, would give hidden ones away)."""
+        core = self.core
+        if not core.control_handlers & (c.FS_CE_BEFORE_OPEN | c.FS_CE_AFTER_ENUMERATE_DIRECTORY) or \
+                not core.config_bool("HideDirectoryLinkCounts"):
+            return False
+        return self.reaches(nodeid) and core.rules.may_match_child(self.abspath(nodeid))
+
+    def _after_open(self, kind: str, bits: tuple[int, int, int], flags: Flags, origin: Origin,
+                    fields: dict[str, Any], error: int, file_context: int, handle_context: int,
+                    subject: tuple[FilterBase, int] | None = None) -> tuple[int, int]:
+        after = self.fire(f"after_{kind}_file", bits[1], flags, origin, status=error, file_context=file_context,
+                          handle_context=handle_context, subject=subject, **fields)
+        if after is not None:
+            file_context, handle_context = int(after.file_context), int(after.handle_context)
+        self.notify(f"notify_{kind}_file", bits[2], flags, origin, status=error, **fields)
+        return file_context, handle_context
+
+    def _unlock_all(self, op: ops.Op, node: Inode, handle: Handle | None, drop: Callable[[], bool]) -> None:
+        """Locks that go with a close (FLUSH: the caller's POSIX locks; RELEASE: the open file's flock and OFD
+        locks). They go whatever the handlers say: a close cannot fail, and a lock kept past it would be
+        kept forever."""
+        flags, origin = self._io_flags(op, node, handle)
+        if not (flags.control & LOCK_BITS[0] or flags.notify & LOCK_BITS[1]):
+            drop()
+            return
+        path = handle.path if handle is not None else self.abspath(node.nodeid)
+        ctx = self._handle_ctx(node.nodeid, handle)
+        try:
+            self.fire("before_unlock_all", c.FS_CE_BEFORE_LOCK_CONTROL, flags, origin, file_name=path, **ctx)
+        except OSError:
+            pass  # reported through on_error where it was a handler failure; the unlock happens anyway
+        drop()
+        try:
+            self.fire("after_unlock_all", c.FS_CE_AFTER_LOCK_CONTROL, flags, origin, file_name=path, **ctx)
+        except OSError:
+            pass
+        self.notify("notify_unlock_all", c.FS_NE_LOCK_CONTROL, flags, origin, creator=ctx["creator"],
+                    file_name=path)

@@ -1,0 +1,242 @@
+"""A CBFilter layer's reads, writes and locks.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import os
+from typing import Any
+
+from fsfilter._layers.filter_base import (
+    LOCK_BITS,
+    FilterBase,
+)
+from fsfilter._sessions.locks import F_UNLCK, F_WRLCK, OFFSET_MAX
+from fsfilter._sessions.lower_fs import add_lock_finish
+from fsfilter._wire import ops
+from fsfilter._wire.replies import (
+    EMPTY,
+    Data,
+    Reply,
+    Written,
+)
+from fsfilter.api import constants as c
+
+
+class IoOps(FilterBase):
+    """Reads, writes, allocation and locks of open files."""
+
+    def read(self, op: ops.Read) -> Reply:
+        fh, offset, size = op.fh, op.offset, op.size
+        f = self.lower.file(fh)
+        if not self.reaches(f.inode.nodeid):
+            return self.down.read(op)
+        handle = self.handle(fh)
+        flags, origin = self._io_flags(op, f.inode, handle)
+        control = flags.control & (c.FS_CE_BEFORE_READ | c.FS_CE_AFTER_READ)
+        if not (control or flags.notify & c.FS_NE_READ):
+            return self.down.read(op)
+        direct = bool(self.core.process_cached_io_requests)
+        direction = self._direction(handle, direct)
+        path = handle.path if handle is not None else self.abspath(f.inode.nodeid)
+        if not control:  # a notification only: no buffer for handlers to see
+            reply, error = self._served(lambda: self.down.read(op))
+            got = len(reply.data) if isinstance(reply, Data) else 0
+            self.notify("notify_read_file", c.FS_NE_READ, flags, origin, creator=handle.origin if handle else None,
+                        file_name=path, position=offset,
+                        bytes_to_read=size, direction=direction, bytes_read=got, status=error)
+            if error or reply is None:
+                raise OSError(error, os.strerror(error))
+            return reply
+        ctx = self._handle_ctx(f.inode.nodeid, handle)
+        buf = ctypes.create_string_buffer(max(size, 1))
+        view = memoryview(buf).cast("B")[:size]
+        pointer = ctypes.c_void_p(ctypes.addressof(buf))
+        position, count = offset, size
+        before = self.fire("before_read_file", c.FS_CE_BEFORE_READ, flags, origin, file_name=path, position=offset,
+                           buffer=pointer, buffer_length=size, buffer_view=view, bytes_to_read=size,
+                           direction=direction, **ctx)
+        error = 0
+        done = 0
+        if before is not None:
+            position = int(before.position)
+            count = max(0, min(size, int(before.bytes_to_read)))
+        if before is not None and not before.process_request:
+            done = count  # the handler put the data in the buffer
+        elif count:
+            op.offset, op.size = position, count  # what the Before handler asked for is what the layers below see
+            reply, error = self._served(lambda: self.down.read(op))
+            if isinstance(reply, Data):
+                done = min(count, len(reply.data))
+                view[:done] = reply.data[:done]
+        after = self.fire("after_read_file", c.FS_CE_AFTER_READ, flags, origin, file_name=path, position=position,
+                          buffer=pointer, buffer_length=size, buffer_view=view, bytes_to_read=count,
+                          direction=direction, bytes_read=done, status=error, **ctx)
+        if after is not None:
+            done = max(0, min(size, int(after.bytes_read)))
+            error = int(after.status or 0)  # the handler may set or clear the error
+        self.notify("notify_read_file", c.FS_NE_READ, flags, origin, creator=ctx["creator"], file_name=path,
+                    position=position,
+                    bytes_to_read=count, direction=direction, bytes_read=done, status=error)
+        if error:
+            raise OSError(error, os.strerror(error))
+        return Data(bytes(view[:done]))
+
+    def write(self, op: ops.Write) -> Reply:
+        fh, offset, size = op.fh, op.offset, op.size
+        f = self.lower.file(fh)
+        if not self.reaches(f.inode.nodeid):
+            return self.down.write(op)
+        handle = self.handle(fh)
+        flags, origin = self._io_flags(op, f.inode, handle)
+        control = flags.control & (c.FS_CE_BEFORE_WRITE | c.FS_CE_AFTER_WRITE)
+        if not (control or flags.notify & c.FS_NE_WRITE):
+            return self.down.write(op)
+        direct = bool(self.core.process_cached_io_requests)
+        direction = self._direction(handle, direct)
+        path = handle.path if handle is not None else self.abspath(f.inode.nodeid)
+        if not control:  # a notification only: no buffer for handlers to see
+            reply, error = self._served(lambda: self.down.write(op))
+            written = reply.size if isinstance(reply, Written) else 0
+            self.notify("notify_write_file", c.FS_NE_WRITE, flags, origin,
+                        creator=handle.origin if handle else None, file_name=path, position=offset,
+                        bytes_to_write=size, direction=direction, bytes_written=written, status=error)
+            if error or reply is None:
+                raise OSError(error, os.strerror(error))
+            return reply
+        ctx = self._handle_ctx(f.inode.nodeid, handle)
+        buf = ctypes.create_string_buffer(bytes(op.data), max(size, 1))
+        view = memoryview(buf).cast("B")[:size]
+        pointer = ctypes.c_void_p(ctypes.addressof(buf))
+        position, count = offset, size
+        before = self.fire("before_write_file", c.FS_CE_BEFORE_WRITE, flags, origin, file_name=path,
+                           position=offset, buffer=pointer, buffer_length=size, buffer_view=view, bytes_to_write=size,
+                           direction=direction, **ctx)
+        error = 0
+        done = 0
+        if before is not None:
+            position = int(before.position)
+            count = max(0, min(size, int(before.bytes_to_write)))
+        if before is not None and not before.process_request:
+            done = count
+        elif count:
+            try:
+                if position < 0:  # -1: append, as the SDK defines it
+                    position = f.backend.size()
+            except OSError as exc:
+                error = exc.errno or errno.EIO
+            else:
+                # The (possibly changed) buffer, position and count are what the layers below write.
+                op.offset, op.size, op.data = position, count, view[:count]
+                reply, error = self._served(lambda: self.down.write(op))
+                done = reply.size if isinstance(reply, Written) else 0
+        after = self.fire("after_write_file", c.FS_CE_AFTER_WRITE, flags, origin, file_name=path, position=position,
+                          buffer=pointer, buffer_length=size, buffer_view=view, bytes_to_write=count,
+                          direction=direction, bytes_written=done, status=error, **ctx)
+        if after is not None:
+            done = max(0, min(count, int(after.bytes_written)))
+            error = int(after.status or 0)  # the handler may set or clear the error
+        self.notify("notify_write_file", c.FS_NE_WRITE, flags, origin, creator=ctx["creator"], file_name=path,
+                    position=position,
+                    bytes_to_write=count, direction=direction, bytes_written=done, status=error)
+        if error:
+            raise OSError(error, os.strerror(error))
+        # A handler that shortened the write still owes the kernel the full count it asked for, or the
+        # page cache and the file disagree; the SDK semantics are kept by what reached the file.
+        return Written(size if before is not None and not before.process_request else done)
+
+    def copy_file_range(self, op: ops.CopyFileRange) -> Reply:
+        src, dst = self.lower.file(op.fh_in), self.lower.file(op.fh_out)
+        if not (self.reaches(src.inode.nodeid) or self.reaches(dst.inode.nodeid)):
+            return self.down.copy_file_range(op)
+        f_in, _ = self._io_flags(op, src.inode, self.handle(op.fh_in))
+        f_out, _ = self._io_flags(op, dst.inode, self.handle(op.fh_out))
+        if (f_in.control & (c.FS_CE_BEFORE_READ | c.FS_CE_AFTER_READ) or f_in.notify & c.FS_NE_READ
+                or f_out.control & (c.FS_CE_BEFORE_WRITE | c.FS_CE_AFTER_WRITE) or f_out.notify & c.FS_NE_WRITE):
+            # A copy done below the filter would bypass the read/write events: the kernel then copies
+            # through READ and WRITE requests, which fire them.
+            raise OSError(errno.EOPNOTSUPP, "copied through read and write so that events fire")
+        return self.down.copy_file_range(op)
+
+    def fallocate(self, op: ops.Fallocate) -> Reply:
+        fh, offset, length = op.fh, op.offset, op.length
+        f = self.lower.file(fh)
+        if not self.reaches(f.inode.nodeid):
+            return self.down.fallocate(op)
+        handle = self.handle(fh)
+        flags, origin = self._io_flags(op, f.inode, handle)
+        if flags.access & (c.ACCESS_READ_ONLY | c.ACCESS_DENY_ALL):
+            raise self._deny("read-only")
+        path = handle.path if handle else self.abspath(f.inode.nodeid)
+        fields: dict[str, Any] = dict(file_name=path, allocation_size=offset + length)
+        ctx = self._handle_ctx(f.inode.nodeid, handle)
+        before = self.fire("before_set_allocation_size", c.FS_CE_BEFORE_SET_SIZES, flags, origin, **ctx, **fields)
+        if before is not None and not before.process_request:
+            return EMPTY
+        reply = self.down.fallocate(op)
+        self.fire("after_set_allocation_size", c.FS_CE_AFTER_SET_SIZES, flags, origin, **ctx, **fields)
+        self.notify("notify_set_allocation_size", c.FS_NE_SET_SIZES, flags, origin, creator=ctx["creator"],
+                    **fields)
+        return reply
+
+    def setlk(self, op: ops.Lock) -> Reply | None:
+        return self._lock_with_events(op, False)
+
+    def setlkw(self, op: ops.Lock) -> Reply | None:
+        return self._lock_with_events(op, True)
+
+    def _lock_with_events(self, lk: ops.Lock, wait: bool) -> Reply | None:
+        node = self.lower.file(lk.fh).inode
+        serve = self.down.setlkw if wait else self.down.setlk
+        if not self.reaches(node.nodeid):
+            return serve(lk)
+        handle = self.handle(lk.fh)
+        flags, origin = self._io_flags(lk, node, handle)
+        if not (flags.control & LOCK_BITS[0] or flags.notify & LOCK_BITS[1]):
+            return serve(lk)
+        path = handle.path if handle is not None else self.abspath(node.nodeid)
+        ctx = self._handle_ctx(node.nodeid, handle)
+        kind = "unlock_single" if lk.kind == F_UNLCK else "lock"
+        fields: dict[str, Any] = dict(file_name=path, offset=lk.start, length=_lock_length(lk.start, lk.end),
+                                      key=lk.owner)
+        if lk.kind != F_UNLCK:
+            fields.update(fail_immediately=not wait, exclusive_lock=lk.kind == F_WRLCK)
+        before = self.fire(f"before_{kind}", c.FS_CE_BEFORE_LOCK_CONTROL, flags, origin, **fields, **ctx)
+        if before is not None:
+            if not before.process_request:
+                return EMPTY  # the handler completed the request: nothing is locked or unlocked here
+            start, length = int(before.offset), int(before.length)
+            if start < 0 or length < 0 or start > OFFSET_MAX:
+                raise OSError(errno.EINVAL, "a lock handler gave a negative offset or length")
+            lk.start, lk.end = start, _lock_end(start, length)
+            fields.update(offset=start, length=_lock_length(lk.start, lk.end))
+
+        def finish(error: int) -> int:
+            if error and not self.after_ok(error):
+                return error
+            try:
+                after = self.fire(f"after_{kind}", c.FS_CE_AFTER_LOCK_CONTROL, flags, origin, status=error,
+                                  **fields, **ctx)
+                if after is not None:
+                    error = int(after.status or 0)  # the handler may set or clear the error
+            except OSError as exc:
+                error = exc.errno or errno.EIO
+            self.notify(f"notify_{kind}", c.FS_NE_LOCK_CONTROL, flags, origin, creator=ctx["creator"],
+                        status=error, **fields)
+            return error
+
+        # The outcome reaches this layer's After work once the bottom knows it (at once, or when a wait is
+        # granted); a wait granted later is finished on a thread of its own: the After handler must not run on
+        # the thread of the request (an unlock, a close) whose release granted it.
+        add_lock_finish(lk, finish, bool(flags.control & c.FS_CE_AFTER_LOCK_CONTROL))
+        return serve(lk)
+
+
+def _lock_length(start: int, end: int) -> int:
+    """A lock's length as fcntl gives it: 0 means "to the end of the file, however far it grows"."""
+    return 0 if end >= OFFSET_MAX else end - start + 1
+
+
+def _lock_end(start: int, length: int) -> int:
+    return OFFSET_MAX if length == 0 else min(OFFSET_MAX, start + length - 1)

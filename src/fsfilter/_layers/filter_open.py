@@ -1,0 +1,359 @@
+"""A CBFilter layer's opens and closes.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat
+from collections.abc import Callable
+from typing import Any
+
+from fsfilter._abi import fuse as abi
+from fsfilter._engine.rules import Flags
+from fsfilter._layers.filter_base import (
+    CLEANUP_BITS,
+    FMODE_EXEC,
+    RW_BITS,
+    FilterBase,
+    Handle,
+)
+from fsfilter._sessions.nodes import Inode
+from fsfilter._wire import ops
+from fsfilter._wire.replies import (
+    EMPTY,
+    Created,
+    Entry,
+    Opened,
+    Reply,
+)
+from fsfilter.api import constants as c
+from fsfilter.api.params import FILTER_PARAMS
+
+
+class OpenOps(FilterBase):
+    """Opens and closes: access checks, the create/open events and their contexts, cleanup and close events,
+    and how an open's reads and writes are served (the daemon, direct I/O, FLUSH)."""
+
+    def _check_open_access(self, flags: Flags, open_flags: int, creating: bool) -> None:
+        access = flags.access
+        if not access:
+            return
+        handled = c.FS_CE_BEFORE_CREATE if creating else c.FS_CE_BEFORE_OPEN
+        if flags.control & handled and self.core.handler("before_create_file" if creating else "before_open_file"):
+            return  # a create/open callback decides instead of the access rule (the SDK's precedence)
+        mode = open_flags & os.O_ACCMODE
+        writes = mode in (os.O_WRONLY, os.O_RDWR) or bool(open_flags & os.O_TRUNC) or creating
+        if access & c.ACCESS_DENY_ALL:
+            raise self._deny("deny all")
+        if access & c.ACCESS_READ_ONLY and writes:
+            raise self._deny("read-only")
+        if access & c.ACCESS_WRITE_ONLY and mode in (os.O_RDONLY, os.O_RDWR) and not creating:
+            raise self._deny("write-only")
+        if access & c.ACCESS_EXECUTE_PROTECT and open_flags & FMODE_EXEC:
+            raise self._deny("execute-protect")
+
+    def open(self, op: ops.Open) -> Reply:
+        if not self.reaches(op.nodeid):
+            return self.down.open(op)
+        node = self.lower.inode(op.nodeid)
+        m = self.match_node(node.nodeid)
+        flags = self.effective(m, op.pid, node)
+        self._check_open_access(flags, op.flags, False)
+        return self._open_with_events(op, node, op.flags, flags, lambda: self.down.open(op), created=False)
+
+    def _open_fields(self, path: str, open_flags: int, mode: int, created: bool, is_dir: bool) -> dict[str, Any]:
+        attributes = c.FILE_SYS_ATTR_DIRECTORY if is_dir else 0
+        return dict(file_name=path, desired_access=_desired_access(open_flags), attributes=attributes,
+                    options=open_flags, flags=open_flags, mode=mode,
+                    create_disposition=_disposition(open_flags, created))
+
+    def _open_with_events(self, op: ops.Op, node: Inode, open_flags: int, flags: Flags,
+                          serve: Callable[[], Reply], created: bool, mode: int = 0, path: str | None = None,
+                          is_dir: bool = False, context_node: int = 0) -> Reply:
+        """Fire before/after/notify open (or create) around ``serve`` and register the new handle.
+
+        ``node`` is the object opened, or for CREATE the directory (``context_node``: the existing object
+        it opens, if known)."""
+        path = path if path is not None else self.abspath(node.nodeid)
+        origin = self.origin(op)
+        kind = "create" if created else "open"
+        bits = (c.FS_CE_BEFORE_CREATE, c.FS_CE_AFTER_CREATE, c.FS_NE_CREATE) if created else (
+            c.FS_CE_BEFORE_OPEN, c.FS_CE_AFTER_OPEN, c.FS_NE_OPEN)
+        fields = self._open_fields(path, open_flags, mode, created, is_dir)
+        file_context = 0 if created else self.file_context(context_node or node.nodeid)
+        handle_context = 0
+        before = self.fire(f"before_{kind}_file", bits[0], flags, origin, file_context=file_context, **fields)
+        if before is not None:
+            if not before.process_request:
+                raise OSError(errno.EACCES, "the event handler completed the open without a file")
+            file_context, handle_context = int(before.file_context), int(before.handle_context)
+        error = 0
+        try:
+            reply = serve()
+        except OSError as exc:
+            error = exc.errno or errno.EIO
+            if self.after_ok(error):
+                self._after_open(kind, bits, flags, origin, fields, error, file_context, handle_context)
+            raise
+        opened = reply.opened if isinstance(reply, Created) else reply
+        assert isinstance(opened, Opened)
+        fh = opened.fh
+        # A CREATE reply starts with the new object's entry: its node id is the one the handle is on.
+        nodeid = reply.entry.nodeid if isinstance(reply, Created) else node.nodeid
+        try:
+            file_context, handle_context = self._after_open(kind, bits, flags, origin, fields, 0, file_context,
+                                                            handle_context, (self, nodeid))
+        except BaseException:
+            self._undo_open(op, fh, is_dir)
+            state = self._state(nodeid)
+            if state is not None and not state.opens:
+                state.suspended = False
+            raise
+        handle = Handle(path, origin, open_flags, is_dir)
+        handle.context = handle_context
+        self._node_opened(nodeid, file_context)
+        self._keep_handle(fh, handle)
+        return reply
+
+    def _undo_open(self, op: ops.Op, fh: int, is_dir: bool) -> None:
+        """Close an open the layers below granted and this layer's After handler refused: they see it closed."""
+        release = ops.Release.undoing(op, fh)
+        try:
+            if is_dir:
+                self.down.releasedir(release)
+            else:
+                self.down.release(release)
+        except OSError:
+            pass
+
+    def create(self, op: ops.Create) -> Reply:
+        if not self.reaches(op.nodeid):
+            return self.down.create(op)
+        open_flags, mode, name = op.flags, op.mode, op.name
+        parent = self.lower.inode(op.nodeid)
+        path = self.child_path(parent.nodeid, name)
+        m = self.name_match(op, name)
+        flags = self.effective(m, op.pid, parent=parent, name=name)
+        # The kernel sends CREATE for open(O_CREAT) whenever the name is not in its cache, whether or not
+        # the file exists. Opening an existing file is an open (with the events and access checks of one,
+        # and a hiding before-open handler refuses it), a new one a create.
+        existing: os.stat_result | None = None
+        if flags:  # with no rule on the name the kind of open decides nothing: save the syscall
+            dfd, at, owned = self.lower.locate(None, parent, name)  # reparse rules apply (no event fired here)
+            try:
+                existing = os.stat(at, dir_fd=dfd, follow_symlinks=False)
+            except OSError:
+                pass
+            finally:
+                if owned:
+                    os.close(dfd)
+        if existing is not None:
+            self._check_not_hidden(op, parent, name)
+        created = existing is None or bool(open_flags & os.O_EXCL)
+        self._check_open_access(flags, open_flags, created)
+        known = self.lower.by_key.get((existing.st_dev, existing.st_ino)) if existing is not None else None
+        self._naming.entry = (parent.nodeid, name, m) if m is not None else None
+        try:
+            reply = self._open_with_events(op, parent, open_flags, flags, lambda: self.down.create(op),
+                                           created=created, mode=mode, path=path,
+                                           context_node=known.nodeid if known is not None else 0)
+        finally:
+            self._naming.entry = None
+        if m is not None and self._volatile(m) and isinstance(reply, Created):
+            reply.entry.uncached()
+        return reply
+
+    def tmpfile(self, op: ops.Create) -> Reply:
+        if self.reaches(op.nodeid) and self.core.rules.may_match_child(self.abspath(op.nodeid)):
+            # An unnamed file would be written before any rule could see a name for it, then linked in
+            # under one: refuse, and callers fall back to a named temporary file, which the rules see.
+            raise OSError(errno.EOPNOTSUPP, "O_TMPFILE is not available where filter rules apply")
+        return self.down.tmpfile(op)
+
+    def _make_with_events(self, op: ops.Op, name: bytes, mode: int, attributes: int,
+                          make: Callable[[], Reply]) -> Reply:
+        if not self.reaches(op.nodeid):
+            return make()
+        path = self.child_path(op.nodeid, name)
+        m = self.name_match(op, name)
+        flags = self.effective(m, op.pid, parent=self.lower.inode(op.nodeid), name=name)
+        if flags.access & (c.ACCESS_DENY_ALL | c.ACCESS_READ_ONLY) and not (
+                flags.control & c.FS_CE_BEFORE_CREATE and self.core.handler("before_create_file")):
+            raise self._deny("read-only")
+        self._check_not_hidden(op, self.lower.inode(op.nodeid), name)
+        origin = self.origin(op)
+        fields: dict[str, Any] = dict(file_name=path, desired_access=c.DESIRED_ACCESS_FILE_WRITE_DATA,
+                                      attributes=attributes, options=0, flags=0, mode=mode,
+                                      create_disposition=c.FILE_DISPOSITION_CREATE_NEW)
+        before = self.fire("before_create_file", c.FS_CE_BEFORE_CREATE, flags, origin, **fields)
+        if before is not None and not before.process_request:
+            raise OSError(errno.EACCES, "the event handler completed the create")
+        file_context = int(before.file_context) if before is not None else 0
+        try:
+            reply = make()
+        except OSError as exc:
+            if self.after_ok(exc.errno or errno.EIO):
+                self._after_open("create", (0, c.FS_CE_AFTER_CREATE, c.FS_NE_CREATE), flags, origin, fields,
+                                 exc.errno or errno.EIO, file_context, 0)
+            raise
+        file_context, handle_context = self._after_open("create", (0, c.FS_CE_AFTER_CREATE, c.FS_NE_CREATE), flags,
+                                                        origin, fields, 0, file_context, 0)
+        if file_context or handle_context:  # nothing stays open: the contexts end here
+            handler = self.core.handler("cleanup_context")
+            if handler is not None:
+                self.core.dispatcher.call(handler, FILTER_PARAMS["cleanup_context"](
+                    file_context=file_context, handle_context=handle_context), origin)
+        if m is not None and self._volatile(m) and isinstance(reply, Entry):
+            reply.uncached()
+        return reply
+
+    def mkdir(self, op: ops.Mkdir) -> Reply:
+        return self._make_with_events(op, op.name, op.mode | stat.S_IFDIR, c.FILE_SYS_ATTR_DIRECTORY,
+                                      lambda: self.down.mkdir(op))
+
+    def mknod(self, op: ops.Mknod) -> Reply:
+        attributes = c.FILE_SYS_ATTR_ARCHIVE if stat.S_ISREG(op.mode) else c.FILE_SYS_ATTR_SYSTEM
+        return self._make_with_events(op, op.name, op.mode, attributes, lambda: self.down.mknod(op))
+
+    def symlink(self, op: ops.Symlink) -> Reply:
+        return self._make_with_events(op, op.name, stat.S_IFLNK | 0o777, c.FILE_SYS_ATTR_REPARSE_POINT,
+                                      lambda: self.down.symlink(op))
+
+    def opendir(self, op: ops.Open) -> Reply:
+        if not self.reaches(op.nodeid):
+            return self.down.opendir(op)
+        node = self.lower.inode(op.nodeid)
+        m = self.match_node(node.nodeid)
+        flags = self.effective(m, op.pid, node)
+        if flags.access & c.ACCESS_DENY_ALL and not (
+                flags.control & c.FS_CE_BEFORE_OPEN and self.core.handler("before_open_file")):
+            raise self._deny("deny all")
+        open_flags = os.O_RDONLY | os.O_DIRECTORY
+        return self._open_with_events(op, node, open_flags, flags, lambda: self.down.opendir(op),
+                                      created=False, is_dir=True)
+
+    def needs_io(self, node: Inode, st: os.stat_result) -> bool:
+        m = self.match_node(node.nodeid)
+        if m is None:
+            return False
+        # Any process may be the one a read/write rule is about: decided on the upper bound of the flags.
+        return bool(m.upper.control & RW_BITS[0] & self.core.control_handlers
+                    or m.upper.notify & RW_BITS[1] & self.core.notify_handlers)
+
+    def open_reply_flags(self, node: Inode, flags: int, passthrough: bool) -> int:
+        m = self.match_node(node.nodeid)
+        if m is None:
+            return flags
+        up = m.upper
+        if up.control & CLEANUP_BITS[0] & self.core.control_handlers or up.notify & CLEANUP_BITS[1]:
+            flags &= ~abi.OpenReplyFlag.NOFLUSH  # cleanup events need every close(2) to send FLUSH
+        if not passthrough and self.core.process_cached_io_requests and (
+                up.control & RW_BITS[0] or up.notify & RW_BITS[1]):
+            flags |= abi.OpenReplyFlag.DIRECT_IO  # every application read/write reaches the daemon
+            flags &= ~abi.OpenReplyFlag.KEEP_CACHE
+        return flags
+
+    def flush(self, op: ops.Flush) -> Reply:
+        fh, owner = op.fh, op.owner
+        handle = self.handle(fh)
+        f = self.lower.file(fh)
+        if self.lower.options.locks and self.lower.locks.owner_holds(f.inode.nodeid, owner):
+            # close(2) of any descriptor drops the caller's POSIX locks on the file
+            self._unlock_all(op, f.inode, handle, lambda: self.lower.locks.release_owner(f.inode.nodeid, owner))
+        if handle is None:
+            return self.down.flush(op)
+        flags, origin = self._io_flags(op, f.inode, handle)
+        ctx = self._handle_ctx(f.inode.nodeid, handle)
+        before = self.fire("before_cleanup_file", c.FS_CE_BEFORE_CLEANUP, flags, origin, file_name=handle.path,
+                           **ctx)
+        reply = self.down.flush(op) if before is None or before.process_request else EMPTY
+        after = self.fire("after_cleanup_file", c.FS_CE_AFTER_CLEANUP, flags, origin, file_name=handle.path,
+                          **ctx)
+        if after is not None:
+            handle.context = int(after.handle_context)
+            self._set_file_context(f.inode.nodeid, int(after.file_context))
+        self.notify("notify_cleanup_file", c.FS_NE_CLEANUP, flags, origin, creator=handle.origin,
+                    file_name=handle.path)
+        return reply
+
+    def release(self, op: ops.Release) -> Reply:
+        fh = op.fh
+        handle = self._drop_handle(fh)
+        if handle is None:
+            return self.down.release(op)
+        f = self.lower.file(fh)
+        nodeid = f.inode.nodeid
+        if self.lower.options.locks and self.lower.locks.fh_holds(nodeid, fh):  # flock and OFD locks of this open file
+            self._unlock_all(op, f.inode, handle, lambda: self.lower.locks.release_fh(nodeid, fh))
+        self._close_events(op, f.inode, handle, False)
+        try:
+            return self.down.release(op)
+        finally:
+            self._node_closed(nodeid, handle)
+
+    def _close_events(self, op: ops.Op, node: Inode, handle: Handle, is_dir: bool) -> None:
+        m = self.match_node(node.nodeid)
+        # RELEASE comes from the kernel (pid 0) after the last reference went: the handle's opener stands in.
+        origin = handle.origin
+        flags = self.effective(m, origin.tid, node)
+        ctx = self._handle_ctx(node.nodeid, handle)
+        if is_dir and handle.enumerated and flags.control & (c.FS_CE_BEFORE_CLOSE | c.FS_CE_AFTER_ENUMERATE_DIRECTORY):
+            handler = self.core.handler("after_close_enumeration")
+            if handler is not None:
+                self.core.dispatcher.call(handler, FILTER_PARAMS["after_close_enumeration"](
+                    directory_name=handle.path, directory_context=ctx["file_context"],
+                    enumeration_context=handle.enum_context), origin)
+        # A close cannot fail: a result_code or a handler error is reported (on_error) and changes nothing,
+        # and the After event fires whatever the Before handler did.
+        try:
+            self.fire("before_close_file", c.FS_CE_BEFORE_CLOSE, flags, origin, file_name=handle.path, **ctx)
+        except OSError:
+            pass
+        try:
+            after = self.fire("after_close_file", c.FS_CE_AFTER_CLOSE, flags, origin, file_name=handle.path, **ctx)
+            if after is not None:
+                handle.context = int(after.handle_context)
+                self._set_file_context(node.nodeid, int(after.file_context))
+        except OSError:
+            pass
+        self.notify("notify_close_file", c.FS_NE_CLOSE, flags, origin, file_name=handle.path)
+
+    def releasedir(self, op: ops.Release) -> Reply:
+        fh = op.fh
+        handle = self._drop_handle(fh)
+        if handle is None:
+            return self.down.releasedir(op)
+        node = self.lower.nodes.get(op.nodeid)
+        if node is not None:
+            self._close_events(op, node, handle, True)
+        try:
+            return self.down.releasedir(op)
+        finally:
+            self._node_closed(op.nodeid, handle)
+
+
+def _desired_access(open_flags: int) -> int:
+    mode = open_flags & os.O_ACCMODE
+    access = 0
+    if mode in (os.O_RDONLY, os.O_RDWR):
+        access |= c.DESIRED_ACCESS_FILE_READ_DATA
+    if mode in (os.O_WRONLY, os.O_RDWR):
+        access |= c.DESIRED_ACCESS_FILE_WRITE_DATA
+    if open_flags & os.O_APPEND:
+        access |= c.DESIRED_ACCESS_FILE_APPEND_DATA
+    if open_flags & FMODE_EXEC:
+        access |= c.DESIRED_ACCESS_FILE_EXECUTE
+    return access
+
+
+def _disposition(open_flags: int, created: bool) -> int:
+    if open_flags & os.O_CREAT:
+        if open_flags & os.O_EXCL:
+            return c.FILE_DISPOSITION_CREATE_NEW
+        if open_flags & os.O_TRUNC:
+            return c.FILE_DISPOSITION_CREATE_ALWAYS
+        return c.FILE_DISPOSITION_OPEN_ALWAYS
+    if open_flags & os.O_TRUNC:
+        return c.FILE_DISPOSITION_TRUNCATE_EXISTING
+    return c.FILE_DISPOSITION_OPEN_EXISTING
