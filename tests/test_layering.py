@@ -7,8 +7,9 @@ Layers by folder, lowest first: ``errors.py`` (0: the one exception type, which 
 imports nothing from fsfilter), ``_abi`` 1, ``_wire`` 2, ``_system`` 3, ``_sessions`` 4, ``_engine`` 5, ``_layers`` 6
 (the filter stack's layers, which use the engine's policy and the sessions' tables), ``api`` 7. Inside ``api``
 the SDK's classes (cbfilter, cbmonitor, cbprocess) sit above the rest (8): they are the thin compositions on top
-of the stack's modules (DESIGN §2, §7), which must not reach back up into them. The package's ``__init__``, the command line and
-the demo are above everything (9). A module may import its own layer, as long as the imports make no cycle.
+of the stack's modules (DESIGN §2, §7), which must not reach back up into them. The package's ``__init__``, the
+command line and the demo are above everything (9). A module may import its own layer, as long as the imports make
+no cycle.
 """
 
 from __future__ import annotations
