@@ -293,3 +293,35 @@ def test_mypy_reports_a_misspelt_field(tmp_path: Path, monkeypatch: pytest.Monke
     assert [int(line.split(":")[1]) for line in errors] == [11, 13, 14], out + err
     assert "[attr-defined]" in errors[0] and "fiel_name" in errors[0]
     assert "[call-arg]" in errors[1] and "[arg-type]" in errors[2]
+
+
+def test_mypy_checks_the_fields_the_filter_layer_fires(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The layer fires an event by its parameter class: a misspelt or mistyped field at the call site, or a field
+    read from the returned parameters that the event does not have, is a type error, not an EIO the first time
+    the event fires."""
+    api = pytest.importorskip("mypy.api")
+    snippet = tmp_path / "layer.py"
+    snippet.write_text(textwrap.dedent("""\
+        from fsfilter._engine.dispatch import Origin
+        from fsfilter._engine.rules import Flags
+        from fsfilter._layers.filter_base import FilterBase
+        from fsfilter.api import constants as c
+        from fsfilter.api import params as ev
+
+        class Checked(FilterBase):
+            def go(self, flags: Flags, origin: Origin) -> None:
+                before = self.fire(ev.CBFilterBeforeReadFileEventParams, c.FS_CE_BEFORE_READ, flags, origin,
+                                   file_name="/x", position=0, bytes_to_read=10)
+                if before is not None and before.process_request:
+                    print(before.bytes_to_read)
+                self.fire(ev.CBFilterBeforeReadFileEventParams, c.FS_CE_BEFORE_READ, flags, origin,
+                          fiel_name="/x")  # line 13
+                self.notify(ev.CBFilterNotifyWriteFileEventParams, c.FS_NE_WRITE, flags, origin,
+                            position="0")  # line 15
+                if before is not None:
+                    print(before.bytes_writen)  # line 17
+        """))
+    monkeypatch.setenv("MYPYPATH", str(ROOT / "src"))
+    out, err, _ = api.run(["--strict", "--no-error-summary", "--cache-dir", str(tmp_path / "cache"), str(snippet)])
+    errors = [line for line in out.splitlines() if ": error:" in line]
+    assert sorted({int(line.split(":")[1]) for line in errors}) == [12, 14, 17], out + err

@@ -8,7 +8,7 @@ import logging
 import os
 import threading
 from collections.abc import Callable
-from typing import Any, Protocol
+from typing import Any, ParamSpec, Protocol, TypeVar
 
 from fsfilter._abi import fuse as abi
 from fsfilter._engine.dispatch import Dispatcher, Origin, Outcome
@@ -26,7 +26,9 @@ from fsfilter._wire.replies import (
 )
 from fsfilter.api import constants as c
 from fsfilter.api import events
-from fsfilter.api.params import FILTER_PARAMS, EventParams
+from fsfilter.api import params as ev
+from fsfilter.api._params_base import EventParamsBase
+from fsfilter.api.params import FILTER_PARAMS
 
 
 class FilterCore(Protocol):
@@ -55,6 +57,12 @@ class FilterCore(Protocol):
     def is_attach_point(self, path: str) -> bool: ...
     def open_below(self, path: str, flags: int) -> int: ...
 
+
+P = ParamSpec("P")
+T = TypeVar("T", bound=EventParamsBase)
+
+# The event a parameter class belongs to, for the handler lookup (``on_<event>``).
+EVENT_OF: dict[object, str] = {cls: name for name, cls in FILTER_PARAMS.items()}
 
 log = logging.getLogger("fsfilter.filter")
 
@@ -377,17 +385,18 @@ class FilterBase(Layer):
     def origin(self, op: ops.Op) -> Origin:
         return Origin(op.pid, op.pid, op.uid, op.gid)
 
-    def fire(self, event: str, bit: int, flags: Flags, origin: Origin, /, *, creator: Origin | None = None,
-             subject: object = None, **fields: Any) -> EventParams | None:
-        """Fire a control event if the rules ask for it and a handler is set. Raises OSError when the handler
-        fails the request (result_code), when it raised, or when it expired with DenyExpiredEvents.
-        ``creator``: who opened the handle the event is about; ``subject``: what suspend_file_events acts on."""
+    def fire(self, event: Callable[P, T], bit: int, flags: Flags, origin: Origin, creator: Origin | None = None,
+             subject: object = None, /, *args: P.args, **fields: P.kwargs) -> T | None:
+        """Fire the control event whose parameter class is ``event``, if the rules ask for it (``bit``) and a handler
+        is set; its fields are checked against the class by mypy. Raises OSError when the handler fails the request
+        (result_code), when it raised, or when it expired with DenyExpiredEvents. ``creator``: who opened the handle
+        the event is about; ``subject``: what suspend_file_events acts on."""
         if not flags.control & bit:
             return None
-        handler = self.core.handler(event)
+        handler = self.core.handler(EVENT_OF[event])
         if handler is None:
             return None
-        params = FILTER_PARAMS[event](**fields)
+        params = event(*args, **fields)
         with self.lower.interruptible() as interrupted:
             outcome = self.core.dispatcher.call(handler, params, origin, creator, subject)
         if interrupted():
@@ -405,18 +414,19 @@ class FilterBase(Layer):
             raise OSError(int(code), os.strerror(int(code)))
         return params
 
-    def notify(self, event: str, bit: int, flags: Flags, origin: Origin, /, *, creator: Origin | None = None,
-               **fields: Any) -> None:
+    def notify(self, event: Callable[P, EventParamsBase], bit: int, flags: Flags, origin: Origin,
+               creator: Origin | None = None, /, *args: P.args, **fields: P.kwargs) -> None:
+        """Queue the notification whose parameter class is ``event`` if the rules ask for it and a handler is set."""
         if not flags.notify & bit:
             return
-        handler = self.core.handler(event)
+        handler = self.core.handler(EVENT_OF[event])
         if handler is None:
             return
         for who in (origin, creator):  # the process may be gone when the handler runs: read it now
             if who is not None and who.name is None:
                 info = ProcessInfo(who.tid)
                 who.name, who.pid = info.name, info.pid
-        self.core.dispatcher.post(handler, FILTER_PARAMS[event](**fields), origin, creator)
+        self.core.dispatcher.post(handler, event(*args, **fields), origin, creator)
 
     def after_ok(self, error: int) -> bool:
         return error == 0 or self.core.process_failed_requests
@@ -456,7 +466,7 @@ class FilterBase(Layer):
         if file_context or handle.context:
             handler = self.core.handler("cleanup_context")
             if handler is not None:
-                params = FILTER_PARAMS["cleanup_context"](file_context=file_context, handle_context=handle.context)
+                params = ev.CBFilterCleanupContextEventParams(file_context=file_context, handle_context=handle.context)
                 self.core.dispatcher.call(handler, params, handle.origin)
 
     def file_context(self, nodeid: int) -> int:
@@ -465,9 +475,8 @@ class FilterBase(Layer):
         return state.file_context if state is not None else 0
 
     def _handle_ctx(self, nodeid: int, handle: Handle | None) -> dict[str, Any]:
-        """The context fields of an event about an open handle, and who opened it."""
-        return dict(file_context=self.file_context(nodeid), handle_context=handle.context if handle else 0,
-                    creator=handle.origin if handle else None)
+        """The context fields of an event about an open handle."""
+        return dict(file_context=self.file_context(nodeid), handle_context=handle.context if handle else 0)
 
     def _set_file_context(self, nodeid: int, value: int) -> None:
         state = self._state(nodeid)
@@ -522,7 +531,7 @@ class FilterBase(Layer):
         target = hit[0] if hit is not None else None
         if op is not None and core.control_handlers & c.FS_CE_REPARSE_FILENAME:
             flags = self.effective(self.match_name(path), op.pid, parent=parent, name=name)
-            params = self.fire("reparse_file_name", c.FS_CE_REPARSE_FILENAME, flags, self.origin(op),
+            params = self.fire(ev.CBFilterReparseFileNameEventParams, c.FS_CE_REPARSE_FILENAME, flags, self.origin(op),
                                file_name=path, reparsed_name=target or "")
             if params is not None:
                 chosen = params.reparsed_name
@@ -553,7 +562,7 @@ class FilterBase(Layer):
 
     def _fire_lookup(self, op: ops.Op, flags: Flags, path: str) -> None:
         """The before-open event a LOOKUP fires (raises OSError when the handler refuses the name)."""
-        self.fire("before_open_file", c.FS_CE_BEFORE_OPEN, flags, self.origin(op), file_name=path,
+        self.fire(ev.CBFilterBeforeOpenFileEventParams, c.FS_CE_BEFORE_OPEN, flags, self.origin(op), file_name=path,
                   desired_access=c.DESIRED_ACCESS_FILE_READ_ATTRIBUTES, options=os.O_PATH, flags=os.O_PATH,
                   create_disposition=c.FILE_DISPOSITION_OPEN_EXISTING)
 
@@ -624,14 +633,18 @@ class FilterBase(Layer):
             return False
         return self.reaches(nodeid) and core.rules.may_match_child(self.abspath(nodeid))
 
-    def _after_open(self, kind: str, bits: tuple[int, int, int], flags: Flags, origin: Origin,
+    def _after_open(self, created: bool, bits: tuple[int, int, int], flags: Flags, origin: Origin,
                     fields: dict[str, Any], error: int, file_context: int, handle_context: int,
                     subject: tuple[FilterBase, int] | None = None) -> tuple[int, int]:
-        after = self.fire(f"after_{kind}_file", bits[1], flags, origin, status=error, file_context=file_context,
-                          handle_context=handle_context, subject=subject, **fields)
+        # Picked by name (the kind decides), so typed as some event's parameters: mypy cannot know the fields.
+        kind = "create" if created else "open"
+        after_event = FILTER_PARAMS[f"after_{kind}_file"]
+        after = self.fire(after_event, bits[1], flags, origin, None, subject, status=error, file_context=file_context,
+                          handle_context=handle_context, **fields)
         if after is not None:
-            file_context, handle_context = int(after.file_context), int(after.handle_context)
-        self.notify(f"notify_{kind}_file", bits[2], flags, origin, status=error, **fields)
+            file_context, handle_context = after.file_context, after.handle_context
+        notice = FILTER_PARAMS[f"notify_{kind}_file"]
+        self.notify(notice, bits[2], flags, origin, status=error, **fields)
         return file_context, handle_context
 
     def _unlock_all(self, op: ops.Op, node: Inode, handle: Handle | None, drop: Callable[[], bool]) -> None:
@@ -644,14 +657,16 @@ class FilterBase(Layer):
             return
         path = handle.path if handle is not None else self.abspath(node.nodeid)
         ctx = self._handle_ctx(node.nodeid, handle)
+        creator = handle.origin if handle else None
         try:
-            self.fire("before_unlock_all", c.FS_CE_BEFORE_LOCK_CONTROL, flags, origin, file_name=path, **ctx)
+            self.fire(ev.CBFilterBeforeUnlockAllEventParams, c.FS_CE_BEFORE_LOCK_CONTROL, flags, origin, creator, None,
+                      file_name=path, **ctx)
         except OSError:
             pass  # reported through on_error where it was a handler failure; the unlock happens anyway
         drop()
         try:
-            self.fire("after_unlock_all", c.FS_CE_AFTER_LOCK_CONTROL, flags, origin, file_name=path, **ctx)
+            self.fire(ev.CBFilterAfterUnlockAllEventParams, c.FS_CE_AFTER_LOCK_CONTROL, flags, origin, creator, None,
+                      file_name=path, **ctx)
         except OSError:
             pass
-        self.notify("notify_unlock_all", c.FS_NE_LOCK_CONTROL, flags, origin, creator=ctx["creator"],
-                    file_name=path)
+        self.notify(ev.CBFilterNotifyUnlockAllEventParams, c.FS_NE_LOCK_CONTROL, flags, origin, creator, file_name=path)

@@ -27,6 +27,8 @@ from fsfilter._wire.replies import (
     xattr_reply,
 )
 from fsfilter.api import constants as c
+from fsfilter.api import params as ev
+from fsfilter.api.params import FILTER_PARAMS
 
 
 class ChangeOps(FilterBase):
@@ -45,30 +47,31 @@ class ChangeOps(FilterBase):
                            | c.ACCESS_READ_ONLY | c.ACCESS_WRITE_ONLY):
             raise self._deny("delete-protect")
         origin = self.origin(op)
-        before = self.fire("before_can_file_be_deleted", c.FS_CE_BEFORE_CAN_DELETE, flags, origin, file_name=path,
-                           can_delete=True)
+        before = self.fire(ev.CBFilterBeforeCanFileBeDeletedEventParams, c.FS_CE_BEFORE_CAN_DELETE, flags, origin,
+                           file_name=path, can_delete=True)
         can_delete = True if before is None else bool(before.can_delete)
-        after_can = self.fire("after_can_file_be_deleted", c.FS_CE_AFTER_CAN_DELETE, flags, origin,
+        after_can = self.fire(ev.CBFilterAfterCanFileBeDeletedEventParams, c.FS_CE_AFTER_CAN_DELETE, flags, origin,
                               file_name=path, can_delete=can_delete)
         if after_can is not None:
             can_delete = bool(after_can.can_delete)
-        self.notify("notify_can_file_be_deleted", c.FS_NE_CAN_DELETE, flags, origin, file_name=path,
+        self.notify(ev.CBFilterNotifyCanFileBeDeletedEventParams, c.FS_NE_CAN_DELETE, flags, origin, file_name=path,
                     can_delete=can_delete)
         if not can_delete:
             raise OSError(errno.EACCES, "an event handler refused the delete")
-        before = self.fire("before_delete_file", c.FS_CE_BEFORE_DELETE, flags, origin, file_name=path)
+        deleting = self.fire(ev.CBFilterBeforeDeleteFileEventParams, c.FS_CE_BEFORE_DELETE, flags, origin,
+                             file_name=path)
         # process_request = False: the handler completed the delete (or chose to report it done).
-        handled = before is not None and not before.process_request
+        handled = deleting is not None and not deleting.process_request
         try:
             reply = EMPTY if handled else self._hidden_emptiness(op, self.lower.inode(op.nodeid), name,
                                                                  lambda: serve(op))
         except OSError as exc:
             if self.after_ok(exc.errno or errno.EIO):
-                self.fire("after_delete_file", c.FS_CE_AFTER_DELETE, flags, origin, file_name=path,
-                          status=exc.errno)
+                self.fire(ev.CBFilterAfterDeleteFileEventParams, c.FS_CE_AFTER_DELETE, flags, origin, file_name=path,
+                          status=exc.errno or errno.EIO)
             raise
-        self.fire("after_delete_file", c.FS_CE_AFTER_DELETE, flags, origin, file_name=path)
-        self.notify("notify_delete_file", c.FS_NE_DELETE, flags, origin, file_name=path)
+        self.fire(ev.CBFilterAfterDeleteFileEventParams, c.FS_CE_AFTER_DELETE, flags, origin, file_name=path)
+        self.notify(ev.CBFilterNotifyDeleteFileEventParams, c.FS_NE_DELETE, flags, origin, file_name=path)
         return reply
 
     def unlink(self, op: ops.Remove) -> Reply:
@@ -100,7 +103,7 @@ class ChangeOps(FilterBase):
         replace = not flags_in & 1  # RENAME_NOREPLACE
         fields: dict[str, Any] = dict(file_name=old_path, new_file_name=new_path, replace_if_exists=replace,
                                       flags=flags_in)
-        before = self.fire("before_rename_or_move_file", c.FS_CE_BEFORE_RENAME, flags, origin, **fields)
+        before = self.fire(ev.CBFilterBeforeRenameOrMoveFileEventParams, c.FS_CE_BEFORE_RENAME, flags, origin, **fields)
         try:
             if before is not None and not before.process_request:
                 # The handler completed the rename: the caller is told it succeeded, and the names
@@ -113,16 +116,17 @@ class ChangeOps(FilterBase):
                 reply = self._hidden_emptiness(op, new_dir, new, lambda: self.down.rename(op))
         except OSError as exc:
             if self.after_ok(exc.errno or errno.EIO):
-                self.fire("after_rename_or_move_file", c.FS_CE_AFTER_RENAME, flags, origin, status=exc.errno,
-                          **fields)
-                self.notify("notify_rename_or_move_file", c.FS_NE_RENAME, flags, origin, status=exc.errno, **fields)
+                self.fire(ev.CBFilterAfterRenameOrMoveFileEventParams, c.FS_CE_AFTER_RENAME, flags, origin,
+                          status=exc.errno or errno.EIO, **fields)
+                self.notify(ev.CBFilterNotifyRenameOrMoveFileEventParams, c.FS_NE_RENAME, flags, origin,
+                            status=exc.errno or errno.EIO, **fields)
             raise
         self._epoch += 1
         for h in self.handles():  # open handles keep naming the object by its new path
             if h.path == old_path or h.path.startswith(old_path + "/"):
                 h.path = new_path + h.path[len(old_path):]
-        self.fire("after_rename_or_move_file", c.FS_CE_AFTER_RENAME, flags, origin, **fields)
-        self.notify("notify_rename_or_move_file", c.FS_NE_RENAME, flags, origin, **fields)
+        self.fire(ev.CBFilterAfterRenameOrMoveFileEventParams, c.FS_CE_AFTER_RENAME, flags, origin, **fields)
+        self.notify(ev.CBFilterNotifyRenameOrMoveFileEventParams, c.FS_NE_RENAME, flags, origin, **fields)
         return reply
 
     def _check_rename_access(self, f_old: Flags, f_new: Flags, new_dir: Inode, new: bytes, flags_in: int) -> None:
@@ -182,7 +186,8 @@ class ChangeOps(FilterBase):
         flags = Flags(f_src.access | f_new.access, f_src.control | f_new.control, f_src.notify | f_new.notify)
         origin = self.origin(op)
         fields: dict[str, Any] = dict(file_name=src_path, link_name=link_path, replace_if_exists=False)
-        before = self.fire("before_create_hard_link", c.FS_CE_BEFORE_CREATE_HARD_LINK, flags, origin, **fields)
+        before = self.fire(ev.CBFilterBeforeCreateHardLinkEventParams, c.FS_CE_BEFORE_CREATE_HARD_LINK, flags, origin,
+                           **fields)
         try:
             if before is not None and not before.process_request:
                 # The handler completed it: the reply needs the new name's entry, so it must exist now.
@@ -193,11 +198,11 @@ class ChangeOps(FilterBase):
                 reply = self.down.link(op)
         except OSError as exc:
             if self.after_ok(exc.errno or errno.EIO):
-                self.fire("after_create_hard_link", c.FS_CE_AFTER_CREATE_HARD_LINK, flags, origin,
-                          status=exc.errno, **fields)
+                self.fire(ev.CBFilterAfterCreateHardLinkEventParams, c.FS_CE_AFTER_CREATE_HARD_LINK, flags, origin,
+                          status=exc.errno or errno.EIO, **fields)
             raise
-        self.fire("after_create_hard_link", c.FS_CE_AFTER_CREATE_HARD_LINK, flags, origin, **fields)
-        self.notify("notify_create_hard_link", c.FS_NE_CREATE_HARD_LINK, flags, origin, **fields)
+        self.fire(ev.CBFilterAfterCreateHardLinkEventParams, c.FS_CE_AFTER_CREATE_HARD_LINK, flags, origin, **fields)
+        self.notify(ev.CBFilterNotifyCreateHardLinkEventParams, c.FS_NE_CREATE_HARD_LINK, flags, origin, **fields)
         return reply
 
     def setattr(self, op: ops.Setattr) -> Reply:
@@ -223,6 +228,8 @@ class ChangeOps(FilterBase):
         origin = self.origin(op)
         handle = self.handle(fh) if fh is not None else None
         ctx = self._handle_ctx(node.nodeid, handle)
+        creator = handle.origin if handle else None
+        # One SETATTR may change several things, each with its own events (picked by name: their fields differ).
         events: list[tuple[str, int, int, dict[str, Any]]] = []
         if valid & abi.FATTR_SIZE:
             events.append(("set_file_size", c.FS_CE_BEFORE_SET_SIZES, c.FS_NE_SET_SIZES,
@@ -243,13 +250,14 @@ class ChangeOps(FilterBase):
                                 last_write_time=mtime * 1_000_000_000 + mtime_ns if valid & abi.FATTR_MTIME else None,
                                 change_time=None, attributes=0)))
         for event, bit, _nbit, fields in events:
-            before = self.fire(f"before_{event}", bit, flags, origin, **ctx, **fields)
+            before = self.fire(FILTER_PARAMS[f"before_{event}"], bit, flags, origin, creator, None, **ctx, **fields)
             if before is not None and not before.process_request:
                 return Attr(self.lower.attributes(node.nodeid, os.fstat(node.fd)), 0.0)
         reply, error = self._served(lambda: self.down.setattr(op))
         for event, bit, nbit, fields in events:
-            self.fire(f"after_{event}", bit << 1, flags, origin, status=error, **ctx, **fields)
-            self.notify(f"notify_{event}", nbit, flags, origin, status=error, **fields)
+            self.fire(FILTER_PARAMS[f"after_{event}"], bit << 1, flags, origin, creator, None, status=error, **ctx,
+                      **fields)
+            self.notify(FILTER_PARAMS[f"notify_{event}"], nbit, flags, origin, creator, status=error, **fields)
         if error or reply is None:
             raise OSError(error, os.strerror(error))
         return reply
@@ -291,7 +299,7 @@ class ChangeOps(FilterBase):
             # valid_bytes (for ACLs: sets security_descriptor); the buffer holds the largest value Linux allows.
             out = bytearray(XATTR_SIZE_MAX)
             fields.update(buffer_view=memoryview(out), valid_bytes=0)
-        before = self.fire(f"before_{kind}", bit, flags, origin, **ctx, **fields)
+        before = self.fire(FILTER_PARAMS[f"before_{kind}"], bit, flags, origin, **ctx, **fields)
         if before is not None and not before.process_request:
             if setting:
                 return EMPTY
@@ -306,8 +314,8 @@ class ChangeOps(FilterBase):
                 fields.update(security_descriptor=raw, length=len(raw))
             else:
                 fields.update(buffer_length=size, buffer_view=memoryview(raw), valid_bytes=len(raw))
-        self.fire(f"after_{kind}", bit << 1, flags, origin, status=error, **ctx, **fields)
-        self.notify(f"notify_{kind}", nbit, flags, origin, status=error, **fields)
+        self.fire(FILTER_PARAMS[f"after_{kind}"], bit << 1, flags, origin, status=error, **ctx, **fields)
+        self.notify(FILTER_PARAMS[f"notify_{kind}"], nbit, flags, origin, status=error, **fields)
         if error or reply is None:
             raise OSError(error, os.strerror(error))
         return reply if setting else xattr_reply(raw, size)
@@ -359,19 +367,19 @@ class ChangeOps(FilterBase):
             return self.down.readlink(op)
         path = self.abspath(node.nodeid)
         origin = self.origin(op)
-        before = self.fire("before_get_reparse_point", c.FS_CE_BEFORE_GET_REPARSE_POINT, flags, origin,
+        before = self.fire(ev.CBFilterBeforeGetReparsePointEventParams, c.FS_CE_BEFORE_GET_REPARSE_POINT, flags, origin,
                            file_name=path)
         if before is not None and not before.process_request:
             return Data(_link_target(before.reparse_buffer))
         served = self.down.readlink(op)
         target = bytes(served.data) if isinstance(served, Data) else b""
-        after = self.fire("after_get_reparse_point", c.FS_CE_AFTER_GET_REPARSE_POINT, flags, origin,
+        after = self.fire(ev.CBFilterAfterGetReparsePointEventParams, c.FS_CE_AFTER_GET_REPARSE_POINT, flags, origin,
                           file_name=path, reparse_buffer=target, reparse_buffer_length=len(target),
                           valid_bytes=len(target))
         if after is not None and after.reparse_buffer != target:
             target = _link_target(after.reparse_buffer)
-        self.notify("notify_get_reparse_point", c.FS_NE_GET_REPARSE_POINT, flags, origin, file_name=path,
-                    reparse_buffer=target, reparse_buffer_length=len(target), valid_bytes=len(target))
+        self.notify(ev.CBFilterNotifyGetReparsePointEventParams, c.FS_NE_GET_REPARSE_POINT, flags, origin,
+                    file_name=path, reparse_buffer=target, reparse_buffer_length=len(target), valid_bytes=len(target))
         return Data(target)
 
     def ioctl(self, op: ops.Ioctl) -> Reply:
@@ -388,12 +396,12 @@ class ChangeOps(FilterBase):
         data = op.data
         fields: dict[str, Any] = dict(file_name=path, io_control_code=cmd, input_buffer=data,
                                       input_buffer_length=in_size, output_buffer_length=out_size)
-        before = self.fire("before_ioctl", c.FS_CE_BEFORE_IOCTL, flags, origin, **fields)
+        before = self.fire(ev.CBFilterBeforeIoctlEventParams, c.FS_CE_BEFORE_IOCTL, flags, origin, **fields)
         if before is not None and not before.process_request:
             return IoctlOut(0, bytes(before.output_buffer or b"")[:out_size])
         reply, error = self._served(lambda: self.down.ioctl(op))
-        self.fire("after_ioctl", c.FS_CE_AFTER_IOCTL, flags, origin, status=error, **fields)
-        self.notify("notify_ioctl", c.FS_NE_IOCTL, flags, origin, status=error, **fields)
+        self.fire(ev.CBFilterAfterIoctlEventParams, c.FS_CE_AFTER_IOCTL, flags, origin, status=error, **fields)
+        self.notify(ev.CBFilterNotifyIoctlEventParams, c.FS_NE_IOCTL, flags, origin, status=error, **fields)
         if error or reply is None:
             raise OSError(error, os.strerror(error))
         return reply

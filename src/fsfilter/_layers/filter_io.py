@@ -22,6 +22,8 @@ from fsfilter._wire.replies import (
     Written,
 )
 from fsfilter.api import constants as c
+from fsfilter.api import params as ev
+from fsfilter.api.params import FILTER_PARAMS
 
 
 class IoOps(FilterBase):
@@ -43,20 +45,21 @@ class IoOps(FilterBase):
         if not control:  # a notification only: no buffer for handlers to see
             reply, error = self._served(lambda: self.down.read(op))
             got = len(reply.data) if isinstance(reply, Data) else 0
-            self.notify("notify_read_file", c.FS_NE_READ, flags, origin, creator=handle.origin if handle else None,
-                        file_name=path, position=offset,
+            self.notify(ev.CBFilterNotifyReadFileEventParams, c.FS_NE_READ, flags, origin,
+                        handle.origin if handle else None, file_name=path, position=offset,
                         bytes_to_read=size, direction=direction, bytes_read=got, status=error)
             if error or reply is None:
                 raise OSError(error, os.strerror(error))
             return reply
         ctx = self._handle_ctx(f.inode.nodeid, handle)
+        creator = handle.origin if handle else None
         buf = ctypes.create_string_buffer(max(size, 1))
         view = memoryview(buf).cast("B")[:size]
         pointer = ctypes.c_void_p(ctypes.addressof(buf))
         position, count = offset, size
-        before = self.fire("before_read_file", c.FS_CE_BEFORE_READ, flags, origin, file_name=path, position=offset,
-                           buffer=pointer, buffer_length=size, buffer_view=view, bytes_to_read=size,
-                           direction=direction, **ctx)
+        before = self.fire(ev.CBFilterBeforeReadFileEventParams, c.FS_CE_BEFORE_READ, flags, origin, creator, None,
+                           file_name=path, position=offset, buffer=pointer, buffer_length=size, buffer_view=view,
+                           bytes_to_read=size, direction=direction, **ctx)
         error = 0
         done = 0
         if before is not None:
@@ -70,15 +73,14 @@ class IoOps(FilterBase):
             if isinstance(reply, Data):
                 done = min(count, len(reply.data))
                 view[:done] = reply.data[:done]
-        after = self.fire("after_read_file", c.FS_CE_AFTER_READ, flags, origin, file_name=path, position=position,
-                          buffer=pointer, buffer_length=size, buffer_view=view, bytes_to_read=count,
-                          direction=direction, bytes_read=done, status=error, **ctx)
+        after = self.fire(ev.CBFilterAfterReadFileEventParams, c.FS_CE_AFTER_READ, flags, origin, creator, None,
+                          file_name=path, position=position, buffer=pointer, buffer_length=size, buffer_view=view,
+                          bytes_to_read=count, direction=direction, bytes_read=done, status=error, **ctx)
         if after is not None:
             done = max(0, min(size, int(after.bytes_read)))
             error = int(after.status or 0)  # the handler may set or clear the error
-        self.notify("notify_read_file", c.FS_NE_READ, flags, origin, creator=ctx["creator"], file_name=path,
-                    position=position,
-                    bytes_to_read=count, direction=direction, bytes_read=done, status=error)
+        self.notify(ev.CBFilterNotifyReadFileEventParams, c.FS_NE_READ, flags, origin, creator, file_name=path,
+                    position=position, bytes_to_read=count, direction=direction, bytes_read=done, status=error)
         if error:
             raise OSError(error, os.strerror(error))
         return Data(bytes(view[:done]))
@@ -99,20 +101,21 @@ class IoOps(FilterBase):
         if not control:  # a notification only: no buffer for handlers to see
             reply, error = self._served(lambda: self.down.write(op))
             written = reply.size if isinstance(reply, Written) else 0
-            self.notify("notify_write_file", c.FS_NE_WRITE, flags, origin,
-                        creator=handle.origin if handle else None, file_name=path, position=offset,
+            self.notify(ev.CBFilterNotifyWriteFileEventParams, c.FS_NE_WRITE, flags, origin,
+                        handle.origin if handle else None, file_name=path, position=offset,
                         bytes_to_write=size, direction=direction, bytes_written=written, status=error)
             if error or reply is None:
                 raise OSError(error, os.strerror(error))
             return reply
         ctx = self._handle_ctx(f.inode.nodeid, handle)
+        creator = handle.origin if handle else None
         buf = ctypes.create_string_buffer(bytes(op.data), max(size, 1))
         view = memoryview(buf).cast("B")[:size]
         pointer = ctypes.c_void_p(ctypes.addressof(buf))
         position, count = offset, size
-        before = self.fire("before_write_file", c.FS_CE_BEFORE_WRITE, flags, origin, file_name=path,
-                           position=offset, buffer=pointer, buffer_length=size, buffer_view=view, bytes_to_write=size,
-                           direction=direction, **ctx)
+        before = self.fire(ev.CBFilterBeforeWriteFileEventParams, c.FS_CE_BEFORE_WRITE, flags, origin, creator, None,
+                           file_name=path, position=offset, buffer=pointer, buffer_length=size, buffer_view=view,
+                           bytes_to_write=size, direction=direction, **ctx)
         error = 0
         done = 0
         if before is not None:
@@ -131,15 +134,14 @@ class IoOps(FilterBase):
                 op.offset, op.size, op.data = position, count, view[:count]
                 reply, error = self._served(lambda: self.down.write(op))
                 done = reply.size if isinstance(reply, Written) else 0
-        after = self.fire("after_write_file", c.FS_CE_AFTER_WRITE, flags, origin, file_name=path, position=position,
-                          buffer=pointer, buffer_length=size, buffer_view=view, bytes_to_write=count,
-                          direction=direction, bytes_written=done, status=error, **ctx)
+        after = self.fire(ev.CBFilterAfterWriteFileEventParams, c.FS_CE_AFTER_WRITE, flags, origin, creator, None,
+                          file_name=path, position=position, buffer=pointer, buffer_length=size, buffer_view=view,
+                          bytes_to_write=count, direction=direction, bytes_written=done, status=error, **ctx)
         if after is not None:
             done = max(0, min(count, int(after.bytes_written)))
             error = int(after.status or 0)  # the handler may set or clear the error
-        self.notify("notify_write_file", c.FS_NE_WRITE, flags, origin, creator=ctx["creator"], file_name=path,
-                    position=position,
-                    bytes_to_write=count, direction=direction, bytes_written=done, status=error)
+        self.notify(ev.CBFilterNotifyWriteFileEventParams, c.FS_NE_WRITE, flags, origin, creator, file_name=path,
+                    position=position, bytes_to_write=count, direction=direction, bytes_written=done, status=error)
         if error:
             raise OSError(error, os.strerror(error))
         # A handler that shortened the write still owes the kernel the full count it asked for, or the
@@ -169,15 +171,18 @@ class IoOps(FilterBase):
         if flags.access & (c.ACCESS_READ_ONLY | c.ACCESS_DENY_ALL):
             raise self._deny("read-only")
         path = handle.path if handle else self.abspath(f.inode.nodeid)
-        fields: dict[str, Any] = dict(file_name=path, allocation_size=offset + length)
         ctx = self._handle_ctx(f.inode.nodeid, handle)
-        before = self.fire("before_set_allocation_size", c.FS_CE_BEFORE_SET_SIZES, flags, origin, **ctx, **fields)
+        creator = handle.origin if handle else None
+        size = offset + length
+        before = self.fire(ev.CBFilterBeforeSetAllocationSizeEventParams, c.FS_CE_BEFORE_SET_SIZES, flags, origin,
+                           creator, None, file_name=path, allocation_size=size, **ctx)
         if before is not None and not before.process_request:
             return EMPTY
         reply = self.down.fallocate(op)
-        self.fire("after_set_allocation_size", c.FS_CE_AFTER_SET_SIZES, flags, origin, **ctx, **fields)
-        self.notify("notify_set_allocation_size", c.FS_NE_SET_SIZES, flags, origin, creator=ctx["creator"],
-                    **fields)
+        self.fire(ev.CBFilterAfterSetAllocationSizeEventParams, c.FS_CE_AFTER_SET_SIZES, flags, origin, creator, None,
+                  file_name=path, allocation_size=size, **ctx)
+        self.notify(ev.CBFilterNotifySetAllocationSizeEventParams, c.FS_NE_SET_SIZES, flags, origin, creator,
+                    file_name=path, allocation_size=size)
         return reply
 
     def setlk(self, op: ops.Lock) -> Reply | None:
@@ -197,12 +202,15 @@ class IoOps(FilterBase):
             return serve(lk)
         path = handle.path if handle is not None else self.abspath(node.nodeid)
         ctx = self._handle_ctx(node.nodeid, handle)
-        kind = "unlock_single" if lk.kind == F_UNLCK else "lock"
+        creator = handle.origin if handle else None
+        unlock = lk.kind == F_UNLCK
+        kind = "unlock_single" if unlock else "lock"  # picked by name: typed as some event's parameters
+        events = (FILTER_PARAMS[f"before_{kind}"], FILTER_PARAMS[f"after_{kind}"], FILTER_PARAMS[f"notify_{kind}"])
         fields: dict[str, Any] = dict(file_name=path, offset=lk.start, length=_lock_length(lk.start, lk.end),
                                       key=lk.owner)
         if lk.kind != F_UNLCK:
             fields.update(fail_immediately=not wait, exclusive_lock=lk.kind == F_WRLCK)
-        before = self.fire(f"before_{kind}", c.FS_CE_BEFORE_LOCK_CONTROL, flags, origin, **fields, **ctx)
+        before = self.fire(events[0], c.FS_CE_BEFORE_LOCK_CONTROL, flags, origin, creator, None, **fields, **ctx)
         if before is not None:
             if not before.process_request:
                 return EMPTY  # the handler completed the request: nothing is locked or unlocked here
@@ -216,14 +224,13 @@ class IoOps(FilterBase):
             if error and not self.after_ok(error):
                 return error
             try:
-                after = self.fire(f"after_{kind}", c.FS_CE_AFTER_LOCK_CONTROL, flags, origin, status=error,
-                                  **fields, **ctx)
+                after = self.fire(events[1], c.FS_CE_AFTER_LOCK_CONTROL, flags, origin, creator, None,
+                                  status=error, **fields, **ctx)
                 if after is not None:
                     error = int(after.status or 0)  # the handler may set or clear the error
             except OSError as exc:
                 error = exc.errno or errno.EIO
-            self.notify(f"notify_{kind}", c.FS_NE_LOCK_CONTROL, flags, origin, creator=ctx["creator"],
-                        status=error, **fields)
+            self.notify(events[2], c.FS_NE_LOCK_CONTROL, flags, origin, creator, status=error, **fields)
             return error
 
         # The outcome reaches this layer's After work once the bottom knows it (at once, or when a wait is

@@ -21,6 +21,7 @@ from fsfilter._wire.replies import (
     StatView,
 )
 from fsfilter.api import constants as c
+from fsfilter.api import params as ev
 
 
 class ListingOps(FilterBase):
@@ -41,8 +42,8 @@ class ListingOps(FilterBase):
                                                     | c.FS_CE_AFTER_ENUMERATE_DIRECTORY)
                                    or flags.notify & c.FS_NE_ENUMERATE_DIRECTORY):
             if op.offset == 0:
-                before = self.fire("before_enumerate_directory", c.FS_CE_BEFORE_ENUMERATE_DIRECTORY, flags,
-                                   origin, directory_name=handle.path, file_name_mask="*",
+                before = self.fire(ev.CBFilterBeforeEnumerateDirectoryEventParams, c.FS_CE_BEFORE_ENUMERATE_DIRECTORY,
+                                   flags, origin, directory_name=handle.path, file_name_mask="*",
                                    directory_context=self.file_context(node.nodeid), handle_context=handle.context,
                                    enumeration_context=handle.enum_context, restart=handle.enumerated)
                 if before is not None:
@@ -79,8 +80,8 @@ class ListingOps(FilterBase):
             last_access_time=st.st_atime_ns, last_write_time=st.st_mtime_ns, change_time=st.st_ctime_ns,
             size=st.st_size, allocation_size=st.st_blocks * 512, file_id=st.st_ino,
             attributes=attributes_from_stat(st.st_mode, st.st_size, st.st_blocks, name))
-        after = self.fire("after_enumerate_directory", c.FS_CE_AFTER_ENUMERATE_DIRECTORY, flags, origin,
-                          directory_context=self.file_context(parent.nodeid),
+        after = self.fire(ev.CBFilterAfterEnumerateDirectoryEventParams, c.FS_CE_AFTER_ENUMERATE_DIRECTORY, flags,
+                          origin, directory_context=self.file_context(parent.nodeid),
                           handle_context=handle.context if handle else 0,
                           enumeration_context=handle.enum_context if handle else 0, **fields)
         if after is not None:
@@ -95,7 +96,8 @@ class ListingOps(FilterBase):
                 entry.entry.uncached()
             for key in ("size", "allocation_size", "attributes"):
                 fields[key] = getattr(after, key)
-        self.notify("notify_enumerate_directory", c.FS_NE_ENUMERATE_DIRECTORY, flags, origin, **fields)
+        self.notify(ev.CBFilterNotifyEnumerateDirectoryEventParams, c.FS_NE_ENUMERATE_DIRECTORY, flags, origin,
+                    **fields)
         return True
 
     def _volatile_child(self, parent: Inode, entry: DirEntry, plus: bool) -> DirEntry:

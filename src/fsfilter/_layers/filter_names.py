@@ -20,6 +20,7 @@ from fsfilter._wire.replies import (
     StatView,
 )
 from fsfilter.api import constants as c
+from fsfilter.api import params as ev
 
 
 class NameOps(FilterBase):
@@ -106,13 +107,13 @@ class NameOps(FilterBase):
         path = self.abspath(op.nodeid)
         origin = self.origin(op)
         size, alloc = st.st_size, st.st_blocks * 512
-        p = self.fire("after_get_file_sizes", c.FS_CE_AFTER_GET_SIZES, flags, origin, file_name=path, size=size,
-                      allocation_size=alloc, file_context=self.file_context(op.nodeid))
+        p = self.fire(ev.CBFilterAfterGetFileSizesEventParams, c.FS_CE_AFTER_GET_SIZES, flags, origin, file_name=path,
+                      size=size, allocation_size=alloc, file_context=self.file_context(op.nodeid))
         timeout = self.lower.options.attr_timeout
         if p is not None:
             size, alloc, timeout = int(p.size), int(p.allocation_size), 0.0
-        self.notify("notify_get_file_sizes", c.FS_NE_GET_SIZES, flags, origin, file_name=path, size=size,
-                    allocation_size=alloc)
+        self.notify(ev.CBFilterNotifyGetFileSizesEventParams, c.FS_NE_GET_SIZES, flags, origin, file_name=path,
+                    size=size, allocation_size=alloc)
         if p is None:
             return reply
         return Attr(self.lower.attributes(op.nodeid, StatView(st, size=size, blocks=(alloc + 511) // 512)), timeout)

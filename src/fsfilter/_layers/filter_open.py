@@ -28,6 +28,7 @@ from fsfilter._wire.replies import (
     Reply,
 )
 from fsfilter.api import constants as c
+from fsfilter.api import params as ev
 from fsfilter.api.params import FILTER_PARAMS
 
 
@@ -77,13 +78,13 @@ class OpenOps(FilterBase):
         it opens, if known)."""
         path = path if path is not None else self.abspath(node.nodeid)
         origin = self.origin(op)
-        kind = "create" if created else "open"
         bits = (c.FS_CE_BEFORE_CREATE, c.FS_CE_AFTER_CREATE, c.FS_NE_CREATE) if created else (
             c.FS_CE_BEFORE_OPEN, c.FS_CE_AFTER_OPEN, c.FS_NE_OPEN)
         fields = self._open_fields(path, open_flags, mode, created, is_dir)
         file_context = 0 if created else self.file_context(context_node or node.nodeid)
         handle_context = 0
-        before = self.fire(f"before_{kind}_file", bits[0], flags, origin, file_context=file_context, **fields)
+        before_event = FILTER_PARAMS["before_create_file" if created else "before_open_file"]  # picked by name
+        before = self.fire(before_event, bits[0], flags, origin, file_context=file_context, **fields)
         if before is not None:
             if not before.process_request:
                 raise OSError(errno.EACCES, "the event handler completed the open without a file")
@@ -94,7 +95,7 @@ class OpenOps(FilterBase):
         except OSError as exc:
             error = exc.errno or errno.EIO
             if self.after_ok(error):
-                self._after_open(kind, bits, flags, origin, fields, error, file_context, handle_context)
+                self._after_open(created, bits, flags, origin, fields, error, file_context, handle_context)
             raise
         opened = reply.opened if isinstance(reply, Created) else reply
         assert isinstance(opened, Opened)
@@ -102,7 +103,7 @@ class OpenOps(FilterBase):
         # A CREATE reply starts with the new object's entry: its node id is the one the handle is on.
         nodeid = reply.entry.nodeid if isinstance(reply, Created) else node.nodeid
         try:
-            file_context, handle_context = self._after_open(kind, bits, flags, origin, fields, 0, file_context,
+            file_context, handle_context = self._after_open(created, bits, flags, origin, fields, 0, file_context,
                                                             handle_context, (self, nodeid))
         except BaseException:
             self._undo_open(op, fh, is_dir)
@@ -186,7 +187,7 @@ class OpenOps(FilterBase):
         fields: dict[str, Any] = dict(file_name=path, desired_access=c.DESIRED_ACCESS_FILE_WRITE_DATA,
                                       attributes=attributes, options=0, flags=0, mode=mode,
                                       create_disposition=c.FILE_DISPOSITION_CREATE_NEW)
-        before = self.fire("before_create_file", c.FS_CE_BEFORE_CREATE, flags, origin, **fields)
+        before = self.fire(ev.CBFilterBeforeCreateFileEventParams, c.FS_CE_BEFORE_CREATE, flags, origin, **fields)
         if before is not None and not before.process_request:
             raise OSError(errno.EACCES, "the event handler completed the create")
         file_context = int(before.file_context) if before is not None else 0
@@ -194,15 +195,15 @@ class OpenOps(FilterBase):
             reply = make()
         except OSError as exc:
             if self.after_ok(exc.errno or errno.EIO):
-                self._after_open("create", (0, c.FS_CE_AFTER_CREATE, c.FS_NE_CREATE), flags, origin, fields,
+                self._after_open(True, (0, c.FS_CE_AFTER_CREATE, c.FS_NE_CREATE), flags, origin, fields,
                                  exc.errno or errno.EIO, file_context, 0)
             raise
-        file_context, handle_context = self._after_open("create", (0, c.FS_CE_AFTER_CREATE, c.FS_NE_CREATE), flags,
+        file_context, handle_context = self._after_open(True, (0, c.FS_CE_AFTER_CREATE, c.FS_NE_CREATE), flags,
                                                         origin, fields, 0, file_context, 0)
         if file_context or handle_context:  # nothing stays open: the contexts end here
             handler = self.core.handler("cleanup_context")
             if handler is not None:
-                self.core.dispatcher.call(handler, FILTER_PARAMS["cleanup_context"](
+                self.core.dispatcher.call(handler, ev.CBFilterCleanupContextEventParams(
                     file_context=file_context, handle_context=handle_context), origin)
         if m is not None and self._volatile(m) and isinstance(reply, Entry):
             reply.uncached()
@@ -265,15 +266,15 @@ class OpenOps(FilterBase):
             return self.down.flush(op)
         flags, origin = self._io_flags(op, f.inode, handle)
         ctx = self._handle_ctx(f.inode.nodeid, handle)
-        before = self.fire("before_cleanup_file", c.FS_CE_BEFORE_CLEANUP, flags, origin, file_name=handle.path,
-                           **ctx)
+        before = self.fire(ev.CBFilterBeforeCleanupFileEventParams, c.FS_CE_BEFORE_CLEANUP, flags, origin,
+                           handle.origin, None, file_name=handle.path, **ctx)
         reply = self.down.flush(op) if before is None or before.process_request else EMPTY
-        after = self.fire("after_cleanup_file", c.FS_CE_AFTER_CLEANUP, flags, origin, file_name=handle.path,
-                          **ctx)
+        after = self.fire(ev.CBFilterAfterCleanupFileEventParams, c.FS_CE_AFTER_CLEANUP, flags, origin,
+                          handle.origin, None, file_name=handle.path, **ctx)
         if after is not None:
             handle.context = int(after.handle_context)
             self._set_file_context(f.inode.nodeid, int(after.file_context))
-        self.notify("notify_cleanup_file", c.FS_NE_CLEANUP, flags, origin, creator=handle.origin,
+        self.notify(ev.CBFilterNotifyCleanupFileEventParams, c.FS_NE_CLEANUP, flags, origin, handle.origin,
                     file_name=handle.path)
         return reply
 
@@ -301,23 +302,25 @@ class OpenOps(FilterBase):
         if is_dir and handle.enumerated and flags.control & (c.FS_CE_BEFORE_CLOSE | c.FS_CE_AFTER_ENUMERATE_DIRECTORY):
             handler = self.core.handler("after_close_enumeration")
             if handler is not None:
-                self.core.dispatcher.call(handler, FILTER_PARAMS["after_close_enumeration"](
+                self.core.dispatcher.call(handler, ev.CBFilterAfterCloseEnumerationEventParams(
                     directory_name=handle.path, directory_context=ctx["file_context"],
                     enumeration_context=handle.enum_context), origin)
         # A close cannot fail: a result_code or a handler error is reported (on_error) and changes nothing,
         # and the After event fires whatever the Before handler did.
         try:
-            self.fire("before_close_file", c.FS_CE_BEFORE_CLOSE, flags, origin, file_name=handle.path, **ctx)
+            self.fire(ev.CBFilterBeforeCloseFileEventParams, c.FS_CE_BEFORE_CLOSE, flags, origin, handle.origin, None,
+                      file_name=handle.path, **ctx)
         except OSError:
             pass
         try:
-            after = self.fire("after_close_file", c.FS_CE_AFTER_CLOSE, flags, origin, file_name=handle.path, **ctx)
+            after = self.fire(ev.CBFilterAfterCloseFileEventParams, c.FS_CE_AFTER_CLOSE, flags, origin, handle.origin,
+                              None, file_name=handle.path, **ctx)
             if after is not None:
                 handle.context = int(after.handle_context)
                 self._set_file_context(node.nodeid, int(after.file_context))
         except OSError:
             pass
-        self.notify("notify_close_file", c.FS_NE_CLOSE, flags, origin, file_name=handle.path)
+        self.notify(ev.CBFilterNotifyCloseFileEventParams, c.FS_NE_CLOSE, flags, origin, file_name=handle.path)
 
     def releasedir(self, op: ops.Release) -> Reply:
         fh = op.fh
