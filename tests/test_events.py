@@ -314,14 +314,14 @@ def test_mypy_checks_the_fields_the_filter_layer_fires(tmp_path: Path, monkeypat
                                    file_name="/x", position=0, bytes_to_read=10)
                 if before is not None and before.process_request:
                     print(before.bytes_to_read)
-                self.fire(ev.CBFilterBeforeReadFileEventParams, c.FS_CE_BEFORE_READ, flags, origin,
-                          fiel_name="/x")  # line 13
+                self.fire(ev.CBFilterBeforeReadFileEventParams, c.FS_CE_BEFORE_READ, flags, origin,  # line 13
+                          fiel_name="/x")
                 self.notify(ev.CBFilterNotifyWriteFileEventParams, c.FS_NE_WRITE, flags, origin,
-                            position="0")  # line 15
+                            position="0")  # line 16
                 if before is not None:
-                    print(before.bytes_writen)  # line 17
+                    print(before.bytes_writen)  # line 18
         """))
     monkeypatch.setenv("MYPYPATH", str(ROOT / "src"))
     out, err, _ = api.run(["--strict", "--no-error-summary", "--cache-dir", str(tmp_path / "cache"), str(snippet)])
     errors = [line for line in out.splitlines() if ": error:" in line]
-    assert sorted({int(line.split(":")[1]) for line in errors}) == [12, 14, 17], out + err
+    assert sorted({int(line.split(":")[1]) for line in errors}) == [13, 16, 18], out + err
