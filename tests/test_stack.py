@@ -241,6 +241,8 @@ def test_nested_attach_points_share_the_outer_mount(filters: Callable[..., CBFil
             out = holder.communicate(timeout=30)[0]
             last = out.strip().splitlines()[-1].split()
             assert last[0] == "done" and last[2] == "0", out
+            # It worked through the detached inner mount (by its cwd), which the outer filter joined as well.
+            assert any(p == str(data / "hr" / "log.txt") for p in opened)
         inner.stop_filter()  # the outer filter goes on alone on the same mount
         assert fsfilter_mounts(data.parent) == [str(data)]
         assert errno_of(f"open({pay!r}, 'a').write('x')") == 0

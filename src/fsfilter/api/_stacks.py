@@ -261,7 +261,9 @@ def attach(core: StackedFilter, path: str, altitude: float, strict: bool) -> Att
     with _registry_lock:
         stack = stack_for(path)
         if stack is not None:
-            return Attachment(stack, stack.add(core, path, altitude, strict), path)
+            attachment = Attachment(stack, stack.add(core, path, altitude, strict), path)
+            _join_draining(core, path, altitude, strict)
+            return attachment
         inner = [s for point, s in _stacks.items() if _below(point, path)]
         stack = MountStack(path, core)
         stack._pending.append((core, path, altitude, strict))
@@ -274,7 +276,21 @@ def attach(core: StackedFilter, path: str, altitude: float, strict: bool) -> Att
             for other, layer in list(s.members.values()):
                 other._moved_to(layer.scope, Attachment(stack, stack.members[id(other)][1], layer.scope))
             _retire(stack, s)
+        _join_draining(core, path, altitude, strict)
         return Attachment(stack, stack.members[id(core)][1], path)
+
+
+def _join_draining(core: StackedFilter, path: str, altitude: float, strict: bool) -> None:
+    """Put the filter's layer in the detached mounts below its directory that still serve processes which were
+    inside them: those processes do not escape a filter that started after they went in."""
+    for drained in list(_draining):
+        if drained.fs is None or id(core) in drained.members or not _below(drained.mountpoint, path):
+            continue
+        try:
+            drained.add(core, path, altitude, strict)
+        except CBFSFilterError as exc:
+            log.warning("processes still inside the detached %s are not filtered by it: %s", drained.mountpoint,
+                        exc.message)
 
 
 def _retire(outer: MountStack, inner: MountStack) -> None:
