@@ -308,3 +308,21 @@ def test_kernel_passthrough_for_files_no_layer_needs(filters: Callable[..., CBFi
         assert wait_for(lambda: str(data / "b.log") in reads, 5)
     finally:
         end_processes([holder])
+
+
+def test_equal_altitudes_keep_their_start_order_when_a_mount_takes_over(filters: Callable[..., CBFilter],
+                                                                         data: Path) -> None:
+    """The inner filter, started first, stays above the outer one of the same altitude after the outer mount takes
+    the inner one's place."""
+    trace = Trace()
+    inner, outer = filters("200000", 1), filters("200000", 2)
+    inner.on_before_open_file = trace.hook("inner", "before", "/pay.csv")
+    inner.add_filter_rule(f"{data}/hr/*", c.ACCESS_NONE, c.FS_CE_BEFORE_OPEN, c.FS_NE_NONE)
+    outer.on_before_open_file = trace.hook("outer", "before", "/pay.csv")
+    outer.add_filter_rule(f"{data}/*", c.ACCESS_NONE, c.FS_CE_BEFORE_OPEN, c.FS_NE_NONE)
+    inner.start_filter()
+    outer.start_filter()
+    assert fsfilter_mounts(data.parent) == [str(data)]
+    run(f"open({str(data / 'hr' / 'pay.csv')!r}).read()")
+    assert wait_for(lambda: len(trace.order("before")) >= 2, 5)
+    assert trace.order("before")[:2] == ["inner", "outer"]

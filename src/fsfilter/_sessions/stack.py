@@ -48,7 +48,9 @@ class LayerStack:
     def members(self) -> list[Member]:
         return list(self._members)
 
-    def join(self, layer: Layer, altitude: float, strict: bool = False, name: str = "") -> None:
+    def join(self, layer: Layer, altitude: float, strict: bool = False, name: str = "", seq: int | None = None) -> None:
+        """Put a layer in at its altitude. ``seq`` orders equal altitudes (lower = higher in the stack; by default
+        the order of joining): a filter moved to another mount keeps its place among equals."""
         with self._lock:
             for m in self._members:
                 if m.layer is layer:
@@ -57,7 +59,7 @@ class LayerStack:
                     raise AltitudeTaken(f"altitude {altitude:g} is taken by {m.name or 'another filter'}"
                                         + (" which asked for it alone (strict_altitude)" if m.strict else ""))
             self._seq += 1
-            self._members.append(Member(layer, altitude, strict, self._seq, name))
+            self._members.append(Member(layer, altitude, strict, self._seq if seq is None else seq, name))
             self._members.sort(key=lambda m: (-m.altitude, m.seq))
             self._relink()
 

@@ -37,6 +37,7 @@ class StackedFilter(FilterCore, Protocol):
     altitude: str
     strict_altitude: bool
     _altitude: float
+    _start_seq: int  # the order filters were started in: equal altitudes keep it wherever their layers go
 
     def worker_threads(self) -> int: ...
     def config(self, configuration_string: str) -> str: ...
@@ -175,7 +176,7 @@ class MountStack(PassthroughFilter):
         assert self.layers is not None
         layer = FilterLayer(fs, core, self.mountpoint, scope)
         try:
-            self.layers.join(layer, altitude, strict, name=f"the filter with tag {core.tag}")
+            self.layers.join(layer, altitude, strict, name=f"the filter with tag {core.tag}", seq=core._start_seq)
         except AltitudeTaken as exc:
             raise CBFSFilterError(errno.EEXIST, f"{exc}: on {self.mountpoint}; give this filter another altitude, "
                                                 "or set strict_altitude to False on both") from exc

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import errno
 import io
+import itertools
 import logging
 import os
 import threading
@@ -51,6 +52,7 @@ _CONFIG_DEFAULTS: dict[str, str] = {
     "EntryTimeout": "60", "AttrTimeout": "60", "NegativeTimeout": "10", "KernelPassthrough": "true",
     "AccessViaFanotify": "false", "HideDirectoryLinkCounts": "true", "RequestTimeout": "45",
 }
+_START_ORDER = itertools.count(1)
 _COUNT_SETTINGS = {"MinWorkerThreadCount", "MaxWorkerThreadCount"}
 _BOOL_SETTINGS = {"FilterOwnRequests", "DenyExpiredEvents", "ModifiableReadWriteBuffers",
                   "AllowFileAccessInBeforeOpen", "KernelPassthrough", "AccessViaFanotify", "HideDirectoryLinkCounts"}
@@ -98,6 +100,7 @@ class CBFilter(RuleTables):
         self.tag = 0
         self.altitude = "360000"
         self._altitude = 360000.0  # parsed at start
+        self._start_seq = 0  # when it was started, among all filters of the process (equal altitudes keep this order)
         self.strict_altitude = False
         self.serialize_events = c.SERIALIZE_EVENTS_ON_MULTIPLE_THREADS
         self.fire_volume_events = c.FS_MOUNT_IGNORE
@@ -230,6 +233,7 @@ class CBFilter(RuleTables):
                 raise CBFSFilterError(errno.EPERM, "CBFilter mounts over directories and needs root (CAP_SYS_ADMIN)")
             check_timeout(timeout)
             self._altitude = stacks.parse_altitude(self.altitude)
+            self._start_seq = next(_START_ORDER)
             points = self._wanted_attach_points()
             guarded = [r for r in self.rules if self._via_fanotify(r)]
             if not points and not guarded:
