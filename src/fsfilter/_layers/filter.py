@@ -6,8 +6,8 @@ has the layers below serve the request, fires the After event (which may change 
 queues the notification. A request this filter's rules cannot concern passes down untouched.
 
 Paths in events are absolute paths as applications see them (the mount point plus the path below it). The
-layer is one class made of parts by operation group: filter_base (scope, matching, firing, contexts, hidden
-names), filter_names, filter_open, filter_io, filter_listing and filter_changes.
+layer is one class made of parts: filter_base (scope, matching, firing, contexts), filter_naming (reparse targets
+and hidden names), and by operation group filter_names, filter_open, filter_io, filter_listing and filter_changes.
 """
 
 from __future__ import annotations

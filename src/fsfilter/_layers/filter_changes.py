@@ -14,8 +14,8 @@ from fsfilter._engine.rules import Flags
 from fsfilter._layers.filter_base import (
     ACL_NAMES,
     XATTR_SIZE_MAX,
-    FilterBase,
 )
+from fsfilter._layers.filter_naming import FilterNaming
 from fsfilter._sessions.nodes import Inode
 from fsfilter._wire import ops
 from fsfilter._wire.replies import (
@@ -31,7 +31,7 @@ from fsfilter.api import params as ev
 from fsfilter.api.params import FILTER_PARAMS
 
 
-class ChangeOps(FilterBase):
+class ChangeOps(FilterNaming):
     """Changes to names and metadata: delete, rename, hard links, attributes, extended attributes and ACLs,
     symlink targets, ioctls."""
 

@@ -7,9 +7,7 @@ import errno
 import os
 import stat
 
-from fsfilter._layers.filter_base import (
-    FilterBase,
-)
+from fsfilter._layers.filter_naming import FilterNaming
 from fsfilter._sessions.nodes import Inode
 from fsfilter._wire import ops
 from fsfilter._wire.fuse import StatLike
@@ -23,7 +21,7 @@ from fsfilter.api import constants as c
 from fsfilter.api import params as ev
 
 
-class NameOps(FilterBase):
+class NameOps(FilterNaming):
     """Names: lookups (a before-open handler may hide a name), reparse rules, the attributes shown."""
 
     def where(self, op: ops.Op | None, parent: Inode, name: bytes) -> tuple[int, bytes, bool] | None:

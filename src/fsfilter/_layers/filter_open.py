@@ -15,9 +15,9 @@ from fsfilter._layers.filter_base import (
     CLEANUP_BITS,
     FMODE_EXEC,
     RW_BITS,
-    FilterBase,
     Handle,
 )
+from fsfilter._layers.filter_naming import FilterNaming
 from fsfilter._sessions.nodes import Inode
 from fsfilter._wire import ops
 from fsfilter._wire.replies import (
@@ -32,7 +32,7 @@ from fsfilter.api import params as ev
 from fsfilter.api.params import FILTER_PARAMS
 
 
-class OpenOps(FilterBase):
+class OpenOps(FilterNaming):
     """Opens and closes: access checks, the create/open events and their contexts, cleanup and close events,
     and how an open's reads and writes are served (the daemon, direct I/O, FLUSH)."""
 

@@ -1,0 +1,223 @@
+"""The state every part of the bottom layer shares: the node and handle tables, the caller's identity for
+objects it creates, and how names are resolved (see lower_fs.py)."""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import logging
+import os
+import stat
+import threading
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+from fsfilter._abi import fuse as abi
+from fsfilter._sessions.fuse_session import Deferred
+from fsfilter._sessions.layer import NO_HOOKS, Layer, StackHooks
+from fsfilter._sessions.locks import LockTable
+from fsfilter._sessions.nodes import Inode, OpenDir, OpenFile
+from fsfilter._system import libc, procfs
+from fsfilter._wire import fuse as wire
+from fsfilter._wire import ops
+from fsfilter._wire.fuse import StatLike
+from fsfilter._wire.replies import (
+    Entry,
+)
+
+log = logging.getLogger("fsfilter.lower")
+
+# Tells whether the reads and writes of the file at this path (relative to the mount, starting with
+# "/") must be seen by the daemon; None asks for every file to be served by the daemon.
+IoPolicy = Callable[[bytes], bool]
+
+# Our lower fds serve daemon I/O at the explicit offsets the kernel sends (O_APPEND would move them) with
+# buffers of any alignment (O_DIRECT would refuse them). A passthrough open does not use our fd's flags:
+# the kernel opens its own backing file for each open, with the caller's flags. O_NOFOLLOW has been
+# applied by the kernel already, and would make reopening through /proc/self/fd (a symlink) fail with ELOOP.
+_LOWER_STRIP = os.O_CREAT | os.O_EXCL | os.O_NOCTTY | os.O_APPEND | os.O_DIRECT | os.O_NOFOLLOW
+_SETID = stat.S_ISUID | stat.S_ISGID
+
+
+@dataclass
+class LowerOptions:
+    entry_timeout: float = 60.0
+    attr_timeout: float = 60.0
+    negative_timeout: float = 10.0
+    io_policy: IoPolicy | None = None
+    locks: bool = False  # the daemon serves fcntl/flock locks (the session asks for them at INIT)
+
+
+# Decides what the caller of a lock request gets: called with the outcome (0 or an errno), returns the errno
+# to answer (0: success).
+LockFinish = Callable[[int], int]
+
+_OPENED = "opened"  # memo of an OPEN/CREATE/OPENDIR: the handle the bottom made for it
+
+
+class LowerBase(Layer):
+    """The bottom layer's tables and the helpers its operations share."""
+
+    def __init__(self, root_fd: int, options: LowerOptions) -> None:
+        super().__init__()
+        st = os.fstat(root_fd)
+        if not stat.S_ISDIR(st.st_mode):
+            raise NotADirectoryError(errno.ENOTDIR, "the lower object is not a directory")
+        self.options = options
+        self.root = Inode(abi.ROOT_ID, root_fd, (st.st_dev, st.st_ino), abi.ROOT_ID, b"")
+        self.root.nlookup = 1
+        self.nodes: dict[int, Inode] = {abi.ROOT_ID: self.root}
+        self.by_key: dict[tuple[int, int], Inode] = {self.root.key: self.root}
+        self.files: dict[int, OpenFile] = {}
+        self.dirs: dict[int, OpenDir] = {}
+        self._next_id = abi.ROOT_ID + 1
+        # The node and handle tables and each node's passthrough state. Taken last of the stack's locks; while it is
+        # held the layers' needs_io/open_reply_flags hooks run, which take only their own leaf locks.
+        self._lock = threading.Lock()
+        self._is_root = os.geteuid() == 0
+        self.session_fd = -1  # set when the session exists: needed for backing ids
+        self.defer: Callable[[ops.Op], Deferred] | None = None  # the session's, for lock waits
+        # The session's, around waits for an application's handler (see Session.interruptible).
+        self.interruptible: Callable[[], contextlib.AbstractContextManager[Callable[[], bool]]] = _not_interruptible
+        self.locks = LockTable()
+        self.passthrough = False  # set from the INIT negotiation; cleared if the kernel refuses backing ids
+        self.hooks: StackHooks = NO_HOOKS
+        self.top: Layer = self  # where the session enters the stack
+
+    def inode(self, nodeid: int) -> Inode:
+        node = self.nodes.get(nodeid)
+        if node is None:
+            raise OSError(errno.ESTALE, "unknown node id")
+        return node
+
+    def file(self, fh: int) -> OpenFile:
+        f = self.files.get(fh)
+        if f is None:
+            raise OSError(errno.EBADF, "unknown file handle")
+        return f
+
+    def directory(self, fh: int) -> OpenDir:
+        d = self.dirs.get(fh)
+        if d is None:
+            raise OSError(errno.EBADF, "unknown directory handle")
+        return d
+
+    def path_of(self, nodeid: int) -> bytes:
+        """The path of a node relative to the mount ("/" for the root), as last seen by lookups and renames."""
+        parts = []
+        node = self.nodes.get(nodeid)
+        depth = 0
+        while node is not None and node.nodeid != abi.ROOT_ID and depth < 4096:
+            parts.append(node.name)
+            node = self.nodes.get(node.parent)
+            depth += 1
+        return b"/" + b"/".join(reversed(parts))
+
+    def _remember(self, fd: int, st: os.stat_result, parent: int, name: bytes) -> Inode:
+        """Count one more kernel reference to the object ``fd`` (an O_PATH fd we now own) refers to."""
+        key = (st.st_dev, st.st_ino)
+        with self._lock:
+            node = self.by_key.get(key)
+            if node is None:
+                node = Inode(self._next_id, fd, key, parent, name)
+                self._next_id += 1
+                self.nodes[node.nodeid] = node
+                self.by_key[key] = node
+            else:
+                os.close(fd)
+                node.parent, node.name = parent, name
+            node.nlookup += 1
+        self.hooks.remembered(node)
+        return node
+
+    def entry(self, node: Inode, st: StatLike) -> Entry:
+        return Entry(node.nodeid, self.hooks.shown(node.nodeid, st), self.options.entry_timeout,
+                     self.options.attr_timeout)
+
+    def _entry(self, fd: int, parent: int, name: bytes) -> Entry:
+        """The entry of a freshly opened O_PATH fd, which the tables then own."""
+        try:
+            st = os.fstat(fd)
+        except BaseException:
+            os.close(fd)
+            raise
+        return self.entry(self._remember(fd, st, parent, name), st)
+
+    def locate(self, op: ops.Op | None, parent: Inode, name: bytes) -> tuple[int, bytes, bool]:
+        """The directory fd and name that a request naming ``name`` in ``parent`` acts on, and whether the
+        caller must close that fd: the name itself, unless a layer redirects it (reparse rules)."""
+        return self.hooks.where(op, parent, name)
+
+    def _open_path(self, op: ops.Op | None, parent: Inode, name: bytes) -> int:
+        """An O_PATH fd of the object ``name`` in ``parent`` resolves to."""
+        dfd, at, owned = self.locate(op, parent, name)
+        try:
+            return os.open(at, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dfd)
+        finally:
+            if owned:
+                os.close(dfd)
+
+    def lookup_child(self, parent: Inode, name: bytes) -> tuple[Inode, os.stat_result]:
+        """Like LOOKUP, for READDIRPLUS (no event fires): the node and its attributes; one more lookup counted."""
+        fd = self._open_path(None, parent, name)
+        try:
+            st = os.fstat(fd)
+        except BaseException:
+            os.close(fd)
+            raise
+        return self._remember(fd, st, parent.nodeid, name), st
+
+    def attributes(self, nodeid: int, st: StatLike) -> StatLike:
+        """The attributes replies show for node ``nodeid`` (layers may change them)."""
+        return self.hooks.shown(nodeid, st)
+
+    def forget_one(self, nodeid: int, count: int) -> None:
+        with self._lock:
+            node = self.nodes.get(nodeid)
+            if node is None or nodeid == abi.ROOT_ID:
+                return
+            node.nlookup -= count
+            if node.nlookup > 0:
+                return
+            del self.nodes[nodeid]
+            if self.by_key.get(node.key) is node:
+                del self.by_key[node.key]
+        os.close(node.fd)
+        self.hooks.dropped(nodeid)
+
+    def _as_caller(self, op: ops.Op, umask: int | None) -> bool:
+        if umask is not None:
+            os.umask(umask)  # per thread: readers unshare CLONE_FS
+        if not self._is_root or (op.uid == 0 and op.gid == 0):
+            return False
+        group = wire.supplementary_group(op.req.ext)
+        libc.setgroups_thread([group] if group is not None else [])
+        libc.setfsgid(op.gid)
+        libc.setfsuid(op.uid)
+        return True
+
+    @staticmethod
+    def _restore_identity(switched: bool) -> None:
+        if switched:
+            libc.setfsuid(0)
+            libc.setfsgid(0)
+            libc.setgroups_thread([])
+
+    def kill_privileges(self, fd: int) -> None:
+        """What a write, truncate or chown by an unprivileged caller does to set-id bits and capabilities."""
+        st = os.fstat(fd)
+        mode = st.st_mode
+        kill = stat.S_ISUID | (stat.S_ISGID if mode & stat.S_IXGRP else 0)
+        if mode & kill:
+            os.chmod(procfs.fd_path(fd), stat.S_IMODE(mode) & ~kill)
+        if mode & 0o111:
+            try:
+                os.removexattr(procfs.fd_path(fd), "security.capability")
+            except OSError as exc:
+                if exc.errno not in (errno.ENODATA, errno.EOPNOTSUPP):
+                    raise
+
+
+@contextlib.contextmanager
+def _not_interruptible() -> Iterator[Callable[[], bool]]:
+    yield lambda: False
