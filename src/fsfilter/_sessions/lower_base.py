@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from fsfilter._abi import fuse as abi
-from fsfilter._sessions.fuse_session import Deferred
+from fsfilter._sessions.fuse_session import Deferred, Handler
 from fsfilter._sessions.layer import NO_HOOKS, Layer, StackHooks
 from fsfilter._sessions.locks import LockTable
 from fsfilter._sessions.nodes import Inode, OpenDir, OpenFile
@@ -83,6 +83,7 @@ class LowerBase(Layer):
         self.passthrough = False  # set from the INIT negotiation; cleared if the kernel refuses backing ids
         self.hooks: StackHooks = NO_HOOKS
         self.top: Layer = self  # where the session enters the stack
+        self._tables: list[dict[int, Handler]] = []  # the sessions' handler tables, bound to the top's methods
 
     def inode(self, nodeid: int) -> Inode:
         node = self.nodes.get(nodeid)

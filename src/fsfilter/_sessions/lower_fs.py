@@ -27,6 +27,7 @@ from collections.abc import Callable
 from fsfilter._abi import fuse as abi
 from fsfilter._abi import linux
 from fsfilter._sessions.fuse_session import Handler
+from fsfilter._sessions.layer import Layer, StackHooks
 from fsfilter._sessions.lower_base import _OPENED, IoPolicy, LowerOptions, log
 from fsfilter._sessions.lower_files import LowerFiles, add_lock_finish
 from fsfilter._sessions.nodes import Inode, OpenDir
@@ -50,6 +51,9 @@ from fsfilter._wire.replies import (
 
 __all__ = ["IoPolicy", "LowerFS", "LowerOptions", "add_lock_finish"]
 
+_SETTLED = frozenset({"open", "create", "tmpfile", "opendir"})  # the stack's answer is settled by the bottom
+_LOCK_OPS = frozenset({abi.Opcode.GETLK, abi.Opcode.SETLK, abi.Opcode.SETLKW})
+
 
 class LowerFS(LowerFiles):
     """The bottom of a filter stack: every operation served on the directory ``root_fd`` refers to.
@@ -58,22 +62,30 @@ class LowerFS(LowerFiles):
     builds the session's table, entering the stack at its top layer."""
 
     def handlers(self) -> dict[int, Handler]:
-        """The session's table: each opcode served by the top of the stack (looked up per request, so that layers
-        join and leave while the session runs); an open's I/O mode is settled once the whole stack answered."""
+        """The session's table: each opcode served by the top of the stack; an open's I/O mode is settled once the
+        whole stack answered. The table is the session's own dict, which ``set_top`` updates in place when layers
+        join or leave, so that a request costs one call into the top layer's method and no lookup."""
         table: dict[int, Handler] = {}
         for opcode, spec in ops.OPS.items():
-            if opcode in (abi.Opcode.GETLK, abi.Opcode.SETLK, abi.Opcode.SETLKW) and not self.options.locks:
-                continue  # the kernel keeps locks itself
-            if spec.method in ("open", "create", "tmpfile", "opendir"):
+            if spec.method in _SETTLED:
                 table[opcode] = self._settled(spec.method)
-            else:
-                table[opcode] = self._entering(spec.method)
+        self._tables.append(table)
+        self._bind(table)
         return table
 
-    def _entering(self, method: str) -> Handler:
-        def serve(op: ops.Op) -> Reply | None:
-            return getattr(self.top, method)(op)  # type: ignore[no-any-return]
-        return serve
+    def set_top(self, top: Layer, hooks: StackHooks) -> None:
+        """The stack's new top and hooks (a layer joined or left): requests read from now on enter there."""
+        self.hooks = hooks
+        self.top = top
+        for table in self._tables:
+            self._bind(table)
+
+    def _bind(self, table: dict[int, Handler]) -> None:
+        top = self.top
+        for opcode, spec in ops.OPS.items():
+            if spec.method in _SETTLED or (opcode in _LOCK_OPS and not self.options.locks):
+                continue  # the kernel keeps locks itself unless the daemon serves them
+            table[opcode] = getattr(top, spec.method)  # one item at a time: each is atomic under the GIL
 
     def _settled(self, method: str) -> Handler:
         def serve(op: ops.Op) -> Reply | None:

@@ -10,6 +10,7 @@ by a new object, never changed in place.
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from fsfilter._sessions.layer import Layer, StackHooks
@@ -37,6 +38,7 @@ class LayerStack:
         self.bottom = bottom
         self._members: list[Member] = []
         self._seq = 0
+        self._routers: tuple[Callable[[ops.Op], bool | None], ...] = ()  # the layers' routers, top first
         self._lock = threading.Lock()  # joining and leaving; taken after the registry lock, before LowerFS._lock
 
     @property
@@ -80,17 +82,14 @@ class LayerStack:
         for layer in reversed(layers):  # from the bottom up: a chain is complete before anything enters it
             layer.down = below
             below = layer
-        self.bottom.hooks = StackHooks(layers)
-        self.bottom.top = below
+        self._routers = tuple(r for r in (getattr(layer, "route", None) for layer in layers) if r is not None)
+        self.bottom.set_top(below, StackHooks(layers))
 
     def route(self, op: ops.Op) -> bool | None:
         """Where the session serves a request: on a pool thread when any layer may wait on an application's
         handler for it (True), on the reader when a layer says it is the filtering process's own (False)."""
         verdict: bool | None = None
-        for layer in self.layers:
-            route = getattr(layer, "route", None)
-            if route is None:
-                continue
+        for route in self._routers:
             said = route(op)
             if said:
                 return True
