@@ -326,3 +326,27 @@ def test_equal_altitudes_keep_their_start_order_when_a_mount_takes_over(filters:
     run(f"open({str(data / 'hr' / 'pay.csv')!r}).read()")
     assert wait_for(lambda: len(trace.order("before")) >= 2, 5)
     assert trace.order("before")[:2] == ["inner", "outer"]
+
+
+@pytest.mark.parametrize("same_mount", [True, False])
+def test_a_redirect_cannot_carry_requests_past_another_filters_rule(filters: Callable[..., CBFilter], data: Path,
+                                                                     scratch: Path, same_mount: bool) -> None:
+    """Attack: filter B redirects a name of its own (a reparse rule) to the file filter A protects. The daemon
+    reaches the target with its own requests, which A does not judge, so the redirect must be refused, whether A
+    shares B's mount or filters another directory of the process."""
+    guard, redirector = filters("100000", 1), filters("300000", 2)
+    guard.add_filter_rule(f"{data}/ro.txt", c.ACCESS_READ_ONLY, c.FS_CE_NONE, c.FS_NE_NONE)
+    if same_mount:
+        alias = data / "alias.txt"
+        redirector.add_filter_rule(f"{data}/*", c.ACCESS_NONE, c.FS_CE_NONE, c.FS_NE_NONE)
+    else:
+        (scratch / "app").mkdir()
+        alias = scratch / "app" / "alias.txt"
+        redirector.add_attach_point(str(scratch / "app"))
+    redirector.add_reparse_rule(str(alias), str(data / "ro.txt"))
+    guard.start_filter()
+    redirector.start_filter()
+    assert errno_of(f"open({str(alias)!r}, 'a').write('pwned')") == errno.EACCES
+    assert errno_of(f"open({str(alias)!r}, 'w').write('pwned')") == errno.EACCES
+    assert (data / "ro.txt").read_bytes() == b"read only\n"
+    assert errno_of(f"open({str(data / 'ro.txt')!r}, 'a').write('x')") == errno.EACCES

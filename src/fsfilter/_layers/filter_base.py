@@ -56,6 +56,7 @@ class FilterCore(Protocol):
     def contains_attach_point(self, path: str) -> bool: ...
     def is_attach_point(self, path: str) -> bool: ...
     def open_below(self, path: str, flags: int) -> int: ...
+    def check_redirect(self, target: str) -> None: ...
 
 
 P = ParamSpec("P")
@@ -306,6 +307,17 @@ class FilterBase(Layer):
         if state is not None:
             state.match = (gen, m)
         return m
+
+    def restricts(self, path: str) -> bool:
+        """Whether this filter's access rules or control events could apply at ``path`` or below it: a redirect
+        into it by another filter would take requests past them. Coarse on purpose (any rule that restricts and
+        may reach the subtree counts): it is asked only when a name is redirected."""
+        core = self.core
+        if not (self.in_scope(path) or self._on_way_to_scope(path)):
+            return False
+        if not any(rule.access or rule.control & core.control_handlers for rule in core.rules):
+            return False
+        return core.rules.may_reach(path)
 
     def match_name(self, path: str) -> PathMatch | None:
         core = self.core

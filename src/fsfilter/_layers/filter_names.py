@@ -34,6 +34,9 @@ class NameOps(FilterNaming):
         target = self.reparse_target(op, parent, name)
         if target is None:
             return None
+        # Another filter of this process whose rules restrict the target would never see the requests that reach it
+        # through the redirect (the daemon's own requests pass unfiltered): refuse them, as its rules would.
+        core.check_redirect(target)
         if core.contains_attach_point(target):
             # Served from there, the filter's own mount would be reached through the redirect: a loop.
             raise OSError(errno.ELOOP, f"{target}, where {self.child_path(parent.nodeid, name)} is redirected, "

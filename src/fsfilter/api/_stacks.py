@@ -245,6 +245,13 @@ class MountStack(PassthroughFilter):
                 session.notify(wire.encode_inval_entry(node.parent, node.name))
                 session.notify(wire.encode_inval_inode(node.nodeid, -1, 0))  # attributes only
 
+    def restricts(self, path: str, but: StackedFilter) -> StackedFilter | None:
+        """The filter (other than ``but``) on this mount whose rules restrict ``path`` or below, if any."""
+        for core, layer in list(self.members.values()):
+            if core is not but and layer.restricts(path):
+                return core
+        return None
+
     def describe(self) -> list[dict[str, Any]]:
         """The layers, top first: altitude, the filter's tag, the directory it applies below."""
         if self.layers is None:

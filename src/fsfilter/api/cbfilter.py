@@ -614,6 +614,16 @@ class CBFilter(RuleTables):
         top = os.path.normpath(path).rstrip("/") + "/"
         return any(point.startswith(top) for point in list(self._attached))
 
+    def check_redirect(self, target: str) -> None:
+        """Refuse (EACCES) a redirect of this filter's into a path another filter of this process restricts: the
+        daemon reaches the target with requests of its own, which that filter does not judge."""
+        real = os.path.normpath(target)
+        stack = stacks.stack_for(real)
+        other = stack.restricts(real, self) if stack is not None else None
+        if other is not None:
+            raise OSError(errno.EACCES, f"a reparse rule redirects a name to {real}, which the filter with tag "
+                                        f"{other.tag} restricts")
+
     def open_below(self, path: str, flags: int) -> int:
         """Open ``path`` below this filter's mounts (an attach point's lower directory), else natively."""
         real = os.path.normpath(path)
