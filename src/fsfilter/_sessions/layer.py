@@ -190,7 +190,8 @@ class StackHooks:
     """Asks the bottom's questions of the layers of a stack (top first). Replaced, not mutated, when a layer
     joins or leaves, so that a request always sees one consistent list."""
 
-    __slots__ = ("layers", "_where", "_shown", "_io", "_flags", "_listed", "_remembered", "_dropped")
+    __slots__ = ("layers", "_where", "_shown", "_io", "_flags", "_listed", "_remembered", "_dropped", "redirects",
+                 "shows", "remembers")
 
     def __init__(self, layers: Sequence[Layer] = ()) -> None:
         self.layers = tuple(layers)
@@ -202,6 +203,11 @@ class StackHooks:
         self._listed = tuple(reversed(self._overriding("listed")))
         self._remembered = self._overriding("remembered")
         self._dropped = self._overriding("dropped")
+        # Whether any layer asks the hooks on the hottest paths (a name resolved, a node given, attributes shown):
+        # the bottom skips the call when none does.
+        self.redirects = bool(self._where)
+        self.shows = bool(self._shown)
+        self.remembers = bool(self._remembered)
 
     def _overriding(self, method: str) -> tuple[Layer, ...]:
         base = getattr(Layer, method)

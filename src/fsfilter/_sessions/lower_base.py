@@ -128,11 +128,13 @@ class LowerBase(Layer):
                 os.close(fd)
                 node.parent, node.name = parent, name
             node.nlookup += 1
-        self.hooks.remembered(node)
+        if self.hooks.remembers:
+            self.hooks.remembered(node)
         return node
 
     def entry(self, node: Inode, st: StatLike) -> Entry:
-        return Entry(node.nodeid, self.hooks.shown(node.nodeid, st), self.options.entry_timeout,
+        hooks = self.hooks
+        return Entry(node.nodeid, hooks.shown(node.nodeid, st) if hooks.shows else st, self.options.entry_timeout,
                      self.options.attr_timeout)
 
     def _entry(self, fd: int, parent: int, name: bytes) -> Entry:
@@ -147,7 +149,8 @@ class LowerBase(Layer):
     def locate(self, op: ops.Op | None, parent: Inode, name: bytes) -> tuple[int, bytes, bool]:
         """The directory fd and name that a request naming ``name`` in ``parent`` acts on, and whether the
         caller must close that fd: the name itself, unless a layer redirects it (reparse rules)."""
-        return self.hooks.where(op, parent, name)
+        hooks = self.hooks
+        return hooks.where(op, parent, name) if hooks.redirects else (parent.fd, name, False)
 
     def _open_path(self, op: ops.Op | None, parent: Inode, name: bytes) -> int:
         """An O_PATH fd of the object ``name`` in ``parent`` resolves to."""
@@ -170,7 +173,8 @@ class LowerBase(Layer):
 
     def attributes(self, nodeid: int, st: StatLike) -> StatLike:
         """The attributes replies show for node ``nodeid`` (layers may change them)."""
-        return self.hooks.shown(nodeid, st)
+        hooks = self.hooks
+        return hooks.shown(nodeid, st) if hooks.shows else st
 
     def forget_one(self, nodeid: int, count: int) -> None:
         with self._lock:

@@ -23,6 +23,8 @@ class Op:
 
     __slots__ = ("req", "memo")
     names: tuple[str, ...] = ()  # the fields that are entry names (for tracing and name-based routing)
+    # Subclasses set ``req`` and ``memo`` themselves instead of calling this __init__: every request makes an
+    # operation, and the call costs more than the two stores.
 
     def __init__(self, req: Request) -> None:
         self.req = req
@@ -77,7 +79,7 @@ class Lookup(Op):
     names = ("name",)
 
     def __init__(self, req: Request) -> None:
-        super().__init__(req)
+        self.req, self.memo = req, None
         self.name, _ = name_at(req.body)
 
 
@@ -85,7 +87,7 @@ class Forget(Op):
     __slots__ = ("count",)
 
     def __init__(self, req: Request) -> None:
-        super().__init__(req)
+        self.req, self.memo = req, None
         (self.count,) = fixed(req.body, abi.FORGET_IN)
 
 
@@ -93,7 +95,7 @@ class BatchForget(Op):
     __slots__ = ("items",)
 
     def __init__(self, req: Request) -> None:
-        super().__init__(req)
+        self.req, self.memo = req, None
         count, _ = fixed(req.body, abi.BATCH_FORGET_IN)
         pos = abi.BATCH_FORGET_IN.size
         if len(req.body) < pos + count * abi.FORGET_ONE.size:
@@ -105,7 +107,7 @@ class Getattr(Op):
     __slots__ = ("fh",)
 
     def __init__(self, req: Request) -> None:
-        super().__init__(req)
+        self.req, self.memo = req, None
         flags, _, fh = fixed(req.body, abi.GETATTR_IN)
         self.fh: int | None = fh if flags & abi.FUSE_GETATTR_FH else None
 
@@ -114,7 +116,7 @@ class Setattr(Op):
     __slots__ = ("valid", "fh", "size", "atime", "mtime", "atime_ns", "mtime_ns", "mode", "uid_to", "gid_to")
 
     def __init__(self, req: Request) -> None:
-        super().__init__(req)
+        self.req, self.memo = req, None
         (self.valid, _, fh, self.size, _owner, self.atime, self.mtime, _ctime, self.atime_ns, self.mtime_ns,
          _ctime_ns, self.mode, _, self.uid_to, self.gid_to, _) = fixed(req.body, abi.SETATTR_IN)
         self.fh: int | None = fh if self.valid & abi.FATTR_FH else None
@@ -125,7 +127,7 @@ class Symlink(Op):
     names = ("name",)
 
     def __init__(self, req: Request) -> None:
-        super().__init__(req)
+        self.req, self.memo = req, None
         self.name, pos = name_at(req.body)
         self.target, _ = cstring(req.body, pos)
 
@@ -135,7 +137,7 @@ class Mknod(Op):
     names = ("name",)
 
     def __init__(self, req: Request) -> None:
-        super().__init__(req)
+        self.req, self.memo = req, None
         self.mode, self.rdev, self.umask, _ = fixed(req.body, abi.MKNOD_IN)
         self.name, _ = name_at(req.body, abi.MKNOD_IN.size)
 
@@ -145,7 +147,7 @@ class Mkdir(Op):
     names = ("name",)
 
     def __init__(self, req: Request) -> None:
-        super().__init__(req)
+        self.req, self.memo = req, None
         self.mode, self.umask = fixed(req.body, abi.MKDIR_IN)
         self.name, _ = name_at(req.body, abi.MKDIR_IN.size)
 
@@ -157,7 +159,7 @@ class Remove(Op):
     names = ("name",)
 
     def __init__(self, req: Request) -> None:
-        super().__init__(req)
+        self.req, self.memo = req, None
         self.name, _ = name_at(req.body)
 
 
@@ -169,7 +171,7 @@ class Rename(Op):
     names = ("name", "new_name")
 
     def __init__(self, req: Request) -> None:
-        super().__init__(req)
+        self.req, self.memo = req, None
         if req.opcode == abi.Opcode.RENAME:
             (self.new_dir,) = fixed(req.body, abi.RENAME_IN)
             self.flags = 0
@@ -188,7 +190,7 @@ class Link(Op):
     names = ("name",)
 
     def __init__(self, req: Request) -> None:
-        super().__init__(req)
+        self.req, self.memo = req, None
         (self.target,) = fixed(req.body, abi.LINK_IN)
         self.name, _ = name_at(req.body, abi.LINK_IN.size)
 
@@ -199,7 +201,7 @@ class Open(Op):
     __slots__ = ("flags", "open_flags")
 
     def __init__(self, req: Request) -> None:
-        super().__init__(req)
+        self.req, self.memo = req, None
         flags, self.open_flags = fixed(req.body, abi.OPEN_IN)
         self.flags = open_flags(flags)
 
@@ -211,7 +213,7 @@ class Create(Op):
     names = ("name",)
 
     def __init__(self, req: Request) -> None:
-        super().__init__(req)
+        self.req, self.memo = req, None
         flags, self.mode, self.umask, self.open_flags = fixed(req.body, abi.CREATE_IN)
         self.flags = open_flags(flags)
         self.name = name_at(req.body, abi.CREATE_IN.size)[0] if req.opcode == abi.Opcode.CREATE else b""
@@ -223,7 +225,7 @@ class Read(Op):
     __slots__ = ("fh", "offset", "size", "plus")
 
     def __init__(self, req: Request) -> None:
-        super().__init__(req)
+        self.req, self.memo = req, None
         self.fh, self.offset, self.size, *_ = fixed(req.body, abi.READ_IN)
         self.plus = req.opcode == abi.Opcode.READDIRPLUS
 
@@ -232,7 +234,7 @@ class Write(Op):
     __slots__ = ("fh", "offset", "size", "write_flags", "data")
 
     def __init__(self, req: Request) -> None:
-        super().__init__(req)
+        self.req, self.memo = req, None
         self.fh, self.offset, self.size, self.write_flags, *_ = fixed(req.body, abi.WRITE_IN)
         self.data = req.body[abi.WRITE_IN.size:abi.WRITE_IN.size + self.size]
         if len(self.data) != self.size:
@@ -243,7 +245,7 @@ class Flush(Op):
     __slots__ = ("fh", "owner")
 
     def __init__(self, req: Request) -> None:
-        super().__init__(req)
+        self.req, self.memo = req, None
         self.fh, _, _, self.owner = fixed(req.body, abi.FLUSH_IN)
 
 
@@ -253,7 +255,7 @@ class Release(Op):
     __slots__ = ("fh", "flags", "release_flags", "owner")
 
     def __init__(self, req: Request) -> None:
-        super().__init__(req)
+        self.req, self.memo = req, None
         self.fh, self.flags, self.release_flags, self.owner = fixed(req.body, abi.RELEASE_IN)
 
     @classmethod
@@ -272,7 +274,7 @@ class Fsync(Op):
     __slots__ = ("fh", "datasync")
 
     def __init__(self, req: Request) -> None:
-        super().__init__(req)
+        self.req, self.memo = req, None
         fh, flags, _ = fixed(req.body, abi.FSYNC_IN)
         self.fh, self.datasync = fh, bool(flags & abi.FUSE_FSYNC_FDATASYNC)
 
@@ -281,7 +283,7 @@ class Access(Op):
     __slots__ = ("mask",)
 
     def __init__(self, req: Request) -> None:
-        super().__init__(req)
+        self.req, self.memo = req, None
         self.mask, _ = fixed(req.body, abi.ACCESS_IN)
 
 
@@ -289,7 +291,7 @@ class Setxattr(Op):
     __slots__ = ("name", "value", "flags", "xflags")
 
     def __init__(self, req: Request) -> None:
-        super().__init__(req)
+        self.req, self.memo = req, None
         size, self.flags, self.xflags, _ = fixed(req.body, abi.SETXATTR_IN)
         self.name, pos = cstring(req.body, abi.SETXATTR_IN.size)
         self.value = bytes(req.body[pos:pos + size])
@@ -303,7 +305,7 @@ class Getxattr(Op):
     __slots__ = ("name", "size")
 
     def __init__(self, req: Request) -> None:
-        super().__init__(req)
+        self.req, self.memo = req, None
         self.size, _ = fixed(req.body, abi.GETXATTR_IN)
         self.name = cstring(req.body, abi.GETXATTR_IN.size)[0] if req.opcode == abi.Opcode.GETXATTR else b""
 
@@ -312,7 +314,7 @@ class Removexattr(Op):
     __slots__ = ("name",)
 
     def __init__(self, req: Request) -> None:
-        super().__init__(req)
+        self.req, self.memo = req, None
         self.name, _ = cstring(req.body)
 
 
@@ -320,7 +322,7 @@ class Fallocate(Op):
     __slots__ = ("fh", "offset", "length", "mode")
 
     def __init__(self, req: Request) -> None:
-        super().__init__(req)
+        self.req, self.memo = req, None
         self.fh, self.offset, self.length, self.mode, _ = fixed(req.body, abi.FALLOCATE_IN)
 
 
@@ -328,7 +330,7 @@ class Lseek(Op):
     __slots__ = ("fh", "offset", "whence")
 
     def __init__(self, req: Request) -> None:
-        super().__init__(req)
+        self.req, self.memo = req, None
         self.fh, self.offset, self.whence, _ = fixed(req.body, abi.LSEEK_IN)
 
 
@@ -336,7 +338,7 @@ class CopyFileRange(Op):
     __slots__ = ("fh_in", "off_in", "node_out", "fh_out", "off_out", "length", "flags")
 
     def __init__(self, req: Request) -> None:
-        super().__init__(req)
+        self.req, self.memo = req, None
         (self.fh_in, self.off_in, self.node_out, self.fh_out, self.off_out, self.length,
          self.flags) = fixed(req.body, abi.COPY_FILE_RANGE_IN)
 
@@ -345,7 +347,7 @@ class Ioctl(Op):
     __slots__ = ("fh", "flags", "cmd", "arg", "in_size", "out_size", "data")
 
     def __init__(self, req: Request) -> None:
-        super().__init__(req)
+        self.req, self.memo = req, None
         self.fh, self.flags, self.cmd, self.arg, self.in_size, self.out_size = fixed(req.body, abi.IOCTL_IN)
         self.data = bytes(req.body[abi.IOCTL_IN.size:abi.IOCTL_IN.size + self.in_size])
 
@@ -357,7 +359,7 @@ class Lock(Op):
     __slots__ = ("fh", "owner", "start", "end", "kind", "lock_pid", "flock")
 
     def __init__(self, req: Request) -> None:
-        super().__init__(req)
+        self.req, self.memo = req, None
         self.fh, self.owner, self.start, self.end, self.kind, self.lock_pid, lk_flags, _ = fixed(req.body, abi.LK_IN)
         self.flock = bool(lk_flags & abi.FUSE_LK_FLOCK)
 
