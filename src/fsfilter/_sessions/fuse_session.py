@@ -539,7 +539,8 @@ class Session:
 
     def _serve(self, op: Op, fd: int) -> None:
         req = op.req
-        self._trace(req)
+        if self.trace is not None:
+            self._trace(req)
         handler = self.handlers.get(req.opcode)
         try:
             if handler is None:

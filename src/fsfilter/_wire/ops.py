@@ -21,38 +21,16 @@ class Op:
     decoded arguments in the subclass's fields. ``memo`` holds what a layer computed about this request
     (keyed by the layer), so that a decision made while routing is not made again while serving."""
 
-    __slots__ = ("req", "memo")
+    __slots__ = ("req", "memo", "opcode", "unique", "nodeid", "pid", "uid", "gid")
+    memo: dict[object, Any] | None
     names: tuple[str, ...] = ()  # the fields that are entry names (for tracing and name-based routing)
-    # Subclasses set ``req`` and ``memo`` themselves instead of calling this __init__: every request makes an
-    # operation, and the call costs more than the two stores.
 
+    # The header's fields are copied once: the session and every layer read them several times per request, and
+    # a slot costs less to read than a property. Subclasses fill them with this __init__'s one tuple store
+    # written out, not by calling it: every request makes an operation.
     def __init__(self, req: Request) -> None:
-        self.req = req
-        self.memo: dict[object, Any] | None = None
-
-    @property
-    def opcode(self) -> int:
-        return self.req.opcode
-
-    @property
-    def nodeid(self) -> int:
-        return self.req.nodeid
-
-    @property
-    def pid(self) -> int:
-        return self.req.pid
-
-    @property
-    def uid(self) -> int:
-        return self.req.uid
-
-    @property
-    def gid(self) -> int:
-        return self.req.gid
-
-    @property
-    def unique(self) -> int:
-        return self.req.unique
+        (self.req, self.memo, self.opcode, self.unique, self.nodeid, self.pid, self.uid,
+         self.gid) = req, None, req.opcode, req.unique, req.nodeid, req.pid, req.uid, req.gid
 
     def remember(self, key: object, value: Any) -> Any:
         if self.memo is None:
@@ -79,7 +57,8 @@ class Lookup(Op):
     names = ("name",)
 
     def __init__(self, req: Request) -> None:
-        self.req, self.memo = req, None
+        (self.req, self.memo, self.opcode, self.unique, self.nodeid, self.pid, self.uid,
+         self.gid) = req, None, req.opcode, req.unique, req.nodeid, req.pid, req.uid, req.gid
         self.name, _ = name_at(req.body)
 
 
@@ -87,7 +66,8 @@ class Forget(Op):
     __slots__ = ("count",)
 
     def __init__(self, req: Request) -> None:
-        self.req, self.memo = req, None
+        (self.req, self.memo, self.opcode, self.unique, self.nodeid, self.pid, self.uid,
+         self.gid) = req, None, req.opcode, req.unique, req.nodeid, req.pid, req.uid, req.gid
         (self.count,) = fixed(req.body, abi.FORGET_IN)
 
 
@@ -95,7 +75,8 @@ class BatchForget(Op):
     __slots__ = ("items",)
 
     def __init__(self, req: Request) -> None:
-        self.req, self.memo = req, None
+        (self.req, self.memo, self.opcode, self.unique, self.nodeid, self.pid, self.uid,
+         self.gid) = req, None, req.opcode, req.unique, req.nodeid, req.pid, req.uid, req.gid
         count, _ = fixed(req.body, abi.BATCH_FORGET_IN)
         pos = abi.BATCH_FORGET_IN.size
         if len(req.body) < pos + count * abi.FORGET_ONE.size:
@@ -107,7 +88,8 @@ class Getattr(Op):
     __slots__ = ("fh",)
 
     def __init__(self, req: Request) -> None:
-        self.req, self.memo = req, None
+        (self.req, self.memo, self.opcode, self.unique, self.nodeid, self.pid, self.uid,
+         self.gid) = req, None, req.opcode, req.unique, req.nodeid, req.pid, req.uid, req.gid
         flags, _, fh = fixed(req.body, abi.GETATTR_IN)
         self.fh: int | None = fh if flags & abi.FUSE_GETATTR_FH else None
 
@@ -116,7 +98,8 @@ class Setattr(Op):
     __slots__ = ("valid", "fh", "size", "atime", "mtime", "atime_ns", "mtime_ns", "mode", "uid_to", "gid_to")
 
     def __init__(self, req: Request) -> None:
-        self.req, self.memo = req, None
+        (self.req, self.memo, self.opcode, self.unique, self.nodeid, self.pid, self.uid,
+         self.gid) = req, None, req.opcode, req.unique, req.nodeid, req.pid, req.uid, req.gid
         (self.valid, _, fh, self.size, _owner, self.atime, self.mtime, _ctime, self.atime_ns, self.mtime_ns,
          _ctime_ns, self.mode, _, self.uid_to, self.gid_to, _) = fixed(req.body, abi.SETATTR_IN)
         self.fh: int | None = fh if self.valid & abi.FATTR_FH else None
@@ -127,7 +110,8 @@ class Symlink(Op):
     names = ("name",)
 
     def __init__(self, req: Request) -> None:
-        self.req, self.memo = req, None
+        (self.req, self.memo, self.opcode, self.unique, self.nodeid, self.pid, self.uid,
+         self.gid) = req, None, req.opcode, req.unique, req.nodeid, req.pid, req.uid, req.gid
         self.name, pos = name_at(req.body)
         self.target, _ = cstring(req.body, pos)
 
@@ -137,7 +121,8 @@ class Mknod(Op):
     names = ("name",)
 
     def __init__(self, req: Request) -> None:
-        self.req, self.memo = req, None
+        (self.req, self.memo, self.opcode, self.unique, self.nodeid, self.pid, self.uid,
+         self.gid) = req, None, req.opcode, req.unique, req.nodeid, req.pid, req.uid, req.gid
         self.mode, self.rdev, self.umask, _ = fixed(req.body, abi.MKNOD_IN)
         self.name, _ = name_at(req.body, abi.MKNOD_IN.size)
 
@@ -147,7 +132,8 @@ class Mkdir(Op):
     names = ("name",)
 
     def __init__(self, req: Request) -> None:
-        self.req, self.memo = req, None
+        (self.req, self.memo, self.opcode, self.unique, self.nodeid, self.pid, self.uid,
+         self.gid) = req, None, req.opcode, req.unique, req.nodeid, req.pid, req.uid, req.gid
         self.mode, self.umask = fixed(req.body, abi.MKDIR_IN)
         self.name, _ = name_at(req.body, abi.MKDIR_IN.size)
 
@@ -159,7 +145,8 @@ class Remove(Op):
     names = ("name",)
 
     def __init__(self, req: Request) -> None:
-        self.req, self.memo = req, None
+        (self.req, self.memo, self.opcode, self.unique, self.nodeid, self.pid, self.uid,
+         self.gid) = req, None, req.opcode, req.unique, req.nodeid, req.pid, req.uid, req.gid
         self.name, _ = name_at(req.body)
 
 
@@ -171,7 +158,8 @@ class Rename(Op):
     names = ("name", "new_name")
 
     def __init__(self, req: Request) -> None:
-        self.req, self.memo = req, None
+        (self.req, self.memo, self.opcode, self.unique, self.nodeid, self.pid, self.uid,
+         self.gid) = req, None, req.opcode, req.unique, req.nodeid, req.pid, req.uid, req.gid
         if req.opcode == abi.Opcode.RENAME:
             (self.new_dir,) = fixed(req.body, abi.RENAME_IN)
             self.flags = 0
@@ -190,7 +178,8 @@ class Link(Op):
     names = ("name",)
 
     def __init__(self, req: Request) -> None:
-        self.req, self.memo = req, None
+        (self.req, self.memo, self.opcode, self.unique, self.nodeid, self.pid, self.uid,
+         self.gid) = req, None, req.opcode, req.unique, req.nodeid, req.pid, req.uid, req.gid
         (self.target,) = fixed(req.body, abi.LINK_IN)
         self.name, _ = name_at(req.body, abi.LINK_IN.size)
 
@@ -201,7 +190,8 @@ class Open(Op):
     __slots__ = ("flags", "open_flags")
 
     def __init__(self, req: Request) -> None:
-        self.req, self.memo = req, None
+        (self.req, self.memo, self.opcode, self.unique, self.nodeid, self.pid, self.uid,
+         self.gid) = req, None, req.opcode, req.unique, req.nodeid, req.pid, req.uid, req.gid
         flags, self.open_flags = fixed(req.body, abi.OPEN_IN)
         self.flags = open_flags(flags)
 
@@ -213,7 +203,8 @@ class Create(Op):
     names = ("name",)
 
     def __init__(self, req: Request) -> None:
-        self.req, self.memo = req, None
+        (self.req, self.memo, self.opcode, self.unique, self.nodeid, self.pid, self.uid,
+         self.gid) = req, None, req.opcode, req.unique, req.nodeid, req.pid, req.uid, req.gid
         flags, self.mode, self.umask, self.open_flags = fixed(req.body, abi.CREATE_IN)
         self.flags = open_flags(flags)
         self.name = name_at(req.body, abi.CREATE_IN.size)[0] if req.opcode == abi.Opcode.CREATE else b""
@@ -225,7 +216,8 @@ class Read(Op):
     __slots__ = ("fh", "offset", "size", "plus")
 
     def __init__(self, req: Request) -> None:
-        self.req, self.memo = req, None
+        (self.req, self.memo, self.opcode, self.unique, self.nodeid, self.pid, self.uid,
+         self.gid) = req, None, req.opcode, req.unique, req.nodeid, req.pid, req.uid, req.gid
         self.fh, self.offset, self.size, *_ = fixed(req.body, abi.READ_IN)
         self.plus = req.opcode == abi.Opcode.READDIRPLUS
 
@@ -234,7 +226,8 @@ class Write(Op):
     __slots__ = ("fh", "offset", "size", "write_flags", "data")
 
     def __init__(self, req: Request) -> None:
-        self.req, self.memo = req, None
+        (self.req, self.memo, self.opcode, self.unique, self.nodeid, self.pid, self.uid,
+         self.gid) = req, None, req.opcode, req.unique, req.nodeid, req.pid, req.uid, req.gid
         self.fh, self.offset, self.size, self.write_flags, *_ = fixed(req.body, abi.WRITE_IN)
         self.data = req.body[abi.WRITE_IN.size:abi.WRITE_IN.size + self.size]
         if len(self.data) != self.size:
@@ -245,7 +238,8 @@ class Flush(Op):
     __slots__ = ("fh", "owner")
 
     def __init__(self, req: Request) -> None:
-        self.req, self.memo = req, None
+        (self.req, self.memo, self.opcode, self.unique, self.nodeid, self.pid, self.uid,
+         self.gid) = req, None, req.opcode, req.unique, req.nodeid, req.pid, req.uid, req.gid
         self.fh, _, _, self.owner = fixed(req.body, abi.FLUSH_IN)
 
 
@@ -255,7 +249,8 @@ class Release(Op):
     __slots__ = ("fh", "flags", "release_flags", "owner")
 
     def __init__(self, req: Request) -> None:
-        self.req, self.memo = req, None
+        (self.req, self.memo, self.opcode, self.unique, self.nodeid, self.pid, self.uid,
+         self.gid) = req, None, req.opcode, req.unique, req.nodeid, req.pid, req.uid, req.gid
         self.fh, self.flags, self.release_flags, self.owner = fixed(req.body, abi.RELEASE_IN)
 
     @classmethod
@@ -274,7 +269,8 @@ class Fsync(Op):
     __slots__ = ("fh", "datasync")
 
     def __init__(self, req: Request) -> None:
-        self.req, self.memo = req, None
+        (self.req, self.memo, self.opcode, self.unique, self.nodeid, self.pid, self.uid,
+         self.gid) = req, None, req.opcode, req.unique, req.nodeid, req.pid, req.uid, req.gid
         fh, flags, _ = fixed(req.body, abi.FSYNC_IN)
         self.fh, self.datasync = fh, bool(flags & abi.FUSE_FSYNC_FDATASYNC)
 
@@ -283,7 +279,8 @@ class Access(Op):
     __slots__ = ("mask",)
 
     def __init__(self, req: Request) -> None:
-        self.req, self.memo = req, None
+        (self.req, self.memo, self.opcode, self.unique, self.nodeid, self.pid, self.uid,
+         self.gid) = req, None, req.opcode, req.unique, req.nodeid, req.pid, req.uid, req.gid
         self.mask, _ = fixed(req.body, abi.ACCESS_IN)
 
 
@@ -291,7 +288,8 @@ class Setxattr(Op):
     __slots__ = ("name", "value", "flags", "xflags")
 
     def __init__(self, req: Request) -> None:
-        self.req, self.memo = req, None
+        (self.req, self.memo, self.opcode, self.unique, self.nodeid, self.pid, self.uid,
+         self.gid) = req, None, req.opcode, req.unique, req.nodeid, req.pid, req.uid, req.gid
         size, self.flags, self.xflags, _ = fixed(req.body, abi.SETXATTR_IN)
         self.name, pos = cstring(req.body, abi.SETXATTR_IN.size)
         self.value = bytes(req.body[pos:pos + size])
@@ -305,7 +303,8 @@ class Getxattr(Op):
     __slots__ = ("name", "size")
 
     def __init__(self, req: Request) -> None:
-        self.req, self.memo = req, None
+        (self.req, self.memo, self.opcode, self.unique, self.nodeid, self.pid, self.uid,
+         self.gid) = req, None, req.opcode, req.unique, req.nodeid, req.pid, req.uid, req.gid
         self.size, _ = fixed(req.body, abi.GETXATTR_IN)
         self.name = cstring(req.body, abi.GETXATTR_IN.size)[0] if req.opcode == abi.Opcode.GETXATTR else b""
 
@@ -314,7 +313,8 @@ class Removexattr(Op):
     __slots__ = ("name",)
 
     def __init__(self, req: Request) -> None:
-        self.req, self.memo = req, None
+        (self.req, self.memo, self.opcode, self.unique, self.nodeid, self.pid, self.uid,
+         self.gid) = req, None, req.opcode, req.unique, req.nodeid, req.pid, req.uid, req.gid
         self.name, _ = cstring(req.body)
 
 
@@ -322,7 +322,8 @@ class Fallocate(Op):
     __slots__ = ("fh", "offset", "length", "mode")
 
     def __init__(self, req: Request) -> None:
-        self.req, self.memo = req, None
+        (self.req, self.memo, self.opcode, self.unique, self.nodeid, self.pid, self.uid,
+         self.gid) = req, None, req.opcode, req.unique, req.nodeid, req.pid, req.uid, req.gid
         self.fh, self.offset, self.length, self.mode, _ = fixed(req.body, abi.FALLOCATE_IN)
 
 
@@ -330,7 +331,8 @@ class Lseek(Op):
     __slots__ = ("fh", "offset", "whence")
 
     def __init__(self, req: Request) -> None:
-        self.req, self.memo = req, None
+        (self.req, self.memo, self.opcode, self.unique, self.nodeid, self.pid, self.uid,
+         self.gid) = req, None, req.opcode, req.unique, req.nodeid, req.pid, req.uid, req.gid
         self.fh, self.offset, self.whence, _ = fixed(req.body, abi.LSEEK_IN)
 
 
@@ -338,7 +340,8 @@ class CopyFileRange(Op):
     __slots__ = ("fh_in", "off_in", "node_out", "fh_out", "off_out", "length", "flags")
 
     def __init__(self, req: Request) -> None:
-        self.req, self.memo = req, None
+        (self.req, self.memo, self.opcode, self.unique, self.nodeid, self.pid, self.uid,
+         self.gid) = req, None, req.opcode, req.unique, req.nodeid, req.pid, req.uid, req.gid
         (self.fh_in, self.off_in, self.node_out, self.fh_out, self.off_out, self.length,
          self.flags) = fixed(req.body, abi.COPY_FILE_RANGE_IN)
 
@@ -347,7 +350,8 @@ class Ioctl(Op):
     __slots__ = ("fh", "flags", "cmd", "arg", "in_size", "out_size", "data")
 
     def __init__(self, req: Request) -> None:
-        self.req, self.memo = req, None
+        (self.req, self.memo, self.opcode, self.unique, self.nodeid, self.pid, self.uid,
+         self.gid) = req, None, req.opcode, req.unique, req.nodeid, req.pid, req.uid, req.gid
         self.fh, self.flags, self.cmd, self.arg, self.in_size, self.out_size = fixed(req.body, abi.IOCTL_IN)
         self.data = bytes(req.body[abi.IOCTL_IN.size:abi.IOCTL_IN.size + self.in_size])
 
@@ -359,7 +363,8 @@ class Lock(Op):
     __slots__ = ("fh", "owner", "start", "end", "kind", "lock_pid", "flock")
 
     def __init__(self, req: Request) -> None:
-        self.req, self.memo = req, None
+        (self.req, self.memo, self.opcode, self.unique, self.nodeid, self.pid, self.uid,
+         self.gid) = req, None, req.opcode, req.unique, req.nodeid, req.pid, req.uid, req.gid
         self.fh, self.owner, self.start, self.end, self.kind, self.lock_pid, lk_flags, _ = fixed(req.body, abi.LK_IN)
         self.flock = bool(lk_flags & abi.FUSE_LK_FLOCK)
 
