@@ -350,3 +350,25 @@ def test_a_redirect_cannot_carry_requests_past_another_filters_rule(filters: Cal
     assert errno_of(f"open({str(alias)!r}, 'w').write('pwned')") == errno.EACCES
     assert (data / "ro.txt").read_bytes() == b"read only\n"
     assert errno_of(f"open({str(data / 'ro.txt')!r}, 'a').write('x')") == errno.EACCES
+
+
+def test_a_filter_started_while_the_last_one_stops_gets_a_working_mount(filters: Callable[..., CBFilter],
+                                                                        data: Path) -> None:
+    """Race: the last filter on a directory stops (its mount is being taken down) while another starts on it. The
+    new one must not mount over the old mount that is going away (its lower directory would be that dying mount):
+    after both, the directory works and the new filter's rule holds."""
+    ro = str(data / "ro.txt")
+    for _ in range(6):
+        old, new = filters("100000"), filters("200000")
+        old.on_notify_open_file = lambda p: None
+        old.add_filter_rule(f"{data}/*", c.ACCESS_NONE, c.FS_CE_NONE, c.FS_NE_OPEN)
+        new.add_filter_rule(ro, c.ACCESS_READ_ONLY, c.FS_CE_NONE, c.FS_NE_NONE)
+        old.start_filter()
+        stopper = threading.Thread(target=old.stop_filter)
+        stopper.start()
+        new.start_filter()
+        stopper.join(30)
+        assert errno_of(f"open({ro!r}, 'a').write('x')") == errno.EACCES
+        assert errno_of(f"os.listdir({str(data)!r})") == 0
+        new.stop_filter()
+        assert fsfilter_mounts(data.parent) == []

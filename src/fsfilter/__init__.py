@@ -72,7 +72,8 @@ __all__ = [
 ]
 
 # The event-parameter classes (EventParams and every CBFilter…, CBMonitor…, CBProcess…EventParams): the generated
-# modules list exactly these, and type checkers follow `__all__ +=` of a module's `__all__`.
+# modules list exactly these. mypy does not follow `+=` of another module's list, so through the star import it sees
+# only the literal names above; import a parameter class by name to have it checked.
 __all__ += _params.__all__
 __all__ += _monitor_params.__all__
 __all__ += _process_params.__all__

@@ -106,7 +106,8 @@ class OpenOps(FilterNaming):
             file_context, handle_context = self._after_open(created, bits, flags, origin, fields, 0, file_context,
                                                             handle_context, (self, nodeid))
         except BaseException:
-            self._undo_open(op, fh, is_dir)
+            # The bottom closes the open through the whole stack (LowerFS._undo_open): the layers below that saw it
+            # opened see it closed; this one never registered it.
             state = self._state(nodeid)
             if state is not None and not state.opens:
                 state.suspended = False
@@ -116,17 +117,6 @@ class OpenOps(FilterNaming):
         self._node_opened(nodeid, file_context)
         self._keep_handle(fh, handle)
         return reply
-
-    def _undo_open(self, op: ops.Op, fh: int, is_dir: bool) -> None:
-        """Close an open the layers below granted and this layer's After handler refused: they see it closed."""
-        release = ops.Release.undoing(op, fh)
-        try:
-            if is_dir:
-                self.down.releasedir(release)
-            else:
-                self.down.release(release)
-        except OSError:
-            pass
 
     def create(self, op: ops.Create) -> Reply:
         if not self.reaches(op.nodeid):

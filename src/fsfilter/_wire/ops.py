@@ -26,8 +26,7 @@ class Op:
     names: tuple[str, ...] = ()  # the fields that are entry names (for tracing and name-based routing)
 
     # The header's fields are copied once: the session and every layer read them several times per request, and
-    # a slot costs less to read than a property. Subclasses fill them with this __init__'s one tuple store
-    # written out, not by calling it: every request makes an operation.
+    # a slot costs less to read than a property.
     def __init__(self, req: Request) -> None:
         (self.req, self.memo, self.opcode, self.unique, self.nodeid, self.pid, self.uid,
          self.gid) = req, None, req.opcode, req.unique, req.nodeid, req.pid, req.uid, req.gid
@@ -57,8 +56,7 @@ class Lookup(Op):
     names = ("name",)
 
     def __init__(self, req: Request) -> None:
-        (self.req, self.memo, self.opcode, self.unique, self.nodeid, self.pid, self.uid,
-         self.gid) = req, None, req.opcode, req.unique, req.nodeid, req.pid, req.uid, req.gid
+        Op.__init__(self, req)
         self.name, _ = name_at(req.body)
 
 
@@ -66,8 +64,7 @@ class Forget(Op):
     __slots__ = ("count",)
 
     def __init__(self, req: Request) -> None:
-        (self.req, self.memo, self.opcode, self.unique, self.nodeid, self.pid, self.uid,
-         self.gid) = req, None, req.opcode, req.unique, req.nodeid, req.pid, req.uid, req.gid
+        Op.__init__(self, req)
         (self.count,) = fixed(req.body, abi.FORGET_IN)
 
 
@@ -75,8 +72,7 @@ class BatchForget(Op):
     __slots__ = ("items",)
 
     def __init__(self, req: Request) -> None:
-        (self.req, self.memo, self.opcode, self.unique, self.nodeid, self.pid, self.uid,
-         self.gid) = req, None, req.opcode, req.unique, req.nodeid, req.pid, req.uid, req.gid
+        Op.__init__(self, req)
         count, _ = fixed(req.body, abi.BATCH_FORGET_IN)
         pos = abi.BATCH_FORGET_IN.size
         if len(req.body) < pos + count * abi.FORGET_ONE.size:
@@ -88,8 +84,7 @@ class Getattr(Op):
     __slots__ = ("fh",)
 
     def __init__(self, req: Request) -> None:
-        (self.req, self.memo, self.opcode, self.unique, self.nodeid, self.pid, self.uid,
-         self.gid) = req, None, req.opcode, req.unique, req.nodeid, req.pid, req.uid, req.gid
+        Op.__init__(self, req)
         flags, _, fh = fixed(req.body, abi.GETATTR_IN)
         self.fh: int | None = fh if flags & abi.FUSE_GETATTR_FH else None
 
@@ -98,8 +93,7 @@ class Setattr(Op):
     __slots__ = ("valid", "fh", "size", "atime", "mtime", "atime_ns", "mtime_ns", "mode", "uid_to", "gid_to")
 
     def __init__(self, req: Request) -> None:
-        (self.req, self.memo, self.opcode, self.unique, self.nodeid, self.pid, self.uid,
-         self.gid) = req, None, req.opcode, req.unique, req.nodeid, req.pid, req.uid, req.gid
+        Op.__init__(self, req)
         (self.valid, _, fh, self.size, _owner, self.atime, self.mtime, _ctime, self.atime_ns, self.mtime_ns,
          _ctime_ns, self.mode, _, self.uid_to, self.gid_to, _) = fixed(req.body, abi.SETATTR_IN)
         self.fh: int | None = fh if self.valid & abi.FATTR_FH else None
@@ -110,8 +104,7 @@ class Symlink(Op):
     names = ("name",)
 
     def __init__(self, req: Request) -> None:
-        (self.req, self.memo, self.opcode, self.unique, self.nodeid, self.pid, self.uid,
-         self.gid) = req, None, req.opcode, req.unique, req.nodeid, req.pid, req.uid, req.gid
+        Op.__init__(self, req)
         self.name, pos = name_at(req.body)
         self.target, _ = cstring(req.body, pos)
 
@@ -121,8 +114,7 @@ class Mknod(Op):
     names = ("name",)
 
     def __init__(self, req: Request) -> None:
-        (self.req, self.memo, self.opcode, self.unique, self.nodeid, self.pid, self.uid,
-         self.gid) = req, None, req.opcode, req.unique, req.nodeid, req.pid, req.uid, req.gid
+        Op.__init__(self, req)
         self.mode, self.rdev, self.umask, _ = fixed(req.body, abi.MKNOD_IN)
         self.name, _ = name_at(req.body, abi.MKNOD_IN.size)
 
@@ -132,8 +124,7 @@ class Mkdir(Op):
     names = ("name",)
 
     def __init__(self, req: Request) -> None:
-        (self.req, self.memo, self.opcode, self.unique, self.nodeid, self.pid, self.uid,
-         self.gid) = req, None, req.opcode, req.unique, req.nodeid, req.pid, req.uid, req.gid
+        Op.__init__(self, req)
         self.mode, self.umask = fixed(req.body, abi.MKDIR_IN)
         self.name, _ = name_at(req.body, abi.MKDIR_IN.size)
 
@@ -145,8 +136,7 @@ class Remove(Op):
     names = ("name",)
 
     def __init__(self, req: Request) -> None:
-        (self.req, self.memo, self.opcode, self.unique, self.nodeid, self.pid, self.uid,
-         self.gid) = req, None, req.opcode, req.unique, req.nodeid, req.pid, req.uid, req.gid
+        Op.__init__(self, req)
         self.name, _ = name_at(req.body)
 
 
@@ -158,8 +148,7 @@ class Rename(Op):
     names = ("name", "new_name")
 
     def __init__(self, req: Request) -> None:
-        (self.req, self.memo, self.opcode, self.unique, self.nodeid, self.pid, self.uid,
-         self.gid) = req, None, req.opcode, req.unique, req.nodeid, req.pid, req.uid, req.gid
+        Op.__init__(self, req)
         if req.opcode == abi.Opcode.RENAME:
             (self.new_dir,) = fixed(req.body, abi.RENAME_IN)
             self.flags = 0
@@ -178,8 +167,7 @@ class Link(Op):
     names = ("name",)
 
     def __init__(self, req: Request) -> None:
-        (self.req, self.memo, self.opcode, self.unique, self.nodeid, self.pid, self.uid,
-         self.gid) = req, None, req.opcode, req.unique, req.nodeid, req.pid, req.uid, req.gid
+        Op.__init__(self, req)
         (self.target,) = fixed(req.body, abi.LINK_IN)
         self.name, _ = name_at(req.body, abi.LINK_IN.size)
 
@@ -190,8 +178,7 @@ class Open(Op):
     __slots__ = ("flags", "open_flags")
 
     def __init__(self, req: Request) -> None:
-        (self.req, self.memo, self.opcode, self.unique, self.nodeid, self.pid, self.uid,
-         self.gid) = req, None, req.opcode, req.unique, req.nodeid, req.pid, req.uid, req.gid
+        Op.__init__(self, req)
         flags, self.open_flags = fixed(req.body, abi.OPEN_IN)
         self.flags = open_flags(flags)
 
@@ -203,8 +190,7 @@ class Create(Op):
     names = ("name",)
 
     def __init__(self, req: Request) -> None:
-        (self.req, self.memo, self.opcode, self.unique, self.nodeid, self.pid, self.uid,
-         self.gid) = req, None, req.opcode, req.unique, req.nodeid, req.pid, req.uid, req.gid
+        Op.__init__(self, req)
         flags, self.mode, self.umask, self.open_flags = fixed(req.body, abi.CREATE_IN)
         self.flags = open_flags(flags)
         self.name = name_at(req.body, abi.CREATE_IN.size)[0] if req.opcode == abi.Opcode.CREATE else b""
@@ -216,8 +202,7 @@ class Read(Op):
     __slots__ = ("fh", "offset", "size", "plus")
 
     def __init__(self, req: Request) -> None:
-        (self.req, self.memo, self.opcode, self.unique, self.nodeid, self.pid, self.uid,
-         self.gid) = req, None, req.opcode, req.unique, req.nodeid, req.pid, req.uid, req.gid
+        Op.__init__(self, req)
         self.fh, self.offset, self.size, *_ = fixed(req.body, abi.READ_IN)
         self.plus = req.opcode == abi.Opcode.READDIRPLUS
 
@@ -226,8 +211,7 @@ class Write(Op):
     __slots__ = ("fh", "offset", "size", "write_flags", "data")
 
     def __init__(self, req: Request) -> None:
-        (self.req, self.memo, self.opcode, self.unique, self.nodeid, self.pid, self.uid,
-         self.gid) = req, None, req.opcode, req.unique, req.nodeid, req.pid, req.uid, req.gid
+        Op.__init__(self, req)
         self.fh, self.offset, self.size, self.write_flags, *_ = fixed(req.body, abi.WRITE_IN)
         self.data = req.body[abi.WRITE_IN.size:abi.WRITE_IN.size + self.size]
         if len(self.data) != self.size:
@@ -238,8 +222,7 @@ class Flush(Op):
     __slots__ = ("fh", "owner")
 
     def __init__(self, req: Request) -> None:
-        (self.req, self.memo, self.opcode, self.unique, self.nodeid, self.pid, self.uid,
-         self.gid) = req, None, req.opcode, req.unique, req.nodeid, req.pid, req.uid, req.gid
+        Op.__init__(self, req)
         self.fh, _, _, self.owner = fixed(req.body, abi.FLUSH_IN)
 
 
@@ -249,8 +232,7 @@ class Release(Op):
     __slots__ = ("fh", "flags", "release_flags", "owner")
 
     def __init__(self, req: Request) -> None:
-        (self.req, self.memo, self.opcode, self.unique, self.nodeid, self.pid, self.uid,
-         self.gid) = req, None, req.opcode, req.unique, req.nodeid, req.pid, req.uid, req.gid
+        Op.__init__(self, req)
         self.fh, self.flags, self.release_flags, self.owner = fixed(req.body, abi.RELEASE_IN)
 
     @classmethod
@@ -269,8 +251,7 @@ class Fsync(Op):
     __slots__ = ("fh", "datasync")
 
     def __init__(self, req: Request) -> None:
-        (self.req, self.memo, self.opcode, self.unique, self.nodeid, self.pid, self.uid,
-         self.gid) = req, None, req.opcode, req.unique, req.nodeid, req.pid, req.uid, req.gid
+        Op.__init__(self, req)
         fh, flags, _ = fixed(req.body, abi.FSYNC_IN)
         self.fh, self.datasync = fh, bool(flags & abi.FUSE_FSYNC_FDATASYNC)
 
@@ -279,8 +260,7 @@ class Access(Op):
     __slots__ = ("mask",)
 
     def __init__(self, req: Request) -> None:
-        (self.req, self.memo, self.opcode, self.unique, self.nodeid, self.pid, self.uid,
-         self.gid) = req, None, req.opcode, req.unique, req.nodeid, req.pid, req.uid, req.gid
+        Op.__init__(self, req)
         self.mask, _ = fixed(req.body, abi.ACCESS_IN)
 
 
@@ -288,8 +268,7 @@ class Setxattr(Op):
     __slots__ = ("name", "value", "flags", "xflags")
 
     def __init__(self, req: Request) -> None:
-        (self.req, self.memo, self.opcode, self.unique, self.nodeid, self.pid, self.uid,
-         self.gid) = req, None, req.opcode, req.unique, req.nodeid, req.pid, req.uid, req.gid
+        Op.__init__(self, req)
         size, self.flags, self.xflags, _ = fixed(req.body, abi.SETXATTR_IN)
         self.name, pos = cstring(req.body, abi.SETXATTR_IN.size)
         self.value = bytes(req.body[pos:pos + size])
@@ -303,8 +282,7 @@ class Getxattr(Op):
     __slots__ = ("name", "size")
 
     def __init__(self, req: Request) -> None:
-        (self.req, self.memo, self.opcode, self.unique, self.nodeid, self.pid, self.uid,
-         self.gid) = req, None, req.opcode, req.unique, req.nodeid, req.pid, req.uid, req.gid
+        Op.__init__(self, req)
         self.size, _ = fixed(req.body, abi.GETXATTR_IN)
         self.name = cstring(req.body, abi.GETXATTR_IN.size)[0] if req.opcode == abi.Opcode.GETXATTR else b""
 
@@ -313,8 +291,7 @@ class Removexattr(Op):
     __slots__ = ("name",)
 
     def __init__(self, req: Request) -> None:
-        (self.req, self.memo, self.opcode, self.unique, self.nodeid, self.pid, self.uid,
-         self.gid) = req, None, req.opcode, req.unique, req.nodeid, req.pid, req.uid, req.gid
+        Op.__init__(self, req)
         self.name, _ = cstring(req.body)
 
 
@@ -322,8 +299,7 @@ class Fallocate(Op):
     __slots__ = ("fh", "offset", "length", "mode")
 
     def __init__(self, req: Request) -> None:
-        (self.req, self.memo, self.opcode, self.unique, self.nodeid, self.pid, self.uid,
-         self.gid) = req, None, req.opcode, req.unique, req.nodeid, req.pid, req.uid, req.gid
+        Op.__init__(self, req)
         self.fh, self.offset, self.length, self.mode, _ = fixed(req.body, abi.FALLOCATE_IN)
 
 
@@ -331,8 +307,7 @@ class Lseek(Op):
     __slots__ = ("fh", "offset", "whence")
 
     def __init__(self, req: Request) -> None:
-        (self.req, self.memo, self.opcode, self.unique, self.nodeid, self.pid, self.uid,
-         self.gid) = req, None, req.opcode, req.unique, req.nodeid, req.pid, req.uid, req.gid
+        Op.__init__(self, req)
         self.fh, self.offset, self.whence, _ = fixed(req.body, abi.LSEEK_IN)
 
 
@@ -340,8 +315,7 @@ class CopyFileRange(Op):
     __slots__ = ("fh_in", "off_in", "node_out", "fh_out", "off_out", "length", "flags")
 
     def __init__(self, req: Request) -> None:
-        (self.req, self.memo, self.opcode, self.unique, self.nodeid, self.pid, self.uid,
-         self.gid) = req, None, req.opcode, req.unique, req.nodeid, req.pid, req.uid, req.gid
+        Op.__init__(self, req)
         (self.fh_in, self.off_in, self.node_out, self.fh_out, self.off_out, self.length,
          self.flags) = fixed(req.body, abi.COPY_FILE_RANGE_IN)
 
@@ -350,8 +324,7 @@ class Ioctl(Op):
     __slots__ = ("fh", "flags", "cmd", "arg", "in_size", "out_size", "data")
 
     def __init__(self, req: Request) -> None:
-        (self.req, self.memo, self.opcode, self.unique, self.nodeid, self.pid, self.uid,
-         self.gid) = req, None, req.opcode, req.unique, req.nodeid, req.pid, req.uid, req.gid
+        Op.__init__(self, req)
         self.fh, self.flags, self.cmd, self.arg, self.in_size, self.out_size = fixed(req.body, abi.IOCTL_IN)
         self.data = bytes(req.body[abi.IOCTL_IN.size:abi.IOCTL_IN.size + self.in_size])
 
@@ -363,8 +336,7 @@ class Lock(Op):
     __slots__ = ("fh", "owner", "start", "end", "kind", "lock_pid", "flock")
 
     def __init__(self, req: Request) -> None:
-        (self.req, self.memo, self.opcode, self.unique, self.nodeid, self.pid, self.uid,
-         self.gid) = req, None, req.opcode, req.unique, req.nodeid, req.pid, req.uid, req.gid
+        Op.__init__(self, req)
         self.fh, self.owner, self.start, self.end, self.kind, self.lock_pid, lk_flags, _ = fixed(req.body, abi.LK_IN)
         self.flock = bool(lk_flags & abi.FUSE_LK_FLOCK)
 

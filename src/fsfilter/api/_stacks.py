@@ -15,6 +15,7 @@ import logging
 import math
 import os
 import threading
+import time
 from typing import Any, Protocol
 
 from fsfilter._abi import fuse as abi
@@ -320,15 +321,38 @@ def detach(core: StackedFilter, attachment: Attachment) -> None:
         last = set(stack.members) == {id(core)} and not stack.draining
         if last and _stacks.get(stack.mountpoint) is stack:
             del _stacks[stack.mountpoint]  # no filter joins it from now on
+            _stopping[stack.mountpoint] = stopped = threading.Event()
         drained = [s for s in _draining if id(core) in s.members]
     if last:
         # The last layer: unmount first, so that requests already sent (a RELEASE after the last close) still
         # reach it, as they would on a filter of its own. Outside the registry lock: stopping waits for the
         # session's threads, and a handler running there may be attaching another filter.
-        stack.stop()
+        try:
+            stack.stop()
+        finally:
+            with _registry_lock:
+                if _stopping.get(stack.mountpoint) is stopped:
+                    del _stopping[stack.mountpoint]
+            stopped.set()
     stack.remove(core)
     for other in drained:
         other.remove(core)
 
 
 _draining: list[MountStack] = []  # detached mounts still serving what was inside them (under _registry_lock)
+_stopping: dict[str, threading.Event] = {}  # mounts whose last filter is unmounting them, set when they are gone
+
+
+def wait_stopped(path: str, timeout: float = 30.0) -> None:
+    """Wait until no mount of this process at, above or below ``path`` is still being taken down: a filter started
+    meanwhile must mount on the directory itself, not on a mount that is going away."""
+    deadline = time.monotonic() + timeout
+    while True:
+        with _registry_lock:
+            busy = [e for p, e in _stopping.items() if _below(p, path) or _below(path, p)]
+        if not busy:
+            return
+        for event in busy:
+            event.wait(max(0.0, deadline - time.monotonic()))
+        if time.monotonic() >= deadline:
+            return

@@ -403,6 +403,7 @@ class CBFilter(RuleTables):
             if not any(p == q or p.startswith(q.rstrip("/") + "/") for q in out):
                 out.append(p)
         for p in out:
+            stacks.wait_stopped(p)  # a mount of this process still going away there is no mount to stand on
             if not self._covered(p) and stacks.stack_for(p) is None:
                 check_filterable(p)
         if len(out) > MAX_ATTACH_POINTS:
