@@ -43,14 +43,15 @@ def camel(event: str) -> str:
 def modules() -> dict[str, types.ModuleType]:
     found = {"fsfilter": fsfilter}
     for info in pkgutil.walk_packages(fsfilter.__path__, "fsfilter."):
-        if info.name != "fsfilter.__main__":  # runs the command line when imported
+        if not info.name.endswith(".__main__"):  # runs a command line when imported
             found[info.name] = importlib.import_module(info.name)
     return found
 
 
 def public(name: str) -> bool:
     """Modules whose names users (and the command line) import: the package, the API, the tools on top."""
-    return name in ("fsfilter", "fsfilter.errors", "fsfilter.cli", "fsfilter.demo") or (
+    return name in ("fsfilter", "fsfilter.errors", "fsfilter.cli", "fsfilter.demo", "fsfilter.service",
+                    "fsfilter.service.daemon", "fsfilter.service.remote") or (
         name.startswith("fsfilter.api.") and not name.endswith("__init__") and "._" not in name)
 
 

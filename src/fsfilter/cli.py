@@ -123,7 +123,88 @@ def build_parser() -> argparse.ArgumentParser:
 
     d = sub.add_parser("demo", help="a short live demonstration on a temporary directory")
     d.add_argument("--quiet", action="store_true", help="print only the summary")
+
+    st = sub.add_parser("status", help="fsfilterd's state: filtered directories and their stacks, counters, "
+                                       "default rules, kernel features")
+    st.add_argument("--json", action="store_true", help="print the status as JSON")
+
+    ru = sub.add_parser("rules", help="check and list default rules (/etc, /run, /usr/lib/fsfilter/rules.d)")
+    rsub = ru.add_subparsers(dest="rules_command", metavar="ACTION", required=True)
+    rc = rsub.add_parser("check", help="validate rules files; bad lines are reported with their numbers")
+    rc.add_argument("files", metavar="FILE", nargs="+")
+    rl = rsub.add_parser("list", help="the default rules the files define, product by product")
+    rl.add_argument("--json", action="store_true", help="print them as JSON")
     return parser
+
+
+def run_rules(args: argparse.Namespace) -> int:
+    from fsfilter.api import _rulesfiles
+    if args.rules_command == "check":
+        bad = 0
+        for name in args.files:
+            try:
+                rules, permissive = _rulesfiles.parse_rules(open(name, encoding="utf-8").read(), name)
+            except _rulesfiles.RulesError as exc:
+                bad += 1
+                print(exc, file=sys.stderr)
+                continue
+            except (OSError, UnicodeDecodeError) as exc:
+                bad += 1
+                print(f"{name}: {exc}", file=sys.stderr)
+                continue
+            print(f"{name}: {len(rules)} rule(s){' (permissive)' if permissive else ''}: ok")
+        return 1 if bad else 0
+    files, errors = _rulesfiles.load_rule_files()
+    rows = [{"product": f.product, "file": f.path, "permissive": f.permissive, "mask": r.mask,
+             "flags": _rulesfiles.flags_text(r.access), "access_flags": r.access} for f in files for r in f.rules]
+    if args.json:
+        print(json.dumps({"rules": rows, "errors": [str(e) for e in errors]}, indent=1))
+    else:
+        for row in rows:
+            mode = " (permissive)" if row["permissive"] else ""
+            print(f"{row['product']:<20} {row['flags']:<28} {row['mask']}{mode}")
+        if not rows:
+            print("no default rules (" + ", ".join(str(d) for d in _rulesfiles.rules_dirs()) + ")")
+    for error in errors:
+        print(f"skipped: {error}", file=sys.stderr)
+    return 1 if errors else 0
+
+
+def run_status(args: argparse.Namespace) -> int:
+    from fsfilter.api import _control, _deployment
+    try:
+        status = _control.call("status", timeout=5.0)
+    except CBFSFilterError as exc:
+        status = {"state": "not running", "detail": exc.message, "version": _deployment.package_version(),
+                  "installed_products": _deployment.installed_products(), "kernel": _deployment.kernel_features()}
+    if args.json:
+        print(json.dumps(status, indent=1, default=str))
+        return 0 if status["state"] == "running" else 3
+    print(f"fsfilterd: {status['state']} (version {status['version']})")
+    if status["state"] != "running":
+        print(f"  {status['detail']}")
+    else:
+        print(f"  pid {status['pid']}, up {status['uptime']} s, socket {status['socket']}")
+        d = status["default_rules"]
+        print(f"  default rules: {d['count']} from {', '.join(d['products']) or 'no product'}"
+              f" ({d['reloads']} load(s))")
+        for error in d["errors"]:
+            print(f"    error: {error}")
+        print(f"  applications attached: {status['applications']}")
+        for directory in status["directories"]:
+            print(f"  {directory['path']}")
+            for layer in directory["layers"]:
+                who = f"pid {layer.get('pid', '?')}"
+                extra = " permissive" if layer.get("permissive") else ""
+                print(f"    altitude {layer['altitude']:<10g} {layer.get('kind', '?'):<12} {who:<10} "
+                      f"{layer['rules']} rule(s), {layer['denials']} denial(s){extra}  {layer['label']}")
+        counters = ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in status["counters"].items())
+        print(f"  counters: {counters}")
+    products = status.get("installed_products") or []
+    print(f"  installed products: {', '.join(products) or 'none'}")
+    kernel = status.get("kernel", {})
+    print("  kernel: " + ", ".join(f"{k} {'yes' if v else 'NO'}" for k, v in kernel.items()))
+    return 0 if status["state"] == "running" else 3
 
 
 def _stop_on_signals() -> threading.Event:
@@ -528,6 +609,10 @@ def main(argv: list[str] | None = None) -> int:
             return run_procmon(args)
         if args.command == "deny-exec":
             return run_deny_exec(args)
+        if args.command == "status":
+            return run_status(args)
+        if args.command == "rules":
+            return run_rules(args)
         if args.command == "demo":
             from fsfilter.demo import run_demo
             return run_demo(quiet=args.quiet)

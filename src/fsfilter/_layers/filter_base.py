@@ -42,6 +42,7 @@ class FilterCore(Protocol):
     dispatcher: Dispatcher
     process_cached_io_requests: bool
     process_failed_requests: bool
+    owner_pid: int  # the application that runs the handlers, when not this process (a service's stack); else 0
 
     @property
     def has_rules(self) -> bool: ...
@@ -57,6 +58,9 @@ class FilterCore(Protocol):
     def is_attach_point(self, path: str) -> bool: ...
     def open_below(self, path: str, flags: int) -> int: ...
     def check_redirect(self, target: str) -> None: ...
+    def access_denied(self, path: str, opcode: int, pid: int, uid: int, what: str) -> bool:
+        """An access rule refuses a request: log it; False when the rules are permissive (let it through)."""
+        ...
 
 
 P = ParamSpec("P")
@@ -325,9 +329,13 @@ class FilterBase(Layer):
             return None
         return match_path(core.rules, core.passthrough_rules, path)
 
-    @staticmethod
-    def is_own(tid: int) -> bool:
-        return libc.is_own_thread(tid)
+    def is_own(self, tid: int) -> bool:
+        """Whether the request comes from the filter's own application: this process, or the process that attached
+        the filter to a service's stack (its requests are the application's own, as they are embedded)."""
+        if libc.is_own_thread(tid):
+            return True
+        owner = self.core.owner_pid
+        return owner != 0 and (tid == owner or libc.is_thread_of(owner, tid))
 
     def effective(self, m: PathMatch | None, tid: int, node: Inode | None = None, parent: Inode | None = None,
                   name: bytes = b"") -> Flags:
@@ -454,8 +462,18 @@ class FilterBase(Layer):
                 raise
             return None, error
 
-    def _deny(self, what: str) -> OSError:
-        return OSError(errno.EACCES, f"denied by an access rule: {what}")
+    def _refuse(self, op: ops.Op, what: str) -> None:
+        """An access rule refuses ``op``: raise EACCES, unless the filter's rules are permissive (they log what they
+        would refuse and let it through). Logged once per request and layer."""
+        key = (self, "refused")
+        refuse = op.recall(key)
+        if refuse is None:
+            name = getattr(op, "name", None)
+            path = self.child_path(op.nodeid, name) if isinstance(name, bytes) and name else self.abspath(op.nodeid)
+            refuse = op.remember(key, self.core.access_denied(path, op.opcode, op.pid, op.uid, what))
+        if not refuse:
+            return
+        raise OSError(errno.EACCES, f"denied by an access rule: {what}")
 
     def _node_opened(self, nodeid: int, file_context: int) -> None:
         state = self._state(nodeid)

@@ -45,7 +45,7 @@ class ChangeOps(FilterNaming):
         flags = self.effective(m, op.pid, parent=self.lower.inode(op.nodeid), name=name)
         if flags.access & (c.ACCESS_DENY_ALL | c.ACCESS_DELETE_PROTECT | c.ACCESS_DELETE_ONLY_PROTECT
                            | c.ACCESS_READ_ONLY | c.ACCESS_WRITE_ONLY):
-            raise self._deny("delete-protect")
+            self._refuse(op, "delete-protect")
         origin = self.origin(op)
         before = self.fire(ev.CBFilterBeforeCanFileBeDeletedEventParams, c.FS_CE_BEFORE_CAN_DELETE, flags, origin,
                            file_name=path, can_delete=True)
@@ -95,8 +95,8 @@ class ChangeOps(FilterNaming):
             raise OSError(errno.EXDEV, "a redirected name is renamed by copying")
         f_old = self.effective(m_old, op.pid, parent=old_dir, name=old)
         f_new = self.effective(m_new, op.pid, parent=new_dir, name=new)
-        self._check_rename_access(f_old, f_new, new_dir, new, flags_in)
-        self._check_subtree_move(op.pid, old_dir, old, new_dir, new, old_path, new_path, flags_in)
+        self._check_rename_access(op, f_old, f_new, new_dir, new, flags_in)
+        self._check_subtree_move(op, op.pid, old_dir, old, new_dir, new, old_path, new_path, flags_in)
         self._check_not_hidden(op, new_dir, new)
         flags = Flags(f_old.access | f_new.access, f_old.control | f_new.control, f_old.notify | f_new.notify)
         origin = self.origin(op)
@@ -129,27 +129,28 @@ class ChangeOps(FilterNaming):
         self.notify(ev.CBFilterNotifyRenameOrMoveFileEventParams, c.FS_NE_RENAME, flags, origin, **fields)
         return reply
 
-    def _check_rename_access(self, f_old: Flags, f_new: Flags, new_dir: Inode, new: bytes, flags_in: int) -> None:
+    def _check_rename_access(self, op: ops.Op, f_old: Flags, f_new: Flags, new_dir: Inode, new: bytes,
+                             flags_in: int) -> None:
         moving = c.ACCESS_DENY_ALL | c.ACCESS_RENAME_PROTECT | c.ACCESS_DELETE_PROTECT
         if f_old.access & moving:
-            raise self._deny("rename-protect")
+            self._refuse(op, "rename-protect")
         if f_new.access & (c.ACCESS_DENY_ALL | c.ACCESS_READ_ONLY):
-            raise self._deny("read-only destination")
+            self._refuse(op, "read-only destination")
         if f_old.access & ~f_new.access:
-            raise self._deny("the new name would escape an access rule")  # as for hard links
+            self._refuse(op, "the new name would escape an access rule")  # as for hard links
         exchange = flags_in & 2  # RENAME_EXCHANGE: the destination moves to the old name
         if exchange and (f_new.access & moving or f_new.access & ~f_old.access):
-            raise self._deny("rename-protect (exchange)")
+            self._refuse(op, "rename-protect (exchange)")
         if not exchange and f_new.access & (c.ACCESS_DELETE_PROTECT | c.ACCESS_DELETE_ONLY_PROTECT
                                             | c.ACCESS_WRITE_ONLY):
             try:
                 os.stat(new, dir_fd=new_dir.fd, follow_symlinks=False)
             except OSError:
                 return
-            raise self._deny("delete-protect: the rename would replace a protected file")
+            self._refuse(op, "delete-protect: the rename would replace a protected file")
 
-    def _check_subtree_move(self, tid: int, old_dir: Inode, old: bytes, new_dir: Inode, new: bytes, old_path: str,
-                            new_path: str, flags_in: int) -> None:
+    def _check_subtree_move(self, op: ops.Op, tid: int, old_dir: Inode, old: bytes, new_dir: Inode, new: bytes,
+                            old_path: str, new_path: str, flags_in: int) -> None:
         """Moving a directory moves every path below it: refuse the move when a rule that restricts access or
         asks for control events could judge something below it differently in the new place than in the old
         (a protected file would be carried out of its rule, or an unprotected one into it). Decided from the
@@ -163,7 +164,7 @@ class ChangeOps(FilterNaming):
         for rules in (core.rules, core.passthrough_rules):
             rule = rules.relocation_rule(old_path, new_path, c.ACCESS_KNOWN, _ALL_CONTROL) if rules else None
             if rule is not None:
-                raise self._deny(f"moving the directory {old_path} to {new_path} would change what the rule "
+                self._refuse(op, f"moving the directory {old_path} to {new_path} would change what the rule "
                                  f"{rule.mask!r} covers below it")
 
     def link(self, op: ops.Link) -> Reply:
@@ -177,11 +178,11 @@ class ChangeOps(FilterNaming):
             raise OSError(errno.EXDEV, "a hard link cannot be made under a redirected name")
         f_src = self.effective(self.match_node(old), op.pid, self.lower.inode(old))
         f_new = self.effective(self.name_match(op, name), op.pid, parent=self.lower.inode(op.nodeid), name=name)
-        if f_src.access and not f_new.access & f_src.access == f_src.access:
+        if f_src.access and f_new.access & f_src.access != f_src.access:
             # A second name outside the rule would escape it: refuse it.
-            raise self._deny("a hard link would bypass an access rule")
+            self._refuse(op, "a hard link would bypass an access rule")
         if f_new.access & (c.ACCESS_DENY_ALL | c.ACCESS_READ_ONLY):
-            raise self._deny("read-only")
+            self._refuse(op, "read-only")
         self._check_not_hidden(op, self.lower.inode(op.nodeid), name)
         flags = Flags(f_src.access | f_new.access, f_src.control | f_new.control, f_src.notify | f_new.notify)
         origin = self.origin(op)
@@ -217,13 +218,13 @@ class ChangeOps(FilterNaming):
             return self.down.setattr(op)
         access = flags.access
         if access & c.ACCESS_DENY_ALL:
-            raise self._deny("deny all")
+            self._refuse(op, "deny all")
         if valid & abi.FATTR_SIZE and access & c.ACCESS_READ_ONLY:
-            raise self._deny("read-only")
+            self._refuse(op, "read-only")
         if valid & abi.FATTR_MODE and access & c.ACCESS_NO_CHANGE_DAC:
-            raise self._deny("no-change-dac")
+            self._refuse(op, "no-change-dac")
         if valid & (abi.FATTR_UID | abi.FATTR_GID) and access & c.ACCESS_NO_CHANGE_OWNER:
-            raise self._deny("no-change-owner")
+            self._refuse(op, "no-change-owner")
         path = self.abspath(node.nodeid)
         origin = self.origin(op)
         handle = self.handle(fh) if fh is not None else None
@@ -273,11 +274,11 @@ class ChangeOps(FilterNaming):
             return serve() if setting else xattr_reply(self._whole(serve), size)
         acl = name in ACL_NAMES
         if setting and flags.access & c.ACCESS_DENY_ALL:
-            raise self._deny("deny all")
+            self._refuse(op, "deny all")
         if setting and acl and flags.access & c.ACCESS_NO_CHANGE_DAC:
-            raise self._deny("no-change-dac")
+            self._refuse(op, "no-change-dac")
         if setting and not acl and flags.access & c.ACCESS_READ_ONLY:
-            raise self._deny("read-only")
+            self._refuse(op, "read-only")
         path = self.abspath(node.nodeid)
         origin = self.origin(op)
         ctx: dict[str, Any] = dict(file_context=self.file_context(node.nodeid))

@@ -169,7 +169,7 @@ class IoOps(FilterBase):
         handle = self.handle(fh)
         flags, origin = self._io_flags(op, f.inode, handle)
         if flags.access & (c.ACCESS_READ_ONLY | c.ACCESS_DENY_ALL):
-            raise self._deny("read-only")
+            self._refuse(op, "read-only")
         path = handle.path if handle else self.abspath(f.inode.nodeid)
         ctx = self._handle_ctx(f.inode.nodeid, handle)
         creator = handle.origin if handle else None

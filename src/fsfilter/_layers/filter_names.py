@@ -69,7 +69,7 @@ class NameOps(FilterNaming):
         flags = self.effective(m, op.pid, parent=parent, name=name)
         if flags.access & c.ACCESS_DENY_ALL and not (flags.control & c.FS_CE_BEFORE_OPEN
                                                      and self.core.handler("before_open_file")):
-            raise self._deny("deny all")
+            self._refuse(op, "deny all")
         if flags.control & c.FS_CE_BEFORE_OPEN:
             # Resolving a name is Linux's equivalent of Windows opening a file to read its attributes: a
             # before-open handler sees it (desired_access FILE_READ_ATTRIBUTES, flags O_PATH) and can refuse

@@ -36,7 +36,7 @@ class OpenOps(FilterNaming):
     """Opens and closes: access checks, the create/open events and their contexts, cleanup and close events,
     and how an open's reads and writes are served (the daemon, direct I/O, FLUSH)."""
 
-    def _check_open_access(self, flags: Flags, open_flags: int, creating: bool) -> None:
+    def _check_open_access(self, op: ops.Op, flags: Flags, open_flags: int, creating: bool) -> None:
         access = flags.access
         if not access:
             return
@@ -46,13 +46,13 @@ class OpenOps(FilterNaming):
         mode = open_flags & os.O_ACCMODE
         writes = mode in (os.O_WRONLY, os.O_RDWR) or bool(open_flags & os.O_TRUNC) or creating
         if access & c.ACCESS_DENY_ALL:
-            raise self._deny("deny all")
+            self._refuse(op, "deny all")
         if access & c.ACCESS_READ_ONLY and writes:
-            raise self._deny("read-only")
+            self._refuse(op, "read-only")
         if access & c.ACCESS_WRITE_ONLY and mode in (os.O_RDONLY, os.O_RDWR) and not creating:
-            raise self._deny("write-only")
+            self._refuse(op, "write-only")
         if access & c.ACCESS_EXECUTE_PROTECT and open_flags & FMODE_EXEC:
-            raise self._deny("execute-protect")
+            self._refuse(op, "execute-protect")
 
     def open(self, op: ops.Open) -> Reply:
         if not self.reaches(op.nodeid):
@@ -60,7 +60,7 @@ class OpenOps(FilterNaming):
         node = self.lower.inode(op.nodeid)
         m = self.match_node(node.nodeid)
         flags = self.effective(m, op.pid, node)
-        self._check_open_access(flags, op.flags, False)
+        self._check_open_access(op, flags, op.flags, False)
         return self._open_with_events(op, node, op.flags, flags, lambda: self.down.open(op), created=False)
 
     def _open_fields(self, path: str, open_flags: int, mode: int, created: bool, is_dir: bool) -> dict[str, Any]:
@@ -142,7 +142,7 @@ class OpenOps(FilterNaming):
         if existing is not None:
             self._check_not_hidden(op, parent, name)
         created = existing is None or bool(open_flags & os.O_EXCL)
-        self._check_open_access(flags, open_flags, created)
+        self._check_open_access(op, flags, open_flags, created)
         known = self.lower.by_key.get((existing.st_dev, existing.st_ino)) if existing is not None else None
         self._naming.entry = (parent.nodeid, name, m) if m is not None else None
         try:
@@ -171,7 +171,7 @@ class OpenOps(FilterNaming):
         flags = self.effective(m, op.pid, parent=self.lower.inode(op.nodeid), name=name)
         if flags.access & (c.ACCESS_DENY_ALL | c.ACCESS_READ_ONLY) and not (
                 flags.control & c.FS_CE_BEFORE_CREATE and self.core.handler("before_create_file")):
-            raise self._deny("read-only")
+            self._refuse(op, "read-only")
         self._check_not_hidden(op, self.lower.inode(op.nodeid), name)
         origin = self.origin(op)
         fields: dict[str, Any] = dict(file_name=path, desired_access=c.DESIRED_ACCESS_FILE_WRITE_DATA,
@@ -219,7 +219,7 @@ class OpenOps(FilterNaming):
         flags = self.effective(m, op.pid, node)
         if flags.access & c.ACCESS_DENY_ALL and not (
                 flags.control & c.FS_CE_BEFORE_OPEN and self.core.handler("before_open_file")):
-            raise self._deny("deny all")
+            self._refuse(op, "deny all")
         open_flags = os.O_RDONLY | os.O_DIRECTORY
         return self._open_with_events(op, node, open_flags, flags, lambda: self.down.opendir(op),
                                       created=False, is_dir=True)

@@ -356,3 +356,23 @@ def wait_stopped(path: str, timeout: float = 30.0) -> None:
             event.wait(max(0.0, deadline - time.monotonic()))
         if time.monotonic() >= deadline:
             return
+
+
+def snapshot() -> list[dict[str, Any]]:
+    """Every live mount of this process and its layers, top first (for fsfilter status): the filter of each layer
+    is under "filter"."""
+    with _registry_lock:
+        stacks = list(_stacks.values())
+    out: list[dict[str, Any]] = []
+    for stack in stacks:
+        layers = []
+        if stack.layers is not None:
+            for m in stack.layers.members:
+                layer = m.layer
+                if isinstance(layer, FilterLayer):
+                    layers.append({"altitude": m.altitude, "scope": layer.scope, "filter": layer.core})
+        stats = stack.stats
+        out.append({"path": stack.mountpoint, "layers": layers,
+                    "requests": sum(stats.requests) if stats is not None else 0,
+                    "errors": stats.errors if stats is not None else 0})
+    return out

@@ -22,13 +22,17 @@ from fsfilter._engine.reparse import ReparseRules
 from fsfilter._engine.rules import RuleSet
 from fsfilter._layers.filter import FilterLayer
 from fsfilter._sessions.fanotify_session import local_mounts
-from fsfilter._system import fuse_device, procfs
+from fsfilter._system import procfs
 from fsfilter._system.procfs import ProcessInfo
+from fsfilter.api import _control, _rulesfiles, events, fileinfo
 from fsfilter.api import _stacks as stacks
 from fsfilter.api import constants as c
-from fsfilter.api import events, fileinfo
+from fsfilter.api._attached import RemoteSubject, ServiceLink, rule_list
+from fsfilter.api._denials import DenialLog
+from fsfilter.api._deployment import Deployment
 from fsfilter.api._event_source import RuleTables, check_thread_count, check_timeout, split_setting
 from fsfilter.api._fanotify_access import FANOTIFY_ACCESS, FanotifyAccess
+from fsfilter.api._rulesfiles import FORBIDDEN_ATTACH
 from fsfilter.api.params import FILTER_PARAMS
 from fsfilter.api.passthrough import check_filterable
 from fsfilter.errors import CBFSFilterError
@@ -37,10 +41,7 @@ __all__ = ["CBFilter", "EVENT_BITS", "NOTIFY_BITS"]  # its event-parameter class
 
 log = logging.getLogger("fsfilter")
 
-# Directories the filter never mounts over: the system would stop working, or the directory is virtual.
 MAX_ATTACH_POINTS = 64
-FORBIDDEN_ATTACH = frozenset({"/", "/proc", "/sys", "/dev", "/usr", "/etc", "/boot", "/bin", "/sbin", "/lib",
-                              "/lib64", "/run", "/var", "/tmp"})
 
 # Which rule flag each event needs (control flags for before/after events, notify flags for notify events), from
 # the event table.
@@ -51,11 +52,21 @@ _CONFIG_DEFAULTS: dict[str, str] = {
     "DenyExpiredEvents": "false", "ModifiableReadWriteBuffers": "true", "AllowFileAccessInBeforeOpen": "true",
     "EntryTimeout": "60", "AttrTimeout": "60", "NegativeTimeout": "10", "KernelPassthrough": "true",
     "AccessViaFanotify": "false", "HideDirectoryLinkCounts": "true", "RequestTimeout": "45",
+    "Permissive": "false", "LogDenials": "true", "Service": "auto",
 }
+# Service=auto: run in fsfilterd's stack when the service runs (and the filter can run there), else in this process;
+# on: only in the service (start_filter fails without it); off: always in this process.
+_SERVICE_MODES = ("auto", "on", "off")
 _START_ORDER = itertools.count(1)
+# Events of the filter itself: fired in the application whether it runs embedded or in the service.
+_LOCAL_EVENTS = frozenset({"error", "filter_start", "filter_stop", "worker_thread_creation",
+                           "worker_thread_termination"})
 _COUNT_SETTINGS = {"MinWorkerThreadCount", "MaxWorkerThreadCount"}
 _BOOL_SETTINGS = {"FilterOwnRequests", "DenyExpiredEvents", "ModifiableReadWriteBuffers",
-                  "AllowFileAccessInBeforeOpen", "KernelPassthrough", "AccessViaFanotify", "HideDirectoryLinkCounts"}
+                  "AllowFileAccessInBeforeOpen", "KernelPassthrough", "AccessViaFanotify", "HideDirectoryLinkCounts",
+                  "Permissive", "LogDenials"}
+# Refusals of every filter of the process that has no log of its own go here (one rate limit per process).
+_PROCESS_DENIALS = DenialLog()
 
 
 def _check_flags(name: str, value: int, known: int) -> int:
@@ -83,7 +94,7 @@ _DISPOSITION_FLAGS = {
 }
 
 
-class CBFilter(RuleTables):
+class CBFilter(Deployment, RuleTables):
     """Filters file operations below the directories its rules name. See docs/api.md for every member."""
 
     _handlers_ready = False
@@ -113,6 +124,12 @@ class CBFilter(RuleTables):
         self._attached: dict[str, stacks.Attachment] = {}  # attach point -> the filter's layer in its mount's stack
         self._product_guid = ""
         self._timeout_ms = 0
+        self.denial_log = _PROCESS_DENIALS  # the service gives its filters the service's log
+        self.label = f"CBFilter of pid {os.getpid()}"  # names the filter in the denial log and fsfilter status
+        self._default_snapshot: list[tuple[str, int]] | None = None
+        self._service_link: ServiceLink | None = None  # attached to fsfilterd's stack
+        self.owner_pid = 0  # set by the service for an application's filter it runs
+        self.denials = 0  # requests its access rules refused (or, when permissive, would have refused)
         # Start, stop and attach points; taken before the stacks' registry lock (api/_stacks.py), never while a
         # stack's lock is held (a lost mount tells its filters on a thread of its own, after letting go).
         self._lock = threading.RLock()
@@ -187,26 +204,6 @@ class CBFilter(RuleTables):
             raise CBFSFilterError(errno.EINVAL, "product_guid must be a string")
         self._product_guid = product_guid
 
-    def install(self, cab_file_name: str, product_guid: str, path_to_install: str | None, altitude: str,
-                flags: int, allowed_callers: str | None = None) -> bool:
-        """Linux has no driver to install: checks that the kernel can serve fsfilter; returns False (no reboot)."""
-        if not os.path.exists(fuse_device.DEVICE):
-            raise CBFSFilterError(errno.ENODEV, "/dev/fuse is missing: load the fuse module (modprobe fuse)")
-        return False
-
-    def uninstall(self, cab_file_name: str, product_guid: str, installed_path: str | None, flags: int) -> bool:
-        """Nothing to remove on Linux; returns False (no reboot)."""
-        return False
-
-    def get_driver_status(self, product_guid: str) -> int:
-        return c.MODULE_STATUS_RUNNING if os.path.exists(fuse_device.DEVICE) else c.MODULE_STATUS_NOT_PRESENT
-
-    def get_driver_version(self, product_guid: str) -> int:
-        """The kernel version as four 16-bit parts (major, minor, patch, 0)."""
-        parts = [int(p) if p.isdigit() else 0 for p in os.uname().release.split("-")[0].split(".")[:3]]
-        parts += [0] * (3 - len(parts))
-        return (parts[0] << 48) | (parts[1] << 32) | (parts[2] << 16)
-
     @property
     def active(self) -> bool:
         return self._active
@@ -240,6 +237,10 @@ class CBFilter(RuleTables):
                 raise CBFSFilterError(errno.EINVAL, "no rule names a directory to filter: add a rule with an "
                                                     "absolute mask (e.g. /srv/data/*) or call add_attach_point")
             self._timeout_ms = timeout
+            link = self._service_link_for(points, guarded)
+            if link is not None:
+                self._start_attached(link, timeout)
+                return
             d = self.dispatcher
             d.timeout = timeout / 1000.0
             d.serialize = self.serialize_events == c.SERIALIZE_EVENTS_ON_ONE_WORKER_THREAD
@@ -259,6 +260,67 @@ class CBFilter(RuleTables):
                 self._active = False
                 raise
             self._fire_simple("filter_start")
+
+    def _service_link_for(self, points: list[str], guarded: list[Any]) -> ServiceLink | None:
+        """A connection to fsfilterd when this filter is to run in its stack (Service setting), else None."""
+        mode = self._config["Service"]
+        if mode == "off":
+            return None
+        why_not = ("reparse rules" if len(self.reparse) else "AccessViaFanotify rules" if guarded else
+                   "FilterOwnRequests" if self.filter_own_requests else "")
+        if why_not:
+            if mode == "on":
+                raise CBFSFilterError(errno.EINVAL, f"a filter with {why_not} runs in the application only: set "
+                                                    "Service=auto or off")
+            return None
+        channel = _control.connect(timeout=5.0)
+        if channel is None:
+            if mode == "on":
+                raise CBFSFilterError(errno.ECONNREFUSED, f"Service=on, but fsfilterd is not running (no socket at "
+                                                          f"{_control.socket_path()}): start it, or set Service=auto")
+            return None
+        return ServiceLink(self, channel)
+
+    def _start_attached(self, link: ServiceLink, timeout: int) -> None:
+        d = self.dispatcher
+        d.timeout = 0.0  # the service keeps each event's deadline
+        d.serialize = self.serialize_events == c.SERIALIZE_EVENTS_ON_ONE_WORKER_THREAD
+        d.min_threads = max(1, int(self._config["MinWorkerThreadCount"]))
+        d.max_threads = max(d.min_threads, self.worker_threads())
+        d.start()
+        handlers = [event for event in FILTER_PARAMS if self.handler(event) is not None
+                    and event not in _LOCAL_EVENTS]
+        spec = {"altitude": self.altitude, "strict_altitude": self.strict_altitude, "tag": self.tag,
+                "timeout_ms": timeout, "label": self.label, "handlers": handlers,
+                "rules": rule_list(self.rules), "passthrough_rules": rule_list(self.passthrough_rules),
+                "attach_points": list(self._attach_points),
+                "process_failed_requests": self.process_failed_requests,
+                "process_cached_io_requests": self.process_cached_io_requests,
+                "config": {k: v for k, v in self._config.items() if k != "Service"}}
+        try:
+            result = link.request("attach", spec)
+        except BaseException:
+            link.close()
+            d.stop(1.0)
+            raise
+        link.handle = int(result["handle"])
+        self._service_link = link
+        self._active = True
+        log.info("filter attached to fsfilterd's stack on %s", ", ".join(result.get("attach_points", [])))
+        self._fire_simple("filter_start")
+
+    def _service_lost(self) -> None:
+        """fsfilterd closed the connection while the filter ran: its rules no longer hold anywhere."""
+        with self._lock:
+            if not self._active or self._service_link is None:
+                return
+        self._fire_error(errno.ENOTCONN, "fsfilterd went away; the filter stopped: start it again")
+        self.stop_filter(wait=False)
+
+    @property
+    def attached_to_service(self) -> bool:
+        """Whether the filter runs in fsfilterd's stack (else in this process)."""
+        return self._service_link is not None
 
     def _attachment_lost(self, path: str, reason: str) -> None:
         """An attach point's mount went away under the filter (unmounted, or its connection aborted): the rules
@@ -299,6 +361,13 @@ class CBFilter(RuleTables):
         with self._lock:
             if not self._active:
                 return
+            link, self._service_link = self._service_link, None
+            if link is not None:
+                try:
+                    link.request("detach", {"handle": link.handle}, timeout=10.0)
+                except CBFSFilterError:
+                    pass  # the service is gone: so is the layer
+                link.close()
             self._detach_all()
             self._stop_fanotify_access()
             self.dispatcher.stop(10.0 if wait else 1.0)
@@ -487,6 +556,11 @@ class CBFilter(RuleTables):
         return changed
 
     def _rules_changed(self) -> None:
+        link = self._service_link
+        if link is not None:
+            link.request("set_rules", {"handle": link.handle, "rules": rule_list(self.rules),
+                                       "passthrough_rules": rule_list(self.passthrough_rules)})
+            return
         guard = self._fanotify
         if guard is not None:
             guard.forget_cache()  # cached "allow" decisions were made under the old rules
@@ -625,6 +699,16 @@ class CBFilter(RuleTables):
             raise OSError(errno.EACCES, f"a reparse rule redirects a name to {real}, which the filter with tag "
                                         f"{other.tag} restricts")
 
+    def access_denied(self, path: str, opcode: int, pid: int, uid: int, what: str) -> bool:
+        """A layer of this filter refuses a request by an access rule: count and log it (LogDenials); False when
+        the filter is Permissive (the request goes on)."""
+        self.denials += 1
+        refuse = self._config["Permissive"] != "true"
+        if self._config["LogDenials"] == "true":
+            masks = [r.mask for r in self.rules.candidates(path) if r.access] or ["?"]
+            self.denial_log.record(path, opcode, pid, uid, ", ".join(masks), what, refuse, self.label)
+        return refuse
+
     def open_below(self, path: str, flags: int) -> int:
         """Open ``path`` below this filter's mounts (an attach point's lower directory), else natively."""
         real = os.path.normpath(path)
@@ -666,6 +750,12 @@ class CBFilter(RuleTables):
             value = "true" if value.lower() in ("true", "1", "yes") else "false"
         elif name in _COUNT_SETTINGS:
             value = check_thread_count(name, value, self._config)
+        elif name == "Service":
+            if value.lower() not in _SERVICE_MODES:
+                raise CBFSFilterError(errno.EINVAL, f"Service takes auto, on or off, not {value!r}")
+            if self._active:
+                raise CBFSFilterError(errno.EBUSY, "Service is read at start_filter: stop the filter first")
+            value = value.lower()
         else:
             try:
                 number = float(value)
@@ -863,6 +953,9 @@ class CBFilter(RuleTables):
         this file until all its handles are closed. Access rules still apply."""
         job = dispatch.current_job()
         subject = job.subject if job is not None else None
+        if isinstance(subject, RemoteSubject):
+            subject.suspend = True  # the service suspends the node when the answer arrives
+            return
         if not (isinstance(subject, tuple) and len(subject) == 2 and isinstance(subject[0], FilterLayer)):
             raise CBFSFilterError(errno.EINVAL, "suspend_file_events works only inside on_after_create_file or "
                                                 "on_after_open_file")
@@ -871,32 +964,69 @@ class CBFilter(RuleTables):
 
     # -- SDK members with no Linux meaning (documented in docs/api.md)
 
-    # Default rules are kept and enforced by the Windows driver with no process running. Here the filter is a
-    # process (the daemon serving the mount): rules that must hold from boot need that process started at boot.
-    _NO_DEFAULT_RULES = ("default rules need a filter running with no application: on Linux, start your CBFilter "
-                         "(or 'fsfilter protect') from a system service at boot instead")
+    # Default rules: access rules fsfilterd enforces with no application running, kept per product in
+    # /etc/fsfilter/rules.d (docs/service.md). Changing them needs root; the running service reloads at once.
 
     def add_default_rule(self, mask: str, access_flags: int, product_guid: str = "") -> bool:
-        raise CBFSFilterError(errno.ENOSYS, self._NO_DEFAULT_RULES)
+        """Add a persistent access rule (ORed into the product's rule with the same mask). Returns whether the
+        rules changed. Enforced by fsfilterd from now on (and from boot), below every application's rules."""
+        access = _check_flags("access_flags", access_flags, c.ACCESS_KNOWN)
+        return self._edit_default_rule(mask, access, product_guid or self._product_guid)
 
     def delete_default_rule(self, mask: str, product_guid: str = "") -> bool:
-        raise CBFSFilterError(errno.ENOSYS, self._NO_DEFAULT_RULES)
+        return self._edit_default_rule(mask, None, product_guid or self._product_guid)
+
+    def _edit_default_rule(self, mask: str, access: int | None, product_guid: str) -> bool:
+        if not isinstance(mask, str) or not mask:
+            raise CBFSFilterError(errno.EINVAL, "mask must be a non-empty string")
+        if os.geteuid() != 0:
+            raise CBFSFilterError(errno.EPERM, "default rules bind every user's processes: only root may change "
+                                               "them (run as root, or ask an administrator)")
+        params = {"mask": mask, "product": product_guid}
+        method = "delete_default_rule" if access is None else "add_default_rule"
+        if access is not None:
+            params["access_flags"] = access  # type: ignore[assignment]
+        try:
+            return bool(_control.call(method, params))
+        except CBFSFilterError as exc:
+            if exc.code != errno.ECONNREFUSED:
+                raise
+        # No service runs: edit the file; the service reads it when it starts.
+        return _rulesfiles.edit_default_rules(product_guid, mask, access)
 
     def create_default_rules_snapshot(self, product_guid: str = "") -> bool:
-        raise CBFSFilterError(errno.ENOSYS, self._NO_DEFAULT_RULES)
+        """Read the default rules (of ``product_guid``, or of every product when empty) for default_rule_count and
+        get_default_rule_*; the list stays as it was read until close_default_rules_snapshot."""
+        files, errors = _rulesfiles.load_rule_files()
+        product = _rulesfiles.product_file(product_guid).stem if product_guid else ""
+        self._default_snapshot = [(r.mask, r.access) for f in files if not product or f.product == product
+                                  for r in f.rules]
+        return not errors
 
     def close_default_rules_snapshot(self) -> None:
-        """Nothing to release: there are no default rules."""
+        self._default_snapshot = None
+
+    def _snapshot(self) -> list[tuple[str, int]]:
+        if self._default_snapshot is None:
+            raise CBFSFilterError(errno.EINVAL, "call create_default_rules_snapshot first")
+        return self._default_snapshot
 
     @property
     def default_rule_count(self) -> int:
-        return 0
+        return len(self._default_snapshot) if self._default_snapshot is not None else 0
 
     def get_default_rule_mask(self, index: int) -> str:
-        raise CBFSFilterError(errno.EINVAL, f"default rule index {index!r} out of range: there are no default rules")
+        return self._snapshot_item(index)[0]
 
     def get_default_rule_access_flags(self, index: int) -> int:
-        raise CBFSFilterError(errno.EINVAL, f"default rule index {index!r} out of range: there are no default rules")
+        return self._snapshot_item(index)[1]
+
+    def _snapshot_item(self, index: int) -> tuple[str, int]:
+        items = self._snapshot()
+        if not isinstance(index, int) or not 0 <= index < len(items):
+            raise CBFSFilterError(errno.EINVAL, f"default rule index {index!r} out of range: there are {len(items)} "
+                                                "(default_rule_count)")
+        return items[index]
 
     def shutdown_system(self, shutdown_prompt: str, timeout: int, force_close_apps: bool, reboot: bool) -> bool:
         raise CBFSFilterError(errno.ENOSYS, "fsfilter does not shut the machine down: use systemctl")

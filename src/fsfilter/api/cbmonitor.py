@@ -36,6 +36,7 @@ from fsfilter._system import libc, procfs
 from fsfilter._system.procfs import TaskStatusReader
 from fsfilter._wire.fanotify import Event
 from fsfilter.api import constants as c
+from fsfilter.api._deployment import Deployment
 from fsfilter.api._event_source import EventSource, RuleTables, check_timeout
 from fsfilter.api.monitor_params import *  # noqa: F403  (the CBMonitor<Event>EventParams classes, importable here)
 from fsfilter.api.monitor_params import MONITOR_PARAMS
@@ -176,8 +177,10 @@ def _alive(pidfd: int) -> bool:
     return True
 
 
-class CBMonitor(EventSource, RuleTables):
+class CBMonitor(Deployment, EventSource, RuleTables):
     """Notification events for file operations anywhere on the machine's local file systems (fanotify)."""
+
+    _CLASS = "CBMonitor"  # for the kernel features install checks
 
     PARAMS = MONITOR_PARAMS
     DOC = "docs/monitor.md"

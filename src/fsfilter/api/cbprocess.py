@@ -32,6 +32,7 @@ from fsfilter._sessions.fanotify_session import MountTable, PermissionGroup, loc
 from fsfilter._system import libc, netlink, procfs
 from fsfilter._wire import cn_proc as wire
 from fsfilter._wire.fanotify import Event
+from fsfilter.api._deployment import Deployment
 from fsfilter.api._event_source import EventSource, check_timeout
 from fsfilter.api.constants import (
     PROCESS_EVENT_PROCESS_CREATION,
@@ -68,8 +69,10 @@ class _Proc:
     creator: tuple[int, int] = (0, 0)  # the process and thread that forked it
 
 
-class CBProcess(EventSource):
+class CBProcess(Deployment, EventSource):
     """Process and thread events (process connector), and refusing programs (fanotify exec permission)."""
+
+    _CLASS = "CBProcess"  # for the kernel features install checks
 
     PARAMS = PROCESS_PARAMS
     DOC = "docs/process.md"

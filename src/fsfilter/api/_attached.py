@@ -1,0 +1,170 @@
+"""A CBFilter attached to fsfilterd: its layer runs in the service's stack, its handlers here.
+
+The application's end of the channel: one reader thread takes the service's messages; control events run on a
+pool (each answered as soon as its handler returns, in any order), notifications go to the filter's own dispatcher
+as an embedded filter's do (its serialisation and ordering rules hold). Requests are numbered and matched to their
+answers.
+"""
+
+from __future__ import annotations
+
+import errno
+import itertools
+import logging
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Protocol
+
+from fsfilter._engine import dispatch
+from fsfilter._engine.dispatch import Origin, Outcome
+from fsfilter._engine.rules import RuleSet
+from fsfilter.api import _control
+from fsfilter.api._control import changed_fields, decode_params, encode_params
+from fsfilter.api.params import FILTER_PARAMS
+from fsfilter.errors import CBFSFilterError
+
+__all__ = ["RemoteSubject", "ServiceLink", "rule_list"]
+
+log = logging.getLogger("fsfilter")
+
+
+class AttachedFilter(Protocol):
+    dispatcher: dispatch.Dispatcher
+
+    def handler(self, event: str) -> Any: ...
+    def worker_threads(self) -> int: ...
+    def _fire_error(self, code: int, description: str) -> None: ...
+    def _service_lost(self) -> None: ...
+
+
+class RemoteSubject:
+    """The subject of an event handled for the service: suspend_file_events marks it, the answer carries it."""
+
+    __slots__ = ("suspend",)
+
+    def __init__(self) -> None:
+        self.suspend = False
+
+
+def rule_list(rules: RuleSet) -> list[list[Any]]:
+    return [[r.mask, r.ea_name, r.access, r.control, r.notify, r.min_size, r.max_size, r.included_attributes,
+             r.excluded_attributes] for r in rules]
+
+
+def _origin(fields: object) -> Origin | None:
+    if not isinstance(fields, list) or len(fields) != 5:
+        return None
+    pid, tid, uid, gid, name = fields
+    return Origin(int(pid), int(tid), int(uid), int(gid), name if isinstance(name, str) else None)
+
+
+class ServiceLink:
+    def __init__(self, core: AttachedFilter, channel: _control.Channel) -> None:
+        self.core = core
+        self.channel = channel
+        self.handle = 0
+        self._ids = itertools.count(1)
+        self._waiting: dict[int, list[Any]] = {}
+        self._lock = threading.Lock()
+        self._pool = ThreadPoolExecutor(max_workers=max(4, core.worker_threads()),
+                                        thread_name_prefix="fsfilter-service-event")
+        self._closing = False
+        self._reader = threading.Thread(target=self._read, name="fsfilter-service-link", daemon=True)
+        self._reader.start()
+
+    def request(self, method: str, params: dict[str, Any], timeout: float = 60.0) -> Any:
+        ident = next(self._ids)
+        waiter: list[Any] = [threading.Event(), None]
+        with self._lock:
+            self._waiting[ident] = waiter
+        try:
+            self.channel.send({"id": ident, "method": method, "params": params})
+            if not waiter[0].wait(timeout):
+                raise CBFSFilterError(errno.ETIMEDOUT, f"fsfilterd did not answer {method} in {timeout:.0f} s")
+        except OSError as exc:
+            raise CBFSFilterError(errno.ENOTCONN, f"fsfilterd went away: {exc}") from exc
+        finally:
+            with self._lock:
+                self._waiting.pop(ident, None)
+        answer = waiter[1]
+        if answer is None:
+            raise CBFSFilterError(errno.ENOTCONN, f"fsfilterd closed the connection before answering {method}")
+        error = answer.get("error")
+        if isinstance(error, dict):
+            raise CBFSFilterError(int(error.get("code", errno.EIO)), f"fsfilterd: {error.get('message', '')}")
+        return answer.get("result")
+
+    def _read(self) -> None:
+        try:
+            while True:
+                try:
+                    message = self.channel.receive()
+                except _control.ProtocolError as exc:
+                    log.error("fsfilterd sent a malformed message: %s", exc)
+                    continue
+                if message is None:
+                    break
+                if "notify" in message:
+                    self._notifications(message["notify"])
+                elif "event" in message:
+                    self._pool.submit(self._control_event, message)
+                elif "id" in message:
+                    with self._lock:
+                        waiter = self._waiting.get(message["id"])
+                    if waiter is not None:
+                        waiter[1] = message
+                        waiter[0].set()
+        except OSError:
+            pass
+        with self._lock:
+            waiting = list(self._waiting.values())
+        for waiter in waiting:
+            waiter[0].set()
+        if not self._closing:
+            self.core._service_lost()
+
+    def _notifications(self, batch: object) -> None:
+        if not isinstance(batch, list):
+            return
+        core = self.core
+        for note in batch:
+            try:
+                event, fields, origin, creator = note
+                handler = core.handler(event)
+                if handler is None:
+                    continue
+                params = decode_params(FILTER_PARAMS[event], fields)
+            except (ValueError, TypeError, KeyError) as exc:
+                log.error("fsfilterd sent a bad notification: %s", exc)
+                continue
+            core.dispatcher.post(handler, params, _origin(origin), _origin(creator))
+
+    def _control_event(self, message: dict[str, Any]) -> None:
+        call_id = message.get("call")
+        answer: dict[str, Any] = {"answer": call_id}
+        try:
+            event = str(message["event"])
+            params = decode_params(FILTER_PARAMS[event], message.get("params") or {})
+            before = encode_params(params)
+            handler = self.core.handler(event)
+            subject = RemoteSubject()
+            if handler is not None:
+                outcome = self.core.dispatcher.call(handler, params, _origin(message.get("origin")),
+                                                    _origin(message.get("creator")), subject)
+                if outcome is Outcome.FAILED:
+                    answer["failed"] = True
+            answer["params"] = changed_fields(params, before)
+            answer["suspend"] = subject.suspend
+        except (ValueError, TypeError, KeyError) as exc:
+            log.error("fsfilterd sent a bad event: %s", exc)
+            answer["failed"] = True
+        try:
+            self.channel.send(answer)
+        except OSError:
+            pass
+
+    def close(self) -> None:
+        self._closing = True
+        self.channel.close()
+        self._reader.join(5.0)
+        self._pool.shutdown(wait=True, cancel_futures=False)

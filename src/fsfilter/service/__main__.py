@@ -1,0 +1,7 @@
+"""``python -m fsfilter.service``: fsfilterd."""
+
+import sys
+
+from fsfilter.service.daemon import main
+
+sys.exit(main())

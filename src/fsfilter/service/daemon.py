@@ -1,0 +1,449 @@
+"""fsfilterd: the service that runs filter stacks with no application — default rules from boot, and the layers of
+applications that attach to it (service/remote.py).
+
+Each product's default rules file becomes one filter at the lowest altitude ("0") in the stack of its directories,
+so every application's layer sees a request before the defaults do. An application's access rule takes precedence
+over the defaults on the files it matches (its masks become passthrough rules of the default filters, withdrawing
+their access flags there) and the defaults return when it goes. A reload starts the new filter before it stops the
+old one: no window without the rules.
+"""
+
+from __future__ import annotations
+
+import argparse
+import errno
+import logging
+import os
+import signal
+import socket
+import stat
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from fsfilter.api import _control, _deployment, _rulesfiles
+from fsfilter.api import _stacks as stacks
+from fsfilter.api import constants as c
+from fsfilter.api._denials import DenialLog
+from fsfilter.api._rulesfiles import RuleFile, RulesError
+from fsfilter.api.cbfilter import CBFilter
+from fsfilter.errors import CBFSFilterError
+from fsfilter.service import remote
+from fsfilter.service.peers import Peer
+
+__all__ = ["Service", "main"]
+
+log = logging.getLogger("fsfilterd")
+
+DEFAULT_ALTITUDE = "0"  # below every application's filter
+MAX_CLIENTS = 256
+MAX_CLIENTS_PER_USER = 8  # for users other than root
+
+
+def sd_notify(state: str) -> bool:
+    """Tell systemd (Type=notify) about readiness, reloads and watchdog pings; False when not under systemd."""
+    where = os.environ.get("NOTIFY_SOCKET")
+    if not where:
+        return False
+    address = "\0" + where[1:] if where.startswith("@") else where
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
+        try:
+            sock.sendto(state.encode(), address)
+        except OSError:
+            return False
+    return True
+
+
+class DefaultRules:
+    """One product's default rules, enforced by a filter of the service's."""
+
+    def __init__(self, rules: RuleFile, denial_log: DenialLog) -> None:
+        self.file = rules
+        self.key = (tuple((r.mask, r.access) for r in rules.rules), rules.permissive)
+        self.filter = f = CBFilter()
+        f.altitude = DEFAULT_ALTITUDE
+        f.config("Service=off")  # the service runs its stacks itself
+        f.label = f"default rules {rules.product} ({rules.path})"
+        f.denial_log = denial_log
+        f.config("Permissive=" + ("true" if rules.permissive else "false"))
+        for rule in rules.rules:
+            f.add_filter_rule(rule.mask, rule.access, 0, 0)
+
+    def set_overrides(self, masks: set[str]) -> None:
+        """Application access rules take precedence over these defaults on the files they match."""
+        f = self.filter
+        present = {r.mask for r in f.passthrough_rules}
+        for mask in present - masks:
+            f.delete_passthrough_rule(mask, c.ACCESS_KNOWN, 0, 0)
+        for mask in masks - present:
+            try:
+                f.add_passthrough_rule(mask, c.ACCESS_KNOWN, 0, 0)
+            except CBFSFilterError as exc:
+                log.warning("cannot let %s override the default rules: %s", mask, exc)
+
+
+class Service:
+    def __init__(self, socket_path: str | None = None) -> None:
+        self.socket_path = socket_path or _control.socket_path()
+        self.denial_log = DenialLog()
+        self.started = time.time()
+        self.defaults: dict[str, DefaultRules] = {}
+        self.rule_errors: list[RulesError] = []
+        self.start_errors: dict[str, str] = {}
+        self.reloads = 0
+        self.apps = remote.Applications(self)
+        self._lock = threading.RLock()  # rules and applications; taken before any CBFilter's lock
+        self._stop = threading.Event()
+        self._listener: socket.socket | None = None
+        self._clients: set[Peer] = set()
+        self._owns_socket = False
+
+    # -- default rules
+
+    def reload(self) -> dict[str, Any]:
+        """Read the rules.d directories again and bring the default filters in step, each changed product's new
+        filter started before its old one stops."""
+        files, errors = _rulesfiles.load_rule_files()
+        with self._lock:
+            self.reloads += 1
+            self.rule_errors = errors
+            wanted = {f.product: f for f in files}
+            overrides = self.apps.access_masks()
+            for product, rules in wanted.items():
+                old = self.defaults.get(product)
+                fresh = DefaultRules(rules, self.denial_log)
+                if old is not None and old.key == fresh.key:
+                    old.file = rules
+                    continue
+                try:
+                    if fresh.file.rules:
+                        fresh.filter.start_filter(0)
+                except CBFSFilterError as exc:
+                    self.start_errors[product] = str(exc)
+                    log.error("default rules of %s not enforced: %s", product, exc)
+                    continue
+                # After the start: a passthrough rule's directory would otherwise become an attach point too.
+                # Until then the defaults also hold on what an application overrides (closed, not open).
+                fresh.set_overrides(overrides)
+                self.start_errors.pop(product, None)
+                self.defaults[product] = fresh
+                if old is not None:
+                    old.filter.stop_filter(True)
+            for product in set(self.defaults) - set(wanted):
+                self.defaults.pop(product).filter.stop_filter(True)
+                self.start_errors.pop(product, None)
+        for error in errors:
+            log.error("rules file skipped: %s", error)
+        return {"products": sorted(self.defaults), "rules": self.default_rule_count(),
+                "errors": [str(e) for e in errors] + [f"{p}: {m}" for p, m in self.start_errors.items()]}
+
+    def default_rule_count(self) -> int:
+        return sum(len(d.file.rules) for d in self.defaults.values())
+
+    def overrides_changed(self) -> None:
+        with self._lock:
+            masks = self.apps.access_masks()
+            for d in self.defaults.values():
+                d.set_overrides(masks)
+
+    # -- status
+
+    def status(self) -> dict[str, Any]:
+        with self._lock:
+            defaults = list(self.defaults.values())
+        filters: dict[int, dict[str, Any]] = {}
+        for d in defaults:
+            filters[id(d.filter)] = {"kind": "default", "product": d.file.product, "file": d.file.path,
+                                     "permissive": d.file.permissive, "pid": os.getpid()}
+        filters.update(self.apps.describe())
+        directories = []
+        counters = {"requests": 0, "events": 0, "lost_events": 0, "denials": 0, "expired_events": 0}
+        seen: set[int] = set()
+        for mount in stacks.snapshot():
+            counters["requests"] += mount["requests"]
+            layers = []
+            for layer in mount["layers"]:
+                f = layer["filter"]
+                about = filters.get(id(f), {"kind": "service"})
+                layers.append({"altitude": layer["altitude"], "scope": layer["scope"], "label": getattr(f, "label", ""),
+                               "rules": len(f.rules), "denials": getattr(f, "denials", 0), **about})
+                if id(f) not in seen:
+                    seen.add(id(f))
+                    st = f.stats if isinstance(f, CBFilter) else {}
+                    counters["events"] += st.get("control_events", 0) + st.get("notifications_delivered", 0)
+                    counters["lost_events"] += st.get("shed", 0) + st.get("failed", 0)
+                    counters["expired_events"] += st.get("expired", 0)
+                    counters["denials"] += getattr(f, "denials", 0)
+            directories.append({"path": mount["path"], "layers": layers})
+        counters["denials_logged"] = self.denial_log.logged
+        counters["denials_suppressed"] = self.denial_log.suppressed_total
+        counters.update(self.apps.counters())
+        return {
+            "state": "running", "version": _deployment.package_version(), "pid": os.getpid(),
+            "uptime": round(time.time() - self.started, 1), "socket": self.socket_path,
+            "directories": directories,
+            "default_rules": {"count": self.default_rule_count(), "products": sorted(d.file.product for d in defaults),
+                              "reloads": self.reloads,
+                              "errors": [str(e) for e in self.rule_errors]
+                              + [f"{p}: {m}" for p, m in self.start_errors.items()]},
+            "applications": self.apps.count(),
+            "counters": counters,
+            "recent_denials": [vars(d) for d in list(self.denial_log.recent)[-20:]],
+            "kernel": _deployment.kernel_features(),
+            "installed_products": _deployment.installed_products(),
+        }
+
+    # -- the control socket
+
+    def listen(self) -> None:
+        inherited = _socket_from_systemd()
+        if inherited is not None:
+            self._listener = inherited
+            return
+        path = Path(self.socket_path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        os.chmod(path.parent, 0o755)
+        probe = _control.connect(str(path), timeout=1.0)
+        if probe is not None:
+            probe.close()
+            raise CBFSFilterError(errno.EADDRINUSE, f"another fsfilterd listens on {path}: stop it first")
+        try:
+            if stat.S_ISSOCK(path.lstat().st_mode):
+                path.unlink()  # a stale socket of a service that died
+        except FileNotFoundError:
+            pass
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        sock.bind(str(path))
+        os.chmod(path, 0o666)  # anyone may ask for the status; changes need root, checked per message
+        sock.listen(64)
+        self._listener = sock
+        self._owns_socket = True
+
+    def serve_forever(self) -> None:
+        listener = self._listener
+        assert listener is not None
+        listener.settimeout(0.5)
+        while not self._stop.is_set():
+            try:
+                conn, _ = listener.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                if self._stop.is_set():
+                    return
+                raise
+            conn.settimeout(None)
+            try:
+                peer = Peer(conn)
+            except OSError:
+                conn.close()
+                continue
+            with self._lock:
+                mine = sum(1 for p in self._clients if p.uid == peer.uid)
+                if len(self._clients) >= MAX_CLIENTS or (not peer.privileged and mine >= MAX_CLIENTS_PER_USER):
+                    refused = True  # one user must not take every connection from the others (and root)
+                else:
+                    refused = False
+                    self._clients.add(peer)
+            if refused:
+                _send(peer, {"id": None, "error": {"code": errno.EMFILE, "message": "too many connections"}})
+                peer.close()
+                continue
+            threading.Thread(target=self._serve_peer, args=(peer,), name=f"fsfilterd-peer-{peer.pid}",
+                             daemon=True).start()
+
+    def _serve_peer(self, peer: Peer) -> None:
+        try:
+            while not self._stop.is_set():
+                try:
+                    message = peer.channel.receive()
+                except _control.ProtocolError as exc:
+                    _send(peer, {"id": None, "error": {"code": exc.code, "message": str(exc)}})
+                    continue
+                except OSError:
+                    return
+                if message is None:
+                    return
+                if self.apps.takes(peer, message):
+                    continue  # an answer to an event the service sent
+                answer = self.handle(peer, message)
+                if answer is not None:
+                    _send(peer, answer)
+        finally:
+            self.apps.gone(peer)
+            with self._lock:
+                self._clients.discard(peer)
+            peer.close()
+
+    def handle(self, peer: Peer, message: dict[str, Any]) -> dict[str, Any] | None:
+        ident = message.get("id")
+        if not isinstance(ident, int) or isinstance(ident, bool):
+            return {"id": None, "error": {"code": errno.EBADMSG, "message": "a request needs an integer \"id\""}}
+        method = message.get("method")
+        params = message.get("params", {})
+        try:
+            if not isinstance(method, str) or method not in _control.METHODS:
+                raise _control.ProtocolError(errno.ENOSYS, f"unknown method {method!r}; known: "
+                                             f"{', '.join(sorted(_control.METHODS))}")
+            if not isinstance(params, dict):
+                raise _control.ProtocolError(errno.EINVAL, "\"params\" must be an object")
+            if _control.METHODS[method] and not peer.privileged:
+                raise _control.ProtocolError(errno.EPERM, f"{method} changes rules that bind every user's processes: "
+                                             f"only root (CAP_SYS_ADMIN) may call it, and pid {peer.pid} runs as uid "
+                                             f"{peer.uid}")
+            result = self._dispatch(peer, method, params)
+        except _control.ProtocolError as exc:
+            return {"id": ident, "error": {"code": exc.code, "message": str(exc)}}
+        except CBFSFilterError as exc:
+            return {"id": ident, "error": {"code": exc.code, "message": str(exc)}}
+        except Exception as exc:  # a bug must not take the service down: answer it, log it
+            log.exception("%s from pid %d failed", method, peer.pid)
+            return {"id": ident, "error": {"code": errno.EIO, "message": f"{method} failed: {exc}"}}
+        return {"id": ident, "result": result}
+
+    def _dispatch(self, peer: Peer, method: str, params: dict[str, Any]) -> Any:
+        if method == "hello":
+            return {"version": _deployment.package_version(), "protocol": _control.PROTOCOL_VERSION,
+                    "pid": os.getpid(), "privileged": peer.privileged}
+        if method == "status":
+            return self.status()
+        if method == "reload":
+            return self.reload()
+        if method == "list_default_rules":
+            with self._lock:
+                return [{"product": d.file.product, "file": d.file.path, "permissive": d.file.permissive,
+                         "mask": r.mask, "access_flags": r.access, "flags": _rulesfiles.flags_text(r.access)}
+                        for d in self.defaults.values() for r in d.file.rules]
+        if method in ("add_default_rule", "delete_default_rule"):
+            mask = _text(params, "mask")
+            product = params.get("product", "")
+            if not isinstance(product, str):
+                raise _control.ProtocolError(errno.EINVAL, "\"product\" must be a string")
+            if method == "add_default_rule":
+                access = params.get("access_flags")
+                if not isinstance(access, int) or isinstance(access, bool):
+                    raise _control.ProtocolError(errno.EINVAL, "\"access_flags\" must be an integer")
+                changed = _rulesfiles.edit_default_rules(product, mask, access)
+            else:
+                changed = _rulesfiles.edit_default_rules(product, mask, None)
+            self.reload()
+            return changed
+        return self.apps.request(peer, method, params)
+
+    def stop(self) -> None:
+        self._stop.set()
+        listener, self._listener = self._listener, None
+        if listener is not None:
+            listener.close()
+            if self._owns_socket:
+                try:
+                    os.unlink(self.socket_path)
+                except OSError:
+                    pass
+        with self._lock:
+            clients = list(self._clients)
+        for peer in clients:
+            peer.channel.close()
+        self.apps.stop()
+        with self._lock:
+            defaults, self.defaults = list(self.defaults.values()), {}
+        for d in defaults:
+            d.filter.stop_filter(True)
+
+
+def _send(peer: Peer, message: dict[str, Any]) -> None:
+    try:
+        peer.channel.send(message)
+    except OSError:
+        pass
+
+
+def _text(params: dict[str, Any], name: str) -> str:
+    value = params.get(name)
+    if not isinstance(value, str) or not value:
+        raise _control.ProtocolError(errno.EINVAL, f"\"{name}\" must be a non-empty string")
+    return value
+
+
+def _socket_from_systemd() -> socket.socket | None:
+    """The control socket systemd passed (socket activation: LISTEN_FDS, the first at fd 3), if any."""
+    if os.environ.get("LISTEN_PID") != str(os.getpid()) or os.environ.get("LISTEN_FDS") != "1":
+        return None
+    for name in ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"):
+        os.environ.pop(name, None)
+    os.set_inheritable(3, False)
+    return socket.socket(fileno=3)
+
+
+def _watchdog(service: Service, interval: float) -> None:
+    while not service._stop.wait(interval):
+        if service._listener is not None:
+            sd_notify("WATCHDOG=1")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="fsfilterd", description=(
+        "The fsfilter service: enforces the default rules of /usr/lib, /run and /etc/fsfilter/rules.d with no "
+        "application running, and runs the filters of applications that attach to it. Normally started by "
+        "systemd (fsfilterd.service); --foreground runs it in this terminal or container."))
+    parser.add_argument("--foreground", action="store_true", help="run in the foreground (what systemd runs too)")
+    parser.add_argument("--socket", help="control socket path (default /run/fsfilter/control.sock)")
+    parser.add_argument("--verbose", "-v", action="store_true", help="log debug messages")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="fsfilterd: %(levelname)s %(message)s", stream=sys.stderr)
+    if not args.foreground:
+        parser.error("fsfilterd does not fork: run it under systemd (systemctl start fsfilterd) or with --foreground")
+    if os.geteuid() != 0:
+        print("fsfilterd: needs root (it mounts over directories and answers for every user)", file=sys.stderr)
+        return 1
+    service = Service(args.socket)
+    try:
+        service.listen()
+    except (CBFSFilterError, OSError) as exc:
+        print(f"fsfilterd: {exc}", file=sys.stderr)
+        return 1
+    summary = service.reload()
+    log.info("enforcing %d default rule(s) of %s; listening on %s", summary["rules"],
+             ", ".join(summary["products"]) or "no product", service.socket_path)
+
+    def on_hup(signum: int, frame: object) -> None:
+        threading.Thread(target=_reload_by_signal, args=(service,), name="fsfilterd-reload", daemon=True).start()
+
+    def on_term(signum: int, frame: object) -> None:
+        service._stop.set()
+
+    signal.signal(signal.SIGHUP, on_hup)
+    signal.signal(signal.SIGTERM, on_term)
+    signal.signal(signal.SIGINT, on_term)
+    server = threading.Thread(target=service.serve_forever, name="fsfilterd-accept", daemon=True)
+    server.start()
+    watchdog_usec = int(os.environ.get("WATCHDOG_USEC", "0") or 0)
+    if watchdog_usec:
+        threading.Thread(target=_watchdog, args=(service, watchdog_usec / 2e6), daemon=True).start()
+    sd_notify(f"READY=1\nSTATUS=enforcing {summary['rules']} default rule(s)\nMAINPID={os.getpid()}")
+    print(f"fsfilterd: ready (pid {os.getpid()})", file=sys.stderr, flush=True)
+    try:
+        while not service._stop.wait(1.0):
+            pass
+    finally:
+        sd_notify("STOPPING=1")
+        service.stop()
+    log.info("stopped")
+    return 0
+
+
+def _reload_by_signal(service: Service) -> None:
+    sd_notify(f"RELOADING=1\nMONOTONIC_USEC={time.monotonic_ns() // 1000}")
+    try:
+        summary = service.reload()
+        log.info("reloaded: %d default rule(s)%s", summary["rules"],
+                 f"; {len(summary['errors'])} error(s)" if summary["errors"] else "")
+    finally:
+        sd_notify(f"READY=1\nSTATUS=enforcing {service.default_rule_count()} default rule(s)")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

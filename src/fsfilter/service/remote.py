@@ -1,0 +1,335 @@
+"""Applications' filters run by the service: the layer lives in the service's stack, the handlers in the application.
+
+An application that attaches sends its rules, altitude and the events it handles; the service starts a CBFilter of
+its own with those rules (so matching, access rules and the decision whether a request concerns the application at
+all happen here, and requests no rule concerns never cross the channel) whose handlers are proxies: a control event
+is one round trip (the service's dispatcher keeps the request's deadline), notifications are batched. When the
+application's connection closes — it stopped, or died — its filter leaves the stack at once and every event it
+still owed is failed, so no caller waits on a process that is gone.
+"""
+
+from __future__ import annotations
+
+import base64
+import errno
+import itertools
+import logging
+import threading
+from typing import Any, Protocol
+
+from fsfilter._engine import dispatch
+from fsfilter.api import _control
+from fsfilter.api._control import encode_params
+from fsfilter.api._params_base import EventParamsBase
+from fsfilter.api.cbfilter import CBFilter
+from fsfilter.api.params import FILTER_PARAMS
+from fsfilter.errors import CBFSFilterError
+from fsfilter.service.peers import Peer
+
+
+class Service(Protocol):
+    """What the applications' registry needs of the service: to hear that application rules changed."""
+
+    def overrides_changed(self) -> None: ...
+
+__all__ = ["Applications"]
+
+log = logging.getLogger("fsfilterd")
+
+# Events of the filter itself, fired in the application and never sent over the channel.
+LOCAL_EVENTS = frozenset({"error", "filter_start", "filter_stop", "worker_thread_creation",
+                          "worker_thread_termination"})
+MAX_RULES = 100_000
+NOTIFY_BATCH = 512
+
+
+class Link:
+    """The service's end of one application's connection: calls waiting for answers, and notifications waiting to
+    be sent (one sender thread, so a slow application never blocks the thread that posts them)."""
+
+    def __init__(self, peer: Peer) -> None:
+        self.peer = peer
+        self._calls: dict[int, list[Any]] = {}  # call id -> [Event, answer]
+        self._ids = itertools.count(1)
+        self._lock = threading.Lock()
+        self._outbox: list[list[Any]] = []
+        self._wake = threading.Condition(self._lock)
+        self.closed = False
+        self.sent_notifications = 0
+        self.lost_notifications = 0
+        self.round_trips = 0
+        self._sender = threading.Thread(target=self._send_notifications, name=f"fsfilterd-notify-{peer.pid}",
+                                        daemon=True)
+        self._sender.start()
+
+    def call(self, event: str, params: EventParamsBase) -> None:
+        job = dispatch.current_job()
+        waiter: list[Any] = [threading.Event(), None]
+        with self._lock:
+            if self.closed:
+                raise OSError(errno.ENOTCONN, "the application that handles this event is gone")
+            call_id = next(self._ids)
+            self._calls[call_id] = waiter
+        before = encode_params(params)
+        message = {"event": event, "call": call_id, "params": before,
+                   "origin": _origin(job.origin if job else None), "creator": _origin(job.creator if job else None)}
+        try:
+            self.peer.channel.send(message)
+            waiter[0].wait()
+        finally:
+            with self._lock:
+                self._calls.pop(call_id, None)
+        answer = waiter[1]
+        if answer is None:
+            raise OSError(errno.ENOTCONN, "the application that handles this event went away")
+        self.round_trips += 1
+        if answer.get("failed"):
+            raise RuntimeError(f"the application's on_{event} handler raised (see its on_error)")
+        fields = answer.get("params") or {}
+        if not isinstance(fields, dict):
+            raise OSError(errno.EBADMSG, "the application's answer is malformed")
+        for name, value in fields.items():
+            if name not in type(params)._fields or name == "buffer":
+                continue
+            if isinstance(value, dict):
+                data = base64.b64decode(str(value.get("b64", "")))
+                view = getattr(params, name)
+                if isinstance(view, memoryview) and not view.readonly and len(view) == len(data):
+                    view[:] = data  # a modifiable buffer: changed in place, where the layer reads it
+                continue
+            setattr(params, name, value)
+        if answer.get("suspend") and job is not None and isinstance(job.subject, tuple):
+            layer, nodeid = job.subject
+            layer.suspend_events(nodeid)
+
+    def post(self, event: str, params: EventParamsBase) -> None:
+        job = dispatch.current_job()
+        note = [event, encode_params(params), _origin(job.origin if job else None),
+                _origin(job.creator if job else None)]
+        with self._lock:
+            if self.closed:
+                self.lost_notifications += 1
+                return
+            self._outbox.append(note)
+            if len(self._outbox) == 1:
+                self._wake.notify()
+
+    def _send_notifications(self) -> None:
+        while True:
+            with self._lock:
+                while not self._outbox and not self.closed:
+                    self._wake.wait()
+                if self.closed and not self._outbox:
+                    return
+                batch, self._outbox = self._outbox[:NOTIFY_BATCH], self._outbox[NOTIFY_BATCH:]
+            try:
+                self.peer.channel.send({"notify": batch})
+                self.sent_notifications += len(batch)
+            except OSError:
+                with self._lock:
+                    self.lost_notifications += len(batch) + len(self._outbox)
+                    self._outbox = []
+                    self.closed = True
+                return
+
+    def answer(self, message: dict[str, Any]) -> None:
+        call_id = message.get("answer")
+        with self._lock:
+            waiter = self._calls.get(call_id) if isinstance(call_id, int) else None
+        if waiter is not None:
+            waiter[1] = message
+            waiter[0].set()
+
+    def close(self, flush: float = 2.0) -> None:
+        """The application left: fail every call still waiting; send what notifications can still be sent."""
+        with self._lock:
+            self.closed = True
+            waiting = list(self._calls.values())
+            self._wake.notify_all()
+        for waiter in waiting:
+            waiter[0].set()
+        self._sender.join(flush)
+
+
+def _origin(origin: dispatch.Origin | None) -> list[Any] | None:
+    if origin is None:
+        return None
+    return [origin.pid, origin.tid, origin.uid, origin.gid, origin.name]
+
+
+class AppFilter(CBFilter):
+    """An application's filter, run by the service with proxies for the application's handlers."""
+
+    def __init__(self, link: Link, spec: dict[str, Any]) -> None:
+        super().__init__()
+        self.link = link
+        self.owner_pid = link.peer.pid
+        self.config("Service=off")  # the service runs its stacks itself
+        self.label = str(spec.get("label") or f"application pid {link.peer.pid}")[:200]
+        self.handle_id = 0
+
+
+def _proxy_call(link: Link, event: str) -> Any:
+    return lambda params: link.call(event, params)
+
+
+def _proxy_post(link: Link, event: str) -> Any:
+    return lambda params: link.post(event, params)
+
+
+def _rule_args(entry: object) -> tuple[str, str, int, int, int, int, int, int, int]:
+    if not isinstance(entry, list) or len(entry) != 9 or not isinstance(entry[0], str) or \
+            not isinstance(entry[1], str) or not all(isinstance(v, int) and not isinstance(v, bool)
+                                                     for v in entry[2:]):
+        raise _control.ProtocolError(errno.EINVAL, "a rule is [mask, ea_name, access, control, notify, min_size, "
+                                                   "max_size, included_attributes, excluded_attributes]")
+    return (entry[0], entry[1], entry[2], entry[3], entry[4], entry[5], entry[6], entry[7], entry[8])
+
+
+def apply_rules(f: CBFilter, rules: object, passthrough: object) -> None:
+    for name, entries in (("rules", rules), ("passthrough_rules", passthrough)):
+        if not isinstance(entries, list) or len(entries) > MAX_RULES:
+            raise _control.ProtocolError(errno.EINVAL, f"\"{name}\" must be a list of at most {MAX_RULES} rules")
+    assert isinstance(rules, list) and isinstance(passthrough, list)
+    f.delete_all_filter_rules()
+    f.delete_all_passthrough_rules()
+    for entry in rules:
+        f.add_filter_rule_ex(*_rule_args(entry))
+    for entry in passthrough:
+        f.add_passthrough_rule_ex(*_rule_args(entry))
+
+
+class Applications:
+    """The applications attached to the service and their filters."""
+
+    def __init__(self, service: Service) -> None:
+        self.service = service
+        self._links: dict[Peer, Link] = {}
+        self._filters: dict[int, AppFilter] = {}
+        self._ids = itertools.count(1)
+        self._lock = threading.Lock()
+
+    def takes(self, peer: Peer, message: dict[str, Any]) -> bool:
+        """An answer to an event the service sent this peer: handled here."""
+        if "answer" not in message:
+            return False
+        with self._lock:
+            link = self._links.get(peer)
+        if link is not None:
+            link.answer(message)
+        return True
+
+    def request(self, peer: Peer, method: str, params: dict[str, Any]) -> Any:
+        if method == "attach":
+            return self._attach(peer, params)
+        handle = params.get("handle")
+        with self._lock:
+            f = self._filters.get(handle) if isinstance(handle, int) else None
+        if f is None or f.link.peer is not peer:
+            raise _control.ProtocolError(errno.EBADF, f"no filter {handle!r} of this connection")
+        if method == "detach":
+            self._detach(f)
+            return True
+        if method == "set_rules":
+            apply_rules(f, params.get("rules"), params.get("passthrough_rules"))
+            self.service.overrides_changed()
+            return True
+        raise _control.ProtocolError(errno.ENOSYS, f"unknown method {method!r}")
+
+    def _attach(self, peer: Peer, spec: dict[str, Any]) -> dict[str, Any]:
+        with self._lock:
+            link = self._links.get(peer)
+            if link is None:
+                link = self._links[peer] = Link(peer)
+        f = AppFilter(link, spec)
+        handlers = spec.get("handlers", [])
+        if not isinstance(handlers, list) or not all(isinstance(h, str) for h in handlers):
+            raise _control.ProtocolError(errno.EINVAL, "\"handlers\" must be a list of event names")
+        for event in handlers:
+            if event not in FILTER_PARAMS or event in LOCAL_EVENTS:
+                raise _control.ProtocolError(errno.EINVAL, f"no event {event!r} can be handled over the channel")
+            is_note = event.startswith("notify_")
+            setattr(f, "on_" + event, _proxy_post(link, event) if is_note else _proxy_call(link, event))
+        try:
+            for key in ("altitude", "tag"):
+                if key in spec:
+                    setattr(f, key, spec[key] if key == "altitude" else int(spec[key]))
+            f.strict_altitude = bool(spec.get("strict_altitude", False))
+            f.process_failed_requests = bool(spec.get("process_failed_requests", False))
+            f.process_cached_io_requests = bool(spec.get("process_cached_io_requests", False))
+            config = spec.get("config", {})
+            if not isinstance(config, dict):
+                raise _control.ProtocolError(errno.EINVAL, "\"config\" must be an object")
+            for name, value in config.items():
+                if name in ("AccessViaFanotify", "FilterOwnRequests", "Service"):
+                    continue
+                f.config(f"{name}={value}")
+            points = spec.get("attach_points", [])
+            if not isinstance(points, list) or not all(isinstance(p, str) for p in points):
+                raise _control.ProtocolError(errno.EINVAL, "\"attach_points\" must be a list of paths")
+            for p in points:
+                f.add_attach_point(p)
+            apply_rules(f, spec.get("rules"), spec.get("passthrough_rules", []))
+            timeout = spec.get("timeout_ms", 0)
+            if not isinstance(timeout, int) or isinstance(timeout, bool):
+                raise _control.ProtocolError(errno.EINVAL, "\"timeout_ms\" must be an integer")
+            f.start_filter(timeout)
+        except (ValueError, TypeError) as exc:
+            raise _control.ProtocolError(errno.EINVAL, str(exc)) from None
+        with self._lock:
+            f.handle_id = next(self._ids)
+            self._filters[f.handle_id] = f
+        self.service.overrides_changed()
+        log.info("pid %d attached %s at altitude %s on %s", peer.pid, f.label, f.altitude,
+                 ", ".join(f._attach_point_list()))
+        return {"handle": f.handle_id, "attach_points": f._attach_point_list()}
+
+    def _detach(self, f: AppFilter) -> None:
+        with self._lock:
+            self._filters.pop(f.handle_id, None)
+        try:
+            f.stop_filter(True)
+        except CBFSFilterError as exc:
+            log.warning("stopping %s: %s", f.label, exc)
+        self.service.overrides_changed()
+
+    def gone(self, peer: Peer) -> None:
+        """The peer's connection closed: its filters leave their stacks, its pending events fail."""
+        with self._lock:
+            link = self._links.pop(peer, None)
+            mine = [f for f in self._filters.values() if f.link.peer is peer]
+        if link is None:
+            return
+        link.close(0.0)
+        for f in mine:
+            self._detach(f)
+            log.info("pid %d is gone: %s left the stack", peer.pid, f.label)
+
+    def access_masks(self) -> set[str]:
+        """The masks of every attached application's access rules: they override the default rules."""
+        with self._lock:
+            filters = list(self._filters.values())
+        return {r.mask for f in filters for r in f.rules if r.access}
+
+    def describe(self) -> dict[int, dict[str, Any]]:
+        with self._lock:
+            filters = list(self._filters.values())
+        return {id(f): {"kind": "application", "pid": f.owner_pid, "uid": f.link.peer.uid, "handle": f.handle_id}
+                for f in filters}
+
+    def count(self) -> int:
+        with self._lock:
+            return len(self._filters)
+
+    def counters(self) -> dict[str, int]:
+        with self._lock:
+            links = list(self._links.values())
+        return {"channel_round_trips": sum(link.round_trips for link in links),
+                "channel_notifications": sum(link.sent_notifications for link in links),
+                "channel_notifications_lost": sum(link.lost_notifications for link in links)}
+
+    def stop(self) -> None:
+        with self._lock:
+            peers = list(self._links)
+        for peer in peers:
+            self.gone(peer)
