@@ -135,6 +135,12 @@ def test_reload_picks_up_edited_file_and_masking(service: Service) -> None:
     st = service.call("status")
     assert any("broken.rules:1:" in e for e in st["default_rules"]["errors"])
     assert _try(f"rm {data}/f.txt") != 0
+    # a typo in a file in force keeps its last good rules, it does not lift them
+    rules.write_text(f"delete-protect {data}/*\nread-onyl {data}/x\n")
+    service.hup()
+    assert any("acme.rules:2:" in e for e in service.call("status")["default_rules"]["errors"])
+    assert _try(f"rm {data}/f.txt") != 0
+    rules.write_text(f"delete-protect {data}/*\n")
     # the runtime directory's file of the same name is overridden by /etc's; an empty /etc file masks /usr/lib's
     vendor = service.root / "usr/lib/fsfilter/rules.d"
     vendor.mkdir(parents=True)
@@ -190,6 +196,24 @@ def test_non_root_is_refused_changes_but_may_read_status(service: Service) -> No
         assert "only root" in answer["error"]["message"]
     assert answers[3]["result"]["state"] == "running"
     assert not list(service.rules_dir.glob("*.rules"))
+
+
+@pytest.mark.skipif(shutil.which("unshare") is None or shutil.which("setpriv") is None, reason="util-linux missing")
+def test_root_of_a_user_namespace_is_not_root(service: Service) -> None:
+    """Any user can be "root" with a full CAP_SYS_ADMIN in a user namespace of their own: the service must not
+    take that for root."""
+    service.start()
+    os.chmod(service.base, 0o755)
+    code = (f"import json, socket; s = socket.socket(socket.AF_UNIX); s.connect({service.socket!r}); "
+            "f = s.makefile('rwb'); f.write(b'{\"id\": 1, \"method\": \"reload\"}\\n'); f.flush(); "
+            "print(f.readline().decode())")
+    python = shutil.which("python3", path="/usr/bin:/bin") or sys.executable  # one the nobody user may run
+    run = subprocess.run(["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups", "unshare", "-Ur",
+                          python, "-c", code], capture_output=True, text=True, timeout=30)
+    if "unshare failed" in run.stderr or "Operation not permitted" in run.stderr:
+        pytest.skip(f"no unprivileged user namespaces here: {run.stderr.strip()}")
+    assert run.returncode == 0, run.stderr
+    assert json.loads(run.stdout)["error"]["code"] == errno.EPERM
 
 
 def test_fuzzed_control_messages_never_crash(service: Service) -> None:
@@ -324,6 +348,26 @@ def test_application_rule_overrides_default_and_default_returns(service: Service
     assert (data / "f.txt").read_text() == "x\ny\n"
 
 
+def test_a_permissive_application_filter_does_not_lift_defaults(service: Service) -> None:
+    from fsfilter.api import constants as c
+    data = service.base / "data"
+    (data / "f.txt").write_text("x\n")
+    _write_rules(service, "acme", f"read-only {data}/*\n")
+    service.start()
+    rule = [f"{data}/*", "", c.ACCESS_NO_CHANGE_OWNER, 0, 0, -1, -1, 0, 0]
+    for spec in ({"rules": [rule], "config": {"Permissive": "true"}},):  # it enforces nothing: it lifts nothing
+        channel = _control.connect(service.socket)
+        assert channel is not None
+        try:
+            channel.send({"id": 1, "method": "attach", "params": {"handlers": [], **spec}})
+            answer = channel.receive()
+            assert answer is not None and "result" in answer, answer
+            assert _try(f"echo y >> {data}/f.txt") != 0
+        finally:
+            channel.close()
+    assert wait_for(lambda: service.call("status")["applications"] == 0, 10)
+
+
 def test_denial_logged_with_fields_and_permissive_mode(service: Service) -> None:
     data = service.base / "data"
     (data / "f.txt").write_text("x\n")
@@ -404,6 +448,14 @@ def test_add_default_rule_through_the_api(service: Service, monkeypatch: pytest.
     with pytest.raises(Exception) as info:
         f.add_default_rule("*.txt", c.ACCESS_READ_ONLY, "{ACME-1}")
     assert getattr(info.value, "code", None) == errno.EINVAL
+    # a vendor file's rules survive an administrator's change to the same product
+    vendor = service.root / "usr/lib/fsfilter/rules.d"
+    vendor.mkdir(parents=True)
+    (vendor / "vendor.rules").write_text(f"deny-all {data}/secret\n")
+    assert f.add_default_rule(f"{data}/other", c.ACCESS_READ_ONLY, "vendor")
+    assert f.create_default_rules_snapshot("vendor")
+    assert sorted(f.get_default_rule_mask(i) for i in range(f.default_rule_count)) == [f"{data}/other",
+                                                                                      f"{data}/secret"]
 
 
 def test_install_and_uninstall_two_products(scratch: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -166,5 +166,6 @@ class ServiceLink:
     def close(self) -> None:
         self._closing = True
         self.channel.close()
-        self._reader.join(5.0)
+        if threading.current_thread() is not self._reader:  # the reader itself stops the filter when the service goes
+            self._reader.join(5.0)
         self._pool.shutdown(wait=True, cancel_futures=False)

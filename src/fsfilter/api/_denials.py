@@ -107,7 +107,7 @@ class DenialLog:
                       "FSFILTER_SUPPRESSED": str(suppressed)}
             fields.update({f"FSFILTER_{k.upper()}": str(v) for k, v in asdict(denial).items() if k != "time"})
             try:
-                self._journal.send(_journal_datagram(fields))
+                self._journal.send(_journal_datagram(fields), socket.MSG_DONTWAIT)  # never wait on journald
                 return
             except OSError:
                 pass  # the journal went away: fall back to the logger

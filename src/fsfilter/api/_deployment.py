@@ -11,6 +11,7 @@ record, and the service only when no product remains, as the SDK's per-product r
 from __future__ import annotations
 
 import errno
+import functools
 import importlib.metadata
 import json
 import os
@@ -70,8 +71,18 @@ def _fanotify_ok(flags: int) -> bool:
     return True
 
 
+@functools.lru_cache(maxsize=1)
+def _kernel_features() -> tuple[tuple[str, bool], ...]:
+    return tuple(_probe_kernel().items())
+
+
 def kernel_features() -> dict[str, bool]:
-    """What this kernel offers fsfilter, tried for real where trying is cheap and harmless."""
+    """What this kernel offers fsfilter (probed once per process)."""
+    return dict(_kernel_features())
+
+
+def _probe_kernel() -> dict[str, bool]:
+    """Tried for real where trying is cheap and harmless."""
     fuse = os.path.exists(fuse_device.DEVICE)
     try:
         sock = netlink.open_proc_connector(0.1)

@@ -18,9 +18,12 @@ tests and containers.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import re
+import tempfile
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -48,6 +51,7 @@ _SDK_NAMES = {"ACCESS_" + name.upper().replace("-", "_"): bit for name, bit in A
 _PRODUCT = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 MAX_FILE_BYTES = 1 << 20  # a rules file larger than this is refused, not read
 MAX_RULES = 4096  # per file
+_EDIT_LOCK = threading.Lock()  # read-modify-write of a product's file, one at a time in a process
 
 
 def root() -> str:
@@ -213,12 +217,18 @@ def write_rules(path: Path, rules: list[RuleLine], permissive: bool = False) -> 
     if permissive:
         lines.append("permissive")
     lines += [f"{flags_text(r.access)} {r.mask}" for r in rules]
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write("\n".join(lines) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)  # O_EXCL, 0600
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write("\n".join(lines) + "\n")
+            f.flush()
+            os.fchmod(f.fileno(), 0o644)
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
 
 
 def edit_default_rules(product_guid: str, mask: str, access: int | None) -> bool:
@@ -232,8 +242,16 @@ def edit_default_rules(product_guid: str, mask: str, access: int | None) -> bool
     if access is not None and (access <= 0 or access & ~c.ACCESS_KNOWN):
         raise CBFSFilterError(errno.EINVAL, f"access_flags 0x{access:x} are not ACCESS_* flags (a default rule needs "
                                             "at least one)")
+    with _EDIT_LOCK:
+        return _edit_locked(path, mask, access)
+
+
+def _edit_locked(path: Path, mask: str, access: int | None) -> bool:
+    # Start from the file in force for the product: /etc's copy replaces a vendor or runtime file of the same
+    # name, so it must keep their rules.
+    source = next((d / path.name for d in reversed(rules_dirs()) if (d / path.name).is_file()), path)
     try:
-        current = read_rules_file(path)
+        current = read_rules_file(source)
         rules, permissive = list(current.rules), current.permissive
     except FileNotFoundError:
         rules, permissive = [], False

@@ -40,6 +40,7 @@ log = logging.getLogger("fsfilterd")
 DEFAULT_ALTITUDE = "0"  # below every application's filter
 MAX_CLIENTS = 256
 MAX_CLIENTS_PER_USER = 8  # for users other than root
+ROOT_RESERVE = 32  # connections only root may take
 
 
 def sd_notify(state: str) -> bool:
@@ -107,7 +108,6 @@ class Service:
         filter started before its old one stops."""
         files, errors = _rulesfiles.load_rule_files()
         with self._lock:
-            self.reloads += 1
             self.rule_errors = errors
             wanted = {f.product: f for f in files}
             overrides = self.apps.access_masks()
@@ -131,9 +131,11 @@ class Service:
                 self.defaults[product] = fresh
                 if old is not None:
                     old.filter.stop_filter(True)
-            for product in set(self.defaults) - set(wanted):
+            broken = {Path(e.path).stem for e in errors}
+            for product in set(self.defaults) - set(wanted) - broken:  # a file with errors keeps its rules in force
                 self.defaults.pop(product).filter.stop_filter(True)
                 self.start_errors.pop(product, None)
+            self.reloads += 1  # counted once done: a caller waiting for the count sees the new rules in force
         for error in errors:
             log.error("rules file skipped: %s", error)
         return {"products": sorted(self.defaults), "rules": self.default_rule_count(),
@@ -203,8 +205,8 @@ class Service:
             self._listener = inherited
             return
         path = Path(self.socket_path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        os.chmod(path.parent, 0o755)
+        if not path.parent.exists():
+            path.parent.mkdir(mode=0o755, parents=True)
         probe = _control.connect(str(path), timeout=1.0)
         if probe is not None:
             probe.close()
@@ -215,8 +217,11 @@ class Service:
         except FileNotFoundError:
             pass
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-        sock.bind(str(path))
-        os.chmod(path, 0o666)  # anyone may ask for the status; changes need root, checked per message
+        mask = os.umask(0o111)  # 0666 from the start: anyone may ask for the status; changes need root
+        try:
+            sock.bind(str(path))
+        finally:
+            os.umask(mask)
         sock.listen(64)
         self._listener = sock
         self._owns_socket = True
@@ -242,7 +247,9 @@ class Service:
                 continue
             with self._lock:
                 mine = sum(1 for p in self._clients if p.uid == peer.uid)
-                if len(self._clients) >= MAX_CLIENTS or (not peer.privileged and mine >= MAX_CLIENTS_PER_USER):
+                others = sum(1 for p in self._clients if not p.privileged)
+                if len(self._clients) >= MAX_CLIENTS or not peer.privileged and (
+                        mine >= MAX_CLIENTS_PER_USER or others >= MAX_CLIENTS - ROOT_RESERVE):
                     refused = True  # one user must not take every connection from the others (and root)
                 else:
                     refused = False
@@ -308,7 +315,10 @@ class Service:
             return {"version": _deployment.package_version(), "protocol": _control.PROTOCOL_VERSION,
                     "pid": os.getpid(), "privileged": peer.privileged}
         if method == "status":
-            return self.status()
+            status = self.status()
+            if not peer.privileged:
+                status["recent_denials"] = []  # other users' paths and processes are root's business
+            return status
         if method == "reload":
             return self.reload()
         if method == "list_default_rules":

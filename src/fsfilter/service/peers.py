@@ -8,27 +8,13 @@ import struct
 
 from fsfilter.api import _control
 
-__all__ = ["Peer", "has_cap_sys_admin", "peer_credentials"]
-
-CAP_SYS_ADMIN = 21
-
+__all__ = ["Peer", "peer_credentials"]
 
 def peer_credentials(sock: socket.socket) -> tuple[int, int, int]:
     """(pid, uid, gid) of the peer, from SO_PEERCRED (the kernel's, taken at connect: it cannot be forged)."""
     data = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
     pid, uid, gid = struct.unpack("3i", data)
     return pid, uid, gid
-
-
-def has_cap_sys_admin(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                if line.startswith("CapEff:"):
-                    return bool(int(line.split()[1], 16) >> CAP_SYS_ADMIN & 1)
-    except OSError:
-        pass
-    return False
 
 
 class Peer:
@@ -41,7 +27,10 @@ class Peer:
             self.pidfd = os.pidfd_open(self.pid)
         except OSError:
             self.pidfd = -1
-        self.privileged = self.uid == 0 or has_cap_sys_admin(self.pid)
+        # uid 0 as the kernel saw it at connect (SO_PEERCRED, mapped into the service's user namespace). Not the
+        # capability sets in /proc: a user namespace gives any user a full CapEff, and the process may have
+        # exec'd a set-uid program since it connected.
+        self.privileged = self.uid == 0
 
     def close(self) -> None:
         self.channel.close()

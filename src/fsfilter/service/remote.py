@@ -187,16 +187,23 @@ def _rule_args(entry: object) -> tuple[str, str, int, int, int, int, int, int, i
 
 
 def apply_rules(f: CBFilter, rules: object, passthrough: object) -> None:
+    """Replace the filter's rules; every entry is checked first (a bad one changes nothing)."""
+    checked = []
     for name, entries in (("rules", rules), ("passthrough_rules", passthrough)):
         if not isinstance(entries, list) or len(entries) > MAX_RULES:
             raise _control.ProtocolError(errno.EINVAL, f"\"{name}\" must be a list of at most {MAX_RULES} rules")
-    assert isinstance(rules, list) and isinstance(passthrough, list)
+        checked.append([_rule_args(entry) for entry in entries])
+    trial = CBFilter()  # masks, flags and qualifiers are validated here before the live filter changes
+    for args in checked[0]:
+        trial.add_filter_rule_ex(*args)
+    for args in checked[1]:
+        trial.add_passthrough_rule_ex(*args)
     f.delete_all_filter_rules()
     f.delete_all_passthrough_rules()
-    for entry in rules:
-        f.add_filter_rule_ex(*_rule_args(entry))
-    for entry in passthrough:
-        f.add_passthrough_rule_ex(*_rule_args(entry))
+    for args in checked[0]:
+        f.add_filter_rule_ex(*args)
+    for args in checked[1]:
+        f.add_passthrough_rule_ex(*args)
 
 
 class Applications:
@@ -228,7 +235,12 @@ class Applications:
         if f is None or f.link.peer is not peer:
             raise _control.ProtocolError(errno.EBADF, f"no filter {handle!r} of this connection")
         if method == "detach":
-            self._detach(f)
+            # Not on this (the peer's reader) thread: stopping waits for the filter's events, whose answers this
+            # thread reads.
+            with self._lock:
+                self._filters.pop(f.handle_id, None)
+            self.service.overrides_changed()
+            threading.Thread(target=self._detach, args=(f,), name="fsfilterd-detach", daemon=True).start()
             return True
         if method == "set_rules":
             apply_rules(f, params.get("rules"), params.get("passthrough_rules"))
@@ -287,11 +299,11 @@ class Applications:
     def _detach(self, f: AppFilter) -> None:
         with self._lock:
             self._filters.pop(f.handle_id, None)
+        self.service.overrides_changed()  # the defaults hold again before the filter goes: no moment without rules
         try:
             f.stop_filter(True)
         except CBFSFilterError as exc:
             log.warning("stopping %s: %s", f.label, exc)
-        self.service.overrides_changed()
 
     def gone(self, peer: Peer) -> None:
         """The peer's connection closed: its filters leave their stacks, its pending events fail."""
@@ -309,7 +321,8 @@ class Applications:
         """The masks of every attached application's access rules: they override the default rules."""
         with self._lock:
             filters = list(self._filters.values())
-        return {r.mask for f in filters for r in f.rules if r.access}
+        # A Permissive filter enforces nothing: it cannot stand in for the defaults.
+        return {r.mask for f in filters if not f.config_bool("Permissive") for r in list(f.rules) if r.access}
 
     def describe(self) -> dict[int, dict[str, Any]]:
         with self._lock:
