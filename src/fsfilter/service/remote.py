@@ -43,13 +43,32 @@ MAX_RULES = 100_000
 NOTIFY_BATCH = 512
 
 
+class _Waiter:
+    """One call waiting for its answer: a lock taken at creation and released once by the answer (or the end of the
+    connection); cheaper to wake than an Event, on the path of every control event."""
+
+    __slots__ = ("lock", "answer", "done")
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.lock.acquire()
+        self.answer: dict[str, Any] | None = None
+        self.done = False
+
+    def wake(self, answer: dict[str, Any] | None) -> None:  # under Link._lock: once only
+        if not self.done:
+            self.done = True
+            self.answer = answer
+            self.lock.release()
+
+
 class Link:
     """The service's end of one application's connection: calls waiting for answers, and notifications waiting to
     be sent (one sender thread, so a slow application never blocks the thread that posts them)."""
 
     def __init__(self, peer: Peer) -> None:
         self.peer = peer
-        self._calls: dict[int, list[Any]] = {}  # call id -> [Event, answer]
+        self._calls: dict[int, _Waiter] = {}
         self._ids = itertools.count(1)
         self._lock = threading.Lock()
         self._outbox: list[list[Any]] = []
@@ -64,7 +83,7 @@ class Link:
 
     def call(self, event: str, params: EventParamsBase) -> None:
         job = dispatch.current_job()
-        waiter: list[Any] = [threading.Event(), None]
+        waiter = _Waiter()
         with self._lock:
             if self.closed:
                 raise OSError(errno.ENOTCONN, "the application that handles this event is gone")
@@ -75,11 +94,11 @@ class Link:
                    "origin": _origin(job.origin if job else None), "creator": _origin(job.creator if job else None)}
         try:
             self.peer.channel.send(message)
-            waiter[0].wait()
+            waiter.lock.acquire()
         finally:
             with self._lock:
                 self._calls.pop(call_id, None)
-        answer = waiter[1]
+        answer = waiter.answer
         if answer is None:
             raise OSError(errno.ENOTCONN, "the application that handles this event went away")
         self.round_trips += 1
@@ -136,18 +155,16 @@ class Link:
         call_id = message.get("answer")
         with self._lock:
             waiter = self._calls.get(call_id) if isinstance(call_id, int) else None
-        if waiter is not None:
-            waiter[1] = message
-            waiter[0].set()
+            if waiter is not None:
+                waiter.wake(message)
 
     def close(self, flush: float = 2.0) -> None:
         """The application left: fail every call still waiting; send what notifications can still be sent."""
         with self._lock:
             self.closed = True
-            waiting = list(self._calls.values())
+            for waiter in self._calls.values():
+                waiter.wake(None)
             self._wake.notify_all()
-        for waiter in waiting:
-            waiter[0].set()
         self._sender.join(flush)
 
 
