@@ -14,6 +14,7 @@ import socket
 import subprocess
 import sys
 import textwrap
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -308,6 +309,7 @@ def test_two_processes_filters_in_altitude_order(service: Service) -> None:
         assert [(layer["kind"], layer["altitude"]) for layer in directory["layers"]] == [
             ("application", 300000.0), ("application", 100000.0)]
         assert {layer["pid"] for layer in directory["layers"]} == {apps[0].pid, apps[1].pid}
+        time.sleep(6)  # idle longer than any connect timeout: the attached filters must still be there
         assert _try(f"cat {data}/f.txt") == 0
         lines = log.read_text().splitlines()
         assert lines == ["high before f.txt", "low before f.txt", "low after f.txt", "high after f.txt"], lines

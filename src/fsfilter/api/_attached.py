@@ -1,9 +1,9 @@
 """A CBFilter attached to fsfilterd: its layer runs in the service's stack, its handlers here.
 
-The application's end of the channel: one reader thread takes the service's messages; control events run on a
-pool (each answered as soon as its handler returns, in any order), notifications go to the filter's own dispatcher
-as an embedded filter's do (its serialisation and ordering rules hold). Requests are numbered and matched to their
-answers.
+The application's end of the channel: a few threads take turns reading the service's messages; a control event
+runs on the thread that read it (each answered as soon as its handler returns, in any order), notifications go to
+the filter's own dispatcher as an embedded filter's do (its serialisation and ordering rules hold). Requests
+are numbered and matched to their answers.
 """
 
 from __future__ import annotations
@@ -12,7 +12,6 @@ import errno
 import itertools
 import logging
 import threading
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Protocol
 
 from fsfilter._engine import dispatch
@@ -59,18 +58,69 @@ def _origin(fields: object) -> Origin | None:
 
 
 class ServiceLink:
+    """Leader and followers: whichever of a few threads holds the read lock reads the next message; an event's
+    handler then runs on that very thread while another takes over reading, so no hand-over to a pool sits between
+    the service's question and the handler. Notifications and answers are dispatched before the lock is let go,
+    which keeps them in the order they came."""
+
     def __init__(self, core: AttachedFilter, channel: _control.Channel) -> None:
         self.core = core
         self.channel = channel
         self.handle = 0
         self._ids = itertools.count(1)
         self._waiting: dict[int, list[Any]] = {}
-        self._lock = threading.Lock()
-        self._pool = ThreadPoolExecutor(max_workers=max(4, core.worker_threads()),
-                                        thread_name_prefix="fsfilter-service-event")
+        self._lock = threading.Lock()  # _waiting
+        self._read_lock = threading.Lock()  # held by the thread reading the channel; taken before _lock
         self._closing = False
-        self._reader = threading.Thread(target=self._read, name="fsfilter-service-link", daemon=True)
-        self._reader.start()
+        self._ended = False
+        self._events: _control.Channel | None = None  # the event line, once opened
+        self._event_lock = threading.Lock()  # held by the thread reading the event line
+        channel.sock.settimeout(None)  # connected with a timeout; an idle filter waits for events indefinitely
+        # Several readers in turn: events come on this connection too when the event line cannot be opened.
+        self._threads = [threading.Thread(target=self._serve, name=f"fsfilter-service-link-{i}", daemon=True)
+                         for i in range(max(4, core.worker_threads()) + 1)]
+        for thread in self._threads:
+            thread.start()
+
+    def open_event_line(self, token: str) -> None:
+        """A second connection for control events only, read by a few threads in turn (see remote.EventLine for
+        the service's end). Without it (an older service) events come on the first connection."""
+        channel = _control.connect(timeout=10.0)
+        if channel is None:
+            return
+        try:
+            channel.send({"id": 1, "method": "events", "params": {"token": token}})
+            answer = channel.receive()
+        except (OSError, _control.ProtocolError):
+            channel.close()
+            return
+        if answer is None or "result" not in answer:
+            channel.close()
+            return
+        channel.sock.settimeout(None)
+        self._events = channel
+        threads = [threading.Thread(target=self._serve_events, name=f"fsfilter-service-event-{i}", daemon=True)
+                   for i in range(max(4, self.core.worker_threads()))]
+        self._threads += threads
+        for thread in threads:
+            thread.start()
+
+    def _serve_events(self) -> None:
+        channel = self._events
+        assert channel is not None
+        while True:
+            with self._event_lock:
+                try:
+                    message = channel.receive()
+                except _control.ProtocolError as exc:
+                    log.error("fsfilterd sent a malformed event: %s", exc)
+                    continue
+                except OSError:
+                    message = None
+            if message is None:
+                return  # the service closed it (the first connection tells the filter what happened)
+            if "event" in message:
+                self._control_event(message, channel)
 
     def request(self, method: str, params: dict[str, Any], timeout: float = 60.0) -> Any:
         ident = next(self._ids)
@@ -94,28 +144,38 @@ class ServiceLink:
             raise CBFSFilterError(int(error.get("code", errno.EIO)), f"fsfilterd: {error.get('message', '')}")
         return answer.get("result")
 
-    def _read(self) -> None:
-        try:
-            while True:
+    def _serve(self) -> None:
+        while True:
+            event: dict[str, Any] | None = None
+            with self._read_lock:
+                if self._ended:
+                    return
                 try:
                     message = self.channel.receive()
                 except _control.ProtocolError as exc:
                     log.error("fsfilterd sent a malformed message: %s", exc)
                     continue
+                except OSError:
+                    message = None
                 if message is None:
-                    break
-                if "notify" in message:
+                    self._ended = True
+                elif "notify" in message:
                     self._notifications(message["notify"])
                 elif "event" in message:
-                    self._pool.submit(self._control_event, message)
+                    event = message
                 elif "id" in message:
                     with self._lock:
                         waiter = self._waiting.get(message["id"])
                     if waiter is not None:
                         waiter[1] = message
                         waiter[0].set()
-        except OSError:
-            pass
+            if message is None:
+                self._end()
+                return
+            if event is not None:
+                self._control_event(event, self.channel)
+
+    def _end(self) -> None:
         with self._lock:
             waiting = list(self._waiting.values())
         for waiter in waiting:
@@ -139,7 +199,7 @@ class ServiceLink:
                 continue
             core.dispatcher.post(handler, params, _origin(origin), _origin(creator))
 
-    def _control_event(self, message: dict[str, Any]) -> None:
+    def _control_event(self, message: dict[str, Any], channel: _control.Channel) -> None:
         call_id = message.get("call")
         answer: dict[str, Any] = {"answer": call_id}
         try:
@@ -159,13 +219,16 @@ class ServiceLink:
             log.error("fsfilterd sent a bad event: %s", exc)
             answer["failed"] = True
         try:
-            self.channel.send(answer)
+            channel.send(answer)
         except OSError:
             pass
 
     def close(self) -> None:
         self._closing = True
         self.channel.close()
-        if threading.current_thread() is not self._reader:  # the reader itself stops the filter when the service goes
-            self._reader.join(5.0)
-        self._pool.shutdown(wait=True, cancel_futures=False)
+        if self._events is not None:
+            self._events.close()
+        me = threading.current_thread()
+        for thread in self._threads:
+            if thread is not me:  # a reader itself stops the filter when the service goes
+                thread.join(5.0)

@@ -30,7 +30,7 @@ PROTOCOL_VERSION = 1
 METHODS: dict[str, bool] = {
     "hello": False, "status": False, "list_default_rules": False,
     "reload": True, "add_default_rule": True, "delete_default_rule": True,
-    "attach": True, "detach": True, "set_rules": True,
+    "attach": True, "detach": True, "set_rules": True, "events": True,
 }
 
 

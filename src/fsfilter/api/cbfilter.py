@@ -304,6 +304,8 @@ class CBFilter(Deployment, RuleTables):
             d.stop(1.0)
             raise
         link.handle = int(result["handle"])
+        if isinstance(result.get("events_token"), str):
+            link.open_event_line(result["events_token"])
         self._service_link = link
         self._active = True
         log.info("filter attached to fsfilterd's stack on %s", ", ".join(result.get("attach_points", [])))

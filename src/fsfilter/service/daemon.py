@@ -278,11 +278,14 @@ class Service:
                 answer = self.handle(peer, message)
                 if answer is not None:
                     _send(peer, answer)
+                if self.apps.is_event_line(peer):
+                    return  # from now on the threads waiting for answers read this connection
         finally:
-            self.apps.gone(peer)
             with self._lock:
                 self._clients.discard(peer)
-            peer.close()
+            if not self.apps.is_event_line(peer):
+                self.apps.gone(peer)
+                peer.close()
 
     def handle(self, peer: Peer, message: dict[str, Any]) -> dict[str, Any] | None:
         ident = message.get("id")

@@ -14,6 +14,7 @@ import base64
 import errno
 import itertools
 import logging
+import secrets
 import threading
 from typing import Any, Protocol
 
@@ -44,22 +45,108 @@ NOTIFY_BATCH = 512
 
 
 class _Waiter:
-    """One call waiting for its answer: a lock taken at creation and released once by the answer (or the end of the
-    connection); cheaper to wake than an Event, on the path of every control event."""
+    """One call waiting for its answer: a lock taken at creation and released by the answer (or the end of the
+    connection), or to make the waiter the reader of an event line; cheaper to wake than an Event, on the path of
+    every control event."""
 
-    __slots__ = ("lock", "answer", "done")
+    __slots__ = ("lock", "answer", "done", "lead")
 
     def __init__(self) -> None:
         self.lock = threading.Lock()
         self.lock.acquire()
         self.answer: dict[str, Any] | None = None
         self.done = False
+        self.lead = False
 
-    def wake(self, answer: dict[str, Any] | None) -> None:  # under Link._lock: once only
+    def wake(self, answer: dict[str, Any] | None) -> None:  # under its owner's lock: once only
         if not self.done:
             self.done = True
             self.answer = answer
             self.lock.release()
+
+    def make_reader(self) -> None:  # under its owner's lock, while not done
+        self.lead = True
+        self.lock.release()
+
+
+class EventLine:
+    """The application's second connection, which carries only control events and their answers. No thread of the
+    service sits on it: the threads waiting for answers read it themselves, one at a time (leader and followers).
+    With one event in flight the request's own thread sends the question and reads the answer, with no hand-over
+    between threads; with several, the reader passes each answer to its waiter and, once it has its own, makes
+    another waiter the reader."""
+
+    def __init__(self, peer: Peer) -> None:
+        self.peer = peer
+        self._lock = threading.Lock()
+        self._calls: dict[int, _Waiter] = {}
+        self._reading = False
+        self.dead = False
+
+    def call(self, call_id: int, message: dict[str, Any]) -> dict[str, Any] | None:
+        """Send an event and wait for its answer; None when the line is gone."""
+        waiter = _Waiter()
+        with self._lock:
+            if self.dead:
+                return None
+            self._calls[call_id] = waiter
+            waiter.lead = not self._reading
+            self._reading = True
+        try:
+            self.peer.channel.send(message)
+        except OSError:
+            self.end()
+        while True:
+            if not waiter.lead:
+                waiter.lock.acquire()
+                if not waiter.lead:
+                    return waiter.answer  # answered, or the line ended
+            if self._read_until(waiter):
+                return waiter.answer
+
+    def _read_until(self, mine: _Waiter) -> bool:
+        while True:
+            try:
+                message = self.peer.channel.receive()
+            except _control.ProtocolError:
+                continue  # a malformed answer: its waiter is failed when the line ends
+            except OSError:
+                message = None
+            if message is None:
+                self.end()
+                return True
+            call_id = message.get("answer")
+            with self._lock:
+                target = self._calls.pop(call_id, None) if isinstance(call_id, int) else None
+                if target is None:
+                    continue
+                if target is not mine:
+                    target.wake(message)
+                    continue
+                mine.lead = False
+                mine.done = True
+                mine.answer = message
+                following = next(iter(self._calls.values()), None)
+                if following is None:
+                    self._reading = False
+                else:
+                    following.make_reader()
+                return True
+
+    def end(self) -> None:
+        with self._lock:
+            self.dead = True
+            self._reading = False
+            waiting, self._calls = list(self._calls.values()), {}
+            for waiter in waiting:
+                # A reader (lead) holds no released lock of ours, or has one released for it already: it sees the
+                # line end itself. Only a follower still waiting is woken here.
+                reading, waiter.lead = waiter.lead, False
+                if not waiter.done:
+                    waiter.done = True
+                    if not reading:
+                        waiter.lock.release()
+        self.peer.channel.close()
 
 
 class Link:
@@ -77,6 +164,8 @@ class Link:
         self.sent_notifications = 0
         self.lost_notifications = 0
         self.round_trips = 0
+        self.token = secrets.token_hex(16)  # names this link when the application opens its event line
+        self.events: EventLine | None = None
         self._sender = threading.Thread(target=self._send_notifications, name=f"fsfilterd-notify-{peer.pid}",
                                         daemon=True)
         self._sender.start()
@@ -92,13 +181,17 @@ class Link:
         before = encode_params(params)
         message = {"event": event, "call": call_id, "params": before,
                    "origin": _origin(job.origin if job else None), "creator": _origin(job.creator if job else None)}
+        line = self.events
         try:
-            self.peer.channel.send(message)
-            waiter.lock.acquire()
+            if line is not None:
+                answer = line.call(call_id, message)
+            else:
+                self.peer.channel.send(message)
+                waiter.lock.acquire()
+                answer = waiter.answer
         finally:
             with self._lock:
                 self._calls.pop(call_id, None)
-        answer = waiter.answer
         if answer is None:
             raise OSError(errno.ENOTCONN, "the application that handles this event went away")
         self.round_trips += 1
@@ -165,6 +258,8 @@ class Link:
             for waiter in self._calls.values():
                 waiter.wake(None)
             self._wake.notify_all()
+        if self.events is not None:
+            self.events.end()
         self._sender.join(flush)
 
 
@@ -232,6 +327,12 @@ class Applications:
         self._filters: dict[int, AppFilter] = {}
         self._ids = itertools.count(1)
         self._lock = threading.Lock()
+        self._event_lines: set[Peer] = set()  # connections that became an application's event line
+
+    def is_event_line(self, peer: Peer) -> bool:
+        """The connection now belongs to a link's callers: its own reader must stop reading it (and not close it)."""
+        with self._lock:
+            return peer in self._event_lines
 
     def takes(self, peer: Peer, message: dict[str, Any]) -> bool:
         """An answer to an event the service sent this peer: handled here."""
@@ -246,6 +347,17 @@ class Applications:
     def request(self, peer: Peer, method: str, params: dict[str, Any]) -> Any:
         if method == "attach":
             return self._attach(peer, params)
+        if method == "events":
+            token = params.get("token")
+            with self._lock:
+                link = next((k for k in self._links.values() if isinstance(token, str) and
+                             secrets.compare_digest(k.token, token) and k.peer.uid == peer.uid), None)
+                if link is None or link.events is not None:
+                    raise _control.ProtocolError(errno.EBADF, "no attached filter has that token, or it has its "
+                                                              "event line already")
+                link.events = EventLine(peer)
+                self._event_lines.add(peer)
+            return True
         handle = params.get("handle")
         with self._lock:
             f = self._filters.get(handle) if isinstance(handle, int) else None
@@ -311,7 +423,7 @@ class Applications:
         self.service.overrides_changed()
         log.info("pid %d attached %s at altitude %s on %s", peer.pid, f.label, f.altitude,
                  ", ".join(f._attach_point_list()))
-        return {"handle": f.handle_id, "attach_points": f._attach_point_list()}
+        return {"handle": f.handle_id, "attach_points": f._attach_point_list(), "events_token": link.token}
 
     def _detach(self, f: AppFilter) -> None:
         with self._lock:
@@ -325,6 +437,7 @@ class Applications:
     def gone(self, peer: Peer) -> None:
         """The peer's connection closed: its filters leave their stacks, its pending events fail."""
         with self._lock:
+            self._event_lines.discard(peer)
             link = self._links.pop(peer, None)
             mine = [f for f in self._filters.values() if f.link.peer is peer]
         if link is None:
