@@ -36,8 +36,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "src"))
 
 from fsfilter import CBFilter  # noqa: E402
-from fsfilter.api import constants as c  # noqa: E402
 from fsfilter.api import _control  # noqa: E402
+from fsfilter.api import constants as c  # noqa: E402
 from fsfilter.api._attached import ServiceLink  # noqa: E402
 from fsfilter.api.params import CBFilterNotifyOpenFileEventParams  # noqa: E402
 from fsfilter.service import remote  # noqa: E402
