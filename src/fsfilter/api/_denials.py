@@ -23,6 +23,7 @@ from fsfilter._system.procfs import ProcessInfo
 __all__ = ["Denial", "DenialLog", "JOURNAL_SOCKET"]
 
 JOURNAL_SOCKET = "/run/systemd/journal/socket"
+MAX_BUCKETS = 4096
 log = logging.getLogger("fsfilter.denials")
 
 
@@ -54,14 +55,14 @@ def op_name(opcode: int) -> str:
 
 
 class DenialLog:
-    """Where a filter's refusals go. ``rate`` records a second on average, up to ``burst`` at once; the rest is
-    counted (``suppressed``) and reported in the next record that gets through."""
+    """Where a filter's refusals go. ``rate`` records a second on average per uid, up to ``burst`` at once; the rest
+    is counted (``suppressed``) and reported in the next record that gets through."""
 
     def __init__(self, rate: float = 20.0, burst: int = 100, keep: int = 200, journal: bool | None = None) -> None:
         self.rate = rate
         self.burst = burst
-        self._tokens = float(burst)
-        self._stamp = time.monotonic()
+        # One bucket per uid: a user hammering a protected file uses up their own records, not everyone's.
+        self._buckets: dict[int, tuple[float, float]] = {}  # uid -> (tokens, when last filled)
         self._lock = threading.Lock()
         self.logged = 0
         self.suppressed = 0  # since the last record that got through
@@ -82,13 +83,16 @@ class DenialLog:
                filter_name: str) -> None:
         with self._lock:
             now = time.monotonic()
-            self._tokens = min(float(self.burst), self._tokens + (now - self._stamp) * self.rate)
-            self._stamp = now
-            if self._tokens < 1.0:
+            tokens, stamp = self._buckets.get(uid, (float(self.burst), now))
+            tokens = min(float(self.burst), tokens + (now - stamp) * self.rate)
+            if len(self._buckets) >= MAX_BUCKETS and uid not in self._buckets:
+                self._buckets.clear()  # many users at once: start over rather than grow without bound
+            if tokens < 1.0:
+                self._buckets[uid] = (tokens, now)
                 self.suppressed += 1
                 self.suppressed_total += 1
                 return
-            self._tokens -= 1.0
+            self._buckets[uid] = (tokens - 1.0, now)
             suppressed, self.suppressed = self.suppressed, 0
             self.logged += 1
         image = ProcessInfo(pid).exe if pid else ""

@@ -436,7 +436,8 @@ def main(argv: list[str] | None = None) -> int:
     watchdog_usec = int(os.environ.get("WATCHDOG_USEC", "0") or 0)
     if watchdog_usec:
         threading.Thread(target=_watchdog, args=(service, watchdog_usec / 2e6), daemon=True).start()
-    sd_notify(f"READY=1\nSTATUS=enforcing {summary['rules']} default rule(s)\nMAINPID={os.getpid()}")
+    problems = f"; {len(summary['errors'])} problem(s): fsfilter status" if summary["errors"] else ""
+    sd_notify(f"READY=1\nSTATUS=enforcing {summary['rules']} default rule(s){problems}\nMAINPID={os.getpid()}")
     print(f"fsfilterd: ready (pid {os.getpid()})", file=sys.stderr, flush=True)
     try:
         while not service._stop.wait(1.0):
