@@ -504,3 +504,38 @@ def test_rules_format_round_trip(tmp_path: Path) -> None:
     _rulesfiles.write_rules(path, rules, permissive=True)
     back, permissive = _rulesfiles.parse_rules(path.read_text())
     assert permissive and [(r.mask, r.access) for r in back] == [(r.mask, r.access) for r in rules]
+
+
+REPARSE_APP = textwrap.dedent("""
+    import sys
+    from fsfilter import CBFilter
+    data = sys.argv[1]
+    f = CBFilter()
+    assert f.add_reparse_rule(data + "/alias.txt", data + "/real.txt", "{ACME-2}")
+    f.create_reparse_rules_snapshot("{ACME-2}")
+    assert f.reparse_rule_count == 1 and f.get_reparse_rule_target(0) == data + "/real.txt"
+    print("kept", flush=True)
+""")
+
+
+def test_reparse_rules_are_kept_by_the_service_until_deleted(service: Service) -> None:
+    """The SDK's driver keeps reparse rules after the application that added them exits, until they are deleted
+    or the machine reboots: here fsfilterd keeps them (in /run, so across its own restart, not a reboot)."""
+    data = service.base / "data"
+    (data / "real.txt").write_text("real\n")
+    service.start()
+    script = service.base / "reparse_app.py"
+    script.write_text(REPARSE_APP)
+    run = subprocess.run([sys.executable, str(script), str(data)], env=service.env, capture_output=True, text=True,
+                         timeout=60)
+    assert run.returncode == 0 and "kept" in run.stdout, run.stderr
+    # the program is gone; the redirect holds, for every process
+    assert subprocess.run(["cat", f"{data}/alias.txt"], capture_output=True, text=True).stdout == "real\n"
+    assert service.call("status")["reparse_rules"]["count"] == 1
+    service.stop()
+    force_unmount(data)
+    service.start()  # a restart of the service (not a reboot) has them again
+    assert subprocess.run(["cat", f"{data}/alias.txt"], capture_output=True, text=True).stdout == "real\n"
+    assert service.call("delete_reparse_rule", {"mask": f"{data}/alias.txt", "product": "{ACME-2}"}) is True
+    assert subprocess.run(["cat", f"{data}/alias.txt"], capture_output=True).returncode != 0
+    assert service.call("list_reparse_rules") == []

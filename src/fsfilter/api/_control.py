@@ -31,6 +31,7 @@ METHODS: dict[str, bool] = {
     "hello": False, "status": False, "list_default_rules": False,
     "reload": True, "add_default_rule": True, "delete_default_rule": True,
     "attach": True, "detach": True, "set_rules": True, "events": True,
+    "add_reparse_rule": True, "delete_reparse_rule": True, "list_reparse_rules": True,
 }
 
 

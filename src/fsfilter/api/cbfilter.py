@@ -58,6 +58,7 @@ _CONFIG_DEFAULTS: dict[str, str] = {
 # on: only in the service (start_filter fails without it); off: always in this process.
 _SERVICE_MODES = ("auto", "on", "off")
 _START_ORDER = itertools.count(1)
+_LOCAL = object()  # a rule kept by this object, not by fsfilterd
 # Events of the filter itself: fired in the application whether it runs embedded or in the service.
 _LOCAL_EVENTS = frozenset({"error", "filter_start", "filter_stop", "worker_thread_creation",
                            "worker_thread_termination"})
@@ -616,12 +617,29 @@ class CBFilter(Deployment, RuleTables):
 
     # -- reparse rules: name redirection (engine/reparse.py; they live as long as this object, see docs/api.md)
 
+    def _kept_by_service(self, method: str, params: dict[str, Any]) -> Any:
+        """Reparse rules of a root program go to fsfilterd when it runs (Service not off): it keeps them until they
+        are deleted or the machine reboots, as the SDK's driver does. _LOCAL when they stay in this object."""
+        if self._config["Service"] == "off" or os.geteuid() != 0:
+            return _LOCAL
+        try:
+            return _control.call(method, params)
+        except CBFSFilterError as exc:
+            if exc.code == errno.ECONNREFUSED and self._config["Service"] == "auto":
+                return _LOCAL
+            raise
+
     def add_reparse_rule(self, mask: str, reparse_mask: str, product_guid: str = "", flags: int = 0) -> bool:
-        """Paths matching ``mask`` resolve to ``reparse_mask`` (the mask's wildcards fill the target's)."""
+        """Paths matching ``mask`` resolve to ``reparse_mask`` (the mask's wildcards fill the target's). Kept by
+        fsfilterd when it runs, in this object otherwise (docs/service.md)."""
         if not isinstance(mask, str) or not isinstance(reparse_mask, str):
             raise CBFSFilterError(errno.EINVAL, "mask and reparse_mask must be strings")
         if not isinstance(flags, int):
             raise CBFSFilterError(errno.EINVAL, f"flags must be an int, not {flags!r}")
+        kept = self._kept_by_service("add_reparse_rule", {"mask": mask, "target": reparse_mask, "flags": flags,
+                                                          "product": product_guid or self._product_guid})
+        if kept is not _LOCAL:
+            return bool(kept)
         previous = self.reparse.target_of(mask)
         try:
             self.reparse.add(mask, reparse_mask, flags)
@@ -641,12 +659,19 @@ class CBFilter(Deployment, RuleTables):
         return True
 
     def delete_reparse_rule(self, mask: str, product_guid: str = "") -> bool:
+        kept = self._kept_by_service("delete_reparse_rule", {"mask": mask,
+                                                             "product": product_guid or self._product_guid})
+        if kept is not _LOCAL:
+            return bool(kept)
         changed = self.reparse.delete(mask)
         if changed and self._active:
             self._rules_changed()
         return changed
 
     def delete_all_reparse_rules(self, product_guid: str = "") -> bool:
+        kept = self._kept_by_service("delete_reparse_rule", {"product": product_guid or self._product_guid})
+        if kept is not _LOCAL:
+            return bool(kept)
         changed = self.reparse.clear()
         if changed and self._active:
             self._rules_changed()
@@ -654,15 +679,23 @@ class CBFilter(Deployment, RuleTables):
 
     def create_reparse_rules_snapshot(self, product_guid: str = "") -> bool:
         """Freeze the list that reparse_rule_count and get_reparse_rule_* read."""
-        self._reparse_snapshot = [(r.mask.text, r.target) for r in self.reparse.rules()]
+        self._reparse_snapshot = self._reparse_now(product_guid)
         return True
 
     def close_reparse_rules_snapshot(self) -> None:
         self._reparse_snapshot = None
 
+    def _reparse_now(self, product_guid: str = "") -> list[tuple[str, str]]:
+        if len(self.reparse):  # added while no service ran: this object's
+            return [(r.mask.text, r.target) for r in self.reparse.rules()]
+        kept = self._kept_by_service("list_reparse_rules", {"product": product_guid})
+        if kept is not _LOCAL:
+            return [(str(r["mask"]), str(r["target"])) for r in kept]
+        return [(r.mask.text, r.target) for r in self.reparse.rules()]
+
     def _reparse_list(self) -> list[tuple[str, str]]:
         snap = self._reparse_snapshot
-        return snap if snap is not None else [(r.mask.text, r.target) for r in self.reparse.rules()]
+        return snap if snap is not None else self._reparse_now()
 
     @property
     def reparse_rule_count(self) -> int:
@@ -681,7 +714,9 @@ class CBFilter(Deployment, RuleTables):
         return items[index]
 
     def get_reparse_rule_by_mask(self, mask: str, product_guid: str = "") -> str:
-        return self.reparse.target_of(mask)
+        if len(self.reparse):
+            return self.reparse.target_of(mask)
+        return dict(self._reparse_now(product_guid)).get(mask, "")
 
     def is_attach_point(self, path: str) -> bool:
         return os.path.normpath(path) in self._attached

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import errno
+import json
 import logging
 import os
 import signal
@@ -38,6 +39,7 @@ __all__ = ["Service", "main"]
 log = logging.getLogger("fsfilterd")
 
 DEFAULT_ALTITUDE = "0"  # below every application's filter
+REPARSE_ALTITUDE = "1"  # kept reparse rules: above the defaults (whose rules then judge the target), below applications
 MAX_CLIENTS = 256
 MAX_CLIENTS_PER_USER = 8  # for users other than root
 ROOT_RESERVE = 32  # connections only root may take
@@ -85,6 +87,96 @@ class DefaultRules:
                 log.warning("cannot let %s override the default rules: %s", mask, exc)
 
 
+class ReparseStore:
+    """Reparse rules the service keeps for products until they are deleted or the machine reboots (the SDK's
+    driver keeps them so): one filter per product at altitude REPARSE_ALTITUDE, its rules also written to
+    /run/fsfilter/reparse.d/<product>.json, so a restarted service has them again, and a reboot has none."""
+
+    def __init__(self, denial_log: DenialLog) -> None:
+        self.denial_log = denial_log
+        self.filters: dict[str, CBFilter] = {}
+        self.errors: dict[str, str] = {}
+
+    @staticmethod
+    def directory() -> Path:
+        return Path(_rulesfiles.root() + "/run/fsfilter/reparse.d")
+
+    def _filter(self, product: str) -> CBFilter:
+        f = self.filters.get(product)
+        if f is None:
+            f = self.filters[product] = CBFilter()
+            f.altitude = REPARSE_ALTITUDE
+            f.label = f"reparse rules {product}"
+            f.denial_log = self.denial_log
+            f.config("Service=off")
+        return f
+
+    def load(self) -> None:
+        try:
+            names = sorted(os.listdir(self.directory()))
+        except FileNotFoundError:
+            return
+        for name in names:
+            if not name.endswith(".json"):
+                continue
+            product = name[:-5]
+            try:
+                rules = json.loads((self.directory() / name).read_text())
+                for mask, target, flags in rules:
+                    self.add(product, str(mask), str(target), int(flags), save=False)
+            except (OSError, ValueError, TypeError, CBFSFilterError) as exc:
+                self.errors[product] = f"reparse rules of {product} not restored: {exc}"
+                log.error("%s", self.errors[product])
+
+    def add(self, product: str, mask: str, target: str, flags: int, save: bool = True) -> bool:
+        f = self._filter(product)
+        changed = f.add_reparse_rule(mask, target, product, flags)
+        if not f.active:
+            try:
+                f.start_filter(0)
+            except CBFSFilterError:
+                f.delete_reparse_rule(mask, product)
+                raise
+        if save:
+            self._save(product)
+        return changed
+
+    def delete(self, product: str, mask: str | None) -> bool:
+        f = self.filters.get(product)
+        if f is None:
+            return False
+        changed = f.delete_all_reparse_rules(product) if mask is None else f.delete_reparse_rule(mask, product)
+        if not len(f.reparse):
+            f.stop_filter(True)
+            del self.filters[product]
+        self._save(product)
+        return changed
+
+    def rules(self, product: str) -> list[dict[str, Any]]:
+        out = []
+        for name, f in sorted(self.filters.items()):
+            if not product or name == product:
+                out += [{"product": name, "mask": r.mask.text, "target": r.target, "flags": r.flags}
+                        for r in f.reparse.rules()]
+        return out
+
+    def _save(self, product: str) -> None:
+        path = self.directory() / f"{product}.json"
+        f = self.filters.get(product)
+        if f is None:
+            path.unlink(missing_ok=True)
+            return
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text(json.dumps([[r.mask.text, r.target, r.flags] for r in f.reparse.rules()]))
+        os.replace(tmp, path)
+
+    def stop(self) -> None:
+        for f in self.filters.values():
+            f.stop_filter(True)
+        self.filters = {}
+
+
 class Service:
     def __init__(self, socket_path: str | None = None) -> None:
         self.socket_path = socket_path or _control.socket_path()
@@ -95,6 +187,7 @@ class Service:
         self.start_errors: dict[str, str] = {}
         self.reloads = 0
         self.apps = remote.Applications(self)
+        self.reparse = ReparseStore(self.denial_log)
         self._lock = threading.RLock()  # rules and applications; taken before any CBFilter's lock
         self._stop = threading.Event()
         self._listener: socket.socket | None = None
@@ -159,6 +252,8 @@ class Service:
         for d in defaults:
             filters[id(d.filter)] = {"kind": "default", "product": d.file.product, "file": d.file.path,
                                      "permissive": d.file.permissive, "pid": os.getpid()}
+        for product, f in list(self.reparse.filters.items()):
+            filters[id(f)] = {"kind": "reparse", "product": product, "pid": os.getpid()}
         filters.update(self.apps.describe())
         directories = []
         counters = {"requests": 0, "events": 0, "lost_events": 0, "denials": 0, "expired_events": 0}
@@ -191,6 +286,7 @@ class Service:
                               "errors": [str(e) for e in self.rule_errors]
                               + [f"{p}: {m}" for p, m in self.start_errors.items()]},
             "applications": self.apps.count(),
+            "reparse_rules": {"count": len(self.reparse.rules("")), "errors": list(self.reparse.errors.values())},
             "counters": counters,
             "recent_denials": [vars(d) for d in list(self.denial_log.recent)[-20:]],
             "kernel": _deployment.kernel_features(),
@@ -343,6 +439,23 @@ class Service:
                 changed = _rulesfiles.edit_default_rules(product, mask, None)
             self.reload()
             return changed
+        if method in ("add_reparse_rule", "delete_reparse_rule", "list_reparse_rules"):
+            product = params.get("product", "")
+            if not isinstance(product, str):
+                raise _control.ProtocolError(errno.EINVAL, "\"product\" must be a string")
+            product = _rulesfiles.product_file(product).stem if product else "default"
+            with self._lock:
+                if method == "list_reparse_rules":
+                    return self.reparse.rules(product if params.get("product") else "")
+                if method == "delete_reparse_rule":
+                    which = params.get("mask")
+                    if which is not None and not isinstance(which, str):
+                        raise _control.ProtocolError(errno.EINVAL, "\"mask\" must be a string, or absent for all")
+                    return self.reparse.delete(product, which)
+                flags = params.get("flags", 0)
+                if not isinstance(flags, int) or isinstance(flags, bool):
+                    raise _control.ProtocolError(errno.EINVAL, "\"flags\" must be an integer")
+                return self.reparse.add(product, _text(params, "mask"), _text(params, "target"), flags)
         return self.apps.request(peer, method, params)
 
     def stop(self) -> None:
@@ -360,6 +473,7 @@ class Service:
         for peer in clients:
             peer.channel.close()
         self.apps.stop()
+        self.reparse.stop()
         with self._lock:
             defaults, self.defaults = list(self.defaults.values()), {}
         for d in defaults:
@@ -419,6 +533,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"fsfilterd: {exc}", file=sys.stderr)
         return 1
     summary = service.reload()
+    service.reparse.load()
     log.info("enforcing %d default rule(s) of %s; listening on %s", summary["rules"],
              ", ".join(summary["products"]) or "no product", service.socket_path)
 
