@@ -539,3 +539,36 @@ def test_reparse_rules_are_kept_by_the_service_until_deleted(service: Service) -
     assert service.call("delete_reparse_rule", {"mask": f"{data}/alias.txt", "product": "{ACME-2}"}) is True
     assert subprocess.run(["cat", f"{data}/alias.txt"], capture_output=True).returncode != 0
     assert service.call("list_reparse_rules") == []
+
+
+def test_denials_reach_the_journal_with_structured_fields(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Under systemd the records go to the journal's native socket; here a socket of the test stands in for it."""
+    from fsfilter.api import _denials
+    journal = tmp_path / "journal.socket"
+    sink = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sink.bind(str(journal))
+    sink.settimeout(5)
+    monkeypatch.setattr(_denials, "JOURNAL_SOCKET", str(journal))
+    try:
+        log = _denials.DenialLog(journal=True)
+        log.record("/srv/data/a\nb.txt", 14, os.getpid(), 1000, "/srv/data/*", "read-only", True, "default rules acme")
+        datagram = sink.recv(65536)
+    finally:
+        sink.close()
+    fields: dict[bytes, bytes] = {}
+    rest = datagram
+    while rest:
+        line, _, rest = rest.partition(b"\n")
+        if b"=" in line:
+            key, _, value = line.partition(b"=")
+            fields[key] = value
+        else:  # a value with a newline: KEY, newline, 64-bit little-endian length, the value, newline
+            size = int.from_bytes(rest[:8], "little")
+            fields[line] = rest[8:8 + size]
+            rest = rest[8 + size + 1:]
+    assert fields[b"FSFILTER_EVENT"] == b"denial" and fields[b"SYSLOG_IDENTIFIER"] == b"fsfilter"
+    assert fields[b"FSFILTER_PATH"] == b"/srv/data/a\nb.txt" and fields[b"FSFILTER_OP"] == b"OPEN"
+    assert fields[b"FSFILTER_PID"] == str(os.getpid()).encode() and fields[b"FSFILTER_UID"] == b"1000"
+    assert fields[b"FSFILTER_RULE"] == b"/srv/data/*" and fields[b"FSFILTER_RESULT"] == b"EACCES"
+    assert fields[b"FSFILTER_IMAGE"] == os.readlink("/proc/self/exe").encode()
+    assert fields[b"PRIORITY"] == b"4" and b"denied: OPEN" in fields[b"MESSAGE"]
