@@ -171,3 +171,36 @@ def test_procmon_and_deny_exec(scratch: Path) -> None:
     assert any(" exit " in line and "sleep" in line for line in out.splitlines()), out[-2000:]
     assert "refused" in refused and "forbidden-tool" in refused
     assert subprocess.run([str(bin_dir / "forbidden-tool")]).returncode == 0  # stopped: allowed again
+
+
+def test_protect_says_who_was_inside_and_keeps_them_working_after_ctrl_c(scratch: Path) -> None:
+    """At start, processes already inside are named (they are not filtered); at Ctrl-C, a shell whose cwd is inside
+    the directory keeps working (a keeper serves it), and the command says so."""
+    d = scratch / "p"
+    d.mkdir()
+    (d / "f").write_text("keep")
+    before = subprocess.Popen(["sleep", "60"], cwd=d)  # inside before the mount
+    proc = start("protect", str(d), "--no-delete")
+    inside: subprocess.Popen[str] | None = None
+    try:
+        assert wait_for(lambda: is_mounted(d), 20)
+        inside = subprocess.Popen(["sh", "-c", "read line; ls; cat f"], cwd=d, stdin=subprocess.PIPE,
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        time.sleep(0.2)
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=20)
+        assert proc.returncode == 0, err
+        assert f"1 process(es) already inside {d} are not filtered" in err and f"{before.pid} sleep (cwd)" in err
+        assert "keeper pid" in err and "programs still use it" in err, err
+        assert not is_mounted(d)
+        shell_out, shell_err = inside.communicate("go\n", timeout=20)
+        assert inside.returncode == 0 and shell_out.split() == ["f", "keep"], shell_err
+    finally:
+        for p in (before, inside):
+            if p is not None and p.poll() is None:
+                p.kill()
+                p.wait(10)
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate(timeout=10)
+        force_unmount(d)

@@ -16,6 +16,7 @@ from collections.abc import Callable
 from typing import Any
 
 from fsfilter._engine.masks import MaskError, file_matches_mask
+from fsfilter._system import procfs
 from fsfilter.api import constants as c
 from fsfilter.api.cbfilter import NOTIFY_BITS, CBFilter
 from fsfilter.api.cbmonitor import MONITOR_PARAMS, CBMonitor
@@ -574,6 +575,7 @@ def _serve(target: CBFilter | CBMonitor | CBProcess, what: str) -> bool:
     """Run a filter until SIGINT/SIGTERM/SIGHUP, flushing what its handlers printed every 0.2 s. False when
     the filter stopped on its own first (its mount was lost)."""
     stop = _stop_on_signals()
+    _say_who_is_inside(target)
     target.start_filter()
     try:
         print(f"fsfilter: {what}; Ctrl-C to stop", file=sys.stderr, flush=True)
@@ -590,6 +592,27 @@ def _serve(target: CBFilter | CBMonitor | CBProcess, what: str) -> bool:
     finally:
         target.stop_filter()
         sys.stdout.flush()
+        report = getattr(target, "stop_report", "")
+        if report:  # programs were still inside: say where they are served now
+            print(f"fsfilter: {report}", file=sys.stderr, flush=True)
+
+
+def _say_who_is_inside(target: CBFilter | CBMonitor | CBProcess) -> None:
+    """Before mounting: processes already inside the directories keep reaching them past the filter (their cwd
+    and open files are below the mount, not through it). Say so, rather than let them look filtered."""
+    if not isinstance(target, CBFilter):
+        return
+    try:
+        points = [target.get_attach_point(i) for i in range(target.attach_point_count)]
+    except CBFSFilterError:
+        return
+    for point in points:
+        users = procfs.users_of(point, skip=os.getpid())
+        if users:
+            listed = ", ".join(f"{pid} {name} ({what})" for pid, name, what in users[:10])
+            more = f" and {len(users) - 10} more" if len(users) > 10 else ""
+            print(f"fsfilter: note: {len(users)} process(es) already inside {point} are not filtered until they "
+                  f"leave it: {listed}{more}", file=sys.stderr, flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:

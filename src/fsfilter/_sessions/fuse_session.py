@@ -255,19 +255,37 @@ class Session:
     def start(self) -> None:
         self._running = True
         os.set_blocking(self.fd, False)
+        readers = []
         for i in range(max(1, self.options.workers)):
             fd = self.fd
             if i > 0:
                 fd = fuse_device.clone_device(self.fd)
                 os.set_blocking(fd, False)
                 self._fds.append(fd)
-            t = threading.Thread(target=self._reader, args=(fd,), name=f"fsfilter-reader-{i}", daemon=True)
-            self._threads.append(t)
-        for t in self._threads:
+            readers.append(threading.Thread(target=self._reader, args=(fd,), name=f"fsfilter-reader-{i}", daemon=True))
+        self._threads += readers
+        # Only these: a reader may already have started a pool thread (requests waiting when a keeper takes over).
+        for t in readers:
             t.start()
         with self._lock:
             for _ in range(max(1, self.options.pool)):
                 self._spawn_pool_thread()
+
+    def serve_again(self) -> None:
+        """In a forked keeper: the parent's threads do not exist here. After close() (which left the connection
+        and the tables as they were), serve the same connection again with threads of this process."""
+        self._threads = []
+        self._fds = [self.fd]
+        self._pool = SimpleQueue()
+        self._inflight.clear()
+        self._lock = threading.Lock()
+        self._pool_threads = self._pool_idle = 0
+        self._saturated = False
+        self.finished = threading.Event()
+        self.lost = self._stopping = False
+        self.on_lost = None
+        self.on_saturated = None
+        self.start()
 
     def _spawn_pool_thread(self) -> None:
         # Under _lock.

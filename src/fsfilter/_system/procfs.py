@@ -204,6 +204,36 @@ def syscall(tid: int, settle: float = 0.0) -> list[str] | None:
         os.close(fd)
 
 
+def users_of(directory: str, skip: int = 0) -> list[tuple[int, str, str]]:
+    """Processes with their cwd, root or an open file at or below ``directory``: (pid, name, what). Read from
+    /proc; processes that go away meanwhile are left out. ``skip``: a pid not to report (the caller)."""
+    top = directory.rstrip("/") or "/"
+
+    def inside(target: str) -> bool:
+        return target == top or target.startswith(top + "/")
+    found: list[tuple[int, str, str]] = []
+    for pid in pids():
+        if pid == skip:
+            continue
+        what = ""
+        try:
+            if inside(os.readlink(f"/proc/{pid}/cwd")):
+                what = "cwd"
+            else:
+                for name in os.listdir(f"/proc/{pid}/fd"):
+                    try:
+                        if inside(os.readlink(f"/proc/{pid}/fd/{name}")):
+                            what = "open file"
+                            break
+                    except OSError:
+                        continue
+        except OSError:
+            continue
+        if what:
+            found.append((pid, comm(pid), what))
+    return found
+
+
 def task_path(tid: int, path: str) -> str:
     """Where ``path`` leads for thread ``tid``: through its root when absolute, its working directory when
     relative, so in its own mount namespace and chroot."""

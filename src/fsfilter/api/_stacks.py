@@ -123,6 +123,7 @@ class MountStack(PassthroughFilter):
         self.layers: LayerStack | None = None
         self.members: dict[int, tuple[StackedFilter, FilterLayer]] = {}  # id(filter) -> (filter, its layer here)
         self.draining = False  # detached: serving only what was inside it already
+        self.report = ""  # what happened to the mount when its last filter stopped (for the command line)
         self._pending: list[tuple[StackedFilter, str, float, bool]] = []  # layers to put in before the first request
         self._stale = False  # the rules changed: the kernel's cached names and attributes may lie
         self._invalidator: threading.Thread | None = None
@@ -328,7 +329,10 @@ def detach(core: StackedFilter, attachment: Attachment) -> None:
         # reach it, as they would on a filter of its own. Outside the registry lock: stopping waits for the
         # session's threads, and a handler running there may be attaching another filter.
         try:
-            stack.stop()
+            if _unmount_unless_busy(stack):
+                stack.stop()
+            else:
+                _keep_serving(stack, core)
         finally:
             with _registry_lock:
                 if _stopping.get(stack.mountpoint) is stopped:
@@ -337,6 +341,40 @@ def detach(core: StackedFilter, attachment: Attachment) -> None:
     stack.remove(core)
     for other in drained:
         other.remove(core)
+
+
+# Where a mount whose last filter stopped goes on serving the programs still inside it: a forked keeper process (so
+# that the application may exit), or this process when it outlives its filters anyway (fsfilterd sets it).
+keep_in_process = False
+
+
+def _unmount_unless_busy(stack: MountStack) -> bool:
+    """Unmount the mount outright if nothing uses it; False when programs have files or cwds inside (EBUSY)."""
+    try:
+        libc.umount2(os.fsencode(stack.mountpoint), 0)
+    except OSError as exc:
+        return exc.errno != errno.EBUSY  # not mounted any more, or another failure: stop() deals with it
+    return True
+
+
+def _keep_serving(stack: MountStack, core: StackedFilter) -> None:
+    """The last filter of a busy mount stops: programs inside keep working. The mount is detached (new path walks
+    reach the directory itself) and goes on serving what is inside it as the plain pass-through, with kernel
+    passthrough, until they leave: in a keeper process, or here (keep_in_process)."""
+    stack.remove(core)  # nothing of the filter may run after it stopped (nor in a keeper, where its threads are not)
+    stack.detach_lazily(stack.mountpoint)
+    users = "programs still use it"
+    if keep_in_process:
+        stack.report = f"{stack.mountpoint}: {users}; it stays served (pass-through) until they leave"
+        return
+    pid = stack.hand_to_keeper()
+    with _registry_lock:
+        if pid > 0 and stack in _draining:
+            _draining.remove(stack)
+    stack.report = (f"{stack.mountpoint}: {users}; keeper pid {pid} serves them (pass-through) until they leave"
+                    if pid > 0 else f"{stack.mountpoint}: {users}; it stays served by this process until they "
+                                    "leave (a request handler did not return: no keeper)")
+    log.info("%s", stack.report)
 
 
 _draining: list[MountStack] = []  # detached mounts still serving what was inside them (under _registry_lock)

@@ -128,6 +128,9 @@ class CBFilter(Deployment, RuleTables):
         self.denial_log = _PROCESS_DENIALS  # the service gives its filters the service's log
         self.label = f"CBFilter of pid {os.getpid()}"  # names the filter in the denial log and fsfilter status
         self._default_snapshot: list[tuple[str, int]] | None = None
+        # What became of mounts that programs still used when the filter stopped (served by a keeper until they
+        # leave): for the command line to tell. Empty when the mounts simply went.
+        self.stop_report = ""
         self._service_link: ServiceLink | None = None  # attached to fsfilterd's stack
         self.owner_pid = 0  # set by the service for an application's filter it runs
         self.denials = 0  # requests its access rules refused (or, when permissive, would have refused)
@@ -371,7 +374,9 @@ class CBFilter(Deployment, RuleTables):
                 except CBFSFilterError:
                     pass  # the service is gone: so is the layer
                 link.close()
+            mounts = [a.stack for a in self._attached.values()]
             self._detach_all()
+            self.stop_report = "; ".join(m.report for m in mounts if m.report)
             self._stop_fanotify_access()
             self.dispatcher.stop(10.0 if wait else 1.0)
             self._active = False

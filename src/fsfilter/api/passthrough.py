@@ -19,6 +19,7 @@ from collections.abc import Callable
 
 from fsfilter._abi import fuse as abi
 from fsfilter._abi import linux
+from fsfilter._sessions import keeper
 from fsfilter._sessions.fuse_session import Session, SessionOptions, SessionStats
 from fsfilter._sessions.lower_fs import IoPolicy, LowerFS, LowerOptions
 from fsfilter._system import fuse_device, libc
@@ -220,6 +221,28 @@ class PassthroughFilter:
                 log.warning("%s is still mounted after stop: unmount it with umount -l (or fusermount3 -u -z)",
                             self.mountpoint)
 
+    def hand_to_keeper(self, timeout: float = 5.0) -> int:
+        """Hand a detached (draining) mount to a forked keeper process that serves it as the plain pass-through
+        until nothing uses it, then let go of it here. Returns the keeper's pid, or -1 when it could not be handed
+        over (a request handler did not return in time): the mount then drains in this process."""
+        with self._stop_lock:
+            session, fs = self.session, self.fs
+            if session is None or fs is None or self._dev_fd < 0:
+                return -1
+            session.close(timeout)  # no thread of ours may hold a lock the child inherits, or read after the fork
+            if session.lingering:
+                session.serve_again()
+                return -1
+            keep = keeper.fds_of(fs, {self._dev_fd, self._lower_fd})
+            pid = os.fork()
+            if pid == 0:
+                keeper.serve_forked(session, keep)  # never returns
+            session.stopping()
+        log.info("%s: programs still inside are served by keeper pid %d until they leave", self.mountpoint, pid)
+        _reap_later(pid)
+        self.stop(timeout)  # our copies only: the keeper holds the connection, so closing ours aborts nothing
+        return pid
+
     def _ours(self, entry: fuse_device.MountEntry | None) -> bool:
         return entry is not None and (self._mount_id < 0 or entry.mount_id == self._mount_id)
 
@@ -329,3 +352,13 @@ class PassthroughFilter:
             self.session.notify(wire.encode_inval_entry(parent.nodeid, name))
             if child is not None:
                 self.session.notify(wire.encode_inval_inode(child.nodeid, 0, 0))
+
+
+def _reap_later(pid: int) -> None:
+    """Collect the keeper's exit status when it ends (it is our child), so it does not linger as a zombie."""
+    def wait() -> None:
+        try:
+            os.waitpid(pid, 0)
+        except ChildProcessError:
+            pass
+    threading.Thread(target=wait, name=f"fsfilter-keeper-{pid}", daemon=True).start()

@@ -526,6 +526,7 @@ def main(argv: list[str] | None = None) -> int:
     if os.geteuid() != 0:
         print("fsfilterd: needs root (it mounts over directories and answers for every user)", file=sys.stderr)
         return 1
+    stacks.keep_in_process = True  # the service outlives its filters: a mount left busy drains here
     service = Service(args.socket)
     try:
         service.listen()

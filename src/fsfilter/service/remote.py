@@ -49,7 +49,7 @@ class _Waiter:
     connection), or to make the waiter the reader of an event line; cheaper to wake than an Event, on the path of
     every control event."""
 
-    __slots__ = ("lock", "answer", "done", "lead")
+    __slots__ = ("lock", "answer", "done", "lead", "released")
 
     def __init__(self) -> None:
         self.lock = threading.Lock()
@@ -57,16 +57,22 @@ class _Waiter:
         self.answer: dict[str, Any] | None = None
         self.done = False
         self.lead = False
+        self.released = False  # the lock was let go: whoever waits on it goes on (once)
+
+    def _release(self) -> None:
+        if not self.released:
+            self.released = True
+            self.lock.release()
 
     def wake(self, answer: dict[str, Any] | None) -> None:  # under its owner's lock: once only
         if not self.done:
             self.done = True
             self.answer = answer
-            self.lock.release()
+            self._release()
 
     def make_reader(self) -> None:  # under its owner's lock, while not done
         self.lead = True
-        self.lock.release()
+        self._release()
 
 
 class EventLine:
@@ -96,6 +102,7 @@ class EventLine:
             self.peer.channel.send(message)
         except OSError:
             self.end()
+            return None
         while True:
             if not waiter.lead:
                 waiter.lock.acquire()
@@ -139,13 +146,11 @@ class EventLine:
             self._reading = False
             waiting, self._calls = list(self._calls.values()), {}
             for waiter in waiting:
-                # A reader (lead) holds no released lock of ours, or has one released for it already: it sees the
-                # line end itself. Only a follower still waiting is woken here.
-                reading, waiter.lead = waiter.lead, False
-                if not waiter.done:
-                    waiter.done = True
-                    if not reading:
-                        waiter.lock.release()
+                # Every waiter ends with no answer: a follower is woken; a reader (or a thread about to read, or to
+                # wait) finds its lock free and lead gone, and returns.
+                waiter.lead = False
+                waiter.done = True
+                waiter._release()
         self.peer.channel.close()
 
 
@@ -164,18 +169,22 @@ class Link:
         self.sent_notifications = 0
         self.lost_notifications = 0
         self.round_trips = 0
+        self.orphaned = 0  # events whose application went away before it answered
         self.token = secrets.token_hex(16)  # names this link when the application opens its event line
         self.events: EventLine | None = None
         self._sender = threading.Thread(target=self._send_notifications, name=f"fsfilterd-notify-{peer.pid}",
                                         daemon=True)
         self._sender.start()
 
-    def call(self, event: str, params: EventParamsBase) -> None:
+    def call(self, event: str, params: EventParamsBase, deny_when_gone: bool = False) -> None:
         job = dispatch.current_job()
         waiter = _Waiter()
         with self._lock:
-            if self.closed:
-                raise OSError(errno.ENOTCONN, "the application that handles this event is gone")
+            if self.closed:  # gone, and its layer not out of the stack yet: as below
+                self.orphaned += 1
+                if deny_when_gone:
+                    raise OSError(errno.ETIMEDOUT, "the application that handles this event is gone")
+                return
             call_id = next(self._ids)
             self._calls[call_id] = waiter
         before = encode_params(params)
@@ -193,7 +202,12 @@ class Link:
             with self._lock:
                 self._calls.pop(call_id, None)
         if answer is None:
-            raise OSError(errno.ENOTCONN, "the application that handles this event went away")
+            # The application stopped or died with the event in flight: its filter is gone, and the request goes on
+            # as the requests after it will, without it; as an expired event, unless the filter denies those.
+            self.orphaned += 1
+            if deny_when_gone:
+                raise OSError(errno.ETIMEDOUT, "the application that handles this event went away")
+            return
         self.round_trips += 1
         if answer.get("failed"):
             raise RuntimeError(f"the application's on_{event} handler raised (see its on_error)")
@@ -281,8 +295,8 @@ class AppFilter(CBFilter):
         self.handle_id = 0
 
 
-def _proxy_call(link: Link, event: str) -> Any:
-    return lambda params: link.call(event, params)
+def _proxy_call(link: Link, event: str, f: CBFilter) -> Any:
+    return lambda params: link.call(event, params, f.deny_expired_events)
 
 
 def _proxy_post(link: Link, event: str) -> Any:
@@ -390,7 +404,7 @@ class Applications:
             if event not in FILTER_PARAMS or event in LOCAL_EVENTS:
                 raise _control.ProtocolError(errno.EINVAL, f"no event {event!r} can be handled over the channel")
             is_note = event.startswith("notify_")
-            setattr(f, "on_" + event, _proxy_post(link, event) if is_note else _proxy_call(link, event))
+            setattr(f, "on_" + event, _proxy_post(link, event) if is_note else _proxy_call(link, event, f))
         try:
             for key in ("altitude", "tag"):
                 if key in spec:
@@ -469,7 +483,8 @@ class Applications:
             links = list(self._links.values())
         return {"channel_round_trips": sum(link.round_trips for link in links),
                 "channel_notifications": sum(link.sent_notifications for link in links),
-                "channel_notifications_lost": sum(link.lost_notifications for link in links)}
+                "channel_notifications_lost": sum(link.lost_notifications for link in links),
+                "channel_events_orphaned": sum(link.orphaned for link in links)}
 
     def stop(self) -> None:
         with self._lock:
