@@ -38,6 +38,8 @@ class Workers:
 
 
 def _check(results: dict[str, dict[str, Any]], data: Path) -> None:
+    # The worst wait of each role, for the record (pytest -s shows it): "WORST role=seconds ...".
+    print("WORST", " ".join(f"{role}={r['worst']:.4f}" for role, r in results.items()))
     for role, r in results.items():
         assert r["error_count"] == 0, (role, r["errors"])
         assert r["worst"] < 1.0, (role, r["worst"])
