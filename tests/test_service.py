@@ -572,3 +572,42 @@ def test_denials_reach_the_journal_with_structured_fields(tmp_path: Path, monkey
     assert fields[b"FSFILTER_RULE"] == b"/srv/data/*" and fields[b"FSFILTER_RESULT"] == b"EACCES"
     assert fields[b"FSFILTER_IMAGE"] == os.readlink("/proc/self/exe").encode()
     assert fields[b"PRIORITY"] == b"4" and b"denied: OPEN" in fields[b"MESSAGE"]
+
+
+STOPPABLE_APP = textwrap.dedent("""
+    import sys
+    from fsfilter import CBFilter
+    from fsfilter.api import constants as c
+    f = CBFilter()
+    f.config("Service=on")
+    f.config("RequestTimeout=12")  # its events then expire after 2 s
+    f.on_before_open_file = lambda e: None
+    f.add_filter_rule(sys.argv[1] + "/*", c.ACCESS_NONE, c.FS_CE_BEFORE_OPEN, 0)
+    f.start_filter(0)  # no deadline asked for
+    print("started", flush=True)
+    sys.stdin.readline()
+""")
+
+
+def test_a_stopped_application_cannot_hold_a_shared_mount(service: Service) -> None:
+    """An attached application that stops answering (SIGSTOP) with start_filter(0): its events expire below the
+    mount's request timeout, rather than hold the request until the kernel aborts the service's connection."""
+    data = service.base / "data"
+    (data / "f.txt").write_text("x\n")
+    service.start()
+    script = service.base / "stoppable.py"
+    script.write_text(STOPPABLE_APP)
+    app = subprocess.Popen([sys.executable, str(script), str(data)], env=service.env, stdin=subprocess.PIPE,
+                           stdout=subprocess.PIPE, text=True)
+    try:
+        assert app.stdout is not None and app.stdout.readline().strip() == "started"
+        os.kill(app.pid, signal.SIGSTOP)
+        t0 = time.monotonic()
+        done = subprocess.run(["cat", f"{data}/f.txt"], capture_output=True, text=True, timeout=30)
+        took = time.monotonic() - t0
+        assert done.returncode == 0 and done.stdout == "x\n"
+        assert 1.5 < took < 10, took
+        assert service.proc is not None and service.proc.poll() is None
+    finally:
+        os.kill(app.pid, signal.SIGCONT)
+        end_processes([app])

@@ -41,6 +41,7 @@ log = logging.getLogger("fsfilterd")
 LOCAL_EVENTS = frozenset({"error", "filter_start", "filter_stop", "worker_thread_creation",
                           "worker_thread_termination"})
 MAX_RULES = 100_000
+APP_EVENT_CEILING_MS = 120_000  # the longest an attached application's event may wait, with no request timeout
 NOTIFY_BATCH = 512
 
 
@@ -428,7 +429,12 @@ class Applications:
             timeout = spec.get("timeout_ms", 0)
             if not isinstance(timeout, int) or isinstance(timeout, bool):
                 raise _control.ProtocolError(errno.EINVAL, "\"timeout_ms\" must be an integer")
-            f.start_filter(timeout)
+            # A mount of the service is shared: an application that stops answering (SIGSTOP, a hung handler) must
+            # not hold a request until the kernel's request timeout aborts the whole connection, default rules and
+            # every other filter with it. Its events expire first, as with an explicit timeout.
+            ceiling = int(max(1.0, float(f.config("RequestTimeout")) - 10.0) * 1000) if \
+                float(f.config("RequestTimeout")) > 0 else APP_EVENT_CEILING_MS
+            f.start_filter(min(timeout, ceiling) if timeout > 0 else ceiling)
         except (ValueError, TypeError) as exc:
             raise _control.ProtocolError(errno.EINVAL, str(exc)) from None
         with self._lock:
