@@ -170,3 +170,55 @@ def test_service_application_stops_or_dies_with_programs_inside(scratch: Path, h
             end_processes([app])
         service.stop()
         force_unmount(data)
+
+
+PROTECTING_APP = textwrap.dedent("""
+    import sys
+    from fsfilter import CBFilter
+    from fsfilter.api import constants as c
+    f = CBFilter()
+    f.config("Service=off")
+    f.add_filter_rule(sys.argv[1] + "/ro.txt", c.ACCESS_READ_ONLY, 0, 0)
+    f.start_filter(5000)
+    print("started", flush=True)
+    sys.stdin.readline()
+    f.stop_filter()
+    print("stopped", flush=True)
+""")
+
+
+def test_stopping_never_detaches_another_process_mount(scratch: Path) -> None:
+    """A's filter mounted the directory first, B's (another process) mounted over it. A stops while a program is
+    inside: B's mount, and its rule, must stay where they are."""
+    data = scratch / "data"
+    data.mkdir()
+    (data / "data.txt").write_text("data\n")
+    (data / "ro.txt").write_text("ro\n")
+    (scratch / "a.py").write_text(EMBEDDED_APP)
+    (scratch / "b.py").write_text(PROTECTING_APP)
+    env = dict(os.environ, PYTHONPATH=str(SRC))
+    apps: list[subprocess.Popen[str]] = []
+    inside = None
+    try:
+        for name in ("a.py", "b.py"):
+            app = subprocess.Popen([sys.executable, str(scratch / name), str(data)], env=env, stdin=subprocess.PIPE,
+                                   stdout=subprocess.PIPE, text=True)
+            apps.append(app)
+            assert app.stdout is not None and app.stdout.readline().strip() == "started"
+        inside = subprocess.Popen(["sleep", "60"], cwd=data)
+        assert _try(f"echo x >> {data}/ro.txt") != 0  # B's rule holds
+        a = apps[0]
+        assert a.stdin is not None and a.stdout is not None
+        a.stdin.write("stop\n")
+        a.stdin.flush()
+        a.stdout.readline()
+        assert a.wait(20) == 0
+        assert is_mounted(data)
+        assert _try(f"echo x >> {data}/ro.txt") != 0  # B's rule still holds
+        assert (data / "ro.txt").read_text() == "ro\n"
+    finally:
+        if inside is not None:
+            inside.kill()
+            inside.wait(10)
+        end_processes(apps)
+        force_unmount(data)

@@ -27,6 +27,7 @@ MS_RELATIME = 1 << 21
 
 MNT_FORCE = 1
 MNT_DETACH = 2
+UMOUNT_NOFOLLOW = 0x8  # umount2: do not follow a symlink at the target
 
 SO_RCVBUFFORCE = 33  # SO_RCVBUF beyond net.core.rmem_max, for CAP_NET_ADMIN
 

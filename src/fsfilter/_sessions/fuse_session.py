@@ -164,6 +164,7 @@ class Session:
         self._bufsize = options.max_write + 4096 * 2
         self._fds: list[int] = [fd]
         self._threads: list[threading.Thread] = []
+        self._readers: list[threading.Thread] = []
         self._pool: SimpleQueue[tuple[Op, int] | None] = SimpleQueue()
         # Requests queued for the pool and not yet started, with their fd; a reader that answers one
         # (interrupted) removes it, and the pool then skips it.
@@ -253,16 +254,20 @@ class Session:
     # -- threads
 
     def start(self) -> None:
+        fds = [self.fd]
+        for _ in range(1, max(1, self.options.workers)):
+            fd = fuse_device.clone_device(self.fd)
+            os.set_blocking(fd, False)
+            self._fds.append(fd)
+            fds.append(fd)
+        self._start_threads(fds)
+
+    def _start_threads(self, fds: list[int]) -> None:
         self._running = True
         os.set_blocking(self.fd, False)
-        readers = []
-        for i in range(max(1, self.options.workers)):
-            fd = self.fd
-            if i > 0:
-                fd = fuse_device.clone_device(self.fd)
-                os.set_blocking(fd, False)
-                self._fds.append(fd)
-            readers.append(threading.Thread(target=self._reader, args=(fd,), name=f"fsfilter-reader-{i}", daemon=True))
+        readers = [threading.Thread(target=self._reader, args=(fd,), name=f"fsfilter-reader-{i}", daemon=True)
+                   for i, fd in enumerate(fds)]
+        self._readers = readers
         self._threads += readers
         # Only these: a reader may already have started a pool thread (requests waiting when a keeper takes over).
         for t in readers:
@@ -271,21 +276,60 @@ class Session:
             for _ in range(max(1, self.options.pool)):
                 self._spawn_pool_thread()
 
-    def serve_again(self) -> None:
-        """In a forked keeper: the parent's threads do not exist here. After close() (which left the connection
-        and the tables as they were), serve the same connection again with threads of this process."""
+    @property
+    def fds(self) -> list[int]:
+        """The connection's fds this session reads: the session fd and its clones."""
+        return list(self._fds)
+
+    def quiesce(self, timeout: float = 5.0) -> bool:
+        """Stop serving and end nothing: the readers stop (what the kernel holds stays queued there), every request
+        already read is answered, the pool threads end. The connection, its cloned fds, deferred lock waits and the
+        tables stay as they are, for resume() here or serve_again() in a forked keeper. False when a request
+        handler did not return within ``timeout`` (its thread is left running)."""
+        self._running = False
+        deadline = time.monotonic() + timeout
+        for t in self._readers:
+            t.join(max(0.0, deadline - time.monotonic()))
+        if any(t.is_alive() for t in self._readers):
+            return False
+        # No reader queues anything now; a pool thread may still start another while it works: repeat until none.
+        while True:
+            with self._lock:
+                alive = [t for t in self._threads if t.is_alive()]
+            if not alive:
+                return True
+            for _ in alive:
+                self._pool.put(None)
+            for t in alive:
+                t.join(max(0.0, deadline - time.monotonic()))
+            if time.monotonic() >= deadline and any(t.is_alive() for t in alive):
+                return False
+
+    def _fresh_threads(self) -> None:
         self._threads = []
-        self._fds = [self.fd]
         self._pool = SimpleQueue()
-        self._inflight.clear()
-        self._lock = threading.Lock()
         self._pool_threads = self._pool_idle = 0
         self._saturated = False
+        for unique, item in list(self._inflight.items()):  # read, not started: served by the new pool
+            self._pool.put(item)
+            self._inflight[unique] = item
+
+    def resume(self) -> None:
+        """After quiesce(): serve again with new threads, on the same fds (a handover that did not happen)."""
+        self._fresh_threads()
+        self._start_threads(list(self._fds))
+
+    def serve_again(self) -> None:
+        """In a forked keeper, after quiesce() in the parent: the parent's threads do not exist here. Serve the same
+        connection with threads of this process (new readers on the same fds, cloned ones included: deferred lock
+        waits answer on the fd their request came from)."""
+        self._lock = threading.Lock()
+        self._fresh_threads()
         self.finished = threading.Event()
         self.lost = self._stopping = False
         self.on_lost = None
         self.on_saturated = None
-        self.start()
+        self._start_threads(list(self._fds))
 
     def _spawn_pool_thread(self) -> None:
         # Under _lock.

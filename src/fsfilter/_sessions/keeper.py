@@ -12,13 +12,17 @@ without running anything of the application's.
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
+import threading
 
+from fsfilter._abi import linux
 from fsfilter._sessions.fuse_session import Session
 from fsfilter._sessions.lower_fs import LowerFS
+from fsfilter._system import fuse_device, libc, procfs
 
-__all__ = ["fds_of", "serve_forked"]
+__all__ = ["detach_when_uncovered", "fds_of", "serve_forked"]
 
 
 def fds_of(fs: LowerFS, extra: set[int]) -> set[int]:
@@ -30,10 +34,30 @@ def fds_of(fs: LowerFS, extra: set[int]) -> set[int]:
     return keep
 
 
-def serve_forked(session: Session, keep: set[int]) -> None:
-    """The child's whole life: never returns."""
+def detach_when_uncovered(mountpoint: str, mount_id: int, finished: threading.Event) -> None:
+    """A mount another mount was put over cannot be detached by its path (that names the upper one): wait until it
+    is on top again (the upper one went), then detach it, so that it drains instead of serving the path forever."""
+    while not finished.wait(1.0):
+        entries = [e for e in procfs.mountinfo() if e.mount_id == mount_id]
+        if not entries:
+            return  # gone already
+        top = fuse_device.find_mount(mountpoint)
+        if top is not None and top.mount_id == mount_id:
+            try:
+                libc.umount2(os.fsencode(mountpoint), linux.MNT_DETACH | linux.UMOUNT_NOFOLLOW)
+            except OSError:
+                pass
+            return
+
+
+def serve_forked(session: Session, keep: set[int], covered: tuple[str, int] | None = None) -> None:
+    """The child's whole life: never returns. ``covered``: (mount point, mount id) of a mount still attached under
+    another one, to detach once it is uncovered."""
     code = 0
     try:
+        # The application's log handlers write to fds closed below, whose numbers the keeper reuses for lower files:
+        # one log line would land in a user's file.
+        logging.disable(logging.CRITICAL)
         os.setsid()
         for sig in (signal.SIGINT, signal.SIGHUP, signal.SIGQUIT, signal.SIGPIPE):
             signal.signal(sig, signal.SIG_IGN)
@@ -49,6 +73,8 @@ def serve_forked(session: Session, keep: set[int]) -> None:
                 except OSError:
                     pass
         session.serve_again()
+        if covered is not None:
+            detach_when_uncovered(covered[0], covered[1], session.finished)
         session.finished.wait()
     except BaseException:
         code = 1  # nothing to tell it to: stderr is /dev/null, and the application may be gone

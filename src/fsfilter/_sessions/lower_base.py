@@ -85,6 +85,12 @@ class LowerBase(Layer):
         self.top: Layer = self  # where the session enters the stack
         self._tables: list[dict[int, Handler]] = []  # the sessions' handler tables, bound to the top's methods
 
+    @contextlib.contextmanager
+    def quiet(self) -> Iterator[None]:
+        """Hold the tables' lock (around a fork: the copy must not inherit it held by a thread it lacks)."""
+        with self._lock:
+            yield
+
     def inode(self, nodeid: int) -> Inode:
         node = self.nodes.get(nodeid)
         if node is None:

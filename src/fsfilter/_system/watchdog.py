@@ -59,6 +59,11 @@ def main() -> int:
     ours = {mount_id} & now if mount_id >= 0 else now - before
     if len(ours) != 1:
         return 0
+    # The path names the topmost mount there: when another was put over ours, detaching by the path would take
+    # that one away instead. Ours stays (it fails with ENOTCONN under the other, which its owner sees).
+    top = [m.mount_id for m in procfs.mountinfo() if m.mountpoint == mountpoint and m.fstype == fstype]
+    if not top or top[-1] not in ours:
+        return 0
     if libc.umount2(os.fsencode(mountpoint), MNT_DETACH) != 0:
         err = ctypes.get_errno()
         print(f"fsfilter watchdog: could not detach {mountpoint}: {os.strerror(err)}", file=sys.stderr)

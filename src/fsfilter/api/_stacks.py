@@ -21,10 +21,11 @@ from typing import Any, Protocol
 from fsfilter._abi import fuse as abi
 from fsfilter._abi import linux
 from fsfilter._layers.filter import FilterCore, FilterLayer
+from fsfilter._sessions import keeper
 from fsfilter._sessions.fuse_session import Session, SessionStats
 from fsfilter._sessions.lower_fs import LowerFS
 from fsfilter._sessions.stack import AltitudeTaken, LayerStack
-from fsfilter._system import libc
+from fsfilter._system import fuse_device, libc, procfs
 from fsfilter._wire import fuse as wire
 from fsfilter.api.passthrough import PassthroughFilter
 from fsfilter.errors import CBFSFilterError
@@ -206,15 +207,17 @@ class MountStack(PassthroughFilter):
             self.rules_changed()  # names it hid or made volatile must be looked up again
         return not self.members
 
-    def detach_lazily(self, via: str) -> None:
+    def detach_lazily(self, via: str, drains_here: bool = True) -> None:
         """Take the mount out of the namespace while what is inside stays served (MNT_DETACH); the session ends when
         the last open file or cwd inside it goes. ``via`` names the mount's root without crossing the mount that
-        took over from it (whose path walks would reach a directory of its own there instead)."""
+        took over from it (whose path walks would reach a directory of its own there instead). ``drains_here``:
+        listed as draining in this process (filters attached above it join it); not when a keeper takes it."""
         self.draining = True
         with _registry_lock:
             if _stacks.get(self.mountpoint) is self:
                 del _stacks[self.mountpoint]
-            _draining.append(self)
+            if drains_here:
+                _draining.append(self)
         try:
             libc.umount2(os.fsencode(via), linux.MNT_DETACH)
         except OSError as exc:
@@ -349,9 +352,13 @@ keep_in_process = False
 
 
 def _unmount_unless_busy(stack: MountStack) -> bool:
-    """Unmount the mount outright if nothing uses it; False when programs have files or cwds inside (EBUSY)."""
+    """Unmount the mount outright if nothing uses it; False when programs have files or cwds inside (EBUSY). Only
+    when the mount at the path is this stack's: another process's (or a later) mount there is not ours to touch."""
+    if not stack._ours(fuse_device.find_mount(stack.mountpoint)):
+        # Another mount is on top of ours (or ours is gone: stop() deals with that). Covered, ours is in use by it.
+        return not any(e.mount_id == stack._mount_id for e in procfs.mountinfo())
     try:
-        libc.umount2(os.fsencode(stack.mountpoint), 0)
+        libc.umount2(os.fsencode(stack.mountpoint), linux.UMOUNT_NOFOLLOW)
     except OSError as exc:
         return exc.errno != errno.EBUSY  # not mounted any more, or another failure: stop() deals with it
     return True
@@ -362,15 +369,29 @@ def _keep_serving(stack: MountStack, core: StackedFilter) -> None:
     reach the directory itself) and goes on serving what is inside it as the plain pass-through, with kernel
     passthrough, until they leave: in a keeper process, or here (keep_in_process)."""
     stack.remove(core)  # nothing of the filter may run after it stopped (nor in a keeper, where its threads are not)
-    stack.detach_lazily(stack.mountpoint)
-    users = "programs still use it"
+    # Another mount over ours (another process's filter) keeps ours busy; the path names that one, never to be
+    # detached by us: ours stays attached under it, and is detached once it is on top again.
+    covered = not stack._ours(fuse_device.find_mount(stack.mountpoint))
+    if covered:
+        stack.draining = True
+        with _registry_lock:
+            if _stacks.get(stack.mountpoint) is stack:
+                del _stacks[stack.mountpoint]
+            if keep_in_process:
+                _draining.append(stack)
+    else:
+        stack.detach_lazily(stack.mountpoint, drains_here=keep_in_process)
+    users = "another mount or programs still use it" if covered else "programs still use it"
     if keep_in_process:
         stack.report = f"{stack.mountpoint}: {users}; it stays served (pass-through) until they leave"
+        if covered and stack.session is not None:
+            threading.Thread(target=keeper.detach_when_uncovered, args=(stack.mountpoint, stack._mount_id,
+                             stack.session.finished), name="fsfilter-uncover", daemon=True).start()
         return
-    pid = stack.hand_to_keeper()
-    with _registry_lock:
-        if pid > 0 and stack in _draining:
-            _draining.remove(stack)
+    pid = stack.hand_to_keeper(covered=covered)
+    if pid < 0:
+        with _registry_lock:
+            _draining.append(stack)  # it drains here after all
     stack.report = (f"{stack.mountpoint}: {users}; keeper pid {pid} serves them (pass-through) until they leave"
                     if pid > 0 else f"{stack.mountpoint}: {users}; it stays served by this process until they "
                                     "leave (a request handler did not return: no keeper)")

@@ -221,25 +221,33 @@ class PassthroughFilter:
                 log.warning("%s is still mounted after stop: unmount it with umount -l (or fusermount3 -u -z)",
                             self.mountpoint)
 
-    def hand_to_keeper(self, timeout: float = 5.0) -> int:
+    def hand_to_keeper(self, timeout: float = 5.0, covered: bool = False) -> int:
         """Hand a detached (draining) mount to a forked keeper process that serves it as the plain pass-through
         until nothing uses it, then let go of it here. Returns the keeper's pid, or -1 when it could not be handed
-        over (a request handler did not return in time): the mount then drains in this process."""
+        over (a request handler did not return in time): the mount then drains in this process. ``covered``: the
+        mount is still attached under another one; the keeper detaches it once it is on top again."""
         with self._stop_lock:
             session, fs = self.session, self.fs
             if session is None or fs is None or self._dev_fd < 0:
                 return -1
-            session.close(timeout)  # no thread of ours may hold a lock the child inherits, or read after the fork
-            if session.lingering:
-                session.serve_again()
+            # No thread of ours may hold a lock the child inherits, or read the connection after the fork.
+            if not session.quiesce(timeout):
+                session.resume()
                 return -1
-            keep = keeper.fds_of(fs, {self._dev_fd, self._lower_fd})
-            pid = os.fork()
+            keep = keeper.fds_of(fs, {self._dev_fd, self._lower_fd, *session.fds})
+            with fs.quiet():  # nothing else of this process may be inside the tables while they are copied
+                pid = os.fork()
             if pid == 0:
-                keeper.serve_forked(session, keep)  # never returns
+                keeper.serve_forked(session, keep, (self.mountpoint, self._mount_id) if covered else None)
             session.stopping()
         log.info("%s: programs still inside are served by keeper pid %d until they leave", self.mountpoint, pid)
         _reap_later(pid)
+        watchdog, self._watchdog = self._watchdog, None
+        if watchdog is not None:  # the mount is not dead: it must not detach it when we let go (it is ours, by pid)
+            watchdog.kill()
+            watchdog.wait()
+            if watchdog.stdin is not None:
+                watchdog.stdin.close()
         self.stop(timeout)  # our copies only: the keeper holds the connection, so closing ours aborts nothing
         return pid
 
