@@ -184,6 +184,14 @@ class FilterBase(Layer):
         self._epoch = 0  # bumped on renames: cached matches of moved subtrees are then stale
         self._ctx_lock = threading.Lock()  # a leaf: the node slots' open counts and contexts
         self._naming = threading.local()  # (parent, name, match) of the name this thread is creating
+        self._had_rules = False
+
+    def takes_requests(self) -> bool:
+        """In the path of requests once the filter has had a rule (never out again: its handles and contexts need
+        the closes). A filter with no rule at all can act on no request."""
+        if not self._had_rules and self.core.has_rules:
+            self._had_rules = True
+        return self._had_rules
 
     @property
     def nodes(self) -> dict[int, Inode]:

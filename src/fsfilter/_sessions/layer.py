@@ -28,6 +28,11 @@ class Layer:
     """A layer of a filter stack. ``down`` is set when the layer joins a stack (and changes as others join or
     leave); an operation already passed down keeps the layer it was passed to."""
 
+    def takes_requests(self) -> bool:
+        """Whether the layer is in the path of requests now. One that is not (a filter with no rule yet) is left
+        out of the chain, so it costs nothing; the stack asks again when its filter's rules change."""
+        return True
+
     def __init__(self) -> None:
         self.down: Layer = self  # until the layer joins a stack; the bottom (LowerFS) keeps it so
 

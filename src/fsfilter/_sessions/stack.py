@@ -39,6 +39,7 @@ class LayerStack:
         self._members: list[Member] = []
         self._seq = 0
         self._routers: tuple[Callable[[ops.Op], bool | None], ...] = ()  # the layers' routers, top first
+        self._linked: list[Layer] = []  # the layers in the path of requests, top first
         self._lock = threading.Lock()  # joining and leaving; taken after the registry lock, before LowerFS._lock
 
     @property
@@ -76,8 +77,15 @@ class LayerStack:
         layer.left()
         return True
 
+    def refresh(self) -> None:
+        """A layer's filter changed its rules: link in a layer that now takes requests."""
+        with self._lock:
+            if [m.layer for m in self._members if m.layer.takes_requests()] != self._linked:
+                self._relink()
+
     def _relink(self) -> None:
-        layers = [m.layer for m in self._members]
+        layers = [m.layer for m in self._members if m.layer.takes_requests()]
+        self._linked = layers
         below: Layer = self.bottom
         for layer in reversed(layers):  # from the bottom up: a chain is complete before anything enters it
             layer.down = below

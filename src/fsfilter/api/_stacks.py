@@ -227,6 +227,8 @@ class MountStack(PassthroughFilter):
         """Make the kernel forget the names and attributes it cached, so that the new rules decide the next
         lookups (hiding, access) at once. Done on a thread of its own: invalidating a name waits for the
         directory's lock, which a request whose handler changed the rules may be holding."""
+        if self.layers is not None:
+            self.layers.refresh()  # a filter's first rule puts its layer in the path of requests
         with self._stale_lock:
             self._stale = True
             if self._invalidator is None:
