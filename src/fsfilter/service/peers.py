@@ -8,7 +8,9 @@ import struct
 
 from fsfilter.api import _control
 
-__all__ = ["Peer", "peer_credentials"]
+__all__ = ["SEND_TIMEOUT", "Peer", "peer_credentials"]
+
+SEND_TIMEOUT = 10  # seconds a send to a peer may block before the connection is given up
 
 def peer_credentials(sock: socket.socket) -> tuple[int, int, int]:
     """(pid, uid, gid) of the peer, from SO_PEERCRED (the kernel's, taken at connect: it cannot be forged)."""
@@ -21,6 +23,9 @@ class Peer:
     """A connected client: who it is (SO_PEERCRED, and a pidfd that keeps naming that very process)."""
 
     def __init__(self, sock: socket.socket) -> None:
+        # A peer that stops reading (stopped, hung) must not block a thread of the service in a send for ever:
+        # the kernel gives up after SEND_TIMEOUT (receiving is not limited: an idle peer is fine).
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, struct.pack("ll", SEND_TIMEOUT, 0))
         self.channel = _control.Channel(sock)
         self.pid, self.uid, self.gid = peer_credentials(sock)
         try:

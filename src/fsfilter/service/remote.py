@@ -196,9 +196,14 @@ class Link:
             if line is not None:
                 answer = line.call(call_id, message)
             else:
-                self.peer.channel.send(message)
-                waiter.lock.acquire()
-                answer = waiter.answer
+                try:
+                    self.peer.channel.send(message)
+                except OSError:
+                    self.peer.channel.close()  # a line cut short (a send that timed out): the stream is lost
+                    answer = None
+                else:
+                    waiter.lock.acquire()
+                    answer = waiter.answer
         finally:
             with self._lock:
                 self._calls.pop(call_id, None)
@@ -257,6 +262,7 @@ class Link:
                     self.lost_notifications += len(batch) + len(self._outbox)
                     self._outbox = []
                     self.closed = True
+                self.peer.channel.close()  # a stopped application, or one cut short: it sees its link end
                 return
 
     def answer(self, message: dict[str, Any]) -> None:
