@@ -198,10 +198,11 @@ class Session:
         self.lost = False
         self._stopping = False
 
-    def stopping(self) -> None:
-        """Say that the end of the connection that follows (an unmount by the owner) is no loss."""
+    def stopping(self, expected: bool = True) -> None:
+        """Say that the end of the connection that follows (an unmount by the owner) is no loss; False takes it back
+        (the unmount did not happen)."""
         with self._lock:
-            self._stopping = True
+            self._stopping = expected
 
     # -- INIT
 

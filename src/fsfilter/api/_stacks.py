@@ -359,10 +359,17 @@ def _unmount_unless_busy(stack: MountStack) -> bool:
     if not stack._ours(fuse_device.find_mount(stack.mountpoint)):
         # Another mount is on top of ours (or ours is gone: stop() deals with that). Covered, ours is in use by it.
         return not any(e.mount_id == stack._mount_id for e in procfs.mountinfo())
+    session = stack.session
+    if session is not None:
+        session.stopping()  # the end of the connection that follows is ours, not a loss
     try:
         libc.umount2(os.fsencode(stack.mountpoint), linux.UMOUNT_NOFOLLOW)
     except OSError as exc:
-        return exc.errno != errno.EBUSY  # not mounted any more, or another failure: stop() deals with it
+        if exc.errno == errno.EBUSY:
+            if session is not None:
+                session.stopping(False)  # it goes on serving what is inside; its end is then noticed
+            return False
+        return True  # not mounted any more, or another failure: stop() deals with it
     return True
 
 
