@@ -222,3 +222,30 @@ def test_stopping_never_detaches_another_process_mount(scratch: Path) -> None:
             inside.wait(10)
         end_processes(apps)
         force_unmount(data)
+
+
+def test_stop_with_nothing_inside_unmounts_quietly(scratch: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """The plain case: nothing inside, the mount simply goes, and the filter reports no loss on the way."""
+    import logging
+
+    from fsfilter import CBFilter
+    caplog.set_level(logging.WARNING, logger="fsfilter")
+    data = scratch / "data"
+    data.mkdir()
+    f = CBFilter()
+    f.config("Service=off")
+    errors: list[str] = []
+    f.on_error = lambda e: errors.append(e.description)
+    f.add_attach_point(str(data))
+    f.on_notify_open_file = lambda e: None
+    f.add_filter_rule(f"{data}/*", 0, 0, 2)  # FS_NE_OPEN
+    f.start_filter(0)
+    try:
+        assert is_mounted(data)
+    finally:
+        f.stop_filter()
+        force_unmount(data)
+    time.sleep(0.3)  # a reader that saw the connection end would have reported it by now
+    assert not is_mounted(data)
+    assert errors == [] and f.stop_report == ""
+    assert not [r.getMessage() for r in caplog.records if "unmounted from outside" in r.getMessage()]
