@@ -611,3 +611,24 @@ def test_a_stopped_application_cannot_hold_a_shared_mount(service: Service) -> N
     finally:
         os.kill(app.pid, signal.SIGCONT)
         end_processes([app])
+
+
+def test_default_rules_hold_against_other_ways_to_the_file(service: Service) -> None:
+    """A user tries other ways to reach a file a default rule protects: moving its parent directory, a symlink from
+    elsewhere, a relative path from inside, a hard link. Each is refused, or reaches the file under its rule."""
+    data = service.base / "data"
+    sub = data / "sub"
+    sub.mkdir()
+    (sub / "f.txt").write_text("keep\n")
+    _write_rules(service, "acme", f"read-only {sub}/*\n")
+    service.start()
+    os.chmod(service.base, 0o755)
+    _try(f"mv {sub} {data}/moved; echo x >> {data}/moved/f.txt; echo x >> {sub}/f.txt")
+    link = service.base / "elsewhere"
+    link.symlink_to(sub)
+    assert _try(f"echo x >> {link}/f.txt") != 0
+    assert _try(f"cd {sub} && echo x >> ./f.txt") != 0
+    assert _try(f"ln {sub}/f.txt {data}/alias.txt") != 0
+    assert _try(f"ln -s {sub}/f.txt {data}/soft.txt && echo x >> {data}/soft.txt") != 0
+    found = [p for p in data.rglob("f.txt")]
+    assert [p.read_text() for p in found] == ["keep\n"], found

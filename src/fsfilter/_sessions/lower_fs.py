@@ -216,18 +216,15 @@ class LowerFS(LowerFiles):
         return self._entry(fd, parent.nodeid, op.name)
 
     def unlink(self, op: ops.Remove) -> Reply:
-        dfd, at, owned = self.locate(op, self.inode(op.nodeid), op.name)
-        try:
-            os.unlink(at, dir_fd=dfd)
-        finally:
-            if owned:
-                os.close(dfd)
-        return EMPTY
+        return self._remove(op, os.unlink)
 
     def rmdir(self, op: ops.Remove) -> Reply:
+        return self._remove(op, os.rmdir)
+
+    def _remove(self, op: ops.Remove, remove: Callable[..., None]) -> Reply:
         dfd, at, owned = self.locate(op, self.inode(op.nodeid), op.name)
         try:
-            os.rmdir(at, dir_fd=dfd)
+            remove(at, dir_fd=dfd)
         finally:
             if owned:
                 os.close(dfd)

@@ -18,7 +18,7 @@ from fsfilter._engine import dispatch
 from fsfilter._engine.dispatch import Origin, Outcome
 from fsfilter._engine.rules import RuleSet
 from fsfilter.api import _control
-from fsfilter.api._control import changed_fields, decode_params, encode_params
+from fsfilter.api._control import changed_fields, decode_params
 from fsfilter.api.params import FILTER_PARAMS
 from fsfilter.errors import CBFSFilterError
 
@@ -204,8 +204,8 @@ class ServiceLink:
         answer: dict[str, Any] = {"answer": call_id}
         try:
             event = str(message["event"])
-            params = decode_params(FILTER_PARAMS[event], message.get("params") or {})
-            before = encode_params(params)
+            before = message.get("params") or {}  # as the service encoded them: what the handler changed differs
+            params = decode_params(FILTER_PARAMS[event], before)
             handler = self.core.handler(event)
             subject = RemoteSubject()
             if handler is not None:

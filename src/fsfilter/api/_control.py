@@ -158,22 +158,17 @@ def decode_params(cls: type[EventParamsBase], fields: dict[str, Any]) -> EventPa
     """An event's parameters from the channel: buffers become writable bytearrays (``buffer`` points into
     ``buffer_view``'s storage, as it does for an embedded filter)."""
     values: dict[str, Any] = {}
-    keep: list[object] = []
     for name, value in fields.items():
         if name not in cls._fields:
             raise ProtocolError(errno.EBADMSG, f"{cls.__name__} has no parameter {name!r}")
         if isinstance(value, dict):
-            data = bytearray(base64.b64decode(str(value.get("b64", ""))))
-            keep.append(data)
-            value = memoryview(data)
+            value = memoryview(bytearray(base64.b64decode(str(value.get("b64", "")))))
         values[name] = value
     view = values.get("buffer_view")
     if "buffer" in cls._fields and isinstance(view, memoryview) and len(view):
-        raw = (ctypes.c_char * len(view)).from_buffer(view.obj)
-        values["buffer"] = ctypes.c_void_p(ctypes.addressof(raw))
-        keep.append(raw)
-    params = cls(**values)
-    return params
+        # The address of the bytearray's storage, which the view (and so the parameters) keeps alive.
+        values["buffer"] = ctypes.c_void_p(ctypes.addressof((ctypes.c_char * len(view)).from_buffer(view.obj)))
+    return cls(**values)
 
 
 def changed_fields(params: EventParamsBase, before: dict[str, object]) -> dict[str, object]:

@@ -137,10 +137,10 @@ class Deployment:
         for name, socket_unit in ((UNIT_NAME, False), (SOCKET_NAME, True)):
             text = unit_text(socket_unit).replace("@FSFILTERD@", shutil.which("fsfilterd") or
                                                   f"{sys.executable} -m fsfilter.service")
-            _write_atomic(units / name, text)
+            _rulesfiles.write_text_atomic(units / name, text)
         record = {"product": product_guid, "class": self._CLASS, "installed": time.time(),
                   "version": package_version(), "cab_file_name": cab_file_name, "units": str(units)}
-        _write_atomic(_products_dir() / f"{product}.json", json.dumps(record, indent=1) + "\n")
+        _rulesfiles.write_text_atomic(_products_dir() / f"{product}.json", json.dumps(record, indent=1) + "\n")
         if systemd_running() and not base and path_to_install is None:
             for argv in (["systemctl", "daemon-reload"], ["systemctl", "enable", "--now", UNIT_NAME]):
                 done = subprocess.run(argv, capture_output=True, text=True, timeout=60)
@@ -216,10 +216,3 @@ def installed_products() -> list[str]:
         return sorted(p.stem for p in _products_dir().glob("*.json"))
     except OSError:
         return []
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)

@@ -32,7 +32,8 @@ from fsfilter.api import constants as c
 from fsfilter.errors import CBFSFilterError
 
 __all__ = ["ACCESS_NAMES", "FORBIDDEN_ATTACH", "RuleFile", "RuleLine", "RulesError", "flags_text", "load_rule_files",
-           "edit_default_rules", "parse_rules", "product_file", "root", "rules_dirs", "write_rules"]
+           "edit_default_rules", "parse_rules", "product_file", "root", "rules_dirs", "write_rules",
+           "write_text_atomic"]
 
 # Directories a filter never mounts over: the system would stop working, or the directory is virtual.
 FORBIDDEN_ATTACH = frozenset({"/", "/proc", "/sys", "/dev", "/usr", "/etc", "/boot", "/bin", "/sbin", "/lib",
@@ -211,16 +212,22 @@ def product_file(product_guid: str) -> Path:
 
 
 def write_rules(path: Path, rules: list[RuleLine], permissive: bool = False) -> None:
-    """Replace a rules file atomically (a reader sees the old file or the new one, never half of one)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """Replace a rules file atomically."""
     lines = ["# fsfilter default rules: FLAGS MASK per line (see docs/service.md). Written by add_default_rule."]
     if permissive:
         lines.append("permissive")
     lines += [f"{flags_text(r.access)} {r.mask}" for r in rules]
+    write_text_atomic(path, "\n".join(lines) + "\n")
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Replace a file so that a reader sees the old one or the new one, never half of one (a temporary file of a
+    name no one else can take, synced, then renamed over it)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)  # O_EXCL, 0600
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write("\n".join(lines) + "\n")
+            f.write(text)
             f.flush()
             os.fchmod(f.fileno(), 0o644)
             os.fsync(f.fileno())

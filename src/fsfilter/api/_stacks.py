@@ -207,17 +207,20 @@ class MountStack(PassthroughFilter):
             self.rules_changed()  # names it hid or made volatile must be looked up again
         return not self.members
 
-    def detach_lazily(self, via: str, drains_here: bool = True) -> None:
+    def detach_lazily(self, via: str | None, drains_here: bool = True) -> None:
         """Take the mount out of the namespace while what is inside stays served (MNT_DETACH); the session ends when
         the last open file or cwd inside it goes. ``via`` names the mount's root without crossing the mount that
-        took over from it (whose path walks would reach a directory of its own there instead). ``drains_here``:
-        listed as draining in this process (filters attached above it join it); not when a keeper takes it."""
+        took over from it (whose path walks would reach a directory of its own there instead); None when no path
+        names it (another mount covers it): it only stops taking new filters. ``drains_here``: listed as draining
+        in this process (filters attached above it join it); not when a keeper takes it."""
         self.draining = True
         with _registry_lock:
             if _stacks.get(self.mountpoint) is self:
                 del _stacks[self.mountpoint]
             if drains_here:
                 _draining.append(self)
+        if via is None:
+            return
         try:
             libc.umount2(os.fsencode(via), linux.MNT_DETACH)
         except OSError as exc:
@@ -381,15 +384,7 @@ def _keep_serving(stack: MountStack, core: StackedFilter) -> None:
     # Another mount over ours (another process's filter) keeps ours busy; the path names that one, never to be
     # detached by us: ours stays attached under it, and is detached once it is on top again.
     covered = not stack._ours(fuse_device.find_mount(stack.mountpoint))
-    if covered:
-        stack.draining = True
-        with _registry_lock:
-            if _stacks.get(stack.mountpoint) is stack:
-                del _stacks[stack.mountpoint]
-            if keep_in_process:
-                _draining.append(stack)
-    else:
-        stack.detach_lazily(stack.mountpoint, drains_here=keep_in_process)
+    stack.detach_lazily(None if covered else stack.mountpoint, drains_here=keep_in_process)
     users = "another mount or programs still use it" if covered else "programs still use it"
     if keep_in_process:
         stack.report = f"{stack.mountpoint}: {users}; it stays served (pass-through) until they leave"

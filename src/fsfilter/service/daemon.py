@@ -166,10 +166,7 @@ class ReparseStore:
         if f is None:
             path.unlink(missing_ok=True)
             return
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text(json.dumps([[r.mask.text, r.target, r.flags] for r in f.reparse.rules()]))
-        os.replace(tmp, path)
+        _rulesfiles.write_text_atomic(path, json.dumps([[r.mask.text, r.target, r.flags] for r in f.reparse.rules()]))
 
     def stop(self) -> None:
         for f in self.filters.values():

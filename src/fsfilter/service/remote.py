@@ -179,7 +179,8 @@ class Link:
 
     def call(self, event: str, params: EventParamsBase, deny_when_gone: bool = False) -> None:
         job = dispatch.current_job()
-        waiter = _Waiter()
+        line = self.events
+        waiter = _Waiter() if line is None else None  # the event line has waiters of its own
         with self._lock:
             if self.closed:  # gone, and its layer not out of the stack yet: as below
                 self.orphaned += 1
@@ -187,26 +188,15 @@ class Link:
                     raise OSError(errno.ETIMEDOUT, "the application that handles this event is gone")
                 return
             call_id = next(self._ids)
-            self._calls[call_id] = waiter
-        before = encode_params(params)
-        message = {"event": event, "call": call_id, "params": before,
+            if waiter is not None:
+                self._calls[call_id] = waiter
+        message = {"event": event, "call": call_id, "params": encode_params(params),
                    "origin": _origin(job.origin if job else None), "creator": _origin(job.creator if job else None)}
-        line = self.events
-        try:
-            if line is not None:
-                answer = line.call(call_id, message)
-            else:
-                try:
-                    self.peer.channel.send(message)
-                except OSError:
-                    self.peer.channel.close()  # a line cut short (a send that timed out): the stream is lost
-                    answer = None
-                else:
-                    waiter.lock.acquire()
-                    answer = waiter.answer
-        finally:
-            with self._lock:
-                self._calls.pop(call_id, None)
+        if line is not None:
+            answer = line.call(call_id, message)
+        else:
+            assert waiter is not None
+            answer = self._call_on_first_connection(call_id, message, waiter)
         if answer is None:
             # The application stopped or died with the event in flight: its filter is gone, and the request goes on
             # as the requests after it will, without it; as an expired event, unless the filter denies those.
@@ -233,6 +223,22 @@ class Link:
         if answer.get("suspend") and job is not None and isinstance(job.subject, tuple):
             layer, nodeid = job.subject
             layer.suspend_events(nodeid)
+
+    def _call_on_first_connection(self, call_id: int, message: dict[str, Any],
+                                  waiter: _Waiter) -> dict[str, Any] | None:
+        """Before the application's event line is open (the moment between attach and its events request), an event
+        goes on the first connection, whose reader hands its answer over."""
+        try:
+            try:
+                self.peer.channel.send(message)
+            except OSError:
+                self.peer.channel.close()  # a line cut short (a send that timed out): the stream is lost
+                return None
+            waiter.lock.acquire()
+            return waiter.answer
+        finally:
+            with self._lock:
+                self._calls.pop(call_id, None)
 
     def post(self, event: str, params: EventParamsBase) -> None:
         job = dispatch.current_job()
