@@ -72,12 +72,13 @@ class ServiceLink:
         self._lock = threading.Lock()  # _waiting
         self._read_lock = threading.Lock()  # held by the thread reading the channel; taken before _lock
         self._closing = False
-        self._ended = False
+        self._ended_channels: set[_control.Channel] = set()  # seen to end (under their read locks)
         self._events: _control.Channel | None = None  # the event line, once opened
         self._event_lock = threading.Lock()  # held by the thread reading the event line
         channel.sock.settimeout(None)  # connected with a timeout; an idle filter waits for events indefinitely
         # Several readers in turn: events come on this connection too when the event line cannot be opened.
-        self._threads = [threading.Thread(target=self._serve, name=f"fsfilter-service-link-{i}", daemon=True)
+        self._threads = [threading.Thread(target=self._take_turns, args=(channel, self._read_lock, True),
+                                          name=f"fsfilter-service-link-{i}", daemon=True)
                          for i in range(max(4, core.worker_threads()) + 1)]
         for thread in self._threads:
             thread.start()
@@ -99,28 +100,12 @@ class ServiceLink:
             return
         channel.sock.settimeout(None)
         self._events = channel
-        threads = [threading.Thread(target=self._serve_events, name=f"fsfilter-service-event-{i}", daemon=True)
+        threads = [threading.Thread(target=self._take_turns, args=(channel, self._event_lock, False),
+                                    name=f"fsfilter-service-event-{i}", daemon=True)
                    for i in range(max(4, self.core.worker_threads()))]
         self._threads += threads
         for thread in threads:
             thread.start()
-
-    def _serve_events(self) -> None:
-        channel = self._events
-        assert channel is not None
-        while True:
-            with self._event_lock:
-                try:
-                    message = channel.receive()
-                except _control.ProtocolError as exc:
-                    log.error("fsfilterd sent a malformed event: %s", exc)
-                    continue
-                except OSError:
-                    message = None
-            if message is None:
-                return  # the service closed it (the first connection tells the filter what happened)
-            if "event" in message:
-                self._control_event(message, channel)
 
     def request(self, method: str, params: dict[str, Any], timeout: float = 60.0) -> Any:
         ident = next(self._ids)
@@ -144,36 +129,42 @@ class ServiceLink:
             raise CBFSFilterError(int(error.get("code", errno.EIO)), f"fsfilterd: {error.get('message', '')}")
         return answer.get("result")
 
-    def _serve(self) -> None:
+    def _take_turns(self, channel: _control.Channel, lock: threading.Lock, first: bool) -> None:
+        """Read ``channel`` in turn with the other threads on it. Notifications and answers are dispatched while
+        the lock is held (in the order they came); an event's handler runs once it is let go, while another thread
+        reads. ``first``: the first connection, whose end stops the filter (the event line's end says nothing the
+        first connection will not)."""
+        ended = self._ended_channels
         while True:
             event: dict[str, Any] | None = None
-            with self._read_lock:
-                if self._ended:
+            with lock:
+                if channel in ended:
                     return
                 try:
-                    message = self.channel.receive()
+                    message = channel.receive()
                 except _control.ProtocolError as exc:
                     log.error("fsfilterd sent a malformed message: %s", exc)
                     continue
                 except OSError:
                     message = None
                 if message is None:
-                    self._ended = True
-                elif "notify" in message:
-                    self._notifications(message["notify"])
+                    ended.add(channel)
                 elif "event" in message:
                     event = message
-                elif "id" in message:
+                elif first and "notify" in message:
+                    self._notifications(message["notify"])
+                elif first and "id" in message:
                     with self._lock:
                         waiter = self._waiting.get(message["id"])
                     if waiter is not None:
                         waiter[1] = message
                         waiter[0].set()
             if message is None:
-                self._end()
+                if first:
+                    self._end()
                 return
             if event is not None:
-                self._control_event(event, self.channel)
+                self._control_event(event, channel)
 
     def _end(self) -> None:
         with self._lock:
