@@ -337,10 +337,11 @@ def detach(core: StackedFilter, attachment: Attachment) -> None:
         # reach it, as they would on a filter of its own. Outside the registry lock: stopping waits for the
         # session's threads, and a handler running there may be attaching another filter.
         try:
-            if _unmount_unless_busy(stack):
+            state = _try_unmount(stack)
+            if state == "done":
                 stack.stop()
             else:
-                _keep_serving(stack, core)
+                _keep_serving(stack, core, covered=state == "covered")
         finally:
             with _registry_lock:
                 if _stopping.get(stack.mountpoint) is stopped:
@@ -356,49 +357,46 @@ def detach(core: StackedFilter, attachment: Attachment) -> None:
 keep_in_process = False
 
 
-def _unmount_unless_busy(stack: MountStack) -> bool:
-    """Unmount the mount outright if nothing uses it; False when programs have files or cwds inside (EBUSY). Only
-    when the mount at the path is this stack's: another process's (or a later) mount there is not ours to touch."""
+def _try_unmount(stack: MountStack) -> str:
+    """Unmount the mount if nothing uses it: "done" (or it was gone already: stop() finishes), "busy" (programs
+    have files or cwds inside), or "covered" (another mount was put over ours and uses it; the path names that one,
+    which is not ours to touch)."""
     if not stack._ours(fuse_device.find_mount(stack.mountpoint)):
-        # Another mount is on top of ours (or ours is gone: stop() deals with that). Covered, ours is in use by it.
-        return not any(e.mount_id == stack._mount_id for e in procfs.mountinfo())
+        return "covered" if any(e.mount_id == stack._mount_id for e in procfs.mountinfo()) else "done"
     session = stack.session
     if session is not None:
         session.stopping()  # the end of the connection that follows is ours, not a loss
     try:
         libc.umount2(os.fsencode(stack.mountpoint), linux.UMOUNT_NOFOLLOW)
     except OSError as exc:
-        if exc.errno == errno.EBUSY:
-            if session is not None:
-                session.stopping(False)  # it goes on serving what is inside; its end is then noticed
-            return False
-        return True  # not mounted any more, or another failure: stop() deals with it
-    return True
+        if exc.errno != errno.EBUSY:
+            return "done"  # not mounted any more, or another failure: stop() deals with it
+        if session is not None:
+            session.stopping(False)  # it goes on serving what is inside; its end is then noticed
+        return "busy"
+    return "done"
 
 
-def _keep_serving(stack: MountStack, core: StackedFilter) -> None:
+def _keep_serving(stack: MountStack, core: StackedFilter, covered: bool) -> None:
     """The last filter of a busy mount stops: programs inside keep working. The mount is detached (new path walks
     reach the directory itself) and goes on serving what is inside it as the plain pass-through, with kernel
-    passthrough, until they leave: in a keeper process, or here (keep_in_process)."""
+    passthrough, until they leave: in a keeper process, or here (keep_in_process, or no keeper could take it).
+    ``covered``: another mount is on top of ours; ours stays attached under it and is detached once on top again."""
     stack.remove(core)  # nothing of the filter may run after it stopped (nor in a keeper, where its threads are not)
-    # Another mount over ours (another process's filter) keeps ours busy; the path names that one, never to be
-    # detached by us: ours stays attached under it, and is detached once it is on top again.
-    covered = not stack._ours(fuse_device.find_mount(stack.mountpoint))
     stack.detach_lazily(None if covered else stack.mountpoint, drains_here=keep_in_process)
     users = "another mount or programs still use it" if covered else "programs still use it"
-    if keep_in_process:
-        stack.report = f"{stack.mountpoint}: {users}; it stays served (pass-through) until they leave"
-        if covered and stack.session is not None:
-            threading.Thread(target=keeper.detach_when_uncovered, args=(stack.mountpoint, stack._mount_id,
-                             stack.session.finished), name="fsfilter-uncover", daemon=True).start()
-        return
-    pid = stack.hand_to_keeper(covered=covered)
-    if pid < 0:
+    if not keep_in_process:
+        pid = stack.hand_to_keeper(covered=covered)
+        if pid > 0:
+            stack.report = f"{stack.mountpoint}: {users}; keeper pid {pid} serves them (pass-through) until they leave"
+            log.info("%s", stack.report)
+            return
         with _registry_lock:
-            _draining.append(stack)  # it drains here after all
-    stack.report = (f"{stack.mountpoint}: {users}; keeper pid {pid} serves them (pass-through) until they leave"
-                    if pid > 0 else f"{stack.mountpoint}: {users}; it stays served by this process until they "
-                                    "leave (a request handler did not return: no keeper)")
+            _draining.append(stack)  # a request handler did not return: no keeper, it drains here
+    stack.report = f"{stack.mountpoint}: {users}; it stays served (pass-through) by this process until they leave"
+    if covered and stack.session is not None:
+        threading.Thread(target=keeper.detach_when_uncovered, args=(stack.mountpoint, stack._mount_id,
+                         stack.session.finished), name="fsfilter-uncover", daemon=True).start()
     log.info("%s", stack.report)
 
 
