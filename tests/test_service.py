@@ -4,6 +4,7 @@ application's rule overriding a default, denials logged, status, install/uninsta
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
@@ -54,7 +55,9 @@ class Service:
     def call(self, method: str, params: dict[str, Any] | None = None) -> Any:
         return _control.call(method, params, path=self.socket)
 
-    def stop(self) -> None:
+    def stop(self, holder: bool = False) -> None:
+        """SIGTERM, as systemd stops it. Its mounts go to a holder (service/handover.py), which this then tells to let
+        go too (SIGTERM) unless ``holder``: a test that wants the holder ends it with end_holders."""
         if self.proc is not None and self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
             try:
@@ -62,6 +65,33 @@ class Service:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait(10)
+        if not holder:
+            self.end_holders()
+
+    def holders(self) -> list[int]:
+        """The holder processes of this fsfilterd (started by it; found by their command line)."""
+        pids = []
+        for name in os.listdir("/proc"):
+            if name.isdigit():
+                try:
+                    argv = Path(f"/proc/{name}/cmdline").read_bytes().split(b"\0")
+                except OSError:
+                    continue
+                if b"--hold-fd" in argv and self.socket.encode() in argv:
+                    pids.append(int(name))
+        return pids
+
+    def end_holders(self, timeout: float = 10.0) -> None:
+        """Tell each holder to let go (SIGTERM: its mounts detach and drain), and kill those still there after
+        ``timeout`` (their mounts then die: force_unmount removes them)."""
+        pids = self.holders()
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGTERM)
+        wait_for(lambda: not any(p in self.holders() for p in pids), timeout)
+        for pid in self.holders():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
 
     def hup(self) -> None:
         assert self.proc is not None

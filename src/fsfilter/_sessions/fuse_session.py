@@ -149,6 +149,7 @@ class _Waiting:
 
 _current = threading.local()  # .request: the (unique, fd) a thread is serving; .abandoned: answered already
 _EARLY_MAX = 4096  # interrupts remembered for requests not yet inside an interruptible section
+GATE_MAX = 10.0  # seconds a request waits for a successor's rules (hold_requests) before it is served anyway
 
 
 class Session:
@@ -197,6 +198,8 @@ class Session:
         self.on_lost: Callable[[], None] | None = None
         self.lost = False
         self._stopping = False
+        # While set and not open: requests of other processes wait at it (see hold_requests).
+        self._gate: threading.Event | None = None
 
     def stopping(self, expected: bool = True) -> None:
         """Say that the end of the connection that follows (an unmount by the owner) is no loss; False takes it back
@@ -251,6 +254,26 @@ class Session:
         self._write([wire.encode_reply(req.unique, reply)])
         self.negotiated = Negotiated(our_minor, flags, max_write, bool(flags & abi.InitFlag.PASSTHROUGH), timeout)
         return self.negotiated
+
+    def adopt(self, negotiated: Negotiated) -> None:
+        """Serve a connection another process negotiated (a handover, see _sessions/handover.py): no INIT comes."""
+        self.negotiated = negotiated
+
+    def resend(self) -> int:
+        """Ask the kernel to queue again every request it sent on this connection and has no answer for
+        (FUSE_NOTIFY_RESEND, kernel 6.9+): those a predecessor read and never answered. 0 or the kernel's errno."""
+        return self.notify(wire.encode_notify(abi.NotifyCode.RESEND, b""))
+
+    def hold_requests(self) -> None:
+        """Until release_requests(): requests of other processes wait (on pool threads, at most GATE_MAX seconds)
+        while this process's own requests are served, so that a successor puts its rules in place (which may walk
+        paths under the mount) before anyone else's request is decided."""
+        self._gate = threading.Event()
+
+    def release_requests(self) -> None:
+        gate, self._gate = self._gate, None
+        if gate is not None:
+            gate.set()
 
     # -- threads
 
@@ -450,7 +473,9 @@ class Session:
             with self._lock:
                 self._deferrable[req.unique] = Deferred(self, req.unique, fd)
         pooled = opcode in MAY_BLOCK
-        if self.router is not None:
+        if self._gate is not None and not libc.is_own_thread(op.pid):
+            pooled = True  # it waits at the gate, on a pool thread
+        elif self.router is not None:
             routed = self.router(op)
             if routed is not None:
                 pooled = routed
@@ -490,6 +515,9 @@ class Session:
                 if len(self._inflight) > self._pool_idle and self._pool_threads < self.options.pool_max:
                     self._spawn_pool_thread()  # a request queued while this thread still counted as idle
             try:
+                gate = self._gate
+                if gate is not None and not libc.is_own_thread(op.pid):
+                    gate.wait(GATE_MAX)
                 self._run(op, fd)
             finally:
                 with self._lock:

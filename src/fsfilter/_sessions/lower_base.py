@@ -91,6 +91,14 @@ class LowerBase(Layer):
         with self._lock:
             yield
 
+    def new_handle(self, fd: int) -> int:
+        """The handle the kernel will name a new open by (under _lock): its fd's number, unless a handle taken over
+        from a predecessor process already has that number (see _sessions/handover.py)."""
+        fh = fd
+        while fh in self.files or fh in self.dirs:
+            fh += 1 << 32
+        return fh
+
     def inode(self, nodeid: int) -> Inode:
         node = self.nodes.get(nodeid)
         if node is None:

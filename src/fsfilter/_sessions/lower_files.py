@@ -97,9 +97,10 @@ class LowerFiles(LowerBase):
     def _registered(self, op: ops.Op, fd: int, node: Inode, st: os.stat_result) -> Opened:
         record = OpenFile(fd, node, st)
         with self._lock:
-            self.files[fd] = record
-        op.remember(_OPENED, (fd, record))
-        return Opened(fd)
+            fh = self.new_handle(fd)
+            self.files[fh] = record
+        op.remember(_OPENED, (fh, record))
+        return Opened(fh)
 
     def open(self, op: ops.Open) -> Reply:
         node = self.inode(op.nodeid)
@@ -110,11 +111,10 @@ class LowerFiles(LowerBase):
                 self.kill_privileges(fd)
             if op.flags & os.O_TRUNC:
                 st = os.fstat(fd)
-            return self._registered(op, fd, node, st)
         except BaseException:
-            self.files.pop(fd, None)
             os.close(fd)
             raise
+        return self._registered(op, fd, node, st)
 
     def _created(self, op: ops.Op, fd: int, parent: Inode, name: bytes) -> Reply:
         """Reply to CREATE/TMPFILE: the new object's entry, then its open."""
@@ -191,7 +191,7 @@ class LowerFiles(LowerBase):
                 node.daemon_opens -= 1
         if self.options.locks:
             self.locks.release_fh(node.nodeid, fh)  # flock and OFD locks belong to the open file
-        os.close(fh)
+        os.close(f.fd)
 
     def getlk(self, op: ops.Lock) -> Reply:
         node = self.file(op.fh).inode

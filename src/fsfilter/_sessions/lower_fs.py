@@ -257,9 +257,12 @@ class LowerFS(LowerFiles):
     def opendir(self, op: ops.Open) -> Reply:
         node = self.inode(op.nodeid)
         fd = os.open(procfs.fd_path(node.fd), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        record = self.dirs[fd] = OpenDir(fd)
-        op.remember(_OPENED, (fd, record))
-        return Opened(fd)
+        record = OpenDir(fd)
+        with self._lock:
+            fh = self.new_handle(fd)
+            self.dirs[fh] = record
+        op.remember(_OPENED, (fh, record))
+        return Opened(fh)
 
     def readdir(self, op: ops.Read) -> Reply:
         """READDIR and READDIRPLUS: the names that fit, each passed up through the layers (which may hide it or

@@ -22,8 +22,8 @@ from fsfilter._abi import fuse as abi
 from fsfilter._abi import linux
 from fsfilter._layers.filter import FilterCore, FilterLayer
 from fsfilter._sessions import keeper
-from fsfilter._sessions.fuse_session import Session, SessionStats
-from fsfilter._sessions.lower_fs import LowerFS
+from fsfilter._sessions.fuse_session import Session, SessionOptions, SessionStats
+from fsfilter._sessions.lower_fs import LowerFS, LowerOptions
 from fsfilter._sessions.stack import AltitudeTaken, LayerStack
 from fsfilter._system import fuse_device, libc, procfs
 from fsfilter._wire import fuse as wire
@@ -121,6 +121,19 @@ class MountStack(PassthroughFilter):
                          negative_timeout=float(first.config("NegativeTimeout")),
                          locks=first.wants_lock_requests(),
                          request_timeout=min(0xFFFF, math.ceil(float(first.config("RequestTimeout")))))
+        self._init_stack()
+
+    @classmethod
+    def adopted(cls, path: str, lower: str, session_options: SessionOptions, lower_options: LowerOptions,
+                allow_other: bool) -> MountStack:
+        """A stack for a mount another process hands over (api/_handover.py); start it with start_adopted."""
+        stack = cls.__new__(cls)
+        PassthroughFilter.__init__(stack, lower, path, allow_other=allow_other, resolve=False)
+        stack.session_options, stack.lower_options = session_options, lower_options
+        stack._init_stack()
+        return stack
+
+    def _init_stack(self) -> None:
         self.layers: LayerStack | None = None
         self.members: dict[int, tuple[StackedFilter, FilterLayer]] = {}  # id(filter) -> (filter, its layer here)
         self.draining = False  # detached: serving only what was inside it already
@@ -130,6 +143,7 @@ class MountStack(PassthroughFilter):
         self._invalidator: threading.Thread | None = None
         self._stale_lock = threading.Lock()  # a leaf: nothing else is taken while it is held
         self.on_lost = self._lost
+        self.handed_over = False  # another process serves it now: filters leaving here must not touch it
 
     # -- mount and session
 
@@ -327,6 +341,9 @@ def detach(core: StackedFilter, attachment: Attachment) -> None:
     detached mounts being drained leave them too (those mounts then serve what is inside them unfiltered)."""
     with _registry_lock:
         stack = attachment.stack
+        if stack.handed_over:
+            stack.members.pop(id(core), None)
+            return
         last = set(stack.members) == {id(core)} and not stack.draining
         if last and _stacks.get(stack.mountpoint) is stack:
             del _stacks[stack.mountpoint]  # no filter joins it from now on

@@ -20,7 +20,7 @@ from collections.abc import Callable
 from fsfilter._abi import fuse as abi
 from fsfilter._abi import linux
 from fsfilter._sessions import keeper
-from fsfilter._sessions.fuse_session import Session, SessionOptions, SessionStats
+from fsfilter._sessions.fuse_session import Negotiated, Session, SessionOptions, SessionStats
 from fsfilter._sessions.lower_fs import IoPolicy, LowerFS, LowerOptions
 from fsfilter._system import fuse_device, libc
 from fsfilter._wire import fuse as wire
@@ -72,7 +72,7 @@ class PassthroughFilter:
                  workers: int = 1, pool: int = 4, passthrough: bool = True, io_policy: IoPolicy | None = None,
                  entry_timeout: float = 60.0, attr_timeout: float = 60.0, negative_timeout: float = 10.0,
                  allow_other: bool | None = None, spin: float = 0.0002, locks: bool = False,
-                 request_timeout: int = 45) -> None:
+                 request_timeout: int = 45, resolve: bool = True) -> None:
         if workers < 1 or workers > 64:
             raise CBFSFilterError(errno.EINVAL, f"workers must be between 1 and 64, not {workers}")
         if pool < 1 or pool > 256:
@@ -85,8 +85,11 @@ class PassthroughFilter:
                 or not 0 <= request_timeout <= 0xFFFF:
             raise CBFSFilterError(errno.EINVAL, f"request_timeout must be whole seconds from 0 (none) to 65535, "
                                                 f"not {request_timeout!r}")
-        self.lower = os.path.realpath(os.fspath(lower))
-        self.mountpoint = os.path.realpath(os.fspath(mountpoint)) if mountpoint is not None else self.lower
+        # ``resolve=False``: the paths are canonical already (a mount taken over from another process, whose paths
+        # must not be walked before this process serves them).
+        real = os.path.realpath if resolve else os.path.normpath
+        self.lower = real(os.fspath(lower))
+        self.mountpoint = real(os.fspath(mountpoint)) if mountpoint is not None else self.lower
         self.in_place = self.mountpoint == self.lower
         self.session_options = SessionOptions(workers=workers, pool=pool, passthrough=passthrough, spin=spin,
                                               locks=locks, request_timeout=request_timeout)
@@ -146,6 +149,29 @@ class PassthroughFilter:
         except BaseException:
             self._teardown()
             raise
+
+    def start_adopted(self, dev_fd: int, lower_fd: int, mount_id: int, negotiated: Negotiated,
+                      fill: Callable[[LowerFS], None]) -> None:
+        """Serve a mount another process made and served until now (see api/_handover.py): its connection
+        ``dev_fd``, its lower directory ``lower_fd``, tables filled by ``fill``. Requests of other processes are held
+        (Session.hold_requests) until the caller has put its layers in and released them."""
+        fuse_device.raise_fd_limit()
+        self._dev_fd, self._lower_fd, self._mount_id = dev_fd, lower_fd, mount_id
+        fs = self._make_fs(lower_fd)
+        fill(fs)
+        session = Session(dev_fd, fs.handlers(), self.session_options)
+        session.trace = self._trace
+        session.on_lost = self._connection_lost
+        self._configure_session(session, fs)
+        session.adopt(negotiated)
+        fs.session_fd = dev_fd
+        fs.defer = session.defer
+        fs.interruptible = session.interruptible
+        session.hold_requests()
+        session.start()
+        self.fs, self.session = fs, session
+        with _served_lock:
+            _served.add(self.mountpoint)
 
     def _make_fs(self, lower_fd: int) -> LowerFS:
         """The request handlers; subclasses return a LowerFS subclass to change what is served."""

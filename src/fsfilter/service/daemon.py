@@ -24,14 +24,14 @@ import time
 from pathlib import Path
 from typing import Any
 
-from fsfilter.api import _control, _deployment, _rulesfiles
+from fsfilter.api import _control, _deployment, _handover, _rulesfiles
 from fsfilter.api import _stacks as stacks
 from fsfilter.api import constants as c
 from fsfilter.api._denials import DenialLog
 from fsfilter.api._rulesfiles import RuleFile, RulesError
 from fsfilter.api.cbfilter import CBFilter
 from fsfilter.errors import CBFSFilterError
-from fsfilter.service import remote
+from fsfilter.service import handover, remote
 from fsfilter.service.peers import Peer
 
 __all__ = ["Service", "main"]
@@ -455,7 +455,14 @@ class Service:
                 return self.reparse.add(product, _text(params, "mask"), _text(params, "target"), flags)
         return self.apps.request(peer, method, params)
 
-    def stop(self) -> None:
+    def has_mounts(self) -> bool:
+        with stacks._registry_lock:
+            return bool(stacks._stacks or stacks._draining)
+
+    def stop(self, hand_over: bool = False) -> None:
+        """Stop serving. ``hand_over``: the mounts go to a holder process (service/handover.py) that keeps them, with
+        the default rules, for the next fsfilterd; what cannot go there drains in keeper processes. Else (a holder
+        letting go) busy mounts are detached and drain in this process (the caller waits for them)."""
         self._stop.set()
         listener, self._listener = self._listener, None
         if listener is not None:
@@ -470,11 +477,31 @@ class Service:
         for peer in clients:
             peer.channel.close()
         self.apps.stop()
+        if hand_over:
+            if self.has_mounts():
+                self._hand_to_holder()
+            stacks.keep_in_process = False  # this process ends: a mount left busy goes to a keeper, not down with it
         self.reparse.stop()
         with self._lock:
             defaults, self.defaults = list(self.defaults.values()), {}
         for d in defaults:
             d.filter.stop_filter(True)
+
+
+    def _hand_to_holder(self) -> None:
+        try:
+            proc, sock = handover.spawn_holder(self.socket_path)
+        except OSError as exc:
+            log.warning("could not start a holder for the mounts (%s): they drain in keeper processes", exc)
+            return
+        try:
+            if handover.give(sock):
+                log.info("the mounts and default rules are kept by holder pid %d for the next fsfilterd (%s)",
+                         proc.pid, handover.socket_path_for(self.socket_path))
+            elif proc.poll() is None:
+                proc.kill()
+        finally:
+            sock.close()
 
 
 def _send(peer: Peer, message: dict[str, Any]) -> None:
@@ -515,9 +542,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--foreground", action="store_true", help="run in the foreground (what systemd runs too)")
     parser.add_argument("--socket", help="control socket path (default /run/fsfilter/control.sock)")
     parser.add_argument("--verbose", "-v", action="store_true", help="log debug messages")
+    parser.add_argument("--hold-fd", type=int, help=argparse.SUPPRESS)  # the holder fsfilterd starts on stopping
+    parser.add_argument("--grace", type=float, default=float(os.environ.get("FSFILTER_HANDOVER_GRACE", "30")),
+                        help="seconds the mounts wait, served, for the next fsfilterd after this one stops (default "
+                             "30; FSFILTER_HANDOVER_GRACE); then they are let go")
     args = parser.parse_args(argv)
+    holding = args.hold_fd is not None
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="fsfilterd: %(levelname)s %(message)s", stream=sys.stderr)
+                        format=f"fsfilterd{' holder' if holding else ''}: %(levelname)s %(message)s", stream=sys.stderr)
     if not args.foreground:
         parser.error("fsfilterd does not fork: run it under systemd (systemctl start fsfilterd) or with --foreground")
     if os.geteuid() != 0:
@@ -525,15 +557,20 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     stacks.keep_in_process = True  # the service outlives its filters: a mount left busy drains here
     service = Service(args.socket)
+    if holding:
+        return _hold(service, socket.socket(fileno=args.hold_fd), args.grace)
     try:
         service.listen()
     except (CBFSFilterError, OSError) as exc:
         print(f"fsfilterd: {exc}", file=sys.stderr)
         return 1
+    taken = _take_from_holder(service)
     summary = service.reload()
     service.reparse.load()
-    log.info("enforcing %d default rule(s) of %s; listening on %s", summary["rules"],
-             ", ".join(summary["products"]) or "no product", service.socket_path)
+    _handover.open_all(taken)
+    log.info("enforcing %d default rule(s) of %s; listening on %s%s", summary["rules"],
+             ", ".join(summary["products"]) or "no product", service.socket_path,
+             f"; serving {len(taken)} mount(s) taken over from the previous fsfilterd" if taken else "")
 
     def on_hup(signum: int, frame: object) -> None:
         threading.Thread(target=_reload_by_signal, args=(service,), name="fsfilterd-reload", daemon=True).start()
@@ -557,9 +594,95 @@ def main(argv: list[str] | None = None) -> int:
             pass
     finally:
         sd_notify("STOPPING=1")
-        service.stop()
+        service.stop(hand_over=True)
     log.info("stopped")
     return 0
+
+
+def _take_from_holder(service: Service) -> list[stacks.MountStack]:
+    """The mounts a holder keeps for this fsfilterd (the previous one stopped), if one does."""
+    path = handover.socket_path_for(service.socket_path)
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return []
+    if not stat.S_ISSOCK(st.st_mode):
+        return []
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+    try:
+        sock.connect(path)
+        return handover.take(sock)
+    except (OSError, ValueError, KeyError, TypeError, handover.HandoverError) as exc:
+        log.warning("could not take the mounts kept at %s (%s): starting afresh", path, exc)
+        return []
+    finally:
+        sock.close()
+
+
+def _hold(service: Service, giver: socket.socket, grace: float) -> int:
+    """The holder's life: take the mounts of the fsfilterd that stops, serve them with the default rules, and give
+    them to the next fsfilterd; with none within ``grace`` seconds (or on SIGTERM), let them go: detached, they
+    drain here, and the holder exits when the last one ends (a successor may still take them meanwhile)."""
+    try:
+        taken = handover.take(giver)
+    except (OSError, ValueError, KeyError, TypeError, handover.HandoverError) as exc:
+        log.error("taking the mounts failed: %s", exc)
+        return 1
+    finally:
+        giver.close()
+    service.reload()
+    service.reparse.load()
+    _handover.open_all(taken)
+    path = handover.socket_path_for(service.socket_path)
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+    try:
+        if stat.S_ISSOCK(os.lstat(path).st_mode):
+            os.unlink(path)
+    except FileNotFoundError:
+        pass
+    listener.bind(path)
+    os.chmod(path, 0o600)
+    listener.listen(4)
+    listener.settimeout(0.5)
+    mine = os.stat(path).st_ino
+    log.info("keeping %d mount(s) for the next fsfilterd (%s), for %g s", len(taken), path, grace)
+    signal.signal(signal.SIGTERM, lambda signum, frame: service._stop.set())
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    deadline = time.monotonic() + grace
+    let_go = given = False
+    try:
+        while True:
+            if not let_go and (service._stop.is_set() or time.monotonic() >= deadline):
+                log.info("no fsfilterd took the mounts: letting them go (what is inside them stays served until it "
+                         "leaves)")
+                service.stop()
+                let_go = True
+            if let_go and not service.has_mounts():
+                break
+            try:
+                conn, _ = listener.accept()
+            except TimeoutError:
+                continue
+            with conn:
+                if _peer_is_root(conn) and handover.give(conn):
+                    given = True
+                    break
+    finally:
+        listener.close()
+        try:
+            if os.stat(path).st_ino == mine:
+                os.unlink(path)
+        except OSError:
+            pass
+    if given:
+        service.stop()  # the mounts are the successor's: the default filters leave them untouched
+    log.info("holder done")
+    return 0
+
+
+def _peer_is_root(conn: socket.socket) -> bool:
+    creds = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12)
+    return int.from_bytes(creds[4:8], sys.byteorder) == 0
 
 
 def _reload_by_signal(service: Service) -> None:

@@ -1,0 +1,158 @@
+"""Restart and upgrade without a gap: one fsfilterd hands its mounts to the next over a UNIX socket.
+
+On SIGTERM fsfilterd does not unmount. It starts a *holder* (``fsfilterd --hold-fd N``: the same program, without a
+control socket) and gives it every mount; the holder loads the default rules, serves, and offers the mounts on
+``<control socket>.handover`` to the next fsfilterd, which takes them when it starts. Nobody's request goes
+unanswered in between for longer than one handover (the giver stops reading, the taker starts): no ENOTCONN, no
+remount, and the default rules hold throughout (the taker holds other processes' requests until its rules are in).
+With no successor within the grace time, the holder lets go: the mounts are detached (new path walks reach the
+directories themselves) and serve what is still inside them until it leaves; then the holder exits.
+
+Why a holder and not systemd's file-descriptor store: with the fds parked in the store nobody reads the connection
+while the new service starts (a Python interpreter and its imports: about a second), so every caller waits that long
+and a permission request waits with it; the holder answers them all the while. See docs/service.md.
+
+The protocol (SOCK_SEQPACKET, one JSON object per packet): the taker sends {"op": "take", "format": F}; the giver
+answers {"op": "state", "fds": N} with a memfd holding the state (api/_handover.py) attached, then ceil(N/250)
+packets {"op": "fds"} carrying the fds in order; the taker answers {"op": "adopted"} (the giver then lets go) or
+{"op": "refused", "why": ...} (the giver serves on). A giver that gets no answer serves on as well.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import subprocess
+import sys
+from typing import Any
+
+from fsfilter._sessions.handover import FORMAT
+from fsfilter.api import _handover
+from fsfilter.api._stacks import MountStack
+
+__all__ = ["HandoverError", "give", "spawn_holder", "take", "socket_path_for"]
+
+log = logging.getLogger("fsfilterd")
+
+CHUNK = 250  # fds per packet (the kernel takes at most 253 per message)
+PACKET = 65536
+
+
+class HandoverError(Exception):
+    pass
+
+
+def socket_path_for(control: str) -> str:
+    return control + ".handover"
+
+
+def _send(sock: socket.socket, message: dict[str, Any], fds: list[int] | None = None) -> None:
+    data = json.dumps(message).encode()
+    if fds:
+        socket.send_fds(sock, [data], fds)
+    else:
+        sock.send(data)
+
+
+def _receive(sock: socket.socket) -> tuple[dict[str, Any], list[int]]:
+    data, fds, _, _ = socket.recv_fds(sock, PACKET, CHUNK + 3)
+    if not data:
+        for fd in fds:
+            os.close(fd)
+        raise HandoverError("the other side closed the connection")
+    try:
+        message = json.loads(data)
+    except ValueError as exc:
+        for fd in fds:
+            os.close(fd)
+        raise HandoverError(f"not a handover message: {exc}") from exc
+    if not isinstance(message, dict):
+        raise HandoverError("not a handover message")
+    return message, fds
+
+
+def give(sock: socket.socket, timeout: float = 30.0) -> bool:
+    """Hand every mount of this process to the taker at the other end of ``sock``. True when it took them (they
+    are no longer this process's); False when it refused or went away (they are served here again)."""
+    sock.settimeout(timeout)
+    try:
+        ask, _ = _receive(sock)
+    except (OSError, HandoverError) as exc:
+        log.warning("no successor took the mounts: %s", exc)
+        return False
+    if ask.get("op") != "take" or ask.get("format") != FORMAT:
+        _send(sock, {"op": "refused", "why": f"this fsfilterd gives handover format {FORMAT}"})
+        log.warning("the successor reads handover format %r, this fsfilterd writes %d: it keeps the mounts",
+                    ask.get("format"), FORMAT)
+        return False
+    exported = _handover.export_all()
+    try:
+        memfd = os.memfd_create("fsfilter-handover", os.MFD_CLOEXEC)
+        try:
+            with os.fdopen(os.dup(memfd), "wb") as f:
+                f.write(json.dumps(exported.state).encode())
+            _send(sock, {"op": "state", "fds": len(exported.fds)}, [memfd])
+        finally:
+            os.close(memfd)
+        for i in range(0, len(exported.fds), CHUNK):
+            _send(sock, {"op": "fds"}, exported.fds[i:i + CHUNK])
+        answer, _ = _receive(sock)
+    except (OSError, HandoverError) as exc:
+        answer = {"op": "refused", "why": str(exc)}
+    if answer.get("op") != "adopted":
+        exported.resume()
+        log.warning("the successor did not take the mounts (%s): serving them on", answer.get("why", answer))
+        return False
+    exported.release()
+    for left in exported.state["left"]:
+        log.warning("%s stays with this process: %s", left["path"], left["why"])
+    log.info("handed %d mount(s) to the successor", len(exported.mounts))
+    return True
+
+
+def take(sock: socket.socket, timeout: float = 30.0) -> list[MountStack]:
+    """Take every mount the giver at the other end of ``sock`` has. They hold other processes' requests until
+    api._handover.open_all (put the rules in first)."""
+    sock.settimeout(timeout)
+    _send(sock, {"op": "take", "format": FORMAT})
+    fds: list[int] = []
+    try:
+        head, attached = _receive(sock)
+        if head.get("op") != "state" or len(attached) != 1:
+            raise HandoverError(f"the giver refused: {head.get('why', head)}")
+        with os.fdopen(attached[0], "rb") as f:
+            f.seek(0)
+            state = json.loads(f.read())
+        while len(fds) < int(head["fds"]):
+            more, got = _receive(sock)
+            fds += got
+            if more.get("op") != "fds" or not got:
+                raise HandoverError("the giver sent fewer fds than it said")
+        mounts = _handover.adopt(state, fds)
+    except BaseException as exc:
+        for fd in fds:
+            os.close(fd)
+        try:
+            _send(sock, {"op": "refused", "why": str(exc)})
+        except OSError:
+            pass
+        raise
+    _send(sock, {"op": "adopted"})
+    return mounts
+
+
+def spawn_holder(control_socket: str) -> tuple[subprocess.Popen[bytes], socket.socket]:
+    """Start the holder (this program, ``--hold-fd``) with one end of a socket pair; give() on the other end."""
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", "LISTEN_FDS", "LISTEN_PID",
+                        "LISTEN_FDNAMES")}  # the holder is not the unit's main process: systemd hears from it nothing
+    try:
+        proc = subprocess.Popen([sys.executable, "-m", "fsfilter.service", "--foreground", "--socket", control_socket,
+                                 "--hold-fd", str(theirs.fileno())], pass_fds=(theirs.fileno(),), env=env,
+                                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, start_new_session=True)
+    finally:
+        theirs.close()
+    return proc, ours
