@@ -45,7 +45,7 @@ class Service:
         self.log = base / "fsfilterd.log"
 
     def start(self) -> None:
-        self.proc = subprocess.Popen([sys.executable, "-m", "fsfilter.service", "--foreground", "--socket",
+        self.proc = subprocess.Popen([sys.executable, "-m", "fsfilter.service", "--foreground", "-v", "--socket",
                                       self.socket], env=self.env, stdout=subprocess.DEVNULL,
                                      stderr=open(self.log, "w"), text=True)
         assert wait_for(lambda: "ready" in self.log.read_text() or self.proc is None or

@@ -39,38 +39,48 @@ def export_tables(fs: LowerBase, fds: list[int]) -> dict[str, Any]:
 
     if fs.options.locks and (fs.locks.count() or fs.locks.waiting()):
         raise Unmovable("locks are held through the daemon")
-    nodes = []
-    for node in fs.nodes.values():
-        if node.nodeid == abi.ROOT_ID:
-            continue
-        nodes.append([node.nodeid, ref(node.fd), node.key[0], node.key[1], node.nlookup, node.parent, node.name.hex(),
-                      node.backing_id, node.backing_refs, node.daemon_opens,
-                      list(node.cache_sig) if node.cache_sig is not None else None])
+    def row(node: Inode) -> list[Any]:
+        return [node.nodeid, ref(node.fd), node.key[0], node.key[1], node.nlookup, node.parent, node.name.hex(),
+                node.backing_id, node.backing_refs, node.daemon_opens,
+                list(node.cache_sig) if node.cache_sig is not None else None]
+
+    nodes = [row(node) for node in fs.nodes.values() if node.nodeid != abi.ROOT_ID]
+    # A node the kernel has forgotten while an open of it lives on here: kept for that open only (not in the table).
+    unlisted: dict[int, Inode] = {}
     files = []
     for fh, f in fs.files.items():
         if type(f.backend) is not LowerFile:
             raise Unmovable(f"an open of {fs.path_of(f.inode.nodeid)!r} is served by a layer's own backend")
-        files.append([fh, ref(f.fd), f.inode.nodeid, f.passthrough])
+        if fs.nodes.get(f.inode.nodeid) is not f.inode and f.inode.nodeid != abi.ROOT_ID:
+            unlisted[id(f.inode)] = f.inode
+        files.append([fh, ref(f.fd), f.inode.nodeid, f.passthrough, id(f.inode)])
     dirs = [[fh, ref(d.fd)] for fh, d in fs.dirs.items()]
     return {"next_id": fs._next_id, "root_nlookup": fs.root.nlookup, "passthrough": fs.passthrough,
-            "nodes": nodes, "files": files, "dirs": dirs}
+            "nodes": nodes, "unlisted": {str(k): row(v) for k, v in unlisted.items()}, "files": files, "dirs": dirs}
 
 
 def import_tables(fs: LowerBase, state: dict[str, Any], fds: list[int]) -> None:
     """Fill a new bottom layer (made on the same lower directory, not yet serving) from export_tables' data; the fds
     are taken over (the tables close them when the kernel forgets or releases what they stand for)."""
-    fs.root.nlookup = int(state["root_nlookup"])
-    fs.passthrough = bool(state["passthrough"])
-    fs._next_id = int(state["next_id"])
-    for nodeid, fd, dev, ino, nlookup, parent, name, backing_id, backing_refs, daemon_opens, sig in state["nodes"]:
+    def node_of(row: list[Any]) -> Inode:
+        nodeid, fd, dev, ino, nlookup, parent, name, backing_id, backing_refs, daemon_opens, sig = row
         node = Inode(int(nodeid), fds[fd], (int(dev), int(ino)), int(parent), bytes.fromhex(name))
         node.nlookup = int(nlookup)
         node.backing_id, node.backing_refs, node.daemon_opens = int(backing_id), int(backing_refs), int(daemon_opens)
         node.cache_sig = (int(sig[0]), int(sig[1])) if sig is not None else None
+        return node
+
+    fs.root.nlookup = int(state["root_nlookup"])
+    fs.passthrough = bool(state["passthrough"])
+    fs._next_id = int(state["next_id"])
+    for row in state["nodes"]:
+        node = node_of(row)
         fs.nodes[node.nodeid] = node
         fs.by_key[node.key] = node
-    for fh, fd, nodeid, passthrough in state["files"]:
-        record = OpenFile(fds[fd], fs.nodes[int(nodeid)], os.fstat(fds[fd]))
+    unlisted = {key: node_of(row) for key, row in state["unlisted"].items()}
+    for fh, fd, nodeid, passthrough, which in state["files"]:
+        inode = unlisted.get(str(which)) or fs.nodes[int(nodeid)]
+        record = OpenFile(fds[fd], inode, os.fstat(fds[fd]))
         record.passthrough = passthrough if passthrough is None else bool(passthrough)
         fs.files[int(fh)] = record
     for fh, fd in state["dirs"]:

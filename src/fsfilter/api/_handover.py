@@ -9,9 +9,7 @@ are not carried: the taker puts in its own (default rules from the rules files; 
 
 from __future__ import annotations
 
-import errno
 import logging
-import os
 import threading
 from dataclasses import asdict
 from typing import Any
@@ -134,16 +132,13 @@ def adopt(state: dict[str, Any], fds: list[int]) -> list[MountStack]:
 
 
 def open_all(mounts: list[MountStack]) -> None:
-    """The taker's rules are in place: serve everyone, have the kernel send again what the giver read and never
-    answered, and watch the mounts (a watchdog detaches them should this process die)."""
+    """The taker's rules are in place: serve everyone, and watch the mounts (a watchdog detaches them should this
+    process die)."""
     for stack in mounts:
         session = stack.session
         if session is None:
             continue
         session.release_requests()
-        code = session.resend()
-        if code and code not in (errno.ENOSYS, errno.EINVAL):
-            log.warning("%s: asking the kernel to resend requests failed: %s", stack.mountpoint, os.strerror(code))
         try:
             stack._watchdog = fuse_device.start_watchdog(stack.mountpoint)
             fuse_device.watch_mount(stack._watchdog, stack._mount_id)

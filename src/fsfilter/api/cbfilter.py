@@ -13,6 +13,7 @@ import itertools
 import logging
 import os
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -52,7 +53,7 @@ _CONFIG_DEFAULTS: dict[str, str] = {
     "DenyExpiredEvents": "false", "ModifiableReadWriteBuffers": "true", "AllowFileAccessInBeforeOpen": "true",
     "EntryTimeout": "60", "AttrTimeout": "60", "NegativeTimeout": "10", "KernelPassthrough": "true",
     "AccessViaFanotify": "false", "HideDirectoryLinkCounts": "true", "RequestTimeout": "45",
-    "Permissive": "false", "LogDenials": "true", "Service": "auto",
+    "Permissive": "false", "LogDenials": "true", "Service": "auto", "ServiceReconnect": "60",
 }
 # Service=auto: run in fsfilterd's stack when the service runs (and the filter can run there), else in this process;
 # on: only in the service (start_filter fails without it); off: always in this process.
@@ -132,6 +133,8 @@ class CBFilter(Deployment, RuleTables):
         # leave): for the command line to tell. Empty when the mounts simply went.
         self.stop_report = ""
         self._service_link: ServiceLink | None = None  # attached to fsfilterd's stack
+        self._resume_token = ""  # given by fsfilterd: takes back the filter it keeps across its restart
+        self._reattaching = False
         self.owner_pid = 0  # set by the service for an application's filter it runs
         self.denials = 0  # requests its access rules refused (or, when permissive, would have refused)
         # Start, stop and attach points; taken before the stacks' registry lock (api/_stacks.py), never while a
@@ -292,6 +295,19 @@ class CBFilter(Deployment, RuleTables):
         d.min_threads = max(1, int(self._config["MinWorkerThreadCount"]))
         d.max_threads = max(d.min_threads, self.worker_threads())
         d.start()
+        try:
+            points = self._attach_over(link, timeout)
+        except BaseException:
+            link.close()
+            d.stop(1.0)
+            raise
+        self._active = True
+        log.info("filter attached to fsfilterd's stack on %s", ", ".join(points))
+        self._fire_simple("filter_start")
+
+    def _attach_over(self, link: ServiceLink, timeout: int) -> list[str]:
+        """Send the filter to fsfilterd (again, after a restart of the service: with the token that takes back the
+        filter it kept meanwhile); returns the attach points."""
         handlers = [event for event in FILTER_PARAMS if self.handler(event) is not None
                     and event not in _LOCAL_EVENTS]
         spec = {"altitude": self.altitude, "strict_altitude": self.strict_altitude, "tag": self.tag,
@@ -301,26 +317,57 @@ class CBFilter(Deployment, RuleTables):
                 "process_failed_requests": self.process_failed_requests,
                 "process_cached_io_requests": self.process_cached_io_requests,
                 "config": {k: v for k, v in self._config.items() if k != "Service"}}
-        try:
-            result = link.request("attach", spec)
-        except BaseException:
-            link.close()
-            d.stop(1.0)
-            raise
+        if self._resume_token:
+            spec["resume"] = self._resume_token
+        result = link.request("attach", spec)
         link.handle = int(result["handle"])
+        self._resume_token = str(result.get("resume_token") or "")
         if isinstance(result.get("events_token"), str):
             link.open_event_line(result["events_token"])
         self._service_link = link
-        self._active = True
-        log.info("filter attached to fsfilterd's stack on %s", ", ".join(result.get("attach_points", [])))
-        self._fire_simple("filter_start")
+        return list(result.get("attach_points", []))
 
     def _service_lost(self) -> None:
-        """fsfilterd closed the connection while the filter ran: its rules no longer hold anywhere."""
+        """fsfilterd closed the connection while the filter ran. A restarting service hands its filter to the next
+        one, which keeps the rules in force and the events waiting: attach again, to whichever fsfilterd now
+        listens, for up to ServiceReconnect seconds; then the filter stops and says why."""
         with self._lock:
-            if not self._active or self._service_link is None:
-                return
-        self._fire_error(errno.ENOTCONN, "fsfilterd went away; the filter stopped: start it again")
+            if not self._active or self._service_link is None or self._reattaching:
+                return  # stopped, or a reattach is under way (and this was a connection it tried)
+            self._reattaching = True
+        threading.Thread(target=self._reattach, name="fsfilter-reattach", daemon=True).start()
+
+    def _reattach(self) -> None:
+        try:
+            self._attach_again()
+        finally:
+            self._reattaching = False
+
+    def _attach_again(self) -> None:
+        lost = self._service_link
+        deadline = time.monotonic() + float(self._config["ServiceReconnect"])
+        why = "no fsfilterd listens"
+        while time.monotonic() < deadline:
+            with self._lock:
+                if not self._active or self._service_link is not lost:
+                    return  # stopped meanwhile
+                channel = _control.connect(timeout=2.0)
+                if channel is not None:
+                    link = ServiceLink(self, channel)
+                    try:
+                        points = self._attach_over(link, self._timeout_ms)
+                    except CBFSFilterError as exc:
+                        link.close()
+                        why = exc.message
+                    else:
+                        if lost is not None:
+                            lost.close()
+                        log.info("fsfilterd restarted: filter attached again on %s", ", ".join(points))
+                        return
+            time.sleep(0.1)
+        self._fire_error(errno.ENOTCONN, f"fsfilterd went away and did not come back within "
+                                         f"{self._config['ServiceReconnect']} s ({why}); the filter stopped: start "
+                                         "it again")
         self.stop_filter(wait=False)
 
     @property

@@ -168,6 +168,11 @@ class PassthroughFilter:
         fs.defer = session.defer
         fs.interruptible = session.interruptible
         session.hold_requests()
+        # Before reading anything: what the predecessor read and never answered is sent again (resent now, a request
+        # this process has read already would come twice).
+        code = session.resend()
+        if code and code not in (errno.ENOSYS, errno.EINVAL):
+            log.warning("%s: asking the kernel to resend requests failed: %s", self.mountpoint, os.strerror(code))
         session.start()
         self.fs, self.session = fs, session
         with _served_lock:

@@ -190,6 +190,7 @@ class Service:
         self._listener: socket.socket | None = None
         self._clients: set[Peer] = set()
         self._owns_socket = False
+        self._socket_ino = 0
 
     # -- default rules
 
@@ -295,8 +296,13 @@ class Service:
     def listen(self) -> None:
         inherited = _socket_from_systemd()
         if inherited is not None:
+            if self._listener is not None:
+                self._listener.close()  # the predecessor's copy: systemd's is the one that stays
             self._listener = inherited
+            self._owns_socket = False
             return
+        if self._listener is not None:
+            return  # the predecessor's, handed over with its mounts
         path = Path(self.socket_path)
         if not path.parent.exists():
             path.parent.mkdir(mode=0o755, parents=True)
@@ -318,6 +324,7 @@ class Service:
         sock.listen(64)
         self._listener = sock
         self._owns_socket = True
+        self._socket_ino = os.stat(path).st_ino
 
     def serve_forever(self) -> None:
         listener = self._listener
@@ -460,26 +467,24 @@ class Service:
             return bool(stacks._stacks or stacks._draining)
 
     def stop(self, hand_over: bool = False) -> None:
-        """Stop serving. ``hand_over``: the mounts go to a holder process (service/handover.py) that keeps them, with
-        the default rules, for the next fsfilterd; what cannot go there drains in keeper processes. Else (a holder
-        letting go) busy mounts are detached and drain in this process (the caller waits for them)."""
+        """Stop serving. ``hand_over``: the mounts, the application filters on them and the control socket go to a
+        holder process (service/handover.py) that keeps them, with the default rules, for the next fsfilterd; what
+        cannot go there drains in keeper processes. Else (a holder letting go) busy mounts are detached and drain in
+        this process (the caller waits for them)."""
         self._stop.set()
         listener, self._listener = self._listener, None
+        handed = hand_over and self.has_mounts() and self._hand_to_holder(listener)
         if listener is not None:
             listener.close()
-            if self._owns_socket:
-                try:
-                    os.unlink(self.socket_path)
-                except OSError:
-                    pass
+            if self._owns_socket and not handed:
+                _unlink_if(self.socket_path, self._socket_ino)
+        self.apps.stop(flush=2.0)  # what the applications are owed is sent before their connections close
         with self._lock:
             clients = list(self._clients)
         for peer in clients:
-            peer.channel.close()
+            peer.channel.close()  # attached applications attach again: to the holder, whose filters kept their rules
         self.apps.stop()
         if hand_over:
-            if self.has_mounts():
-                self._hand_to_holder()
             stacks.keep_in_process = False  # this process ends: a mount left busy goes to a keeper, not down with it
         self.reparse.stop()
         with self._lock:
@@ -487,21 +492,56 @@ class Service:
         for d in defaults:
             d.filter.stop_filter(True)
 
+    def handover_state(self, listener: socket.socket | None, fds: list[int]) -> dict[str, Any]:
+        """What the next fsfilterd needs besides the mounts: the application filters on them (it keeps them until
+        their applications attach again) and the control socket (applications reconnect at once, to it)."""
+        state: dict[str, Any] = {"apps": self.apps.export(), "listener": None, "owns_socket": self._owns_socket}
+        if listener is not None:
+            fds.append(listener.fileno())
+            state["listener"] = len(fds) - 1
+        return state
 
-    def _hand_to_holder(self) -> None:
+    def _hand_to_holder(self, listener: socket.socket | None) -> bool:
         try:
             proc, sock = handover.spawn_holder(self.socket_path)
         except OSError as exc:
             log.warning("could not start a holder for the mounts (%s): they drain in keeper processes", exc)
-            return
+            return False
         try:
-            if handover.give(sock):
-                log.info("the mounts and default rules are kept by holder pid %d for the next fsfilterd (%s)",
-                         proc.pid, handover.socket_path_for(self.socket_path))
-            elif proc.poll() is None:
+            if handover.give(sock, lambda fds: self.handover_state(listener, fds)):
+                log.info("the mounts, default rules and application filters are kept by holder pid %d for the next "
+                         "fsfilterd (%s)", proc.pid, handover.socket_path_for(self.socket_path))
+                return True
+            if proc.poll() is None:
                 proc.kill()
+            return False
         finally:
             sock.close()
+
+    def take_over(self, state: dict[str, Any], fds: list[int]) -> None:
+        """The service part of a handover: the control socket (when this process has none of systemd's) and the
+        application filters to keep."""
+        index = state.get("listener")
+        if isinstance(index, int):
+            handed = socket.socket(fileno=fds[index])
+            if self._listener is None:
+                handed.setblocking(True)
+                self._listener = handed
+                self._owns_socket = bool(state.get("owns_socket"))
+                self._socket_ino = os.fstat(handed.fileno()).st_ino if self._owns_socket else 0
+            else:
+                handed.close()
+        self.apps.keep(state.get("apps"))
+
+
+def _unlink_if(path: str, ino: int) -> None:
+    """Remove the socket at ``path`` if it is still ours (``ino``): a later fsfilterd may have bound its own."""
+    try:
+        if ino and os.lstat(path).st_ino != ino:
+            return
+        os.unlink(path)
+    except OSError:
+        pass
 
 
 def _send(peer: Peer, message: dict[str, Any]) -> None:
@@ -548,8 +588,11 @@ def main(argv: list[str] | None = None) -> int:
                              "30; FSFILTER_HANDOVER_GRACE); then they are let go")
     args = parser.parse_args(argv)
     holding = args.hold_fd is not None
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format=f"fsfilterd{' holder' if holding else ''}: %(levelname)s %(message)s", stream=sys.stderr)
+    # The journal stamps each line itself; a terminal or a log file needs the time in the line.
+    stamp = "" if os.environ.get("JOURNAL_STREAM") else "%(asctime)s "
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, stream=sys.stderr,
+                        format=f"{stamp}fsfilterd{' holder' if holding else ''}[%(process)d]: %(levelname)s "
+                               "%(message)s")
     if not args.foreground:
         parser.error("fsfilterd does not fork: run it under systemd (systemctl start fsfilterd) or with --foreground")
     if os.geteuid() != 0:
@@ -559,12 +602,12 @@ def main(argv: list[str] | None = None) -> int:
     service = Service(args.socket)
     if holding:
         return _hold(service, socket.socket(fileno=args.hold_fd), args.grace)
+    taken = _take_from_holder(service)
     try:
         service.listen()
     except (CBFSFilterError, OSError) as exc:
         print(f"fsfilterd: {exc}", file=sys.stderr)
         return 1
-    taken = _take_from_holder(service)
     summary = service.reload()
     service.reparse.load()
     _handover.open_all(taken)
@@ -611,9 +654,12 @@ def _take_from_holder(service: Service) -> list[stacks.MountStack]:
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
     try:
         sock.connect(path)
-        return handover.take(sock)
+        mounts, state, fds = handover.take(sock)
+        service.take_over(state, fds)
+        return mounts
     except (OSError, ValueError, KeyError, TypeError, handover.HandoverError) as exc:
-        log.warning("could not take the mounts kept at %s (%s): starting afresh", path, exc)
+        log.warning("could not take the mounts kept at %s (%s: %s): starting afresh", path, type(exc).__name__, exc,
+                    exc_info=log.isEnabledFor(logging.DEBUG))
         return []
     finally:
         sock.close()
@@ -624,15 +670,18 @@ def _hold(service: Service, giver: socket.socket, grace: float) -> int:
     them to the next fsfilterd; with none within ``grace`` seconds (or on SIGTERM), let them go: detached, they
     drain here, and the holder exits when the last one ends (a successor may still take them meanwhile)."""
     try:
-        taken = handover.take(giver)
+        taken, state, fds = handover.take(giver)
     except (OSError, ValueError, KeyError, TypeError, handover.HandoverError) as exc:
         log.error("taking the mounts failed: %s", exc)
         return 1
     finally:
         giver.close()
+    service.take_over(state, fds)
     service.reload()
     service.reparse.load()
     _handover.open_all(taken)
+    if service._listener is not None:  # applications attach again here, and may ask for the status
+        threading.Thread(target=service.serve_forever, name="fsfilterd-accept", daemon=True).start()
     path = handover.socket_path_for(service.socket_path)
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
     try:
@@ -664,7 +713,8 @@ def _hold(service: Service, giver: socket.socket, grace: float) -> int:
             except TimeoutError:
                 continue
             with conn:
-                if _peer_is_root(conn) and handover.give(conn):
+                if _peer_is_root(conn) and handover.give(conn, lambda fds: service.handover_state(service._listener,
+                                                                                                   fds)):
                     given = True
                     break
     finally:
@@ -675,7 +725,8 @@ def _hold(service: Service, giver: socket.socket, grace: float) -> int:
         except OSError:
             pass
     if given:
-        service.stop()  # the mounts are the successor's: the default filters leave them untouched
+        service._owns_socket = False  # the control socket is the successor's now
+        service.stop()  # the mounts are the successor's: the filters here leave them untouched
     log.info("holder done")
     return 0
 

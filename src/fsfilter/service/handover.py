@@ -26,6 +26,7 @@ import os
 import socket
 import subprocess
 import sys
+from collections.abc import Callable
 from typing import Any
 
 from fsfilter._sessions.handover import FORMAT
@@ -73,9 +74,10 @@ def _receive(sock: socket.socket) -> tuple[dict[str, Any], list[int]]:
     return message, fds
 
 
-def give(sock: socket.socket, timeout: float = 30.0) -> bool:
-    """Hand every mount of this process to the taker at the other end of ``sock``. True when it took them (they
-    are no longer this process's); False when it refused or went away (they are served here again)."""
+def give(sock: socket.socket, service_state: Callable[[list[int]], dict[str, Any]], timeout: float = 30.0) -> bool:
+    """Hand every mount of this process to the taker at the other end of ``sock``, with ``service_state(fds)``: what
+    the service passes besides (it appends its own fds to ``fds``). True when the taker took them (they are no longer
+    this process's); False when it refused or went away (they are served here again)."""
     sock.settimeout(timeout)
     try:
         ask, _ = _receive(sock)
@@ -89,6 +91,7 @@ def give(sock: socket.socket, timeout: float = 30.0) -> bool:
         return False
     exported = _handover.export_all()
     try:
+        exported.state["service"] = service_state(exported.fds)
         memfd = os.memfd_create("fsfilter-handover", os.MFD_CLOEXEC)
         try:
             with os.fdopen(os.dup(memfd), "wb") as f:
@@ -112,9 +115,10 @@ def give(sock: socket.socket, timeout: float = 30.0) -> bool:
     return True
 
 
-def take(sock: socket.socket, timeout: float = 30.0) -> list[MountStack]:
+def take(sock: socket.socket, timeout: float = 30.0) -> tuple[list[MountStack], dict[str, Any], list[int]]:
     """Take every mount the giver at the other end of ``sock`` has. They hold other processes' requests until
-    api._handover.open_all (put the rules in first)."""
+    api._handover.open_all (put the rules in first). Returns them, the service's part of the state and the fds it
+    names by index."""
     sock.settimeout(timeout)
     _send(sock, {"op": "take", "format": FORMAT})
     fds: list[int] = []
@@ -140,7 +144,8 @@ def take(sock: socket.socket, timeout: float = 30.0) -> list[MountStack]:
             pass
         raise
     _send(sock, {"op": "adopted"})
-    return mounts
+    service = state.get("service")
+    return mounts, service if isinstance(service, dict) else {}, fds
 
 
 def spawn_holder(control_socket: str) -> tuple[subprocess.Popen[bytes], socket.socket]:

@@ -14,12 +14,15 @@ import base64
 import errno
 import itertools
 import logging
+import os
 import secrets
 import threading
+import time
 from typing import Any, Protocol
 
 from fsfilter._engine import dispatch
 from fsfilter.api import _control
+from fsfilter.api._attached import rule_list
 from fsfilter.api._control import encode_params
 from fsfilter.api._params_base import EventParamsBase
 from fsfilter.api.cbfilter import CBFilter
@@ -43,6 +46,9 @@ LOCAL_EVENTS = frozenset({"error", "filter_start", "filter_stop", "worker_thread
 MAX_RULES = 100_000
 APP_EVENT_CEILING_MS = 120_000  # the longest an attached application's event may wait, with no request timeout
 NOTIFY_BATCH = 512
+KEEP_WAIT = 30.0  # seconds an event of a kept filter with no deadline waits for its application to come back
+KEEP_MAX = 60.0  # seconds a kept filter waits for its application to attach again before it leaves the stack
+KEEP_QUEUE = 65536  # notifications queued for an application that is attaching again; more are lost (and counted)
 
 
 class _Waiter:
@@ -159,8 +165,16 @@ class Link:
     """The service's end of one application's connection: calls waiting for answers, and notifications waiting to
     be sent (one sender thread, so a slow application never blocks the thread that posts them)."""
 
-    def __init__(self, peer: Peer) -> None:
-        self.peer = peer
+    def __init__(self, peer: Peer | None, pid: int = 0, uid: int = 0) -> None:
+        # None: a link kept across a restart of the service (Applications.keep) whose application has not come back
+        # yet; its events wait for it (within their deadline) and its notifications queue.
+        self.peer: Peer = peer  # type: ignore[assignment]
+        self.pid = peer.pid if peer is not None else pid
+        self.uid = peer.uid if peer is not None else uid
+        self.bound = threading.Event()
+        if peer is not None:
+            self.bound.set()
+        self.kept_since = time.monotonic()
         self._calls: dict[int, _Waiter] = {}
         self._ids = itertools.count(1)
         self._lock = threading.Lock()
@@ -173,12 +187,29 @@ class Link:
         self.orphaned = 0  # events whose application went away before it answered
         self.token = secrets.token_hex(16)  # names this link when the application opens its event line
         self.events: EventLine | None = None
-        self._sender = threading.Thread(target=self._send_notifications, name=f"fsfilterd-notify-{peer.pid}",
+        self._sender = threading.Thread(target=self._send_notifications, name=f"fsfilterd-notify-{self.pid}",
                                         daemon=True)
         self._sender.start()
 
+    def bind(self, peer: Peer) -> None:
+        """The application of a kept link came back on ``peer``: its waiting events and queued notifications go
+        there."""
+        with self._lock:
+            self.peer = peer
+            self.bound.set()
+            self._wake.notify_all()
+
     def call(self, event: str, params: EventParamsBase, deny_when_gone: bool = False) -> None:
         job = dispatch.current_job()
+        if not self.bound.is_set():
+            # Kept across a restart: the application is reconnecting. Its event waits for it as it would for a slow
+            # handler, until the event's deadline; then it expires like one.
+            deadline = job.deadline if job is not None and job.deadline else time.monotonic() + KEEP_WAIT
+            if not self.bound.wait(max(0.0, deadline - time.monotonic())):
+                self.orphaned += 1
+                if deny_when_gone:
+                    raise OSError(errno.ETIMEDOUT, "the application that handles this event has not come back")
+                return
         line = self.events
         waiter = _Waiter() if line is None else None  # the event line has waiters of its own
         with self._lock:
@@ -248,6 +279,9 @@ class Link:
             if self.closed:
                 self.lost_notifications += 1
                 return
+            if len(self._outbox) >= KEEP_QUEUE:
+                self.lost_notifications += 1  # an application that does not come back must not fill the memory
+                return
             self._outbox.append(note)
             if len(self._outbox) == 1:
                 self._wake.notify()
@@ -255,9 +289,11 @@ class Link:
     def _send_notifications(self) -> None:
         while True:
             with self._lock:
-                while not self._outbox and not self.closed:
+                while (not self._outbox or not self.bound.is_set()) and not self.closed:
                     self._wake.wait()
-                if self.closed and not self._outbox:
+                if self.closed and (not self._outbox or self.peer is None):
+                    self.lost_notifications += len(self._outbox)  # kept for an application that never came back
+                    self._outbox = []
                     return
                 batch, self._outbox = self._outbox[:NOTIFY_BATCH], self._outbox[NOTIFY_BATCH:]
             try:
@@ -285,6 +321,7 @@ class Link:
             for waiter in self._calls.values():
                 waiter.wake(None)
             self._wake.notify_all()
+        self.bound.set()  # events waiting for a kept link's application go on (it is not coming back)
         if self.events is not None:
             self.events.end()
         self._sender.join(flush)
@@ -299,13 +336,47 @@ def _origin(origin: dispatch.Origin | None) -> list[Any] | None:
 class AppFilter(CBFilter):
     """An application's filter, run by the service with proxies for the application's handlers."""
 
-    def __init__(self, link: Link, spec: dict[str, Any]) -> None:
+    def __init__(self, link: Link, spec: dict[str, Any], resume: str = "") -> None:
         super().__init__()
         self.link = link
-        self.owner_pid = link.peer.pid
+        self.owner_pid = link.pid
         self.config("Service=off")  # the service runs its stacks itself
-        self.label = str(spec.get("label") or f"application pid {link.peer.pid}")[:200]
+        self.label = str(spec.get("label") or f"application pid {link.pid}")[:200]
         self.handle_id = 0
+        self.spec = spec
+        # Names this filter when its application attaches again after a restart of the service (the next fsfilterd
+        # keeps the filter, rules in force, until it does): known only to the application.
+        self.resume_token = resume or secrets.token_hex(16)
+
+    def current_spec(self) -> dict[str, Any]:
+        """What the application attached with, with the rules it has now."""
+        return {**self.spec, "rules": rule_list(self.rules), "passthrough_rules": rule_list(self.passthrough_rules)}
+
+    def set_handlers(self, handlers: object) -> None:
+        if not isinstance(handlers, list) or not all(isinstance(h, str) for h in handlers):
+            raise _control.ProtocolError(errno.EINVAL, "\"handlers\" must be a list of event names")
+        for event in handlers:
+            if event not in FILTER_PARAMS or event in LOCAL_EVENTS:
+                raise _control.ProtocolError(errno.EINVAL, f"no event {event!r} can be handled over the channel")
+        for event in FILTER_PARAMS:
+            if event in LOCAL_EVENTS:
+                continue
+            if event not in handlers:
+                setattr(self, "on_" + event, None)
+            elif event.startswith("notify_"):
+                setattr(self, "on_" + event, _proxy_post(self.link, event))
+            else:
+                setattr(self, "on_" + event, _proxy_call(self.link, event, self))
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
+    return True
 
 
 def _proxy_call(link: Link, event: str, f: CBFilter) -> Any:
@@ -405,19 +476,32 @@ class Applications:
         raise _control.ProtocolError(errno.ENOSYS, f"unknown method {method!r}")
 
     def _attach(self, peer: Peer, spec: dict[str, Any]) -> dict[str, Any]:
+        resume = spec.get("resume")
+        if isinstance(resume, str) and resume:
+            kept = self._reclaim(peer, resume, spec)
+            if kept is not None:
+                return kept
         with self._lock:
             link = self._links.get(peer)
             if link is None:
                 link = self._links[peer] = Link(peer)
         f = AppFilter(link, spec)
-        handlers = spec.get("handlers", [])
-        if not isinstance(handlers, list) or not all(isinstance(h, str) for h in handlers):
-            raise _control.ProtocolError(errno.EINVAL, "\"handlers\" must be a list of event names")
-        for event in handlers:
-            if event not in FILTER_PARAMS or event in LOCAL_EVENTS:
-                raise _control.ProtocolError(errno.EINVAL, f"no event {event!r} can be handled over the channel")
-            is_note = event.startswith("notify_")
-            setattr(f, "on_" + event, _proxy_post(link, event) if is_note else _proxy_call(link, event, f))
+        f.set_handlers(spec.get("handlers", []))
+        self._start(f, spec)
+        with self._lock:
+            f.handle_id = next(self._ids)
+            self._filters[f.handle_id] = f
+        self.service.overrides_changed()
+        log.info("pid %d attached %s at altitude %s on %s", peer.pid, f.label, f.altitude,
+                 ", ".join(f._attach_point_list()))
+        return self._attached(f)
+
+    @staticmethod
+    def _attached(f: AppFilter) -> dict[str, Any]:
+        return {"handle": f.handle_id, "attach_points": f._attach_point_list(), "events_token": f.link.token,
+                "resume_token": f.resume_token}
+
+    def _start(self, f: AppFilter, spec: dict[str, Any]) -> None:
         try:
             for key in ("altitude", "tag"):
                 if key in spec:
@@ -449,13 +533,87 @@ class Applications:
             f.start_filter(min(timeout, ceiling) if timeout > 0 else ceiling)
         except (ValueError, TypeError) as exc:
             raise _control.ProtocolError(errno.EINVAL, str(exc)) from None
+
+    def _reclaim(self, peer: Peer, token: str, spec: dict[str, Any]) -> dict[str, Any] | None:
+        """An application attaches again after a restart of the service: it takes back the filter kept for it (its
+        rules held meanwhile; its waiting events and queued notifications go to it now), with the rules and handlers
+        it sends. None when nothing is kept under that token for this user (it then attaches afresh)."""
         with self._lock:
-            f.handle_id = next(self._ids)
-            self._filters[f.handle_id] = f
+            f = next((k for k in self._filters.values() if not k.link.bound.is_set() and k.link.uid == peer.uid
+                      and secrets.compare_digest(k.resume_token, token)), None)
+            if f is None or peer in self._links:
+                return None
+            self._links[peer] = f.link
+        f.owner_pid = peer.pid
+        f.spec = {k: v for k, v in spec.items() if k != "resume"}
+        f.set_handlers(spec.get("handlers", []))
+        f.link.bind(peer)  # the events waiting for it go to it now
+        rules, passthrough = spec.get("rules"), spec.get("passthrough_rules", [])
+        if rules != rule_list(f.rules) or passthrough != rule_list(f.passthrough_rules):
+            # Not on this thread: changing rules looks at the attach points (path walks into the mount), which can
+            # wait for a request whose event waits for an answer this thread must read from the application.
+            threading.Thread(target=self._set_rules, args=(f, rules, passthrough), name="fsfilterd-rules",
+                             daemon=True).start()
         self.service.overrides_changed()
-        log.info("pid %d attached %s at altitude %s on %s", peer.pid, f.label, f.altitude,
-                 ", ".join(f._attach_point_list()))
-        return {"handle": f.handle_id, "attach_points": f._attach_point_list(), "events_token": link.token}
+        log.info("pid %d attached again: %s took back its filter at altitude %s", peer.pid, f.label, f.altitude)
+        return self._attached(f)
+
+    def _set_rules(self, f: AppFilter, rules: object, passthrough: object) -> None:
+        try:
+            apply_rules(f, rules, passthrough)
+        except (CBFSFilterError, _control.ProtocolError) as exc:
+            log.warning("%s attached again with rules that could not be applied (it keeps those it had): %s",
+                        f.label, exc)
+            return
+        self.service.overrides_changed()
+
+    def export(self) -> list[dict[str, Any]]:
+        """Every application filter, for the next fsfilterd to keep until its application attaches again."""
+        with self._lock:
+            filters = list(self._filters.values())
+        return [{"pid": f.owner_pid, "uid": f.link.uid, "resume": f.resume_token, "label": f.label,
+                 "spec": f.current_spec()} for f in filters]
+
+    def keep(self, kept: object) -> None:
+        """Start the filters a previous fsfilterd exported, rules in force, each waiting for its application (events
+        wait within their deadline, notifications queue) for up to KEEP_MAX seconds."""
+        if not isinstance(kept, list):
+            return
+        for entry in kept:
+            try:
+                link = Link(None, int(entry["pid"]), int(entry["uid"]))
+                f = AppFilter(link, dict(entry["spec"]), str(entry["resume"]))
+                f.label = str(entry.get("label") or f.label)
+                f.set_handlers(f.spec.get("handlers", []))
+                self._start(f, f.spec)
+            except (KeyError, TypeError, ValueError, CBFSFilterError, _control.ProtocolError) as exc:
+                log.warning("a filter of pid %s could not be kept: %s", entry.get("pid") if isinstance(entry, dict)
+                            else "?", exc)
+                continue
+            with self._lock:
+                f.handle_id = next(self._ids)
+                self._filters[f.handle_id] = f
+            log.info("keeping %s (pid %d) until it attaches again", f.label, f.owner_pid)
+        if kept:
+            self.service.overrides_changed()
+            threading.Thread(target=self._expire_kept, name="fsfilterd-kept", daemon=True).start()
+
+    def _expire_kept(self) -> None:
+        """Kept filters whose application is gone, or has not attached again in KEEP_MAX seconds, leave."""
+        while True:
+            time.sleep(0.5)
+            with self._lock:
+                waiting = [f for f in self._filters.values() if not f.link.bound.is_set()]
+            if not waiting:
+                return
+            for f in waiting:
+                if time.monotonic() - f.link.kept_since < KEEP_MAX and _alive(f.owner_pid):
+                    continue
+                with self._lock:
+                    self._filters.pop(f.handle_id, None)
+                f.link.close(0.0)
+                self._detach(f)
+                log.info("pid %d did not attach again: %s left the stack", f.owner_pid, f.label)
 
     def _detach(self, f: AppFilter) -> None:
         with self._lock:
@@ -466,7 +624,7 @@ class Applications:
         except CBFSFilterError as exc:
             log.warning("stopping %s: %s", f.label, exc)
 
-    def gone(self, peer: Peer) -> None:
+    def gone(self, peer: Peer, flush: float = 0.0) -> None:
         """The peer's connection closed: its filters leave their stacks, its pending events fail."""
         with self._lock:
             self._event_lines.discard(peer)
@@ -474,7 +632,7 @@ class Applications:
             mine = [f for f in self._filters.values() if f.link.peer is peer]
         if link is None:
             return
-        link.close(0.0)
+        link.close(flush)
         for f in mine:
             self._detach(f)
             log.info("pid %d is gone: %s left the stack", peer.pid, f.label)
@@ -489,8 +647,8 @@ class Applications:
     def describe(self) -> dict[int, dict[str, Any]]:
         with self._lock:
             filters = list(self._filters.values())
-        return {id(f): {"kind": "application", "pid": f.owner_pid, "uid": f.link.peer.uid, "handle": f.handle_id}
-                for f in filters}
+        return {id(f): {"kind": "application", "pid": f.owner_pid, "uid": f.link.uid, "handle": f.handle_id,
+                        "attached": f.link.bound.is_set()} for f in filters}
 
     def count(self) -> int:
         with self._lock:
@@ -504,8 +662,15 @@ class Applications:
                 "channel_notifications_lost": sum(link.lost_notifications for link in links),
                 "channel_events_orphaned": sum(link.orphaned for link in links)}
 
-    def stop(self) -> None:
+    def stop(self, flush: float = 0.0) -> None:
+        """Let every application go; ``flush``: seconds to go on sending the notifications still queued for it."""
         with self._lock:
             peers = list(self._links)
+            kept = [f for f in self._filters.values() if not f.link.bound.is_set()]
         for peer in peers:
-            self.gone(peer)
+            self.gone(peer, flush)
+        for f in kept:
+            with self._lock:
+                self._filters.pop(f.handle_id, None)
+            f.link.close(0.0)
+            self._detach(f)
