@@ -94,6 +94,9 @@ def test_restart_hands_the_mounts_over(scratch: Path) -> None:
         handover_path = service.socket + ".handover"
         assert wait_for(lambda: os.path.exists(handover_path), 20), service.log.read_text()
         assert _mount_id(data) == before
+        held = service.call("status")  # the holder answers on the control socket meanwhile
+        assert held["pid"] == holder and held["holder"]["keeps_for_s"] > 0, held
+        assert held["default_rules"]["count"] == 1, held
         # A successor of another format is refused; one that goes away midway leaves the holder serving.
         with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as s:
             s.connect(handover_path)

@@ -186,6 +186,10 @@ def run_status(args: argparse.Namespace) -> int:
         print(f"  {status['detail']}")
     else:
         print(f"  pid {status['pid']}, up {status['uptime']} s, socket {status['socket']}")
+        holder = status.get("holder")
+        if holder:
+            print(f"  a holder: fsfilterd stopped and this process keeps its mounts and rules for the next one "
+                  f"({holder['keeps_for_s']} s left; then they are let go)")
         d = status["default_rules"]
         print(f"  default rules: {d['count']} from {', '.join(d['products']) or 'no product'}"
               f" ({d['reloads']} load(s))")

@@ -191,6 +191,9 @@ class Service:
         self._clients: set[Peer] = set()
         self._owns_socket = False
         self._socket_ino = 0
+        # A holder (service/handover.py): until when (monotonic) it keeps the mounts for the next fsfilterd; 0 when
+        # it has let them go; None in fsfilterd proper.
+        self.holding_until: float | None = None
 
     # -- default rules
 
@@ -277,6 +280,9 @@ class Service:
         counters.update(self.apps.counters())
         return {
             "state": "running", "version": _deployment.package_version(), "pid": os.getpid(),
+            "holder": None if self.holding_until is None else {
+                "keeps_for_s": round(max(0.0, self.holding_until - time.monotonic()), 1),
+                "handover_socket": handover.socket_path_for(self.socket_path)},
             "uptime": round(time.time() - self.started, 1), "socket": self.socket_path,
             "directories": directories,
             "default_rules": {"count": self.default_rule_count(), "products": sorted(d.file.product for d in defaults),
@@ -697,13 +703,14 @@ def _hold(service: Service, giver: socket.socket, grace: float) -> int:
     log.info("keeping %d mount(s) for the next fsfilterd (%s), for %g s", len(taken), path, grace)
     signal.signal(signal.SIGTERM, lambda signum, frame: service._stop.set())
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    deadline = time.monotonic() + grace
+    deadline = service.holding_until = time.monotonic() + grace
     let_go = given = False
     try:
         while True:
             if not let_go and (service._stop.is_set() or time.monotonic() >= deadline):
                 log.info("no fsfilterd took the mounts: letting them go (what is inside them stays served until it "
                          "leaves)")
+                service.holding_until = 0.0
                 service.stop()
                 let_go = True
             if let_go and not service.has_mounts():
