@@ -275,3 +275,89 @@ def test_restart_keeps_an_attached_application(scratch: Path) -> None:
             end_processes([app])
         service.stop()
         force_unmount(data)
+
+
+def test_restart_with_thousands_of_nodes_and_open_files(scratch: Path) -> None:
+    """More fds than a default soft limit (1024) and than one message carries: 3000 nodes the kernel remembers (a
+    listing with attributes) and 40 files held open, by services started with systemd's soft limit. Every open file
+    still reads and writes after two handovers, and the listing is whole."""
+    data = scratch / "data"
+    data.mkdir()
+    (data / "ro.txt").write_text("ro\n")
+    many = data / "many"
+    many.mkdir()
+    for i in range(3000):
+        (many / f"f{i:04d}").write_text(f"{i}\n")
+    service = Service(scratch)
+    _write_rules(service, "acme", f"read-only {data}/ro.txt\n")
+    holder = textwrap.dedent("""
+        import os, sys, time
+        d = sys.argv[1]
+        assert len(os.listdir(d)) == 3000
+        for name in sorted(os.listdir(d)):
+            os.stat(os.path.join(d, name))
+        files = [open(os.path.join(d, f"f{i:04d}"), "r+") for i in range(40)]
+        print("ready", flush=True)
+        sys.stdin.readline()
+        bad = 0
+        for i, f in enumerate(files):
+            f.seek(0)
+            bad += f.read() != f"{i}\\n"
+            f.seek(0, 2)
+            f.write("more\\n")
+            f.flush()
+            os.fsync(f.fileno())
+        listing = len(os.listdir(d))
+        print(bad, listing, flush=True)
+    """)
+    script = scratch / "holdopen.py"
+    script.write_text(holder)
+    user: subprocess.Popen[str] | None = None
+    try:
+        service.start(fd_limit=1024)
+        user = subprocess.Popen([sys.executable, str(script), str(many)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                text=True)
+        assert user.stdout is not None and user.stdin is not None
+        assert user.stdout.readline().strip() == "ready"
+        before = _mount_id(data)
+        service.stop(holder=True)
+        service.log = scratch / "fsfilterd-2.log"
+        service.start(fd_limit=1024)
+        assert "taken over" in service.log.read_text(), service.log.read_text()
+        assert wait_for(lambda: not service.holders(), 10)
+        assert _mount_id(data) == before
+        user.stdin.write("go\n")
+        user.stdin.flush()
+        bad, listing = user.stdout.readline().split()
+        assert (int(bad), int(listing)) == (0, 3000)
+        assert (many / "f0007").read_text() == "7\nmore\n"
+        assert subprocess.run(["sh", "-c", f"echo x >> {data}/ro.txt"], capture_output=True).returncode != 0
+    except BaseException:
+        for log in sorted(scratch.glob("fsfilterd*.log")):
+            print(log.name, log.read_text()[-3000:])
+        raise
+    finally:
+        if user is not None:
+            end_processes([user])
+        service.stop()
+        force_unmount(data)
+
+
+def test_a_socket_not_of_root_is_not_taken_from(scratch: Path) -> None:
+    """Someone else's socket where the holder's would be: the new fsfilterd ignores it and starts afresh."""
+    data = scratch / "data"
+    data.mkdir()
+    service = Service(scratch)
+    _write_rules(service, "acme", f"read-only {data}/x\n")
+    fake = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    try:
+        fake.bind(service.socket + ".handover")
+        fake.listen(1)
+        os.chown(service.socket + ".handover", 65534, 65534)
+        service.start()
+        assert "ignoring" in service.log.read_text(), service.log.read_text()
+        assert is_mounted(data)
+    finally:
+        fake.close()
+        service.stop()
+        force_unmount(data)

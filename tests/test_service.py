@@ -9,6 +9,7 @@ import errno
 import json
 import os
 import random
+import resource
 import shutil
 import signal
 import socket
@@ -44,10 +45,15 @@ class Service:
         self.proc: subprocess.Popen[str] | None = None
         self.log = base / "fsfilterd.log"
 
-    def start(self) -> None:
+    def start(self, fd_limit: int | None = None) -> None:
+        """``fd_limit``: start it with that soft limit on open fds (as systemd does: 1024)."""
+        def limit() -> None:
+            if fd_limit is not None:
+                resource.setrlimit(resource.RLIMIT_NOFILE, (fd_limit, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+
         self.proc = subprocess.Popen([sys.executable, "-m", "fsfilter.service", "--foreground", "-v", "--socket",
                                       self.socket], env=self.env, stdout=subprocess.DEVNULL,
-                                     stderr=open(self.log, "w"), text=True)
+                                     stderr=open(self.log, "w"), text=True, preexec_fn=limit)
         assert wait_for(lambda: "ready" in self.log.read_text() or self.proc is None or
                         self.proc.poll() is not None, 30), self.log.read_text()
         assert self.proc.poll() is None, self.log.read_text()

@@ -149,7 +149,7 @@ class _Waiting:
 
 _current = threading.local()  # .request: the (unique, fd) a thread is serving; .abandoned: answered already
 _EARLY_MAX = 4096  # interrupts remembered for requests not yet inside an interruptible section
-GATE_MAX = 10.0  # seconds a request waits for a successor's rules (hold_requests) before it is served anyway
+GATE_MAX = 30.0  # seconds a request waits for a successor's rules (hold_requests); then it is refused (EAGAIN)
 
 
 class Session:
@@ -265,7 +265,8 @@ class Session:
         return self.notify(wire.encode_notify(abi.NotifyCode.RESEND, b""))
 
     def hold_requests(self) -> None:
-        """Until release_requests(): requests of other processes wait (on pool threads, at most GATE_MAX seconds)
+        """Until release_requests(): requests of other processes wait (on pool threads; after GATE_MAX seconds they
+        are refused with EAGAIN rather than decided without the rules)
         while this process's own requests are served, so that a successor puts its rules in place (which may walk
         paths under the mount) before anyone else's request is decided."""
         self._gate = threading.Event()
@@ -340,6 +341,7 @@ class Session:
 
     def resume(self) -> None:
         """After quiesce(): serve again with new threads, on the same fds (a handover that did not happen)."""
+        self.finished.clear()
         self._fresh_threads()
         self._start_threads(list(self._fds))
 
@@ -473,8 +475,10 @@ class Session:
             with self._lock:
                 self._deferrable[req.unique] = Deferred(self, req.unique, fd)
         pooled = opcode in MAY_BLOCK
-        if self._gate is not None and not libc.is_own_thread(op.pid):
-            pooled = True  # it waits at the gate, on a pool thread
+        if self._gate is not None:
+            # Another process's request waits at the gate, on a pool thread; this process's own is served at once
+            # on the reader (never queued behind those that wait: it may be what the gate waits for).
+            pooled = not libc.is_own_thread(op.pid)
         elif self.router is not None:
             routed = self.router(op)
             if routed is not None:
@@ -516,8 +520,11 @@ class Session:
                     self._spawn_pool_thread()  # a request queued while this thread still counted as idle
             try:
                 gate = self._gate
-                if gate is not None and not libc.is_own_thread(op.pid):
-                    gate.wait(GATE_MAX)
+                if gate is not None and not libc.is_own_thread(op.pid) and not gate.wait(GATE_MAX) \
+                        and op.opcode not in NO_REPLY:
+                    # The rules never came: refuse rather than decide without them (fail closed).
+                    self._reply_error(op.unique, errno.EAGAIN, fd)
+                    continue
                 self._run(op, fd)
             finally:
                 with self._lock:

@@ -39,24 +39,30 @@ def export_tables(fs: LowerBase, fds: list[int]) -> dict[str, Any]:
 
     if fs.options.locks and (fs.locks.count() or fs.locks.waiting()):
         raise Unmovable("locks are held through the daemon")
-    def row(node: Inode) -> list[Any]:
-        return [node.nodeid, ref(node.fd), node.key[0], node.key[1], node.nlookup, node.parent, node.name.hex(),
-                node.backing_id, node.backing_refs, node.daemon_opens,
+    def row(node: Inode, fd_index: int | None = None) -> list[Any]:
+        return [node.nodeid, ref(node.fd) if fd_index is None else fd_index, node.key[0], node.key[1], node.nlookup,
+                node.parent, node.name.hex(), node.backing_id, node.backing_refs, node.daemon_opens,
                 list(node.cache_sig) if node.cache_sig is not None else None]
 
     nodes = [row(node) for node in fs.nodes.values() if node.nodeid != abi.ROOT_ID]
     # A node the kernel has forgotten while an open of it lives on here: kept for that open only (not in the table).
-    unlisted: dict[int, Inode] = {}
+    # Its O_PATH fd was closed when it was forgotten: the taker's copy stands on the open's own fd (the open is all
+    # that uses it, and closing the open closes it).
+    unlisted: dict[str, list[Any]] = {}
     files = []
     for fh, f in fs.files.items():
         if type(f.backend) is not LowerFile:
             raise Unmovable(f"an open of {fs.path_of(f.inode.nodeid)!r} is served by a layer's own backend")
+        index = ref(f.fd)
+        key = ""
         if fs.nodes.get(f.inode.nodeid) is not f.inode and f.inode.nodeid != abi.ROOT_ID:
-            unlisted[id(f.inode)] = f.inode
-        files.append([fh, ref(f.fd), f.inode.nodeid, f.passthrough, id(f.inode)])
+            key = str(id(f.inode))
+            if key not in unlisted:
+                unlisted[key] = row(f.inode, index)
+        files.append([fh, index, f.inode.nodeid, f.passthrough, key])
     dirs = [[fh, ref(d.fd)] for fh, d in fs.dirs.items()]
     return {"next_id": fs._next_id, "root_nlookup": fs.root.nlookup, "passthrough": fs.passthrough,
-            "nodes": nodes, "unlisted": {str(k): row(v) for k, v in unlisted.items()}, "files": files, "dirs": dirs}
+            "nodes": nodes, "unlisted": unlisted, "files": files, "dirs": dirs}
 
 
 def import_tables(fs: LowerBase, state: dict[str, Any], fds: list[int]) -> None:
@@ -79,7 +85,7 @@ def import_tables(fs: LowerBase, state: dict[str, Any], fds: list[int]) -> None:
         fs.by_key[node.key] = node
     unlisted = {key: node_of(row) for key, row in state["unlisted"].items()}
     for fh, fd, nodeid, passthrough, which in state["files"]:
-        inode = unlisted.get(str(which)) or fs.nodes[int(nodeid)]
+        inode = unlisted[which] if which else fs.nodes[int(nodeid)]
         record = OpenFile(fds[fd], inode, os.fstat(fds[fd]))
         record.passthrough = passthrough if passthrough is None else bool(passthrough)
         fs.files[int(fh)] = record

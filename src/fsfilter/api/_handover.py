@@ -10,6 +10,8 @@ are not carried: the taker puts in its own (default rules from the rules files; 
 from __future__ import annotations
 
 import logging
+import os
+import stat
 import threading
 from dataclasses import asdict
 from typing import Any
@@ -21,7 +23,7 @@ from fsfilter._system import fuse_device
 from fsfilter.api import _stacks as stacks
 from fsfilter.api._stacks import MountStack
 
-__all__ = ["Exported", "adopt", "export_all"]
+__all__ = ["Exported", "abandon", "adopt", "export_all", "open_all"]
 
 log = logging.getLogger("fsfilter")
 
@@ -35,9 +37,10 @@ class Exported:
         self.fds = fds
 
     def resume(self) -> None:
-        """The taker did not take them: serve them again here."""
+        """The taker did not take them: serve them again here, with whatever it read and did not answer sent again."""
         for stack in self.mounts:
             if stack.session is not None:
+                stack.session.resend()
                 stack.session.resume()
 
     def release(self) -> None:
@@ -109,39 +112,80 @@ def adopt(state: dict[str, Any], fds: list[int]) -> list[MountStack]:
     if state.get("format") != handover.FORMAT:
         raise ValueError(f"handover format {state.get('format')!r}; this fsfilterd reads format {handover.FORMAT}")
     made: list[MountStack] = []
-    for m in state["mounts"]:
-        stack = MountStack.adopted(m["path"], m["lower"], SessionOptions(**m["session"]),
-                                   LowerOptions(**m["options"]), bool(m["allow_other"]))
-        tables: dict[str, Any] = m["tables"]
-
-        def fill(fs: LowerFS, tables: dict[str, Any] = tables) -> None:
-            handover.import_tables(fs, tables, fds)
-
-        stack.start_adopted(fds[m["dev"]], fds[m["lower_fd"]], int(m["mount_id"]), Negotiated(**m["negotiated"]), fill)
-        with stacks._registry_lock:
-            if m["draining"]:
-                stack.draining = True
-                stacks._draining.append(stack)
-            else:
-                stacks._stacks[stack.mountpoint] = stack
-        if m["covered"] and stack.session is not None:
-            threading.Thread(target=keeper.detach_when_uncovered, args=(stack.mountpoint, stack._mount_id,
-                             stack.session.finished), name="fsfilter-uncover", daemon=True).start()
-        made.append(stack)
+    try:
+        for m in state["mounts"]:
+            made.append(_adopt_one(m, fds))
+    except BaseException:
+        abandon(made)
+        raise
     return made
 
 
-def open_all(mounts: list[MountStack]) -> None:
-    """The taker's rules are in place: serve everyone, and watch the mounts (a watchdog detaches them should this
-    process die)."""
+def _check(m: dict[str, Any], fds: list[int]) -> None:
+    """What the giver says must be what the fds are: a FUSE connection, a directory, and (unless detached) our mount
+    at the path it names."""
+    dev = os.fstat(fds[m["dev"]])
+    if not stat.S_ISCHR(dev.st_mode) or (os.major(dev.st_rdev), os.minor(dev.st_rdev)) != (10, 229):
+        raise ValueError(f"{m['path']}: the connection fd is not /dev/fuse")
+    if not stat.S_ISDIR(os.fstat(fds[m["lower_fd"]]).st_mode):
+        raise ValueError(f"{m['path']}: the lower fd is not a directory")
+    if not m["draining"] and not m["covered"]:
+        entry = fuse_device.find_mount(m["path"])
+        if entry is None or entry.mount_id != int(m["mount_id"]):
+            raise ValueError(f"{m['path']}: mount {m['mount_id']} is not there")
+
+
+def _adopt_one(m: dict[str, Any], fds: list[int]) -> MountStack:
+    _check(m, fds)
+    stack = MountStack.adopted(m["path"], m["lower"], SessionOptions(**m["session"]),
+                               LowerOptions(**m["options"]), bool(m["allow_other"]))
+    tables: dict[str, Any] = m["tables"]
+
+    def fill(fs: LowerFS, tables: dict[str, Any] = tables) -> None:
+        handover.import_tables(fs, tables, fds)
+
+    stack.start_adopted(fds[m["dev"]], fds[m["lower_fd"]], int(m["mount_id"]), Negotiated(**m["negotiated"]), fill)
+    with stacks._registry_lock:
+        if m["draining"]:
+            stack.draining = True
+            stacks._draining.append(stack)
+        else:
+            stacks._stacks[stack.mountpoint] = stack
+    if m["covered"] and stack.session is not None:
+        threading.Thread(target=keeper.detach_when_uncovered, args=(stack.mountpoint, stack._mount_id,
+                         stack.session.finished), name="fsfilter-uncover", daemon=True).start()
+    try:  # from now on, should this process die, the mount is detached rather than left answering ENOTCONN
+        stack._watchdog = fuse_device.start_watchdog(stack.mountpoint)
+        fuse_device.watch_mount(stack._watchdog, stack._mount_id)
+    except OSError as exc:
+        log.warning("%s: no watchdog (%s): should this process die, the mount stays until unmounted by hand",
+                    stack.mountpoint, exc)
+    return stack
+
+
+def abandon(mounts: list[MountStack]) -> None:
+    """Undo adopt(): the sessions stop reading, the stacks leave the registry, their watchdogs go without detaching
+    anything (the giver serves on). The fds are the caller's to close."""
     for stack in mounts:
-        session = stack.session
-        if session is None:
-            continue
-        session.release_requests()
-        try:
-            stack._watchdog = fuse_device.start_watchdog(stack.mountpoint)
-            fuse_device.watch_mount(stack._watchdog, stack._mount_id)
-        except OSError as exc:
-            log.warning("%s: no watchdog (%s): should this process die, the mount stays until unmounted by hand",
-                        stack.mountpoint, exc)
+        with stacks._registry_lock:
+            if stacks._stacks.get(stack.mountpoint) is stack:
+                del stacks._stacks[stack.mountpoint]
+            if stack in stacks._draining:
+                stacks._draining.remove(stack)
+        watchdog, stack._watchdog = stack._watchdog, None
+        if watchdog is not None:
+            watchdog.kill()
+            watchdog.wait()
+        session, stack.session = stack.session, None
+        if session is not None:
+            session.stopping()
+            session.close(1.0)
+        stack.fs = None
+        stack._dev_fd = stack._lower_fd = -1
+
+
+def open_all(mounts: list[MountStack]) -> None:
+    """The taker's rules are in place: serve everyone."""
+    for stack in mounts:
+        if stack.session is not None:
+            stack.session.release_requests()

@@ -348,22 +348,30 @@ class CBFilter(Deployment, RuleTables):
         deadline = time.monotonic() + float(self._config["ServiceReconnect"])
         why = "no fsfilterd listens"
         while time.monotonic() < deadline:
-            with self._lock:
-                if not self._active or self._service_link is not lost:
-                    return  # stopped meanwhile
-                channel = _control.connect(timeout=2.0)
-                if channel is not None:
-                    link = ServiceLink(self, channel)
-                    try:
-                        points = self._attach_over(link, self._timeout_ms)
-                    except CBFSFilterError as exc:
+            if not self._active or self._service_link is not lost:
+                return  # stopped meanwhile
+            channel = _control.connect(timeout=2.0)
+            if channel is not None:
+                link = ServiceLink(self, channel)
+                try:
+                    points = self._attach_over(link, self._timeout_ms)
+                except Exception as exc:
+                    link.close()
+                    why = exc.message if isinstance(exc, CBFSFilterError) else f"{type(exc).__name__}: {exc}"
+                else:
+                    with self._lock:
+                        stopped = not self._active
+                    if stopped:  # stop_filter ran meanwhile: the service must not keep the filter
+                        try:
+                            link.request("detach", {"handle": link.handle}, timeout=10.0)
+                        except CBFSFilterError:
+                            pass
                         link.close()
-                        why = exc.message
-                    else:
-                        if lost is not None:
-                            lost.close()
-                        log.info("fsfilterd restarted: filter attached again on %s", ", ".join(points))
                         return
+                    if lost is not None:
+                        lost.close()
+                    log.info("fsfilterd restarted: filter attached again on %s", ", ".join(points))
+                    return
             time.sleep(0.1)
         self._fire_error(errno.ENOTCONN, f"fsfilterd went away and did not come back within "
                                          f"{self._config['ServiceReconnect']} s ({why}); the filter stopped: start "
@@ -613,8 +621,14 @@ class CBFilter(Deployment, RuleTables):
     def _rules_changed(self) -> None:
         link = self._service_link
         if link is not None:
-            link.request("set_rules", {"handle": link.handle, "rules": rule_list(self.rules),
-                                       "passthrough_rules": rule_list(self.passthrough_rules)})
+            try:
+                link.request("set_rules", {"handle": link.handle, "rules": rule_list(self.rules),
+                                           "passthrough_rules": rule_list(self.passthrough_rules)})
+            except CBFSFilterError as exc:
+                if exc.code != errno.ENOTCONN:
+                    raise
+                # fsfilterd is restarting: attaching again sends every rule as it is now.
+                self._service_lost()
             return
         guard = self._fanotify
         if guard is not None:

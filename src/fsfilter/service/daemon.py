@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from fsfilter._system import fuse_device
 from fsfilter.api import _control, _deployment, _handover, _rulesfiles
 from fsfilter.api import _stacks as stacks
 from fsfilter.api import constants as c
@@ -194,6 +195,8 @@ class Service:
         # A holder (service/handover.py): until when (monotonic) it keeps the mounts for the next fsfilterd; 0 when
         # it has let them go; None in fsfilterd proper.
         self.holding_until: float | None = None
+        self._handing = threading.Lock()  # held while the mounts are handed over (see give)
+        self._handed = False  # they were: what applications ask from now on is for the next fsfilterd
 
     # -- default rules
 
@@ -466,7 +469,13 @@ class Service:
                 if not isinstance(flags, int) or isinstance(flags, bool):
                     raise _control.ProtocolError(errno.EINVAL, "\"flags\" must be an integer")
                 return self.reparse.add(product, _text(params, "mask"), _text(params, "target"), flags)
-        return self.apps.request(peer, method, params)
+        if method == "events":
+            return self.apps.request(peer, method, params)
+        with self._handing:  # not while the mounts are being handed over (see give)
+            if self._handed:
+                raise _control.ProtocolError(errno.ENOTCONN, "fsfilterd handed its mounts to its successor: attach "
+                                                             "again there")
+            return self.apps.request(peer, method, params)
 
     def has_mounts(self) -> bool:
         with stacks._registry_lock:
@@ -514,7 +523,7 @@ class Service:
             log.warning("could not start a holder for the mounts (%s): they drain in keeper processes", exc)
             return False
         try:
-            if handover.give(sock, lambda fds: self.handover_state(listener, fds)):
+            if self.give(sock, listener):
                 log.info("the mounts, default rules and application filters are kept by holder pid %d for the next "
                          "fsfilterd (%s)", proc.pid, handover.socket_path_for(self.socket_path))
                 return True
@@ -523,6 +532,13 @@ class Service:
             return False
         finally:
             sock.close()
+
+    def give(self, sock: socket.socket, listener: socket.socket | None = None) -> bool:
+        """Hand everything to the taker at the other end of ``sock`` (handover.give). Attaching, detaching and
+        changing an application's rules wait meanwhile: what the taker gets must be what holds."""
+        with self._handing:
+            self._handed = handover.give(sock, lambda fds: self.handover_state(listener or self._listener, fds))
+            return self._handed
 
     def take_over(self, state: dict[str, Any], fds: list[int]) -> None:
         """The service part of a handover: the control socket (when this process has none of systemd's) and the
@@ -534,7 +550,10 @@ class Service:
                 handed.setblocking(True)
                 self._listener = handed
                 self._owns_socket = bool(state.get("owns_socket"))
-                self._socket_ino = os.fstat(handed.fileno()).st_ino if self._owns_socket else 0
+                try:
+                    self._socket_ino = os.stat(self.socket_path).st_ino if self._owns_socket else 0
+                except OSError:
+                    self._socket_ino = 0
             else:
                 handed.close()
         self.apps.keep(state.get("apps"))
@@ -604,19 +623,24 @@ def main(argv: list[str] | None = None) -> int:
     if os.geteuid() != 0:
         print("fsfilterd: needs root (it mounts over directories and answers for every user)", file=sys.stderr)
         return 1
+    fuse_device.raise_fd_limit()  # before a handover: its fds (one per node and open file) come in at once
     stacks.keep_in_process = True  # the service outlives its filters: a mount left busy drains here
     service = Service(args.socket)
     if holding:
         return _hold(service, socket.socket(fileno=args.hold_fd), args.grace)
     taken = _take_from_holder(service)
     try:
-        service.listen()
-    except (CBFSFilterError, OSError) as exc:
-        print(f"fsfilterd: {exc}", file=sys.stderr)
-        return 1
-    summary = service.reload()
-    service.reparse.load()
-    _handover.open_all(taken)
+        try:
+            service.listen()
+        except (CBFSFilterError, OSError) as exc:
+            if not taken:
+                print(f"fsfilterd: {exc}", file=sys.stderr)
+                return 1
+            log.error("%s: serving the mounts taken over without a control socket", exc)
+        summary = service.reload()
+        service.reparse.load()
+    finally:
+        _handover.open_all(taken)  # whatever happened: held requests must not wait for ever
     log.info("enforcing %d default rule(s) of %s; listening on %s%s", summary["rules"],
              ", ".join(summary["products"]) or "no product", service.socket_path,
              f"; serving {len(taken)} mount(s) taken over from the previous fsfilterd" if taken else "")
@@ -630,8 +654,8 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGHUP, on_hup)
     signal.signal(signal.SIGTERM, on_term)
     signal.signal(signal.SIGINT, on_term)
-    server = threading.Thread(target=service.serve_forever, name="fsfilterd-accept", daemon=True)
-    server.start()
+    if service._listener is not None:
+        threading.Thread(target=service.serve_forever, name="fsfilterd-accept", daemon=True).start()
     watchdog_usec = int(os.environ.get("WATCHDOG_USEC", "0") or 0)
     if watchdog_usec:
         threading.Thread(target=_watchdog, args=(service, watchdog_usec / 2e6), daemon=True).start()
@@ -648,6 +672,15 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def _safe_directory(path: str) -> bool:
+    """Whether only root can put a socket in ``path``'s directory (else another user could offer us mounts)."""
+    try:
+        st = os.stat(os.path.dirname(os.path.abspath(path)))
+    except OSError:
+        return False
+    return st.st_uid == 0 and not st.st_mode & (stat.S_IWGRP | stat.S_IWOTH) or bool(st.st_mode & stat.S_ISVTX)
+
+
 def _take_from_holder(service: Service) -> list[stacks.MountStack]:
     """The mounts a holder keeps for this fsfilterd (the previous one stopped), if one does."""
     path = handover.socket_path_for(service.socket_path)
@@ -655,39 +688,31 @@ def _take_from_holder(service: Service) -> list[stacks.MountStack]:
         st = os.lstat(path)
     except FileNotFoundError:
         return []
-    if not stat.S_ISSOCK(st.st_mode):
+    if not stat.S_ISSOCK(st.st_mode) or st.st_uid != 0 or not _safe_directory(path):
+        log.warning("ignoring %s: not a socket of root's in a directory only root may change", path)
         return []
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
     try:
         sock.connect(path)
         mounts, state, fds = handover.take(sock)
-        service.take_over(state, fds)
-        return mounts
-    except (OSError, ValueError, KeyError, TypeError, handover.HandoverError) as exc:
-        log.warning("could not take the mounts kept at %s (%s: %s): starting afresh", path, type(exc).__name__, exc,
+    except (OSError, handover.HandoverError) as exc:
+        log.warning("could not take the mounts kept at %s (%s): starting afresh", path, exc,
                     exc_info=log.isEnabledFor(logging.DEBUG))
         return []
     finally:
         sock.close()
+    try:
+        service.take_over(state, fds)
+    except Exception:  # the mounts are ours now: serve them, with what could be taken
+        log.exception("taking over the control socket and application filters failed")
+    return mounts
 
 
 def _hold(service: Service, giver: socket.socket, grace: float) -> int:
     """The holder's life: take the mounts of the fsfilterd that stops, serve them with the default rules, and give
     them to the next fsfilterd; with none within ``grace`` seconds (or on SIGTERM), let them go: detached, they
     drain here, and the holder exits when the last one ends (a successor may still take them meanwhile)."""
-    try:
-        taken, state, fds = handover.take(giver)
-    except (OSError, ValueError, KeyError, TypeError, handover.HandoverError) as exc:
-        log.error("taking the mounts failed: %s", exc)
-        return 1
-    finally:
-        giver.close()
-    service.take_over(state, fds)
-    service.reload()
-    service.reparse.load()
-    _handover.open_all(taken)
-    if service._listener is not None:  # applications attach again here, and may ask for the status
-        threading.Thread(target=service.serve_forever, name="fsfilterd-accept", daemon=True).start()
+    # Listening before the mounts are taken: a successor started meanwhile waits for them instead of mounting anew.
     path = handover.socket_path_for(service.socket_path)
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
     try:
@@ -695,52 +720,72 @@ def _hold(service: Service, giver: socket.socket, grace: float) -> int:
             os.unlink(path)
     except FileNotFoundError:
         pass
-    listener.bind(path)
-    os.chmod(path, 0o600)
+    mask = os.umask(0o177)
+    try:
+        listener.bind(path)
+    except OSError as exc:
+        log.error("cannot listen on %s (%s): the mounts stay with the stopping fsfilterd", path, exc)
+        giver.close()
+        return 1
+    finally:
+        os.umask(mask)
     listener.listen(4)
     listener.settimeout(0.5)
     mine = os.stat(path).st_ino
-    log.info("keeping %d mount(s) for the next fsfilterd (%s), for %g s", len(taken), path, grace)
+    try:
+        return _serve_held(service, giver, listener, grace)
+    finally:
+        listener.close()
+        _unlink_if(path, mine)
+
+
+def _serve_held(service: Service, giver: socket.socket, listener: socket.socket, grace: float) -> int:
+    try:
+        taken, state, fds = handover.take(giver)
+    except (OSError, handover.HandoverError) as exc:
+        log.error("taking the mounts failed: %s", exc)
+        return 1
+    finally:
+        giver.close()
+    try:
+        service.take_over(state, fds)
+        service.reload()
+        service.reparse.load()
+    except Exception:
+        log.exception("putting the rules in failed: serving the mounts with those that are in")
+    finally:
+        _handover.open_all(taken)
+    if service._listener is not None:  # applications attach again here, and may ask for the status
+        threading.Thread(target=service.serve_forever, name="fsfilterd-accept", daemon=True).start()
+    log.info("keeping %d mount(s) for the next fsfilterd (%s), for %g s", len(taken),
+             handover.socket_path_for(service.socket_path), grace)
     signal.signal(signal.SIGTERM, lambda signum, frame: service._stop.set())
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     deadline = service.holding_until = time.monotonic() + grace
-    let_go = given = False
-    try:
-        while True:
-            if not let_go and (service._stop.is_set() or time.monotonic() >= deadline):
-                log.info("no fsfilterd took the mounts: letting them go (what is inside them stays served until it "
-                         "leaves)")
-                service.holding_until = 0.0
-                service.stop()
-                let_go = True
-            if let_go and not service.has_mounts():
-                break
-            try:
-                conn, _ = listener.accept()
-            except TimeoutError:
-                continue
-            with conn:
-                if _peer_is_root(conn) and handover.give(conn, lambda fds: service.handover_state(service._listener,
-                                                                                                   fds)):
-                    given = True
-                    break
-    finally:
-        listener.close()
+    let_go = False
+    while True:
+        if not let_go and (service._stop.is_set() or time.monotonic() >= deadline):
+            log.info("no fsfilterd took the mounts: letting them go (what is inside them stays served until it "
+                     "leaves)")
+            service.holding_until = 0.0
+            service.stop()
+            let_go = True
+        if let_go and not service.has_mounts():
+            break
         try:
-            if os.stat(path).st_ino == mine:
-                os.unlink(path)
-        except OSError:
-            pass
-    if given:
-        service._owns_socket = False  # the control socket is the successor's now
-        service.stop()  # the mounts are the successor's: the filters here leave them untouched
+            conn, _ = listener.accept()
+        except TimeoutError:
+            continue
+        with conn:
+            if handover.peer_is_root(conn) and service.give(conn):
+                # The mounts are the successor's: the filters here leave them untouched; a mount that could not go
+                # (a handler that did not return) goes to a keeper rather than down with this process.
+                stacks.keep_in_process = False
+                service._owns_socket = False  # the control socket is the successor's now
+                service.stop()
+                break
     log.info("holder done")
     return 0
-
-
-def _peer_is_root(conn: socket.socket) -> bool:
-    creds = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12)
-    return int.from_bytes(creds[4:8], sys.byteorder) == 0
 
 
 def _reload_by_signal(service: Service) -> None:

@@ -33,7 +33,7 @@ from fsfilter._sessions.handover import FORMAT
 from fsfilter.api import _handover
 from fsfilter.api._stacks import MountStack
 
-__all__ = ["HandoverError", "give", "spawn_holder", "take", "socket_path_for"]
+__all__ = ["HandoverError", "give", "peer_is_root", "socket_path_for", "spawn_holder", "take"]
 
 log = logging.getLogger("fsfilterd")
 
@@ -58,20 +58,29 @@ def _send(sock: socket.socket, message: dict[str, Any], fds: list[int] | None = 
 
 
 def _receive(sock: socket.socket) -> tuple[dict[str, Any], list[int]]:
-    data, fds, _, _ = socket.recv_fds(sock, PACKET, CHUNK + 3)
-    if not data:
-        for fd in fds:
-            os.close(fd)
-        raise HandoverError("the other side closed the connection")
+    data, fds, flags, _ = socket.recv_fds(sock, PACKET, CHUNK + 3)
     try:
-        message = json.loads(data)
-    except ValueError as exc:
+        if flags & socket.MSG_CTRUNC:
+            raise HandoverError("fds were cut off in transit (the fd limit is too low?)")
+        if not data:
+            raise HandoverError("the other side closed the connection")
+        try:
+            message = json.loads(data)
+        except ValueError as exc:
+            raise HandoverError(f"not a handover message: {exc}") from exc
+        if not isinstance(message, dict):
+            raise HandoverError("not a handover message")
+    except HandoverError:
         for fd in fds:
             os.close(fd)
-        raise HandoverError(f"not a handover message: {exc}") from exc
-    if not isinstance(message, dict):
-        raise HandoverError("not a handover message")
+        raise
     return message, fds
+
+
+def peer_is_root(sock: socket.socket) -> bool:
+    """Whether the process at the other end is root's (SO_PEERCRED, the kernel's word): only root gives or takes."""
+    creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12)
+    return int.from_bytes(creds[4:8], sys.byteorder) == 0
 
 
 def give(sock: socket.socket, service_state: Callable[[list[int]], dict[str, Any]], timeout: float = 30.0) -> bool:
@@ -80,10 +89,12 @@ def give(sock: socket.socket, service_state: Callable[[list[int]], dict[str, Any
     this process's); False when it refused or went away (they are served here again)."""
     sock.settimeout(timeout)
     try:
-        ask, _ = _receive(sock)
+        ask, extra = _receive(sock)
     except (OSError, HandoverError) as exc:
         log.warning("no successor took the mounts: %s", exc)
         return False
+    for fd in extra:
+        os.close(fd)
     if ask.get("op") != "take" or ask.get("format") != FORMAT:
         _send(sock, {"op": "refused", "why": f"this fsfilterd gives handover format {FORMAT}"})
         log.warning("the successor reads handover format %r, this fsfilterd writes %d: it keeps the mounts",
@@ -101,9 +112,11 @@ def give(sock: socket.socket, service_state: Callable[[list[int]], dict[str, Any
             os.close(memfd)
         for i in range(0, len(exported.fds), CHUNK):
             _send(sock, {"op": "fds"}, exported.fds[i:i + CHUNK])
-        answer, _ = _receive(sock)
-    except (OSError, HandoverError) as exc:
-        answer = {"op": "refused", "why": str(exc)}
+        answer, extra = _receive(sock)
+        for fd in extra:
+            os.close(fd)
+    except Exception as exc:  # whatever went wrong, the mounts must not stay quiesced
+        answer = {"op": "refused", "why": f"{type(exc).__name__}: {exc}"}
     if answer.get("op") != "adopted":
         exported.resume()
         log.warning("the successor did not take the mounts (%s): serving them on", answer.get("why", answer))
@@ -118,13 +131,18 @@ def give(sock: socket.socket, service_state: Callable[[list[int]], dict[str, Any
 def take(sock: socket.socket, timeout: float = 30.0) -> tuple[list[MountStack], dict[str, Any], list[int]]:
     """Take every mount the giver at the other end of ``sock`` has. They hold other processes' requests until
     api._handover.open_all (put the rules in first). Returns them, the service's part of the state and the fds it
-    names by index."""
+    names by index. On any failure nothing is kept (the giver serves on) and HandoverError is raised."""
+    if not peer_is_root(sock):
+        raise HandoverError("the process offering mounts is not root's")
     sock.settimeout(timeout)
     _send(sock, {"op": "take", "format": FORMAT})
     fds: list[int] = []
+    mounts: list[MountStack] = []
     try:
         head, attached = _receive(sock)
         if head.get("op") != "state" or len(attached) != 1:
+            for fd in attached:
+                os.close(fd)
             raise HandoverError(f"the giver refused: {head.get('why', head)}")
         with os.fdopen(attached[0], "rb") as f:
             f.seek(0)
@@ -134,16 +152,21 @@ def take(sock: socket.socket, timeout: float = 30.0) -> tuple[list[MountStack], 
             fds += got
             if more.get("op") != "fds" or not got:
                 raise HandoverError("the giver sent fewer fds than it said")
+        if not isinstance(state, dict):
+            raise HandoverError("the state is not an object")
         mounts = _handover.adopt(state, fds)
-    except BaseException as exc:
+        _send(sock, {"op": "adopted"})
+    except Exception as exc:
+        _handover.abandon(mounts)  # their sessions stop; the fds are closed below, once
         for fd in fds:
             os.close(fd)
         try:
-            _send(sock, {"op": "refused", "why": str(exc)})
+            _send(sock, {"op": "refused", "why": f"{type(exc).__name__}: {exc}"})
         except OSError:
             pass
-        raise
-    _send(sock, {"op": "adopted"})
+        if isinstance(exc, HandoverError):
+            raise
+        raise HandoverError(f"{type(exc).__name__}: {exc}") from exc
     service = state.get("service")
     return mounts, service if isinstance(service, dict) else {}, fds
 
