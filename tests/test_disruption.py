@@ -249,3 +249,37 @@ def test_stop_with_nothing_inside_unmounts_quietly(scratch: Path, caplog: pytest
     assert not is_mounted(data)
     assert errors == [] and f.stop_report == ""
     assert not [r.getMessage() for r in caplog.records if "unmounted from outside" in r.getMessage()]
+
+
+def test_embedded_application_killed_with_programs_inside(scratch: Path) -> None:
+    """SIGKILL of an application whose filter runs in it: the mount's watchdog rescues the mount from the journal
+    and serves the programs inside (detached, plain pass-through) until they leave; none sees an error."""
+    data = scratch / "data"
+    data.mkdir()
+    (data / "data.txt").write_text("data\n")
+    script = scratch / "app.py"
+    script.write_text(EMBEDDED_APP)
+    env = dict(os.environ, PYTHONPATH=str(SRC))
+    app = subprocess.Popen([sys.executable, str(script), str(data)], env=env, stdin=subprocess.PIPE,
+                           stdout=subprocess.PIPE, stderr=open(scratch / "app.log", "w"), text=True)
+    workers: Workers | None = None
+    try:
+        assert app.stdout is not None
+        assert app.stdout.readline().strip() == "started"
+        workers = Workers(data, scratch / "out")
+        time.sleep(0.5)
+        app.kill()
+        app.wait(10)
+        assert wait_for(lambda: "rescued" in (scratch / "app.log").read_text(), 10), (scratch / "app.log").read_text()
+        assert wait_for(lambda: not is_mounted(data), 10)  # detached: new path walks reach the directory itself
+        time.sleep(1.0)
+        results = workers.finish()
+        workers = None
+        _check(results, data)
+        assert wait_for(lambda: "rescuer done" in (scratch / "app.log").read_text(), 15), \
+            (scratch / "app.log").read_text()
+    finally:
+        if workers is not None:
+            end_processes(workers.procs)
+        end_processes([app])
+        force_unmount(data)

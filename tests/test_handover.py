@@ -361,3 +361,74 @@ def test_a_socket_not_of_root_is_not_taken_from(scratch: Path) -> None:
         fake.close()
         service.stop()
         force_unmount(data)
+
+
+def test_fsfilterd_killed_its_mounts_are_rescued_and_taken_over(scratch: Path) -> None:
+    """SIGKILL of fsfilterd, then a new one (systemd would restart it): each mount's watchdog rescues it from the
+    journal and holds it, other processes' requests waiting, until the new fsfilterd takes it over. The programs
+    inside see no error and lose nothing; the read-only default rule never lets a write through; the same mount
+    serves throughout."""
+    data = scratch / "data"
+    data.mkdir()
+    (data / "data.txt").write_text("data\n")
+    (data / "ro.txt").write_text("ro\n")
+    service = Service(scratch)
+    _write_rules(service, "acme", f"read-only {data}/ro.txt\n")
+    workers: Workers | None = None
+    prober: Prober | None = None
+    try:
+        service.start()
+        before = _mount_id(data)
+        workers = Workers(data, scratch / "out")
+        prober = Prober(scratch, data / "ro.txt")
+        time.sleep(0.5)
+        assert service.proc is not None
+        service.proc.kill()
+        service.proc.wait(10)
+        assert wait_for(lambda: os.path.exists(f"{service.socket}.handover.{before}"), 20), "no rescuer holds it"
+        assert _mount_id(data) == before
+        service.log = scratch / "fsfilterd-2.log"
+        service.start()
+        assert "taken over" in service.log.read_text(), service.log.read_text()
+        assert wait_for(lambda: not os.path.exists(f"{service.socket}.handover.{before}"), 10)
+        time.sleep(1.0)
+        assert _mount_id(data) == before
+        results = workers.finish()
+        workers = None
+        _check(results, data)
+        tries, got_in = prober.finish()
+        prober = None
+        assert tries > 100 and got_in == 0, (tries, got_in)
+        assert (data / "ro.txt").read_text() == "ro\n"
+    except BaseException:
+        for log in sorted(scratch.glob("fsfilterd*.log")):
+            print(log.name, log.read_text()[-4000:])
+        raise
+    finally:
+        if workers is not None:
+            end_processes(workers.procs)
+        if prober is not None:
+            end_processes([prober.proc])
+        service.stop()
+        _end_rescuers(data)
+        force_unmount(data)
+
+
+def _end_rescuers(data: Path) -> None:
+    """Rescuers this test's mounts left (found by command line), told to let go, then killed."""
+    def rescuers() -> list[int]:
+        pids = []
+        for name in os.listdir("/proc"):
+            if name.isdigit():
+                try:
+                    argv = Path(f"/proc/{name}/cmdline").read_bytes().split(b"\0")
+                except OSError:
+                    continue
+                if any(b"service.rescue" in a for a in argv) and str(data).encode() in argv:
+                    pids.append(int(name))
+        return pids
+    for pid in rescuers():
+        os.kill(pid, 15)
+    wait_for(lambda: not rescuers(), 10)
+    for pid in rescuers():
+        os.kill(pid, 9)

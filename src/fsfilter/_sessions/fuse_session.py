@@ -200,6 +200,9 @@ class Session:
         self._stopping = False
         # While set and not open: requests of other processes wait at it (see hold_requests).
         self._gate: threading.Event | None = None
+        # Set by quiesce: the requests waiting at the gate are dropped unanswered (whoever serves next has the kernel
+        # resend them).
+        self._gate_dropped = False
 
     def stopping(self, expected: bool = True) -> None:
         """Say that the end of the connection that follows (an unmount by the owner) is no loss; False takes it back
@@ -312,6 +315,10 @@ class Session:
         tables stay as they are, for resume() here or serve_again() in a forked keeper. False when a request
         handler did not return within ``timeout`` (its thread is left running)."""
         self._running = False
+        gate = self._gate
+        if gate is not None:
+            self._gate_dropped = True
+            gate.set()
         deadline = time.monotonic() + timeout
         for t in self._readers:
             t.join(max(0.0, deadline - time.monotonic()))
@@ -340,7 +347,11 @@ class Session:
             self._inflight[unique] = item
 
     def resume(self) -> None:
-        """After quiesce(): serve again with new threads, on the same fds (a handover that did not happen)."""
+        """After quiesce(): serve again with new threads, on the same fds (a handover that did not happen). Requests
+        it dropped at the gate come again once the caller has the kernel resend them."""
+        if self._gate_dropped:
+            self._gate = threading.Event()
+            self._gate_dropped = False
         self.finished.clear()
         self._fresh_threads()
         self._start_threads(list(self._fds))
@@ -520,11 +531,14 @@ class Session:
                     self._spawn_pool_thread()  # a request queued while this thread still counted as idle
             try:
                 gate = self._gate
-                if gate is not None and not libc.is_own_thread(op.pid) and not gate.wait(GATE_MAX) \
-                        and op.opcode not in NO_REPLY:
-                    # The rules never came: refuse rather than decide without them (fail closed).
-                    self._reply_error(op.unique, errno.EAGAIN, fd)
-                    continue
+                if gate is not None and not libc.is_own_thread(op.pid):
+                    opened = gate.wait(GATE_MAX)
+                    if self._gate_dropped and op.opcode not in NO_REPLY:
+                        continue  # quiesced while it waited: left unanswered, to be resent to whoever serves next
+                    if not opened and op.opcode not in NO_REPLY:
+                        # The rules never came: refuse rather than decide without them (fail closed).
+                        self._reply_error(op.unique, errno.EAGAIN, fd)
+                        continue
                 self._run(op, fd)
             finally:
                 with self._lock:

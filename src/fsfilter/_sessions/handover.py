@@ -59,8 +59,8 @@ def export_tables(fs: LowerBase, fds: list[int]) -> dict[str, Any]:
             key = str(id(f.inode))
             if key not in unlisted:
                 unlisted[key] = row(f.inode, index)
-        files.append([fh, index, f.inode.nodeid, f.passthrough, key])
-    dirs = [[fh, ref(d.fd)] for fh, d in fs.dirs.items()]
+        files.append([fh, index, f.inode.nodeid, f.passthrough, key, f.flags])
+    dirs = [[fh, ref(d.fd), d.nodeid] for fh, d in fs.dirs.items()]
     return {"next_id": fs._next_id, "root_nlookup": fs.root.nlookup, "passthrough": fs.passthrough,
             "nodes": nodes, "unlisted": unlisted, "files": files, "dirs": dirs}
 
@@ -84,12 +84,12 @@ def import_tables(fs: LowerBase, state: dict[str, Any], fds: list[int]) -> None:
         fs.nodes[node.nodeid] = node
         fs.by_key[node.key] = node
     unlisted = {key: node_of(row) for key, row in state["unlisted"].items()}
-    for fh, fd, nodeid, passthrough, which in state["files"]:
+    for fh, fd, nodeid, passthrough, which, flags in state["files"]:
         inode = unlisted[which] if which else fs.nodes[int(nodeid)]
-        record = OpenFile(fds[fd], inode, os.fstat(fds[fd]))
+        record = OpenFile(fds[fd], inode, os.fstat(fds[fd]), int(flags))
         record.passthrough = passthrough if passthrough is None else bool(passthrough)
         fs.files[int(fh)] = record
-    for fh, fd in state["dirs"]:
-        d = OpenDir(fds[fd])
+    for fh, fd, nodeid in state["dirs"]:
+        d = OpenDir(fds[fd], int(nodeid))
         d.pos = -1  # the fd stands past entries the predecessor had read ahead: seek to what the kernel asks next
         fs.dirs[int(fh)] = d

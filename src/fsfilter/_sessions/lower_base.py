@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 from fsfilter._abi import fuse as abi
 from fsfilter._sessions.fuse_session import Deferred, Handler
+from fsfilter._sessions.journal import Journal
 from fsfilter._sessions.layer import NO_HOOKS, Layer, StackHooks
 from fsfilter._sessions.locks import LockTable
 from fsfilter._sessions.nodes import Inode, OpenDir, OpenFile
@@ -82,6 +83,8 @@ class LowerBase(Layer):
         self.locks = LockTable()
         self.passthrough = False  # set from the INIT negotiation; cleared if the kernel refuses backing ids
         self.hooks: StackHooks = NO_HOOKS
+        # Where the tables are written as they change, for a rescuer should this process die (see journal.py).
+        self.journal: Journal | None = None
         self.top: Layer = self  # where the session enters the stack
         self._tables: list[dict[int, Handler]] = []  # the sessions' handler tables, bound to the top's methods
 
@@ -90,6 +93,25 @@ class LowerBase(Layer):
         """Hold the tables' lock (around a fork: the copy must not inherit it held by a thread it lacks)."""
         with self._lock:
             yield
+
+    def journal_node(self, node: Inode) -> None:
+        """Write a node's record (under _lock)."""
+        if self.journal is not None and node.nodeid != abi.ROOT_ID:
+            self.journal.node(node.nodeid, node.parent, node.name, node.nlookup, node.backing_id, node.backing_refs,
+                              node.daemon_opens)
+
+    def journal_everything(self) -> None:
+        """Write the whole tables (a journal started on tables that exist already: a mount taken over)."""
+        journal = self.journal
+        if journal is None:
+            return
+        with self._lock:
+            for node in self.nodes.values():
+                self.journal_node(node)
+            for fh, f in self.files.items():
+                journal.opened(fh, f.inode.nodeid, f.flags, False, f.passthrough)
+            for fh, d in self.dirs.items():
+                journal.opened(fh, d.nodeid, os.O_RDONLY | os.O_DIRECTORY, True)
 
     def new_handle(self, fd: int) -> int:
         """The handle the kernel will name a new open by (under _lock): its fd's number, unless a handle taken over
@@ -142,6 +164,8 @@ class LowerBase(Layer):
                 os.close(fd)
                 node.parent, node.name = parent, name
             node.nlookup += 1
+            if self.journal is not None:
+                self.journal_node(node)
         if self.hooks.remembers:
             self.hooks.remembered(node)
         return node
@@ -196,11 +220,16 @@ class LowerBase(Layer):
             if node is None or nodeid == abi.ROOT_ID:
                 return
             node.nlookup -= count
+            journal = self.journal
             if node.nlookup > 0:
+                if journal is not None:
+                    journal.count(nodeid, node.nlookup)
                 return
             del self.nodes[nodeid]
             if self.by_key.get(node.key) is node:
                 del self.by_key[node.key]
+            if journal is not None:
+                journal.forget(nodeid)
         os.close(node.fd)
         self.hooks.dropped(nodeid)
 

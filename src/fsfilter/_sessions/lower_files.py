@@ -74,6 +74,7 @@ class LowerFiles(LowerBase):
             if daemon:
                 node.daemon_opens += 1
                 f.passthrough = False
+                self._journal_mode(opened.fh, f)
                 flags = opened.flags | abi.OpenReplyFlag.NOFLUSH
                 sig = (f.st.st_mtime_ns, f.st.st_size)
                 if node.cache_sig == sig:
@@ -83,9 +84,15 @@ class LowerFiles(LowerBase):
                 return
             node.backing_refs += 1
             f.passthrough = True
+            self._journal_mode(opened.fh, f)
             flags = opened.flags | abi.OpenReplyFlag.NOFLUSH | abi.OpenReplyFlag.PASSTHROUGH
             opened.flags = self._reply_flags(node, int(flags), True)
             opened.backing_id = node.backing_id
+
+    def _journal_mode(self, fh: int, f: OpenFile) -> None:
+        if self.journal is not None:
+            self.journal_node(f.inode)
+            self.journal.opened(fh, f.inode.nodeid, f.flags, False, f.passthrough)
 
     def _reply_flags(self, node: Inode, flags: int, passthrough: bool) -> int:
         flags = self.hooks.open_reply_flags(node, flags, passthrough)
@@ -94,18 +101,21 @@ class LowerFiles(LowerBase):
             flags &= ~abi.OpenReplyFlag.NOFLUSH
         return flags
 
-    def _registered(self, op: ops.Op, fd: int, node: Inode, st: os.stat_result) -> Opened:
-        record = OpenFile(fd, node, st)
+    def _registered(self, op: ops.Op, fd: int, node: Inode, st: os.stat_result, flags: int) -> Opened:
+        record = OpenFile(fd, node, st, flags & ~(os.O_CREAT | os.O_EXCL | os.O_TRUNC))
         with self._lock:
             fh = self.new_handle(fd)
             self.files[fh] = record
+            if self.journal is not None:
+                self.journal.opened(fh, node.nodeid, record.flags, False)
         op.remember(_OPENED, (fh, record))
         return Opened(fh)
 
     def open(self, op: ops.Open) -> Reply:
         node = self.inode(op.nodeid)
         st = os.fstat(node.fd)
-        fd = os.open(procfs.fd_path(node.fd), (op.flags & ~_LOWER_STRIP) | os.O_CLOEXEC)
+        flags = (op.flags & ~_LOWER_STRIP) | os.O_CLOEXEC
+        fd = os.open(procfs.fd_path(node.fd), flags)
         try:
             if op.flags & os.O_TRUNC and op.open_flags & abi.FUSE_OPEN_KILL_SUIDGID:
                 self.kill_privileges(fd)
@@ -114,7 +124,7 @@ class LowerFiles(LowerBase):
         except BaseException:
             os.close(fd)
             raise
-        return self._registered(op, fd, node, st)
+        return self._registered(op, fd, node, st, flags)
 
     def _created(self, op: ops.Op, fd: int, parent: Inode, name: bytes) -> Reply:
         """Reply to CREATE/TMPFILE: the new object's entry, then its open."""
@@ -123,7 +133,8 @@ class LowerFiles(LowerBase):
             st = os.fstat(path_fd)
             node = self._remember(path_fd, st, parent.nodeid, name)
             entry = Entry(node.nodeid, st, self.options.entry_timeout, self.options.attr_timeout)
-            return Created(entry, self._registered(op, fd, node, st))
+            flags = (op.flags & ~_LOWER_STRIP) | os.O_CLOEXEC if isinstance(op, ops.Create) else os.O_RDWR
+            return Created(entry, self._registered(op, fd, node, st, flags))
         except BaseException:
             os.close(fd)
             raise
@@ -189,6 +200,10 @@ class LowerFiles(LowerBase):
                     node.backing_id = 0
             elif f.passthrough is False:
                 node.daemon_opens -= 1
+            if self.journal is not None:
+                self.journal.closed(fh)
+                if node.nodeid in self.nodes:
+                    self.journal_node(node)
         if self.options.locks:
             self.locks.release_fh(node.nodeid, fh)  # flock and OFD locks belong to the open file
         os.close(f.fd)

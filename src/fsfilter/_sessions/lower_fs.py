@@ -252,15 +252,19 @@ class LowerFS(LowerFiles):
             return
         node = self.by_key.get((st.st_dev, st.st_ino))
         if node is not None:
-            node.parent, node.name = parent.nodeid, name
+            with self._lock:
+                node.parent, node.name = parent.nodeid, name
+                self.journal_node(node)
 
     def opendir(self, op: ops.Open) -> Reply:
         node = self.inode(op.nodeid)
         fd = os.open(procfs.fd_path(node.fd), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        record = OpenDir(fd)
+        record = OpenDir(fd, node.nodeid)
         with self._lock:
             fh = self.new_handle(fd)
             self.dirs[fh] = record
+            if self.journal is not None:
+                self.journal.opened(fh, node.nodeid, os.O_RDONLY | os.O_DIRECTORY, True)
         op.remember(_OPENED, (fh, record))
         return Opened(fh)
 
@@ -319,6 +323,8 @@ class LowerFS(LowerFiles):
         d = self.dirs.pop(fh, None)
         if d is None:
             raise OSError(errno.EBADF, "unknown directory handle")
+        if self.journal is not None:
+            self.journal.closed(fh)
         os.close(d.fd)
 
     def fsyncdir(self, op: ops.Fsync) -> Reply:

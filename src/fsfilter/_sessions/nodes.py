@@ -74,10 +74,11 @@ class OpenFile:
     """One open of a file: the lower fd (its number is the handle), its node, its backend, how its reads and
     writes are served (None until the whole stack has answered the OPEN), and a slot per layer."""
 
-    __slots__ = ("fd", "inode", "passthrough", "backend", "st", "slots")
+    __slots__ = ("fd", "inode", "passthrough", "backend", "st", "slots", "flags")
 
-    def __init__(self, fd: int, inode: Inode, st: os.stat_result) -> None:
+    def __init__(self, fd: int, inode: Inode, st: os.stat_result, flags: int = os.O_RDONLY) -> None:
         self.fd = fd
+        self.flags = flags  # as the lower file was opened (what a rescuer opens it with again)
         self.inode = inode
         self.passthrough: bool | None = None
         self.backend: Any = LowerFile(fd)
@@ -88,9 +89,10 @@ class OpenFile:
 class OpenDir:
     """One open of a directory: its fd (the handle), where the listing stands, and a slot per layer."""
 
-    __slots__ = ("fd", "pos", "pending", "lock", "reader", "slots")
+    __slots__ = ("fd", "pos", "pending", "lock", "reader", "slots", "nodeid")
 
-    def __init__(self, fd: int) -> None:
+    def __init__(self, fd: int, nodeid: int = 0) -> None:
+        self.nodeid = nodeid
         self.slots: dict[object, Any] = {}
         self.fd = fd
         self.pos = 0  # the offset the next entry in ``pending`` starts at

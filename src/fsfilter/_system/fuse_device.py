@@ -155,15 +155,20 @@ def unmount(target: str) -> bool:
     return True
 
 
-def start_watchdog(target: str) -> subprocess.Popen[bytes]:
+def start_watchdog(target: str, rescue: tuple[int, int, int, str, str] | None = None) -> subprocess.Popen[bytes]:
     """A separate process that detaches the mount at ``target`` when this process dies (see watchdog.py).
     Started before mounting, and returned once it is ready: afterwards, starting it could need files under
     the mount (this interpreter, its libraries) that nobody serves yet. Tell it the mount id with
-    :func:`watch_mount` once mounted."""
-    proc = subprocess.Popen(
-        [sys.executable, "-S", "-I", str(WATCHDOG), target, FSTYPE],
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, close_fds=True, start_new_session=True,
-    )
+    :func:`watch_mount` once mounted. ``rescue``: (connection fd, lower directory fd, journal fd, the directory
+    fsfilter is imported from, mode): it holds them, and on this process's death rescues the mount instead
+    (tell it :func:`release_watchdog` before stopping on purpose)."""
+    args = [sys.executable, "-S", "-I", str(WATCHDOG), target, FSTYPE]
+    fds: tuple[int, ...] = ()
+    if rescue is not None:
+        fds = rescue[:3]
+        args += ["--rescue", *(str(x) for x in rescue)]
+    proc = subprocess.Popen(args, stdin=subprocess.PIPE, stdout=subprocess.PIPE, close_fds=True, pass_fds=fds,
+                            start_new_session=True)
     assert proc.stdout is not None
     if proc.stdout.readline() != b"ready\n":
         proc.kill()
@@ -177,3 +182,13 @@ def watch_mount(watchdog: subprocess.Popen[bytes], mount_id: int) -> None:
     assert watchdog.stdin is not None
     watchdog.stdin.write(b"%d\n" % mount_id)
     watchdog.stdin.flush()
+
+
+def release_watchdog(watchdog: subprocess.Popen[bytes]) -> None:
+    """This process stops serving on purpose: the watchdog lets go of the fds it held for a rescue."""
+    try:
+        if watchdog.stdin is not None and not watchdog.stdin.closed:
+            watchdog.stdin.write(b"release\n")
+            watchdog.stdin.flush()
+    except OSError:
+        pass

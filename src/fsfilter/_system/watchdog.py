@@ -11,6 +11,15 @@ the id, the one fsfilter mount at MOUNTPOINT that was not there when we started 
 library only; imports nothing from fsfilter so that it starts fast and does not hold the daemon's /dev/fuse
 descriptor. The one exception is procfs.py beside it (standard library only too), loaded by its path for the
 mountinfo parser.
+
+With ``--rescue DEV LOWER JOURNAL SRC MODE`` it also holds the mount's /dev/fuse connection, its lower directory and
+its journal (fds inherited from the daemon), so that the daemon's death does not end the connection. The daemon
+writes "release" before it stops on purpose (the fds are then closed at once, and EOF means what it always meant).
+EOF without "release" is a death: instead of detaching, the watchdog becomes the rescuer (service/rescue.py, imported
+from SRC), which rebuilds the tables from the journal and serves the mount on (MODE "drain": as the plain
+pass-through, detached, until unused; "hold:SOCKET": attached, other processes' requests held, until the next
+fsfilterd takes it over). A rescuer is not started when the interpreter or SRC lies under the mount (it could not
+start while nobody serves it).
 """
 
 import ctypes
@@ -37,23 +46,59 @@ def _load_procfs() -> ModuleType:
 procfs = _load_procfs()
 
 
+def release(rescue: list[str]) -> None:
+    """Close the fds held for a rescue (the daemon stops on purpose: a connection it ends must end)."""
+    for fd in rescue[:3]:
+        try:
+            os.close(int(fd))
+        except OSError:
+            pass
+
+
 def mounts_at(mountpoint: str, fstype: str) -> set[int]:
     return {m.mount_id for m in procfs.mountinfo() if m.mountpoint == mountpoint and m.fstype == fstype}
 
 
+def _under(path: str, top: str) -> bool:
+    path = os.path.realpath(path)
+    return path == top or path.startswith(top.rstrip("/") + "/")
+
+
 def main() -> int:
     mountpoint, fstype = sys.argv[1], sys.argv[2]
+    rescue: list[str] = []
+    if len(sys.argv) == 9 and sys.argv[3] == "--rescue":
+        rescue = sys.argv[4:9]  # dev, lower, journal, src, mode
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, signal.SIG_IGN)
     libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
     before = mounts_at(mountpoint, fstype)
+    if rescue and (_under(sys.executable, mountpoint) or _under(rescue[3], mountpoint)):
+        release(rescue)
+        rescue = []
     sys.stdout.write("ready\n")
     sys.stdout.flush()
     stdin = sys.stdin.buffer
     line = stdin.readline()
     mount_id = int(line) if line.strip().isdigit() else -1
-    while stdin.read(4096):
-        pass
+    while True:
+        line = stdin.readline()
+        if not line:
+            break
+        if line.strip() == b"release" and rescue:
+            release(rescue)
+            rescue = []
+    if rescue and mount_id >= 0:
+        # The daemon died: become the rescuer, with the fds it left us.
+        dev, lower, journal, src, mode = rescue
+        code = ("import sys; sys.path.insert(0, sys.argv[1]); from fsfilter.service.rescue import main; "
+                "sys.exit(main(sys.argv[2:]))")
+        try:
+            os.execv(sys.executable, [sys.executable, "-S", "-c", code, src, mountpoint, str(mount_id), dev, lower,
+                                      journal, mode])
+        except OSError as exc:
+            print(f"fsfilter watchdog: could not start the rescuer: {exc}", file=sys.stderr)
+            release(rescue)
     now = mounts_at(mountpoint, fstype)
     # Without an id, the daemon died before it could say which (or it never mounted: then nothing is new).
     ours = {mount_id} & now if mount_id >= 0 else now - before

@@ -155,7 +155,7 @@ def _adopt_one(m: dict[str, Any], fds: list[int]) -> MountStack:
         threading.Thread(target=keeper.detach_when_uncovered, args=(stack.mountpoint, stack._mount_id,
                          stack.session.finished), name="fsfilter-uncover", daemon=True).start()
     try:  # from now on, should this process die, the mount is detached rather than left answering ENOTCONN
-        stack._watchdog = fuse_device.start_watchdog(stack.mountpoint)
+        stack._watchdog = fuse_device.start_watchdog(stack.mountpoint, stack.rescue_fds())
         fuse_device.watch_mount(stack._watchdog, stack._mount_id)
     except OSError as exc:
         log.warning("%s: no watchdog (%s): should this process die, the mount stays until unmounted by hand",

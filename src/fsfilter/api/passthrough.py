@@ -16,11 +16,14 @@ import subprocess
 import threading
 import types
 from collections.abc import Callable
+from dataclasses import asdict
+from pathlib import Path
 
 from fsfilter._abi import fuse as abi
 from fsfilter._abi import linux
 from fsfilter._sessions import keeper
 from fsfilter._sessions.fuse_session import Negotiated, Session, SessionOptions, SessionStats
+from fsfilter._sessions.journal import Journal
 from fsfilter._sessions.lower_fs import IoPolicy, LowerFS, LowerOptions
 from fsfilter._system import fuse_device, libc
 from fsfilter._wire import fuse as wire
@@ -30,6 +33,12 @@ from fsfilter.errors import CBFSFilterError
 __all__ = ["PassthroughFilter", "check_filterable"]
 
 log = logging.getLogger("fsfilter")
+
+# What a mount's watchdog does should this process die (see _system/watchdog.py): "drain" (serve the programs still
+# inside, detached, as the plain pass-through until they leave), "hold:SOCKET" (fsfilterd: keep it attached, hold
+# other processes' requests, for the next fsfilterd), "" (nothing: the mount is detached, as before).
+rescue_mode = "drain"
+_SRC = str(Path(__file__).resolve().parents[2])  # where the rescuer imports fsfilter from
 
 # Mount points this process serves. A filter mounted inside one of them would have its daemon wait for itself.
 _served: set[str] = set()
@@ -104,6 +113,7 @@ class PassthroughFilter:
         self._trace: Callable[[Request], None] | None = None
         self._stop_lock = threading.Lock()
         self._mount_id = -1
+        self._journal: Journal | None = None  # the tables, for a rescuer should this process die (journal.py)
         # Why the filter stopped on its own ("" while it has not): its mount was unmounted from outside, or its
         # connection aborted (``/sys/fs/fuse/connections/N/abort``, the kernel's request timeout).
         self.lost = ""
@@ -125,6 +135,8 @@ class PassthroughFilter:
         try:
             self._lower_fd = os.open(self.lower, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
             fs = self._make_fs(self._lower_fd)
+            if os.geteuid() == 0 and rescue_mode:
+                fs.journal = self._journal = Journal.create()
             root_mode = os.fstat(self._lower_fd).st_mode
             self._mount(root_mode)
             session = Session(self._dev_fd, fs.handlers(), self.session_options)
@@ -139,6 +151,7 @@ class PassthroughFilter:
             fs.interruptible = session.interruptible
             if self.lower_options.locks and not negotiated.has(abi.InitFlag.POSIX_LOCKS):
                 log.warning("the kernel did not offer FUSE_POSIX_LOCKS: locks stay in the kernel, unseen")
+            self._write_journal_header(session)
             session.start()
             self.fs, self.session = fs, session
             with _served_lock:
@@ -167,6 +180,10 @@ class PassthroughFilter:
         fs.session_fd = dev_fd
         fs.defer = session.defer
         fs.interruptible = session.interruptible
+        if rescue_mode and os.geteuid() == 0:
+            fs.journal = self._journal = Journal.create()
+            fs.journal_everything()
+            self._write_journal_header(session)
         session.hold_requests()
         # Before reading anything: what the predecessor read and never answered is sent again (resent now, a request
         # this process has read already would come twice).
@@ -177,6 +194,19 @@ class PassthroughFilter:
         self.fs, self.session = fs, session
         with _served_lock:
             _served.add(self.mountpoint)
+
+    def _write_journal_header(self, session: Session) -> None:
+        if self._journal is not None:
+            self._journal.write_header({
+                "path": self.mountpoint, "lower": self.lower, "allow_other": self.allow_other,
+                "session": asdict(self.session_options), "negotiated": asdict(session.negotiated),
+                "options": {k: v for k, v in asdict(self.lower_options).items() if k != "io_policy"}})
+
+    def rescue_fds(self) -> tuple[int, int, int, str, str] | None:
+        """What the watchdog holds so that it can rescue the mount should this process die (None: no rescue)."""
+        if self._journal is None or self._dev_fd < 0 or self._lower_fd < 0:
+            return None
+        return self._dev_fd, self._lower_fd, self._journal.fd, _SRC, rescue_mode
 
     def _make_fs(self, lower_fd: int) -> LowerFS:
         """The request handlers; subclasses return a LowerFS subclass to change what is served."""
@@ -205,7 +235,7 @@ class PassthroughFilter:
         fsname = f"fsfilter:{self.lower}"[:200].replace(",", "_")
         if os.geteuid() == 0:
             self._dev_fd = fuse_device.open_device()
-            self._watchdog = fuse_device.start_watchdog(self.mountpoint)  # before: see start_watchdog
+            self._watchdog = fuse_device.start_watchdog(self.mountpoint, self.rescue_fds())  # before: see there
             fuse_device.kernel_mount(self._dev_fd, self.mountpoint, root_mode=root_mode,
                                      allow_other=self.allow_other, fsname=fsname)
             entry = fuse_device.find_mount(self.mountpoint)
@@ -297,6 +327,8 @@ class PassthroughFilter:
             log.warning("unmounting %s failed: %s", self.mountpoint, exc)
 
     def _teardown(self, timeout: float = 10.0) -> None:
+        if self._watchdog is not None:
+            fuse_device.release_watchdog(self._watchdog)  # a stop on purpose: no rescue; what ends here ends
         with _served_lock:
             _served.discard(self.mountpoint)
         session, self.session = self.session, None
@@ -321,7 +353,11 @@ class PassthroughFilter:
             self._lower_fd = -1
         if self.fs is not None:
             self.fs.close()
+            self.fs.journal = None
             self.fs = None
+        if self._journal is not None and not lingering:
+            self._journal.close()
+        self._journal = None
         if self._lower_fd >= 0:
             os.close(self._lower_fd)
             self._lower_fd = -1

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import errno
+import glob
 import json
 import logging
 import os
@@ -25,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from fsfilter._system import fuse_device
-from fsfilter.api import _control, _deployment, _handover, _rulesfiles
+from fsfilter.api import _control, _deployment, _handover, _rulesfiles, passthrough
 from fsfilter.api import _stacks as stacks
 from fsfilter.api import constants as c
 from fsfilter.api._denials import DenialLog
@@ -626,6 +627,8 @@ def main(argv: list[str] | None = None) -> int:
     fuse_device.raise_fd_limit()  # before a handover: its fds (one per node and open file) come in at once
     stacks.keep_in_process = True  # the service outlives its filters: a mount left busy drains here
     service = Service(args.socket)
+    # Should this process die, each mount's watchdog keeps it, other processes' requests held, for the next one.
+    passthrough.rescue_mode = f"hold:{service.socket_path}"
     if holding:
         return _hold(service, socket.socket(fileno=args.hold_fd), args.grace)
     taken = _take_from_holder(service)
@@ -682,8 +685,16 @@ def _safe_directory(path: str) -> bool:
 
 
 def _take_from_holder(service: Service) -> list[stacks.MountStack]:
-    """The mounts a holder keeps for this fsfilterd (the previous one stopped), if one does."""
-    path = handover.socket_path_for(service.socket_path)
+    """The mounts a holder keeps for this fsfilterd (the previous one stopped), and those rescuers keep (it died:
+    each mount's watchdog rescued it, service/rescue.py)."""
+    base = handover.socket_path_for(service.socket_path)
+    taken: list[stacks.MountStack] = []
+    for path in [base, *sorted(glob.glob(glob.escape(base) + ".*"))]:
+        taken += _take_from(service, path)
+    return taken
+
+
+def _take_from(service: Service, path: str) -> list[stacks.MountStack]:
     try:
         st = os.lstat(path)
     except FileNotFoundError:

@@ -1,0 +1,162 @@
+"""The journal: the bottom layer's tables, written as they change into shared memory another process holds, so that
+a mount outlives the sudden death (SIGKILL, a crash) of the process that serves it.
+
+The watchdog (a separate process started before the mount) holds the memfd, the /dev/fuse connection and the lower
+directory. When the daemon dies without saying goodbye, the watchdog starts a rescuer (service/rescue.py), which reads
+the journal, reopens every node by the names it was last known by (from the lower directory down) and every open by
+its node, and serves the mount on: nothing the kernel holds names anything the rescuer does not know.
+
+Layout (little-endian): a header page (its length, then JSON: the mount, the session's options and what INIT
+negotiated), then NODES fixed slots of NODE (state 1 = in use), then OPENS slots of OPEN (kind 1 = a file, 2 = a
+directory; 0 = free). Only what a rescuer needs is written, where the table changes anyway: a new node and its name,
+its lookup count, its passthrough counts, a rename, a forget; an open, its I/O mode, its release. A pack_into into a
+mapping: no system call. The memfd is sparse: only slots in use take memory.
+"""
+
+from __future__ import annotations
+
+import json
+import mmap
+import os
+import struct
+import threading
+from typing import Any
+
+__all__ = ["Journal"]
+
+HEADER = 65536
+# state, name length, nlookup, node id, parent, backing id, backing refs, daemon opens, name
+NODE = struct.Struct("<BxHiQQIII256s")
+OPEN = struct.Struct("<BbxxiQQ")  # kind, passthrough (-1 unknown, 0, 1), open flags, fh, nodeid
+NODES = 1 << 20
+OPENS = 1 << 18
+_NLOOKUP = struct.Struct("<i")
+_NLOOKUP_AT = 4
+_SIZE = HEADER + NODES * NODE.size + OPENS * OPEN.size
+
+
+class Journal:
+    """Writes the tables of one mount. Every method is called with the tables' lock held (or before serving)."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self._map = mmap.mmap(fd, _SIZE)
+        self._node_slot: dict[int, int] = {}  # node id -> slot
+        self._open_slot: dict[int, int] = {}  # fh -> slot
+        self._free_nodes: list[int] = []
+        self._free_opens: list[int] = []
+        self._next_node = self._next_open = 0
+        self.full = False  # out of slots: the journal no longer tells the whole truth (a rescue is refused)
+        self._lock = threading.Lock()  # the handle table (opens) changes outside the tables' lock in places
+
+    @classmethod
+    def create(cls) -> Journal:
+        fd = os.memfd_create("fsfilter-journal", os.MFD_CLOEXEC)
+        try:
+            os.ftruncate(fd, _SIZE)
+            return cls(fd)
+        except BaseException:
+            os.close(fd)
+            raise
+
+    def close(self) -> None:
+        self._map.close()
+        os.close(self.fd)
+
+    def _overflow(self) -> None:
+        self.full = True
+        self._map[HEADER - 1] = 1  # a rescuer reading it gives up: it would not know every node
+
+    def write_header(self, header: dict[str, Any]) -> None:
+        data = json.dumps(header).encode()
+        if len(data) + 5 > HEADER:
+            raise ValueError("journal header too large")
+        self._map[4:4 + len(data)] = data
+        self._map[0:4] = len(data).to_bytes(4, "little")
+
+    # -- nodes
+
+    def node(self, nodeid: int, parent: int, name: bytes, nlookup: int, backing_id: int = 0, backing_refs: int = 0,
+             daemon_opens: int = 0) -> None:
+        """Write a node's whole record (a new node, or its name changed)."""
+        slot = self._node_slot.get(nodeid)
+        if slot is None:
+            if self._free_nodes:
+                slot = self._free_nodes.pop()
+            elif self._next_node < NODES:
+                slot = self._next_node
+                self._next_node += 1
+            else:
+                self._overflow()
+                return
+            self._node_slot[nodeid] = slot
+        NODE.pack_into(self._map, HEADER + slot * NODE.size, 1, len(name), nlookup, nodeid, parent, backing_id,
+                       backing_refs, daemon_opens, name)
+
+    def count(self, nodeid: int, nlookup: int) -> None:
+        slot = self._node_slot.get(nodeid)
+        if slot is not None:
+            _NLOOKUP.pack_into(self._map, HEADER + slot * NODE.size + _NLOOKUP_AT, nlookup)
+
+    def forget(self, nodeid: int) -> None:
+        slot = self._node_slot.pop(nodeid, None)
+        if slot is not None:
+            self._map[HEADER + slot * NODE.size] = 0
+            self._free_nodes.append(slot)
+
+    # -- opens
+
+    def opened(self, fh: int, nodeid: int, flags: int, is_dir: bool, passthrough: bool | None = None) -> None:
+        with self._lock:
+            slot = self._open_slot.get(fh)
+            if slot is None:
+                if self._free_opens:
+                    slot = self._free_opens.pop()
+                elif self._next_open < OPENS:
+                    slot = self._next_open
+                    self._next_open += 1
+                else:
+                    self._overflow()
+                    return
+                self._open_slot[fh] = slot
+            OPEN.pack_into(self._map, HEADER + NODES * NODE.size + slot * OPEN.size, 2 if is_dir else 1,
+                           -1 if passthrough is None else int(passthrough), flags, fh, nodeid)
+
+    def closed(self, fh: int) -> None:
+        with self._lock:
+            slot = self._open_slot.pop(fh, None)
+            if slot is not None:
+                self._map[HEADER + NODES * NODE.size + slot * OPEN.size] = 0
+                self._free_opens.append(slot)
+
+
+def read(fd: int) -> dict[str, Any]:
+    """What a journal holds: {"header": {...}, "nodes": [(nodeid, parent, name, nlookup, backing_id, backing_refs,
+    daemon_opens)], "opens": [(fh, nodeid, flags, is_dir, passthrough)], "full": bool}."""
+    with mmap.mmap(fd, _SIZE, prot=mmap.PROT_READ) as m:
+        size = int.from_bytes(m[0:4], "little")
+        header = json.loads(m[4:4 + size]) if size else {}
+        nodes = []
+        base = HEADER
+        # Slots are used from the first on: stop at the first never-used page of slots (all zero).
+        for slot in range(NODES):
+            at = base + slot * NODE.size
+            if m[at] != 1:
+                if not any(m[at:at + NODE.size]):
+                    break  # slots are taken in order: past the last ever used
+                continue
+            _, length, nlookup, nodeid, parent, backing_id, backing_refs, daemon_opens, name = NODE.unpack_from(m, at)
+            nodes.append((nodeid, parent, name[:length], nlookup, backing_id, backing_refs, daemon_opens))
+        opens = []
+        base = HEADER + NODES * NODE.size
+        for slot in range(OPENS):
+            at = base + slot * OPEN.size
+            kind = m[at]
+            if kind == 0:
+                if not any(m[at:at + OPEN.size]):
+                    break
+                continue
+            _, passthrough, flags, fh, nodeid = OPEN.unpack_from(m, at)
+            opens.append((fh, nodeid, flags, kind == 2, None if passthrough < 0 else bool(passthrough)))
+        full = bool(m[HEADER - 1])
+    return {"header": header, "nodes": nodes, "opens": opens, "full": full}
