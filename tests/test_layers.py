@@ -259,3 +259,36 @@ def test_malformed_requests_are_refused_before_any_layer(h: Harness) -> None:
     with pytest.raises(WireError):
         h.op(14, 2, b"\x01")  # OPEN with a short body
     assert log == []
+
+
+def test_a_request_resent_after_its_server_died_is_not_failed_for_having_been_done(h: Harness, lower: Path) -> None:
+    """FUSE_NOTIFY_RESEND (a rescuer or successor taking over) sends again what the dead process had read: it may
+    have done it already. A resent exclusive create, mkdir, unlink or rename finds its work done and succeeds; the
+    same requests not resent still fail as they must."""
+    from fsfilter._abi import fuse as abi
+
+    def resent(opcode: int, nodeid: int, body: bytes) -> Reply | None:
+        op = h.op(opcode, nodeid, body)
+        op.unique |= abi.UNIQUE_RESEND
+        return h.handlers[opcode](op)
+
+    (lower / "made.txt").write_bytes(b"")
+    with pytest.raises(FileExistsError):
+        h.create(abi.ROOT_ID, "made.txt", os.O_RDWR | os.O_CREAT | os.O_EXCL)
+    body = abi.CREATE_IN.pack(os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644, 0o022, 0) + b"made.txt\0"
+    assert resent(abi.Opcode.CREATE, abi.ROOT_ID, body) is not None
+    (lower / "dir").mkdir()
+    mkdir = abi.MKDIR_IN.pack(0o755, 0o022) + b"dir\0"
+    with pytest.raises(FileExistsError):
+        h.call(abi.Opcode.MKDIR, abi.ROOT_ID, mkdir)
+    assert isinstance(resent(abi.Opcode.MKDIR, abi.ROOT_ID, mkdir), Entry)
+    with pytest.raises(FileNotFoundError):
+        h.unlink(abi.ROOT_ID, "gone.txt")
+    resent(abi.Opcode.UNLINK, abi.ROOT_ID, b"gone.txt\0")
+    (lower / "new.txt").write_bytes(b"x")  # as if "old.txt" had been renamed to it already
+    rename = abi.RENAME_IN.pack(abi.ROOT_ID) + b"old.txt\0new.txt\0"
+    with pytest.raises(FileNotFoundError):
+        h.call(abi.Opcode.RENAME, abi.ROOT_ID, rename)
+    resent(abi.Opcode.RENAME, abi.ROOT_ID, rename)
+    with pytest.raises(FileNotFoundError):  # resent, but nothing says it was done: still an error
+        resent(abi.Opcode.RENAME, abi.ROOT_ID, abi.RENAME_IN.pack(abi.ROOT_ID) + b"old.txt\0other.txt\0")

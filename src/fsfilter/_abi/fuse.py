@@ -175,6 +175,11 @@ class NotifyCode(enum.IntEnum):
     RESEND = 7
 
 
+# Set in the unique of a request the kernel queued again after FUSE_NOTIFY_RESEND: a predecessor read it and may
+# have done it before it died without answering.
+UNIQUE_RESEND = 1 << 63
+
+
 # /dev/fuse ioctls
 FUSE_DEV_IOC_CLONE = 0x8004E500
 FUSE_DEV_IOC_BACKING_OPEN = 0x4010E501

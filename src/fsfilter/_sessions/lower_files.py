@@ -148,6 +148,11 @@ class LowerFiles(LowerBase):
             switched = self._as_caller(op, op.umask)
             try:
                 fd = os.open(at, lower, op.mode & 0o7777, dir_fd=dfd)  # permission bits only: a top bit overflows
+            except FileExistsError:
+                if not op.unique & abi.UNIQUE_RESEND:
+                    raise
+                # Sent again after a predecessor died: it created the file before it could answer. Open that one.
+                fd = os.open(at, lower & ~(os.O_CREAT | os.O_EXCL | os.O_TRUNC), dir_fd=dfd)
             finally:
                 self._restore_identity(switched)
         finally:

@@ -187,6 +187,10 @@ class LowerFS(LowerFiles):
             switched = self._as_caller(op, umask)
             try:
                 make(dfd, at)
+            except FileExistsError:
+                if not op.unique & abi.UNIQUE_RESEND:
+                    raise
+                # Sent again after a predecessor died (see resend): it made the object before it could answer.
             finally:
                 self._restore_identity(switched)
             fd = os.open(at, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dfd)
@@ -208,10 +212,14 @@ class LowerFS(LowerFiles):
     def link(self, op: ops.Link) -> Reply:
         node = self.inode(op.target)
         parent = self.inode(op.nodeid)
-        if self._is_root:
-            libc.link_fd(node.fd, parent.fd, op.name)
-        else:
-            os.link(procfs.fd_path(node.fd), op.name, dst_dir_fd=parent.fd, follow_symlinks=True)
+        try:
+            if self._is_root:
+                libc.link_fd(node.fd, parent.fd, op.name)
+            else:
+                os.link(procfs.fd_path(node.fd), op.name, dst_dir_fd=parent.fd, follow_symlinks=True)
+        except FileExistsError:
+            if not op.unique & abi.UNIQUE_RESEND:
+                raise  # (sent again after a predecessor died: it made the link before it could answer)
         fd = os.open(op.name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=parent.fd)
         return self._entry(fd, parent.nodeid, op.name)
 
@@ -225,6 +233,9 @@ class LowerFS(LowerFiles):
         dfd, at, owned = self.locate(op, self.inode(op.nodeid), op.name)
         try:
             remove(at, dir_fd=dfd)
+        except FileNotFoundError:
+            if not op.unique & abi.UNIQUE_RESEND:
+                raise  # (sent again after a predecessor died: it removed the name before it could answer)
         finally:
             if owned:
                 os.close(dfd)
@@ -235,10 +246,15 @@ class LowerFS(LowerFiles):
         flags = op.flags
         if flags & ~(linux.RENAME_NOREPLACE | linux.RENAME_EXCHANGE):
             raise OSError(errno.EINVAL, "unsupported rename flags")
-        if flags:
-            libc.renameat2(src.fd, op.name, dst.fd, op.new_name, flags)
-        else:
-            os.rename(op.name, op.new_name, src_dir_fd=src.fd, dst_dir_fd=dst.fd)
+        try:
+            if flags:
+                libc.renameat2(src.fd, op.name, dst.fd, op.new_name, flags)
+            else:
+                os.rename(op.name, op.new_name, src_dir_fd=src.fd, dst_dir_fd=dst.fd)
+        except FileNotFoundError:
+            # Sent again after a predecessor died: it renamed before it could answer (the new name is there).
+            if not op.unique & abi.UNIQUE_RESEND or not _exists(dst.fd, op.new_name):
+                raise
         self.moved(dst, op.new_name)
         if flags & linux.RENAME_EXCHANGE:
             self.moved(src, op.name)
@@ -437,6 +453,14 @@ class LowerFS(LowerFiles):
         self.dirs.clear()
         self.nodes = {abi.ROOT_ID: self.root}
         self.by_key = {self.root.key: self.root}
+
+
+def _exists(dfd: int, name: bytes) -> bool:
+    try:
+        os.stat(name, dir_fd=dfd, follow_symlinks=False)
+    except OSError:
+        return False
+    return True
 
 
 def _time_arg(valid: int, set_flag: int, now_flag: int, sec: int, nsec: int) -> tuple[int, int]:
