@@ -19,7 +19,6 @@ import json
 import mmap
 import os
 import struct
-import threading
 from typing import Any
 
 __all__ = ["Journal"]
@@ -32,11 +31,13 @@ NODES = 1 << 20
 OPENS = 1 << 18
 _NLOOKUP = struct.Struct("<i")
 _NLOOKUP_AT = 4
-_SIZE = HEADER + NODES * NODE.size + OPENS * OPEN.size
+_OPENS_AT = HEADER + NODES * NODE.size
+_SIZE = _OPENS_AT + OPENS * OPEN.size
 
 
 class Journal:
-    """Writes the tables of one mount. Every method is called with the tables' lock held (or before serving)."""
+    """Writes the tables of one mount. Every method is called with the tables' lock (LowerBase._lock) held, or
+    before serving."""
 
     def __init__(self, fd: int) -> None:
         self.fd = fd
@@ -47,7 +48,6 @@ class Journal:
         self._free_opens: list[int] = []
         self._next_node = self._next_open = 0
         self.full = False  # out of slots: the journal no longer tells the whole truth (a rescue is refused)
-        self._lock = threading.Lock()  # the handle table (opens) changes outside the tables' lock in places
 
     @classmethod
     def create(cls) -> Journal:
@@ -107,27 +107,25 @@ class Journal:
     # -- opens
 
     def opened(self, fh: int, nodeid: int, flags: int, is_dir: bool, passthrough: bool | None = None) -> None:
-        with self._lock:
-            slot = self._open_slot.get(fh)
-            if slot is None:
-                if self._free_opens:
-                    slot = self._free_opens.pop()
-                elif self._next_open < OPENS:
-                    slot = self._next_open
-                    self._next_open += 1
-                else:
-                    self._overflow()
-                    return
-                self._open_slot[fh] = slot
-            OPEN.pack_into(self._map, HEADER + NODES * NODE.size + slot * OPEN.size, 2 if is_dir else 1,
-                           -1 if passthrough is None else int(passthrough), flags, fh, nodeid)
+        slot = self._open_slot.get(fh)
+        if slot is None:
+            if self._free_opens:
+                slot = self._free_opens.pop()
+            elif self._next_open < OPENS:
+                slot = self._next_open
+                self._next_open += 1
+            else:
+                self._overflow()
+                return
+            self._open_slot[fh] = slot
+        OPEN.pack_into(self._map, _OPENS_AT + slot * OPEN.size, 2 if is_dir else 1,
+                       -1 if passthrough is None else int(passthrough), flags, fh, nodeid)
 
     def closed(self, fh: int) -> None:
-        with self._lock:
-            slot = self._open_slot.pop(fh, None)
-            if slot is not None:
-                self._map[HEADER + NODES * NODE.size + slot * OPEN.size] = 0
-                self._free_opens.append(slot)
+        slot = self._open_slot.pop(fh, None)
+        if slot is not None:
+            self._map[_OPENS_AT + slot * OPEN.size] = 0
+            self._free_opens.append(slot)
 
 
 def read(fd: int) -> dict[str, Any]:

@@ -105,9 +105,7 @@ class LowerFiles(LowerBase):
         record = OpenFile(fd, node, st, flags & ~(os.O_CREAT | os.O_EXCL | os.O_TRUNC))
         with self._lock:
             fh = self.new_handle(fd)
-            self.files[fh] = record
-            if self.journal is not None:
-                self.journal.opened(fh, node.nodeid, record.flags, False)
+            self.files[fh] = record  # journaled once its I/O mode is settled (settle_open)
         op.remember(_OPENED, (fh, record))
         return Opened(fh)
 

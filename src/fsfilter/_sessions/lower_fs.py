@@ -336,11 +336,12 @@ class LowerFS(LowerFiles):
         return EMPTY
 
     def release_dir(self, fh: int) -> None:
-        d = self.dirs.pop(fh, None)
+        with self._lock:
+            d = self.dirs.pop(fh, None)
+            if d is not None and self.journal is not None:
+                self.journal.closed(fh)
         if d is None:
             raise OSError(errno.EBADF, "unknown directory handle")
-        if self.journal is not None:
-            self.journal.closed(fh)
         os.close(d.fd)
 
     def fsyncdir(self, op: ops.Fsync) -> Reply:

@@ -37,7 +37,7 @@ log = logging.getLogger("fsfilter")
 # What a mount's watchdog does should this process die (see _system/watchdog.py): "drain" (serve the programs still
 # inside, detached, as the plain pass-through until they leave), "hold:SOCKET" (fsfilterd: keep it attached, hold
 # other processes' requests, for the next fsfilterd), "" (nothing: the mount is detached, as before).
-rescue_mode = "drain"
+rescue_mode = "" if os.environ.get("FSFILTER_RESCUE", "1") == "0" else "drain"
 _SRC = str(Path(__file__).resolve().parents[2])  # where the rescuer imports fsfilter from
 
 # Mount points this process serves. A filter mounted inside one of them would have its daemon wait for itself.
