@@ -17,6 +17,7 @@ from conftest import end_processes, force_unmount, is_mounted, needs_root, wait_
 from test_disruption import Workers, _check
 from test_service import Service, _write_rules
 
+from fsfilter._sessions.handover import FORMAT
 from fsfilter._system import fuse_device
 
 pytestmark = [needs_root, pytest.mark.timeout(150)]
@@ -104,7 +105,7 @@ def test_restart_hands_the_mounts_over(scratch: Path) -> None:
             assert json.loads(s.recv(65536))["op"] == "refused"
         with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as s:
             s.connect(handover_path)
-            s.send(json.dumps({"op": "take", "format": 1}).encode())
+            s.send(json.dumps({"op": "take", "format": FORMAT}).encode())
             data_, fds, _, _ = socket.recv_fds(s, 65536, 4)
             assert json.loads(data_)["op"] == "state"
             for fd in fds:

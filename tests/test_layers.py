@@ -263,12 +263,14 @@ def test_malformed_requests_are_refused_before_any_layer(h: Harness) -> None:
 
 def test_a_request_resent_after_its_server_died_is_not_failed_for_having_been_done(h: Harness, lower: Path) -> None:
     """FUSE_NOTIFY_RESEND (a rescuer or successor taking over) sends again what the dead process had read: it may
-    have done it already. A resent exclusive create, mkdir, unlink or rename finds its work done and succeeds; the
-    same requests not resent still fail as they must."""
+    have done it already. A resent exclusive create, mkdir, unlink or rename that the dead process's journal says it
+    had begun, and that finds its work done, succeeds; not resent, or never begun, it still fails as it must."""
     from fsfilter._abi import fuse as abi
 
-    def resent(opcode: int, nodeid: int, body: bytes) -> Reply | None:
+    def resent(opcode: int, nodeid: int, body: bytes, started: bool = True) -> Reply | None:
         op = h.op(opcode, nodeid, body)
+        if started:  # the dead predecessor's journal says it had begun this one
+            h.fs.maybe_done.add(op.unique)
         op.unique |= abi.UNIQUE_RESEND
         return h.handlers[opcode](op)
 
@@ -292,3 +294,7 @@ def test_a_request_resent_after_its_server_died_is_not_failed_for_having_been_do
     resent(abi.Opcode.RENAME, abi.ROOT_ID, rename)
     with pytest.raises(FileNotFoundError):  # resent, but nothing says it was done: still an error
         resent(abi.Opcode.RENAME, abi.ROOT_ID, abi.RENAME_IN.pack(abi.ROOT_ID) + b"old.txt\0other.txt\0")
+    with pytest.raises(FileExistsError):  # resent, but never begun (it waited at a gate): the name is someone else's
+        resent(abi.Opcode.CREATE, abi.ROOT_ID, body, started=False)
+    with pytest.raises(FileExistsError):
+        resent(abi.Opcode.MKDIR, abi.ROOT_ID, mkdir, started=False)

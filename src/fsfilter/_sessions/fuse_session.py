@@ -149,6 +149,7 @@ class _Waiting:
 
 _current = threading.local()  # .request: the (unique, fd) a thread is serving; .abandoned: answered already
 _EARLY_MAX = 4096  # interrupts remembered for requests not yet inside an interruptible section
+RESEND_MINOR = 40  # FUSE_NOTIFY_RESEND: protocol 7.40, kernel 6.9
 GATE_MAX = 30.0  # seconds a request waits for a successor's rules (hold_requests); then it is refused (EAGAIN)
 
 
@@ -316,7 +317,8 @@ class Session:
         handler did not return within ``timeout`` (its thread is left running)."""
         self._running = False
         gate = self._gate
-        if gate is not None:
+        if gate is not None and self.negotiated.minor >= RESEND_MINOR:
+            # Only where the next server can have them resent: else they wait (and quiesce may time out).
             self._gate_dropped = True
             gate.set()
         deadline = time.monotonic() + timeout

@@ -22,7 +22,7 @@ from fsfilter._sessions.nodes import Inode, LowerFile, OpenDir, OpenFile
 
 __all__ = ["FORMAT", "Unmovable", "export_tables", "import_tables"]
 
-FORMAT = 1
+FORMAT = 2
 
 
 class Unmovable(Exception):
@@ -62,7 +62,7 @@ def export_tables(fs: LowerBase, fds: list[int]) -> dict[str, Any]:
         files.append([fh, index, f.inode.nodeid, f.passthrough, key, f.flags])
     dirs = [[fh, ref(d.fd), d.nodeid] for fh, d in fs.dirs.items()]
     return {"next_id": fs._next_id, "root_nlookup": fs.root.nlookup, "passthrough": fs.passthrough,
-            "nodes": nodes, "unlisted": unlisted, "files": files, "dirs": dirs}
+            "nodes": nodes, "unlisted": unlisted, "files": files, "dirs": dirs, "maybe_done": sorted(fs.maybe_done)}
 
 
 def import_tables(fs: LowerBase, state: dict[str, Any], fds: list[int]) -> None:
@@ -79,6 +79,7 @@ def import_tables(fs: LowerBase, state: dict[str, Any], fds: list[int]) -> None:
     fs.root.nlookup = int(state["root_nlookup"])
     fs.passthrough = bool(state["passthrough"])
     fs._next_id = int(state["next_id"])
+    fs.maybe_done = {int(u) for u in state.get("maybe_done", [])}
     for row in state["nodes"]:
         node = node_of(row)
         fs.nodes[node.nodeid] = node

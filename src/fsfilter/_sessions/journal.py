@@ -23,16 +23,20 @@ from typing import Any
 
 __all__ = ["Journal"]
 
+VERSION = 1  # in the header ("journal"): a rescuer refuses a journal of another layout
 HEADER = 65536
-# state, name length, nlookup, node id, parent, backing id, backing refs, daemon opens, name
-NODE = struct.Struct("<BxHiQQIII256s")
+# state, name length, nlookup, node id, parent, backing id, backing refs, daemon opens, st_dev, st_ino, name
+NODE = struct.Struct("<BxHiQQIIIQQ256s")
 OPEN = struct.Struct("<BbxxiQQ")  # kind, passthrough (-1 unknown, 0, 1), open flags, fh, nodeid
+INTENT = struct.Struct("<Q")  # the unique of the change a thread is making (or made last)
 NODES = 1 << 20
 OPENS = 1 << 18
+INTENTS = 1024
 _NLOOKUP = struct.Struct("<i")
 _NLOOKUP_AT = 4
 _OPENS_AT = HEADER + NODES * NODE.size
-_SIZE = _OPENS_AT + OPENS * OPEN.size
+_INTENTS_AT = _OPENS_AT + OPENS * OPEN.size
+_SIZE = _INTENTS_AT + INTENTS * INTENT.size
 
 
 class Journal:
@@ -46,7 +50,7 @@ class Journal:
         self._open_slot: dict[int, int] = {}  # fh -> slot
         self._free_nodes: list[int] = []
         self._free_opens: list[int] = []
-        self._next_node = self._next_open = 0
+        self._next_node = self._next_open = self._next_intent = 0
         self.full = False  # out of slots: the journal no longer tells the whole truth (a rescue is refused)
 
     @classmethod
@@ -68,7 +72,7 @@ class Journal:
         self._map[HEADER - 1] = 1  # a rescuer reading it gives up: it would not know every node
 
     def write_header(self, header: dict[str, Any]) -> None:
-        data = json.dumps(header).encode()
+        data = json.dumps({**header, "journal": VERSION}).encode()
         if len(data) + 5 > HEADER:
             raise ValueError("journal header too large")
         self._map[4:4 + len(data)] = data
@@ -76,9 +80,10 @@ class Journal:
 
     # -- nodes
 
-    def node(self, nodeid: int, parent: int, name: bytes, nlookup: int, backing_id: int = 0, backing_refs: int = 0,
-             daemon_opens: int = 0) -> None:
-        """Write a node's whole record (a new node, or its name changed)."""
+    def node(self, nodeid: int, parent: int, name: bytes, nlookup: int, key: tuple[int, int], backing_id: int = 0,
+             backing_refs: int = 0, daemon_opens: int = 0) -> None:
+        """Write a node's whole record (a new node, or its name changed). ``key``: (st_dev, st_ino), so that a rescuer
+        takes only the very object back, never what its name leads to now."""
         slot = self._node_slot.get(nodeid)
         if slot is None:
             if self._free_nodes:
@@ -90,8 +95,11 @@ class Journal:
                 self._overflow()
                 return
             self._node_slot[nodeid] = slot
-        NODE.pack_into(self._map, HEADER + slot * NODE.size, 1, len(name), nlookup, nodeid, parent, backing_id,
-                       backing_refs, daemon_opens, name)
+        at = HEADER + slot * NODE.size
+        # In use only once whole: a death in the middle of the copy leaves a slot a rescuer skips.
+        NODE.pack_into(self._map, at, 0, len(name), nlookup, nodeid, parent, backing_id, backing_refs, daemon_opens,
+                       key[0], key[1], name)
+        self._map[at] = 1
 
     def count(self, nodeid: int, nlookup: int) -> None:
         slot = self._node_slot.get(nodeid)
@@ -118,8 +126,23 @@ class Journal:
                 self._overflow()
                 return
             self._open_slot[fh] = slot
-        OPEN.pack_into(self._map, _OPENS_AT + slot * OPEN.size, 2 if is_dir else 1,
-                       -1 if passthrough is None else int(passthrough), flags, fh, nodeid)
+        at = _OPENS_AT + slot * OPEN.size
+        OPEN.pack_into(self._map, at, 0, -1 if passthrough is None else int(passthrough), flags, fh, nodeid)
+        self._map[at] = 2 if is_dir else 1
+
+    def intent_slot(self) -> int:
+        """A slot for one serving thread's intents (see intend); -1 when none is left."""
+        if self._next_intent >= INTENTS:
+            return -1
+        self._next_intent += 1
+        return self._next_intent - 1
+
+    def intend(self, slot: int, unique: int) -> None:
+        """The thread with ``slot`` starts a change the kernel asked for with ``unique`` (a create, a removal, a
+        rename ...): should the process die before answering, the kernel resends it, and a rescuer knows it may have
+        been done (and only then takes "it exists already" for done). Needs no lock: the slot is the thread's."""
+        if slot >= 0:
+            INTENT.pack_into(self._map, _INTENTS_AT + slot * INTENT.size, unique)
 
     def closed(self, fh: int) -> None:
         slot = self._open_slot.pop(fh, None)
@@ -130,7 +153,8 @@ class Journal:
 
 def read(fd: int) -> dict[str, Any]:
     """What a journal holds: {"header": {...}, "nodes": [(nodeid, parent, name, nlookup, backing_id, backing_refs,
-    daemon_opens)], "opens": [(fh, nodeid, flags, is_dir, passthrough)], "full": bool}."""
+    daemon_opens, st_dev, st_ino)], "opens": [(fh, nodeid, flags, is_dir, passthrough)], "full": bool, "intents": the
+    uniques of changes under way or made last}."""
     with mmap.mmap(fd, _SIZE, prot=mmap.PROT_READ) as m:
         size = int.from_bytes(m[0:4], "little")
         header = json.loads(m[4:4 + size]) if size else {}
@@ -143,8 +167,9 @@ def read(fd: int) -> dict[str, Any]:
                 if not any(m[at:at + NODE.size]):
                     break  # slots are taken in order: past the last ever used
                 continue
-            _, length, nlookup, nodeid, parent, backing_id, backing_refs, daemon_opens, name = NODE.unpack_from(m, at)
-            nodes.append((nodeid, parent, name[:length], nlookup, backing_id, backing_refs, daemon_opens))
+            (_, length, nlookup, nodeid, parent, backing_id, backing_refs, daemon_opens, dev, ino,
+             name) = NODE.unpack_from(m, at)
+            nodes.append((nodeid, parent, name[:length], nlookup, backing_id, backing_refs, daemon_opens, dev, ino))
         opens = []
         base = HEADER + NODES * NODE.size
         for slot in range(OPENS):
@@ -157,4 +182,5 @@ def read(fd: int) -> dict[str, Any]:
             _, passthrough, flags, fh, nodeid = OPEN.unpack_from(m, at)
             opens.append((fh, nodeid, flags, kind == 2, None if passthrough < 0 else bool(passthrough)))
         full = bool(m[HEADER - 1])
-    return {"header": header, "nodes": nodes, "opens": opens, "full": full}
+        intents = {INTENT.unpack_from(m, _INTENTS_AT + i * INTENT.size)[0] for i in range(INTENTS)} - {0}
+    return {"header": header, "nodes": nodes, "opens": opens, "full": full, "intents": intents}

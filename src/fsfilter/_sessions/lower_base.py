@@ -85,6 +85,10 @@ class LowerBase(Layer):
         self.hooks: StackHooks = NO_HOOKS
         # Where the tables are written as they change, for a rescuer should this process die (see journal.py).
         self.journal: Journal | None = None
+        self._intents = threading.local()  # .slot: this thread's intent slot in the journal
+        # Uniques of changes a dead predecessor had started (its journal's intents): resent, one that finds its work
+        # done (the name there already, or gone already) succeeds (see may_be_done).
+        self.maybe_done: set[int] = set()
         self.top: Layer = self  # where the session enters the stack
         self._tables: list[dict[int, Handler]] = []  # the sessions' handler tables, bound to the top's methods
 
@@ -97,8 +101,24 @@ class LowerBase(Layer):
     def journal_node(self, node: Inode) -> None:
         """Write a node's record (under _lock)."""
         if self.journal is not None and node.nodeid != abi.ROOT_ID:
-            self.journal.node(node.nodeid, node.parent, node.name, node.nlookup, node.backing_id, node.backing_refs,
-                              node.daemon_opens)
+            self.journal.node(node.nodeid, node.parent, node.name, node.nlookup, node.key, node.backing_id,
+                              node.backing_refs, node.daemon_opens)
+
+    def intend(self, op: ops.Op) -> None:
+        """Journal that this thread starts the change ``op`` asks for (before making it)."""
+        journal = self.journal
+        if journal is None:
+            return
+        slot = getattr(self._intents, "slot", None)
+        if slot is None:
+            with self._lock:
+                slot = self._intents.slot = journal.intent_slot()
+        journal.intend(slot, op.unique & ~abi.UNIQUE_RESEND)
+
+    def may_be_done(self, op: ops.Op) -> bool:
+        """Whether ``op`` is a change a predecessor started and may have made before it died without answering: the
+        kernel resent it, and the predecessor's journal says it had begun it."""
+        return bool(op.unique & abi.UNIQUE_RESEND) and (op.unique & ~abi.UNIQUE_RESEND) in self.maybe_done
 
     def journal_everything(self) -> None:
         """Write the whole tables (a journal started on tables that exist already: a mount taken over)."""

@@ -144,13 +144,14 @@ class LowerFiles(LowerBase):
         dfd, at, owned = self.locate(op, parent, op.name)
         try:
             switched = self._as_caller(op, op.umask)
+            self.intend(op)
             try:
                 fd = os.open(at, lower, op.mode & 0o7777, dir_fd=dfd)  # permission bits only: a top bit overflows
             except FileExistsError:
-                if not op.unique & abi.UNIQUE_RESEND:
+                if not self.may_be_done(op):
                     raise
-                # Sent again after a predecessor died: it created the file before it could answer. Open that one.
-                fd = os.open(at, lower & ~(os.O_CREAT | os.O_EXCL | os.O_TRUNC), dir_fd=dfd)
+                # A predecessor created the file before it could answer (see may_be_done): open that one.
+                fd = os.open(at, (lower & ~(os.O_CREAT | os.O_EXCL | os.O_TRUNC)) | os.O_NOFOLLOW, dir_fd=dfd)
             finally:
                 self._restore_identity(switched)
         finally:

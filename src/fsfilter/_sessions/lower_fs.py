@@ -185,12 +185,14 @@ class LowerFS(LowerFiles):
         dfd, at, owned = self.locate(op, parent, name)
         try:
             switched = self._as_caller(op, umask)
+            self.intend(op)
             try:
                 make(dfd, at)
             except FileExistsError:
-                if not op.unique & abi.UNIQUE_RESEND:
+                if not self.may_be_done(op):
                     raise
-                # Sent again after a predecessor died (see resend): it made the object before it could answer.
+                # Sent again after a predecessor died while making it (see may_be_done): it made it before it could
+                # answer.
             finally:
                 self._restore_identity(switched)
             fd = os.open(at, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dfd)
@@ -212,15 +214,19 @@ class LowerFS(LowerFiles):
     def link(self, op: ops.Link) -> Reply:
         node = self.inode(op.target)
         parent = self.inode(op.nodeid)
+        self.intend(op)
         try:
             if self._is_root:
                 libc.link_fd(node.fd, parent.fd, op.name)
             else:
                 os.link(procfs.fd_path(node.fd), op.name, dst_dir_fd=parent.fd, follow_symlinks=True)
         except FileExistsError:
-            if not op.unique & abi.UNIQUE_RESEND:
-                raise  # (sent again after a predecessor died: it made the link before it could answer)
+            if not self.may_be_done(op):
+                raise
         fd = os.open(op.name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=parent.fd)
+        if self.may_be_done(op) and (os.fstat(fd).st_dev, os.fstat(fd).st_ino) != node.key:
+            os.close(fd)  # what is at the name is not the linked object: the link was never made
+            raise FileExistsError(errno.EEXIST, "file exists")
         return self._entry(fd, parent.nodeid, op.name)
 
     def unlink(self, op: ops.Remove) -> Reply:
@@ -231,11 +237,12 @@ class LowerFS(LowerFiles):
 
     def _remove(self, op: ops.Remove, remove: Callable[..., None]) -> Reply:
         dfd, at, owned = self.locate(op, self.inode(op.nodeid), op.name)
+        self.intend(op)
         try:
             remove(at, dir_fd=dfd)
         except FileNotFoundError:
-            if not op.unique & abi.UNIQUE_RESEND:
-                raise  # (sent again after a predecessor died: it removed the name before it could answer)
+            if not self.may_be_done(op):
+                raise  # (else: a predecessor removed the name before it could answer)
         finally:
             if owned:
                 os.close(dfd)
@@ -246,14 +253,15 @@ class LowerFS(LowerFiles):
         flags = op.flags
         if flags & ~(linux.RENAME_NOREPLACE | linux.RENAME_EXCHANGE):
             raise OSError(errno.EINVAL, "unsupported rename flags")
+        self.intend(op)
         try:
             if flags:
                 libc.renameat2(src.fd, op.name, dst.fd, op.new_name, flags)
             else:
                 os.rename(op.name, op.new_name, src_dir_fd=src.fd, dst_dir_fd=dst.fd)
         except FileNotFoundError:
-            # Sent again after a predecessor died: it renamed before it could answer (the new name is there).
-            if not op.unique & abi.UNIQUE_RESEND or not _exists(dst.fd, op.new_name):
+            # A predecessor renamed before it could answer (the new name is there).
+            if not self.may_be_done(op) or not _exists(dst.fd, op.new_name):
                 raise
         self.moved(dst, op.new_name)
         if flags & linux.RENAME_EXCHANGE:

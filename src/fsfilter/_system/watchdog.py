@@ -55,6 +55,30 @@ def release(rescue: list[str]) -> None:
             pass
 
 
+def offer(path: str) -> int:
+    """A listening socket at ``path`` (root's only) for the rescuer to hand the mount over on; -1 if none."""
+    import socket
+    import stat
+    try:
+        if stat.S_ISSOCK(os.lstat(path).st_mode):
+            os.unlink(path)
+    except OSError:
+        pass
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    mask = os.umask(0o177)
+    try:
+        sock.bind(path)
+        sock.listen(4)
+    except OSError:
+        sock.close()
+        return -1
+    finally:
+        os.umask(mask)
+    fd = sock.detach()
+    os.set_inheritable(fd, True)
+    return fd
+
+
 def mounts_at(mountpoint: str, fstype: str) -> set[int]:
     return {m.mount_id for m in procfs.mountinfo() if m.mountpoint == mountpoint and m.fstype == fstype}
 
@@ -73,7 +97,12 @@ def main() -> int:
         signal.signal(sig, signal.SIG_IGN)
     libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
     before = mounts_at(mountpoint, fstype)
-    if rescue and (_under(sys.executable, mountpoint) or _under(rescue[3], mountpoint)):
+    # The rescuer starts a Python program: the interpreter, its libraries, the dynamic loader's cache and fsfilter
+    # must not lie under the mount, which nobody serves while it starts.
+    needs = [sys.executable, rescue[3] if rescue else "", os.path.dirname(os.__file__), sys.base_prefix,
+             "/etc/ld.so.cache", "/usr/lib", "/lib"]
+    if rescue and any(p and (_under(p, mountpoint) or p == sys.executable and os.path.abspath(p).startswith(
+            mountpoint.rstrip("/") + "/")) for p in needs):
         release(rescue)
         rescue = []
     sys.stdout.write("ready\n")
@@ -91,11 +120,15 @@ def main() -> int:
     if rescue and mount_id >= 0:
         # The daemon died: become the rescuer, with the fds it left us.
         dev, lower, journal, src, mode = rescue
+        listener = -1
+        if mode.startswith("hold:"):
+            # Offered at once, so that an fsfilterd restarted right away finds it while the rescuer starts.
+            listener = offer(f"{mode[5:]}.handover.{mount_id}")
         code = ("import sys; sys.path.insert(0, sys.argv[1]); from fsfilter.service.rescue import main; "
                 "sys.exit(main(sys.argv[2:]))")
         try:
             os.execv(sys.executable, [sys.executable, "-S", "-c", code, src, mountpoint, str(mount_id), dev, lower,
-                                      journal, mode])
+                                      journal, mode, str(listener)])
         except OSError as exc:
             print(f"fsfilter watchdog: could not start the rescuer: {exc}", file=sys.stderr)
             release(rescue)

@@ -79,6 +79,9 @@ def export_all(timeout: float = 5.0) -> Exported:
         session, fs = stack.session, stack.fs
         if session is None or fs is None or stack._dev_fd < 0:
             continue
+        if stack._watchdog is not None:
+            # From here on, should this process die, the mount is the taker's or lost; never rescued beside it.
+            fuse_device.release_watchdog(stack._watchdog)
         if not session.quiesce(timeout):
             session.resume()
             left.append({"path": stack.mountpoint, "why": f"a request handler did not return within {timeout} s"})

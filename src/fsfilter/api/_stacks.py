@@ -228,6 +228,8 @@ class MountStack(PassthroughFilter):
         names it (another mount covers it): it only stops taking new filters. ``drains_here``: listed as draining
         in this process (filters attached above it join it); not when a keeper takes it."""
         self.draining = True
+        if self.session is not None:
+            self._write_journal_header(self.session)  # a rescuer drains it too, never holds it as the live mount
         with _registry_lock:
             if _stacks.get(self.mountpoint) is self:
                 del _stacks[self.mountpoint]

@@ -199,6 +199,7 @@ class PassthroughFilter:
         if self._journal is not None:
             self._journal.write_header({
                 "path": self.mountpoint, "lower": self.lower, "allow_other": self.allow_other,
+                "draining": bool(getattr(self, "draining", False)),
                 "session": asdict(self.session_options), "negotiated": asdict(session.negotiated),
                 "options": {k: v for k, v in asdict(self.lower_options).items() if k != "io_policy"}})
 
@@ -291,6 +292,8 @@ class PassthroughFilter:
             session, fs = self.session, self.fs
             if session is None or fs is None or self._dev_fd < 0:
                 return -1
+            if self._watchdog is not None:
+                fuse_device.release_watchdog(self._watchdog)  # the keeper serves it: no rescuer beside it, ever
             # No thread of ours may hold a lock the child inherits, or read the connection after the fork.
             if not session.quiesce(timeout):
                 session.resume()

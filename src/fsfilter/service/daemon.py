@@ -628,7 +628,8 @@ def main(argv: list[str] | None = None) -> int:
     stacks.keep_in_process = True  # the service outlives its filters: a mount left busy drains here
     service = Service(args.socket)
     # Should this process die, each mount's watchdog keeps it, other processes' requests held, for the next one.
-    passthrough.rescue_mode = f"hold:{service.socket_path}"
+    if passthrough.rescue_mode:  # (FSFILTER_RESCUE=0 turns it off)
+        passthrough.rescue_mode = f"hold:{service.socket_path}"
     if holding:
         return _hold(service, socket.socket(fileno=args.hold_fd), args.grace)
     taken = _take_from_holder(service)

@@ -31,10 +31,11 @@ from typing import Any
 from fsfilter._abi import fuse as abi
 from fsfilter._abi import linux
 from fsfilter._sessions import handover, journal
-from fsfilter._sessions.fuse_session import Negotiated, SessionOptions
+from fsfilter._sessions.fuse_session import RESEND_MINOR, Negotiated, SessionOptions
 from fsfilter._sessions.lower_fs import LowerFS, LowerOptions
 from fsfilter._system import fuse_device, libc
 from fsfilter.api import _stacks as stacks
+from fsfilter.api import passthrough
 from fsfilter.api._stacks import MountStack
 from fsfilter.service import handover as service_handover
 
@@ -42,12 +43,15 @@ __all__ = ["HOLD_GRACE", "main", "tables_from_journal"]
 
 log = logging.getLogger("fsfilter.rescue")
 
-HOLD_GRACE = 25.0  # less than the gate's own limit (fuse_session.GATE_MAX): the requests held must not be refused
+# Longer than the gate's own limit (fuse_session.GATE_MAX, 30 s): with no fsfilterd to take the mount, the requests
+# held are refused (EAGAIN) rather than decided without the rules; then the mount is let go.
+HOLD_GRACE = 35.0
 
 
 def tables_from_journal(entries: dict[str, Any], lower_fd: int, fds: list[int]) -> dict[str, Any]:
     """The tables in the handover's form (_sessions/handover.py), with every node and open reopened; the fds are
-    appended to ``fds``."""
+    appended to ``fds``. A node is taken back only when its name still leads to the very object (st_dev, st_ino)
+    the journal recorded; an open only of a regular file or directory."""
     nodes = {row[0]: row for row in entries["nodes"]}
     opened: dict[int, int] = {abi.ROOT_ID: lower_fd}  # node id -> its O_PATH fd
     failed: set[int] = set()
@@ -67,35 +71,43 @@ def tables_from_journal(entries: dict[str, Any], lower_fd: int, fds: list[int]) 
         except OSError:
             failed.add(nodeid)
             return None
+        st = os.fstat(fd)
+        if (st.st_dev, st.st_ino) != (row[7], row[8]):
+            os.close(fd)  # renamed or removed behind the mount, something else there now: not ours to serve
+            failed.add(nodeid)
+            return None
         opened[nodeid] = fd
         return fd
 
     rows = []
-    for nodeid, parent, name, nlookup, backing_id, backing_refs, daemon_opens in entries["nodes"]:
+    for nodeid, parent, name, nlookup, backing_id, backing_refs, daemon_opens, dev, ino in entries["nodes"]:
         fd = fd_of(nodeid)
         if fd is None:
             continue
-        st = os.fstat(fd)
         fds.append(fd)
-        rows.append([nodeid, len(fds) - 1, st.st_dev, st.st_ino, nlookup, parent, name.hex(), backing_id,
-                     backing_refs, daemon_opens, None])
+        rows.append([nodeid, len(fds) - 1, dev, ino, nlookup, parent, name.hex(), backing_id, backing_refs,
+                     daemon_opens, None])
     files, dirs = [], []
-    for fh, nodeid, flags, is_dir, passthrough in entries["opens"]:
+    for fh, nodeid, flags, is_dir, through in entries["opens"]:
         node_fd = opened.get(nodeid)
         if node_fd is None:
             continue
-        try:
-            fd = os.open(f"/proc/self/fd/{node_fd}", (os.O_RDONLY | os.O_DIRECTORY if is_dir else flags) | os.O_CLOEXEC)
+        mode = os.fstat(node_fd).st_mode
+        if not (stat.S_ISDIR(mode) if is_dir else stat.S_ISREG(mode)):
+            continue
+        try:  # through the verified node: the same object, whatever its name leads to meanwhile
+            fd = os.open(f"/proc/self/fd/{node_fd}",
+                         (os.O_RDONLY | os.O_DIRECTORY if is_dir else flags) | os.O_NONBLOCK | os.O_CLOEXEC)
         except OSError:
             continue
         fds.append(fd)
         if is_dir:
             dirs.append([fh, len(fds) - 1, nodeid])
         else:
-            files.append([fh, len(fds) - 1, nodeid, passthrough, "", flags])
+            files.append([fh, len(fds) - 1, nodeid, through, "", flags])
     highest = max([abi.ROOT_ID, *nodes])
     return {"next_id": highest + 1, "root_nlookup": 1, "passthrough": True, "nodes": rows, "unlisted": {},
-            "files": files, "dirs": dirs}
+            "files": files, "dirs": dirs, "maybe_done": sorted(entries.get("intents", ()))}
 
 
 def _detach(stack: MountStack) -> None:
@@ -106,19 +118,44 @@ def _detach(stack: MountStack) -> None:
         stack.draining = True
 
 
+def _detach_if_ours(mountpoint: str, mount_id: int) -> None:
+    """Detach the mount at ``mountpoint`` if the topmost one there is the one we were given (else leave it)."""
+    entry = fuse_device.find_mount(mountpoint)
+    if entry is not None and entry.mount_id == mount_id:
+        try:
+            libc.umount2(os.fsencode(mountpoint), linux.MNT_DETACH | linux.UMOUNT_NOFOLLOW)
+        except OSError as exc:
+            log.error("detaching %s failed: %s", mountpoint, exc)
+
+
 def main(argv: list[str]) -> int:
     mountpoint, mount_id, dev, lower, journal_fd, mode = argv[0], int(argv[1]), *map(int, argv[2:5]), argv[5]
+    listener_fd = int(argv[6]) if len(argv) > 6 else -1
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="%(asctime)s fsfilter rescuer[%(process)d]: %(levelname)s %(message)s")
     for sig in (signal.SIGINT, signal.SIGHUP, signal.SIGPIPE):
         signal.signal(sig, signal.SIG_IGN)
+    try:
+        return _rescue(mountpoint, mount_id, dev, lower, journal_fd, mode, listener_fd)
+    except BaseException:
+        # The last resort failed: the directory must not stay a dead mount.
+        log.exception("%s: the rescue failed; detaching the mount", mountpoint)
+        _detach_if_ours(mountpoint, mount_id)
+        return 1
+
+
+def _rescue(mountpoint: str, mount_id: int, dev: int, lower: int, journal_fd: int, mode: str,
+            listener_fd: int) -> int:
     fuse_device.raise_fd_limit()
     entries = journal.read(journal_fd)
     os.close(journal_fd)
     header = entries["header"]
-    if entries["full"] or not header:
-        log.error("%s: the journal is incomplete; detaching the mount", mountpoint)
-        libc.umount2(os.fsencode(mountpoint), linux.MNT_DETACH)
+    why = ("the journal ran out of room" if entries["full"] else "the journal is of another version"
+           if header.get("journal") != journal.VERSION else "the kernel cannot resend requests (FUSE 7.40)"
+           if int(header.get("negotiated", {}).get("minor", 0)) < RESEND_MINOR else "")
+    if why:
+        log.error("%s: cannot rescue it (%s); detaching it", mountpoint, why)
+        _detach_if_ours(mountpoint, mount_id)
         return 1
     fds: list[int] = []
     tables = tables_from_journal(entries, lower, fds)
@@ -130,15 +167,23 @@ def main(argv: list[str]) -> int:
     def fill(fs: LowerFS) -> None:
         handover.import_tables(fs, tables, fds)
 
-    from fsfilter.api import passthrough
-    passthrough.rescue_mode = ""  # the rescuer is the last resort: should it die, the mount is detached
+    passthrough.rescue_mode = ""  # the rescuer is the last resort: should it die, its watchdog detaches the mount
     stack.start_adopted(dev, lower, mount_id, Negotiated(**header["negotiated"]), fill)
+    try:
+        stack._watchdog = fuse_device.start_watchdog(stack.mountpoint)
+        fuse_device.watch_mount(stack._watchdog, mount_id)
+    except OSError as exc:
+        log.warning("%s: no watchdog for the rescuer (%s)", mountpoint, exc)
     log.info("%s: the process serving it died; rescued %d node(s), %d open(s) of %d", mountpoint,
              len(tables["nodes"]), len(tables["files"]) + len(tables["dirs"]), len(entries["opens"]))
     with stacks._registry_lock:
         stacks._stacks[stack.mountpoint] = stack
-    if mode.startswith("hold:") and _hold(stack, mode[5:], mount_id):
-        return 0
+    if mode.startswith("hold:") and not header.get("draining") and listener_fd >= 0:
+        if _hold(stack, socket.socket(fileno=listener_fd), f"{mode[5:]}.handover.{mount_id}"):
+            return 0
+    elif listener_fd >= 0:
+        os.close(listener_fd)
+    # Drain: the application (its rules with it) is gone, as after stop_filter; what waited is served without them.
     if stack.session is not None:
         stack.session.release_requests()
     _detach(stack)
@@ -148,26 +193,14 @@ def main(argv: list[str]) -> int:
     return 0
 
 
-def _hold(stack: MountStack, control: str, mount_id: int) -> bool:
-    """Keep the mount, requests held, for the next fsfilterd; True when it took it."""
-    path = f"{control}.handover.{mount_id}"
-    listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
-    try:
-        if stat.S_ISSOCK(os.lstat(path).st_mode):
-            os.unlink(path)
-    except FileNotFoundError:
-        pass
-    mask = os.umask(0o177)
-    try:
-        listener.bind(path)
-    except OSError as exc:
-        log.error("cannot offer the mount on %s: %s", path, exc)
-        return False
-    finally:
-        os.umask(mask)
-    listener.listen(2)
+def _hold(stack: MountStack, listener: socket.socket, path: str) -> bool:
+    """Keep the mount, requests held, for the next fsfilterd, on ``listener`` (bound at ``path`` by the watchdog
+    within moments of the death, so that an fsfilterd restarted at once finds it); True when it took the mount."""
     listener.settimeout(0.5)
-    mine = os.stat(path).st_ino
+    try:
+        mine = os.stat(path).st_ino
+    except OSError:
+        mine = -1
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda signum, frame: stop.set())
     deadline = time.monotonic() + HOLD_GRACE
