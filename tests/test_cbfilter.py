@@ -866,10 +866,11 @@ def test_direct_file_methods_work_below_the_filter(cbfilter: Callable[[], CBFilt
     f.add_filter_rule(f"{data}/*.txt", c.ACCESS_DENY_ALL, c.FS_CE_NONE, c.FS_NE_NONE)
     f.start_filter()
     assert errno_of("open(sys.argv[1]).read()", str(data / "a.txt")) == errno.EACCES
-    holder: list[int] = []
-    with f.create_file_direct_as_stream(str(data / "a.txt"), desired_access=os.O_RDWR,
-                                        handle_holder=holder) as stream:
-        assert stream.read() == b"hello world\n" and holder == [stream.fileno()]
+    holder: list[int] = [-1]
+    rw = c.DESIRED_ACCESS_FILE_READ_DATA | c.DESIRED_ACCESS_FILE_WRITE_DATA
+    with f.create_file_direct_as_stream(str(data / "a.txt"), desired_access=rw, handle_holder=holder) as stream:
+        assert stream.read() == b"hello world\n" and holder == [stream.fileno()]  # element 0, as the SDK's
+        assert stream.length == 12 and stream.tell() == 12
         stream.write(b"more\n")
         fd = stream.fileno()
         buf = bytearray(64)
@@ -1006,3 +1007,50 @@ def test_on_reparse_file_name_chooses_the_target(cbfilter: Callable[[], CBFilter
     assert errno_of("open(sys.argv[1])", str(data / "denied.cfg")) == errno.EACCES
     assert errno_of("open(sys.argv[1])", str(data / "missing.cfg")) == errno.ENOENT
     assert str(data / "a.cfg") in seen and str(data / "a.txt") not in seen
+
+
+def test_direct_opens_take_the_sdks_desired_access(cbfilter: Callable[[], CBFilter], data: Path) -> None:
+    """create_file_direct takes the access mask the events carry (DESIRED_ACCESS_*, and Windows' GENERIC_*), not
+    open(2) flags: FILE_READ_DATA reads and cannot write, FILE_WRITE_DATA writes and cannot read, FILE_APPEND_DATA
+    alone appends, attributes only reads no data; the stream's length can be set."""
+    f = cbfilter()
+    f.add_filter_rule(f"{data}/*.txt", c.ACCESS_DENY_ALL, c.FS_CE_NONE, c.FS_NE_NONE)
+    f.start_filter()
+    path = str(data / "a.txt")
+    fd = f.create_file_direct(path, desired_access=c.DESIRED_ACCESS_FILE_READ_DATA)
+    try:
+        assert os.read(fd, 5) == b"hello"
+        with pytest.raises(OSError):
+            os.write(fd, b"x")
+    finally:
+        os.close(fd)
+    fd = f.create_file_direct(path, desired_access=c.DESIRED_ACCESS_FILE_WRITE_DATA)
+    try:
+        with pytest.raises(OSError):
+            os.read(fd, 1)
+        os.pwrite(fd, b"J", 0)
+    finally:
+        os.close(fd)
+    fd = f.create_file_direct(path, desired_access=c.DESIRED_ACCESS_FILE_APPEND_DATA)
+    try:
+        os.write(fd, b"tail\n")
+    finally:
+        os.close(fd)
+    assert (data / "a.txt").read_bytes() == b"Jello world\ntail\n"
+    fd = f.create_file_direct(path, desired_access=c.DESIRED_ACCESS_FILE_READ_ATTRIBUTES)
+    try:
+        assert os.fstat(fd).st_size == 17
+        with pytest.raises(OSError):
+            os.read(fd, 1)
+    finally:
+        os.close(fd)
+    generic = 0x80000000 | 0x40000000  # GENERIC_READ | GENERIC_WRITE
+    with f.create_file_direct_as_stream(str(data / "new.txt"), desired_access=generic,
+                                        creation_disposition=c.FILE_DISPOSITION_CREATE_NEW) as stream:
+        stream.write(b"0123456789")
+        stream.length = 4
+        stream.seek(0)
+        assert stream.read() == b"0123" and stream.length == 4
+    with pytest.raises(CBFSFilterError) as bad:
+        f.create_file_direct(path, desired_access=-1)
+    assert bad.value.code == errno.EINVAL

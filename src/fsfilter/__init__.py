@@ -9,7 +9,7 @@ PassthroughFilter, CBFSFilterError, the constants (``fsfilter.api.constants``) a
 from fsfilter.api import monitor_params as _monitor_params
 from fsfilter.api import params as _params
 from fsfilter.api import process_params as _process_params
-from fsfilter.api.cbfilter import CBFilter
+from fsfilter.api.cbfilter import CBFilter, CBFSFilterStream
 from fsfilter.api.cbmonitor import CBMonitor
 from fsfilter.api.cbprocess import CBProcess
 from fsfilter.api.constants import *  # noqa: F403
@@ -24,7 +24,7 @@ __version__ = "0.1.0"
 # Spelled out, constants included (the same list as constants.__all__; tests/test_exports.py keeps the two
 # equal): type checkers read only a literal __all__, and code that does `from fsfilter import *` is checked too.
 __all__ = [
-    "CBFilter", "CBMonitor", "CBProcess", "PassthroughFilter", "CBFSFilterError",
+    "CBFilter", "CBMonitor", "CBProcess", "PassthroughFilter", "CBFSFilterError", "CBFSFilterStream",
     "FILE_SYS_ATTR_ARCHIVE", "FILE_SYS_ATTR_COMPRESSED", "FILE_SYS_ATTR_DIRECTORY", "FILE_SYS_ATTR_ENCRYPTED",
     "FILE_SYS_ATTR_HIDDEN", "FILE_SYS_ATTR_NORMAL", "FILE_SYS_ATTR_NOT_CONTENT_INDEXED", "FILE_SYS_ATTR_OFFLINE",
     "FILE_SYS_ATTR_READ_ONLY", "FILE_SYS_ATTR_REPARSE_POINT", "FILE_SYS_ATTR_SPARSE_FILE", "FILE_SYS_ATTR_SYSTEM",

@@ -38,7 +38,7 @@ from fsfilter.api.params import FILTER_PARAMS
 from fsfilter.api.passthrough import check_filterable
 from fsfilter.errors import CBFSFilterError
 
-__all__ = ["CBFilter", "EVENT_BITS", "NOTIFY_BITS"]  # its event-parameter classes are in params.py
+__all__ = ["CBFSFilterStream", "CBFilter", "EVENT_BITS", "NOTIFY_BITS"]  # its event-parameter classes are in params.py
 
 log = logging.getLogger("fsfilter")
 
@@ -87,6 +87,33 @@ _SETTABLE = frozenset({"altitude", "strict_altitude", "serialize_events", "tag",
                        "file_flushing_behavior"})
 _PROPERTIES = _SETTABLE | {"active", "filter_rule_count", "passthrough_rule_count", "attach_point_count"}
 
+# The SDK's desired access (a Windows access mask, as the events carry it) in open(2) terms.
+_READ_ACCESS = (c.DESIRED_ACCESS_FILE_READ_DATA | c.DESIRED_ACCESS_FILE_EXECUTE | 0x80000000  # GENERIC_READ
+                | 0x20000000 | 0x10000000 | 0x02000000)  # GENERIC_EXECUTE, GENERIC_ALL, MAXIMUM_ALLOWED
+_WRITE_ACCESS = (c.DESIRED_ACCESS_FILE_WRITE_DATA | c.DESIRED_ACCESS_FILE_APPEND_DATA | 0x40000000  # GENERIC_WRITE
+                 | 0x10000000 | 0x02000000)
+
+
+def _open_flags_of(desired_access: int) -> int:
+    """open(2) access flags for an SDK desired-access mask: data read and/or write; append-only when only
+    FILE_APPEND_DATA asks for writing; O_PATH when no data access is asked (attributes, delete, synchronize)."""
+    if isinstance(desired_access, bool) or not isinstance(desired_access, int) or not 0 <= desired_access <= 0xFFFFFFFF:
+        raise CBFSFilterError(errno.EINVAL, f"desired_access {desired_access!r} is not an access mask: give "
+                                            "DESIRED_ACCESS_* values (as the events carry them), or-ed together")
+    reads, writes = bool(desired_access & _READ_ACCESS), bool(desired_access & _WRITE_ACCESS)
+    if reads and writes:
+        flags = os.O_RDWR
+    elif writes:
+        flags = os.O_WRONLY
+    elif reads:
+        return os.O_RDONLY
+    else:
+        return os.O_PATH
+    only_append = desired_access & c.DESIRED_ACCESS_FILE_APPEND_DATA and not desired_access & (
+        c.DESIRED_ACCESS_FILE_WRITE_DATA | 0x40000000 | 0x10000000 | 0x02000000)
+    return flags | (os.O_APPEND if only_append else 0)
+
+
 _DISPOSITION_FLAGS = {
     c.FILE_DISPOSITION_CREATE_NEW: os.O_CREAT | os.O_EXCL,
     c.FILE_DISPOSITION_CREATE_ALWAYS: os.O_CREAT | os.O_TRUNC,
@@ -94,6 +121,25 @@ _DISPOSITION_FLAGS = {
     c.FILE_DISPOSITION_OPEN_ALWAYS: os.O_CREAT,
     c.FILE_DISPOSITION_TRUNCATE_EXISTING: os.O_TRUNC,
 }
+
+
+class CBFSFilterStream(io.FileIO):
+    """The stream create_file_direct_as_stream returns: an unbuffered binary file on the direct fd (read, write,
+    seek, tell, flush, close, a context manager), with the SDK's ``length``: the file's size, which setting changes
+    (truncating or extending it)."""
+
+    @property
+    def length(self) -> int:
+        return os.fstat(self.fileno()).st_size
+
+    @length.setter
+    def length(self, value: int) -> None:
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise CBFSFilterError(errno.EINVAL, f"length must be a size in bytes, not {value!r}")
+        try:
+            os.ftruncate(self.fileno(), value)
+        except OSError as exc:
+            raise CBFSFilterError.from_os_error(exc, "cannot set the length of the direct stream") from exc
 
 
 class CBFilter(Deployment, RuleTables):
@@ -937,19 +983,23 @@ class CBFilter(Deployment, RuleTables):
         """Give the event being handled ``timeout`` more milliseconds (0 = no limit)."""
         return dispatch.reset_timeout(max(0, timeout) / 1000.0)
 
-    def create_file_direct(self, file_name: str, synchronize: bool = False, desired_access: int = os.O_RDONLY,
-                           share_mode: int = 0, creation_disposition: int = c.FILE_DISPOSITION_OPEN_EXISTING,
+    def create_file_direct(self, file_name: str, synchronize: bool = False,
+                           desired_access: int = c.DESIRED_ACCESS_FILE_GENERIC_READ, share_mode: int = 0,
+                           creation_disposition: int = c.FILE_DISPOSITION_OPEN_EXISTING,
                            flags_and_attributes: int = 0, isolate: bool = False,
                            close_immediately: bool = False) -> int:
         """Open a filtered file below the filter (no events): returns an OS fd the caller closes.
-        ``desired_access`` takes open(2) flags here."""
+        ``desired_access`` is the SDK's access mask (DESIRED_ACCESS_*, GENERIC_READ/WRITE accepted)."""
         if not isinstance(file_name, str) or not file_name.startswith("/"):
             raise CBFSFilterError(errno.EINVAL, f"create_file_direct takes an absolute path, not {file_name!r}")
         if creation_disposition not in _DISPOSITION_FLAGS:
             raise CBFSFilterError(errno.EINVAL, f"unknown creation_disposition {creation_disposition!r}: use a "
                                                 "FILE_DISPOSITION_* constant")
+        access = _open_flags_of(desired_access)
+        if access == os.O_PATH and _DISPOSITION_FLAGS[creation_disposition]:
+            access = os.O_RDONLY  # creating or truncating needs a real open
         real = os.path.abspath(file_name)
-        flags = desired_access | os.O_CLOEXEC | _DISPOSITION_FLAGS[creation_disposition]
+        flags = access | os.O_CLOEXEC | _DISPOSITION_FLAGS[creation_disposition]
         where, dir_fd = real, None
         for path, mount in self._attached.items():
             if real == path or real.startswith(path.rstrip("/") + "/"):
@@ -965,20 +1015,26 @@ class CBFilter(Deployment, RuleTables):
         return fd
 
     def create_file_direct_as_stream(self, file_name: str, synchronize: bool = False,
-                                     desired_access: int = os.O_RDONLY, share_mode: int = 0,
+                                     desired_access: int = c.DESIRED_ACCESS_FILE_GENERIC_READ, share_mode: int = 0,
                                      creation_disposition: int = c.FILE_DISPOSITION_OPEN_EXISTING,
                                      flags_and_attributes: int = 0, isolate: bool = False,
-                                     handle_holder: list[int] | None = None) -> io.FileIO:
-        """create_file_direct, returned as an unbuffered binary stream that closes the fd with it;
-        ``handle_holder`` (a list) receives the fd."""
+                                     handle_holder: list[int] | None = None) -> CBFSFilterStream:
+        """create_file_direct, returned as a CBFSFilterStream that closes the fd with it; ``handle_holder`` (a list)
+        receives the fd in its element 0, as the SDK's does."""
+        if _open_flags_of(desired_access) == os.O_PATH:
+            desired_access |= c.DESIRED_ACCESS_FILE_READ_DATA  # a stream reads or writes data
         fd = self.create_file_direct(file_name, synchronize, desired_access, share_mode, creation_disposition,
                                      flags_and_attributes, isolate)
-        access = desired_access & os.O_ACCMODE
-        mode = "rb" if access == os.O_RDONLY else ("ab" if desired_access & os.O_APPEND else
-                                                   ("wb" if access == os.O_WRONLY else "r+b"))
-        stream = io.FileIO(fd, mode, closefd=True)
+        access = _open_flags_of(desired_access)
+        mode = "rb" if access & os.O_ACCMODE == os.O_RDONLY else ("ab" if access & os.O_APPEND else
+                                                                  ("wb" if access & os.O_ACCMODE == os.O_WRONLY
+                                                                   else "r+b"))
+        stream = CBFSFilterStream(fd, mode, closefd=True)
         if handle_holder is not None:
-            handle_holder.append(fd)
+            if handle_holder:
+                handle_holder[0] = fd
+            else:
+                handle_holder.append(fd)
         return stream
 
     def query_file_information_direct(self, handle: int, buffer: bytearray, file_information_class: int,
