@@ -414,6 +414,26 @@ def test_qualified_rules_apply_to_requests_by_name(cbfilter: Callable[[], CBFilt
     assert errno_of(f"os.rename({str(data / 'a.txt')!r}, {str(data / 'b.txt')!r})") == 0
 
 
+def test_attribute_qualifiers_apply_to_creates(cbfilter: Callable[[], CBFilter], data: Path) -> None:
+    """A rule with attribute qualifiers judges a create by the attributes the new object will have: a rule for
+    non-directories fires on_before_create_file for a new file and not for a new directory; one for directories the
+    other way round; and a read-only rule qualified by directory refuses mkdir but lets files be created."""
+    f = cbfilter()
+    seen: list[str] = []
+    f.on_before_create_file = lambda p: seen.append(os.path.basename(p.file_name))
+    f.add_filter_rule_ex(f"{data}/f*", "", 0, c.FS_CE_BEFORE_CREATE, 0, -1, -1, 0, c.FILE_SYS_ATTR_DIRECTORY)
+    f.add_filter_rule_ex(f"{data}/d*", "", 0, c.FS_CE_BEFORE_CREATE, 0, -1, -1, c.FILE_SYS_ATTR_DIRECTORY, 0)
+    f.add_filter_rule_ex(f"{data}/ro*", "", c.ACCESS_READ_ONLY, 0, 0, -1, -1, c.FILE_SYS_ATTR_DIRECTORY, 0)
+    f.start_filter()
+    run(f"open({str(data / 'fnew')!r}, 'w').close()")
+    run(f"import os\nos.mkdir({str(data / 'fdir')!r})")
+    run(f"open({str(data / 'dnew')!r}, 'w').close()")
+    run(f"import os\nos.mkdir({str(data / 'ddir')!r})")
+    assert wait_for(lambda: sorted(seen) == ["ddir", "fnew"], 5), seen
+    assert errno_of(f"os.mkdir({str(data / 'rodir')!r})") == errno.EACCES
+    assert errno_of(f"open({str(data / 'rofile')!r}, 'w').close()") == 0
+
+
 def test_contexts_follow_the_sdk_lifetimes(cbfilter: Callable[[], CBFilter], data: Path) -> None:
     """Open by A, open by B, close B, open by C, close A, close C: one file context for the whole time,
     one handle context per open, each cleaned up when its handle (and for the file, the last) closes."""

@@ -100,13 +100,15 @@ class Facts:
     """What size/attribute/xattr qualifiers of rules look at, read lazily from the lower object: an open
     node (``fd``) or a name in a lower directory (``dir_fd``, ``name``) that may not exist yet."""
 
-    __slots__ = ("fd", "dir_fd", "name", "_st")
+    __slots__ = ("fd", "dir_fd", "name", "_st", "planned")
 
-    def __init__(self, fd: int, dir_fd: int, name: bytes) -> None:
+    def __init__(self, fd: int, dir_fd: int, name: bytes, planned: int | None = None) -> None:
         self.fd = fd
         self.dir_fd = dir_fd
         self.name = name
         self._st: os.stat_result | None = None
+        # A create: the attributes the new object will have (empty, no extended attributes) while it does not exist.
+        self.planned = planned
 
     def _stat(self) -> os.stat_result | None:
         if self._st is None:
@@ -119,12 +121,12 @@ class Facts:
 
     def size(self) -> int | None:
         st = self._stat()
-        return st.st_size if st is not None else None
+        return st.st_size if st is not None else (0 if self.planned is not None else None)
 
     def attributes(self) -> int | None:
         st = self._stat()
         return attributes_from_stat(st.st_mode, st.st_size, st.st_blocks, os.fsdecode(self.name)) \
-            if st is not None else None
+            if st is not None else self.planned
 
     def has_xattr(self, name: str) -> bool:
         where = procfs.fd_path(self.fd) if self.fd >= 0 else procfs.fd_path(self.dir_fd) + "/" + os.fsdecode(self.name)
@@ -346,9 +348,10 @@ class FilterBase(Layer):
         return owner != 0 and (tid == owner or libc.is_thread_of(owner, tid))
 
     def effective(self, m: PathMatch | None, tid: int, node: Inode | None = None, parent: Inode | None = None,
-                  name: bytes = b"") -> Flags:
+                  name: bytes = b"", planned: int | None = None) -> Flags:
         """What the rules ask for this request: exact, with the process and the facts of the file (an open
-        ``node``, or ``name`` in the directory ``parent``) that size/attribute/xattr qualifiers look at."""
+        ``node``, or ``name`` in the directory ``parent``) that size/attribute/xattr qualifiers look at.
+        ``planned``: a create's attributes for the object it makes (qualifiers see those while it does not exist)."""
         if m is None:
             return NO_FLAGS
         up = m.upper
@@ -358,7 +361,7 @@ class FilterBase(Layer):
             f = up
         else:
             facts = Facts(node.fd, -1, node.name) if node is not None else (
-                Facts(-1, parent.fd, name) if parent is not None else None)
+                Facts(-1, parent.fd, name, planned) if parent is not None else None)
             f = m.flags(ProcessInfo(tid) if tid else None, facts)
         if (f.access or f.control or f.notify) and not self.core.filter_own_requests and self.is_own(tid):
             return NO_FLAGS

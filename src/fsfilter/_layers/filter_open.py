@@ -10,7 +10,7 @@ from collections.abc import Callable
 from typing import Any
 
 from fsfilter._abi import fuse as abi
-from fsfilter._engine.rules import Flags
+from fsfilter._engine.rules import Flags, attributes_from_stat
 from fsfilter._layers.filter_base import (
     CLEANUP_BITS,
     FMODE_EXEC,
@@ -125,7 +125,8 @@ class OpenOps(FilterNaming):
         parent = self.lower.inode(op.nodeid)
         path = self.child_path(parent.nodeid, name)
         m = self.name_match(op, name)
-        flags = self.effective(m, op.pid, parent=parent, name=name)
+        planned = attributes_from_stat(stat.S_IFREG | (mode & 0o7777), 0, 0, os.fsdecode(name))
+        flags = self.effective(m, op.pid, parent=parent, name=name, planned=planned)
         # The kernel sends CREATE for open(O_CREAT) whenever the name is not in its cache, whether or not
         # the file exists. Opening an existing file is an open (with the events and access checks of one,
         # and a hiding before-open handler refuses it), a new one a create.
@@ -168,7 +169,7 @@ class OpenOps(FilterNaming):
             return make()
         path = self.child_path(op.nodeid, name)
         m = self.name_match(op, name)
-        flags = self.effective(m, op.pid, parent=self.lower.inode(op.nodeid), name=name)
+        flags = self.effective(m, op.pid, parent=self.lower.inode(op.nodeid), name=name, planned=attributes)
         if flags.access & (c.ACCESS_DENY_ALL | c.ACCESS_READ_ONLY) and not (
                 flags.control & c.FS_CE_BEFORE_CREATE and self.core.handler("before_create_file")):
             self._refuse(op, "read-only")

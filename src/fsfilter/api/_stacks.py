@@ -347,9 +347,10 @@ def detach(core: StackedFilter, attachment: Attachment) -> None:
             stack.members.pop(id(core), None)
             return
         last = set(stack.members) == {id(core)} and not stack.draining
+        stopped = threading.Event()
         if last and _stacks.get(stack.mountpoint) is stack:
             del _stacks[stack.mountpoint]  # no filter joins it from now on
-            _stopping[stack.mountpoint] = stopped = threading.Event()
+            _stopping[stack.mountpoint] = stopped
         drained = [s for s in _draining if id(core) in s.members]
     if last:
         # The last layer: unmount first, so that requests already sent (a RELEASE after the last close) still
