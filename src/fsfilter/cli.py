@@ -392,7 +392,8 @@ def run_monitor(args: argparse.Namespace) -> int:
         filt.config("FilterOwnRequests=true")
 
     def originator() -> tuple[str, int]:
-        return filt.get_originator_process_name(), filt.get_originator_process_id()
+        # The short name, as fatrace prints it: the SDK's name is the program's full path.
+        return os.path.basename(filt.get_originator_process_name()), filt.get_originator_process_id()
 
     for event in FILTER_PARAMS:
         if event.startswith("notify_") and event in NOTIFY_BITS and NOTIFY_BITS[event] & wanted:

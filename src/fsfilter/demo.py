@@ -57,7 +57,7 @@ def run_demo(quiet: bool = False) -> int:
                         break
                 if getattr(p, "status", 0):
                     extra += f" error={errno.errorcode.get(p.status, p.status)}"
-                who = f"{filt.get_originator_process_name()}({filt.get_originator_process_id()})"
+                who = f"{os.path.basename(filt.get_originator_process_name())}({filt.get_originator_process_id()})"
                 with lines_lock:
                     lines.append(f"   {event:<10} {os.path.relpath(name, base):<16} {who}{extra}")
             return handler

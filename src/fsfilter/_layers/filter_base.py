@@ -456,7 +456,7 @@ class FilterBase(Layer):
         for who in (origin, creator):  # the process may be gone when the handler runs: read it now
             if who is not None and who.name is None:
                 info = ProcessInfo(who.tid)
-                who.name, who.pid = info.name, info.pid
+                who.name, who.pid = info.image, info.pid
         self.core.dispatcher.post(handler, event(*args, **fields), origin, creator)
 
     def after_ok(self, error: int) -> bool:

@@ -289,6 +289,16 @@ class ProcessInfo:
             self._exe = exe(self.tid)
         return self._exe
 
+    @property
+    def image(self) -> str:
+        """The program's full path, as the SDK's process names are (cached per thread until it execs); the short
+        name when the kernel gives no path (a kernel thread) or the process is gone."""
+        info = task_status.image(self.tid)
+        if info is None:
+            return self.name
+        path, self._tgid = info
+        return path or self.name
+
     def _read_status(self) -> None:
         info = task_status.read(self.tid)
         self._name, self._tgid = info if info is not None else ("", self.tid)
@@ -302,6 +312,26 @@ class TaskStatusReader:
         self._kept = kept
         self._tasks: OrderedDict[int, tuple[int, int]] = OrderedDict()  # tid -> (comm fd, tgid)
         self._lock = threading.Lock()
+        # tid -> (comm, image path) as last read: the path is read again only when comm changes (an exec).
+        self._images: dict[int, tuple[str, str]] = {}
+
+    def image(self, tid: int) -> tuple[str, int] | None:
+        """(the path of the program thread ``tid`` runs, tgid), or None when it does not exist (any more); the
+        path is "" when the kernel does not say (a kernel thread)."""
+        info = self.read(tid)
+        if info is None:
+            return None
+        name, tgid = info
+        with self._lock:
+            known = self._images.get(tid)
+        if known is not None and known[0] == name:
+            return known[1], tgid
+        path = exe(tgid)
+        with self._lock:
+            if len(self._images) >= 4 * self._kept:
+                self._images.clear()
+            self._images[tid] = (name, path)
+        return path, tgid
 
     def read(self, tid: int) -> tuple[str, int] | None:
         """(name, tgid) of thread ``tid``, or None when it does not exist (any more)."""
@@ -316,6 +346,8 @@ class TaskStatusReader:
                 os.close(fd)
                 fd = -1
         if fd < 0:
+            with self._lock:
+                self._images.pop(tid, None)  # a new (or reused) thread id: its program is read afresh
             try:
                 fd = os.open(f"/proc/{tid}/comm", os.O_RDONLY | os.O_CLOEXEC)
             except OSError:

@@ -977,7 +977,7 @@ class CBFilter(Deployment, RuleTables):
     @staticmethod
     def _fill(origin: dispatch.Origin) -> None:
         info = ProcessInfo(origin.tid)
-        origin.name, origin.pid = info.name, info.pid
+        origin.name, origin.pid = info.image, info.pid
 
     def reset_timeout(self, timeout: int) -> bool:
         """Give the event being handled ``timeout`` more milliseconds (0 = no limit)."""
