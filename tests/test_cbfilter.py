@@ -1075,3 +1075,38 @@ def test_direct_opens_take_the_sdks_desired_access(cbfilter: Callable[[], CBFilt
     with pytest.raises(CBFSFilterError) as bad:
         f.create_file_direct(path, desired_access=-1)
     assert bad.value.code == errno.EINVAL
+
+
+def test_synchronized_direct_opens_act_as_the_originator(cbfilter: Callable[[], CBFilter], data: Path) -> None:
+    """Inside a handler, create_file_direct(synchronize=True) (or with CheckFileAccessInDirectIO) opens with the
+    originator's credentials: a file the originator may not read is refused; without it the filter's own rights
+    apply (root here)."""
+    os.chmod(data.parent, 0o755)
+    os.chmod(data, 0o777)
+    secret = data / "secret"
+    secret.write_bytes(b"root only\n")
+    os.chmod(secret, 0o600)
+    (data / "door.txt").write_text("door\n")
+    f = cbfilter()
+    outcomes: list[object] = []
+
+    def on_open(p: Any) -> None:
+        for synchronize in (True, False):
+            try:
+                fd = f.create_file_direct(str(secret), synchronize, c.DESIRED_ACCESS_FILE_READ_DATA)
+            except CBFSFilterError as exc:
+                outcomes.append(exc.code)
+            else:
+                outcomes.append(os.read(fd, 4))
+                os.close(fd)
+
+    f.on_before_open_file = on_open
+    f.add_filter_rule(f"{data}/door.txt", 0, c.FS_CE_BEFORE_OPEN, 0)
+    f.start_filter()
+
+    def as_nobody() -> None:
+        os.setgid(65534)
+        os.setuid(65534)
+
+    subprocess.run(["cat", str(data / "door.txt")], preexec_fn=as_nobody, capture_output=True, timeout=30)
+    assert outcomes[:2] == [errno.EACCES, b"root"], outcomes

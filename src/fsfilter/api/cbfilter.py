@@ -23,7 +23,7 @@ from fsfilter._engine.reparse import ReparseRules
 from fsfilter._engine.rules import RuleSet
 from fsfilter._layers.filter import FilterLayer
 from fsfilter._sessions.fanotify_session import local_mounts
-from fsfilter._system import procfs
+from fsfilter._system import libc, procfs
 from fsfilter._system.procfs import ProcessInfo
 from fsfilter.api import _control, _rulesfiles, events, fileinfo
 from fsfilter.api import _stacks as stacks
@@ -54,6 +54,7 @@ _CONFIG_DEFAULTS: dict[str, str] = {
     "EntryTimeout": "60", "AttrTimeout": "60", "NegativeTimeout": "10", "KernelPassthrough": "true",
     "AccessViaFanotify": "false", "HideDirectoryLinkCounts": "true", "RequestTimeout": "45",
     "Permissive": "false", "LogDenials": "true", "Service": "auto", "ServiceReconnect": "60",
+    "CheckFileAccessInDirectIO": "false",
 }
 # Service=auto: run in fsfilterd's stack when the service runs (and the filter can run there), else in this process;
 # on: only in the service (start_filter fails without it); off: always in this process.
@@ -66,7 +67,7 @@ _LOCAL_EVENTS = frozenset({"error", "filter_start", "filter_stop", "worker_threa
 _COUNT_SETTINGS = {"MinWorkerThreadCount", "MaxWorkerThreadCount"}
 _BOOL_SETTINGS = {"FilterOwnRequests", "DenyExpiredEvents", "ModifiableReadWriteBuffers",
                   "AllowFileAccessInBeforeOpen", "KernelPassthrough", "AccessViaFanotify", "HideDirectoryLinkCounts",
-                  "Permissive", "LogDenials"}
+                  "Permissive", "LogDenials", "CheckFileAccessInDirectIO"}
 # Refusals of every filter of the process that has no log of its own go here (one rate limit per process).
 _PROCESS_DENIALS = DenialLog()
 
@@ -1005,8 +1006,26 @@ class CBFilter(Deployment, RuleTables):
             if real == path or real.startswith(path.rstrip("/") + "/"):
                 where, dir_fd = os.path.relpath(real, mount.mountpoint), mount._lower_fd
                 break
+        # Inside a handler, synchronize (or CheckFileAccessInDirectIO) opens with the originator's credentials: the
+        # kernel then checks the originator's access, and what is created is the originator's.
+        job = dispatch.current_job()
+        origin = job.origin if job is not None else None
+        as_origin = origin is not None and os.geteuid() == 0 and origin.uid >= 0 and (
+            synchronize or self.config_bool("CheckFileAccessInDirectIO"))
+        restore = os.getgroups() if as_origin else []
         try:
-            fd = os.open(where, flags, 0o666, dir_fd=dir_fd)
+            if as_origin:
+                assert origin is not None
+                libc.setgroups_thread(procfs.groups(origin.tid))
+                libc.setfsgid(origin.gid)
+                libc.setfsuid(origin.uid)
+            try:
+                fd = os.open(where, flags, 0o666, dir_fd=dir_fd)
+            finally:
+                if as_origin:
+                    libc.setfsuid(os.geteuid())
+                    libc.setfsgid(os.getegid())
+                    libc.setgroups_thread(restore)
         except OSError as exc:
             raise CBFSFilterError.from_os_error(exc, f"cannot open {real} below the filter") from exc
         if close_immediately:
