@@ -433,3 +433,43 @@ def _end_rescuers(data: Path) -> None:
     wait_for(lambda: not rescuers(), 10)
     for pid in rescuers():
         os.kill(pid, 9)
+
+
+def test_holder_killed_its_mounts_are_rescued_and_taken_over(scratch: Path) -> None:
+    """fsfilterd stops (its mounts go to the holder), then the holder is killed: each mount's watchdog rescues it
+    and the next fsfilterd takes it over; the programs inside see no error."""
+    data = scratch / "data"
+    data.mkdir()
+    (data / "data.txt").write_text("data\n")
+    service = Service(scratch)
+    _write_rules(service, "acme", f"read-only {data}/ro.txt\n")
+    workers: Workers | None = None
+    try:
+        service.start()
+        before = _mount_id(data)
+        workers = Workers(data, scratch / "out")
+        time.sleep(0.3)
+        service.stop(holder=True)
+        assert wait_for(lambda: len(service.holders()) == 1, 10), service.log.read_text()
+        holder = service.holders()[0]
+        assert wait_for(lambda: os.path.exists(service.socket + ".handover"), 20)
+        os.kill(holder, 9)
+        assert wait_for(lambda: os.path.exists(f"{service.socket}.handover.{before}"), 20), "no rescuer holds it"
+        service.log = scratch / "fsfilterd-2.log"
+        service.start()
+        assert "taken over" in service.log.read_text(), service.log.read_text()
+        time.sleep(1.0)
+        assert _mount_id(data) == before
+        results = workers.finish()
+        workers = None
+        _check(results, data)
+    except BaseException:
+        for log in sorted(scratch.glob("fsfilterd*.log")):
+            print(log.name, log.read_text()[-4000:])
+        raise
+    finally:
+        if workers is not None:
+            end_processes(workers.procs)
+        service.stop()
+        _end_rescuers(data)
+        force_unmount(data)

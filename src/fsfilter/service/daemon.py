@@ -705,7 +705,12 @@ def _take_from(service: Service, path: str) -> list[stacks.MountStack]:
         return []
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
     try:
-        sock.connect(path)
+        try:
+            sock.connect(path)
+        except ConnectionRefusedError:
+            log.info("%s: left by a holder or rescuer that is gone; removing it", path)
+            _unlink_if(path, st.st_ino)
+            return []
         mounts, state, fds = handover.take(sock)
     except (OSError, handover.HandoverError) as exc:
         log.warning("could not take the mounts kept at %s (%s): starting afresh", path, exc,
