@@ -7,6 +7,7 @@ import contextlib
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -56,6 +57,33 @@ def end_processes(started: list[subprocess.Popen[Any]]) -> None:
             p.kill()
         with contextlib.suppress(Exception):
             p.communicate(timeout=10)
+
+
+def pids_whose_argv(match: Callable[[list[bytes]], bool]) -> list[int]:
+    """Pids of the processes whose command line (/proc/*/cmdline, split at NULs) ``match`` accepts: helper processes
+    our daemons start (watchdogs, holders, rescuers), found without a pid to follow."""
+    found = []
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            try:
+                argv = Path(f"/proc/{name}/cmdline").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            if match(argv):
+                found.append(int(name))
+    return found
+
+
+def end_pids(find: Callable[[], list[int]], timeout: float = 10.0) -> None:
+    """SIGTERM what ``find`` lists (they let go cleanly), then SIGKILL what is still there after ``timeout``."""
+    first = find()
+    for pid in first:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGTERM)
+    wait_for(lambda: not any(p in find() for p in first), timeout)
+    for pid in find():
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
 
 
 def wait_for(predicate: Callable[[], bool], timeout: float = 10.0, interval: float = 0.01) -> bool:

@@ -65,17 +65,22 @@ EMBEDDED_APP = textwrap.dedent("""
 """)
 
 
-def test_embedded_stop_with_programs_inside(scratch: Path) -> None:
-    """stop_filter of an embedded filter, then the application exits: programs inside go on, served by a keeper
-    until they leave; then the keeper and the mount go."""
-    data = scratch / "data"
+def _embedded_app(scratch: Path, data: Path, stderr: Path | None = None) -> subprocess.Popen[str]:
+    """``data`` (made, with data.txt) under EMBEDDED_APP's filter, running in a process of its own."""
     data.mkdir()
     (data / "data.txt").write_text("data\n")
     script = scratch / "app.py"
     script.write_text(EMBEDDED_APP)
     env = dict(os.environ, PYTHONPATH=str(SRC))
-    app = subprocess.Popen([sys.executable, str(script), str(data)], env=env, stdin=subprocess.PIPE,
-                           stdout=subprocess.PIPE, text=True)
+    return subprocess.Popen([sys.executable, str(script), str(data)], env=env, stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, stderr=open(stderr, "w") if stderr is not None else None, text=True)
+
+
+def test_embedded_stop_with_programs_inside(scratch: Path) -> None:
+    """stop_filter of an embedded filter, then the application exits: programs inside go on, served by a keeper
+    until they leave; then the keeper and the mount go."""
+    data = scratch / "data"
+    app = _embedded_app(scratch, data)
     workers: Workers | None = None
     try:
         assert app.stdout is not None and app.stdin is not None
@@ -255,13 +260,7 @@ def test_embedded_application_killed_with_programs_inside(scratch: Path) -> None
     """SIGKILL of an application whose filter runs in it: the mount's watchdog rescues the mount from the journal
     and serves the programs inside (detached, plain pass-through) until they leave; none sees an error."""
     data = scratch / "data"
-    data.mkdir()
-    (data / "data.txt").write_text("data\n")
-    script = scratch / "app.py"
-    script.write_text(EMBEDDED_APP)
-    env = dict(os.environ, PYTHONPATH=str(SRC))
-    app = subprocess.Popen([sys.executable, str(script), str(data)], env=env, stdin=subprocess.PIPE,
-                           stdout=subprocess.PIPE, stderr=open(scratch / "app.log", "w"), text=True)
+    app = _embedded_app(scratch, data, stderr=scratch / "app.log")
     workers: Workers | None = None
     try:
         assert app.stdout is not None

@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from conftest import SRC, Daemon, end_processes, force_unmount, mounts, needs_root, wait_for
+from conftest import SRC, Daemon, end_processes, force_unmount, mounts, needs_root, pids_whose_argv, wait_for
 
 from fsfilter import CBFSFilterError, PassthroughFilter
 from fsfilter._abi import fuse as abi
@@ -46,20 +46,9 @@ def fuse_mounted(path: str | os.PathLike[str]) -> bool:
 def watchdogs(under: str | os.PathLike[str]) -> list[int]:
     """Pids of fsfilter watchdogs guarding a mount at or below ``under`` (from /proc/*/cmdline)."""
     base = os.fsencode(os.fspath(under))
-    found = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/cmdline", "rb") as f:
-                argv = f.read().split(b"\0")
-        except OSError:
-            continue
-        # A watchdog, or the rescuer a watchdog became when its daemon died (service/rescue.py).
-        if any(a.endswith(b"watchdog.py") or b"service.rescue" in a for a in argv) and any(
-                a == base or a.startswith(base + b"/") for a in argv):
-            found.append(int(entry))
-    return found
+    # A watchdog, or the rescuer a watchdog became when its daemon died (service/rescue.py).
+    return pids_whose_argv(lambda argv: any(a.endswith(b"watchdog.py") or b"service.rescue" in a for a in argv) and any(
+        a == base or a.startswith(base + b"/") for a in argv))
 
 
 def probe(path: Path) -> None:

@@ -4,7 +4,6 @@ application's rule overriding a default, denials logged, status, install/uninsta
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import json
 import os
@@ -22,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import SRC, end_processes, force_unmount, is_mounted, needs_root, wait_for
+from conftest import SRC, end_pids, end_processes, force_unmount, is_mounted, needs_root, pids_whose_argv, wait_for
 
 from fsfilter.api import _control, _rulesfiles
 
@@ -76,28 +75,12 @@ class Service:
 
     def holders(self) -> list[int]:
         """The holder processes of this fsfilterd (started by it; found by their command line)."""
-        pids = []
-        for name in os.listdir("/proc"):
-            if name.isdigit():
-                try:
-                    argv = Path(f"/proc/{name}/cmdline").read_bytes().split(b"\0")
-                except OSError:
-                    continue
-                if b"--hold-fd" in argv and self.socket.encode() in argv:
-                    pids.append(int(name))
-        return pids
+        return pids_whose_argv(lambda argv: b"--hold-fd" in argv and self.socket.encode() in argv)
 
     def end_holders(self, timeout: float = 10.0) -> None:
         """Tell each holder to let go (SIGTERM: its mounts detach and drain), and kill those still there after
         ``timeout`` (their mounts then die: force_unmount removes them)."""
-        pids = self.holders()
-        for pid in pids:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGTERM)
-        wait_for(lambda: not any(p in self.holders() for p in pids), timeout)
-        for pid in self.holders():
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
+        end_pids(self.holders, timeout)
 
     def hup(self) -> None:
         assert self.proc is not None

@@ -39,6 +39,42 @@ _INTENTS_AT = _OPENS_AT + OPENS * OPEN.size
 _SIZE = _INTENTS_AT + INTENTS * INTENT.size
 
 
+class _Slots:
+    """Which fixed slot each key (a node id, a handle) has: freed slots are taken again first."""
+
+    __slots__ = ("_of", "_free", "_next", "_limit")
+
+    def __init__(self, limit: int) -> None:
+        self._of: dict[int, int] = {}
+        self._free: list[int] = []
+        self._next = 0
+        self._limit = limit
+
+    def get(self, key: int) -> int | None:
+        return self._of.get(key)
+
+    def take(self, key: int) -> int | None:
+        """The key's slot, given one if it has none; None when every slot is in use."""
+        slot = self._of.get(key)
+        if slot is None:
+            if self._free:
+                slot = self._free.pop()
+            elif self._next < self._limit:
+                slot = self._next
+                self._next += 1
+            else:
+                return None
+            self._of[key] = slot
+        return slot
+
+    def drop(self, key: int) -> int | None:
+        """Free the key's slot; returns it (None when it had none)."""
+        slot = self._of.pop(key, None)
+        if slot is not None:
+            self._free.append(slot)
+        return slot
+
+
 class Journal:
     """Writes the tables of one mount. Every method is called with the tables' lock (LowerBase._lock) held, or
     before serving."""
@@ -46,11 +82,9 @@ class Journal:
     def __init__(self, fd: int) -> None:
         self.fd = fd
         self._map = mmap.mmap(fd, _SIZE)
-        self._node_slot: dict[int, int] = {}  # node id -> slot
-        self._open_slot: dict[int, int] = {}  # fh -> slot
-        self._free_nodes: list[int] = []
-        self._free_opens: list[int] = []
-        self._next_node = self._next_open = self._next_intent = 0
+        self._nodes = _Slots(NODES)  # by node id
+        self._opens = _Slots(OPENS)  # by handle
+        self._next_intent = 0
         self.full = False  # out of slots: the journal no longer tells the whole truth (a rescue is refused)
 
     @classmethod
@@ -84,17 +118,10 @@ class Journal:
              backing_refs: int = 0, daemon_opens: int = 0) -> None:
         """Write a node's whole record (a new node, or its name changed). ``key``: (st_dev, st_ino), so that a rescuer
         takes only the very object back, never what its name leads to now."""
-        slot = self._node_slot.get(nodeid)
+        slot = self._nodes.take(nodeid)
         if slot is None:
-            if self._free_nodes:
-                slot = self._free_nodes.pop()
-            elif self._next_node < NODES:
-                slot = self._next_node
-                self._next_node += 1
-            else:
-                self._overflow()
-                return
-            self._node_slot[nodeid] = slot
+            self._overflow()
+            return
         at = HEADER + slot * NODE.size
         # In use only once whole: a death in the middle of the copy leaves a slot a rescuer skips.
         NODE.pack_into(self._map, at, 0, len(name), nlookup, nodeid, parent, backing_id, backing_refs, daemon_opens,
@@ -102,30 +129,22 @@ class Journal:
         self._map[at] = 1
 
     def count(self, nodeid: int, nlookup: int) -> None:
-        slot = self._node_slot.get(nodeid)
+        slot = self._nodes.get(nodeid)
         if slot is not None:
             _NLOOKUP.pack_into(self._map, HEADER + slot * NODE.size + _NLOOKUP_AT, nlookup)
 
     def forget(self, nodeid: int) -> None:
-        slot = self._node_slot.pop(nodeid, None)
+        slot = self._nodes.drop(nodeid)
         if slot is not None:
             self._map[HEADER + slot * NODE.size] = 0
-            self._free_nodes.append(slot)
 
     # -- opens
 
     def opened(self, fh: int, nodeid: int, flags: int, is_dir: bool, passthrough: bool | None = None) -> None:
-        slot = self._open_slot.get(fh)
+        slot = self._opens.take(fh)
         if slot is None:
-            if self._free_opens:
-                slot = self._free_opens.pop()
-            elif self._next_open < OPENS:
-                slot = self._next_open
-                self._next_open += 1
-            else:
-                self._overflow()
-                return
-            self._open_slot[fh] = slot
+            self._overflow()
+            return
         at = _OPENS_AT + slot * OPEN.size
         OPEN.pack_into(self._map, at, 0, -1 if passthrough is None else int(passthrough), flags, fh, nodeid)
         self._map[at] = 2 if is_dir else 1
@@ -145,10 +164,9 @@ class Journal:
             INTENT.pack_into(self._map, _INTENTS_AT + slot * INTENT.size, unique)
 
     def closed(self, fh: int) -> None:
-        slot = self._open_slot.pop(fh, None)
+        slot = self._opens.drop(fh)
         if slot is not None:
             self._map[_OPENS_AT + slot * OPEN.size] = 0
-            self._free_opens.append(slot)
 
 
 def read(fd: int) -> dict[str, Any]:
@@ -159,21 +177,18 @@ def read(fd: int) -> dict[str, Any]:
         size = int.from_bytes(m[0:4], "little")
         header = json.loads(m[4:4 + size]) if size else {}
         nodes = []
-        base = HEADER
-        # Slots are used from the first on: stop at the first never-used page of slots (all zero).
         for slot in range(NODES):
-            at = base + slot * NODE.size
+            at = HEADER + slot * NODE.size
             if m[at] != 1:
                 if not any(m[at:at + NODE.size]):
-                    break  # slots are taken in order: past the last ever used
+                    break  # slots are taken in order (a freed one keeps its bytes): past the last ever used
                 continue
             (_, length, nlookup, nodeid, parent, backing_id, backing_refs, daemon_opens, dev, ino,
              name) = NODE.unpack_from(m, at)
             nodes.append((nodeid, parent, name[:length], nlookup, backing_id, backing_refs, daemon_opens, dev, ino))
         opens = []
-        base = HEADER + NODES * NODE.size
         for slot in range(OPENS):
-            at = base + slot * OPEN.size
+            at = _OPENS_AT + slot * OPEN.size
             kind = m[at]
             if kind == 0:
                 if not any(m[at:at + OPEN.size]):

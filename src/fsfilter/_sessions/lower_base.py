@@ -184,8 +184,7 @@ class LowerBase(Layer):
                 os.close(fd)
                 node.parent, node.name = parent, name
             node.nlookup += 1
-            if self.journal is not None:
-                self.journal_node(node)
+            self.journal_node(node)
         if self.hooks.remembers:
             self.hooks.remembered(node)
         return node

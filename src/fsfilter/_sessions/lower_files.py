@@ -124,15 +124,14 @@ class LowerFiles(LowerBase):
             raise
         return self._registered(op, fd, node, st, flags)
 
-    def _created(self, op: ops.Op, fd: int, parent: Inode, name: bytes) -> Reply:
+    def _created(self, op: ops.Create, fd: int, parent: Inode, name: bytes) -> Reply:
         """Reply to CREATE/TMPFILE: the new object's entry, then its open."""
         try:
             path_fd = os.open(procfs.fd_path(fd), os.O_PATH | os.O_CLOEXEC)
             st = os.fstat(path_fd)
             node = self._remember(path_fd, st, parent.nodeid, name)
             entry = Entry(node.nodeid, st, self.options.entry_timeout, self.options.attr_timeout)
-            flags = (op.flags & ~_LOWER_STRIP) | os.O_CLOEXEC if isinstance(op, ops.Create) else os.O_RDWR
-            return Created(entry, self._registered(op, fd, node, st, flags))
+            return Created(entry, self._registered(op, fd, node, st, (op.flags & ~_LOWER_STRIP) | os.O_CLOEXEC))
         except BaseException:
             os.close(fd)
             raise
@@ -206,7 +205,7 @@ class LowerFiles(LowerBase):
                 node.daemon_opens -= 1
             if self.journal is not None:
                 self.journal.closed(fh)
-                if node.nodeid in self.nodes:
+                if self.nodes.get(node.nodeid) is node:  # (not one the kernel forgot while this open lived on)
                     self.journal_node(node)
         if self.options.locks:
             self.locks.release_fh(node.nodeid, fh)  # flock and OFD locks belong to the open file

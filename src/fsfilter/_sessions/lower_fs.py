@@ -224,9 +224,11 @@ class LowerFS(LowerFiles):
             if not self.may_be_done(op):
                 raise
         fd = os.open(op.name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=parent.fd)
-        if self.may_be_done(op) and (os.fstat(fd).st_dev, os.fstat(fd).st_ino) != node.key:
-            os.close(fd)  # what is at the name is not the linked object: the link was never made
-            raise FileExistsError(errno.EEXIST, "file exists")
+        if self.may_be_done(op):
+            st = os.fstat(fd)
+            if (st.st_dev, st.st_ino) != node.key:
+                os.close(fd)  # what is at the name is not the linked object: the link was never made
+                raise FileExistsError(errno.EEXIST, "file exists")
         return self._entry(fd, parent.nodeid, op.name)
 
     def unlink(self, op: ops.Remove) -> Reply:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import os
 import re
+import signal
 import threading
 import time
 from collections import OrderedDict
@@ -137,6 +138,17 @@ def cmdline(pid: int) -> str:
 def tgid(tid: int) -> int:
     """The id of the process (thread group) thread ``tid`` belongs to; ``tid`` itself when it cannot be read."""
     return _parse(_read(f"/proc/{tid}/status").encode(), tid)[1]
+
+
+def pidfd_alive(pidfd: int) -> bool:
+    """Whether the process a pidfd pins still exists (so its pid still names it, not a process that reused it)."""
+    try:
+        signal.pidfd_send_signal(pidfd, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True  # it exists, we may just not signal it
+    return True
 
 
 def groups(tid: int) -> list[int]:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import errno
 import logging
 import os
-import signal
 import stat
 import threading
 import time
@@ -141,7 +140,7 @@ class _Names:
         now = time.monotonic()
         if pidfd >= 0:  # the process still exists: /proc/<pid> is its own
             status = self._reader.read(pid)
-            if status is not None and _alive(pidfd):
+            if status is not None and procfs.pidfd_alive(pidfd):
                 self._remember(pid, status[0], now)
                 return status[0]
         tracker = self.tracker
@@ -164,17 +163,6 @@ class _Names:
 
     def close(self) -> None:
         self._reader.close()
-
-
-def _alive(pidfd: int) -> bool:
-    """Whether the process a pidfd pins still exists (so its pid still names it)."""
-    try:
-        signal.pidfd_send_signal(pidfd, 0)
-    except ProcessLookupError:
-        return False
-    except OSError:
-        return True  # it exists, we may just not signal it
-    return True
 
 
 class CBMonitor(Deployment, EventSource, RuleTables):

@@ -493,7 +493,7 @@ class Service:
         if listener is not None:
             listener.close()
             if self._owns_socket and not handed:
-                _unlink_if(self.socket_path, self._socket_ino)
+                handover.unlink_if_ours(self.socket_path, self._socket_ino)
         self.apps.stop(flush=2.0)  # what the applications are owed is sent before their connections close
         with self._lock:
             clients = list(self._clients)
@@ -558,16 +558,6 @@ class Service:
             else:
                 handed.close()
         self.apps.keep(state.get("apps"))
-
-
-def _unlink_if(path: str, ino: int) -> None:
-    """Remove the socket at ``path`` if it is still ours (``ino``): a later fsfilterd may have bound its own."""
-    try:
-        if ino and os.lstat(path).st_ino != ino:
-            return
-        os.unlink(path)
-    except OSError:
-        pass
 
 
 def _send(peer: Peer, message: dict[str, Any]) -> None:
@@ -709,7 +699,7 @@ def _take_from(service: Service, path: str) -> list[stacks.MountStack]:
             sock.connect(path)
         except ConnectionRefusedError:
             log.info("%s: left by a holder or rescuer that is gone; removing it", path)
-            _unlink_if(path, st.st_ino)
+            handover.unlink_if_ours(path, st.st_ino)
             return []
         mounts, state, fds = handover.take(sock)
     except (OSError, handover.HandoverError) as exc:
@@ -753,7 +743,7 @@ def _hold(service: Service, giver: socket.socket, grace: float) -> int:
         return _serve_held(service, giver, listener, grace)
     finally:
         listener.close()
-        _unlink_if(path, mine)
+        handover.unlink_if_ours(path, mine)
 
 
 def _serve_held(service: Service, giver: socket.socket, listener: socket.socket, grace: float) -> int:

@@ -32,8 +32,9 @@ from typing import Any
 from fsfilter._sessions.handover import FORMAT
 from fsfilter.api import _handover
 from fsfilter.api._stacks import MountStack
+from fsfilter.service.peers import peer_credentials
 
-__all__ = ["HandoverError", "give", "peer_is_root", "socket_path_for", "spawn_holder", "take"]
+__all__ = ["HandoverError", "give", "peer_is_root", "socket_path_for", "spawn_holder", "take", "unlink_if_ours"]
 
 log = logging.getLogger("fsfilterd")
 
@@ -79,8 +80,18 @@ def _receive(sock: socket.socket) -> tuple[dict[str, Any], list[int]]:
 
 def peer_is_root(sock: socket.socket) -> bool:
     """Whether the process at the other end is root's (SO_PEERCRED, the kernel's word): only root gives or takes."""
-    creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12)
-    return int.from_bytes(creds[4:8], sys.byteorder) == 0
+    return peer_credentials(sock)[1] == 0
+
+
+def unlink_if_ours(path: str, ino: int) -> None:
+    """Remove the socket at ``path`` if it is still the one we bound (``ino``): a later process may have bound its
+    own there."""
+    try:
+        if ino and os.lstat(path).st_ino != ino:
+            return
+        os.unlink(path)
+    except OSError:
+        pass
 
 
 def give(sock: socket.socket, service_state: Callable[[list[int]], dict[str, Any]], timeout: float = 30.0) -> bool:

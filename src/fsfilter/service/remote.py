@@ -21,6 +21,7 @@ import time
 from typing import Any, Protocol
 
 from fsfilter._engine import dispatch
+from fsfilter._system import procfs
 from fsfilter.api import _control
 from fsfilter.api._attached import rule_list
 from fsfilter.api._control import encode_params
@@ -172,8 +173,15 @@ class Link:
         self.pid = peer.pid if peer is not None else pid
         self.uid = peer.uid if peer is not None else uid
         self.bound = threading.Event()
+        # Kept: a pidfd taken when the link is kept tells whether its application is still the process it names.
+        self.pidfd = -1
         if peer is not None:
             self.bound.set()
+        else:
+            try:
+                self.pidfd = os.pidfd_open(pid)
+            except OSError:
+                pass  # gone already: Applications lets the kept filter go at its next look
         self.kept_since = time.monotonic()
         self._calls: dict[int, _Waiter] = {}
         self._ids = itertools.count(1)
@@ -198,6 +206,11 @@ class Link:
             self.peer = peer
             self.bound.set()
             self._wake.notify_all()
+
+    def _drop_pidfd(self) -> None:
+        pidfd, self.pidfd = self.pidfd, -1
+        if pidfd >= 0:
+            os.close(pidfd)
 
     def call(self, event: str, params: EventParamsBase, deny_when_gone: bool = False) -> None:
         job = dispatch.current_job()
@@ -322,6 +335,7 @@ class Link:
                 waiter.wake(None)
             self._wake.notify_all()
         self.bound.set()  # events waiting for a kept link's application go on (it is not coming back)
+        self._drop_pidfd()
         if self.events is not None:
             self.events.end()
         self._sender.join(flush)
@@ -367,16 +381,6 @@ class AppFilter(CBFilter):
                 setattr(self, "on_" + event, _proxy_post(self.link, event))
             else:
                 setattr(self, "on_" + event, _proxy_call(self.link, event, self))
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        pass
-    return True
 
 
 def _proxy_call(link: Link, event: str, f: CBFilter) -> Any:
@@ -607,7 +611,8 @@ class Applications:
             if not waiting:
                 return
             for f in waiting:
-                if time.monotonic() - f.link.kept_since < KEEP_MAX and _alive(f.owner_pid):
+                if time.monotonic() - f.link.kept_since < KEEP_MAX and f.link.pidfd >= 0 and \
+                        procfs.pidfd_alive(f.link.pidfd):
                     continue
                 with self._lock:
                     self._filters.pop(f.handle_id, None)

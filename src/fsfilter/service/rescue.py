@@ -200,7 +200,7 @@ def _hold(stack: MountStack, listener: socket.socket, path: str) -> bool:
     try:
         mine = os.stat(path).st_ino
     except OSError:
-        mine = -1
+        mine = 0
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda signum, frame: stop.set())
     deadline = time.monotonic() + HOLD_GRACE
@@ -219,10 +219,7 @@ def _hold(stack: MountStack, listener: socket.socket, path: str) -> bool:
                     return True  # (a mount that could not move stays here, held)
     finally:
         listener.close()
-        try:
-            if os.stat(path).st_ino == mine:
-                os.unlink(path)
-        except OSError:
-            pass
+        if mine:
+            service_handover.unlink_if_ours(path, mine)
     log.warning("%s: no fsfilterd took the mount over; letting it go", stack.mountpoint)
     return False
