@@ -187,6 +187,7 @@ class FilterBase(Layer):
         self._ctx_lock = threading.Lock()  # a leaf: the node slots' open counts and contexts
         self._naming = threading.local()  # (parent, name, match) of the name this thread is creating
         self._had_rules = False
+        self.serves_views = False  # the layer made a view or a virtual file: their requests may need its handlers
 
     def takes_requests(self) -> bool:
         """In the path of requests once the filter has had a rule (never out again: its handles and contexts need
@@ -241,6 +242,8 @@ class FilterBase(Layer):
         node = nodes.get(nodeid)
         if node is None:
             return True  # an unknown or detached node: do not skip the rules
+        if node.view is not None and node.view.layer is self:
+            return True  # a view this layer's decision made: its handlers may serve it, rule or no rule
         state: NodeState | None = node.slots.get(self)
         hit = state.reach if state is not None else None
         if hit is not None and hit[0] == gen:
@@ -302,7 +305,10 @@ class FilterBase(Layer):
         return [h for h in (r.slots.get(self) for r in records) if h is not None]
 
     def left(self) -> None:
-        """The layer left its stack: empty its slots (the records outlive it)."""
+        """The layer left its stack: its views and virtual files go, and its slots are emptied (the records outlive
+        it)."""
+        if self.serves_views:
+            self.lower.drop_views(self)
         for record in list(self.lower.nodes.values()) + list(self.lower.files.values()) + list(
                 self.lower.dirs.values()):
             record.slots.pop(self, None)
@@ -380,6 +386,13 @@ class FilterBase(Layer):
         """Session router: requests that may fire a control event of this filter go to the pool (True); our own
         stay on the reader (False); None: this layer does not care."""
         core = self.core
+        if self.serves_views:
+            # A name may resolve to a handler-served view, whose attributes its handlers give; its other requests
+            # fire handlers whatever the rules say.
+            node = self.lower.nodes.get(op.nodeid)
+            if op.opcode == abi.Opcode.LOOKUP or (node is not None and node.view is not None
+                                                  and node.view.layer is self):
+                return not self.is_own(op.pid)
         if not core.has_rules:
             return None
         opcode = op.opcode

@@ -6,6 +6,7 @@ from __future__ import annotations
 import errno
 import os
 import stat
+import struct
 from collections.abc import Callable
 from typing import Any
 
@@ -15,6 +16,7 @@ from fsfilter._layers.filter_base import (
     ACL_NAMES,
     XATTR_SIZE_MAX,
 )
+from fsfilter._layers.filter_isolation import IsolationOps
 from fsfilter._layers.filter_naming import FilterNaming
 from fsfilter._sessions.nodes import Inode
 from fsfilter._wire import ops
@@ -24,20 +26,26 @@ from fsfilter._wire.replies import (
     Data,
     IoctlOut,
     Reply,
+    StatView,
     xattr_reply,
 )
 from fsfilter.api import constants as c
+from fsfilter.api import fileinfo
 from fsfilter.api import params as ev
 from fsfilter.api.params import FILTER_PARAMS
 
 
-class ChangeOps(FilterNaming):
+class ChangeOps(FilterNaming, IsolationOps):
     """Changes to names and metadata: delete, rename, hard links, attributes, extended attributes and ACLs,
     symlink targets, ioctls."""
 
     def _delete(self, op: ops.Remove, is_dir: bool) -> Reply:
         name = op.name
         serve: Callable[[ops.Remove], Reply] = self.down.rmdir if is_dir else self.down.unlink
+        if self.lower.virtuals and not is_dir:
+            virtual = self.lower.virtual_at(self.lower.inode(op.nodeid), name)
+            if virtual is not None and virtual.layer is self:
+                return self._delete_virtual(op, virtual.parent_key)
         if not self.reaches(op.nodeid):
             return serve(op)
         path = self.child_path(op.nodeid, name)
@@ -73,6 +81,18 @@ class ChangeOps(FilterNaming):
         self.fire(ev.CBFilterAfterDeleteFileEventParams, c.FS_CE_AFTER_DELETE, flags, origin, file_name=path)
         self.notify(ev.CBFilterNotifyDeleteFileEventParams, c.FS_NE_DELETE, flags, origin, file_name=path)
         return reply
+
+    def _delete_virtual(self, op: ops.Remove, parent_key: tuple[int, int]) -> Reply:
+        """unlink(2) of a virtual file: on_before_delete_file decides (result_code refuses); the file goes unless the
+        handler completed the delete itself (process_request = False: it calls remove_virtual_file, or keeps it)."""
+        path = self.child_path(op.nodeid, op.name)
+        origin = self.origin(op)
+        flags = Flags(0, c.FS_CE_BEFORE_DELETE, 0)
+        deleting = self.fire(ev.CBFilterBeforeDeleteFileEventParams, c.FS_CE_BEFORE_DELETE, flags, origin,
+                             file_name=path)
+        if deleting is None or deleting.process_request:
+            self.lower.remove_virtual(parent_key, op.name)
+        return EMPTY
 
     def unlink(self, op: ops.Remove) -> Reply:
         return self._delete(op, False)
@@ -212,6 +232,12 @@ class ChangeOps(FilterNaming):
         valid, fh, size, mode, uid, gid = op.valid, op.fh, op.size, op.mode, op.uid_to, op.gid_to
         atime, mtime, atime_ns, mtime_ns = op.atime, op.mtime, op.atime_ns, op.mtime_ns
         node = self.lower.inode(op.nodeid)
+        if node.view is not None and self.handled(node) and valid & abi.FATTR_SIZE:
+            # A handler-served view's size is the handlers' (FileEndOfFileInformation).
+            handle = self.handle(fh) if fh is not None else None
+            if self.set_view_info(op, node, fileinfo.FILE_END_OF_FILE_INFORMATION, struct.pack("<q", size), handle):
+                st = self.query_view(op, node, os.fstat(node.fd), handle)
+                return Attr(StatView(st, size=size), 0.0)
         m = self.match_node(node.nodeid)
         flags = self.effective(m, op.pid, node)
         if not (flags.access or flags.control or flags.notify):

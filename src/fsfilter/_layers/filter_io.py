@@ -8,10 +8,8 @@ import errno
 import os
 from typing import Any
 
-from fsfilter._layers.filter_base import (
-    LOCK_BITS,
-    FilterBase,
-)
+from fsfilter._layers.filter_base import LOCK_BITS
+from fsfilter._layers.filter_isolation import IsolationOps
 from fsfilter._sessions.locks import F_UNLCK, F_WRLCK, OFFSET_MAX
 from fsfilter._sessions.lower_fs import add_lock_finish
 from fsfilter._wire import ops
@@ -26,7 +24,7 @@ from fsfilter.api import params as ev
 from fsfilter.api.params import FILTER_PARAMS
 
 
-class IoOps(FilterBase):
+class IoOps(IsolationOps):
     """Reads, writes, allocation and locks of open files."""
 
     def read(self, op: ops.Read) -> Reply:
@@ -36,6 +34,8 @@ class IoOps(FilterBase):
             return self.down.read(op)
         handle = self.handle(fh)
         flags, origin = self._io_flags(op, f.inode, handle)
+        if (f.inode.view is not None or f.slots) and self.handled_open(f):
+            flags = self.handled_flags(flags)
         control = flags.control & (c.FS_CE_BEFORE_READ | c.FS_CE_AFTER_READ)
         if not (control or flags.notify & c.FS_NE_READ):
             return self.down.read(op)
@@ -92,6 +92,8 @@ class IoOps(FilterBase):
             return self.down.write(op)
         handle = self.handle(fh)
         flags, origin = self._io_flags(op, f.inode, handle)
+        if (f.inode.view is not None or f.slots) and self.handled_open(f):
+            flags = self.handled_flags(flags)
         control = flags.control & (c.FS_CE_BEFORE_WRITE | c.FS_CE_AFTER_WRITE)
         if not (control or flags.notify & c.FS_NE_WRITE):
             return self.down.write(op)

@@ -7,6 +7,7 @@ import errno
 import os
 import stat
 
+from fsfilter._layers.filter_isolation import IsolationOps
 from fsfilter._layers.filter_naming import FilterNaming
 from fsfilter._sessions.nodes import Inode
 from fsfilter._wire import ops
@@ -21,7 +22,7 @@ from fsfilter.api import constants as c
 from fsfilter.api import params as ev
 
 
-class NameOps(FilterNaming):
+class NameOps(FilterNaming, IsolationOps):
     """Names: lookups (a before-open handler may hide a name), reparse rules, the attributes shown."""
 
     def where(self, op: ops.Op | None, parent: Inode, name: bytes) -> tuple[int, bytes, bool] | None:
@@ -61,7 +62,7 @@ class NameOps(FilterNaming):
 
     def lookup(self, op: ops.Lookup) -> Reply:
         if not self.reaches(op.nodeid):
-            return self.down.lookup(op)
+            return self._viewed(op, self.down.lookup(op))
         parent = self.lower.inode(op.nodeid)
         name = op.name
         path = self.child_path(parent.nodeid, name)
@@ -75,11 +76,19 @@ class NameOps(FilterNaming):
             # before-open handler sees it (desired_access FILE_READ_ATTRIBUTES, flags O_PATH) and can refuse
             # it, so that a hidden name stays hidden from stat and path walks, not only from open.
             self._fire_lookup(op, flags, path)
-        reply = self.down.lookup(op)
+        reply = self._viewed(op, self.down.lookup(op))
         if m is not None and isinstance(reply, Entry):
             self._keep_match(reply, m)
             if self._volatile(m):
                 reply.uncached()
+        return reply
+
+    def _viewed(self, op: ops.Op, reply: Reply) -> Reply:
+        """A LOOKUP that gave a handler-served view of this layer's: the attributes its handlers give."""
+        if isinstance(reply, Entry) and reply.attr is not None and reply.nodeid in self.lower.nodes:
+            node = self.lower.nodes[reply.nodeid]
+            if self.handled(node):
+                reply.attr = self.query_view(op, node, reply.attr)
         return reply
 
     def shown(self, nodeid: int, st: StatLike) -> StatLike:
@@ -98,6 +107,10 @@ class NameOps(FilterNaming):
 
     def getattr(self, op: ops.Getattr) -> Reply:
         reply = self.down.getattr(op)
+        node = self.lower.nodes.get(op.nodeid)
+        if node is not None and node.view is not None and self.handled(node) and isinstance(reply, Attr):
+            reply.attr = self.query_view(op, node, reply.attr)
+            return reply
         m = self.match_node(op.nodeid)
         if m is None or not (m.upper.control & c.FS_CE_AFTER_GET_SIZES or m.upper.notify & c.FS_NE_GET_SIZES):
             return reply

@@ -17,6 +17,7 @@ from fsfilter._layers.filter_base import (
     RW_BITS,
     Handle,
 )
+from fsfilter._layers.filter_isolation import VIRTUAL_CONTROL, IsolationOps
 from fsfilter._layers.filter_naming import FilterNaming
 from fsfilter._sessions.nodes import Inode
 from fsfilter._wire import ops
@@ -32,7 +33,7 @@ from fsfilter.api import params as ev
 from fsfilter.api.params import FILTER_PARAMS
 
 
-class OpenOps(FilterNaming):
+class OpenOps(FilterNaming, IsolationOps):
     """Opens and closes: access checks, the create/open events and their contexts, cleanup and close events,
     and how an open's reads and writes are served (the daemon, direct I/O, FLUSH)."""
 
@@ -60,14 +61,22 @@ class OpenOps(FilterNaming):
         node = self.lower.inode(op.nodeid)
         m = self.match_node(node.nodeid)
         flags = self.effective(m, op.pid, node)
+        if self.owns_view(node) and node.view is not None and node.view.of[0] == 0:
+            flags = Flags(flags.access, flags.control | VIRTUAL_CONTROL, flags.notify)
         self._check_open_access(op, flags, op.flags, False)
         return self._open_with_events(op, node, op.flags, flags, lambda: self.down.open(op), created=False)
 
-    def _open_fields(self, path: str, open_flags: int, mode: int, created: bool, is_dir: bool) -> dict[str, Any]:
+    def _open_fields(self, path: str, open_flags: int, mode: int, created: bool, is_dir: bool,
+                     node: Inode | None = None) -> dict[str, Any]:
         attributes = c.FILE_SYS_ATTR_DIRECTORY if is_dir else 0
+        virtual = node is not None and self.owns_view(node) and node.view is not None and node.view.of[0] == 0
+        if virtual:
+            attributes |= c.FILE_ATTRIBUTE_VIRTUAL_FILE
+        # The backend is the file's own name unless a handler changes it (an isolated open then reads that).
         return dict(file_name=path, desired_access=_desired_access(open_flags), attributes=attributes,
                     options=open_flags, flags=open_flags, mode=mode,
-                    create_disposition=_disposition(open_flags, created))
+                    create_disposition=_disposition(open_flags, created), isolate=virtual,
+                    backend_file_name="" if virtual else path)
 
     def _open_with_events(self, op: ops.Op, node: Inode, open_flags: int, flags: Flags,
                           serve: Callable[[], Reply], created: bool, mode: int = 0, path: str | None = None,
@@ -80,15 +89,27 @@ class OpenOps(FilterNaming):
         origin = self.origin(op)
         bits = (c.FS_CE_BEFORE_CREATE, c.FS_CE_AFTER_CREATE, c.FS_NE_CREATE) if created else (
             c.FS_CE_BEFORE_OPEN, c.FS_CE_AFTER_OPEN, c.FS_NE_OPEN)
-        fields = self._open_fields(path, open_flags, mode, created, is_dir)
+        fields = self._open_fields(path, open_flags, mode, created, is_dir, None if created else node)
         file_context = 0 if created else self.file_context(context_node or node.nodeid)
         handle_context = 0
         before_event = FILTER_PARAMS["before_create_file" if created else "before_open_file"]  # picked by name
-        before = self.fire(before_event, bits[0], flags, origin, file_context=file_context, **fields)
+        isolating = not created and not is_dir
+        pending = self.take_pending(op.pid, node) if isolating else None
+        if pending is not None:
+            before = pending.before  # the handler decided this open before the kernel walked its name again
+        else:
+            before = self.fire(before_event, bits[0], flags, origin, file_context=file_context, **fields)
         if before is not None:
             if not before.process_request:
                 raise OSError(errno.EACCES, "the event handler completed the open without a file")
             file_context, handle_context = int(before.file_context), int(before.handle_context)
+        unfitting: tuple[bool, str] | None = None
+        if isolating and (before is not None and before.isolate or node.view is not None):
+            isolate, backend = self.wanted_view(before, path, node)
+            if not self.view_fits(node, isolate, backend):
+                if pending is None:
+                    self.reroute(op, node, isolate, backend, before, path)  # raises ESTALE: the kernel walks again
+                unfitting = (isolate, backend)
         error = 0
         try:
             reply = serve()
@@ -102,6 +123,8 @@ class OpenOps(FilterNaming):
         fh = opened.fh
         # A CREATE reply starts with the new object's entry: its node id is the one the handle is on.
         nodeid = reply.entry.nodeid if isinstance(reply, Created) else node.nodeid
+        if unfitting is not None:
+            self.serve_unfitting(self.lower.file(fh), *unfitting)  # (a failure here is undone by the bottom)
         try:
             file_context, handle_context = self._after_open(created, bits, flags, origin, fields, 0, file_context,
                                                             handle_context, (self, nodeid))
@@ -226,6 +249,8 @@ class OpenOps(FilterNaming):
                                       created=False, is_dir=True)
 
     def needs_io(self, node: Inode, st: os.stat_result) -> bool:
+        if self.handled(node):
+            return True
         m = self.match_node(node.nodeid)
         if m is None:
             return False
@@ -234,6 +259,11 @@ class OpenOps(FilterNaming):
                     or m.upper.notify & RW_BITS[1] & self.core.notify_handlers)
 
     def open_reply_flags(self, node: Inode, flags: int, passthrough: bool) -> int:
+        if self.handled(node):
+            # What the handlers give may differ from one open to the next: the view's cache starts empty each time.
+            flags &= ~abi.OpenReplyFlag.KEEP_CACHE
+            if self.core.process_cached_io_requests:
+                flags |= abi.OpenReplyFlag.DIRECT_IO  # every application read and write reaches the handlers
         m = self.match_node(node.nodeid)
         if m is None:
             return flags

@@ -17,7 +17,7 @@ from fsfilter._sessions.fuse_session import Deferred, Handler
 from fsfilter._sessions.journal import Journal
 from fsfilter._sessions.layer import NO_HOOKS, Layer, StackHooks
 from fsfilter._sessions.locks import LockTable
-from fsfilter._sessions.nodes import Inode, OpenDir, OpenFile
+from fsfilter._sessions.nodes import GoneFile, Inode, OpenDir, OpenFile, View, Virtual
 from fsfilter._system import libc, procfs
 from fsfilter._wire import fuse as wire
 from fsfilter._wire import ops
@@ -90,6 +90,12 @@ class LowerBase(Layer):
         # done (the name there already, or gone already) succeeds (see may_be_done).
         self.maybe_done: set[int] = set()
         self.top: Layer = self  # where the session enters the stack
+        # Isolation: the views of each lower object (by key) whose owners' LOOKUPs get a node of their own, and the
+        # virtual files, by (directory key, name). Changed under _lock; read without it on the hot path only to see
+        # whether there are any.
+        self.routes: dict[tuple[int, int], list[View]] = {}
+        self.virtuals: dict[tuple[tuple[int, int], bytes], Virtual] = {}
+        self._virtual_ids = 0
         self._tables: list[dict[int, Handler]] = []  # the sessions' handler tables, bound to the top's methods
 
     @contextlib.contextmanager
@@ -99,8 +105,9 @@ class LowerBase(Layer):
             yield
 
     def journal_node(self, node: Inode) -> None:
-        """Write a node's record (under _lock)."""
-        if self.journal is not None and node.nodeid != abi.ROOT_ID:
+        """Write a node's record (under _lock). A view's node is not written: its handlers, or the decision that made
+        it, do not outlive the process (a rescuer answers its requests with ESTALE)."""
+        if self.journal is not None and node.nodeid != abi.ROOT_ID and node.view is None:
             self.journal.node(node.nodeid, node.parent, node.name, node.nlookup, node.key, node.backing_id,
                               node.backing_refs, node.daemon_opens)
 
@@ -145,6 +152,8 @@ class LowerBase(Layer):
         node = self.nodes.get(nodeid)
         if node is None:
             raise OSError(errno.ESTALE, "unknown node id")
+        if node.view is not None and node.view.gone:
+            raise OSError(errno.EIO, "the filter that served this file has stopped")
         return node
 
     def file(self, fh: int) -> OpenFile:
@@ -170,10 +179,16 @@ class LowerBase(Layer):
             depth += 1
         return b"/" + b"/".join(reversed(parts))
 
-    def _remember(self, fd: int, st: os.stat_result, parent: int, name: bytes) -> Inode:
-        """Count one more kernel reference to the object ``fd`` (an O_PATH fd we now own) refers to."""
+    def _remember(self, fd: int, st: os.stat_result, parent: int, name: bytes, tid: int = 0) -> Inode:
+        """Count one more kernel reference to the object ``fd`` (an O_PATH fd we now own) refers to: its own node, or
+        the node of thread ``tid``'s view of it (isolation)."""
         key = (st.st_dev, st.st_ino)
         with self._lock:
+            if tid and self.routes:
+                view = self._view_of(key, tid)
+                if view is not None:
+                    os.close(fd)
+                    return self._view_node(view, parent, name)
             node = self.by_key.get(key)
             if node is None:
                 node = Inode(self._next_id, fd, key, parent, name)
@@ -191,17 +206,168 @@ class LowerBase(Layer):
 
     def entry(self, node: Inode, st: StatLike) -> Entry:
         hooks = self.hooks
-        return Entry(node.nodeid, hooks.shown(node.nodeid, st) if hooks.shows else st, self.options.entry_timeout,
+        timeout = self.options.entry_timeout
+        if node.view is not None or (self.routes and node.key in self.routes):
+            timeout = 0.0  # a name whose node depends on who asks: every path walk asks again
+        return Entry(node.nodeid, hooks.shown(node.nodeid, st) if hooks.shows else st, timeout,
                      self.options.attr_timeout)
 
-    def _entry(self, fd: int, parent: int, name: bytes) -> Entry:
-        """The entry of a freshly opened O_PATH fd, which the tables then own."""
+    def _entry(self, fd: int, parent: int, name: bytes, tid: int = 0) -> Entry:
+        """The entry of a freshly opened O_PATH fd, which the tables then own (the node of ``tid``'s view, if any)."""
         try:
             st = os.fstat(fd)
         except BaseException:
             os.close(fd)
             raise
-        return self.entry(self._remember(fd, st, parent, name), st)
+        node = self._remember(fd, st, parent, name, tid)
+        if node.view is not None:
+            st = os.fstat(node.fd)
+        return self.entry(node, st)
+
+    # -- isolation: views and virtual files
+
+    def _view_of(self, key: tuple[int, int], tid: int) -> View | None:
+        """Thread ``tid``'s view of the object ``key`` (under _lock); views whose owner is gone are dropped."""
+        views = self.routes.get(key)
+        if not views:
+            return None
+        for view in list(views):
+            if view.owner == tid or libc.is_thread_of(view.owner, tid):
+                if procfs.pidfd_alive(view.pidfd):
+                    return view
+                self._unroute(view)
+        return None
+
+    def _view_node(self, view: View, parent: int, name: bytes) -> Inode:
+        """The node of ``view``, made if the kernel knows none now; one more lookup counted (under _lock)."""
+        node = view.node
+        if node is None or self.nodes.get(node.nodeid) is not node:
+            node = Inode(self._next_id, os.dup(view.fd), view.of, parent, name)
+            node.view = view
+            self._next_id += 1
+            self.nodes[node.nodeid] = node
+            view.node = node
+        node.parent, node.name = parent, name
+        node.nlookup += 1
+        return node
+
+    def route(self, view: View) -> None:
+        """From now on the LOOKUPs of ``view.owner`` for the object ``view.of`` get the view's node; a view the owner
+        had of it before stops being routed (its node lives on while the kernel knows it)."""
+        with self._lock:
+            for old in list(self.routes.get(view.of, ())):
+                if old.owner == view.owner:
+                    self._unroute(old)
+            self.routes.setdefault(view.of, []).append(view)
+
+    def unroute(self, key: tuple[int, int], owner: int) -> None:
+        """The owner's LOOKUPs of the object get its own node again."""
+        with self._lock:
+            for old in list(self.routes.get(key, ())):
+                if old.owner == owner:
+                    self._unroute(old)
+
+    def _unroute(self, view: View) -> None:
+        views = self.routes.get(view.of)
+        if views is not None and view in views:
+            views.remove(view)
+            if not views:
+                del self.routes[view.of]
+        if view.node is None or self.nodes.get(view.node.nodeid) is not view.node:
+            view.close()  # no node uses its fds (a node holds a dup of fd; the view's own go with the route)
+
+    def views_of(self, layer: object) -> list[View]:
+        """Every view ``layer``'s decisions made (routed, or with a node the kernel still knows)."""
+        with self._lock:
+            found = {id(v): v for views in self.routes.values() for v in views if v.layer is layer}
+            for node in self.nodes.values():
+                if node.view is not None and node.view.layer is layer:
+                    found[id(node.view)] = node.view
+            for virtual in self.virtuals.values():
+                if virtual.layer is layer:
+                    for v in virtual.views.values():
+                        found[id(v)] = v
+            return list(found.values())
+
+    def drop_views(self, layer: object) -> list[Inode]:
+        """``layer`` left: its views and virtual files go; the opens of its handled views fail from now on (never
+        wait for handlers that are gone). Returns the nodes the kernel should forget the names of."""
+        views = self.views_of(layer)
+        stale: list[Inode] = []
+        with self._lock:
+            for view in views:
+                view.gone = True
+                self._unroute(view)
+                if view.node is not None:
+                    stale.append(view.node)
+            for where, virtual in list(self.virtuals.items()):
+                if virtual.layer is layer:
+                    del self.virtuals[where]
+                    os.close(virtual.store)
+            for f in self.files.values():
+                seen = f.inode.view
+                if seen is not None and seen.gone and seen.handled:
+                    f.backend = GoneFile()
+        return stale
+
+    def add_virtual(self, parent: Inode, name: bytes, layer: object, mode: int) -> Virtual:
+        """A virtual file ``name`` in the directory ``parent``, its data in a new memfd."""
+        if self._exists_at(parent.fd, name):
+            raise FileExistsError(errno.EEXIST, "a file of that name exists")
+        store = os.memfd_create("fsfilter-virtual:" + os.fsdecode(name)[:200], os.MFD_CLOEXEC)
+        os.fchmod(store, mode & 0o7777)
+        with self._lock:
+            where = (parent.key, name)
+            if where in self.virtuals:
+                os.close(store)
+                raise FileExistsError(errno.EEXIST, "a virtual file of that name exists")
+            self._virtual_ids += 1
+            virtual = Virtual((0, self._virtual_ids), parent.key, name, store, layer, mode)
+            self.virtuals[where] = virtual
+        return virtual
+
+    def remove_virtual(self, parent_key: tuple[int, int], name: bytes) -> Virtual | None:
+        """Take a virtual file out of its directory; its views' nodes live on (as an unlinked file's would)."""
+        with self._lock:
+            virtual = self.virtuals.pop((parent_key, name), None)
+            if virtual is None:
+                return None
+            for view in virtual.views.values():
+                self._unroute(view)
+        os.close(virtual.store)  # (each view and node holds a dup of its own)
+        return virtual
+
+    def virtual_at(self, parent: Inode, name: bytes) -> Virtual | None:
+        return self.virtuals.get((parent.key, name)) if self.virtuals else None
+
+    def _virtual_entry(self, virtual: Virtual, parent: Inode, name: bytes, tid: int) -> Entry:
+        """LOOKUP of a virtual file: the node of the caller's process's own view of it."""
+        owner = procfs.tgid(tid) if tid else 0
+        if owner <= 0:
+            raise FileNotFoundError(errno.ENOENT, "no process to show the virtual file to")
+        with self._lock:
+            view = virtual.views.get(owner)
+            if view is not None and not procfs.pidfd_alive(view.pidfd):
+                self._unroute(view)
+                del virtual.views[owner]
+                view = None
+            if view is None:
+                pidfd = os.pidfd_open(owner)
+                view = View(owner, pidfd, os.dup(virtual.store), "", True, virtual.key, virtual.layer)
+                virtual.views[owner] = view
+                self.routes.setdefault(virtual.key, []).append(view)
+            node = self._view_node(view, parent.nodeid, name)
+        if self.hooks.remembers:
+            self.hooks.remembered(node)
+        return self.entry(node, os.fstat(node.fd))
+
+    @staticmethod
+    def _exists_at(dfd: int, name: bytes) -> bool:
+        try:
+            os.stat(name, dir_fd=dfd, follow_symlinks=False)
+        except OSError:
+            return False
+        return True
 
     def locate(self, op: ops.Op | None, parent: Inode, name: bytes) -> tuple[int, bytes, bool]:
         """The directory fd and name that a request naming ``name`` in ``parent`` acts on, and whether the
@@ -247,7 +413,12 @@ class LowerBase(Layer):
             del self.nodes[nodeid]
             if self.by_key.get(node.key) is node:
                 del self.by_key[node.key]
-            if journal is not None:
+            view = node.view
+            if view is not None and view.node is node:
+                view.node = None
+                if view not in self.routes.get(view.of, ()):
+                    view.close()  # no longer routed, and now no node: nothing will use it again
+            if journal is not None and view is None:
                 journal.forget(nodeid)
         os.close(node.fd)
         self.hooks.dropped(nodeid)

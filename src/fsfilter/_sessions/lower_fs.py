@@ -51,6 +51,9 @@ from fsfilter._wire.replies import (
 
 __all__ = ["IoPolicy", "LowerFS", "LowerOptions", "add_lock_finish"]
 
+# Listing offsets of virtual files: past any a lower directory gives (ext4's largest is 2**63 - 1).
+VIRTUAL_OFFSETS = 1 << 63
+
 _SETTLED = frozenset({"open", "create", "tmpfile", "opendir"})  # the stack's answer is settled by the bottom
 _LOCK_OPS = frozenset({abi.Opcode.GETLK, abi.Opcode.SETLK, abi.Opcode.SETLKW})
 
@@ -123,10 +126,13 @@ class LowerFS(LowerFiles):
         try:
             fd = self._open_path(op, parent, op.name)
         except FileNotFoundError:
-            if self.options.negative_timeout > 0:
+            virtual = self.virtual_at(parent, op.name)
+            if virtual is not None:
+                return self._virtual_entry(virtual, parent, op.name, op.pid)
+            if self.options.negative_timeout > 0 and not self.virtuals:
                 return Entry(0, None, self.options.negative_timeout, 0.0)
             raise
-        return self._entry(fd, parent.nodeid, op.name)
+        return self._entry(fd, parent.nodeid, op.name, op.pid)
 
     def forget(self, op: ops.Forget) -> None:
         self.forget_one(op.nodeid, op.count)
@@ -229,7 +235,7 @@ class LowerFS(LowerFiles):
             if (st.st_dev, st.st_ino) != node.key:
                 os.close(fd)  # what is at the name is not the linked object: the link was never made
                 raise FileExistsError(errno.EEXIST, "file exists")
-        return self._entry(fd, parent.nodeid, op.name)
+        return self._entry(fd, parent.nodeid, op.name, op.pid)
 
     def unlink(self, op: ops.Remove) -> Reply:
         return self._remove(op, os.unlink)
@@ -255,6 +261,8 @@ class LowerFS(LowerFiles):
         flags = op.flags
         if flags & ~(linux.RENAME_NOREPLACE | linux.RENAME_EXCHANGE):
             raise OSError(errno.EINVAL, "unsupported rename flags")
+        if self.virtuals and (self.virtual_at(src, op.name) or self.virtual_at(dst, op.new_name)):
+            return self._rename_virtual(op, src, dst)
         self.intend(op)
         try:
             if flags:
@@ -263,7 +271,7 @@ class LowerFS(LowerFiles):
                 os.rename(op.name, op.new_name, src_dir_fd=src.fd, dst_dir_fd=dst.fd)
         except FileNotFoundError:
             # A predecessor renamed before it could answer (the new name is there).
-            if not self.may_be_done(op) or not _exists(dst.fd, op.new_name):
+            if not self.may_be_done(op) or not self._exists_at(dst.fd, op.new_name):
                 raise
         self.moved(dst, op.new_name)
         if flags & linux.RENAME_EXCHANGE:
@@ -271,16 +279,45 @@ class LowerFS(LowerFiles):
         return EMPTY
 
     def moved(self, parent: Inode, name: bytes) -> None:
-        """Keep the remembered name of a renamed object current (for path_of)."""
+        """Keep the remembered name of a renamed object current (for path_of), its views' too."""
         try:
             st = os.stat(name, dir_fd=parent.fd, follow_symlinks=False)
         except OSError:
             return
-        node = self.by_key.get((st.st_dev, st.st_ino))
-        if node is not None:
-            with self._lock:
+        key = (st.st_dev, st.st_ino)
+        node = self.by_key.get(key)
+        with self._lock:
+            if node is not None:
                 node.parent, node.name = parent.nodeid, name
                 self.journal_node(node)
+            for view in self.routes.get(key, ()):
+                if view.node is not None:
+                    view.node.parent, view.node.name = parent.nodeid, name
+
+    def _rename_virtual(self, op: ops.Rename, src: Inode, dst: Inode) -> Reply:
+        """A rename from or onto a virtual file's name: virtual files move between names; a real file is never
+        replaced by a virtual one, nor a virtual one by a real one (EEXIST), nor are they exchanged (EINVAL)."""
+        if op.flags & linux.RENAME_EXCHANGE:
+            raise OSError(errno.EINVAL, "a virtual file cannot be exchanged")
+        with self._lock:
+            virtual = self.virtuals.get((src.key, op.name))
+            if virtual is None or (dst.key, op.new_name) in self.virtuals and op.flags & linux.RENAME_NOREPLACE:
+                raise OSError(errno.EEXIST if virtual is not None else errno.EXDEV,
+                              "a virtual file's name is taken" if virtual is not None else
+                              "a real file cannot replace a virtual one")
+            if self._exists_at(dst.fd, op.new_name):
+                raise FileExistsError(errno.EEXIST, "a real file has that name")
+            replaced = self.virtuals.pop((dst.key, op.new_name), None)
+            del self.virtuals[(src.key, op.name)]
+            virtual.parent_key, virtual.name = dst.key, op.new_name
+            self.virtuals[(dst.key, op.new_name)] = virtual
+            if replaced is not None and replaced is not virtual:
+                for view in replaced.views.values():
+                    self._unroute(view)
+            for view in virtual.views.values():
+                if view.node is not None:
+                    view.node.parent, view.node.name = dst.nodeid, op.new_name
+        return EMPTY
 
     def opendir(self, op: ops.Open) -> Reply:
         node = self.inode(op.nodeid)
@@ -303,7 +340,10 @@ class LowerFS(LowerFiles):
         used = 0
         parent = self.inode(op.nodeid)
         hooks = self.hooks
+        routed = self._routed_names(parent) if plus and self.routes else ()
         with d.lock:
+            if op.offset >= VIRTUAL_OFFSETS:  # the lower directory was listed whole: virtual names follow
+                return self._list_virtuals(op, parent, op.offset - VIRTUAL_OFFSETS, out, used)
             if op.offset != d.pos:  # a seekdir/rewinddir, or a reply the kernel did not take whole
                 os.lseek(d.fd, op.offset, os.SEEK_SET)
                 d.pending = []
@@ -312,6 +352,8 @@ class LowerFS(LowerFiles):
                 if not d.pending:
                     d.pending = d.reader.read(d.fd)
                     if not d.pending:
+                        if self.virtuals:
+                            return self._list_virtuals(op, parent, 0, out, used)
                         break
                 ino, next_off, dtype, name = d.pending[0]
                 entry = DirEntry(name, ino, next_off, dtype)
@@ -321,7 +363,8 @@ class LowerFS(LowerFiles):
                 d.pending.pop(0)
                 d.pos = next_off
                 nodeid = 0
-                if plus and name not in (b".", b".."):
+                if plus and name not in (b".", b"..") and name not in routed:
+                    # (a name whose node depends on who asks gets no entry: the kernel looks it up when used)
                     try:
                         node, st = self.lookup_child(parent, name)
                     except FileNotFoundError:
@@ -340,6 +383,40 @@ class LowerFS(LowerFiles):
                     out.append(kept)
                     used += need
         return Listing(out, plus)
+
+    def _routed_names(self, parent: Inode) -> set[bytes]:
+        """The names in ``parent`` of the objects with views, as last seen."""
+        names = set()
+        for views in list(self.routes.values()):
+            for view in views:
+                node = view.node
+                if node is not None and node.parent == parent.nodeid:
+                    names.add(node.name)
+        return names
+
+    def _list_virtuals(self, op: ops.Read, parent: Inode, start: int, out: list[DirEntry], used: int) -> Reply:
+        """The virtual files of a directory, after its lower names: offsets from VIRTUAL_OFFSETS up (no lower
+        directory's offset reaches them), in a fixed order; a name a real file has now is left out."""
+        listed = sorted((name, v.store) for (key, name), v in list(self.virtuals.items()) if key == parent.key)
+        for index in range(start, len(listed)):
+            name, store = listed[index]
+            try:
+                ino = os.fstat(store).st_ino
+            except OSError:
+                continue  # removed meanwhile
+            entry = DirEntry(name, ino, VIRTUAL_OFFSETS + index + 1, stat.S_IFREG >> 12)
+            need = entry.size(op.plus)
+            if used + need > op.size:
+                break
+            if self._exists_at(parent.fd, name):
+                continue
+            kept: DirEntry | None = entry
+            if self.hooks.lists:
+                kept = self.hooks.listed(op, parent, entry)
+            if kept is not None:
+                out.append(kept)
+                used += need
+        return Listing(out, op.plus)
 
     def releasedir(self, op: ops.Release) -> Reply:
         self.release_dir(op.fh)
@@ -464,14 +541,6 @@ class LowerFS(LowerFiles):
         self.dirs.clear()
         self.nodes = {abi.ROOT_ID: self.root}
         self.by_key = {self.root.key: self.root}
-
-
-def _exists(dfd: int, name: bytes) -> bool:
-    try:
-        os.stat(name, dir_fd=dfd, follow_symlinks=False)
-    except OSError:
-        return False
-    return True
 
 
 def _time_arg(valid: int, set_flag: int, now_flag: int, sec: int, nsec: int) -> tuple[int, int]:

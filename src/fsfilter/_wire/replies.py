@@ -21,7 +21,8 @@ class StatView:
                  "st_blksize", "st_atime_ns", "st_mtime_ns", "st_ctime_ns")
 
     def __init__(self, st: StatLike, *, size: int | None = None, blocks: int | None = None,
-                 nlink: int | None = None) -> None:
+                 nlink: int | None = None, atime_ns: int | None = None, mtime_ns: int | None = None,
+                 ctime_ns: int | None = None) -> None:
         self.st_ino: int = st.st_ino
         self.st_mode: int = st.st_mode
         self.st_nlink: int = st.st_nlink if nlink is None else nlink
@@ -31,9 +32,9 @@ class StatView:
         self.st_size: int = st.st_size if size is None else size
         self.st_blocks: int = st.st_blocks if blocks is None else blocks
         self.st_blksize: int = st.st_blksize
-        self.st_atime_ns: int = st.st_atime_ns
-        self.st_mtime_ns: int = st.st_mtime_ns
-        self.st_ctime_ns: int = st.st_ctime_ns
+        self.st_atime_ns: int = st.st_atime_ns if atime_ns is None else atime_ns
+        self.st_mtime_ns: int = st.st_mtime_ns if mtime_ns is None else mtime_ns
+        self.st_ctime_ns: int = st.st_ctime_ns if ctime_ns is None else ctime_ns
 
 
 class Reply:

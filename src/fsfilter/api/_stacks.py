@@ -255,6 +255,16 @@ class MountStack(PassthroughFilter):
                                                      daemon=True)
                 self._invalidator.start()
 
+    def forget_name(self, rel: bytes) -> None:
+        """Make the kernel forget what it knows of the name ``rel`` (below the mount), e.g. that it did not exist.
+        On a thread of its own, for the reason rules_changed gives."""
+        def forget() -> None:
+            try:
+                self.notify_changed(os.fsdecode(rel))
+            except Exception as exc:  # the mount went meanwhile
+                log.debug("forgetting %r: %s", rel, exc)
+        threading.Thread(target=forget, name="fsfilter-forget-name", daemon=True).start()
+
     def _invalidate(self) -> None:
         while True:
             with self._stale_lock:

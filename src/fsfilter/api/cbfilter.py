@@ -171,6 +171,7 @@ class CBFilter(Deployment, RuleTables):
         self._config = dict(_CONFIG_DEFAULTS)
         self._attach_points: list[str] = []
         self._attached: dict[str, stacks.Attachment] = {}  # attach point -> the filter's layer in its mount's stack
+        self._virtual_files: dict[str, int] = {}  # path -> mode: the virtual files the application added
         self._product_guid = ""
         self._timeout_ms = 0
         self.denial_log = _PROCESS_DENIALS  # the service gives its filters the service's log
@@ -554,6 +555,7 @@ class CBFilter(Deployment, RuleTables):
 
     def _wanted_attach_points(self) -> list[str]:
         wanted: set[str] = set(self._attach_points)
+        wanted.update(os.path.realpath(os.path.dirname(p)) for p in self._virtual_files)  # their directories
         masks = [(r.compiled, False) for r in list(self.rules) + list(self.passthrough_rules)
                  if not self._via_fanotify(r)]
         masks += [(r.mask, True) for r in self.reparse.rules()]  # a redirected name is resolved in its parent
@@ -613,6 +615,9 @@ class CBFilter(Deployment, RuleTables):
             raise CBFSFilterError(errno.EBUSY, f"{path} contains an attach point that is already mounted: stop the "
                                                "filter, add the rule, and start it again")
         self._attached[path] = stacks.attach(self, path, self._altitude, bool(self.strict_altitude))
+        for name, mode in list(self._virtual_files.items()):
+            if name.startswith(path.rstrip("/") + "/"):
+                self._place_virtual(name, mode)
         if volume_control:
             self._fire_simple("after_filter_attach_to_volume", volume_name=path)
         if volume_notify:
@@ -1125,6 +1130,76 @@ class CBFilter(Deployment, RuleTables):
             os.ftruncate(handle, size)
         except OSError as exc:
             raise CBFSFilterError.from_os_error(exc, f"cannot set the size of the direct handle to {size}") from exc
+
+    # -- virtual files
+
+    def add_virtual_file(self, file_name: str, attributes: int = 0, mode: int = 0o644) -> None:
+        """Add a file that exists on no disk: it appears in listings, ``stat`` and open of ``file_name`` (whose
+        directory must exist); its data, size and times come from the handlers (on_before_open_file sees
+        FILE_ATTRIBUTE_VIRTUAL_FILE in ``attributes`` and ``isolate`` True; on_before_read_file,
+        on_before_write_file, on_before_query_file_info, on_before_set_file_info fire for every request of it, and
+        what they leave undone acts on a store in memory). Every process has a view of its own; it goes with
+        remove_virtual_file, with stop_filter, or when the application ends."""
+        path = os.path.normpath(os.path.abspath(file_name))
+        if attributes & c.FILE_SYS_ATTR_DIRECTORY:
+            raise CBFSFilterError(errno.EINVAL, "virtual directories are not supported: create a real directory "
+                                                "and add virtual files in it")
+        if not 0 <= mode <= 0o7777:
+            raise CBFSFilterError(errno.EINVAL, f"mode {mode:#o} is not a permission mode")
+        if attributes & c.FILE_SYS_ATTR_READ_ONLY:
+            mode &= ~0o222
+        head = os.path.dirname(path)
+        if not os.path.isdir(head):
+            raise CBFSFilterError(errno.ENOENT, f"{head}, the directory of the virtual file, does not exist: create "
+                                                "it first")
+        if os.path.lexists(path):
+            raise CBFSFilterError(errno.EEXIST, f"{path} exists: a virtual file needs a name no file has")
+        with self._lock:
+            if path in self._virtual_files:
+                raise CBFSFilterError(errno.EEXIST, f"{path} is a virtual file already")
+            self._virtual_files[path] = mode
+            active = self._active
+        if not active:
+            return  # placed when the filter starts
+        try:
+            with self._lock:
+                if not self._covered(path):
+                    self._attach(os.path.realpath(head))
+                else:
+                    self._place_virtual(path, mode)
+        except BaseException:
+            with self._lock:
+                self._virtual_files.pop(path, None)
+            raise
+
+    def _place_virtual(self, path: str, mode: int) -> None:
+        """Add the virtual file to the layer of the mount that serves its directory, and make the kernel forget that
+        the name did not exist."""
+        for point, attachment in self._attached.items():
+            if path.startswith(point.rstrip("/") + "/"):
+                rel = os.fsencode(os.path.relpath(path, attachment.mountpoint))
+                try:
+                    attachment.layer.add_virtual_file(b"/" + rel, mode)
+                except OSError as exc:
+                    raise CBFSFilterError.from_os_error(exc, f"cannot add the virtual file {path}") from exc
+                attachment.stack.forget_name(b"/" + rel)
+                attachment.stack.rules_changed()  # puts the layer in the path of requests
+                return
+        raise CBFSFilterError(errno.ENOENT, f"no mount of this filter serves {path}")
+
+    def remove_virtual_file(self, file_name: str) -> bool:
+        """Take a virtual file away; True when there was one. Processes that have it open keep it open (as an
+        unlinked file) until they close it."""
+        path = os.path.normpath(os.path.abspath(file_name))
+        with self._lock:
+            if self._virtual_files.pop(path, None) is None:
+                return False
+            for point, attachment in self._attached.items():
+                if path.startswith(point.rstrip("/") + "/"):
+                    rel = b"/" + os.fsencode(os.path.relpath(path, attachment.mountpoint))
+                    attachment.layer.remove_virtual_file(rel)
+                    attachment.stack.forget_name(rel)
+        return True
 
     def suspend_file_events(self) -> None:
         """Inside on_after_create_file / on_after_open_file: no more events (control or notification) for

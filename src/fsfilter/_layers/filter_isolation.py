@@ -1,0 +1,271 @@
+"""A CBFilter layer's isolation and virtual files.
+
+A before-open handler that sets ``isolate`` gives the opening process a view of the file of its own: a node of its
+own (see sessions/nodes.py, View), so that its page cache, attributes, I/O mode and mmap never mix with what other
+processes see of the same path. The kernel chose the node of an OPEN at LOOKUP, before the handler decided; so the
+first isolated open of a file by a process is answered ESTALE once, after the view is routed: the kernel walks the
+path again with LOOKUP_REVAL, gets the view's node, and opens that (the handler's decision is kept for that retry,
+so the handler is not asked twice). When the retry lands on the same node again (a reopen through
+/proc/PID/fd, which walks no names), the open is served on that node as it is, with the view's backend and no
+page cache.
+
+``backend_file_name`` says what the view reads and writes: the file's own name (the default) = the file itself,
+in a cache of the view's own (and kernel passthrough); another path = that file; "" = the handlers
+(on_before_read_file, on_before_write_file, on_before_query_file_info, on_before_set_file_info fire for every
+request of the view, rule or no rule; what a handler leaves undone acts on the file itself). Virtual files are
+views of a memfd, one per process, always handler-served.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import os
+import stat
+import struct
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from fsfilter._engine.rules import Flags
+from fsfilter._layers.filter_base import FilterBase, Handle
+from fsfilter._sessions.nodes import Inode, LowerFile, OpenFile, View
+from fsfilter._system import procfs
+from fsfilter._wire import ops
+from fsfilter._wire.fuse import StatLike
+from fsfilter._wire.replies import StatView
+from fsfilter.api import constants as c
+from fsfilter.api import fileinfo
+from fsfilter.api import params as ev
+
+# The control events a handler-served view fires for every request, whatever the rules say.
+HANDLED_CONTROL = (c.FS_CE_BEFORE_READ | c.FS_CE_BEFORE_WRITE | c.FS_CE_BEFORE_QUERY_FILE_INFO
+                   | c.FS_CE_BEFORE_SET_FILE_INFO | c.FS_CE_BEFORE_GET_SECURITY | c.FS_CE_BEFORE_SET_SECURITY)
+VIRTUAL_CONTROL = HANDLED_CONTROL | c.FS_CE_BEFORE_OPEN | c.FS_CE_BEFORE_CREATE | c.FS_CE_BEFORE_DELETE
+
+_PENDING_FOR = 5.0  # seconds a decision waits for the open the kernel retries
+
+_STANDARD = struct.Struct("<qqIBB2x")  # FileStandardInformation: allocation, end of file, links, delete pending, dir
+_BASIC = struct.Struct("<qqqqI4x")  # FileBasicInformation: creation, access, write, change (FILETIME); attributes
+_INT64 = struct.Struct("<q")
+
+
+@dataclass
+class Pending:
+    """A decision a handler made for an open answered ESTALE: the open the kernel retries takes it."""
+
+    before: Any  # the before-open parameters
+    isolate: bool
+    backend: str
+    until: float
+
+
+class IsolationOps(FilterBase):
+    """Isolation decisions, handler-served views and virtual files."""
+
+    _pending_lock = threading.Lock()
+
+    @property
+    def _pending(self) -> dict[tuple[int, tuple[int, int]], Pending]:
+        pending: dict[tuple[int, tuple[int, int]], Pending] | None = self.__dict__.get("_pending_opens")
+        if pending is None:
+            pending = self.__dict__.setdefault("_pending_opens", {})
+        return pending
+
+    # -- which node an open must be on
+
+    def owns_view(self, node: Inode) -> bool:
+        view = node.view
+        return view is not None and view.layer is self
+
+    def handled(self, node: Inode) -> bool:
+        """Whether this layer's handlers serve every request of the node (a handler-served view or virtual file)."""
+        view = node.view
+        return view is not None and view.handled and view.layer is self
+
+    def take_pending(self, tid: int, node: Inode) -> Pending | None:
+        """The decision kept for the open thread ``tid`` retries on ``node`` (or on another node of its object)."""
+        if not self._pending:
+            return None
+        key = node.view.of if node.view is not None else node.key
+        with self._pending_lock:
+            pending = self._pending.pop((tid, key), None)
+            now = time.monotonic()
+            for stale in [k for k, p in self._pending.items() if p.until < now]:
+                del self._pending[stale]
+        return pending if pending is not None and pending.until >= now else None
+
+    def wanted_view(self, before: Any, path: str, node: Inode) -> tuple[bool, str]:
+        """What an open's before-open parameters ask for: (isolate, backend), backend View.SELF for the file itself."""
+        if node.view is not None and node.view.layer is self and node.view.of[0] == 0:
+            return True, ""  # a virtual file: always a handler-served view
+        if before is None or not before.isolate:
+            return False, ""
+        backend = str(before.backend_file_name)
+        if backend and os.path.normpath(backend) == path:
+            backend = View.SELF
+        return True, backend
+
+    def view_fits(self, node: Inode, isolate: bool, backend: str) -> bool:
+        view = node.view
+        if not isolate:
+            return view is None
+        return view is not None and view.layer is self and view.backend == backend
+
+    def reroute(self, op: ops.Op, node: Inode, isolate: bool, backend: str, before: Any, path: str) -> None:
+        """Route the caller's LOOKUPs of the object to the view it asked for (or back to the object's node), keep the
+        decision for the retried open, and make the kernel walk the path again (ESTALE)."""
+        lower = self.lower
+        key = node.view.of if node.view is not None else node.key
+        owner = procfs.tgid(op.pid)
+        if isolate:
+            view = self.make_view(owner, node, backend, path)
+            lower.route(view)
+        else:
+            lower.unroute(key, owner)
+        with self._pending_lock:
+            self._pending[(op.pid, key)] = Pending(before, isolate, backend, time.monotonic() + _PENDING_FOR)
+        raise OSError(errno.ESTALE, "isolated: the kernel walks the name again and opens the view's node")
+
+    def make_view(self, owner: int, node: Inode, backend: str, path: str) -> View:
+        """A view of ``node``'s object for process ``owner``: its fds opened now (a backend that cannot be opened
+        fails the open)."""
+        origin = node.view.origin_fd if node.view is not None else node.fd
+        if origin < 0:
+            raise OSError(errno.EINVAL, "a virtual file has no file of its own to isolate")
+        fd = self.backend_fd(backend, origin)
+        try:
+            origin_fd = os.dup(origin)
+            pidfd = os.pidfd_open(owner)
+        except BaseException:
+            os.close(fd)
+            raise
+        key = node.view.of if node.view is not None else node.key
+        self.serves_views = True
+        return View(owner, pidfd, fd, backend, backend == "", key, self, origin_fd)
+
+    def backend_fd(self, backend: str, origin: int) -> int:
+        """An O_PATH fd of what a view reads and writes."""
+        if backend in ("", View.SELF):
+            return os.dup(origin)
+        if not os.path.isabs(backend):
+            raise OSError(errno.EINVAL, f"backend_file_name {backend!r} is not an absolute path")
+        fd = self.core.open_below(backend, os.O_PATH | os.O_CLOEXEC)
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                raise OSError(errno.EINVAL, f"backend_file_name {backend!r} is not a regular file")
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd
+
+    def serve_unfitting(self, f: OpenFile, isolate: bool, backend: str) -> None:
+        """An open the kernel made again on a node that is not the view it asked for (no name was walked): served
+        on that node with the wanted backend and without page cache (mmap of it is then not isolated)."""
+        node = f.inode
+        origin = node.view.origin_fd if node.view is not None else node.fd
+        if isolate and backend == "":
+            target = os.dup(origin) if origin >= 0 else os.dup(node.fd)
+        else:
+            target = self.backend_fd(backend, origin) if isolate else os.dup(origin)
+        try:
+            fd = os.open(procfs.fd_path(target), f.flags & ~os.O_CREAT)
+        finally:
+            os.close(target)
+        f.backend = LowerFile(fd)
+        f.direct = True
+        if isolate and backend == "":
+            f.slots[_HANDLED] = True
+
+    def handled_open(self, f: OpenFile) -> bool:
+        return self.handled(f.inode) or bool(f.slots.get(_HANDLED))
+
+    # -- what a handler-served view fires
+
+    def handled_flags(self, flags: Flags) -> Flags:
+        return Flags(flags.access, flags.control | HANDLED_CONTROL, flags.notify)
+
+    def query_view(self, op: ops.Op, node: Inode, st: StatLike, handle: Handle | None = None) -> StatLike:
+        """The attributes of a handler-served view: what on_before_query_file_info gives for FileStandardInformation
+        (size, allocation, links) and FileBasicInformation (times), else the file's (its own, or the memfd's)."""
+        if self.core.handler("before_query_file_info") is None:
+            return st
+        path = self.abspath(node.nodeid)
+        origin = self.origin(op)
+        flags = Flags(0, c.FS_CE_BEFORE_QUERY_FILE_INFO, 0)
+        ctx = self._handle_ctx(node.nodeid, handle)
+        size, blocks, nlink = st.st_size, st.st_blocks, st.st_nlink
+        times = [st.st_ctime_ns, st.st_atime_ns, st.st_mtime_ns, st.st_ctime_ns]
+        standard = _STANDARD.pack(blocks * 512, size, nlink, 0, 0)
+        got = self._query(flags, origin, path, fileinfo.FILE_STANDARD_INFORMATION, standard, ctx)
+        if got is not None and len(got) >= 16:
+            alloc, size = struct.unpack_from("<qq", got)
+            blocks = (max(alloc, 0) + 511) // 512
+            if len(got) >= 20:
+                nlink = max(1, struct.unpack_from("<I", got, 16)[0])
+        basic = _BASIC.pack(*(fileinfo.filetime(t) for t in times), 0)
+        got = self._query(flags, origin, path, fileinfo.FILE_BASIC_INFORMATION, basic, ctx)
+        if got is not None and len(got) >= 32:
+            for i, ft in enumerate(struct.unpack_from("<qqqq", got)):
+                if ft > 0:
+                    times[i] = fileinfo.ns_from_filetime(ft)
+        return StatView(st, size=max(size, 0), blocks=blocks, nlink=nlink, atime_ns=times[1], mtime_ns=times[2],
+                        ctime_ns=times[3])
+
+    def _query(self, flags: Flags, origin: Any, path: str, info_class: int, prefill: bytes,
+               ctx: dict[str, Any]) -> bytes | None:
+        buf = ctypes.create_string_buffer(prefill, len(prefill))
+        view = memoryview(buf).cast("B")
+        p = self.fire(ev.CBFilterBeforeQueryFileInfoEventParams, c.FS_CE_BEFORE_QUERY_FILE_INFO, flags, origin, None,
+                      None, file_name=path, file_information_class=info_class,
+                      buffer=ctypes.c_void_p(ctypes.addressof(buf)), buffer_length=len(prefill), buffer_view=view,
+                      valid_bytes=0, **ctx)
+        if p is None or p.process_request:
+            return None
+        return bytes(view[:max(0, min(len(prefill), int(p.valid_bytes) or len(prefill)))])
+
+    def set_view_info(self, op: ops.Op, node: Inode, info_class: int, data: bytes, handle: Handle | None) -> bool:
+        """Fire on_before_set_file_info for a handler-served view; True when the handler completed the change."""
+        if self.core.handler("before_set_file_info") is None:
+            return False
+        buf = ctypes.create_string_buffer(data, len(data))
+        view = memoryview(buf).cast("B")
+        p = self.fire(ev.CBFilterBeforeSetFileInfoEventParams, c.FS_CE_BEFORE_SET_FILE_INFO,
+                      Flags(0, c.FS_CE_BEFORE_SET_FILE_INFO, 0), self.origin(op), None, None,
+                      file_name=self.abspath(node.nodeid), file_information_class=info_class,
+                      buffer=ctypes.c_void_p(ctypes.addressof(buf)), buffer_length=len(data), buffer_view=view,
+                      valid_bytes=len(data), **self._handle_ctx(node.nodeid, handle))
+        return p is not None and not p.process_request
+
+    # -- virtual files
+
+    def add_virtual_file(self, relpath: bytes, mode: int) -> None:
+        """Add the virtual file at ``relpath`` (below the mount); its directory must exist."""
+        head, name = os.path.split(relpath.rstrip(b"/"))
+        if not name or name in (b".", b".."):
+            raise OSError(errno.EINVAL, "a virtual file needs a name")
+        self.serves_views = True
+        self._had_rules = True  # in the path of requests from now on: its virtual files need its handlers
+        fd = os.open(head.lstrip(b"/") or b".", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=self.lower.root.fd)
+        try:
+            st = os.fstat(fd)
+            self.lower.add_virtual(Inode(0, fd, (st.st_dev, st.st_ino), 0, b""), name, self, mode)
+        finally:
+            os.close(fd)
+
+    def remove_virtual_file(self, relpath: bytes) -> bool:
+        """Take the virtual file at ``relpath`` away; False when there is none."""
+        head, name = os.path.split(relpath.rstrip(b"/"))
+        try:
+            st = os.stat(head.lstrip(b"/") or b".", dir_fd=self.lower.root.fd)
+        except OSError:
+            return False
+        virtual = self.lower.virtuals.get(((st.st_dev, st.st_ino), name))
+        if virtual is None or virtual.layer is not self:
+            return False
+        return self.lower.remove_virtual((st.st_dev, st.st_ino), name) is not None
+
+
+_HANDLED = "handled"  # an OpenFile's slot: served by the handlers although its node is not a view (see serve_unfitting)
