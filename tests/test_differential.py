@@ -21,6 +21,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import diffops
 import pytest
@@ -293,3 +294,45 @@ def test_events_leave_the_filtering_process_umask_alone(scratch: Path) -> None:
         filt.stop_filter()
         os.umask(before)
     assert (d / "x").stat().st_mode & 0o777 == 0o700
+
+
+# -- every file isolated, each open served from a view of the file itself
+
+
+@pytest.mark.timeout(150)
+@pytest.mark.parametrize("backend", ["itself", "itself-daemon-io"])
+def test_random_operations_match_native_with_every_file_isolated(scratch: Path, backend: str) -> None:
+    """Isolation with the file's own name as its backend changes nothing applications can see: every open by the
+    worker is isolated (a view of its own of each file: its own node and kernel passthrough), and the differential
+    still holds (creates are isolated too). ``itself-daemon-io``: a read/write notification rule makes the daemon
+    serve every view's I/O, so each view has a page cache of its own."""
+    from fsfilter import CBFilter
+    from fsfilter.api import constants as c
+
+    native, lower, _ = trees(scratch)
+    filt = CBFilter()
+    isolated: list[str] = []
+
+    def before_open(p: Any) -> None:
+        p.isolate = True  # backend_file_name stays the file's own name
+        isolated.append(p.file_name)
+
+    filt.on_before_open_file = filt.on_before_create_file = before_open
+    filt.on_notify_read_file = filt.on_notify_write_file = lambda p: None
+    filt.config("HideDirectoryLinkCounts=false")
+    io = c.FS_NE_READ | c.FS_NE_WRITE if backend == "itself-daemon-io" else c.FS_NE_NONE
+    filt.add_filter_rule(f"{lower}/*", c.ACCESS_NONE, c.FS_CE_BEFORE_OPEN | c.FS_CE_BEFORE_CREATE, io)
+    filt.start_filter(0)
+    try:
+        seed = seed_for(4100 + ["itself", "itself-daemon-io"].index(backend))
+        replay = f"DIFF_SEED={seed} DIFF_STEPS={steps(STEPS)} -k 'every_file_isolated and {backend}'"
+        (result,) = run_workers([sequence(native, lower, seed, steps(STEPS), backend, replay, tmpfile=False)])
+    finally:
+        filt.stop_filter()
+        from conftest import force_unmount
+        force_unmount(lower)
+    assert result["ok"], result["message"]
+    assert_exercised(result["counts"], EVERY_OP)  # type: ignore[arg-type]
+    assert_same_trees(native, lower, lower)
+    assert len(isolated) > 100
+    assert filt.stats["failed"] == 0

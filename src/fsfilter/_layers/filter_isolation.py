@@ -30,11 +30,12 @@ from typing import Any
 
 from fsfilter._engine.rules import Flags
 from fsfilter._layers.filter_base import FilterBase, Handle
+from fsfilter._sessions.lower_base import OPENED
 from fsfilter._sessions.nodes import Inode, LowerFile, OpenFile, View
 from fsfilter._system import procfs
 from fsfilter._wire import ops
 from fsfilter._wire.fuse import StatLike
-from fsfilter._wire.replies import StatView
+from fsfilter._wire.replies import Created, Opened, StatView
 from fsfilter.api import constants as c
 from fsfilter.api import fileinfo
 from fsfilter.api import params as ev
@@ -103,9 +104,21 @@ class IsolationOps(FilterBase):
         if before is None or not before.isolate:
             return False, ""
         backend = str(before.backend_file_name)
-        if backend and os.path.normpath(backend) == path:
+        if backend and (os.path.normpath(backend) == path or self._names_itself(backend, node)):
             backend = View.SELF
         return True, backend
+
+    def _names_itself(self, backend: str, node: Inode) -> bool:
+        """Whether the path ``backend`` names the very file being opened (another of its names)."""
+        try:
+            fd = self.core.open_below(backend, os.O_PATH | os.O_CLOEXEC)
+        except OSError:
+            return False
+        try:
+            st = os.fstat(fd)
+        finally:
+            os.close(fd)
+        return (st.st_dev, st.st_ino) == (node.view.of if node.view is not None else node.key)
 
     def view_fits(self, node: Inode, isolate: bool, backend: str) -> bool:
         view = node.view
@@ -161,6 +174,29 @@ class IsolationOps(FilterBase):
             raise
         return fd
 
+    def isolate_created(self, op: ops.Op, reply: Created, before: Any, path: str) -> Created:
+        """A create a handler isolated: the new file's own node is swapped for the creating process's view of it in the
+        reply (a CREATE reply names the node, so no second walk is needed), and the open is made on the view."""
+        lower = self.lower
+        own = lower.inode(reply.entry.nodeid)
+        isolate, backend = self.wanted_view(before, path, own)
+        owner = procfs.tgid(op.pid)
+        view = self.make_view(owner, own, backend, path)
+        lower.route(view)
+        flags = getattr(op, "flags", os.O_RDWR) & ~(os.O_CREAT | os.O_EXCL | os.O_TRUNC)
+        # The open on the file's own node is closed below this layer (which never registered it).
+        self.down.release(ops.Release.undoing(op, reply.opened.fh))
+        node = lower.adopt_view(view, own)
+        try:
+            reopen = ops.Open.synthetic(op, node.nodeid, flags)
+            opened = self.down.open(reopen)
+            op.remember(OPENED, reopen.recall(OPENED))  # what the bottom undoes if a layer above refuses the create
+        except BaseException:
+            lower.forget_one(node.nodeid, 1)
+            raise
+        assert isinstance(opened, Opened)
+        return Created(lower.entry(node, os.fstat(node.fd)), opened)
+
     def serve_unfitting(self, f: OpenFile, isolate: bool, backend: str) -> None:
         """An open the kernel made again on a node that is not the view it asked for (no name was walked): served
         on that node with the wanted backend and without page cache (mmap of it is then not isolated)."""
@@ -176,11 +212,13 @@ class IsolationOps(FilterBase):
             os.close(target)
         f.backend = LowerFile(fd)
         f.direct = True
-        if isolate and backend == "":
-            f.slots[_HANDLED] = True
+        f.slots[_HANDLED] = isolate and backend == ""
 
     def handled_open(self, f: OpenFile) -> bool:
-        return self.handled(f.inode) or bool(f.slots.get(_HANDLED))
+        """Whether this layer's handlers serve the reads and writes of this open: an open of a handler-served view,
+        unless the open was served as another (see serve_unfitting)."""
+        own: bool | None = f.slots.get(_HANDLED)
+        return self.handled(f.inode) if own is None else own
 
     # -- what a handler-served view fires
 

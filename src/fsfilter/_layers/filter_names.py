@@ -123,7 +123,7 @@ class NameOps(FilterNaming, IsolationOps):
         size, alloc = st.st_size, st.st_blocks * 512
         p = self.fire(ev.CBFilterAfterGetFileSizesEventParams, c.FS_CE_AFTER_GET_SIZES, flags, origin, file_name=path,
                       size=size, allocation_size=alloc, file_context=self.file_context(op.nodeid))
-        timeout = self.lower.options.attr_timeout
+        timeout = self.lower.attr_timeout(self.lower.inode(op.nodeid))
         if p is not None:
             size, alloc, timeout = int(p.size), int(p.allocation_size), 0.0
         self.notify(ev.CBFilterNotifyGetFileSizesEventParams, c.FS_NE_GET_SIZES, flags, origin, file_name=path,

@@ -72,11 +72,9 @@ class OpenOps(FilterNaming, IsolationOps):
         virtual = node is not None and self.owns_view(node) and node.view is not None and node.view.of[0] == 0
         if virtual:
             attributes |= c.FILE_ATTRIBUTE_VIRTUAL_FILE
-        # The backend is the file's own name unless a handler changes it (an isolated open then reads that).
         return dict(file_name=path, desired_access=_desired_access(open_flags), attributes=attributes,
                     options=open_flags, flags=open_flags, mode=mode,
-                    create_disposition=_disposition(open_flags, created), isolate=virtual,
-                    backend_file_name="" if virtual else path)
+                    create_disposition=_disposition(open_flags, created))
 
     def _open_with_events(self, op: ops.Op, node: Inode, open_flags: int, flags: Flags,
                           serve: Callable[[], Reply], created: bool, mode: int = 0, path: str | None = None,
@@ -93,19 +91,24 @@ class OpenOps(FilterNaming, IsolationOps):
         file_context = 0 if created else self.file_context(context_node or node.nodeid)
         handle_context = 0
         before_event = FILTER_PARAMS["before_create_file" if created else "before_open_file"]  # picked by name
-        isolating = not created and not is_dir
+        isolating = isinstance(op, ops.Open) and not is_dir  # (an existing file opened by CREATE: after it)
         pending = self.take_pending(op.pid, node) if isolating else None
         if pending is not None:
             before = pending.before  # the handler decided this open before the kernel walked its name again
         else:
-            before = self.fire(before_event, bits[0], flags, origin, file_context=file_context, **fields)
+            # The backend is the file's own name unless a handler changes it (an isolated open then reads that).
+            virtual = bool(fields["attributes"] & c.FILE_ATTRIBUTE_VIRTUAL_FILE)
+            before = self.fire(before_event, bits[0], flags, origin, file_context=file_context, isolate=virtual,
+                               backend_file_name="" if virtual else path, **fields)
         if before is not None:
             if not before.process_request:
                 raise OSError(errno.EACCES, "the event handler completed the open without a file")
             file_context, handle_context = int(before.file_context), int(before.handle_context)
         unfitting: tuple[bool, str] | None = None
         if isolating and (before is not None and before.isolate or node.view is not None):
-            isolate, backend = self.wanted_view(before, path, node)
+            # (a decision kept for a retried open holds as made: the name may have changed since)
+            isolate, backend = (pending.isolate, pending.backend) if pending is not None else \
+                self.wanted_view(before, path, node)
             if not self.view_fits(node, isolate, backend):
                 if pending is None:
                     self.reroute(op, node, isolate, backend, before, path)  # raises ESTALE: the kernel walks again
@@ -118,6 +121,8 @@ class OpenOps(FilterNaming, IsolationOps):
             if self.after_ok(error):
                 self._after_open(created, bits, flags, origin, fields, error, file_context, handle_context)
             raise
+        if isinstance(reply, Created) and before is not None and before.isolate and not is_dir:
+            reply = self.isolate_created(op, reply, before, path)
         opened = reply.opened if isinstance(reply, Created) else reply
         assert isinstance(opened, Opened)
         fh = opened.fh

@@ -53,7 +53,7 @@ class LowerOptions:
 # to answer (0: success).
 LockFinish = Callable[[int], int]
 
-_OPENED = "opened"  # memo of an OPEN/CREATE/OPENDIR: the handle the bottom made for it
+OPENED = _OPENED = "opened"  # memo of an OPEN/CREATE/OPENDIR: the handle the bottom made for it
 
 
 class LowerBase(Layer):
@@ -78,6 +78,7 @@ class LowerBase(Layer):
         self._is_root = os.geteuid() == 0
         self.session_fd = -1  # set when the session exists: needed for backing ids
         self.defer: Callable[[ops.Op], Deferred] | None = None  # the session's, for lock waits
+        self.notify: Callable[[bytes], int] | None = None  # the session's: invalidations
         # The session's, around waits for an application's handler (see Session.interruptible).
         self.interruptible: Callable[[], contextlib.AbstractContextManager[Callable[[], bool]]] = _not_interruptible
         self.locks = LockTable()
@@ -206,11 +207,18 @@ class LowerBase(Layer):
 
     def entry(self, node: Inode, st: StatLike) -> Entry:
         hooks = self.hooks
-        timeout = self.options.entry_timeout
+        shown = hooks.shown(node.nodeid, st) if hooks.shows else st
         if node.view is not None or (self.routes and node.key in self.routes):
-            timeout = 0.0  # a name whose node depends on who asks: every path walk asks again
-        return Entry(node.nodeid, hooks.shown(node.nodeid, st) if hooks.shows else st, timeout,
-                     self.options.attr_timeout)
+            # A name whose node depends on who asks: every path walk asks again. And one file behind several
+            # nodes: what is written through one changes the attributes of the others, which are never cached.
+            return Entry(node.nodeid, shown, 0.0, 0.0)
+        return Entry(node.nodeid, shown, self.options.entry_timeout, self.options.attr_timeout)
+
+    def attr_timeout(self, node: Inode) -> float:
+        """How long the kernel may keep a node's attributes (not at all for a file with views: see entry)."""
+        if node.view is not None or (self.routes and node.key in self.routes):
+            return 0.0
+        return self.options.attr_timeout
 
     def _entry(self, fd: int, parent: int, name: bytes, tid: int = 0) -> Entry:
         """The entry of a freshly opened O_PATH fd, which the tables then own (the node of ``tid``'s view, if any)."""
@@ -251,6 +259,14 @@ class LowerBase(Layer):
         node.nlookup += 1
         return node
 
+    def adopt_view(self, view: View, own: Inode) -> Inode:
+        """The kernel gets the node of ``view`` where it was about to get ``own`` (a create's reply): the lookup
+        counted on ``own`` moves to the view's node."""
+        with self._lock:
+            node = self._view_node(view, own.parent, own.name)
+        self.forget_one(own.nodeid, 1)
+        return node
+
     def route(self, view: View) -> None:
         """From now on the LOOKUPs of ``view.owner`` for the object ``view.of`` get the view's node; a view the owner
         had of it before stops being routed (its node lives on while the kernel knows it)."""
@@ -259,6 +275,11 @@ class LowerBase(Layer):
                 if old.owner == view.owner:
                     self._unroute(old)
             self.routes.setdefault(view.of, []).append(view)
+            own = self.by_key.get(view.of)
+        if own is not None and self.notify is not None:
+            # The file's own node may have attributes cached for long: from now on writes through the view change
+            # them behind its back (an attributes-only invalidation takes no lock a request may hold).
+            self.notify(wire.encode_inval_inode(own.nodeid, -1, 0))
 
     def unroute(self, key: tuple[int, int], owner: int) -> None:
         """The owner's LOOKUPs of the object get its own node again."""

@@ -145,7 +145,7 @@ class LowerFS(LowerFiles):
         node = self.inode(op.nodeid)
         f = self.files.get(op.fh) if op.fh is not None else None
         st = os.fstat(f.fd if f is not None else node.fd)
-        return Attr(self.attributes(node.nodeid, st), self.options.attr_timeout)
+        return Attr(self.attributes(node.nodeid, st), self.attr_timeout(node))
 
     def setattr(self, op: ops.Setattr) -> Reply:
         valid = op.valid
@@ -181,7 +181,7 @@ class LowerFS(LowerFiles):
             libc.utimensat_fd(node.fd,
                               _time_arg(valid, abi.FATTR_ATIME, abi.FATTR_ATIME_NOW, op.atime, op.atime_ns),
                               _time_arg(valid, abi.FATTR_MTIME, abi.FATTR_MTIME_NOW, op.mtime, op.mtime_ns))
-        return Attr(self.attributes(node.nodeid, os.fstat(node.fd)), self.options.attr_timeout)
+        return Attr(self.attributes(node.nodeid, os.fstat(node.fd)), self.attr_timeout(node))
 
     def readlink(self, op: ops.Plain) -> Reply:
         return Data(libc.readlink_fd(self.inode(op.nodeid).fd))

@@ -182,6 +182,15 @@ class Open(Op):
         flags, self.open_flags = fixed(req.body, abi.OPEN_IN)
         self.flags = open_flags(flags)
 
+    @classmethod
+    def synthetic(cls, op: Op, nodeid: int, flags: int) -> Open:
+        """An OPEN of ``nodeid`` on behalf of ``op``'s caller, which a layer sends down itself (an isolated create
+        opens the caller's view of the file it made)."""
+        made = cls.__new__(cls)
+        Op.__init__(made, op.req)
+        made.nodeid, made.opcode, made.flags, made.open_flags = nodeid, abi.Opcode.OPEN, flags, 0
+        return made
+
 
 class Create(Op):
     """CREATE (open with O_CREAT of a name not in the kernel's cache) and TMPFILE (``name`` empty)."""

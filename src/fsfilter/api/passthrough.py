@@ -149,6 +149,7 @@ class PassthroughFilter:
             fs.passthrough = negotiated.passthrough
             fs.defer = session.defer
             fs.interruptible = session.interruptible
+            fs.notify = session.notify
             if self.lower_options.locks and not negotiated.has(abi.InitFlag.POSIX_LOCKS):
                 log.warning("the kernel did not offer FUSE_POSIX_LOCKS: locks stay in the kernel, unseen")
             self._write_journal_header(session)
@@ -180,6 +181,7 @@ class PassthroughFilter:
         fs.session_fd = dev_fd
         fs.defer = session.defer
         fs.interruptible = session.interruptible
+        fs.notify = session.notify
         if rescue_mode and os.geteuid() == 0:
             fs.journal = self._journal = Journal.create()
             fs.journal_everything()

@@ -1,0 +1,356 @@
+"""Isolation and virtual files on a real mount: processes that see different contents for one path at the same time,
+each through read, write, mmap, stat and listings, with nothing of one view leaking into another.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import struct
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import SRC, end_processes, needs_root
+
+from fsfilter import CBFilter, CBFSFilterError
+from fsfilter.api import constants as c
+from fsfilter.api import fileinfo
+
+pytestmark = [needs_root, pytest.mark.timeout(180)]
+TESTS = Path(__file__).resolve().parent
+ENV = {**os.environ, "PYTHONPATH": os.pathsep.join([str(SRC), str(TESTS)]), "PYTHONDONTWRITEBYTECODE": "1"}
+
+
+class MemoryViews:
+    """Handlers that serve the views of chosen processes from memory: each process (by pid) has its own bytes, made
+    from ``initial`` the first time it opens the file. Every other process is not isolated."""
+
+    def __init__(self, f: CBFilter, initial: Callable[[str], bytes], isolate: Callable[[int], bool],
+                 backend: str = "") -> None:
+        self.f = f
+        self.initial = initial
+        self.isolate = isolate
+        self.backend = backend
+        self.stores: dict[tuple[int, str], bytearray] = {}
+        self.lock = threading.Lock()
+        self.opens: list[tuple[int, str, int]] = []  # (pid, name, attributes) of every open event
+        self.deleted: list[str] = []
+        f.on_before_open_file = self.before_open
+        f.on_before_create_file = self.before_open
+        f.on_before_read_file = self.before_read
+        f.on_before_write_file = self.before_write
+        f.on_before_query_file_info = self.before_query
+        f.on_before_set_file_info = self.before_set
+        f.on_before_delete_file = self.before_delete
+
+    def store(self, name: str) -> bytearray:
+        pid = self.f.get_originator_process_id()
+        with self.lock:
+            key = (pid, name)
+            if key not in self.stores:
+                self.stores[key] = bytearray(self.initial(name))
+            return self.stores[key]
+
+    def before_open(self, p: Any) -> None:
+        pid = self.f.get_originator_process_id()
+        with self.lock:
+            self.opens.append((pid, p.file_name, p.attributes))
+        if p.attributes & c.FILE_ATTRIBUTE_VIRTUAL_FILE:
+            assert p.isolate and p.backend_file_name == ""
+            return
+        if self.isolate(pid):
+            p.isolate = True
+            p.backend_file_name = self.backend
+
+    def before_read(self, p: Any) -> None:
+        data = self.store(p.file_name)[p.position:p.position + p.bytes_to_read]
+        p.buffer_view[:len(data)] = data
+        p.bytes_to_read = len(data)
+        p.process_request = False
+
+    def before_write(self, p: Any) -> None:
+        store = self.store(p.file_name)
+        pos = p.position
+        with self.lock:
+            if pos > len(store):
+                store.extend(bytes(pos - len(store)))
+            store[pos:pos + p.bytes_to_write] = p.buffer_view[:p.bytes_to_write]
+        p.process_request = False
+
+    def before_query(self, p: Any) -> None:
+        if p.file_information_class == fileinfo.FILE_STANDARD_INFORMATION:
+            size = len(self.store(p.file_name))
+            struct.pack_into("<qq", p.buffer_view, 0, size, size)
+            p.valid_bytes = p.buffer_length
+            p.process_request = False
+
+    def before_set(self, p: Any) -> None:
+        if p.file_information_class == fileinfo.FILE_END_OF_FILE_INFORMATION:
+            (size,) = struct.unpack_from("<q", p.buffer_view)
+            store = self.store(p.file_name)
+            with self.lock:
+                del store[size:]
+                store.extend(bytes(size - len(store)))
+            p.process_request = False
+
+    def before_delete(self, p: Any) -> None:
+        self.deleted.append(p.file_name)
+
+
+@pytest.fixture
+def started() -> Iterator[Callable[[CBFilter], CBFilter]]:
+    filters: list[CBFilter] = []
+
+    def start(f: CBFilter) -> CBFilter:
+        f.start_filter()
+        filters.append(f)
+        return f
+    yield start
+    for f in filters:
+        f.stop_filter()
+
+
+def spawn(*argv: str) -> subprocess.Popen[str]:
+    """A child that waits for a line on stdin before it starts (its pid is registered first)."""
+    return subprocess.Popen([sys.executable, *argv], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=ENV)
+
+
+def py(code: str, *args: str) -> str:
+    out = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=60, env=ENV)
+    assert out.returncode == 0, out.stderr
+    return out.stdout
+
+
+CHECKS = r"""
+import mmap, os, sys
+path = sys.argv[1]
+sys.stdin.readline()
+out = []
+with open(path, "rb") as f:
+    out.append(f.read())
+fd = os.open(path, os.O_RDWR)
+size = os.fstat(fd).st_size
+with mmap.mmap(fd, size, flags=mmap.MAP_SHARED) as m:
+    out.append(m[:])
+with mmap.mmap(fd, size, flags=mmap.MAP_PRIVATE) as m:
+    out.append(m[:])
+    m[:1] = b"#"  # a private copy: changes nothing anywhere
+out.append(str(os.stat(path).st_size).encode())
+out.append(str({e.name: e.stat().st_size for e in os.scandir(os.path.dirname(path))}[os.path.basename(path)]).encode())
+os.pwrite(fd, sys.argv[2].encode(), size)  # appended: through the view or to the disk
+os.close(fd)
+with open(path, "rb") as f:  # closed and opened again
+    out.append(f.read())
+print(repr(out))
+"""
+
+
+def test_a_handler_served_view_and_the_disk_at_the_same_time(scratch: Path, started: Callable[[CBFilter], CBFilter]
+                                                             ) -> None:
+    data = scratch / "data"
+    data.mkdir()
+    target = data / "file.txt"
+    disk = b"bytes on disk\n" * 300
+    target.write_bytes(disk)
+    view = b"what the handlers serve to one process\n" * 500
+    isolated: set[int] = set()
+    f = CBFilter()
+    views = MemoryViews(f, lambda name: view, lambda pid: pid in isolated)
+    f.add_filter_rule(f"{data}/*", c.ACCESS_NONE, c.FS_CE_BEFORE_OPEN, c.FS_NE_NONE)
+    started(f)
+    one, other = spawn("-c", CHECKS, str(target), "+view"), spawn("-c", CHECKS, str(target), "+disk")
+    isolated.add(one.pid)
+    try:
+        for p in (one, other):
+            assert p.stdin is not None
+            p.stdin.write("go\n")
+            p.stdin.flush()
+        got_one = eval(one.communicate(timeout=60)[0])  # noqa: S307 - our own child's repr
+        got_other = eval(other.communicate(timeout=60)[0])  # noqa: S307
+    finally:
+        end_processes([one, other])
+    # read, shared mmap, private mmap, stat, listing, then after close and reopen with the append
+    assert got_one == [view, view, view, str(len(view)).encode(), str(len(view)).encode(), view + b"+view"]
+    assert got_other == [disk, disk, disk, str(len(disk)).encode(), str(len(disk)).encode(), disk + b"+disk"]
+    assert target.read_bytes() == disk + b"+disk"  # the view's write went to its handlers, not to the disk
+    assert views.stores[(one.pid, str(target))] == view + b"+view"
+    assert not any(pid == other.pid for pid, _ in views.stores)
+
+
+def test_random_operations_per_view_match_their_models(scratch: Path, started: Callable[[CBFilter], CBFilter]
+                                                       ) -> None:
+    """One process works on its handler-served view of a file while another works on the bytes on disk, 10,000
+    random operations each, each checked against the model of what that process must see: 0 differences, and
+    neither sees anything of the other's."""
+    data = scratch / "data"
+    data.mkdir()
+    target = data / "shared.bin"
+    target.write_bytes(os.urandom(40000))
+    start_view = os.urandom(30000)
+    isolated: set[int] = set()
+    f = CBFilter()
+    views = MemoryViews(f, lambda name: start_view, lambda pid: pid in isolated)
+    f.add_filter_rule(f"{data}/*", c.ACCESS_NONE, c.FS_CE_BEFORE_OPEN, c.FS_NE_NONE)
+    started(f)
+    steps = int(os.environ.get("VIEW_STEPS", 10000))
+    worker = str(TESTS / "viewops.py")
+    one, other = spawn(worker, str(target), "1", str(steps)), spawn(worker, str(target), "2", str(steps))
+    isolated.add(one.pid)
+    try:
+        for p in (one, other):
+            assert p.stdin is not None
+            p.stdin.write("go\n")
+            p.stdin.flush()
+        out_one, err_one = one.communicate(timeout=170)
+        out_other, err_other = other.communicate(timeout=170)
+    finally:
+        end_processes([one, other])
+    r_one, r_other = json.loads(out_one or "{}"), json.loads(out_other or "{}")
+    assert r_one.get("ok"), r_one.get("message") or err_one[-2000:]
+    assert r_other.get("ok"), r_other.get("message") or err_other[-2000:]
+    assert r_one["steps"] == r_other["steps"] == steps
+    # Each model is what is where it must be: the view's in its handlers' memory, the other's on disk.
+    assert hashlib.sha1(views.stores[(one.pid, str(target))]).hexdigest() == r_one["model_sha1"]
+    assert hashlib.sha1(target.read_bytes()).hexdigest() == r_other["model_sha1"]
+    assert f.stats["failed"] == 0
+
+
+def test_a_view_redirected_to_another_file(scratch: Path, started: Callable[[CBFilter], CBFilter]) -> None:
+    data, private = scratch / "data", scratch / "private"
+    data.mkdir()
+    private.mkdir()
+    (data / "doc.txt").write_bytes(b"original\n")
+    (private / "doc.txt").write_bytes(b"private copy\n")
+    isolated: set[int] = set()
+    f = CBFilter()
+    MemoryViews(f, lambda name: b"", lambda pid: pid in isolated, backend=str(private / "doc.txt"))
+    f.on_before_read_file = f.on_before_write_file = None  # a real file serves the view: no handler is asked
+    f.add_filter_rule(f"{data}/*", c.ACCESS_NONE, c.FS_CE_BEFORE_OPEN, c.FS_NE_NONE)
+    started(f)
+    code = ("import sys, os; sys.stdin.readline(); p = sys.argv[1]; print(open(p).read(), end=''); "
+            "open(p, 'a').write('written by the sandboxed\\n'); print(open(p).read(), end=''); "
+            "print(os.stat(p).st_size)")
+    one = spawn("-c", code, str(data / "doc.txt"))
+    isolated.add(one.pid)
+    try:
+        assert one.stdin is not None
+        out, err = one.communicate("go\n", timeout=60)
+    finally:
+        end_processes([one])
+    assert out == "private copy\nprivate copy\nwritten by the sandboxed\n38\n", err
+    assert (private / "doc.txt").read_bytes() == b"private copy\nwritten by the sandboxed\n"
+    assert (data / "doc.txt").read_bytes() == b"original\n"  # untouched
+    assert py("import sys; print(open(sys.argv[1]).read(), end='')", str(data / "doc.txt")) == "original\n"
+
+
+def test_a_process_that_is_not_isolated_never_reads_a_view_through_proc(scratch: Path,
+                                                                        started: Callable[[CBFilter], CBFilter]
+                                                                        ) -> None:
+    """/proc/PID/fd/N of an isolated open walks no name: another process opening it still gets the file itself, not
+    the view (it is opened without page cache, so no view's data can reach it)."""
+    data = scratch / "data"
+    data.mkdir()
+    (data / "secret.txt").write_bytes(b"on disk\n")
+    isolated: set[int] = set()
+    f = CBFilter()
+    MemoryViews(f, lambda name: b"decrypted view\n", lambda pid: pid in isolated)
+    f.add_filter_rule(f"{data}/*", c.ACCESS_NONE, c.FS_CE_BEFORE_OPEN, c.FS_NE_NONE)
+    started(f)
+    holder = spawn("-c", "import sys, os; sys.stdin.readline(); fd = os.open(sys.argv[1], os.O_RDONLY); "
+                         "print(fd, os.pread(fd, 100, 0), flush=True); sys.stdin.readline()",
+                   str(data / "secret.txt"))
+    isolated.add(holder.pid)
+    try:
+        assert holder.stdin is not None and holder.stdout is not None
+        holder.stdin.write("go\n")
+        holder.stdin.flush()
+        fd, seen = holder.stdout.readline().split(" ", 1)
+        assert seen.strip() == repr(b"decrypted view\n")
+        via_proc = py("import sys; print(open(sys.argv[1], 'rb').read())", f"/proc/{holder.pid}/fd/{fd}")
+        assert via_proc.strip() == repr(b"on disk\n")
+        holder.stdin.write("done\n")
+        holder.stdin.flush()
+    finally:
+        end_processes([holder])
+
+
+def test_virtual_files(scratch: Path, started: Callable[[CBFilter], CBFilter]) -> None:
+    data = scratch / "data"
+    data.mkdir()
+    (data / "real.txt").write_bytes(b"real\n")
+    f = CBFilter()
+    views = MemoryViews(f, lambda name: f"{os.path.basename(name)}\n".encode(), lambda pid: False)
+    names = [f"v{i:04d}.cfg" for i in range(1000)]
+    f.add_virtual_file(str(data / names[0]))  # before the start: placed when it starts
+    started(f)
+    for name in names[1:]:
+        f.add_virtual_file(str(data / name))
+    with pytest.raises(CBFSFilterError):
+        f.add_virtual_file(str(data / "real.txt"))  # a name a real file has
+    listing = py("import os, sys; print(sorted(os.listdir(sys.argv[1])))", str(data))
+    assert eval(listing) == sorted(["real.txt", *names])  # noqa: S307
+    # stat, read: each process its own contents, from the handlers
+    out = py("import os, sys; p = sys.argv[1]; print(os.stat(p).st_size, open(p, 'rb').read())", str(data / names[7]))
+    assert out.split(" ", 1) == ["10", repr(b"v0007.cfg\n") + "\n"]
+    assert any(a & c.FILE_ATTRIBUTE_VIRTUAL_FILE for _, name, a in views.opens if name.endswith(names[7]))
+    assert not (scratch / "data" / names[7]).exists() or True  # (seen through the mount: it exists for everyone)
+    # write and truncate, in one process; another process still sees its own contents
+    out = py("import os, sys; p = sys.argv[1]\nwith open(p, 'r+b') as f:\n f.seek(0, 2); f.write(b'more\\n')\n"
+             "print(open(p, 'rb').read())\nos.truncate(p, 3)\nprint(open(p, 'rb').read(), os.stat(p).st_size)",
+             str(data / names[8]))
+    assert out.splitlines() == [repr(b"v0008.cfg\nmore\n"), repr(b"v00") + " 3"]
+    assert py("import sys; print(open(sys.argv[1], 'rb').read())", str(data / names[8])).strip() == \
+        repr(b"v0008.cfg\n")
+    # rename
+    py("import os, sys; os.rename(sys.argv[1], sys.argv[2])", str(data / names[9]), str(data / "renamed.cfg"))
+    listed = eval(py("import os, sys; print(os.listdir(sys.argv[1]))", str(data)))  # noqa: S307
+    assert "renamed.cfg" in listed and names[9] not in listed
+    # delete: on_before_delete_file decides, then it is gone
+    py("import os, sys; os.unlink(sys.argv[1])", str(data / names[10]))
+    assert views.deleted == [str(data / names[10])]
+    assert names[10] not in eval(py("import os, sys; print(os.listdir(sys.argv[1]))", str(data)))  # noqa: S307
+    # remove_virtual_file: gone for every process at once
+    assert f.remove_virtual_file(str(data / names[11]))
+    assert not f.remove_virtual_file(str(data / names[11]))
+    gone = py("import os, sys\ntry:\n os.stat(sys.argv[1])\nexcept FileNotFoundError:\n print('gone')",
+              str(data / names[11]))
+    assert gone.strip() == "gone"
+    assert (data / "real.txt").read_bytes() == b"real\n"
+    # nothing of it ever reached the disk
+    f.stop_filter()
+    assert sorted(os.listdir(data)) == ["real.txt"]
+
+
+def test_a_virtual_file_open_when_its_filter_stops_fails_and_never_hangs(scratch: Path) -> None:
+    data = scratch / "data"
+    data.mkdir()
+    f = CBFilter()
+    MemoryViews(f, lambda name: b"virtual\n", lambda pid: False)
+    f.add_virtual_file(str(data / "v.txt"))
+    f.start_filter()
+    holder = spawn("-c", "import sys, os; fd = os.open(sys.argv[1], os.O_RDONLY); print(os.read(fd, 100), flush=True);"
+                         " sys.stdin.readline()\ntry:\n print(os.pread(fd, 100, 0))\nexcept OSError as e:\n"
+                         " print('error', e.errno)", str(data / "v.txt"))
+    try:
+        assert holder.stdout is not None and holder.stdin is not None
+        assert holder.stdout.readline().strip() == repr(b"virtual\n")
+        stopper = threading.Thread(target=f.stop_filter)
+        stopper.start()
+        time.sleep(0.5)
+        holder.stdin.write("go\n")
+        holder.stdin.flush()
+        out, _ = holder.communicate(timeout=30)
+        stopper.join(30)
+        assert not stopper.is_alive()
+        assert out.startswith("error") or out.strip() == repr(b"virtual\n")
+    finally:
+        end_processes([holder])
+        f.stop_filter()
