@@ -733,10 +733,10 @@ def test_handle_creator_is_the_opener(cbfilter: Callable[[], CBFilter], data: Pa
     """A file opened by one process and written by its child after the opener exited: the write's
     handle creator is the opener, its originator the writer."""
     f = cbfilter()
-    seen: list[tuple[int, int]] = []
+    seen: list[tuple[int, int, int]] = []
 
     def on_write(p: Any) -> None:
-        seen.append((f.get_originator_process_id(), f.get_handle_creator_process_id()))
+        seen.append((f.get_originator_process_id(), f.get_handle_creator_process_id(), p.direction))
 
     f.on_before_write_file = on_write
     f.process_cached_io_requests = True
@@ -754,7 +754,8 @@ def test_handle_creator_is_the_opener(cbfilter: Callable[[], CBFilter], data: Pa
     """).stdout.split()
     f.stop_filter()
     opener, writer = int(out[0]), int(out[1])
-    assert seen == [(writer, opener)]
+    # The application's write, then the write that reaches storage inside it (process_cached_io_requests)
+    assert seen == [(writer, opener, c.FS_REQUEST_DIR_USER_CACHED), (writer, opener, c.FS_REQUEST_DIR_SYSTEM_NONCACHED)]
 
 
 def test_copy_file_range_does_not_bypass_write_events(cbfilter: Callable[[], CBFilter], data: Path) -> None:

@@ -354,3 +354,46 @@ def test_a_virtual_file_open_when_its_filter_stops_fails_and_never_hangs(scratch
     finally:
         end_processes([holder])
         f.stop_filter()
+
+
+@pytest.mark.parametrize("cached_too", [False, True])
+def test_a_filter_that_transforms_only_non_cached_io_sees_every_byte(scratch: Path, cached_too: bool) -> None:
+    """The SDK's encryption samples change only non-cached I/O (what reaches storage). Without
+    process_cached_io_requests only that arrives (the page cache's fills and write-back); with it, every
+    application read and write arrives as cached I/O too, and the I/O that reaches storage inside it as non-cached:
+    either way the disk holds the transformed bytes and applications read back what they wrote."""
+    data = scratch / "data"
+    data.mkdir()
+    f = CBFilter()
+    f.process_cached_io_requests = cached_too
+    directions: list[tuple[str, int]] = []
+
+    def flip(view: memoryview, count: int) -> None:
+        view[:count] = bytes(b ^ 0x5A for b in view[:count])
+
+    def before_write(p: Any) -> None:
+        directions.append(("write", p.direction))
+        if p.direction == c.FS_REQUEST_DIR_SYSTEM_NONCACHED:
+            flip(p.buffer_view, p.bytes_to_write)
+
+    def after_read(p: Any) -> None:
+        directions.append(("read", p.direction))
+        if p.direction == c.FS_REQUEST_DIR_SYSTEM_NONCACHED:
+            flip(p.buffer_view, p.bytes_read)
+
+    f.on_before_write_file = before_write
+    f.on_after_read_file = after_read
+    f.add_filter_rule(f"{data}/*", c.ACCESS_NONE, c.FS_CE_BEFORE_WRITE | c.FS_CE_AFTER_READ, c.FS_NE_NONE)
+    f.start_filter()
+    try:
+        text = b"plain text the application writes\n" * 100
+        py(f"import sys; open(sys.argv[1], 'wb').write({text!r})", str(data / "doc.txt"))
+        back = py("import sys; print(open(sys.argv[1], 'rb').read())", str(data / "doc.txt"))
+    finally:
+        f.stop_filter()
+    assert back.strip() == repr(text)
+    assert (data / "doc.txt").read_bytes() == bytes(b ^ 0x5A for b in text)  # what reached storage is transformed
+    kinds = set(directions)
+    assert ("write", c.FS_REQUEST_DIR_SYSTEM_NONCACHED) in kinds and ("read", c.FS_REQUEST_DIR_SYSTEM_NONCACHED) in kinds
+    cached = {("write", c.FS_REQUEST_DIR_USER_CACHED), ("read", c.FS_REQUEST_DIR_USER_CACHED)}
+    assert cached <= kinds if cached_too else not cached & kinds

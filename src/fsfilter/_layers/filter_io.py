@@ -6,12 +6,16 @@ from __future__ import annotations
 import ctypes
 import errno
 import os
+from collections.abc import Callable
 from typing import Any
 
-from fsfilter._layers.filter_base import LOCK_BITS
+from fsfilter._engine.dispatch import Origin
+from fsfilter._engine.rules import Flags
+from fsfilter._layers.filter_base import LOCK_BITS, Handle
 from fsfilter._layers.filter_isolation import IsolationOps
 from fsfilter._sessions.locks import F_UNLCK, F_WRLCK, OFFSET_MAX
 from fsfilter._sessions.lower_fs import add_lock_finish
+from fsfilter._sessions.nodes import OpenFile
 from fsfilter._wire import ops
 from fsfilter._wire.replies import (
     EMPTY,
@@ -28,7 +32,7 @@ class IoOps(IsolationOps):
     """Reads, writes, allocation and locks of open files."""
 
     def read(self, op: ops.Read) -> Reply:
-        fh, offset, size = op.fh, op.offset, op.size
+        fh = op.fh
         f = self.lower.file(fh)
         if not self.reaches(f.inode.nodeid):
             return self.down.read(op)
@@ -42,8 +46,25 @@ class IoOps(IsolationOps):
         direct = bool(self.core.process_cached_io_requests)
         direction = self._direction(handle, direct)
         path = handle.path if handle is not None else self.abspath(f.inode.nodeid)
+        if direction == c.FS_REQUEST_DIR_USER_CACHED:
+            # The application's read (the open has no page cache). What reaches storage is a request of its own,
+            # fired as non-cached I/O inside it, as the SDK has it: a filter that transforms only non-cached I/O
+            # (an encryptor) sees every byte the application gets.
+            def below() -> Reply:
+                return self._read_events(op, f, handle, flags, origin, path, control,
+                                         c.FS_REQUEST_DIR_SYSTEM_NONCACHED, lambda: self.down.read(op))
+        else:
+            def below() -> Reply:
+                return self.down.read(op)
+        return self._read_events(op, f, handle, flags, origin, path, control, direction, below)
+
+    def _read_events(self, op: ops.Read, f: OpenFile, handle: Handle | None, flags: Flags, origin: Origin,
+                     path: str, control: int, direction: int, serve: Callable[[], Reply]) -> Reply:
+        """The read events of one kind of read (``direction``) around ``serve``, which reads ``op.offset`` and
+        ``op.size`` as the Before handler left them."""
+        offset, size = op.offset, op.size
         if not control:  # a notification only: no buffer for handlers to see
-            reply, error = self._served(lambda: self.down.read(op))
+            reply, error = self._served(serve)
             got = len(reply.data) if isinstance(reply, Data) else 0
             self.notify(ev.CBFilterNotifyReadFileEventParams, c.FS_NE_READ, flags, origin,
                         handle.origin if handle else None, file_name=path, position=offset,
@@ -69,7 +90,7 @@ class IoOps(IsolationOps):
             done = count  # the handler put the data in the buffer
         elif count:
             op.offset, op.size = position, count  # what the Before handler asked for is what the layers below see
-            reply, error = self._served(lambda: self.down.read(op))
+            reply, error = self._served(serve)
             if isinstance(reply, Data):
                 done = min(count, len(reply.data))
                 view[:done] = reply.data[:done]
@@ -83,10 +104,10 @@ class IoOps(IsolationOps):
                     position=position, bytes_to_read=count, direction=direction, bytes_read=done, status=error)
         if error:
             raise OSError(error, os.strerror(error))
-        return Data(bytes(view[:done]))
+        return Data(view[:done])  # (the view keeps its buffer alive until the reply is written)
 
     def write(self, op: ops.Write) -> Reply:
-        fh, offset, size = op.fh, op.offset, op.size
+        fh = op.fh
         f = self.lower.file(fh)
         if not self.reaches(f.inode.nodeid):
             return self.down.write(op)
@@ -100,8 +121,22 @@ class IoOps(IsolationOps):
         direct = bool(self.core.process_cached_io_requests)
         direction = self._direction(handle, direct)
         path = handle.path if handle is not None else self.abspath(f.inode.nodeid)
+        if direction == c.FS_REQUEST_DIR_USER_CACHED:
+            def below() -> Reply:  # what reaches storage, as non-cached I/O (see read)
+                return self._write_events(op, f, handle, flags, origin, path, control,
+                                          c.FS_REQUEST_DIR_SYSTEM_NONCACHED, lambda: self.down.write(op))
+        else:
+            def below() -> Reply:
+                return self.down.write(op)
+        return self._write_events(op, f, handle, flags, origin, path, control, direction, below)
+
+    def _write_events(self, op: ops.Write, f: OpenFile, handle: Handle | None, flags: Flags, origin: Origin,
+                      path: str, control: int, direction: int, serve: Callable[[], Reply]) -> Reply:
+        """The write events of one kind of write (``direction``) around ``serve``, which writes ``op.data`` at
+        ``op.offset`` as the Before handler left them."""
+        offset, size = op.offset, op.size
         if not control:  # a notification only: no buffer for handlers to see
-            reply, error = self._served(lambda: self.down.write(op))
+            reply, error = self._served(serve)
             written = reply.size if isinstance(reply, Written) else 0
             self.notify(ev.CBFilterNotifyWriteFileEventParams, c.FS_NE_WRITE, flags, origin,
                         handle.origin if handle else None, file_name=path, position=offset,
@@ -134,7 +169,7 @@ class IoOps(IsolationOps):
             else:
                 # The (possibly changed) buffer, position and count are what the layers below write.
                 op.offset, op.size, op.data = position, count, view[:count]
-                reply, error = self._served(lambda: self.down.write(op))
+                reply, error = self._served(serve)
                 done = reply.size if isinstance(reply, Written) else 0
         after = self.fire(ev.CBFilterAfterWriteFileEventParams, c.FS_CE_AFTER_WRITE, flags, origin, creator, None,
                           file_name=path, position=position, buffer=pointer, buffer_length=size, buffer_view=view,

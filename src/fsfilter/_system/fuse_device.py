@@ -192,3 +192,17 @@ def release_watchdog(watchdog: subprocess.Popen[bytes]) -> None:
             watchdog.stdin.flush()
     except OSError:
         pass
+
+
+def widen_readahead(device: str, max_read: int) -> None:
+    """Let the kernel read ahead up to one largest READ on the mount of ``device`` ("major:minor"): FUSE caps its
+    readahead at the default 128 KiB whatever INIT says, so sequential reads the daemon serves (a file a handler
+    reads, a view its handlers serve) would otherwise come in 128 KiB requests, each a round trip. Files under kernel
+    passthrough read ahead on their backing file and are unaffected. Best effort (root only)."""
+    if not device or max_read <= 0:
+        return
+    try:
+        with open(f"/sys/class/bdi/{device}/read_ahead_kb", "w") as f:
+            f.write(str(max_read // 1024))
+    except OSError:
+        pass  # (not root, or no such device info: the default stays)

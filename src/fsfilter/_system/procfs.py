@@ -30,10 +30,10 @@ class MountEntry:
     """One line of mountinfo. A plain class, not a dataclass: the unmount watchdog loads this module at every
     mount, and importing dataclasses (with inspect and ast) made it 13 ms slower to be ready."""
 
-    __slots__ = ("mount_id", "parent_id", "mountpoint", "options", "fstype", "source", "root")
+    __slots__ = ("mount_id", "parent_id", "mountpoint", "options", "fstype", "source", "root", "device")
 
     def __init__(self, mount_id: int, parent_id: int, mountpoint: str, options: str, fstype: str, source: str,
-                 root: str) -> None:
+                 root: str, device: str = "") -> None:
         self.mount_id = mount_id
         self.parent_id = parent_id
         self.mountpoint = mountpoint
@@ -41,10 +41,11 @@ class MountEntry:
         self.fstype = fstype
         self.source = source
         self.root = root  # the directory of its file system the mount shows: "/" unless it is a bind mount of a part
+        self.device = device  # "major:minor" of its file system (the name of its backing device info in sysfs)
 
     def __repr__(self) -> str:
         return (f"MountEntry({self.mount_id}, {self.parent_id}, {self.mountpoint!r}, {self.options!r}, "
-                f"{self.fstype!r}, {self.source!r}, {self.root!r})")
+                f"{self.fstype!r}, {self.source!r}, {self.root!r}, {self.device!r})")
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, MountEntry) and all(getattr(self, n) == getattr(other, n) for n in self.__slots__)
@@ -66,7 +67,7 @@ def mountinfo() -> list[MountEntry]:
             fields = line.split()
             sep = fields.index("-")  # after a variable number of optional fields
             entries.append(MountEntry(int(fields[0]), int(fields[1]), unescape(fields[4]), fields[5],
-                                      fields[sep + 1], unescape(fields[sep + 2]), unescape(fields[3])))
+                                      fields[sep + 1], unescape(fields[sep + 2]), unescape(fields[3]), fields[2]))
     return entries
 
 

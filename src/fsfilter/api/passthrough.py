@@ -150,6 +150,7 @@ class PassthroughFilter:
             fs.defer = session.defer
             fs.interruptible = session.interruptible
             fs.notify = session.notify
+            fuse_device.widen_readahead(getattr(self, "_device", ""), negotiated.max_write)
             if self.lower_options.locks and not negotiated.has(abi.InitFlag.POSIX_LOCKS):
                 log.warning("the kernel did not offer FUSE_POSIX_LOCKS: locks stay in the kernel, unseen")
             self._write_journal_header(session)
@@ -245,6 +246,7 @@ class PassthroughFilter:
             if entry is None:
                 raise OSError(errno.EIO, "the new mount is not in /proc/self/mountinfo")
             self._mount_id = entry.mount_id
+            self._device = entry.device
             fuse_device.watch_mount(self._watchdog, entry.mount_id)
         else:
             fd, proc, sock = fuse_device.fusermount_mount(self.mountpoint, fsname=fsname, allow_other=self.allow_other)
