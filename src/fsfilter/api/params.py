@@ -870,7 +870,7 @@ class CBFilterNotifySetFileAttributesEventParams(EventParamsBase):
 
 
 class CBFilterBeforeQueryFileInfoEventParams(EventParamsBase):
-    """Never fired on Linux: Windows information classes (stat fires the get-sizes events)."""
+    """Only for handler-served views and virtual files: stat asks their size and times (docs/api.md)."""
 
     __slots__ = ("file_name", "file_information_class", "buffer", "buffer_length", "buffer_view", "valid_bytes",
                  "file_context", "handle_context", "process_request", "result_code")
@@ -892,7 +892,7 @@ class CBFilterBeforeQueryFileInfoEventParams(EventParamsBase):
 
 
 class CBFilterAfterQueryFileInfoEventParams(EventParamsBase):
-    """Never fired on Linux (see before_query_file_info)."""
+    """Never fired on Linux (the handler of before_query_file_info completes it)."""
 
     __slots__ = ("file_name", "file_information_class", "buffer", "buffer_length", "buffer_view", "valid_bytes",
                  "file_context", "handle_context", "status", "result_code")
@@ -932,7 +932,7 @@ class CBFilterNotifyQueryFileInfoEventParams(EventParamsBase):
 
 
 class CBFilterBeforeSetFileInfoEventParams(EventParamsBase):
-    """Never fired on Linux: SETATTR fires the set-size, set-attributes and set-security events."""
+    """Only for handler-served views and virtual files: truncate(2) sets their size (docs/api.md)."""
 
     __slots__ = ("file_name", "file_information_class", "buffer", "buffer_length", "buffer_view", "valid_bytes",
                  "file_context", "handle_context", "process_request", "result_code")
