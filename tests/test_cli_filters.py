@@ -35,7 +35,7 @@ def stop(proc: subprocess.Popen[str], path: Path) -> tuple[str, str]:
     return out, err
 
 
-@pytest.mark.parametrize("tool", ["monitor", "hide", "protect"])
+@pytest.mark.parametrize("tool", ["monitor", "hide", "protect", "sandbox"])
 def test_help(tool: str) -> None:
     r = subprocess.run([sys.executable, "-m", "fsfilter", tool, "--help"], capture_output=True, text=True, env=ENV,
                        timeout=20)
@@ -98,9 +98,31 @@ def test_protect_read_only_and_no_delete(scratch: Path) -> None:
         stop(proc, d)
 
 
+def test_sandbox_gives_matching_programs_private_copies(scratch: Path) -> None:
+    d, store = scratch / "project", scratch / "store"
+    d.mkdir()
+    (d / "notes.txt").write_text("original\n")
+    proc = start("sandbox", str(d), "--program", "sh", "--store", str(store))
+    try:
+        assert wait_for(lambda: is_mounted(d), 20)
+        # sh is sandboxed: its append lands in its copy, and it reads the copy back; cat (not sandboxed) and the
+        # disk keep the original
+        out = subprocess.run(["sh", "-c", f"echo sandboxed >> {d}/notes.txt; while read l; do echo $l; done "
+                                          f"< {d}/notes.txt; : > {d}/new.txt"], capture_output=True, text=True)
+        assert out.stdout == "original\nsandboxed\n", out
+        assert "Permission denied" in out.stderr  # no new files from the sandbox
+        assert subprocess.run(["cat", str(d / "notes.txt")], capture_output=True, text=True).stdout == "original\n"
+    finally:
+        out_text, err = stop(proc, d)
+    assert (d / "notes.txt").read_text() == "original\n" and not (d / "new.txt").exists()
+    assert (store / "notes.txt").read_text() == "original\nsandboxed\n"
+    assert "changes" in out_text and "1 private copy" in err
+
+
 def test_bad_arguments_give_one_line_errors(scratch: Path) -> None:
     for args in (["protect", str(scratch)], ["monitor", str(scratch / "missing")], ["hide", str(scratch), "a/b"],
-                 ["monitor", str(scratch), "--events", "nonsense"]):
+                 ["monitor", str(scratch), "--events", "nonsense"],
+                 ["sandbox", str(scratch), "--program", "sh", "--store", str(scratch / "in")]):
         r = subprocess.run([sys.executable, "-m", "fsfilter", *args], capture_output=True, text=True, env=ENV,
                            timeout=20)
         assert r.returncode == 1, (args, r)

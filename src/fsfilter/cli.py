@@ -99,6 +99,21 @@ def build_parser() -> argparse.ArgumentParser:
     h.add_argument("path", metavar="PATH", help="the directory to hide entries in (recursively)")
     h.add_argument("patterns", metavar="PATTERN", nargs="+", help="a name mask with ? and *, e.g. 'secret*'")
 
+    sb = sub.add_parser("sandbox", help="let matching programs change private copies of files, not the originals",
+                        description="Copy-on-write sandbox: a process whose program matches --program (a name mask "
+                                    "like 'python*', or a full path mask) sees, below PATH, a private copy of every "
+                                    "file it opens for writing (made in --store on its first such open; later "
+                                    "opens of the file, reading too, see the copy); every other process sees the "
+                                    "originals, which never change. Sandboxed processes may not create, delete or "
+                                    "rename files below PATH (EACCES). Ctrl-C stops; the copies stay in the store.")
+    sb.add_argument("path", metavar="PATH", help="the directory whose files are protected (recursively)")
+    sb.add_argument("--program", "-p", metavar="MASK", action="append", required=True,
+                    help="a program whose processes are sandboxed: a name mask (python3, 'vi*'; matched against the "
+                         "program's file name and the process name) or a path mask (/usr/bin/*); repeat for several")
+    sb.add_argument("--store", metavar="DIR",
+                    help="where the private copies go (made if missing; outside PATH); default: a new directory "
+                         "in /var/tmp")
+
     pr = sub.add_parser("protect", help="enforce access rules below a directory",
                         description="Enforce access rules on everything below PATH until Ctrl-C. Denied "
                                     "operations fail with EACCES.")
@@ -466,6 +481,91 @@ def run_hide(args: argparse.Namespace) -> int:
     return _serve_cbfilter(filt, f"hiding {', '.join(args.patterns)} below {path}")
 
 
+class Sandbox:
+    """The handlers of ``fsfilter sandbox``: copy-on-write views of files for the processes of chosen programs."""
+
+    def __init__(self, filt: CBFilter, path: str, store: str, programs: list[str]) -> None:
+        self.filt, self.path, self.store, self.programs = filt, path, store, programs
+        self._lock = threading.Lock()
+        self.copies: dict[str, str] = {}  # original -> private copy
+
+    def sandboxed(self) -> bool:
+        """Whether the request's process runs a chosen program: its image path for a path mask, else the image's
+        name or the process's own name (``sh`` is ``dash`` on Debian)."""
+        image = self.filt.get_originator_process_name()
+        names = (os.path.basename(image), procfs.comm(self.filt.get_originator_thread_id()))
+        return any(self.filt.file_matches_mask(mask, image) if "/" in mask else
+                   any(self.filt.file_matches_mask(mask, name) for name in names if name) for mask in self.programs)
+
+    def copy_of(self, original: str, make: bool) -> str | None:
+        """The private copy of ``original`` (made from it now when ``make``), or None."""
+        rel = os.path.relpath(original, self.path)
+        copy = os.path.join(self.store, rel)
+        with self._lock:
+            if os.path.exists(copy):
+                return copy
+            if not make:
+                return None
+            os.makedirs(os.path.dirname(copy), exist_ok=True)
+            src = self.filt.create_file_direct(original, False, c.DESIRED_ACCESS_FILE_GENERIC_READ)
+            try:
+                mode = os.fstat(src).st_mode & 0o7777
+                part = copy + ".fsfilter-part"
+                dst = os.open(part, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, mode)
+                try:
+                    while os.copy_file_range(src, dst, 1 << 30):
+                        pass
+                finally:
+                    os.close(dst)
+                os.rename(part, copy)
+            finally:
+                os.close(src)
+            self.copies[original] = copy
+        print(f"sandbox: {os.path.basename(self.filt.get_originator_process_name())} "
+              f"(pid {self.filt.get_originator_process_id()}) changes {original} in {copy}", flush=True)
+        return copy
+
+    def before_open(self, p: Any) -> None:
+        if p.attributes & c.FILE_SYS_ATTR_DIRECTORY or not self.sandboxed():
+            return
+        writes = p.desired_access & (c.DESIRED_ACCESS_FILE_WRITE_DATA | c.DESIRED_ACCESS_FILE_APPEND_DATA) or \
+            p.create_disposition == c.FILE_DISPOSITION_TRUNCATE_EXISTING
+        if p.flags & os.O_PATH:
+            return  # a name resolved, not a file opened
+        copy = self.copy_of(p.file_name, bool(writes))
+        if copy is not None:
+            p.isolate = True
+            p.backend_file_name = copy
+
+    def refuse(self, p: Any) -> None:
+        if self.sandboxed():
+            p.result_code = errno.EACCES
+
+
+def run_sandbox(args: argparse.Namespace) -> int:
+    path = _directory(args.path)
+    store = os.path.realpath(args.store) if args.store else None
+    if store is not None and (store == path or store.startswith(path.rstrip("/") + "/")):
+        raise CBFSFilterError(errno.EINVAL, f"the store {store} is inside {path}: choose a directory outside it")
+    filt = CBFilter()
+    for mask in args.program:
+        filt.file_matches_mask(mask, "x")  # validates it
+    if store is None:
+        import tempfile
+        store = tempfile.mkdtemp(prefix="fsfilter-sandbox-", dir="/var/tmp" if os.path.isdir("/var/tmp") else None)
+    os.makedirs(store, exist_ok=True)
+    sandbox = Sandbox(filt, path, store, args.program)
+    filt.on_before_open_file = sandbox.before_open
+    filt.on_before_create_file = filt.on_before_delete_file = filt.on_before_rename_or_move_file = sandbox.refuse
+    every = path.rstrip("/") + "/*"
+    filt.add_filter_rule(every, c.ACCESS_NONE, c.FS_CE_BEFORE_OPEN | c.FS_CE_BEFORE_CREATE | c.FS_CE_BEFORE_DELETE
+                         | c.FS_CE_BEFORE_RENAME, c.FS_NE_NONE)
+    code = _serve_cbfilter(filt, f"sandboxing {', '.join(args.program)} below {path}; private copies in {store}")
+    print(f"fsfilter: {len(sandbox.copies)} private cop{'y' if len(sandbox.copies) == 1 else 'ies'} in {store}",
+          file=sys.stderr)
+    return code
+
+
 def run_protect(args: argparse.Namespace) -> int:
     path = _directory(args.path)
     access = 0
@@ -633,6 +733,8 @@ def main(argv: list[str] | None = None) -> int:
             return run_hide(args)
         if args.command == "protect":
             return run_protect(args)
+        if args.command == "sandbox":
+            return run_sandbox(args)
         if args.command == "procmon":
             return run_procmon(args)
         if args.command == "deny-exec":
