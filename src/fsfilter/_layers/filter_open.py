@@ -267,8 +267,10 @@ class OpenOps(FilterNaming, IsolationOps):
         if self.handled(node):
             # What the handlers give may differ from one open to the next: the view's cache starts empty each time.
             flags &= ~abi.OpenReplyFlag.KEEP_CACHE
-            if self.core.process_cached_io_requests:
-                flags |= abi.OpenReplyFlag.DIRECT_IO  # every application read and write reaches the handlers
+            if self.core.process_cached_io_requests or not self.core.handler("before_query_file_info"):
+                # Every application read and write reaches the handlers: asked for, or the view's size is unknown
+                # (the backend's, which the page cache would cut reads at; direct reads go past it).
+                flags |= abi.OpenReplyFlag.DIRECT_IO
         m = self.match_node(node.nodeid)
         if m is None:
             return flags

@@ -24,6 +24,7 @@ from fsfilter._wire import ops
 from fsfilter._wire.fuse import StatLike
 from fsfilter._wire.replies import (
     Entry,
+    StatView,
 )
 
 log = logging.getLogger("fsfilter.lower")
@@ -207,6 +208,8 @@ class LowerBase(Layer):
 
     def entry(self, node: Inode, st: StatLike) -> Entry:
         hooks = self.hooks
+        if node.view is not None:
+            st = _view_stat(node.view, st)
         shown = hooks.shown(node.nodeid, st) if hooks.shows else st
         if node.view is not None or (self.routes and node.key in self.routes):
             # A name whose node depends on who asks: every path walk asks again. And one file behind several
@@ -417,6 +420,10 @@ class LowerBase(Layer):
 
     def attributes(self, nodeid: int, st: StatLike) -> StatLike:
         """The attributes replies show for node ``nodeid`` (layers may change them)."""
+        if self.virtuals or self.routes:
+            node = self.nodes.get(nodeid)
+            if node is not None and node.view is not None:
+                st = _view_stat(node.view, st)
         hooks = self.hooks
         return hooks.shown(nodeid, st) if hooks.shows else st
 
@@ -475,6 +482,11 @@ class LowerBase(Layer):
             except OSError as exc:
                 if exc.errno not in (errno.ENODATA, errno.EOPNOTSUPP):
                     raise
+
+
+def _view_stat(view: View, st: StatLike) -> StatLike:
+    """A virtual file's memfd has no name, so no link: it shows one."""
+    return StatView(st, nlink=1) if view.of[0] == 0 and st.st_nlink == 0 else st
 
 
 @contextlib.contextmanager
