@@ -26,9 +26,12 @@ TOP = 9
 RANKS = {"fsfilter.errors": 0, "fsfilter": TOP, "fsfilter.cli": TOP, "fsfilter.demo": TOP, "fsfilter.__main__": TOP,
          # The SDK's vocabulary: its constants and event-parameter classes are data every layer of the stack
          # speaks (a layer fires CBFilter's events with CBFilter's flags); they hold no logic and import nothing
-         # above the engine, so they rank with it although users find them in the api package.
+         # above the engine, so they rank with it although users find them in the api package. The Windows
+         # file-information structures (fileinfo) are the same kind of vocabulary: a layer fills them for the
+         # query/set-file-info events of handler-served views.
          "fsfilter.api.constants": 5, "fsfilter.api.params": 5, "fsfilter.api.events": 5,
-         "fsfilter.api._params_base": 5, "fsfilter.api.monitor_params": 5, "fsfilter.api.process_params": 5}
+         "fsfilter.api._params_base": 5, "fsfilter.api.monitor_params": 5, "fsfilter.api.process_params": 5,
+         "fsfilter.api.fileinfo": 5}
 
 # The watchdog runs as `python -S -I watchdog.py` before the mount exists and must start without the package;
 # it loads procfs.py by its path (the one mountinfo parser), so procfs.py may not import fsfilter either.
