@@ -7,6 +7,7 @@ import errno
 import os
 import stat
 import struct
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -26,13 +27,14 @@ from fsfilter._wire.replies import (
     Data,
     IoctlOut,
     Reply,
-    StatView,
     xattr_reply,
 )
 from fsfilter.api import constants as c
 from fsfilter.api import fileinfo
 from fsfilter.api import params as ev
 from fsfilter.api.params import FILTER_PARAMS
+
+_TIMES = abi.FATTR_ATIME | abi.FATTR_MTIME | abi.FATTR_ATIME_NOW | abi.FATTR_MTIME_NOW
 
 
 class ChangeOps(FilterNaming, IsolationOps):
@@ -232,14 +234,30 @@ class ChangeOps(FilterNaming, IsolationOps):
         valid, fh, size, mode, uid, gid = op.valid, op.fh, op.size, op.mode, op.uid_to, op.gid_to
         atime, mtime, atime_ns, mtime_ns = op.atime, op.mtime, op.atime_ns, op.mtime_ns
         node = self.lower.inode(op.nodeid)
-        if node.view is not None and self.handled(node) and valid & abi.FATTR_SIZE:
-            # A handler-served view's size is the handlers' (FileEndOfFileInformation).
+        if node.view is not None and self.handled(node) and valid & (abi.FATTR_SIZE | _TIMES):
+            # A handler-served view's size and times are its handlers' (FileEndOfFileInformation,
+            # FileBasicInformation): what a handler completes is taken out of the request.
             handle = self.handle(fh) if fh is not None else None
-            if self.set_view_info(op, node, fileinfo.FILE_END_OF_FILE_INFORMATION, struct.pack("<q", size), handle):
-                st = self.query_view(op, node, os.fstat(node.fd), handle)
-                return Attr(StatView(st, size=size), 0.0)
+            if valid & abi.FATTR_SIZE and self.set_view_info(op, node, fileinfo.FILE_END_OF_FILE_INFORMATION,
+                                                             struct.pack("<q", size), handle):
+                op.valid &= ~abi.FATTR_SIZE
+            if valid & _TIMES:
+                now = time.time_ns()
+                atime_ft = fileinfo.filetime(now if valid & abi.FATTR_ATIME_NOW else atime * 10**9 + atime_ns) \
+                    if valid & (abi.FATTR_ATIME | abi.FATTR_ATIME_NOW) else 0
+                mtime_ft = fileinfo.filetime(now if valid & abi.FATTR_MTIME_NOW else mtime * 10**9 + mtime_ns) \
+                    if valid & (abi.FATTR_MTIME | abi.FATTR_MTIME_NOW) else 0
+                if self.set_view_info(op, node, fileinfo.FILE_BASIC_INFORMATION,
+                                      struct.pack("<qqqqI4x", 0, atime_ft, mtime_ft, 0, 0), handle):
+                    op.valid &= ~_TIMES
+            if op.valid != valid:
+                valid = op.valid
+                if not valid & ~(abi.FATTR_FH | abi.FATTR_LOCKOWNER | abi.FATTR_KILL_SUIDGID):
+                    return Attr(self.query_view(op, node, os.fstat(node.fd), handle), 0.0)  # all done by handlers
         m = self.match_node(node.nodeid)
         flags = self.effective(m, op.pid, node)
+        if node.view is not None and self.handled(node):
+            flags = self.handled_flags(flags)  # chmod/chown of a handler-served view: its handlers' (set security)
         if not (flags.access or flags.control or flags.notify):
             return self.down.setattr(op)
         access = flags.access
@@ -295,6 +313,8 @@ class ChangeOps(FilterNaming, IsolationOps):
         node = self.lower.inode(op.nodeid)
         m = self.match_node(node.nodeid)
         flags = self.effective(m, op.pid, node)
+        if node.view is not None and self.handled(node):
+            flags = self.handled_flags(flags)  # a handler-served view's security is its handlers' (ACLs)
         serve = self._xattr_server(op, setting)
         if not (flags.access or flags.control or flags.notify):
             return serve() if setting else xattr_reply(self._whole(serve), size)

@@ -20,6 +20,7 @@ from fsfilter._wire import ops
 from fsfilter._wire.replies import (
     EMPTY,
     Data,
+    Offset,
     Reply,
     Written,
 )
@@ -187,6 +188,10 @@ class IoOps(IsolationOps):
 
     def copy_file_range(self, op: ops.CopyFileRange) -> Reply:
         src, dst = self.lower.file(op.fh_in), self.lower.file(op.fh_out)
+        if self.handled_open(src) or self.handled_open(dst):
+            # Below the handlers the copy would read or write the view's backend file itself: the kernel copies
+            # through READ and WRITE instead, which the handlers serve.
+            raise OSError(errno.EOPNOTSUPP, "a handler-served view is copied through read and write")
         if not (self.reaches(src.inode.nodeid) or self.reaches(dst.inode.nodeid)):
             return self.down.copy_file_range(op)
         f_in, _ = self._io_flags(op, src.inode, self.handle(op.fh_in))
@@ -201,6 +206,10 @@ class IoOps(IsolationOps):
     def fallocate(self, op: ops.Fallocate) -> Reply:
         fh, offset, length = op.fh, op.offset, op.length
         f = self.lower.file(fh)
+        if self.handled_open(f):
+            # The handlers keep the view's data: space below them means nothing (posix_fallocate then writes zeros,
+            # which they serve); a hole punched below them would change the backend file behind their back.
+            raise OSError(errno.EOPNOTSUPP, "a handler-served view has no space to allocate")
         if not self.reaches(f.inode.nodeid):
             return self.down.fallocate(op)
         handle = self.handle(fh)
@@ -221,6 +230,17 @@ class IoOps(IsolationOps):
         self.notify(ev.CBFilterNotifySetAllocationSizeEventParams, c.FS_NE_SET_SIZES, flags, origin, creator,
                     file_name=path, allocation_size=size)
         return reply
+
+    def lseek(self, op: ops.Lseek) -> Reply:
+        f = self.lower.file(op.fh)
+        if not self.handled_open(f):
+            return self.down.lseek(op)
+        # SEEK_DATA/SEEK_HOLE (the only ones the kernel asks) of a handler-served view: all data up to its size, as
+        # the handlers give it; the backend file's holes are not the view's.
+        size = self.query_view(op, f.inode, os.fstat(f.inode.fd), self.handle(op.fh)).st_size
+        if op.offset >= size:
+            raise OSError(errno.ENXIO, "past the end of the file")
+        return Offset(op.offset if op.whence == os.SEEK_DATA else size)
 
     def setlk(self, op: ops.Lock) -> Reply | None:
         return self._lock_with_events(op, False)

@@ -31,8 +31,8 @@ from typing import Any
 from fsfilter._engine.rules import Flags
 from fsfilter._layers.filter_base import FilterBase, Handle
 from fsfilter._sessions.lower_base import OPENED
-from fsfilter._sessions.nodes import Inode, LowerFile, OpenFile, View
-from fsfilter._system import procfs
+from fsfilter._sessions.nodes import Inode, OpenFile, View
+from fsfilter._system import libc, procfs
 from fsfilter._wire import ops
 from fsfilter._wire.fuse import StatLike
 from fsfilter._wire.replies import Created, Opened, StatView
@@ -120,11 +120,21 @@ class IsolationOps(FilterBase):
             os.close(fd)
         return (st.st_dev, st.st_ino) == (node.view.of if node.view is not None else node.key)
 
-    def view_fits(self, node: Inode, isolate: bool, backend: str) -> bool:
+    def view_fits(self, node: Inode, isolate: bool, backend: str, tid: int) -> bool:
+        """Whether ``node`` is the node an open by thread ``tid`` with this decision must be on."""
         view = node.view
         if not isolate:
             return view is None
-        return view is not None and view.layer is self and view.backend == backend
+        return (view is not None and view.layer is self and view.backend == backend
+                and (view.owner == tid or libc.is_thread_of(view.owner, tid)))
+
+    @staticmethod
+    def same_data(node: Inode, isolate: bool, backend: str) -> bool:
+        """Whether an open with this decision would read and write what ``node`` does: both the file itself, in its
+        own node or a view of it (only their caches differ, and passthrough uses none)."""
+        wanted_itself = not isolate or backend == View.SELF
+        view = node.view
+        return wanted_itself and (view is None or (view.backend == View.SELF and view.of[0] != 0))
 
     def reroute(self, op: ops.Op, node: Inode, isolate: bool, backend: str, before: Any, path: str) -> None:
         """Route the caller's LOOKUPs of the object to the view it asked for (or back to the object's node), keep the
@@ -132,7 +142,9 @@ class IsolationOps(FilterBase):
         lower = self.lower
         key = node.view.of if node.view is not None else node.key
         owner = procfs.tgid(op.pid)
-        if isolate:
+        if key[0] == 0:
+            pass  # a virtual file: every process's LOOKUP gets a view of its own already
+        elif isolate:
             view = self.make_view(owner, node, backend, path)
             lower.route(view)
         else:
@@ -162,17 +174,28 @@ class IsolationOps(FilterBase):
         """An O_PATH fd of what a view reads and writes."""
         if backend in ("", View.SELF):
             return os.dup(origin)
-        if not os.path.isabs(backend):
+        if not os.path.isabs(backend) or "\0" in backend:
             raise OSError(errno.EINVAL, f"backend_file_name {backend!r} is not an absolute path")
         fd = self.core.open_below(backend, os.O_PATH | os.O_CLOEXEC)
         try:
             st = os.fstat(fd)
             if not stat.S_ISREG(st.st_mode):
                 raise OSError(errno.EINVAL, f"backend_file_name {backend!r} is not a regular file")
+            if st.st_dev == self._mount_device():
+                # Reached through this very mount (a symlink into it): the daemon would serve its own requests.
+                raise OSError(errno.ELOOP, f"backend_file_name {backend!r} leads back into {self.base}, which this "
+                                           "filter serves: name a file outside it, or its real path")
         except BaseException:
             os.close(fd)
             raise
         return fd
+
+    def _mount_device(self) -> int:
+        """The st_dev of the mount this layer serves (the files applications see through it)."""
+        dev: int | None = self.__dict__.get("_mount_dev")
+        if dev is None:
+            dev = self.__dict__.setdefault("_mount_dev", os.stat(self.base).st_dev)
+        return dev
 
     def isolate_created(self, op: ops.Op, reply: Created, before: Any, path: str) -> Created:
         """A create a handler isolated: the new file's own node is swapped for the creating process's view of it in the
@@ -197,28 +220,10 @@ class IsolationOps(FilterBase):
         assert isinstance(opened, Opened)
         return Created(lower.entry(node, os.fstat(node.fd)), opened)
 
-    def serve_unfitting(self, f: OpenFile, isolate: bool, backend: str) -> None:
-        """An open the kernel made again on a node that is not the view it asked for (no name was walked): served
-        on that node with the wanted backend and without page cache (mmap of it is then not isolated)."""
-        node = f.inode
-        origin = node.view.origin_fd if node.view is not None else node.fd
-        if isolate and backend == "":
-            target = os.dup(origin) if origin >= 0 else os.dup(node.fd)
-        else:
-            target = self.backend_fd(backend, origin) if isolate else os.dup(origin)
-        try:
-            fd = os.open(procfs.fd_path(target), f.flags & ~os.O_CREAT)
-        finally:
-            os.close(target)
-        f.backend = LowerFile(fd)
-        f.direct = True
-        f.slots[_HANDLED] = isolate and backend == ""
-
     def handled_open(self, f: OpenFile) -> bool:
-        """Whether this layer's handlers serve the reads and writes of this open: an open of a handler-served view,
-        unless the open was served as another (see serve_unfitting)."""
-        own: bool | None = f.slots.get(_HANDLED)
-        return self.handled(f.inode) if own is None else own
+        """Whether this layer's handlers serve the reads and writes of this open (an open of a handler-served view:
+        only its owner's opens are ever on it)."""
+        return self.handled(f.inode)
 
     # -- what a handler-served view fires
 
@@ -277,6 +282,12 @@ class IsolationOps(FilterBase):
                       valid_bytes=len(data), **self._handle_ctx(node.nodeid, handle))
         return p is not None and not p.process_request
 
+    def truncate_view(self, op: ops.Open, node: Inode) -> None:
+        """open(O_TRUNC) of a handler-served view: a size of 0 is the handlers' to set (FileEndOfFileInformation); one
+        they complete is taken out of the open."""
+        if self.set_view_info(op, node, fileinfo.FILE_END_OF_FILE_INFORMATION, _INT64.pack(0), None):
+            op.flags &= ~os.O_TRUNC
+
     # -- virtual files
 
     def add_virtual_file(self, relpath: bytes, mode: int) -> None:
@@ -305,5 +316,3 @@ class IsolationOps(FilterBase):
             return False
         return self.lower.remove_virtual((st.st_dev, st.st_ino), name) is not None
 
-
-_HANDLED = "handled"  # an OpenFile's slot: served by the handlers although its node is not a view (see serve_unfitting)

@@ -104,15 +104,19 @@ class OpenOps(FilterNaming, IsolationOps):
             if not before.process_request:
                 raise OSError(errno.EACCES, "the event handler completed the open without a file")
             file_context, handle_context = int(before.file_context), int(before.handle_context)
-        unfitting: tuple[bool, str] | None = None
         if isolating and (before is not None and before.isolate or node.view is not None):
             # (a decision kept for a retried open holds as made: the name may have changed since)
             isolate, backend = (pending.isolate, pending.backend) if pending is not None else \
                 self.wanted_view(before, path, node)
-            if not self.view_fits(node, isolate, backend):
+            if not self.view_fits(node, isolate, backend, op.pid):
                 if pending is None:
                     self.reroute(op, node, isolate, backend, before, path)  # raises ESTALE: the kernel walks again
-                unfitting = (isolate, backend)
+                # The walk led back to the same node: an open that names no path (/proc/PID/fd/N). It is served
+                # there only if it would read what that node does; a view's cache must not reach another process.
+                if not self.same_data(node, isolate, backend):
+                    raise OSError(errno.EACCES, "an isolated view is opened only by its process, through its name")
+            if isinstance(op, ops.Open) and self.handled(node) and op.flags & os.O_TRUNC:
+                self.truncate_view(op, node)
         error = 0
         try:
             reply = serve()
@@ -128,8 +132,6 @@ class OpenOps(FilterNaming, IsolationOps):
         fh = opened.fh
         # A CREATE reply starts with the new object's entry: its node id is the one the handle is on.
         nodeid = reply.entry.nodeid if isinstance(reply, Created) else node.nodeid
-        if unfitting is not None:
-            self.serve_unfitting(self.lower.file(fh), *unfitting)  # (a failure here is undone by the bottom)
         try:
             file_context, handle_context = self._after_open(created, bits, flags, origin, fields, 0, file_context,
                                                             handle_context, (self, nodeid))

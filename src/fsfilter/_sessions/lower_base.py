@@ -9,6 +9,7 @@ import logging
 import os
 import stat
 import threading
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -98,6 +99,7 @@ class LowerBase(Layer):
         self.routes: dict[tuple[int, int], list[View]] = {}
         self.virtuals: dict[tuple[tuple[int, int], bytes], Virtual] = {}
         self._virtual_ids = 0
+        self._swept = 0.0  # when dead processes' views were last dropped
         self._tables: list[dict[int, Handler]] = []  # the sessions' handler tables, bound to the top's methods
 
     @contextlib.contextmanager
@@ -274,6 +276,7 @@ class LowerBase(Layer):
         """From now on the LOOKUPs of ``view.owner`` for the object ``view.of`` get the view's node; a view the owner
         had of it before stops being routed (its node lives on while the kernel knows it)."""
         with self._lock:
+            self._sweep()
             for old in list(self.routes.get(view.of, ())):
                 if old.owner == view.owner:
                     self._unroute(old)
@@ -290,6 +293,23 @@ class LowerBase(Layer):
             for old in list(self.routes.get(key, ())):
                 if old.owner == owner:
                     self._unroute(old)
+
+    def _sweep(self) -> None:
+        """Drop the views whose process has ended (under _lock): at most once a second, when a view is made, so that
+        short-lived processes leave nothing behind (fds, routes, uncached names) while the number of views stays
+        bounded by the processes alive."""
+        now = time.monotonic()
+        if now - self._swept < 1.0:
+            return
+        self._swept = now
+        for views in list(self.routes.values()):
+            for view in list(views):
+                if not procfs.pidfd_alive(view.pidfd):
+                    self._unroute(view)
+        for virtual in self.virtuals.values():
+            for owner, view in list(virtual.views.items()):
+                if view.pidfd < 0 or not procfs.pidfd_alive(view.pidfd):
+                    del virtual.views[owner]
 
     def _unroute(self, view: View) -> None:
         views = self.routes.get(view.of)
@@ -376,6 +396,7 @@ class LowerBase(Layer):
                 del virtual.views[owner]
                 view = None
             if view is None:
+                self._sweep()
                 pidfd = os.pidfd_open(owner)
                 view = View(owner, pidfd, os.dup(virtual.store), "", True, virtual.key, virtual.layer)
                 virtual.views[owner] = view

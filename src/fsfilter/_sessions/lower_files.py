@@ -34,7 +34,7 @@ class LowerFiles(LowerBase):
     def _needs_daemon(self, f: OpenFile) -> bool:
         """Whether this open's reads and writes must go through the daemon rather than kernel passthrough."""
         node = f.inode
-        if not self.passthrough or f.backend.passthrough_fd() is None or f.direct:
+        if not self.passthrough or f.backend.passthrough_fd() is None:
             return True
         lower = f.st
         if not stat.S_ISREG(lower.st_mode):
@@ -57,9 +57,7 @@ class LowerFiles(LowerBase):
             return
         node = f.inode
         with self._lock:
-            if f.direct:
-                daemon = True  # (a direct-I/O open may sit beside passthrough ones: it uses no page cache)
-            elif node.backing_refs:
+            if node.backing_refs:
                 daemon = False
             elif node.daemon_opens:
                 daemon = True
@@ -82,10 +80,7 @@ class LowerFiles(LowerBase):
                 if node.cache_sig == sig:
                     flags |= abi.OpenReplyFlag.KEEP_CACHE
                 node.cache_sig = sig
-                reply_flags = self._reply_flags(node, int(flags), False)
-                if f.direct:  # this open's data are not the node's: no page cache for it
-                    reply_flags = (reply_flags | abi.OpenReplyFlag.DIRECT_IO) & ~abi.OpenReplyFlag.KEEP_CACHE
-                opened.flags = reply_flags
+                opened.flags = self._reply_flags(node, int(flags), False)
                 return
             node.backing_refs += 1
             f.passthrough = True

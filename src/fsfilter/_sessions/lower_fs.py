@@ -51,8 +51,11 @@ from fsfilter._wire.replies import (
 
 __all__ = ["IoPolicy", "LowerFS", "LowerOptions", "add_lock_finish"]
 
-# Listing offsets of virtual files: past any a lower directory gives (ext4's largest is 2**63 - 1).
-VIRTUAL_OFFSETS = 1 << 63
+# Listing offsets of virtual files: after the lower directory's names, in a range no lower directory gives in practice
+# (tmpfs, xfs and btrfs count up from small numbers; ext4's hash cookies reach it only for the top 2**20 of 2**63
+# values, its end-of-directory marker 2**63 - 1 lies above it) and below 2**63, so that telldir/seekdir work.
+VIRTUAL_OFFSETS = (1 << 63) - (1 << 21)
+VIRTUAL_LIMIT = 1 << 20  # virtual files listed per directory
 
 _SETTLED = frozenset({"open", "create", "tmpfile", "opendir"})  # the stack's answer is settled by the bottom
 _LOCK_OPS = frozenset({abi.Opcode.GETLK, abi.Opcode.SETLK, abi.Opcode.SETLKW})
@@ -241,6 +244,15 @@ class LowerFS(LowerFiles):
         return self._remove(op, os.unlink)
 
     def rmdir(self, op: ops.Remove) -> Reply:
+        if self.virtuals:
+            dfd, at, owned = self.locate(op, self.inode(op.nodeid), op.name)
+            try:
+                st = os.stat(at, dir_fd=dfd, follow_symlinks=False)
+            finally:
+                if owned:
+                    os.close(dfd)
+            if any(key == (st.st_dev, st.st_ino) for key, _ in list(self.virtuals)):
+                raise OSError(errno.ENOTEMPTY, "the directory holds virtual files")
         return self._remove(op, os.rmdir)
 
     def _remove(self, op: ops.Remove, remove: Callable[..., None]) -> Reply:
@@ -342,7 +354,8 @@ class LowerFS(LowerFiles):
         hooks = self.hooks
         routed = self._routed_names(parent) if plus and self.routes else ()
         with d.lock:
-            if op.offset >= VIRTUAL_OFFSETS:  # the lower directory was listed whole: virtual names follow
+            if VIRTUAL_OFFSETS <= op.offset < VIRTUAL_OFFSETS + VIRTUAL_LIMIT:
+                # the lower directory was listed whole: virtual names follow
                 return self._list_virtuals(op, parent, op.offset - VIRTUAL_OFFSETS, out, used)
             if op.offset != d.pos:  # a seekdir/rewinddir, or a reply the kernel did not take whole
                 os.lseek(d.fd, op.offset, os.SEEK_SET)
@@ -398,7 +411,7 @@ class LowerFS(LowerFiles):
         """The virtual files of a directory, after its lower names: offsets from VIRTUAL_OFFSETS up (no lower
         directory's offset reaches them), in a fixed order; a name a real file has now is left out."""
         listed = sorted((name, v.store) for (key, name), v in list(self.virtuals.items()) if key == parent.key)
-        for index in range(start, len(listed)):
+        for index in range(start, min(len(listed), VIRTUAL_LIMIT)):
             name, store = listed[index]
             try:
                 ino = os.fstat(store).st_ino

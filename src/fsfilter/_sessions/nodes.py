@@ -131,7 +131,7 @@ class OpenFile:
     """One open of a file: the lower fd (its number is the handle), its node, its backend, how its reads and
     writes are served (None until the whole stack has answered the OPEN), and a slot per layer."""
 
-    __slots__ = ("fd", "inode", "passthrough", "backend", "st", "slots", "flags", "direct")
+    __slots__ = ("fd", "inode", "passthrough", "backend", "st", "slots", "flags")
 
     def __init__(self, fd: int, inode: Inode, st: os.stat_result, flags: int = os.O_RDONLY) -> None:
         self.fd = fd
@@ -141,7 +141,6 @@ class OpenFile:
         self.backend: Any = LowerFile(fd)
         self.st = st  # the lower file's attributes at open (mtime and size say whether the page cache is good)
         self.slots: dict[object, Any] = {}
-        self.direct = False  # no page cache for this open (an isolated open the kernel gave no node of its own)
 
 
 class GoneFile:

@@ -143,6 +143,12 @@ class CBFSFilterStream(io.FileIO):
             raise CBFSFilterError.from_os_error(exc, "cannot set the length of the direct stream") from exc
 
 
+def _real_parent(file_name: str) -> str:
+    """An absolute path whose directory has no symlink left (what attach points are compared with)."""
+    path = os.path.abspath(file_name)
+    return os.path.join(os.path.realpath(os.path.dirname(path)), os.path.basename(path))
+
+
 class CBFilter(Deployment, RuleTables):
     """Filters file operations below the directories its rules name. See docs/api.md for every member."""
 
@@ -1140,7 +1146,7 @@ class CBFilter(Deployment, RuleTables):
         on_before_write_file, on_before_query_file_info, on_before_set_file_info fire for every request of it, and
         what they leave undone acts on a store in memory). Every process has a view of its own; it goes with
         remove_virtual_file, with stop_filter, or when the application ends."""
-        path = os.path.normpath(os.path.abspath(file_name))
+        path = _real_parent(file_name)
         if attributes & c.FILE_SYS_ATTR_DIRECTORY:
             raise CBFSFilterError(errno.EINVAL, "virtual directories are not supported: create a real directory "
                                                 "and add virtual files in it")
@@ -1155,8 +1161,9 @@ class CBFilter(Deployment, RuleTables):
         if os.path.lexists(path):
             raise CBFSFilterError(errno.EEXIST, f"{path} exists: a virtual file needs a name no file has")
         with self._lock:
-            if path in self._virtual_files:
+            if path in self._virtual_files and not self._active:
                 raise CBFSFilterError(errno.EEXIST, f"{path} is a virtual file already")
+            # (while active, the mount's table says whether it exists: a process may have deleted or renamed it)
             self._virtual_files[path] = mode
             active = self._active
         if not active:
@@ -1190,16 +1197,18 @@ class CBFilter(Deployment, RuleTables):
     def remove_virtual_file(self, file_name: str) -> bool:
         """Take a virtual file away; True when there was one. Processes that have it open keep it open (as an
         unlinked file) until they close it."""
-        path = os.path.normpath(os.path.abspath(file_name))
+        path = _real_parent(file_name)
         with self._lock:
-            if self._virtual_files.pop(path, None) is None:
-                return False
+            known = self._virtual_files.pop(path, None) is not None
+            if not self._active:
+                return known
+            removed = False  # what the mount holds now (a process may have renamed or deleted it)
             for point, attachment in self._attached.items():
                 if path.startswith(point.rstrip("/") + "/"):
                     rel = b"/" + os.fsencode(os.path.relpath(path, attachment.mountpoint))
-                    attachment.layer.remove_virtual_file(rel)
+                    removed = attachment.layer.remove_virtual_file(rel) or removed
                     attachment.stack.forget_name(rel)
-        return True
+        return removed
 
     def suspend_file_events(self) -> None:
         """Inside on_after_create_file / on_after_open_file: no more events (control or notification) for
