@@ -571,3 +571,60 @@ def test_a_backend_that_leads_back_into_the_mount_is_refused(scratch: Path,
         end_processes([p])
     assert out.strip() == str(errno.ELOOP), err
     assert f._attached[str(data)].stack.fs.passthrough  # type: ignore[union-attr]  # still on for the mount
+
+
+def test_file_contexts_are_per_open_for_isolated_files(scratch: Path, started: Callable[[CBFilter], CBFilter]) -> None:
+    """Two isolated opens of one file by one process each keep the file context their open set (the SDK's rule for
+    isolated files), each read sees its own, and each is cleaned up with its close."""
+    data = scratch / "data"
+    data.mkdir()
+    (data / "f.txt").write_bytes(b"disk\n")
+    f = CBFilter()
+    views = MemoryViews(f, lambda name: b"view\n", lambda pid: True)
+    counter = iter(range(100, 200))
+    seen: list[int] = []
+    cleaned: list[int] = []
+
+    def before_open(p: Any) -> None:
+        views.before_open(p)
+        p.file_context = next(counter)
+
+    def before_read(p: Any) -> None:
+        seen.append(p.file_context)
+        views.before_read(p)
+
+    f.on_before_open_file = before_open
+    f.on_before_read_file = before_read
+    f.on_cleanup_context = lambda p: cleaned.append(p.file_context)
+    f.process_cached_io_requests = True  # each read reaches the handlers (no page cache between the two opens)
+    f.add_filter_rule(f"{data}/*", c.ACCESS_NONE, c.FS_CE_BEFORE_OPEN, c.FS_NE_NONE)
+    started(f)
+    py("import os, sys\na = os.open(sys.argv[1], os.O_RDONLY)\nb = os.open(sys.argv[1], os.O_RDONLY)\n"
+       "os.pread(a, 5, 0); os.pread(b, 5, 0)\nos.close(a); os.close(b)", str(data / "f.txt"))
+    f.stop_filter()
+    assert len(set(seen)) == 2 and all(100 <= x < 200 for x in seen), seen  # each open its own context
+    assert sorted(x for x in cleaned if x) == sorted(set(seen)), cleaned
+
+
+def test_allow_file_access_in_before_open(scratch: Path, started: Callable[[CBFilter], CBFilter]) -> None:
+    data = scratch / "data"
+    data.mkdir()
+    (data / "f.txt").write_bytes(b"disk\n")
+    f = CBFilter()
+    results: list[object] = []
+
+    def before_open(p: Any) -> None:
+        try:
+            fd = f.create_file_direct(p.file_name)
+            results.append(os.pread(fd, 4, 0))
+            os.close(fd)
+        except CBFSFilterError as exc:
+            results.append(exc.code)
+
+    f.on_before_open_file = before_open
+    f.add_filter_rule(f"{data}/*", c.ACCESS_NONE, c.FS_CE_BEFORE_OPEN, c.FS_NE_NONE)
+    started(f)
+    py("import sys; open(sys.argv[1]).read()", str(data / "f.txt"))
+    f.config("AllowFileAccessInBeforeOpen=false")
+    py("import sys; open(sys.argv[1]).read()", str(data / "f.txt"))
+    assert results[0] == b"disk" and errno.EACCES in results[1:], results

@@ -154,7 +154,7 @@ class NodeState:
 class Handle:
     """One open of a file or directory: its handle context and who opened it."""
 
-    __slots__ = ("path", "context", "origin", "flags", "direct", "enum_context", "enumerated", "is_dir")
+    __slots__ = ("path", "context", "origin", "flags", "direct", "enum_context", "enumerated", "is_dir", "own_context")
 
     def __init__(self, path: str, origin: Origin, flags: int, is_dir: bool = False) -> None:
         self.path = path
@@ -165,6 +165,9 @@ class Handle:
         self.enum_context = 0
         self.enumerated = False
         self.is_dir = is_dir
+        # An isolated open's file context: its own, not its node's (None for other opens). The SDK keeps contexts per
+        # open for isolated files.
+        self.own_context: int | None = None
 
 
 
@@ -517,6 +520,8 @@ class FilterBase(Layer):
                 if not state.opens:
                     state.suspended = False
                     file_context, state.file_context = state.file_context, 0
+        if handle.own_context is not None:
+            file_context = handle.own_context  # an isolated open's own (its node keeps none)
         if file_context or handle.context:
             handler = self.core.handler("cleanup_context")
             if handler is not None:
@@ -530,9 +535,14 @@ class FilterBase(Layer):
 
     def _handle_ctx(self, nodeid: int, handle: Handle | None) -> dict[str, Any]:
         """The context fields of an event about an open handle."""
+        if handle is not None and handle.own_context is not None:
+            return dict(file_context=handle.own_context, handle_context=handle.context)
         return dict(file_context=self.file_context(nodeid), handle_context=handle.context if handle else 0)
 
-    def _set_file_context(self, nodeid: int, value: int) -> None:
+    def _set_file_context(self, nodeid: int, value: int, handle: Handle | None = None) -> None:
+        if handle is not None and handle.own_context is not None:
+            handle.own_context = value
+            return
         state = self._state(nodeid)
         if state is None:
             return

@@ -88,7 +88,8 @@ class OpenOps(FilterNaming, IsolationOps):
         bits = (c.FS_CE_BEFORE_CREATE, c.FS_CE_AFTER_CREATE, c.FS_NE_CREATE) if created else (
             c.FS_CE_BEFORE_OPEN, c.FS_CE_AFTER_OPEN, c.FS_NE_OPEN)
         fields = self._open_fields(path, open_flags, mode, created, is_dir, None if created else node)
-        file_context = 0 if created else self.file_context(context_node or node.nodeid)
+        # (an isolated open's own context starts empty: see Handle.own_context)
+        file_context = 0 if created or node.view is not None else self.file_context(context_node or node.nodeid)
         handle_context = 0
         before_event = FILTER_PARAMS["before_create_file" if created else "before_open_file"]  # picked by name
         isolating = isinstance(op, ops.Open) and not is_dir  # (an existing file opened by CREATE: after it)
@@ -144,6 +145,10 @@ class OpenOps(FilterNaming, IsolationOps):
             raise
         handle = Handle(path, origin, open_flags, is_dir)
         handle.context = handle_context
+        opened_node = self.lower.nodes.get(nodeid)
+        if opened_node is not None and opened_node.view is not None:
+            handle.own_context = file_context  # an isolated open: its file context is its own
+            file_context = 0
         self._node_opened(nodeid, file_context)
         self._keep_handle(fh, handle)
         return reply
@@ -303,7 +308,7 @@ class OpenOps(FilterNaming, IsolationOps):
                           handle.origin, None, file_name=handle.path, **ctx)
         if after is not None:
             handle.context = int(after.handle_context)
-            self._set_file_context(f.inode.nodeid, int(after.file_context))
+            self._set_file_context(f.inode.nodeid, int(after.file_context), handle)
         self.notify(ev.CBFilterNotifyCleanupFileEventParams, c.FS_NE_CLEANUP, flags, origin, handle.origin,
                     file_name=handle.path)
         return reply
@@ -347,7 +352,7 @@ class OpenOps(FilterNaming, IsolationOps):
                               None, file_name=handle.path, **ctx)
             if after is not None:
                 handle.context = int(after.handle_context)
-                self._set_file_context(node.nodeid, int(after.file_context))
+                self._set_file_context(node.nodeid, int(after.file_context), handle)
         except OSError:
             pass
         self.notify(ev.CBFilterNotifyCloseFileEventParams, c.FS_NE_CLOSE, flags, origin, file_name=handle.path)

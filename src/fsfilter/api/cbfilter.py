@@ -28,6 +28,7 @@ from fsfilter._system.procfs import ProcessInfo
 from fsfilter.api import _control, _rulesfiles, events, fileinfo
 from fsfilter.api import _stacks as stacks
 from fsfilter.api import constants as c
+from fsfilter.api import params as ev
 from fsfilter.api._attached import RemoteSubject, ServiceLink, rule_list
 from fsfilter.api._denials import DenialLog
 from fsfilter.api._deployment import Deployment
@@ -1017,9 +1018,15 @@ class CBFilter(Deployment, RuleTables):
             if real == path or real.startswith(path.rstrip("/") + "/"):
                 where, dir_fd = os.path.relpath(real, mount.mountpoint), mount._lower_fd
                 break
+        job = dispatch.current_job()
+        opening = job.params if job is not None and isinstance(
+            job.params, ev.CBFilterBeforeOpenFileEventParams | ev.CBFilterBeforeCreateFileEventParams) else None
+        if opening is not None and os.path.normpath(opening.file_name) == real \
+                and not self.config_bool("AllowFileAccessInBeforeOpen"):
+            raise CBFSFilterError(errno.EACCES, f"{real} is the file being opened: set config('AllowFileAccess"
+                                                "InBeforeOpen=true') to open it in a before-open handler")
         # Inside a handler, synchronize (or CheckFileAccessInDirectIO) opens with the originator's credentials: the
         # kernel then checks the originator's access, and what is created is the originator's.
-        job = dispatch.current_job()
         origin = job.origin if job is not None else None
         as_origin = origin is not None and os.geteuid() == 0 and origin.uid >= 0 and (
             synchronize or self.config_bool("CheckFileAccessInDirectIO"))
