@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import SRC, end_processes, needs_root
+from conftest import SRC, end_processes, needs_root, wait_for
 
 from fsfilter import CBFilter, CBFSFilterError
 from fsfilter.api import constants as c
@@ -601,6 +601,7 @@ def test_file_contexts_are_per_open_for_isolated_files(scratch: Path, started: C
     started(f)
     py("import os, sys\na = os.open(sys.argv[1], os.O_RDONLY)\nb = os.open(sys.argv[1], os.O_RDONLY)\n"
        "os.pread(a, 5, 0); os.pread(b, 5, 0)\nos.close(a); os.close(b)", str(data / "f.txt"))
+    wait_for(lambda: len([x for x in cleaned if x]) >= 2, 10)  # (RELEASE comes after close(2) returns)
     f.stop_filter()
     assert len(set(seen)) == 2 and all(100 <= x < 200 for x in seen), seen  # each open its own context
     assert sorted(x for x in cleaned if x) == sorted(set(seen)), cleaned

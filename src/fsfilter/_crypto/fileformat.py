@@ -311,7 +311,7 @@ class ChunkCipher:
     def _aad(self, index: int, last: bool) -> bytes:
         return _CHUNK_AAD.pack(b"FSFC", self.file_id, index, int(last))
 
-    def seal(self, index: int, plaintext: bytes | memoryview, last: bool) -> bytes:
+    def seal(self, index: int, plaintext: bytes | bytearray | memoryview, last: bool) -> bytes:
         if len(plaintext) > self.chunk_size or (not last and len(plaintext) != self.chunk_size):
             raise ValueError(f"chunk {index}: {len(plaintext)} bytes (all but the last hold {self.chunk_size})")
         nonce = os.urandom(NONCE)

@@ -1,0 +1,271 @@
+"""The plaintext of an encrypted file (docs/file-format.md), as a file backend: what a trusted process's view of an
+encrypted file reads and writes.
+
+Reads decrypt the chunks a range touches (one pread for the whole stored range). Writes re-seal every chunk they
+touch: read, patch, seal with a fresh nonce, write back; growing the file reseals the old last chunk as "not last"
+and fills any gap with encrypted zeros; truncation reseals the new last chunk.
+
+**Torn writes.** A chunk rewritten in place can be half written when the machine stops, and a half-written chunk
+no longer opens: the data it held before would be lost, even if an fsync had made it durable. So the first time a
+chunk that held data is rewritten after the last fsync, its old stored bytes go to a journal first (with the old
+stored size), and the journal is made durable before the chunk is overwritten (one fdatasync for all the chunks
+of one write). fsync makes the file durable, then empties the journal. ``recover`` (run before a file is used)
+puts back the journaled chunks and size when the file does not open as a whole. Writes between two fsyncs are not
+promised to survive a crash (as for any file), but they never cost what an fsync made durable.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import struct
+import threading
+
+from fsfilter._crypto import fileformat as ff
+
+__all__ = ["ChunkJournal", "EncryptedFile", "recover"]
+
+_ENTRY = struct.Struct("<4sQQI")  # magic, chunk index, old stored file size, length of the old chunk that follows
+_ENTRY_MAGIC = b"FSJE"
+
+
+class ChunkJournal:
+    """The old stored chunks of one encrypted file, kept until the next fsync: a file of its own (``path``), made
+    when first needed."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self._fd = -1
+        self.saved: set[int] = set()  # chunk indexes journaled since the last fsync
+
+    def save(self, entries: list[tuple[int, int, bytes]]) -> None:
+        """Journal (index, old stored size, old stored chunk) entries, durably, before their chunks are rewritten."""
+        if not entries:
+            return
+        if self._fd < 0:
+            self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
+        os.write(self._fd, b"".join(_ENTRY.pack(_ENTRY_MAGIC, i, size, len(old)) + old for i, size, old in entries))
+        os.fdatasync(self._fd)
+        self.saved.update(i for i, _, _ in entries)
+
+    def clear(self) -> None:
+        """The file is durable as it is: nothing to put back any more."""
+        if self._fd >= 0:
+            os.ftruncate(self._fd, 0)
+            os.fdatasync(self._fd)
+        self.saved.clear()
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+        try:
+            if os.stat(self.path).st_size == 0:
+                os.unlink(self.path)
+        except FileNotFoundError:
+            pass
+
+
+def _entries(path: str) -> list[tuple[int, int, bytes]]:
+    try:
+        with open(path, "rb") as f:
+            raw = f.read()
+    except FileNotFoundError:
+        return []
+    out, pos = [], 0
+    while pos + _ENTRY.size <= len(raw):
+        magic, index, size, length = _ENTRY.unpack_from(raw, pos)
+        if magic != _ENTRY_MAGIC or pos + _ENTRY.size + length > len(raw):
+            break  # a torn last entry: its chunk was never overwritten (the journal is made durable first)
+        out.append((index, size, raw[pos + _ENTRY.size:pos + _ENTRY.size + length]))
+        pos += _ENTRY.size + length
+    return out
+
+
+def recover(fd: int, header: ff.Header, journal_path: str) -> list[int]:
+    """Repair what a crash may have torn, when the file's journal says writes were under way (run before the file
+    is used; a file without a journal is left alone, so that real corruption stays visible). Returns the chunks
+    repaired.
+
+    After a crash each chunk is whole-old, whole-new or torn, and the size old, new or cut inside a chunk. The
+    repair makes every chunk open with the flag its place gives it: a size cut inside a chunk's overhead loses that
+    partial chunk; a chunk sealed for another place (last or not) is sealed again; a torn chunk takes its journaled
+    copy (the one an fsync made durable: journaled on its first rewrite since), cut or padded with zeros to its
+    place's length; a torn chunk with no copy held nothing durable (it was new since the last fsync) and becomes
+    zeros. Bytes no write touched since the last fsync keep their durable value."""
+    entries = _entries(journal_path)
+    repaired: list[int] = []
+    if entries:
+        cipher = ff.ChunkCipher(header)
+        c = header.chunk_size
+        step = c + ff.CHUNK_OVERHEAD
+        copies: dict[int, list[bytes]] = {}
+        for index, _, old in entries:
+            copies.setdefault(index, []).append(old)  # oldest first
+        stored = os.fstat(fd).st_size
+        full, rest = divmod(max(0, stored - ff.HEADER_SIZE), step)
+        if rest and rest < ff.CHUNK_OVERHEAD:
+            stored = ff.HEADER_SIZE + full * step  # a chunk cut inside its nonce or tag: nothing of it opens
+            os.ftruncate(fd, stored)
+        plain = ff.plain_size(stored, c) if stored - ff.HEADER_SIZE >= ff.CHUNK_OVERHEAD else 0
+        count = max(1, -(-plain // c))
+        for i in range(count):
+            last = i == count - 1
+            length = (plain - i * c) if last else c
+            raw = os.pread(fd, step, ff.chunk_offset(i, c))
+            try:
+                cipher.open(i, raw, last)
+                continue
+            except ff.CorruptChunk:
+                pass
+            data = _open_either(cipher, i, [raw, *copies.get(i, [])])
+            if data is None:
+                data = b""  # no copy: it held nothing an fsync made durable
+            data = data[:length] + bytes(max(0, length - len(data)))
+            os.pwrite(fd, cipher.seal(i, bytes(data), last), ff.chunk_offset(i, c))
+            repaired.append(i)
+        os.ftruncate(fd, ff.stored_size(plain, c))
+        os.fsync(fd)
+    try:
+        os.unlink(journal_path)
+    except FileNotFoundError:
+        pass
+    return repaired
+
+
+def _open_either(cipher: ff.ChunkCipher, index: int, candidates: list[bytes]) -> bytes | None:
+    """The plaintext of the first candidate that opens as chunk ``index``, sealed as last or not."""
+    for raw in candidates:
+        for last in (False, True):
+            try:
+                return cipher.open(index, raw, last)
+            except ff.CorruptChunk:
+                continue
+    return None
+
+
+class EncryptedFile:
+    """The plaintext of the encrypted file open at ``fd`` (read-write), whose header is unlocked."""
+
+    def __init__(self, fd: int, header: ff.Header, journal: ChunkJournal | None = None) -> None:
+        self.fd = fd
+        self.cipher = ff.ChunkCipher(header)
+        self.chunk = header.chunk_size
+        self.journal = journal
+        self._lock = threading.Lock()  # a chunk is read, patched and sealed again by one request at a time
+
+    # -- sizes and chunks
+
+    def size(self) -> int:
+        return ff.plain_size(os.fstat(self.fd).st_size, self.chunk)
+
+    def _count(self, plain: int) -> int:
+        return max(1, -(-plain // self.chunk))
+
+    def _stored(self, index: int) -> bytes:
+        return os.pread(self.fd, self.chunk + ff.CHUNK_OVERHEAD, ff.chunk_offset(index, self.chunk))
+
+    def _plain_chunk(self, index: int, plain: int) -> bytes:
+        """Chunk ``index`` of a file of plaintext size ``plain`` (empty past its end)."""
+        count = self._count(plain)
+        if index >= count:
+            return b""
+        return self.cipher.open(index, self._stored(index), index == count - 1)
+
+    # -- reads
+
+    def read(self, size: int, offset: int) -> bytes:
+        with self._lock:
+            plain = self.size()
+            if offset >= plain or size <= 0:
+                return b""
+            end = min(plain, offset + size)
+            first, last = offset // self.chunk, (end - 1) // self.chunk
+            count = self._count(plain)
+            start = ff.chunk_offset(first, self.chunk)
+            raw = os.pread(self.fd, ff.chunk_offset(last + 1, self.chunk) - start, start)
+            step = self.chunk + ff.CHUNK_OVERHEAD
+            parts = [self.cipher.open(i, raw[(i - first) * step:(i - first + 1) * step], i == count - 1)
+                     for i in range(first, last + 1)]
+        data = b"".join(parts)
+        skip = offset - first * self.chunk
+        return data[skip:skip + (end - offset)]
+
+    def readinto(self, buf: memoryview, offset: int) -> int:
+        data = self.read(len(buf), offset)
+        buf[:len(data)] = data
+        return len(data)
+
+    # -- writes
+
+    def _journal(self, indexes: list[int], plain: int) -> None:
+        """Save the stored bytes of the chunks about to be rewritten that held data and were not saved since the
+        last fsync (see the module docstring)."""
+        journal = self.journal
+        if journal is None:
+            return
+        count = self._count(plain)
+        stored_size = os.fstat(self.fd).st_size
+        entries = [(i, stored_size, self._stored(i)) for i in indexes if i < count and i not in journal.saved]
+        journal.save(entries)
+
+    def _rewrite(self, plain: int, new_plain: int, start: int, data: bytes | memoryview) -> None:
+        """Write ``data`` at plaintext ``start`` of a file of size ``plain`` that becomes ``new_plain``."""
+        c = self.chunk
+        old_count, new_count = self._count(plain), self._count(new_plain)
+        end = start + len(data)
+        first = min(start // c, old_count - 1) if new_plain > plain else start // c
+        last = max((end - 1) // c if end > start else first, new_count - 1 if new_plain != plain else first)
+        indexes = list(range(first, last + 1))
+        self._journal(indexes, plain)
+        sealed = []
+        for i in indexes:
+            old = bytearray(self._plain_chunk(i, plain)) if i < old_count else bytearray()
+            lo, hi = i * c, min((i + 1) * c, new_plain)
+            old.extend(bytes(max(0, hi - lo - len(old))))  # a gap, or growth: encrypted zeros
+            del old[hi - lo:]
+            a, b = max(start, lo), min(end, hi)
+            if a < b:
+                old[a - lo:b - lo] = data[a - start:b - start]
+            sealed.append(self.cipher.seal(i, old, i == new_count - 1))
+        offset = ff.chunk_offset(first, c)
+        os.pwrite(self.fd, b"".join(sealed), offset)
+        if new_plain < plain:
+            os.ftruncate(self.fd, ff.stored_size(new_plain, c))
+
+    def write(self, data: bytes | memoryview, offset: int) -> int:
+        if not data:
+            return 0
+        with self._lock:
+            plain = self.size()
+            if offset > plain:  # a hole: stored as encrypted zeros (the format has no holes)
+                self._rewrite(plain, offset, plain, bytes(offset - plain))
+                plain = offset
+            self._rewrite(plain, max(plain, offset + len(data)), offset, data)
+        return len(data)
+
+    def truncate(self, size: int) -> None:
+        if size < 0:
+            raise OSError(errno.EINVAL, "negative size")
+        with self._lock:
+            plain = self.size()
+            if size > plain:
+                self._rewrite(plain, size, plain, bytes(size - plain))
+            elif size < plain:
+                keep = self._count(size) - 1  # the new last chunk, resealed as last with what it keeps
+                self._rewrite(plain, size, keep * self.chunk, self._plain_chunk(keep, plain)[:size - keep * self.chunk])
+
+    def fsync(self, datasync: bool) -> None:
+        with self._lock:
+            if datasync:
+                os.fdatasync(self.fd)
+            else:
+                os.fsync(self.fd)
+            if self.journal is not None:
+                self.journal.clear()  # what it held is superseded by what is now durable
+
+    def allocate(self, mode: int, offset: int, length: int) -> None:
+        raise OSError(errno.EOPNOTSUPP, "an encrypted file stores no holes: space comes with writes")
+
+    def passthrough_fd(self) -> int | None:
+        return None  # every byte is decrypted by the daemon
