@@ -18,7 +18,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fsfilter._crypto import fileformat as ff
-from fsfilter._layers.encrypted_file import ChunkJournal, EncryptedFile, recover
+from fsfilter._layers.encrypted_file import ChunkJournal, EncryptedFile, journal_path, recover
 
 SRC = Path(__file__).resolve().parent.parent / "src"
 PASSWORD = ff.Secret.password("test password")
@@ -52,7 +52,7 @@ def test_random_operations_match_a_plain_model(tmp_path_factory: pytest.TempPath
     header = new_file(path)
     fd = os.open(path, os.O_RDWR)
     try:
-        f = EncryptedFile(fd, header, ChunkJournal(str(path) + ".journal"))
+        f = EncryptedFile(fd, header, ChunkJournal(journal_path(str(path))))
         model = bytearray()
         for kind, at, arg in ops:
             if kind == "write":
@@ -79,12 +79,12 @@ WRITER = r"""
 import json, os, random, sys
 sys.path.insert(0, sys.argv[4])
 from fsfilter._crypto import fileformat as ff
-from fsfilter._layers.encrypted_file import ChunkJournal, EncryptedFile
+from fsfilter._layers.encrypted_file import ChunkJournal, EncryptedFile, journal_path
 path, seed, shift = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 header = ff.Header.decode(open(path, "rb").read(ff.HEADER_SIZE))
 header.unlock(ff.Secret.password("test password"))
 fd = os.open(path, os.O_RDWR)
-f = EncryptedFile(fd, header, None if os.environ.get("NOJOURNAL") else ChunkJournal(path + ".journal"))
+f = EncryptedFile(fd, header, None if os.environ.get("NOJOURNAL") else ChunkJournal(journal_path(path)))
 rng = random.Random(seed)
 if int(sys.argv[6]):
     # A torn write, as a power cut makes one: one write of the file's chunks stops at a random byte, and the
@@ -167,7 +167,7 @@ def test_a_writer_killed_at_random_points_loses_nothing_an_fsync_made_durable(tm
                     touched.append(tuple(item["touch"]))
         fd = os.open(path, os.O_RDWR)
         try:
-            recover(fd, header, str(path) + ".journal")
+            recover(fd, header, journal_path(str(path)))
         finally:
             os.close(fd)
         got = whole(path)  # never fails: no torn chunk survives recovery

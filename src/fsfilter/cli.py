@@ -114,6 +114,27 @@ def build_parser() -> argparse.ArgumentParser:
                     help="where the private copies go (made if missing; outside PATH); default: a new directory "
                          "in /var/tmp")
 
+    for name, what in (("encrypt-file", "encrypt files in place (docs/file-format.md)"),
+                       ("decrypt-file", "turn encrypted files back into plain ones, in place"),
+                       ("rekey", "change the password of encrypted files (their header only)")):
+        e = sub.add_parser(name, help=what,
+                           description=what[0].upper() + what[1:] + ". Each file is replaced whole or not at all "
+                                       "(a crash leaves the old file or the new one). The password comes from "
+                                       "--password-file, --password-env or standard input (a prompt, not echoed, "
+                                       "on a terminal): never from the command line.")
+        e.add_argument("files", metavar="FILE", nargs="+", help="the files")
+        e.add_argument("--password-file", metavar="FILE", help="read the password from the first line of FILE")
+        e.add_argument("--password-env", metavar="VAR", help="read the password from environment variable VAR")
+        e.add_argument("--global-salt", metavar="HEX", help="CBEncrypt's global_salt, 32 hex digits (default zeros)")
+        e.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
+        if name == "encrypt-file":
+            e.add_argument("--chunk-size", type=int, default=65536, metavar="BYTES",
+                           help="plaintext chunk size, a power of two from 4096 to 1048576 (default 65536)")
+            e.add_argument("--algorithm", choices=["aes-256-gcm", "chacha20-poly1305"], default="aes-256-gcm")
+        if name == "rekey":
+            e.add_argument("--new-password-file", metavar="FILE", help="the new password's file")
+            e.add_argument("--new-password-env", metavar="VAR", help="the new password's environment variable")
+
     pr = sub.add_parser("protect", help="enforce access rules below a directory",
                         description="Enforce access rules on everything below PATH until Ctrl-C. Denied "
                                     "operations fail with EACCES.")
@@ -542,6 +563,88 @@ class Sandbox:
             p.result_code = errno.EACCES
 
 
+def _password(file: str | None, env: str | None, prompt: str) -> str:
+    """A password from a file's first line, an environment variable, or standard input (prompted without echo on a
+    terminal). Never from the command line, where every user could read it in /proc."""
+    if file is not None:
+        try:
+            with open(file) as f:
+                value = f.readline().rstrip("\n")
+        except OSError as exc:
+            raise CBFSFilterError.from_os_error(exc, f"cannot read the password file {file}") from exc
+    elif env is not None:
+        value = os.environ.get(env, "")
+        if not value:
+            raise CBFSFilterError(errno.EINVAL, f"the environment variable {env} is not set or empty")
+    elif sys.stdin.isatty():
+        import getpass
+        value = getpass.getpass(prompt)
+    else:
+        value = sys.stdin.readline().rstrip("\n")
+    if not value:
+        raise CBFSFilterError(errno.EINVAL, "the password is empty")
+    return value
+
+
+def run_file_encryption(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from fsfilter._crypto import fileformat as ff
+    from fsfilter.api import encryption
+
+    salt = bytes(16)
+    if args.global_salt is not None:
+        try:
+            salt = bytes.fromhex(args.global_salt)
+        except ValueError:
+            salt = b""
+        if len(salt) != 16:
+            raise CBFSFilterError(errno.EINVAL, "--global-salt is 16 bytes: 32 hex digits")
+    secret = ff.Secret.password(_password(args.password_file, args.password_env, "Password: "), salt)
+    new_secret = None
+    if args.command == "rekey":
+        new_secret = ff.Secret.password(_password(args.new_password_file, args.new_password_env, "New password: "),
+                                        salt)
+    elif args.command == "encrypt-file" and args.password_file is None and args.password_env is None \
+            and sys.stdin.isatty() and _password(None, None, "Again: ") != secret.value.decode():
+        raise CBFSFilterError(errno.EINVAL, "the two passwords differ")
+    if args.command == "encrypt-file":
+        shift = args.chunk_size.bit_length() - 1
+        if args.chunk_size != 1 << shift or not 12 <= shift <= 20:
+            raise CBFSFilterError(errno.EINVAL, f"--chunk-size {args.chunk_size} is not a power of two from 4096 "
+                                                "to 1048576")
+    files = [os.path.abspath(f) for f in args.files]
+    total = 0
+    for path in files:
+        try:
+            total += os.stat(path).st_size
+        except OSError as exc:
+            raise CBFSFilterError.from_os_error(exc, f"cannot read {path}") from exc
+    done, failed, start = 0, 0, time.monotonic()
+    with tqdm(total=total, unit="B", unit_scale=True, disable=args.quiet or args.command == "rekey",
+              file=sys.stderr, leave=False) as bar:
+        def progress(count: int) -> None:
+            bar.update(count)
+        for path in files:
+            try:
+                if args.command == "encrypt-file":
+                    algorithm = ff.AES_256_GCM if args.algorithm == "aes-256-gcm" else ff.CHACHA20_POLY1305
+                    encryption.encrypt_file(path, [secret], algorithm, shift, progress)
+                elif args.command == "decrypt-file":
+                    encryption.decrypt_file(path, [secret], progress)
+                else:
+                    assert new_secret is not None
+                    encryption.change_password(path, [secret], new_secret)
+                done += 1
+            except CBFSFilterError as exc:
+                failed += 1
+                bar.write(f"fsfilter: error: {exc.message}", file=sys.stderr)
+    verb = {"encrypt-file": "encrypted", "decrypt-file": "decrypted", "rekey": "re-keyed"}[args.command]
+    print(f"fsfilter: {verb} {done} file{'s' if done != 1 else ''} ({total / (1 << 20):.1f} MiB) in "
+          f"{time.monotonic() - start:.1f} s" + (f"; {failed} failed" if failed else ""), file=sys.stderr)
+    return 1 if failed else 0
+
+
 def run_sandbox(args: argparse.Namespace) -> int:
     path = _directory(args.path)
     store = os.path.realpath(args.store) if args.store else None
@@ -735,6 +838,8 @@ def main(argv: list[str] | None = None) -> int:
             return run_protect(args)
         if args.command == "sandbox":
             return run_sandbox(args)
+        if args.command in ("encrypt-file", "decrypt-file", "rekey"):
+            return run_file_encryption(args)
         if args.command == "procmon":
             return run_procmon(args)
         if args.command == "deny-exec":

@@ -23,10 +23,15 @@ import threading
 
 from fsfilter._crypto import fileformat as ff
 
-__all__ = ["ChunkJournal", "EncryptedFile", "recover"]
+__all__ = ["ChunkJournal", "EncryptedFile", "journal_path", "recover"]
 
 _ENTRY = struct.Struct("<4sQQI")  # magic, chunk index, old stored file size, length of the old chunk that follows
 _ENTRY_MAGIC = b"FSJE"
+
+
+def journal_path(path: str) -> str:
+    """Where the journal of the encrypted file ``path`` lives: beside it."""
+    return path + ".fsfilter-journal"
 
 
 class ChunkJournal:
