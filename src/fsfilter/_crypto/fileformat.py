@@ -11,6 +11,7 @@ import hashlib
 import hmac
 import os
 import struct
+import threading
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
@@ -50,6 +51,7 @@ _SLOTS_AT = 40
 _MAC_AT = _SLOTS_AT + MAX_SLOTS * SLOT_SIZE  # 1064
 _MAC_INFO = b"fsfilter header mac v1"
 _SLOT_INFO = b"fsfilter key slot v1"
+_PASSWORD_SALT = b"fsfilter password v1"
 _CHUNK_AAD = struct.Struct(">4s16sQB")
 
 
@@ -255,10 +257,30 @@ def new_header(secrets: Iterable[Secret], algorithm: int = AES_256_GCM, chunk_sh
 
 
 def _kek(secret: Secret, slot: KeySlot) -> bytes:
-    if secret.kind == KIND_PASSWORD:
-        kdf = Scrypt(salt=secret.global_salt + slot.salt, length=KEY, n=1 << slot.log2_n, r=slot.r, p=slot.p)
-        return kdf.derive(secret.value)
-    return HKDF(algorithm=hashes.SHA256(), length=KEY, salt=slot.salt, info=_SLOT_INFO).derive(secret.value)
+    """The slot's key-encryption key. A password's memory-hard part depends on the password, the global salt and
+    the scrypt parameters only, so that it is paid once per password and not once per file (a directory of small
+    files would otherwise cost 0.1 s a file); the slot's own salt then makes each file's key different."""
+    base = password_key(secret, slot.log2_n, slot.r, slot.p) if secret.kind == KIND_PASSWORD else secret.value
+    return HKDF(algorithm=hashes.SHA256(), length=KEY, salt=slot.salt, info=_SLOT_INFO).derive(base)
+
+
+_password_keys: dict[tuple[bytes, bytes, int, int, int], bytes] = {}
+_password_lock = threading.Lock()
+
+
+def password_key(secret: Secret, log2_n: int, r: int, p: int) -> bytes:
+    """scrypt(password, global salt ‖ "fsfilter password v1", N, r, p), remembered for the life of the process."""
+    key = (secret.value, secret.global_salt, log2_n, r, p)
+    with _password_lock:
+        known = _password_keys.get(key)
+    if known is None:
+        known = Scrypt(salt=secret.global_salt + _PASSWORD_SALT, length=KEY, n=1 << log2_n, r=r, p=p).derive(
+            secret.value)
+        with _password_lock:
+            if len(_password_keys) > 64:
+                _password_keys.clear()
+            _password_keys[key] = known
+    return known
 
 
 def _wrap(header: Header, secret: Secret, data_key: bytes, log2_n: int) -> KeySlot:
