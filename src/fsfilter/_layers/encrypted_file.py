@@ -149,15 +149,50 @@ def _open_either(cipher: ff.ChunkCipher, index: int, candidates: list[bytes]) ->
     return None
 
 
+class _Shared:
+    """What every open of one stored file shares: the lock a chunk's read-patch-seal holds, and the journal."""
+
+    def __init__(self, journal: ChunkJournal | None) -> None:
+        self.lock = threading.Lock()
+        self.journal = journal
+        self.users = 0
+
+
+_shared: dict[tuple[int, int], _Shared] = {}
+_shared_lock = threading.Lock()
+
+
 class EncryptedFile:
-    """The plaintext of the encrypted file open at ``fd`` (read-write), whose header is unlocked."""
+    """The plaintext of the encrypted file open at ``fd`` (read-write), whose header is unlocked. Opens of one stored
+    file (by st_dev, st_ino) share one lock and one journal (``journal`` is used by the first, and closed by the
+    last ``close``)."""
 
     def __init__(self, fd: int, header: ff.Header, journal: ChunkJournal | None = None) -> None:
         self.fd = fd
         self.cipher = ff.ChunkCipher(header)
         self.chunk = header.chunk_size
-        self.journal = journal
-        self._lock = threading.Lock()  # a chunk is read, patched and sealed again by one request at a time
+        st = os.fstat(fd)
+        self._key = (st.st_dev, st.st_ino)
+        with _shared_lock:
+            shared = _shared.get(self._key)
+            if shared is None:
+                shared = _shared[self._key] = _Shared(journal)
+            elif journal is not None and journal is not shared.journal:
+                journal.close()  # (another open's journal serves this file)
+            shared.users += 1
+        self._shared = shared
+        self.journal = shared.journal
+        self._lock = shared.lock  # a chunk is read, patched and sealed again by one request at a time
+
+    def close(self) -> None:
+        """This open is done (the fd is the caller's to close)."""
+        with _shared_lock:
+            shared = self._shared
+            shared.users -= 1
+            if shared.users <= 0:
+                _shared.pop(self._key, None)
+                if shared.journal is not None:
+                    shared.journal.close()
 
     # -- sizes and chunks
 

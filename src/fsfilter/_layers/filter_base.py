@@ -190,7 +190,8 @@ class FilterBase(Layer):
         self._ctx_lock = threading.Lock()  # a leaf: the node slots' open counts and contexts
         self._naming = threading.local()  # (parent, name, match) of the name this thread is creating
         self._had_rules = False
-        self.serves_views = False  # the layer made a view or a virtual file: their requests may need its handlers
+        # The layer made a view or a virtual file (their requests may need its handlers), or serves CBEncrypt's views.
+        self.serves_views = getattr(core, "encryption", None) is not None
 
     def takes_requests(self) -> bool:
         """In the path of requests once the filter has had a rule (never out again: its handles and contexts need

@@ -26,7 +26,7 @@ import struct
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from fsfilter._engine.rules import Flags
 from fsfilter._layers.filter_base import FilterBase, Handle
@@ -46,6 +46,23 @@ HANDLED_CONTROL = (c.FS_CE_BEFORE_READ | c.FS_CE_BEFORE_WRITE | c.FS_CE_BEFORE_Q
 VIRTUAL_CONTROL = HANDLED_CONTROL | c.FS_CE_BEFORE_OPEN | c.FS_CE_BEFORE_CREATE | c.FS_CE_BEFORE_DELETE
 
 _PENDING_FOR = 5.0  # seconds a decision waits for the open the kernel retries
+
+# The backend of a view that shows an encrypted file's plaintext (see EncryptionPolicy).
+ENCRYPTED = "\0encrypted"
+
+
+class EncryptionPolicy(Protocol):
+    """What CBEncrypt tells the layer of its filter: which paths its rules cover, which processes are trusted, and
+    how to read an encrypted file. Trusted processes get a view of each encrypted file under a rule that shows its
+    plaintext (View.transform); everyone else gets the file as stored."""
+
+    refuse_untrusted_writes: bool
+
+    def applies(self, path: str) -> bool: ...
+    def trusted(self, tid: int) -> bool: ...
+    def is_encrypted(self, fd: int) -> bool: ...
+    def transform(self, fd: int, path: str) -> Any: ...
+    def new_file(self, path: str) -> bytes: ...
 
 _STANDARD = struct.Struct("<qqIBB2x")  # FileStandardInformation: allocation, end of file, links, delete pending, dir
 _BASIC = struct.Struct("<qqqqI4x")  # FileBasicInformation: creation, access, write, change (FILETIME); attributes
@@ -168,11 +185,106 @@ class IsolationOps(FilterBase):
             raise
         key = node.view.of if node.view is not None else node.key
         self.serves_views = True
-        return View(owner, pidfd, fd, backend, backend == "", key, self, origin_fd)
+        view = View(owner, pidfd, fd, backend, backend == "", key, self, origin_fd)
+        if backend == ENCRYPTED:
+            try:
+                view.transform = self._transform(origin, path)
+            except BaseException:
+                view.close()
+                raise
+        return view
+
+    # -- encryption (CBEncrypt): views of encrypted files for trusted processes
+
+    def encryption(self) -> EncryptionPolicy | None:
+        policy: EncryptionPolicy | None = getattr(self.core, "encryption", None)
+        return policy
+
+    def _readable(self, path_fd: int) -> int:
+        return os.open(procfs.fd_path(path_fd), os.O_RDONLY | os.O_CLOEXEC)
+
+    def _transform(self, path_fd: int, path: str) -> Any:
+        policy = self.encryption()
+        assert policy is not None
+        fd = self._readable(path_fd)
+        try:
+            transform = policy.transform(fd, path)
+        finally:
+            os.close(fd)
+        if transform is None:
+            raise OSError(errno.EIO, f"{path} is not an encrypted file any more")
+        return transform
+
+    def is_encrypted(self, node: Inode) -> bool:
+        policy = self.encryption()
+        if policy is None:
+            return False
+        origin = node.view.origin_fd if node.view is not None else node.fd
+        if origin < 0 or not stat.S_ISREG(os.fstat(origin).st_mode):
+            return False
+        fd = self._readable(origin)
+        try:
+            return policy.is_encrypted(fd)
+        finally:
+            os.close(fd)
+
+    def encryption_wanted(self, op: ops.Op, node: Inode, path: str) -> tuple[bool, str] | None:
+        """What CBEncrypt's rules ask for an open of ``node`` at ``path``: the plaintext view (a trusted process, an
+        encrypted file), the file as stored (False), or nothing to say (None: no encryption rule covers it)."""
+        policy = self.encryption()
+        if policy is None or not policy.applies(path):
+            return None
+        if not policy.trusted(op.pid):
+            return False, ""
+        if node.view is not None and node.view.backend == ENCRYPTED:
+            return True, ENCRYPTED
+        return (True, ENCRYPTED) if self.is_encrypted(node) else (False, "")
+
+    def route_encrypted(self, op: ops.Op, parent: Inode, name: bytes, path: str) -> None:
+        """A trusted process looks up an encrypted file under a rule: route its lookups to its plaintext view now, so
+        that stat and listings show plaintext sizes before any open."""
+        lower = self.lower
+        dfd, at, owned = lower.locate(None, parent, name)
+        try:
+            fd = os.open(at, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dfd)
+        except OSError:
+            return  # (the lookup itself says what is wrong)
+        finally:
+            if owned:
+                os.close(dfd)
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                return
+            key = (st.st_dev, st.st_ino)
+            existing = lower.view_for(key, op.pid)
+            if existing is not None and existing.backend == ENCRYPTED:
+                return
+            probe = Inode(0, fd, key, parent.nodeid, name)
+            if not self.is_encrypted(probe):
+                return
+            lower.route(self.make_view(procfs.tgid(op.pid), probe, ENCRYPTED, path))
+        finally:
+            os.close(fd)
+
+    def encrypt_new(self, node: Inode, path: str) -> bool:
+        """A file a trusted process created under a rule: encrypted from its first byte (a header and an empty last
+        chunk). False when the file turned out to be another's with data in it (created meanwhile), left alone
+        unless it is encrypted already."""
+        policy = self.encryption()
+        assert policy is not None
+        fd = os.open(procfs.fd_path(node.fd), os.O_RDWR | os.O_CLOEXEC)
+        try:
+            if os.fstat(fd).st_size:
+                return policy.is_encrypted(fd)
+            os.pwrite(fd, policy.new_file(path), 0)
+        finally:
+            os.close(fd)
+        return True
 
     def backend_fd(self, backend: str, origin: int) -> int:
         """An O_PATH fd of what a view reads and writes."""
-        if backend in ("", View.SELF):
+        if backend in ("", View.SELF, ENCRYPTED):
             return os.dup(origin)
         if not os.path.isabs(backend) or "\0" in backend:
             raise OSError(errno.EINVAL, f"backend_file_name {backend!r} is not an absolute path")
@@ -197,16 +309,21 @@ class IsolationOps(FilterBase):
             dev = self.__dict__.setdefault("_mount_dev", os.stat(self.base).st_dev)
         return dev
 
-    def isolate_created(self, op: ops.Op, reply: Created, before: Any, path: str) -> Created:
-        """A create a handler isolated: the new file's own node is swapped for the creating process's view of it in the
-        reply (a CREATE reply names the node, so no second walk is needed), and the open is made on the view."""
+    def isolate_created(self, op: ops.Op, reply: Created, before: Any, path: str, backend: str | None = None,
+                        truncate: bool = False) -> Created:
+        """A create a handler isolated (or an encrypted file's, ``backend`` ENCRYPTED): the new file's own node is
+        swapped for the creating process's view of it in the reply (a CREATE reply names the node, so no second walk
+        is needed), and the open is made on the view (``truncate``: with O_TRUNC, kept from the lower open)."""
         lower = self.lower
         own = lower.inode(reply.entry.nodeid)
-        isolate, backend = self.wanted_view(before, path, own)
+        if backend is None:
+            _, backend = self.wanted_view(before, path, own)
         owner = procfs.tgid(op.pid)
         view = self.make_view(owner, own, backend, path)
         lower.route(view)
         flags = getattr(op, "flags", os.O_RDWR) & ~(os.O_CREAT | os.O_EXCL | os.O_TRUNC)
+        if truncate:
+            flags |= os.O_TRUNC
         # The open on the file's own node is closed below this layer (which never registered it).
         self.down.release(ops.Release.undoing(op, reply.opened.fh))
         node = lower.adopt_view(view, own)

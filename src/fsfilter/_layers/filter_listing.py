@@ -54,6 +54,10 @@ class ListingOps(FilterBase):
         return self.down.readdir(op)
 
     def listed(self, op: ops.Read, parent: Inode, entry: DirEntry) -> DirEntry | None:
+        policy = getattr(self.core, "encryption", None)
+        if policy is not None and entry.entry is not None and policy.applies(self.child_path(parent.nodeid,
+                                                                                             entry.name)):
+            entry.entry = None  # (an encrypted file's size depends on who asks: the kernel looks each name up)
         state: tuple[Flags, Origin, Handle | None] | None = op.recall((self, "listing"))
         if state is None or entry.name in (b".", b".."):
             return entry  # a listing this filter's rules cannot concern

@@ -76,7 +76,13 @@ class NameOps(FilterNaming, IsolationOps):
             # before-open handler sees it (desired_access FILE_READ_ATTRIBUTES, flags O_PATH) and can refuse
             # it, so that a hidden name stays hidden from stat and path walks, not only from open.
             self._fire_lookup(op, flags, path)
+        policy = self.encryption()
+        encrypting = policy is not None and policy.applies(path)
+        if encrypting and policy is not None and policy.trusted(op.pid):
+            self.route_encrypted(op, parent, name, path)
         reply = self._viewed(op, self.down.lookup(op))
+        if encrypting and isinstance(reply, Entry):
+            reply.uncached()  # trusted and untrusted processes see different sizes: never cached for all
         if m is not None and isinstance(reply, Entry):
             self._keep_match(reply, m)
             if self._volatile(m):

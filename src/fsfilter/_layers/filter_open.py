@@ -17,7 +17,7 @@ from fsfilter._layers.filter_base import (
     RW_BITS,
     Handle,
 )
-from fsfilter._layers.filter_isolation import VIRTUAL_CONTROL, IsolationOps
+from fsfilter._layers.filter_isolation import ENCRYPTED, VIRTUAL_CONTROL, IsolationOps
 from fsfilter._layers.filter_naming import FilterNaming
 from fsfilter._sessions.nodes import Inode
 from fsfilter._wire import ops
@@ -36,6 +36,15 @@ from fsfilter.api.params import FILTER_PARAMS
 class OpenOps(FilterNaming, IsolationOps):
     """Opens and closes: access checks, the create/open events and their contexts, cleanup and close events,
     and how an open's reads and writes are served (the daemon, direct I/O, FLUSH)."""
+
+    def _untrusted_open(self, op: ops.Open, node: Inode) -> None:
+        """An untrusted process opens a file under an encryption rule: it reads the file as stored; writing into an
+        encrypted one is refused unless the policy allows it."""
+        policy = self.encryption()
+        if policy is None or not policy.refuse_untrusted_writes:
+            return
+        if (op.flags & os.O_ACCMODE != os.O_RDONLY or op.flags & os.O_TRUNC) and self.is_encrypted(node):
+            self._refuse(op, "encrypted: only trusted processes write it")
 
     def _check_open_access(self, op: ops.Op, flags: Flags, open_flags: int, creating: bool) -> None:
         access = flags.access
@@ -105,10 +114,13 @@ class OpenOps(FilterNaming, IsolationOps):
             if not before.process_request:
                 raise OSError(errno.EACCES, "the event handler completed the open without a file")
             file_context, handle_context = int(before.file_context), int(before.handle_context)
-        if isolating and (before is not None and before.isolate or node.view is not None):
+        encrypted = self.encryption_wanted(op, node, path) if isolating and self.encryption() is not None else None
+        if encrypted is not None and not encrypted[0] and isinstance(op, ops.Open):
+            self._untrusted_open(op, node)
+        if isolating and (before is not None and before.isolate or node.view is not None or encrypted is not None):
             # (a decision kept for a retried open holds as made: the name may have changed since)
             isolate, backend = (pending.isolate, pending.backend) if pending is not None else \
-                self.wanted_view(before, path, node)
+                encrypted if encrypted is not None else self.wanted_view(before, path, node)
             if not self.view_fits(node, isolate, backend, op.pid):
                 if pending is None:
                     self.reroute(op, node, isolate, backend, before, path)  # raises ESTALE: the kernel walks again
@@ -126,7 +138,12 @@ class OpenOps(FilterNaming, IsolationOps):
             if self.after_ok(error):
                 self._after_open(created, bits, flags, origin, fields, error, file_context, handle_context)
             raise
-        if isinstance(reply, Created) and before is not None and before.isolate and not is_dir:
+        encrypt: tuple[bool, bool] | None = op.recall((self, "encrypt")) if isinstance(reply, Created) else None
+        if encrypt is not None and isinstance(reply, Created):
+            new, truncate = encrypt
+            if not new or self.encrypt_new(self.lower.inode(reply.entry.nodeid), path):
+                reply = self.isolate_created(op, reply, None, path, ENCRYPTED, truncate)
+        elif isinstance(reply, Created) and before is not None and before.isolate and not is_dir:
             reply = self.isolate_created(op, reply, before, path)
         opened = reply.opened if isinstance(reply, Created) else reply
         assert isinstance(opened, Opened)
@@ -177,6 +194,9 @@ class OpenOps(FilterNaming, IsolationOps):
                     os.close(dfd)
         if existing is not None:
             self._check_not_hidden(op, parent, name)
+        if self.encryption() is not None:
+            self._encryption_at_create(op, parent, name, path, existing)
+        open_flags = op.flags
         created = existing is None or bool(open_flags & os.O_EXCL)
         self._check_open_access(op, flags, open_flags, created)
         known = self.lower.by_key.get((existing.st_dev, existing.st_ino)) if existing is not None else None
@@ -190,6 +210,41 @@ class OpenOps(FilterNaming, IsolationOps):
         if m is not None and self._volatile(m) and isinstance(reply, Created):
             reply.entry.uncached()
         return reply
+
+    def _encryption_at_create(self, op: ops.Create, parent: Inode, name: bytes, path: str,
+                              existing: os.stat_result | None) -> None:
+        """CBEncrypt: what a CREATE under an encryption rule becomes (kept in the op's memo for _open_with_events): a
+        trusted process's new file is encrypted and opened through its plaintext view, as is an encrypted file it
+        opens with O_CREAT (O_TRUNC then truncates the plaintext, not the stored file); an untrusted process may not
+        write into an encrypted file unless the policy allows it."""
+        policy = self.encryption()
+        assert policy is not None
+        if not policy.applies(path):
+            return
+        trusted = policy.trusted(op.pid)
+        if existing is None:
+            if trusted:
+                op.remember((self, "encrypt"), (True, False))
+            return
+        if not stat.S_ISREG(existing.st_mode):
+            return
+        dfd, at, owned = self.lower.locate(None, parent, name)
+        try:
+            fd = os.open(at, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dfd)
+        finally:
+            if owned:
+                os.close(dfd)
+        try:
+            encrypted = self.is_encrypted(Inode(0, fd, (existing.st_dev, existing.st_ino), parent.nodeid, name))
+        finally:
+            os.close(fd)
+        if not encrypted:
+            return
+        if trusted:
+            op.remember((self, "encrypt"), (False, bool(op.flags & os.O_TRUNC)))
+            op.flags &= ~os.O_TRUNC  # the plaintext is truncated through the view; the stored file keeps its header
+        elif policy.refuse_untrusted_writes and (op.flags & os.O_ACCMODE != os.O_RDONLY or op.flags & os.O_TRUNC):
+            self._refuse(op, "encrypted: only trusted processes write it")
 
     def tmpfile(self, op: ops.Create) -> Reply:
         if self.reaches(op.nodeid) and self.core.rules.may_match_child(self.abspath(op.nodeid)):

@@ -239,6 +239,13 @@ class LowerBase(Layer):
 
     # -- isolation: views and virtual files
 
+    def view_for(self, key: tuple[int, int], tid: int) -> View | None:
+        """Thread ``tid``'s view of the object ``key``, if it has one."""
+        if not self.routes:
+            return None
+        with self._lock:
+            return self._view_of(key, tid)
+
     def _view_of(self, key: tuple[int, int], tid: int) -> View | None:
         """Thread ``tid``'s view of the object ``key`` (under _lock); views whose owner is gone are dropped."""
         views = self.routes.get(key)
@@ -506,7 +513,9 @@ class LowerBase(Layer):
 
 
 def _view_stat(view: View, st: StatLike) -> StatLike:
-    """A virtual file's memfd has no name, so no link: it shows one."""
+    """A virtual file's memfd has no name, so no link: it shows one. A transformed view shows its transform's."""
+    if view.transform is not None:
+        return view.transform.shown(st)  # type: ignore[no-any-return]
     return StatView(st, nlink=1) if view.of[0] == 0 and st.st_nlink == 0 else st
 
 

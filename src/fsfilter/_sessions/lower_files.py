@@ -12,7 +12,7 @@ from fsfilter._abi import fuse as abi
 from fsfilter._sessions.fuse_session import Deferred
 from fsfilter._sessions.locks import F_RDLCK, F_UNLCK, F_WRLCK
 from fsfilter._sessions.lower_base import _LOWER_STRIP, _OPENED, LockFinish, LowerBase, log
-from fsfilter._sessions.nodes import Inode, OpenFile
+from fsfilter._sessions.nodes import Inode, LowerFile, OpenFile
 from fsfilter._system import fuse_device, procfs
 from fsfilter._wire import ops
 from fsfilter._wire.replies import (
@@ -111,6 +111,8 @@ class LowerFiles(LowerBase):
 
     def open(self, op: ops.Open) -> Reply:
         node = self.inode(op.nodeid)
+        if node.view is not None and node.view.transform is not None:
+            return self._open_transformed(op, node)
         st = os.fstat(node.fd)
         flags = (op.flags & ~_LOWER_STRIP) | os.O_CLOEXEC
         fd = os.open(procfs.fd_path(node.fd), flags)
@@ -123,6 +125,24 @@ class LowerFiles(LowerBase):
             os.close(fd)
             raise
         return self._registered(op, fd, node, st, flags)
+
+    def _open_transformed(self, op: ops.Open, node: Inode) -> Reply:
+        """An open of a transformed view (an encrypted file's plaintext): the stored file is opened read-write (every
+        write reads, patches and seals whole chunks), and its backend is the transform's; O_TRUNC truncates the
+        plaintext, never the stored file (its header would go)."""
+        assert node.view is not None
+        fd = os.open(procfs.fd_path(node.fd), os.O_RDWR | os.O_CLOEXEC)
+        try:
+            backend = node.view.transform.backend(fd, op.flags)
+            if op.flags & os.O_TRUNC:
+                backend.truncate(0)
+            st = os.fstat(fd)
+        except BaseException:
+            os.close(fd)
+            raise
+        opened = self._registered(op, fd, node, st, op.flags & ~(os.O_TRUNC | os.O_CREAT | os.O_EXCL) | os.O_CLOEXEC)
+        self.files[opened.fh].backend = backend
+        return opened
 
     def _created(self, op: ops.Create, fd: int, parent: Inode, name: bytes) -> Reply:
         """Reply to CREATE/TMPFILE: the new object's entry, then its open."""
@@ -209,6 +229,9 @@ class LowerFiles(LowerBase):
                     self.journal_node(node)
         if self.options.locks:
             self.locks.release_fh(node.nodeid, fh)  # flock and OFD locks belong to the open file
+        close = getattr(f.backend, "close", None)
+        if close is not None:
+            close()
         os.close(f.fd)
 
     def getlk(self, op: ops.Lock) -> Reply:
@@ -289,11 +312,21 @@ class LowerFiles(LowerBase):
         return EMPTY
 
     def lseek(self, op: ops.Lseek) -> Reply:
-        return Offset(os.lseek(self.file(op.fh).fd, op.offset, op.whence))
+        f = self.file(op.fh)
+        if type(f.backend) is not LowerFile:
+            # SEEK_DATA/SEEK_HOLE of a backend that is not the lower file as it is (an encrypted file's plaintext):
+            # all data up to its size; the stored file's holes are not its.
+            size = f.backend.size()
+            if op.offset >= size:
+                raise OSError(errno.ENXIO, "past the end of the file")
+            return Offset(op.offset if op.whence == os.SEEK_DATA else size)
+        return Offset(os.lseek(f.fd, op.offset, op.whence))
 
     def copy_file_range(self, op: ops.CopyFileRange) -> Reply:
         if op.flags:
             raise OSError(errno.EINVAL, "copy_file_range flags must be 0")
+        if type(self.file(op.fh_in).backend) is not LowerFile or type(self.file(op.fh_out).backend) is not LowerFile:
+            raise OSError(errno.EOPNOTSUPP, "copied through read and write (a backend that transforms the file)")
         n = os.copy_file_range(self.file(op.fh_in).fd, self.file(op.fh_out).fd, min(op.length, 1 << 30), op.off_in,
                                op.off_out)
         return Written(n)

@@ -176,6 +176,8 @@ class LowerFS(LowerFiles):
         if valid & abi.FATTR_SIZE:
             if f is not None:
                 f.backend.truncate(op.size)
+            elif node.view is not None and node.view.transform is not None:
+                self._truncate_transformed(node, op.size)
             else:
                 os.truncate(procfs.fd_path(node.fd), op.size)
             if valid & abi.FATTR_KILL_SUIDGID:
@@ -185,6 +187,21 @@ class LowerFS(LowerFiles):
                               _time_arg(valid, abi.FATTR_ATIME, abi.FATTR_ATIME_NOW, op.atime, op.atime_ns),
                               _time_arg(valid, abi.FATTR_MTIME, abi.FATTR_MTIME_NOW, op.mtime, op.mtime_ns))
         return Attr(self.attributes(node.nodeid, os.fstat(node.fd)), self.attr_timeout(node))
+
+    def _truncate_transformed(self, node: Inode, size: int) -> None:
+        """truncate(2) by name of a transformed view: through its backend (the stored file's size is not the view's)."""
+        assert node.view is not None
+        fd = os.open(procfs.fd_path(node.fd), os.O_RDWR | os.O_CLOEXEC)
+        try:
+            backend = node.view.transform.backend(fd, os.O_RDWR)
+            try:
+                backend.truncate(size)
+            finally:
+                close = getattr(backend, "close", None)
+                if close is not None:
+                    close()
+        finally:
+            os.close(fd)
 
     def readlink(self, op: ops.Plain) -> Reply:
         return Data(libc.readlink_fd(self.inode(op.nodeid).fd))

@@ -43,7 +43,7 @@ class View:
     the object itself, of another file it is redirected to, or a virtual file's memfd); ``handled``: the handlers of
     ``layer`` serve its requests (``fd`` is then where what they leave undone goes)."""
 
-    __slots__ = ("owner", "pidfd", "fd", "backend", "handled", "of", "layer", "node", "origin_fd", "gone")
+    __slots__ = ("owner", "pidfd", "fd", "backend", "handled", "of", "layer", "node", "origin_fd", "gone", "transform")
 
     def __init__(self, owner: int, pidfd: int, fd: int, backend: str, handled: bool, of: tuple[int, int],
                  layer: object, origin_fd: int = -1) -> None:
@@ -57,6 +57,9 @@ class View:
         self.node: Inode | None = None  # the node the kernel knows for the view now (None: none yet)
         self.origin_fd = origin_fd  # an O_PATH fd of the object itself (-1 for a virtual file), owned
         self.gone = False  # the layer left: requests on the view's node fail
+        # A view that shows its file transformed (an encrypted file's plaintext): ``backend(fd, flags)`` gives the
+        # file backend of an open of it from a read-write fd of the stored file, ``shown(st)`` its attributes.
+        self.transform: Any = None
 
     SELF = "\0self"  # backend: the object itself, in a node (and cache) of the view's own
 

@@ -154,6 +154,9 @@ class CBFilter(Deployment, RuleTables):
     """Filters file operations below the directories its rules name. See docs/api.md for every member."""
 
     _handlers_ready = False
+    # CBEncrypt's policy when this filter serves a CBEncrypt (its layer then gives trusted processes plaintext views:
+    # see _layers/filter_isolation.py EncryptionPolicy); None for a plain CBFilter.
+    encryption: Any = None
 
     def __init__(self) -> None:
         object.__setattr__(self, "_handlers_ready", False)
