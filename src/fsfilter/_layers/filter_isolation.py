@@ -200,6 +200,14 @@ class IsolationOps(FilterBase):
         policy: EncryptionPolicy | None = getattr(self.core, "encryption", None)
         return policy
 
+    def trusted_for_encryption(self, tid: int) -> bool:
+        """Whether thread ``tid`` gets plaintext: a trusted process, and not the filter's own (its requests pass
+        unfiltered, as for every filter, unless FilterOwnRequests)."""
+        policy = self.encryption()
+        if policy is None or not policy.trusted(tid):
+            return False
+        return self.core.filter_own_requests or not self.is_own(tid)
+
     def _readable(self, path_fd: int) -> int:
         return os.open(procfs.fd_path(path_fd), os.O_RDONLY | os.O_CLOEXEC)
 
@@ -234,7 +242,7 @@ class IsolationOps(FilterBase):
         policy = self.encryption()
         if policy is None or not policy.applies(path):
             return None
-        if not policy.trusted(op.pid):
+        if not self.trusted_for_encryption(op.pid):
             return False, ""
         if node.view is not None and node.view.backend == ENCRYPTED:
             return True, ENCRYPTED

@@ -78,7 +78,7 @@ class NameOps(FilterNaming, IsolationOps):
             self._fire_lookup(op, flags, path)
         policy = self.encryption()
         encrypting = policy is not None and policy.applies(path)
-        if encrypting and policy is not None and policy.trusted(op.pid):
+        if encrypting and self.trusted_for_encryption(op.pid):
             self.route_encrypted(op, parent, name, path)
         reply = self._viewed(op, self.down.lookup(op))
         if encrypting and isinstance(reply, Entry):

@@ -221,7 +221,7 @@ class OpenOps(FilterNaming, IsolationOps):
         assert policy is not None
         if not policy.applies(path):
             return
-        trusted = policy.trusted(op.pid)
+        trusted = self.trusted_for_encryption(op.pid)
         if existing is None:
             if trusted:
                 op.remember((self, "encrypt"), (True, False))

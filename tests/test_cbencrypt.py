@@ -1,0 +1,159 @@
+"""CBEncrypt on a real mount: trusted processes read and write plaintext, everyone else the file as stored, at the
+same time; new files are encrypted from their first byte; damage gives errors, never garbage."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+from conftest import SRC, end_processes, needs_root
+
+from fsfilter._crypto import fileformat as ff
+from fsfilter.api import encryption
+from fsfilter.api.cbencrypt import CBEncrypt
+
+pytestmark = [needs_root, pytest.mark.timeout(180)]
+TESTS = Path(__file__).resolve().parent
+ENV = {**os.environ, "PYTHONPATH": os.pathsep.join([str(SRC), str(TESTS)]), "PYTHONDONTWRITEBYTECODE": "1"}
+PASSWORD = "correct horse"
+
+
+@pytest.fixture
+def encrypted(scratch: Path) -> Iterator[Callable[..., CBEncrypt]]:
+    made: list[CBEncrypt] = []
+
+    def make(trusted: str = "python3*", **settings: str) -> CBEncrypt:
+        e = CBEncrypt()
+        e.config("ScryptLog2N=10")  # fast for tests; the parameters travel in each file
+        e.config(f"JournalDirectory={scratch / 'journal'}")
+        for name, value in settings.items():
+            e.config(f"{name}={value}")
+        e.add_encrypt_rule(f"{scratch / 'data'}/*", PASSWORD)
+        e.add_trusted_process(trusted)
+        e.start_filter()
+        made.append(e)
+        return e
+    (scratch / "data").mkdir()
+    yield make
+    for e in made:
+        e.stop_filter()
+
+
+def trusted(code: str, *args: str) -> str:
+    """Python (trusted: python3*) running ``code``."""
+    out = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=60, env=ENV)
+    assert out.returncode == 0, out.stderr
+    return out.stdout
+
+
+def untrusted(*argv: str) -> subprocess.CompletedProcess[bytes]:
+    return subprocess.run(list(argv), capture_output=True, timeout=60)
+
+
+def plaintext_on_disk(path: Path) -> bytes:
+    return b"".join(encryption.read_plaintext(str(path), [ff.Secret.password(PASSWORD)]))
+
+
+def test_trusted_plaintext_and_untrusted_ciphertext_at_once(scratch: Path,
+                                                           encrypted: Callable[..., CBEncrypt]) -> None:
+    encrypted()
+    data = scratch / "data"
+    text = b"the plaintext a trusted process wrote\n" * 3000
+    trusted(f"open({str(data / 'doc.txt')!r}, 'wb').write({text!r})")
+    stored = (data / "doc.txt").read_bytes()  # (this test process is the filter's own: it sees what is stored)
+    assert stored.startswith(ff.MAGIC) and text[:40] not in stored  # encrypted from the first byte
+    assert plaintext_on_disk(data / "doc.txt") == text
+    # the trusted process: plaintext, plaintext sizes in stat and listings, mmap
+    out = json.loads(trusted(
+        "import json, mmap, os, sys, hashlib\np = sys.argv[1]\nf = open(p, 'rb')\nm = mmap.mmap(f.fileno(), 0, "
+        "prot=mmap.PROT_READ)\nprint(json.dumps([hashlib.sha1(f.read()).hexdigest(), hashlib.sha1(m[:]).hexdigest(),"
+        " os.stat(p).st_size, {e.name: e.stat().st_size for e in os.scandir(os.path.dirname(p))}]))",
+        str(data / "doc.txt")))
+    digest = hashlib.sha1(text).hexdigest()
+    assert out == [digest, digest, len(text), {"doc.txt": len(text)}]
+    # an untrusted process: the file exactly as stored, and its size; writing into it is refused
+    assert untrusted("cat", str(data / "doc.txt")).stdout == stored
+    assert untrusted("stat", "-c", "%s", str(data / "doc.txt")).stdout.strip() == str(len(stored)).encode()
+    refused = untrusted("sh", "-c", f"echo x >> {data / 'doc.txt'}")
+    assert refused.returncode != 0 and b"Permission denied" in refused.stderr
+    assert (data / "doc.txt").read_bytes() == stored
+
+
+def test_random_operations_through_a_trusted_process_match_a_model(scratch: Path,
+                                                                   encrypted: Callable[..., CBEncrypt]) -> None:
+    """The isolation tests' worker (read, write, mmap shared and private, truncate, stat, listing, reopen) as a
+    trusted process on an encrypted file: every result matches the plaintext model, and so does the file on disk."""
+    encrypted()
+    target = scratch / "data" / "model.bin"
+    start = os.urandom(30000)
+    trusted(f"open({str(target)!r}, 'wb').write({start!r})")
+    steps = int(os.environ.get("ENC_STEPS", 3000))
+    proc = subprocess.Popen([sys.executable, str(TESTS / "viewops.py"), str(target), "7", str(steps)],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
+    try:
+        out, err = proc.communicate("go\n", timeout=170)
+    finally:
+        end_processes([proc])
+    result = json.loads(out or "{}")
+    assert result.get("ok"), result.get("message") or err[-2000:]
+    assert hashlib.sha1(plaintext_on_disk(target)).hexdigest() == result["model_sha1"]
+
+
+def test_untrusted_writes_may_be_allowed(scratch: Path, encrypted: Callable[..., CBEncrypt]) -> None:
+    encrypted(RefuseUntrustedWrites="false")
+    data = scratch / "data"
+    trusted(f"open({str(data / 'f')!r}, 'wb').write(b'secret')")
+    assert untrusted("sh", "-c", f"printf x >> {data / 'f'}").returncode == 0  # (it corrupts the file: allowed)
+
+
+def test_wrong_password_and_damage_give_errors_never_garbage(scratch: Path,
+                                                            encrypted: Callable[..., CBEncrypt]) -> None:
+    data = scratch / "data"
+    data.mkdir(exist_ok=True)
+    good = data / "good"
+    good.write_bytes(b"x" * 100000)
+    encryption.encrypt_file(str(good), [ff.Secret.password(PASSWORD)], chunk_shift=12, log2_n=10)
+    other = data / "other-password"
+    other.write_bytes(b"y" * 1000)
+    encryption.encrypt_file(str(other), [ff.Secret.password("not the rule's")], chunk_shift=12, log2_n=10)
+    raw = bytearray(good.read_bytes())
+    raw[ff.HEADER_SIZE + 3 * (4096 + 28) + 50] ^= 1  # one bit of chunk 3
+    (data / "damaged").write_bytes(bytes(raw))
+    (data / "cut").write_bytes(bytes(good.read_bytes()[:ff.HEADER_SIZE + 2 * (4096 + 28)]))  # at a chunk boundary
+    e = encrypted()
+    errors: list[str] = []
+    e.on_error = lambda p: errors.append(p.description)
+    probe = ("import sys\ntry:\n data = open(sys.argv[1], 'rb').read()\n print('read', len(data), data[:1])\n"
+             "except OSError as exc:\n print('error', exc.errno)")
+    assert trusted(probe, str(good)).strip() == "read 100000 b'x'"
+    assert trusted(probe, str(other)).strip() == "error 13"
+    assert any("other-password" in m for m in errors)
+    assert trusted(probe, str(data / "damaged")).strip() == "error 5"  # EIO: chunk 3 never reaches the reader
+    assert trusted(probe, str(data / "cut")).strip() == "error 5"  # cut at a chunk boundary: detected
+
+
+def test_encrypt_and_decrypt_files_while_running(scratch: Path, encrypted: Callable[..., CBEncrypt]) -> None:
+    e = encrypted()
+    data = scratch / "data"
+    (data / "old.txt").write_bytes(b"was plain\n")  # (this process is the filter's own: written as it is)
+    e.encrypt_file(str(data / "old.txt"))
+    assert trusted("import sys; print(open(sys.argv[1]).read(), end='')", str(data / "old.txt")) == "was plain\n"
+    assert untrusted("head", "-c", "6", str(data / "old.txt")).stdout == b"FSFENC"
+    assert e.get_file_header(str(data / "old.txt"))["slots"] == [ff.KIND_PASSWORD]
+    e.decrypt_file(str(data / "old.txt"))
+    assert untrusted("cat", str(data / "old.txt")).stdout == b"was plain\n"
+
+
+def test_children_of_a_trusted_process_when_asked(scratch: Path, encrypted: Callable[..., CBEncrypt]) -> None:
+    e = encrypted(trusted="nothing-matches")
+    e.add_trusted_process(os.getpid(), include_children=True)  # this test process and what it starts
+    data = scratch / "data"
+    trusted(f"open({str(data / 'k')!r}, 'wb').write(b'child writes plaintext')")
+    assert untrusted("cat", str(data / "k")).stdout == b"child writes plaintext"  # cat is our child: trusted
+    assert (data / "k").read_bytes().startswith(ff.MAGIC)
