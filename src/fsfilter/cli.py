@@ -114,6 +114,24 @@ def build_parser() -> argparse.ArgumentParser:
                     help="where the private copies go (made if missing; outside PATH); default: a new directory "
                          "in /var/tmp")
 
+    en = sub.add_parser("encrypt", help="serve a directory encrypted: trusted programs see plaintext, others the "
+                                        "stored bytes",
+                        description="Transparent encryption below PATH until Ctrl-C: files that trusted programs "
+                                    "create are encrypted from their first byte, and trusted programs read and write "
+                                    "the plaintext of every encrypted file; every other process sees the files as "
+                                    "stored (backup tools copy ciphertext) and may not write into encrypted ones. "
+                                    "Existing plain files stay plain (convert them with encrypt-file). The password "
+                                    "comes from --password-file, --password-env or standard input.")
+    en.add_argument("path", metavar="PATH", help="the directory (recursively)")
+    en.add_argument("--trusted", "-t", metavar="MASK", action="append", required=True,
+                    help="a program that sees plaintext: a name mask (vim, 'python3*') or a path mask; repeat")
+    en.add_argument("--children", action="store_true", help="trust the trusted programs' descendants too")
+    en.add_argument("--password-file", metavar="FILE")
+    en.add_argument("--password-env", metavar="VAR")
+    en.add_argument("--global-salt", metavar="HEX", help="32 hex digits (default zeros)")
+    en.add_argument("--allow-untrusted-writes", action="store_true",
+                    help="let other processes write into encrypted files (which corrupts them)")
+
     for name, what in (("encrypt-file", "encrypt files in place (docs/file-format.md)"),
                        ("decrypt-file", "turn encrypted files back into plain ones, in place"),
                        ("rekey", "change the password of encrypted files (their header only)")):
@@ -586,6 +604,32 @@ def _password(file: str | None, env: str | None, prompt: str) -> str:
     return value
 
 
+def run_encrypt(args: argparse.Namespace) -> int:
+    from fsfilter.api.cbencrypt import CBEncrypt
+
+    path = _directory(args.path)
+    e = CBEncrypt()
+    if args.global_salt is not None:
+        e.global_salt = args.global_salt
+    if args.allow_untrusted_writes:
+        e.config("RefuseUntrustedWrites=false")
+    for mask in args.trusted:
+        e.add_trusted_process(mask, args.children)
+    e.add_encrypt_rule(path.rstrip("/") + "/*", _password(args.password_file, args.password_env, "Password: "))
+    stop = _stop_on_signals()
+    e.on_error = lambda p: print(f"fsfilter: {p.description}", file=sys.stderr, flush=True)
+    e.start_filter()
+    try:
+        print(f"fsfilter: encrypting below {path} for {', '.join(args.trusted)}; Ctrl-C to stop", file=sys.stderr,
+              flush=True)
+        while not stop.is_set() and e.active:
+            stop.wait(0.2)
+    finally:
+        e.stop_filter()
+    print("fsfilter: stopped and unmounted", file=sys.stderr)
+    return 0
+
+
 def run_file_encryption(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
@@ -840,6 +884,8 @@ def main(argv: list[str] | None = None) -> int:
             return run_sandbox(args)
         if args.command in ("encrypt-file", "decrypt-file", "rekey"):
             return run_file_encryption(args)
+        if args.command == "encrypt":
+            return run_encrypt(args)
         if args.command == "procmon":
             return run_procmon(args)
         if args.command == "deny-exec":

@@ -42,6 +42,10 @@ class ChunkJournal:
         self.path = path
         self._fd = -1
         self.saved: set[int] = set()  # chunk indexes journaled since the last fsync
+        # How many chunks the file had when the first change since the last fsync came (None: none came yet).
+        # Chunks from there on are new since that fsync: they hold nothing it made durable, and are never journaled
+        # (so that appending costs no journal write).
+        self.durable_count: int | None = None
 
     def save(self, entries: list[tuple[int, int, bytes]]) -> None:
         """Journal (index, old stored size, old stored chunk) entries, durably, before their chunks are rewritten."""
@@ -59,6 +63,7 @@ class ChunkJournal:
             os.ftruncate(self._fd, 0)
             os.fdatasync(self._fd)
         self.saved.clear()
+        self.durable_count = None
 
     def close(self) -> None:
         if self._fd >= 0:
@@ -245,8 +250,11 @@ class EncryptedFile:
         if journal is None:
             return
         count = self._count(plain)
+        if journal.durable_count is None:
+            journal.durable_count = count
+        limit = min(count, journal.durable_count)
         stored_size = os.fstat(self.fd).st_size
-        entries = [(i, stored_size, self._stored(i)) for i in indexes if i < count and i not in journal.saved]
+        entries = [(i, stored_size, self._stored(i)) for i in indexes if i < limit and i not in journal.saved]
         journal.save(entries)
 
     def _rewrite(self, plain: int, new_plain: int, start: int, data: bytes | memoryview) -> None:

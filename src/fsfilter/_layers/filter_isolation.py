@@ -142,8 +142,11 @@ class IsolationOps(FilterBase):
         view = node.view
         if not isolate:
             return view is None
-        return (view is not None and view.layer is self and view.backend == backend
-                and (view.owner == tid or libc.is_thread_of(view.owner, tid)))
+        if view is None or view.layer is not self or view.backend != backend:
+            return False
+        if view.admits is not None:
+            return view.admits(tid)
+        return view.owner == tid or libc.is_thread_of(view.owner, tid)
 
     @staticmethod
     def same_data(node: Inode, isolate: bool, backend: str) -> bool:
@@ -161,6 +164,8 @@ class IsolationOps(FilterBase):
         owner = procfs.tgid(op.pid)
         if key[0] == 0:
             pass  # a virtual file: every process's LOOKUP gets a view of its own already
+        elif backend == ENCRYPTED:
+            lower.route(self.make_view(0, node, ENCRYPTED, path))
         elif isolate:
             view = self.make_view(owner, node, backend, path)
             lower.route(view)
@@ -179,7 +184,7 @@ class IsolationOps(FilterBase):
         fd = self.backend_fd(backend, origin)
         try:
             origin_fd = os.dup(origin)
-            pidfd = os.pidfd_open(owner)
+            pidfd = os.pidfd_open(owner) if owner else -1
         except BaseException:
             os.close(fd)
             raise
@@ -187,6 +192,8 @@ class IsolationOps(FilterBase):
         self.serves_views = True
         view = View(owner, pidfd, fd, backend, backend == "", key, self, origin_fd)
         if backend == ENCRYPTED:
+            # One plaintext view of the file for every trusted process (owner 0): they share its page cache.
+            view.admits = self.trusted_for_encryption
             try:
                 view.transform = self._transform(origin, path)
             except BaseException:
@@ -271,7 +278,7 @@ class IsolationOps(FilterBase):
             probe = Inode(0, fd, key, parent.nodeid, name)
             if not self.is_encrypted(probe):
                 return
-            lower.route(self.make_view(procfs.tgid(op.pid), probe, ENCRYPTED, path))
+            lower.route(self.make_view(0, probe, ENCRYPTED, path))
         finally:
             os.close(fd)
 
@@ -326,7 +333,7 @@ class IsolationOps(FilterBase):
         own = lower.inode(reply.entry.nodeid)
         if backend is None:
             _, backend = self.wanted_view(before, path, own)
-        owner = procfs.tgid(op.pid)
+        owner = 0 if backend == ENCRYPTED else procfs.tgid(op.pid)  # (encrypted files: one view for all trusted)
         view = self.make_view(owner, own, backend, path)
         lower.route(view)
         flags = getattr(op, "flags", os.O_RDWR) & ~(os.O_CREAT | os.O_EXCL | os.O_TRUNC)

@@ -216,12 +216,17 @@ class LowerBase(Layer):
         if node.view is not None or (self.routes and node.key in self.routes):
             # A name whose node depends on who asks: every path walk asks again. And one file behind several
             # nodes: what is written through one changes the attributes of the others, which are never cached.
-            return Entry(node.nodeid, shown, 0.0, 0.0)
+            return Entry(node.nodeid, shown, 0.0, self.attr_timeout(node))
         return Entry(node.nodeid, shown, self.options.entry_timeout, self.options.attr_timeout)
 
     def attr_timeout(self, node: Inode) -> float:
-        """How long the kernel may keep a node's attributes (not at all for a file with views: see entry)."""
-        if node.view is not None or (self.routes and node.key in self.routes):
+        """How long the kernel may keep a node's attributes: not at all for a file with views (see entry), unless the
+        view is the only node the file is written through (its transform says so: an encrypted file that only
+        trusted processes may write), whose attributes then change only through it."""
+        view = node.view
+        if view is not None and view.transform is not None and getattr(view.transform, "sole_writer", False):
+            return self.options.attr_timeout
+        if view is not None or (self.routes and node.key in self.routes):
             return 0.0
         return self.options.attr_timeout
 
@@ -252,7 +257,10 @@ class LowerBase(Layer):
         if not views:
             return None
         for view in list(views):
-            if view.owner == tid or libc.is_thread_of(view.owner, tid):
+            if view.admits is not None:
+                if view.admits(tid):
+                    return view
+            elif view.owner == tid or libc.is_thread_of(view.owner, tid):
                 if procfs.pidfd_alive(view.pidfd):
                     return view
                 self._unroute(view)
@@ -285,7 +293,7 @@ class LowerBase(Layer):
         with self._lock:
             self._sweep()
             for old in list(self.routes.get(view.of, ())):
-                if old.owner == view.owner:
+                if old.owner == view.owner and (old.admits is None) == (view.admits is None):
                     self._unroute(old)
             self.routes.setdefault(view.of, []).append(view)
             own = self.by_key.get(view.of)
@@ -311,7 +319,10 @@ class LowerBase(Layer):
         self._swept = now
         for views in list(self.routes.values()):
             for view in list(views):
-                if not procfs.pidfd_alive(view.pidfd):
+                if view.admits is not None:
+                    if view.node is None:
+                        self._unroute(view)  # a shared view the kernel knows no node of: made again when needed
+                elif not procfs.pidfd_alive(view.pidfd):
                     self._unroute(view)
         for virtual in self.virtuals.values():
             for owner, view in list(virtual.views.items()):

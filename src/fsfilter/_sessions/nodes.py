@@ -6,6 +6,7 @@ from __future__ import annotations
 import errno
 import os
 import threading
+from collections.abc import Callable
 from typing import Any
 
 from fsfilter._system import libc
@@ -43,7 +44,8 @@ class View:
     the object itself, of another file it is redirected to, or a virtual file's memfd); ``handled``: the handlers of
     ``layer`` serve its requests (``fd`` is then where what they leave undone goes)."""
 
-    __slots__ = ("owner", "pidfd", "fd", "backend", "handled", "of", "layer", "node", "origin_fd", "gone", "transform")
+    __slots__ = ("owner", "pidfd", "fd", "backend", "handled", "of", "layer", "node", "origin_fd", "gone", "transform",
+                 "admits")
 
     def __init__(self, owner: int, pidfd: int, fd: int, backend: str, handled: bool, of: tuple[int, int],
                  layer: object, origin_fd: int = -1) -> None:
@@ -60,6 +62,9 @@ class View:
         # A view that shows its file transformed (an encrypted file's plaintext): ``backend(fd, flags)`` gives the
         # file backend of an open of it from a read-write fd of the stored file, ``shown(st)`` its attributes.
         self.transform: Any = None
+        # A view shared by every process this says yes to (owner 0, no pidfd): all trusted processes share one
+        # plaintext view of an encrypted file, and so its page cache.
+        self.admits: Callable[[int], bool] | None = None
 
     SELF = "\0self"  # backend: the object itself, in a node (and cache) of the view's own
 

@@ -39,9 +39,12 @@ _OWN_SETTINGS = {"RefuseUntrustedWrites": "true", "JournalDirectory": "/var/lib/
 class _Plaintext:
     """A view's transform (see sessions/nodes.py View.transform): the plaintext of one encrypted file."""
 
-    def __init__(self, header: ff.Header, journal: str) -> None:
+    def __init__(self, header: ff.Header, journal: str, sole_writer: bool) -> None:
         self.header = header
         self.journal = journal
+        # Whether only this view writes the file (untrusted writes refused): its attributes may then be cached, and
+        # reads from its page cache need no round trip to the daemon.
+        self.sole_writer = sole_writer
 
     def backend(self, fd: int, flags: int) -> EncryptedFile:
         return EncryptedFile(fd, self.header, ChunkJournal(self.journal))
@@ -301,7 +304,7 @@ class CBEncrypt:
                 os.close(rw)
             if repaired:
                 self._report(0, f"{path}: chunks {repaired} repaired after a crash")
-        return _Plaintext(header, journal)
+        return _Plaintext(header, journal, self.refuse_untrusted_writes)
 
     def new_file(self, path: str) -> bytes:
         shift = int(self._settings["ChunkSize"]).bit_length() - 1

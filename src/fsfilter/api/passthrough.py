@@ -132,6 +132,7 @@ class PassthroughFilter:
             raise CBFSFilterError(errno.EALREADY, "the filter is already started; stop it first")
         self._check_paths()
         fuse_device.raise_fd_limit()
+        libc.keep_large_buffers()
         try:
             self._lower_fd = os.open(self.lower, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
             fs = self._make_fs(self._lower_fd)
