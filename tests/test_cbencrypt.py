@@ -6,13 +6,17 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import random
+import signal
 import subprocess
 import sys
+import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from conftest import SRC, end_processes, needs_root
+from conftest import SRC, end_processes, force_unmount, is_mounted, needs_root, wait_for
 
 from fsfilter._crypto import fileformat as ff
 from fsfilter.api import encryption
@@ -135,6 +139,7 @@ def test_wrong_password_and_damage_give_errors_never_garbage(scratch: Path,
     assert trusted(probe, str(other)).strip() == "error 13"
     assert any("other-password" in m for m in errors)
     assert trusted(probe, str(data / "damaged")).strip() == "error 5"  # EIO: chunk 3 never reaches the reader
+    assert any("damaged" in m and "chunk 3" in m for m in errors), errors  # on_error names the file and chunk
     assert trusted(probe, str(data / "cut")).strip() == "error 5"  # cut at a chunk boundary: detected
 
 
@@ -157,3 +162,119 @@ def test_children_of_a_trusted_process_when_asked(scratch: Path, encrypted: Call
     trusted(f"open({str(data / 'k')!r}, 'wb').write(b'child writes plaintext')")
     assert untrusted("cat", str(data / "k")).stdout == b"child writes plaintext"  # cat is our child: trusted
     assert (data / "k").read_bytes().startswith(ff.MAGIC)
+
+
+
+def drained(fd: int) -> tuple[list[str], threading.Thread]:
+    """The lines a child writes to ``fd``, read as they come (a full pipe would stop the child at its reports)."""
+    lines: list[str] = []
+
+    def read() -> None:
+        with os.fdopen(fd) as f:
+            lines.extend(f)
+    thread = threading.Thread(target=read, daemon=True)
+    thread.start()
+    return lines, thread
+
+
+FILTER = r"""
+import sys, time
+from fsfilter.api.cbencrypt import CBEncrypt
+e = CBEncrypt()
+e.config("ScryptLog2N=10")
+e.config("JournalDirectory=" + sys.argv[2])
+e.add_encrypt_rule(sys.argv[1] + "/*", "correct horse")
+e.add_trusted_process("python3*")
+e.start_filter()
+print("ready", flush=True)
+time.sleep(600)
+"""
+
+
+@pytest.mark.timeout(300)
+def test_the_filter_killed_during_writes_loses_nothing_an_fsync_made_durable(scratch: Path) -> None:
+    """A trusted writer appends, overwrites, truncates and fsyncs through the filter; the filter's process is killed
+    (SIGKILL) at a random moment, then the writer. The next CBEncrypt repairs what the kill tore from the file's
+    journal when the file is first opened: it opens whole, and every byte the last completed fsync made durable and
+    no later write touched is there."""
+    from test_encrypted_file import WRITER
+
+    data, journal = scratch / "data", scratch / "journal"
+    data.mkdir()
+    target = data / "f"
+    env = {**ENV, "FSFILTER_RESCUE": "0"}  # the dead filter's mount just goes (no rescuer to hold it)
+    rng = random.Random(99)
+    rounds = int(os.environ.get("FILTER_KILLS", 8))
+    writer_code = WRITER.replace("from fsfilter._layers.encrypted_file import ChunkJournal, EncryptedFile, "
+                                 "journal_path\n", "")
+    # Through the mount: the same random operations, on the file as a trusted process sees it.
+    writer_code = writer_code.replace(
+        'header = ff.Header.decode(open(path, "rb").read(ff.HEADER_SIZE))\n'
+        'header.unlock(ff.Secret.password("test password"))\n'
+        'fd = os.open(path, os.O_RDWR)\n'
+        'f = EncryptedFile(fd, header, None if os.environ.get("NOJOURNAL") else ChunkJournal(journal_path(path)))\n',
+        "class Plain:\n"
+        "    def __init__(self, fd): self.fd = fd\n"
+        "    def read(self, n, at): return os.pread(self.fd, n, at)\n"
+        "    def write(self, d, at): return os.pwrite(self.fd, d, at)\n"
+        "    def truncate(self, n): os.ftruncate(self.fd, n)\n"
+        "    def fsync(self, _): os.fsync(self.fd)\n"
+        "f = Plain(os.open(path, os.O_RDWR | os.O_CREAT))\n")
+    assert "Plain(" in writer_code
+    for round_ in range(rounds):
+        filt = subprocess.Popen([sys.executable, "-c", FILTER, str(data), str(journal)], stdout=subprocess.PIPE,
+                                text=True, env=env)
+        writer = None
+        try:
+            assert filt.stdout is not None and filt.stdout.readline().strip() == "ready"
+            durable = bytearray(bytes.fromhex(trusted(
+                "import os, sys\np = sys.argv[1]\nprint(open(p, 'rb').read().hex() if os.path.exists(p) else '')",
+                str(target)).strip()))
+            read_end, write_end = os.pipe()
+            writer = subprocess.Popen([sys.executable, "-c", writer_code, str(target), str(round_), "16", str(SRC),
+                                       str(write_end), "0"], pass_fds=(write_end,), env=env,
+                                      stdin=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            os.close(write_end)
+            lines, drain = drained(read_end)
+            time.sleep(rng.uniform(0.6, 1.6))  # (the writer takes ~0.4 s to start)
+            filt.send_signal(signal.SIGKILL)
+            filt.wait(30)
+        finally:
+            if writer is not None:
+                writer.kill()
+                writer.wait(30)
+            end_processes([filt])
+        wait_for(lambda: not is_mounted(data), 10)
+        force_unmount(data)
+        journaled = [p for p in journal.iterdir() if p.stat().st_size] if journal.exists() else []
+        if os.environ.get("FILTER_KILLS_VERBOSE"):
+            print(f"round {round_}: journals left by the kill: {len(journaled)} "
+                  f"{sorted(journal.iterdir()) if journal.exists() else None}", flush=True)
+        touched: list[tuple[int, int]] = []
+        drain.join(30)
+        for line in lines:
+            try:
+                item = json.loads(line)
+            except json.JSONDecodeError:
+                break
+            if "durable" in item:
+                durable, touched = bytearray.fromhex(item["durable"]), []
+            else:
+                touched.append(tuple(item["touch"]))
+        if os.environ.get("FILTER_KILLS_VERBOSE"):
+            print(f"  durable {len(durable)} bytes, {len(touched)} touches since", flush=True)
+        e = CBEncrypt()
+        e.config("ScryptLog2N=10")
+        e.config(f"JournalDirectory={journal}")
+        e.add_encrypt_rule(f"{data}/*", PASSWORD)
+        e.add_trusted_process("python3*")
+        e.start_filter()
+        try:
+            got = bytes.fromhex(trusted(
+                "import os, sys\np = sys.argv[1]\nprint(open(p, 'rb').read().hex() if os.path.exists(p) else '')",
+                str(target)).strip())
+        finally:
+            e.stop_filter()
+        for pos in range(0, len(durable), 509):
+            if not any(lo <= pos < hi for lo, hi in touched):
+                assert pos < len(got) and got[pos] == durable[pos], (round_, pos, touched)

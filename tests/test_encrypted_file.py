@@ -10,6 +10,7 @@ import random
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -73,6 +74,19 @@ def test_random_operations_match_a_plain_model(tmp_path_factory: pytest.TempPath
         f.fsync(False)
     finally:
         os.close(fd)
+
+
+
+def drained(fd: int) -> tuple[list[str], threading.Thread]:
+    """The lines a child writes to ``fd``, read as they come (a full pipe would stop the child at its reports)."""
+    lines: list[str] = []
+
+    def read() -> None:
+        with os.fdopen(fd) as f:
+            lines.extend(f)
+    thread = threading.Thread(target=read, daemon=True)
+    thread.start()
+    return lines, thread
 
 
 WRITER = r"""
@@ -149,22 +163,23 @@ def test_a_writer_killed_at_random_points_loses_nothing_an_fsync_made_durable(tm
                                   str(SRC), str(write_end), str(int(round_ % 2 == 0))], pass_fds=(write_end,),
                                  stdin=subprocess.DEVNULL)
         os.close(write_end)
+        lines, drain = drained(read_end)
         try:
             time.sleep(rng.uniform(0.05, 0.4))
         finally:
             child.send_signal(signal.SIGKILL)
             child.wait(30)
         touched: list[tuple[int, int]] = []
-        with os.fdopen(read_end) as lines:
-            for line in lines:
-                try:
-                    item = json.loads(line)
-                except json.JSONDecodeError:
-                    break  # the last line, cut by the kill
-                if "durable" in item:
-                    durable, touched = bytearray.fromhex(item["durable"]), []
-                else:
-                    touched.append(tuple(item["touch"]))
+        drain.join(30)
+        for line in lines:
+            try:
+                item = json.loads(line)
+            except json.JSONDecodeError:
+                break  # the last line, cut by the kill
+            if "durable" in item:
+                durable, touched = bytearray.fromhex(item["durable"]), []
+            else:
+                touched.append(tuple(item["touch"]))
         fd = os.open(path, os.O_RDWR)
         try:
             recover(fd, header, journal_path(str(path)))

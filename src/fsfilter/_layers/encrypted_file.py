@@ -20,6 +20,7 @@ import errno
 import os
 import struct
 import threading
+from collections.abc import Callable
 
 from fsfilter._crypto import fileformat as ff
 
@@ -172,8 +173,11 @@ class EncryptedFile:
     file (by st_dev, st_ino) share one lock and one journal (``journal`` is used by the first, and closed by the
     last ``close``)."""
 
-    def __init__(self, fd: int, header: ff.Header, journal: ChunkJournal | None = None) -> None:
+    def __init__(self, fd: int, header: ff.Header, journal: ChunkJournal | None = None,
+                 on_damage: Callable[[str], None] | None = None) -> None:
         self.fd = fd
+        # Told what a read or write found damaged (corrupt, cut, tampered chunks) before the request fails with EIO.
+        self.on_damage = on_damage
         self.cipher = ff.ChunkCipher(header)
         self.chunk = header.chunk_size
         st = os.fstat(fd)
@@ -219,7 +223,18 @@ class EncryptedFile:
 
     # -- reads
 
+    def _damaged(self, exc: ff.FormatError) -> OSError:
+        if self.on_damage is not None:
+            self.on_damage(str(exc))
+        return OSError(errno.EIO, str(exc))
+
     def read(self, size: int, offset: int) -> bytes:
+        try:
+            return self._read(size, offset)
+        except ff.FormatError as exc:
+            raise self._damaged(exc) from exc
+
+    def _read(self, size: int, offset: int) -> bytes:
         with self._lock:
             plain = self.size()
             if offset >= plain or size <= 0:
@@ -282,6 +297,12 @@ class EncryptedFile:
             os.ftruncate(self.fd, ff.stored_size(new_plain, c))
 
     def write(self, data: bytes | memoryview, offset: int) -> int:
+        try:
+            return self._write(data, offset)
+        except ff.FormatError as exc:
+            raise self._damaged(exc) from exc
+
+    def _write(self, data: bytes | memoryview, offset: int) -> int:
         if not data:
             return 0
         with self._lock:
@@ -293,6 +314,12 @@ class EncryptedFile:
         return len(data)
 
     def truncate(self, size: int) -> None:
+        try:
+            self._truncate(size)
+        except ff.FormatError as exc:
+            raise self._damaged(exc) from exc
+
+    def _truncate(self, size: int) -> None:
         if size < 0:
             raise OSError(errno.EINVAL, "negative size")
         with self._lock:

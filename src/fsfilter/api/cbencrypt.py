@@ -12,6 +12,7 @@ CBEncrypt runs on a CBFilter of its own (rules, mounts, altitude, the service), 
 from __future__ import annotations
 
 import errno
+import logging
 import os
 import threading
 from collections.abc import Callable
@@ -30,6 +31,8 @@ from fsfilter.errors import CBFSFilterError
 
 __all__ = ["CBEncrypt", "ENCRYPTION_AES256_GCM", "ENCRYPTION_CHACHA20_POLY1305"]
 
+log = logging.getLogger("fsfilter.encrypt")
+
 ENCRYPTION_AES256_GCM = ff.AES_256_GCM
 ENCRYPTION_CHACHA20_POLY1305 = ff.CHACHA20_POLY1305
 _OWN_SETTINGS = {"RefuseUntrustedWrites": "true", "JournalDirectory": "/var/lib/fsfilter/journal",
@@ -39,15 +42,23 @@ _OWN_SETTINGS = {"RefuseUntrustedWrites": "true", "JournalDirectory": "/var/lib/
 class _Plaintext:
     """A view's transform (see sessions/nodes.py View.transform): the plaintext of one encrypted file."""
 
-    def __init__(self, header: ff.Header, journal: str, sole_writer: bool) -> None:
+    def __init__(self, header: ff.Header, journal: str, sole_writer: bool, path: str,
+                 report: Callable[[int, str], None]) -> None:
         self.header = header
         self.journal = journal
+        self.path = path
+        self.report = report
         # Whether only this view writes the file (untrusted writes refused): its attributes may then be cached, and
         # reads from its page cache need no round trip to the daemon.
         self.sole_writer = sole_writer
 
     def backend(self, fd: int, flags: int) -> EncryptedFile:
-        return EncryptedFile(fd, self.header, ChunkJournal(self.journal))
+        return EncryptedFile(fd, self.header, ChunkJournal(self.journal), self._damaged)
+
+    def _damaged(self, what: str) -> None:
+        message = f"{self.path}: {what}"
+        log.error("%s", message)
+        self.report(errno.EIO, message)
 
     def shown(self, st: StatLike) -> StatLike:
         try:
@@ -304,7 +315,7 @@ class CBEncrypt:
                 os.close(rw)
             if repaired:
                 self._report(0, f"{path}: chunks {repaired} repaired after a crash")
-        return _Plaintext(header, journal, self.refuse_untrusted_writes)
+        return _Plaintext(header, journal, self.refuse_untrusted_writes, path, self._report)
 
     def new_file(self, path: str) -> bytes:
         shift = int(self._settings["ChunkSize"]).bit_length() - 1
