@@ -401,6 +401,8 @@ class OpGen:
     }
     SLOTS = 4
     TMPFILE = True  # draw O_TMPFILE opens (a filter with rules on the directory refuses them: EOPNOTSUPP)
+    # draw SEEK_DATA/SEEK_HOLE (a file system may store no holes, as POSIX allows: encrypted files report none)
+    HOLES = True
     FALLOCATE_MODES = (0, linux.FALLOC_FL_KEEP_SIZE, linux.FALLOC_FL_PUNCH_HOLE | linux.FALLOC_FL_KEEP_SIZE,
                        linux.FALLOC_FL_PUNCH_HOLE | linux.FALLOC_FL_KEEP_SIZE, linux.FALLOC_FL_PUNCH_HOLE,
                        FALLOC_ZERO_RANGE)
@@ -539,7 +541,7 @@ class OpGen:
             return self.g_open()
         slot = self.rng.choice(slots)
         whence = self.rng.choice((os.SEEK_SET, os.SEEK_CUR, os.SEEK_END, os.SEEK_DATA, os.SEEK_HOLE, os.SEEK_DATA,
-                                  os.SEEK_HOLE))
+                                  os.SEEK_HOLE) if self.HOLES else (os.SEEK_SET, os.SEEK_CUR, os.SEEK_END))
         if whence in (os.SEEK_CUR, os.SEEK_END):
             off = self.rng.randint(-5000, 5000)
         else:
@@ -995,6 +997,7 @@ def seq_worker(cfg: dict[str, Any]) -> dict[str, Any]:
     def factory(rng: random.Random) -> OpGen:
         gen = NobodyGen(rng, uid) if uid is not None else OpGen(rng)
         gen.TMPFILE = tmpfile
+        gen.HOLES = cfg.get("holes", True)
         return gen
     try:
         counts = run_sequence(cfg["native"], cfg["filtered"], cfg["seed"], cfg["steps"], label=cfg["label"],

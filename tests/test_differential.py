@@ -336,3 +336,50 @@ def test_random_operations_match_native_with_every_file_isolated(scratch: Path, 
     assert_same_trees(native, lower, lower)
     assert len(isolated) > 100
     assert filt.stats["failed"] == 0
+
+
+# -- every file encrypted (CBEncrypt), seen by a trusted process
+
+
+@pytest.mark.timeout(200)
+def test_random_operations_through_a_trusted_process_match_native_on_plaintext(scratch: Path) -> None:
+    """CBEncrypt changes nothing a trusted process can see: the worker (python3, trusted) creates, writes, maps,
+    truncates, links and renames files that are stored encrypted, and every result matches native. The tree is
+    built plain and each file encrypted in place first, so that every file the worker meets is encrypted."""
+    from fsfilter._crypto import fileformat as ff
+    from fsfilter.api import encryption
+    from fsfilter.api.cbencrypt import CBEncrypt
+
+    native, lower, _ = trees(scratch)
+    secret = ff.Secret.password("differential")
+    for root, _dirs, files in os.walk(lower):
+        for name in files:
+            path = os.path.join(root, name)
+            if os.path.isfile(path) and not os.path.islink(path):
+                encryption.encrypt_file(path, [secret], chunk_shift=12, log2_n=10)
+    e = CBEncrypt()
+    e.config("ScryptLog2N=10")
+    e.config("ChunkSize=4096")
+    e.config(f"JournalDirectory={scratch / 'journal'}")
+    e.config("HideDirectoryLinkCounts=false")
+    e.add_encrypt_rule(f"{lower}/*", "differential")
+    e.add_trusted_process("python3*")
+    e.start_filter()
+    try:
+        seed = seed_for(4200)
+        replay = f"DIFF_SEED={seed} DIFF_STEPS={steps(STEPS)} -k 'trusted_process_match_native'"
+        (result,) = run_workers([sequence(native, lower, seed, steps(STEPS), "encrypted", replay, tmpfile=False,
+                                          holes=False)])
+        assert result["ok"], result["message"]
+        assert_exercised(result["counts"], ("open", "read", "pwrite", "ftruncate", "mmap", "rename", "link"))
+    finally:
+        e.stop_filter()
+        from conftest import force_unmount
+        force_unmount(lower)
+    # What is stored is encrypted: every regular file left in the lower tree opens as one.
+    for root, _dirs, files in os.walk(lower):
+        for name in files:
+            path = os.path.join(root, name)
+            if os.path.isfile(path) and not os.path.islink(path):
+                assert b"".join(encryption.read_plaintext(path, [secret])) == (native / os.path.relpath(
+                    path, lower)).read_bytes(), path

@@ -22,7 +22,7 @@ SRC = Path(__file__).resolve().parent.parent / "src" / PACKAGE
 
 FOLDERS = {"_abi": 1, "_wire": 2, "_system": 3, "_sessions": 4, "_engine": 5, "_crypto": 5, "_layers": 6, "api": 7,
            "service": 9}
-SDK_CLASSES = {"fsfilter.api.cbfilter", "fsfilter.api.cbmonitor", "fsfilter.api.cbprocess"}
+SDK_CLASSES = {"fsfilter.api.cbfilter", "fsfilter.api.cbmonitor", "fsfilter.api.cbprocess", "fsfilter.api.cbencrypt"}
 TOP = 9
 RANKS = {"fsfilter.errors": 0, "fsfilter": TOP, "fsfilter.cli": TOP, "fsfilter.demo": TOP, "fsfilter.__main__": TOP,
          # The SDK's vocabulary: its constants and event-parameter classes are data every layer of the stack

@@ -1,11 +1,13 @@
 """fsfilter: watch, allow, deny, change and hide file operations on Linux, with the CBFS Filter API.
 
-``from fsfilter import *`` gives the SDK's names and nothing else: CBFilter, CBMonitor, CBProcess,
+``from fsfilter import *`` gives the SDK's names and nothing else: CBFilter, CBMonitor, CBProcess, CBEncrypt,
 PassthroughFilter, CBFSFilterError, the constants (``fsfilter.api.constants``) and the event-parameter classes
 (``CBFilter…EventParams``, ``CBMonitor…EventParams``, ``CBProcess…EventParams`` and their base EventParams).
 """
 
 # ruff: noqa: F405 (__all__ names the constants the star import below brings)
+from typing import TYPE_CHECKING
+
 from fsfilter.api import monitor_params as _monitor_params
 from fsfilter.api import params as _params
 from fsfilter.api import process_params as _process_params
@@ -19,12 +21,24 @@ from fsfilter.api.passthrough import PassthroughFilter
 from fsfilter.api.process_params import *  # noqa: F403
 from fsfilter.errors import CBFSFilterError
 
+if TYPE_CHECKING:
+    from fsfilter.api.cbencrypt import CBEncrypt
+
+
+def __getattr__(name: str) -> object:
+    # CBEncrypt loads the crypto library: only for programs that use it (the watchdog, the holder and every CLI tool
+    # import this package, and their start-up time counts).
+    if name == "CBEncrypt":
+        from fsfilter.api.cbencrypt import CBEncrypt
+        return CBEncrypt
+    raise AttributeError(f"module 'fsfilter' has no attribute {name!r}")
+
 __version__ = "0.1.0"
 
 # Spelled out, constants included (the same list as constants.__all__; tests/test_exports.py keeps the two
 # equal): type checkers read only a literal __all__, and code that does `from fsfilter import *` is checked too.
 __all__ = [
-    "CBFilter", "CBMonitor", "CBProcess", "PassthroughFilter", "CBFSFilterError", "CBFSFilterStream",
+    "CBFilter", "CBMonitor", "CBProcess", "CBEncrypt", "PassthroughFilter", "CBFSFilterError", "CBFSFilterStream",
     "FILE_SYS_ATTR_ARCHIVE", "FILE_SYS_ATTR_COMPRESSED", "FILE_SYS_ATTR_DIRECTORY", "FILE_SYS_ATTR_ENCRYPTED",
     "FILE_SYS_ATTR_HIDDEN", "FILE_SYS_ATTR_NORMAL", "FILE_SYS_ATTR_NOT_CONTENT_INDEXED", "FILE_SYS_ATTR_OFFLINE",
     "FILE_SYS_ATTR_READ_ONLY", "FILE_SYS_ATTR_REPARSE_POINT", "FILE_SYS_ATTR_SPARSE_FILE", "FILE_SYS_ATTR_SYSTEM",

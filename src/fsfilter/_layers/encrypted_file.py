@@ -20,12 +20,14 @@ import errno
 import os
 import struct
 import threading
+import time
 from collections.abc import Callable
 
 from fsfilter._crypto import fileformat as ff
 
 __all__ = ["ChunkJournal", "EncryptedFile", "journal_path", "recover"]
 
+_KEEP_SIZE, _PUNCH_HOLE = 0x01, 0x02  # fallocate(2) modes
 _ENTRY = struct.Struct("<4sQQI")  # magic, chunk index, old stored file size, length of the old chunk that follows
 _ENTRY_MAGIC = b"FSJE"
 
@@ -324,7 +326,10 @@ class EncryptedFile:
             raise OSError(errno.EINVAL, "negative size")
         with self._lock:
             plain = self.size()
-            if size > plain:
+            if size == plain:  # nothing to change, but a truncate counts as a modification (as natively)
+                st = os.fstat(self.fd)
+                os.utime(self.fd, ns=(st.st_atime_ns, time.time_ns()))
+            elif size > plain:
                 self._rewrite(plain, size, plain, bytes(size - plain))
             elif size < plain:
                 keep = self._count(size) - 1  # the new last chunk, resealed as last with what it keeps
@@ -340,7 +345,27 @@ class EncryptedFile:
                 self.journal.clear()  # what it held is superseded by what is now durable
 
     def allocate(self, mode: int, offset: int, length: int) -> None:
-        raise OSError(errno.EOPNOTSUPP, "an encrypted file stores no holes: space comes with writes")
+        """fallocate(2) on the plaintext. The format stores no holes, so space is zeros written: plain allocation
+        extends the file with zeros (KEEP_SIZE: nothing to do), PUNCH_HOLE writes zeros over the range (within the
+        size); the other modes (zero range, collapse, insert) are refused, as many file systems do."""
+        if offset < 0 or length <= 0:
+            raise OSError(errno.EINVAL, "bad range")
+        size = self.size()
+        if mode == 0 and offset + length > size:
+            self.write(bytes(offset + length - size), size)
+            return
+        if mode in (0, _KEEP_SIZE):
+            st = os.fstat(self.fd)  # nothing to write; the file counts as modified, as natively
+            os.utime(self.fd, ns=(st.st_atime_ns, time.time_ns()))
+            return
+        if mode == _PUNCH_HOLE | _KEEP_SIZE:
+            end = min(offset + length, size)
+            while offset < end:
+                n = min(end - offset, 1 << 20)
+                self.write(bytes(n), offset)
+                offset += n
+            return
+        raise OSError(errno.EOPNOTSUPP, "this fallocate mode has no meaning for an encrypted file")
 
     def passthrough_fd(self) -> int | None:
         return None  # every byte is decrypted by the daemon

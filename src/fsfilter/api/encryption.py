@@ -98,6 +98,7 @@ def _replace(path: str, write: Callable[[int], None]) -> None:
     fd = os.open(new, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, stat.S_IMODE(st.st_mode))
     try:
         write(fd)
+        _copy_xattrs(path, fd)
         os.fchmod(fd, stat.S_IMODE(st.st_mode))
         if os.geteuid() == 0:
             os.fchown(fd, st.st_uid, st.st_gid)
@@ -114,6 +115,20 @@ def _replace(path: str, write: Callable[[int], None]) -> None:
         os.fsync(dfd)
     finally:
         os.close(dfd)
+
+
+def _copy_xattrs(path: str, fd: int) -> None:
+    """The old file's extended attributes (ACLs, labels, user attributes) on the new one."""
+    try:
+        names = os.listxattr(path, follow_symlinks=False)
+    except OSError:
+        return
+    for name in names:
+        try:
+            os.setxattr(fd, name, os.getxattr(path, name, follow_symlinks=False))
+        except OSError as exc:
+            if exc.errno not in (errno.EPERM, errno.ENOTSUP, errno.EACCES):
+                raise
 
 
 def encrypt_file(path: str, secrets: Iterable[ff.Secret], algorithm: int = ff.AES_256_GCM,
