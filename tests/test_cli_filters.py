@@ -35,7 +35,7 @@ def stop(proc: subprocess.Popen[str], path: Path) -> tuple[str, str]:
     return out, err
 
 
-@pytest.mark.parametrize("tool", ["monitor", "hide", "protect", "sandbox"])
+@pytest.mark.parametrize("tool", ["monitor", "hide", "protect", "sandbox", "encrypt"])
 def test_help(tool: str) -> None:
     r = subprocess.run([sys.executable, "-m", "fsfilter", tool, "--help"], capture_output=True, text=True, env=ENV,
                        timeout=20)
@@ -117,6 +117,25 @@ def test_sandbox_gives_matching_programs_private_copies(scratch: Path) -> None:
     assert (d / "notes.txt").read_text() == "original\n" and not (d / "new.txt").exists()
     assert (store / "notes.txt").read_text() == "original\nsandboxed\n"
     assert "changes" in out_text and "1 private copy" in err
+
+
+def test_encrypt_serves_plaintext_to_trusted_programs_only(scratch: Path) -> None:
+    d = scratch / "docs"
+    d.mkdir()
+    env = {**ENV, "PW": "a password"}
+    proc = subprocess.Popen([sys.executable, "-m", "fsfilter", "encrypt", str(d), "--trusted", "python3*",
+                             "--password-env", "PW"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**env, "PYTHONPATH": str(SRC)})
+    try:
+        assert wait_for(lambda: is_mounted(d), 20)
+        code = f"open({str(d / 'n.txt')!r}, 'w').write('plain words'); print(open({str(d / 'n.txt')!r}).read())"
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+        assert out.stdout.strip() == "plain words", out.stderr
+        stored = subprocess.run(["cat", str(d / "n.txt")], capture_output=True).stdout
+        assert stored.startswith(b"FSFENC") and b"plain words" not in stored
+    finally:
+        stop(proc, d)
+    assert (d / "n.txt").read_bytes().startswith(b"FSFENC")
 
 
 def test_bad_arguments_give_one_line_errors(scratch: Path) -> None:
