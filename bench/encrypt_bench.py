@@ -1,8 +1,9 @@
 #!/usr/bin/env python3
 """What CBEncrypt costs: sequential writes and reads with dd (1 MiB requests) of a file through a trusted
-process's plaintext view, a re-read (the view's page cache), and an untrusted process's read of the stored
-ciphertext, against dd on a plain file natively and through gocryptfs (Debian's package, installed if missing), in
-the same run. Both derive their password keys with scrypt N = 2^10.
+process's plaintext view, a re-read (the view's page cache), an untrusted process's read of the stored
+ciphertext, and the small-file cycle (bench/smallfiles.c) of a trusted program, against the same natively and
+through gocryptfs (Debian's package, installed if missing), in the same run. Both derive their password keys
+with scrypt N = 2^10.
 
 Rounds are interleaved and rotate; the table gives the median MiB/s and its ratio to native's median from the same
 run. A tmpfs holds the files (root is needed).
@@ -25,10 +26,21 @@ from pathlib import Path
 
 BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH.parent / "src"))
+sys.path.insert(0, str(BENCH))
+
+import passthrough_bench as pb  # noqa: E402
 
 from fsfilter.api.cbencrypt import CBEncrypt  # noqa: E402
 
-ROWS = ["write", "read", "re-read", "untrusted read"]
+ROWS = ["write", "read", "re-read", "untrusted read", "small files"]
+SMALL = 1000  # files in the small-file cycle (bench/smallfiles.c: create with a 100-byte write, stat, unlink)
+
+
+def small_files(directory: Path) -> float:
+    """Files per second of the small-file cycle in ``directory`` (its program is trusted where that matters)."""
+    out = subprocess.run([str(pb.build_smallfiles()), str(directory), str(SMALL)], check=True, capture_output=True,
+                         text=True).stdout.split()
+    return SMALL / sum(float(x) for x in out)
 
 
 def dd(*args: str) -> float:
@@ -46,7 +58,8 @@ def native(top: Path, mib: int) -> dict[str, float]:
     subprocess.run(["sh", "-c", f"cat {path} > /dev/null"], check=True)
     u = time.perf_counter() - start
     os.unlink(path)
-    return {"write": mib / w, "read": mib / r, "re-read": mib / rr, "untrusted read": mib / u}
+    return {"write": mib / w, "read": mib / r, "re-read": mib / rr, "untrusted read": mib / u,
+            "small files": small_files(top / "plain")}
 
 
 def encrypted(top: Path, mib: int) -> dict[str, float]:
@@ -56,8 +69,10 @@ def encrypted(top: Path, mib: int) -> dict[str, float]:
     e.config("ScryptLog2N=10")  # as gocryptfs -scryptn 10
     e.add_encrypt_rule(f"{data}/*", "benchmark password")
     e.add_trusted_process("dd")
+    e.add_trusted_process("smallfiles")
     e.start_filter()
     try:
+        small = small_files(data)
         path = data / "big"
         w = dd("if=/dev/zero", f"of={path}", f"count={mib}", "conv=fdatasync")  # dd is trusted: plaintext
         r = dd(f"if={path}", "of=/dev/null")
@@ -68,7 +83,7 @@ def encrypted(top: Path, mib: int) -> dict[str, float]:
     finally:
         e.stop_filter()
     os.unlink(data / "big")
-    return {"write": mib / w, "read": mib / r, "re-read": mib / rr, "untrusted read": mib / u}
+    return {"write": mib / w, "read": mib / r, "re-read": mib / rr, "untrusted read": mib / u, "small files": small}
 
 
 def gocryptfs(top: Path, mib: int) -> dict[str, float]:
@@ -84,6 +99,7 @@ def gocryptfs(top: Path, mib: int) -> dict[str, float]:
                        check=True, capture_output=True)
     subprocess.run(["gocryptfs", "-q", "-passfile", str(password), str(cipher), str(plain)], check=True)
     try:
+        small = small_files(plain)
         path = plain / "big"
         w = dd("if=/dev/zero", f"of={path}", f"count={mib}", "conv=fdatasync")
         r = dd(f"if={path}", "of=/dev/null")
@@ -95,7 +111,7 @@ def gocryptfs(top: Path, mib: int) -> dict[str, float]:
         os.unlink(path)
     finally:
         subprocess.run(["fusermount3", "-u", str(plain)], check=False)
-    return {"write": mib / w, "read": mib / r, "re-read": mib / rr, "untrusted read": mib / u}
+    return {"write": mib / w, "read": mib / r, "re-read": mib / rr, "untrusted read": mib / u, "small files": small}
 
 
 def have_gocryptfs(install: bool) -> bool:
@@ -134,7 +150,8 @@ def main() -> int:
     finally:
         subprocess.run(["umount", "-l", str(top)], check=False)
         os.rmdir(top)
-    print(f"\nCBEncrypt, dd bs=1M, {mib} MiB, median of {args.rounds} rounds (MiB/s; untrusted read: cat)\n")
+    print(f"\nCBEncrypt, dd bs=1M, {mib} MiB, median of {args.rounds} rounds (MiB/s; untrusted read: cat; small "
+          f"files: files/s of a create+write, stat, unlink cycle of {SMALL})\n")
     head = f"{'workload':16} {'native':>9}" + "".join(f" {s:>10} {'× native':>9}" for s in systems[1:])
     print(head)
     for row in ROWS:
