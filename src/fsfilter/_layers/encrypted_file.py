@@ -49,15 +49,19 @@ class ChunkJournal:
         # Chunks from there on are new since that fsync: they hold nothing it made durable, and are never journaled
         # (so that appending costs no journal write).
         self.durable_count: int | None = None
+        self.guards = False  # it holds a durable copy a crash may need (not only markers)
 
-    def save(self, entries: list[tuple[int, int, bytes]]) -> None:
-        """Journal (index, old stored size, old stored chunk) entries, durably, before their chunks are rewritten."""
+    def save(self, entries: list[tuple[int, int, bytes]], durable: bool = True) -> None:
+        """Journal (index, old stored size, old stored chunk) entries before their chunks are rewritten, durably
+        unless told the entries guard nothing durable."""
         if not entries:
             return
         if self._fd < 0:
             self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
         os.write(self._fd, b"".join(_ENTRY.pack(_ENTRY_MAGIC, i, size, len(old)) + old for i, size, old in entries))
-        os.fdatasync(self._fd)
+        if durable:
+            os.fdatasync(self._fd)
+            self.guards = True
         self.saved.update(i for i, _, _ in entries)
 
     def clear(self) -> None:
@@ -67,13 +71,16 @@ class ChunkJournal:
             os.fdatasync(self._fd)
         self.saved.clear()
         self.durable_count = None
+        self.guards = False
 
     def close(self) -> None:
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
         try:
-            if os.stat(self.path).st_size == 0:
+            # Kept while it guards data an fsync made durable (the next open repairs or drops it); markers of writes
+            # to a new file guard nothing once they are done.
+            if not self.guards or os.stat(self.path).st_size == 0:
                 os.unlink(self.path)
         except FileNotFoundError:
             pass
@@ -271,8 +278,14 @@ class EncryptedFile:
             journal.durable_count = count
         limit = min(count, journal.durable_count)
         stored_size = os.fstat(self.fd).st_size
-        entries = [(i, stored_size, self._stored(i)) for i in indexes if i < limit and i not in journal.saved]
-        journal.save(entries)
+        entries = []
+        for i in indexes:
+            if i < limit and i not in journal.saved:
+                old = self._stored(i)
+                # An empty chunk (a new file's) holds nothing to lose: only a marker that writes are under way (so
+                # that a crash is repaired), not made durable at once (a power cut may lose the new file's data).
+                entries.append((i, stored_size, old if len(old) > ff.CHUNK_OVERHEAD else b""))
+        journal.save(entries, durable=any(old for _, _, old in entries))
 
     def _rewrite(self, plain: int, new_plain: int, start: int, data: bytes | memoryview) -> None:
         """Write ``data`` at plaintext ``start`` of a file of size ``plain`` that becomes ``new_plain``."""

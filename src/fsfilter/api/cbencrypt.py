@@ -21,7 +21,7 @@ from typing import Any
 from fsfilter._crypto import fileformat as ff
 from fsfilter._engine.masks import MaskError, file_matches_mask
 from fsfilter._layers.encrypted_file import ChunkJournal, EncryptedFile, recover
-from fsfilter._system import procfs
+from fsfilter._system import libc, procfs
 from fsfilter._wire.fuse import StatLike
 from fsfilter._wire.replies import StatView
 from fsfilter.api import constants as c
@@ -85,7 +85,8 @@ class CBEncrypt:
         self._trusted: list[_Trusted] = []
         self._settings = dict(_OWN_SETTINGS)
         self._lock = threading.Lock()
-        self._verdicts: dict[int, tuple[int, bool]] = {}  # tgid -> (start time, trusted)
+        self._verdicts: dict[int, tuple[int, bool]] = {}  # tgid -> (its pidfd, trusted)
+        self._thread_pids: dict[int, int] = {}  # tid -> tgid, as last seen
         self.default_encryption = ENCRYPTION_AES256_GCM
         self.default_file_password = ""
         self._global_salt = bytes(16)
@@ -200,7 +201,7 @@ class CBEncrypt:
             if any((t.mask, t.pid) == (entry.mask, entry.pid) for t in self._trusted):
                 return False
             self._trusted.append(entry)
-            self._verdicts.clear()
+            self._forget_verdicts()
         return True
 
     def remove_trusted_process(self, process: str | int) -> bool:
@@ -208,7 +209,7 @@ class CBEncrypt:
             kept = [t for t in self._trusted if (t.pid if isinstance(process, int) else t.mask) != process]
             changed = len(kept) != len(self._trusted)
             self._trusted = kept
-            self._verdicts.clear()
+            self._forget_verdicts()
         return changed
 
     # -- running
@@ -223,6 +224,9 @@ class CBEncrypt:
 
     def stop_filter(self, wait: bool = True) -> None:
         self._filter.stop_filter(wait)
+        with self._lock:
+            self._forget_verdicts()
+            self._thread_pids.clear()
 
     def __enter__(self) -> CBEncrypt:
         return self
@@ -249,20 +253,42 @@ class CBEncrypt:
         return ff.Secret.password(password, self._global_salt)
 
     def trusted(self, tid: int) -> bool:
+        """Whether thread ``tid``'s process is trusted. Asked several times per request: the verdict is kept per process
+        with a pidfd (a reused pid is not the process judged), and each thread's process is checked with one tgkill
+        (a reused thread id is looked up again), so that a known thread costs two syscalls, not /proc reads."""
         if not self._trusted:
             return False
-        pid = procfs.tgid(tid)
-        started = procfs.start_time(pid)
+        with self._lock:
+            pid = self._thread_pids.get(tid)
+        if pid is None or not libc.is_thread_of(pid, tid):
+            pid = procfs.tgid(tid)
+            with self._lock:
+                if len(self._thread_pids) > 16384:
+                    self._thread_pids.clear()
+                self._thread_pids[tid] = pid
         with self._lock:
             known = self._verdicts.get(pid)
-        if known is not None and known[0] == started:
+        if known is not None and procfs.pidfd_alive(known[0]):
             return known[1]
         verdict = self._judge(pid)
+        try:
+            pidfd = os.pidfd_open(pid)
+        except OSError:
+            return verdict  # gone already: judged, not kept
         with self._lock:
+            old = self._verdicts.pop(pid, None)
             if len(self._verdicts) > 4096:
-                self._verdicts.clear()
-            self._verdicts[pid] = (started, verdict)
+                self._forget_verdicts()
+            self._verdicts[pid] = (pidfd, verdict)
+        if old is not None:
+            os.close(old[0])
         return verdict
+
+    def _forget_verdicts(self) -> None:
+        """Drop every kept verdict (under _lock): the trusted list changed, or there are too many."""
+        for pidfd, _ in self._verdicts.values():
+            os.close(pidfd)
+        self._verdicts.clear()
 
     def _judge(self, pid: int) -> bool:
         chain, current = [pid], pid
