@@ -278,3 +278,45 @@ def test_the_filter_killed_during_writes_loses_nothing_an_fsync_made_durable(scr
         for pos in range(0, len(durable), 509):
             if not any(lo <= pos < hi for lo, hi in touched):
                 assert pos < len(got) and got[pos] == durable[pos], (round_, pos, touched)
+
+
+def test_attacks_found_in_review(scratch: Path, encrypted: Callable[..., CBEncrypt]) -> None:
+    """What an attacker's review found, each refused: trust kept across an exec; truncate by name from an untrusted
+    process; a plain file made with mknod by a trusted program; an empty plain file planted for a trusted program
+    to fill; a header damaged past its magic."""
+    e = encrypted()
+    data = scratch / "data"
+    trusted(f"open({str(data / 'secret')!r}, 'wb').write(b'TOPSECRET' * 100)")
+    # a trusted python that execs cat: cat is judged as cat
+    after_exec = subprocess.run([sys.executable, "-c", f"import os; open({str(data / 'secret')!r}, 'rb').read(1); "
+                                 f"os.execv('/bin/cat', ['cat', {str(data / 'secret')!r}])"],
+                                capture_output=True, env=ENV, timeout=60).stdout
+    assert after_exec.startswith(b"FSFENC"), after_exec[:20]
+    refused = untrusted("truncate", "-s", "100", str(data / "secret"))
+    assert refused.returncode != 0 and (data / "secret").stat().st_size > 4096
+    made = trusted(f"import os, stat\ntry:\n os.mknod({str(data / 'plain-by-mknod')!r}, stat.S_IFREG | 0o644)\n"
+                   "except OSError as exc:\n print(exc.errno)")
+    assert made.strip() == "13"
+    (data / "planted").write_bytes(b"")  # an empty plain file, waiting (this process is the filter's own)
+    trusted(f"open({str(data / 'planted')!r}, 'r+b').write(b'saved by the trusted program')")
+    assert (data / "planted").read_bytes().startswith(ff.MAGIC)
+    damaged = bytearray((data / "secret").read_bytes())
+    damaged[3000] ^= 0xFF  # inside the header (its padding), past the magic
+    (data / "damaged").write_bytes(bytes(damaged))
+    probe = ("import sys\ntry:\n print(open(sys.argv[1], 'rb').read()[:4])\nexcept OSError as exc:\n"
+             " print('error', exc.errno)")
+    assert trusted(probe, str(data / "damaged")).strip() == "error 5"
+    assert e.active
+
+
+def test_a_process_name_is_not_a_credential(scratch: Path, encrypted: Callable[..., CBEncrypt]) -> None:
+    """Trust goes by the executable (its path, or its file name), never by the process name, which any process sets
+    for itself (prctl PR_SET_NAME, /proc/self/comm)."""
+    encrypted(trusted="trustedprog")
+    secret = scratch / "data" / "s"
+    secret.write_bytes(b"TOPSECRET" * 10)
+    encryption.encrypt_file(str(secret), [ff.Secret.password(PASSWORD)], log2_n=10)
+    code = ("import ctypes, sys\nctypes.CDLL(None).prctl(15, b'trustedprog', 0, 0, 0)\n"
+            "print(open('/proc/self/comm').read().strip(), open(sys.argv[1], 'rb').read(6))")
+    out = trusted(code, str(secret))  # (python3 is not trusted here)
+    assert out.split() == ["trustedprog", repr(b"FSFENC")]

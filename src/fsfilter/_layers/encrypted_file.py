@@ -323,10 +323,20 @@ class EncryptedFile:
         with self._lock:
             plain = self.size()
             if offset > plain:  # a hole: stored as encrypted zeros (the format has no holes)
-                self._rewrite(plain, offset, plain, bytes(offset - plain))
+                self._zeros(plain, offset)
                 plain = offset
             self._rewrite(plain, max(plain, offset + len(data)), offset, data)
         return len(data)
+
+    def _zeros(self, plain: int, end: int) -> None:
+        """Grow the file from ``plain`` to ``end`` with encrypted zeros, a few chunks at a time (a 10 GiB truncate
+        must not need 10 GiB of memory)."""
+        step = max(self.chunk, 1 << 20)
+        zeros = bytes(step)
+        while plain < end:
+            n = min(step, end - plain)
+            self._rewrite(plain, plain + n, plain, memoryview(zeros)[:n])
+            plain += n
 
     def truncate(self, size: int) -> None:
         try:
@@ -343,7 +353,7 @@ class EncryptedFile:
                 st = os.fstat(self.fd)
                 os.utime(self.fd, ns=(st.st_atime_ns, time.time_ns()))
             elif size > plain:
-                self._rewrite(plain, size, plain, bytes(size - plain))
+                self._zeros(plain, size)
             elif size < plain:
                 keep = self._count(size) - 1  # the new last chunk, resealed as last with what it keeps
                 self._rewrite(plain, size, keep * self.chunk, self._plain_chunk(keep, plain)[:size - keep * self.chunk])
@@ -365,7 +375,8 @@ class EncryptedFile:
             raise OSError(errno.EINVAL, "bad range")
         size = self.size()
         if mode == 0 and offset + length > size:
-            self.write(bytes(offset + length - size), size)
+            with self._lock:
+                self._zeros(size, offset + length)
             return
         if mode in (0, _KEEP_SIZE):
             st = os.fstat(self.fd)  # nothing to write; the file counts as modified, as natively

@@ -234,6 +234,11 @@ class ChangeOps(FilterNaming, IsolationOps):
         valid, fh, size, mode, uid, gid = op.valid, op.fh, op.size, op.mode, op.uid_to, op.gid_to
         atime, mtime, atime_ns, mtime_ns = op.atime, op.mtime, op.atime_ns, op.mtime_ns
         node = self.lower.inode(op.nodeid)
+        policy = self.encryption()
+        if policy is not None and valid & abi.FATTR_SIZE and node.view is None and policy.refuse_untrusted_writes \
+                and policy.applies(self.abspath(node.nodeid)) and self.is_encrypted(node) \
+                and not self.trusted_for_encryption(op.pid) and not self.is_own(op.pid):
+            self._refuse(op, "encrypted: only trusted processes write it")
         if node.view is not None and self.handled(node) and valid & (abi.FATTR_SIZE | _TIMES):
             # A handler-served view's size and times are its handlers' (FileEndOfFileInformation,
             # FileBasicInformation): what a handler completes is taken out of the request.

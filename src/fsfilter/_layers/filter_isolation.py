@@ -253,7 +253,15 @@ class IsolationOps(FilterBase):
             return False, ""
         if node.view is not None and node.view.backend == ENCRYPTED:
             return True, ENCRYPTED
-        return (True, ENCRYPTED) if self.is_encrypted(node) else (False, "")
+        if self.is_encrypted(node):
+            return True, ENCRYPTED
+        # An empty plain file (another process may have made it there, waiting for a trusted program to save into
+        # it) is encrypted before the trusted process writes: it is never filled with plaintext.
+        empty = node.view is None and isinstance(op, ops.Open) and op.flags & os.O_ACCMODE != os.O_RDONLY \
+            and stat.S_ISREG(os.fstat(node.fd).st_mode) and os.fstat(node.fd).st_size == 0
+        if empty and self.encrypt_new(node, path):
+            return True, ENCRYPTED
+        return False, ""
 
     def route_encrypted(self, op: ops.Op, parent: Inode, name: bytes, path: str) -> None:
         """A trusted process looks up an encrypted file under a rule: route its lookups to its plaintext view now, so

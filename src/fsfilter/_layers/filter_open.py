@@ -239,6 +239,8 @@ class OpenOps(FilterNaming, IsolationOps):
         finally:
             os.close(fd)
         if not encrypted:
+            if trusted and existing.st_size == 0 and op.flags & os.O_ACCMODE != os.O_RDONLY:
+                op.remember((self, "encrypt"), (True, False))  # an empty plain file: encrypted before it is written
             return
         if trusted:
             op.remember((self, "encrypt"), (False, bool(op.flags & os.O_TRUNC)))
@@ -258,6 +260,10 @@ class OpenOps(FilterNaming, IsolationOps):
         if not self.reaches(op.nodeid):
             return make()
         path = self.child_path(op.nodeid, name)
+        policy = self.encryption()
+        if policy is not None and stat.S_ISREG(mode) and policy.applies(path) and self.trusted_for_encryption(op.pid):
+            # mknod makes a plain file no create event encrypts: a trusted program gets its files through open()
+            self._refuse(op, "encrypted: a regular file under an encryption rule is made with open(O_CREAT)")
         m = self.name_match(op, name)
         flags = self.effective(m, op.pid, parent=self.lower.inode(op.nodeid), name=name, planned=attributes)
         if flags.access & (c.ACCESS_DENY_ALL | c.ACCESS_READ_ONLY) and not (

@@ -483,6 +483,8 @@ class LowerBase(Layer):
             view = node.view
             if view is not None and view.node is node:
                 view.node = None
+                if view.admits is not None:
+                    self._unroute(view)  # a shared view is made again when next looked up: its fds go now
                 if view not in self.routes.get(view.of, ()):
                     view.close()  # no longer routed, and now no node: nothing will use it again
             if journal is not None and view is None:

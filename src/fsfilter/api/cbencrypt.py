@@ -68,6 +68,21 @@ class _Plaintext:
         return StatView(st, size=size, blocks=(size + 511) // 512)
 
 
+def _exe(pid: int) -> str:
+    try:
+        return os.readlink(f"/proc/{pid}/exe")
+    except OSError:
+        return ""  # a kernel thread, or gone
+
+
+def _exe_identity(pid: int) -> tuple[int, int]:
+    try:
+        st = os.stat(f"/proc/{pid}/exe")
+    except OSError:
+        return (0, 0)
+    return (st.st_dev, st.st_ino)
+
+
 class _Trusted:
     __slots__ = ("mask", "pid", "children")
 
@@ -85,7 +100,7 @@ class CBEncrypt:
         self._trusted: list[_Trusted] = []
         self._settings = dict(_OWN_SETTINGS)
         self._lock = threading.Lock()
-        self._verdicts: dict[int, tuple[int, bool]] = {}  # tgid -> (its pidfd, trusted)
+        self._verdicts: dict[int, tuple[int, bool, tuple[int, int]]] = {}  # tgid -> (its pidfd, trusted, program)
         self._thread_pids: dict[int, int] = {}  # tid -> tgid, as last seen
         self.default_encryption = ENCRYPTION_AES256_GCM
         self.default_file_password = ""
@@ -187,8 +202,9 @@ class CBEncrypt:
         return self._rules[index][0]
 
     def add_trusted_process(self, process: str | int, include_children: bool = False) -> bool:
-        """Trust a process: a pid, a program name mask (``vim``, ``python3*``) or a program path mask
-        (``/usr/bin/*``). ``include_children``: its descendants too."""
+        """Trust a process: a pid, a program path mask (``/usr/bin/vim``: the executable's resolved path), or a name
+        mask (``vim``, ``python3*``: the executable's file name, wherever it is; anyone who can write a file can run a
+        program of that name, so use path masks where that matters). ``include_children``: its descendants too."""
         if isinstance(process, int):
             entry = _Trusted("", process, include_children)
         else:
@@ -266,9 +282,10 @@ class CBEncrypt:
                 if len(self._thread_pids) > 16384:
                     self._thread_pids.clear()
                 self._thread_pids[tid] = pid
+        program = _exe_identity(pid)  # an exec changes the program, and with it the verdict
         with self._lock:
             known = self._verdicts.get(pid)
-        if known is not None and procfs.pidfd_alive(known[0]):
+        if known is not None and known[2] == program and procfs.pidfd_alive(known[0]):
             return known[1]
         verdict = self._judge(pid)
         try:
@@ -279,14 +296,14 @@ class CBEncrypt:
             old = self._verdicts.pop(pid, None)
             if len(self._verdicts) > 4096:
                 self._forget_verdicts()
-            self._verdicts[pid] = (pidfd, verdict)
+            self._verdicts[pid] = (pidfd, verdict, program)
         if old is not None:
             os.close(old[0])
         return verdict
 
     def _forget_verdicts(self) -> None:
         """Drop every kept verdict (under _lock): the trusted list changed, or there are too many."""
-        for pidfd, _ in self._verdicts.values():
+        for pidfd, _, _ in self._verdicts.values():
             os.close(pidfd)
         self._verdicts.clear()
 
@@ -297,25 +314,27 @@ class CBEncrypt:
             if current:
                 chain.append(current)
         for depth, candidate in enumerate(chain):
-            info = procfs.ProcessInfo(candidate)
-            image, name = info.image, info.name
+            # The program the process runs, by its executable's path (never the process name, which any process
+            # sets for itself with prctl or /proc/self/comm).
+            image = _exe(candidate)
             for t in self._trusted:
                 if depth and not t.children:
                     continue
                 if t.pid:
                     if t.pid == candidate:
                         return True
-                elif file_matches_mask(t.mask, image) if "/" in t.mask else (
-                        file_matches_mask(t.mask, os.path.basename(image)) or file_matches_mask(t.mask, name)):
+                elif image and (file_matches_mask(t.mask, image) if "/" in t.mask else
+                                file_matches_mask(t.mask, os.path.basename(image))):
                     return True
         return False
 
     def is_encrypted(self, fd: int) -> bool:
+        """Whether the file is one of ours: it starts with the format's magic. A damaged header still counts (its
+        opens then fail with EIO and on_error), so that damage never turns a file into a plain one."""
         try:
-            ff.Header.decode(os.pread(fd, ff.HEADER_SIZE, 0))
-        except (OSError, ff.FormatError):
+            return os.pread(fd, len(ff.MAGIC), 0) == ff.MAGIC
+        except OSError:
             return False
-        return True
 
     def _journal(self, st: os.stat_result, header: ff.Header) -> str:
         return os.path.join(self._settings["JournalDirectory"],
@@ -324,8 +343,9 @@ class CBEncrypt:
     def transform(self, fd: int, path: str) -> _Plaintext | None:
         try:
             header = ff.Header.decode(os.pread(fd, ff.HEADER_SIZE, 0))
-        except ff.FormatError:
-            return None
+        except ff.FormatError as exc:
+            self._report(errno.EIO, f"{path}: {exc}")
+            raise OSError(errno.EIO, f"{path}: {exc}") from exc
         try:
             header.unlock(self._secret(path))
         except ff.FormatError as exc:
