@@ -320,3 +320,25 @@ def test_a_process_name_is_not_a_credential(scratch: Path, encrypted: Callable[.
             "print(open('/proc/self/comm').read().strip(), open(sys.argv[1], 'rb').read(6))")
     out = trusted(code, str(secret))  # (python3 is not trusted here)
     assert out.split() == ["trustedprog", repr(b"FSFENC")]
+
+
+def test_an_untrusted_process_cannot_move_an_encrypted_file_out_of_its_rule(scratch: Path) -> None:
+    data = scratch / "data"
+    (data / "enc1").mkdir(parents=True)
+    (data / "out").mkdir()
+    e = CBEncrypt()
+    e.config("ScryptLog2N=10")
+    e.config(f"JournalDirectory={scratch / 'journal'}")
+    e.add_encrypt_rule(f"{data}/enc*/*", PASSWORD)  # one mount over data; data/out is in it, outside the rule
+    e.add_trusted_process("python3*")
+    e.start_filter()
+    try:
+        trusted(f"open({str(data / 'enc1' / 'f')!r}, 'wb').write(b'secret')")
+        for argv in (["mv", str(data / "enc1" / "f"), str(data / "out" / "f")],
+                     ["ln", str(data / "enc1" / "f"), str(data / "out" / "g")]):
+            r = untrusted(*argv)
+            assert r.returncode != 0 and b"Permission denied" in r.stderr, (argv, r)
+        assert not (data / "out" / "f").exists() and not (data / "out" / "g").exists()
+        trusted(f"import os; os.rename({str(data / 'enc1' / 'f')!r}, {str(data / 'out' / 'f')!r})")  # trusted may
+    finally:
+        e.stop_filter()

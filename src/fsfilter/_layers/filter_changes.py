@@ -96,6 +96,36 @@ class ChangeOps(FilterNaming, IsolationOps):
             self.lower.remove_virtual(parent_key, op.name)
         return EMPTY
 
+    def _keep_encrypted(self, op: ops.Op, parent: Inode | None, name: bytes, src: str, dst: str,
+                        node: Inode | None = None) -> None:
+        """CBEncrypt: an untrusted process may not give an encrypted file a name no encryption rule covers (a rename or
+        a hard link): there it could write into it and corrupt it, as RefuseUntrustedWrites forbids."""
+        policy = self.encryption()
+        if policy is None or not policy.refuse_untrusted_writes or not policy.applies(src) or policy.applies(dst):
+            return
+        if self.trusted_for_encryption(op.pid) or self.is_own(op.pid):
+            return
+        if node is None:
+            assert parent is not None
+            dfd, at, owned = self.lower.locate(None, parent, name)
+            try:
+                fd = os.open(at, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dfd)
+            except OSError:
+                return  # (the rename says what is wrong)
+            finally:
+                if owned:
+                    os.close(dfd)
+            try:
+                st = os.fstat(fd)
+                probe = Inode(0, fd, (st.st_dev, st.st_ino), 0, name)
+                encrypted = stat.S_ISREG(st.st_mode) and self.is_encrypted(probe)
+            finally:
+                os.close(fd)
+        else:
+            encrypted = self.is_encrypted(node)
+        if encrypted:
+            self._refuse(op, "encrypted: only trusted processes move it out of its rules")
+
     def unlink(self, op: ops.Remove) -> Reply:
         return self._delete(op, False)
 
@@ -111,6 +141,7 @@ class ChangeOps(FilterNaming, IsolationOps):
         new_path = self.child_path(newdir, new)
         m_old, m_new = self.name_match(op, old), self.name_match(op, new, newdir)
         old_dir, new_dir = self.lower.inode(op.nodeid), self.lower.inode(newdir)
+        self._keep_encrypted(op, old_dir, old, old_path, new_path)
         if self._redirected(op, old_dir, old) or self._redirected(op, new_dir, new):
             # The two names live in different places: callers such as mv then copy and delete, which the
             # reparse rules send to the right place.
@@ -198,6 +229,9 @@ class ChangeOps(FilterNaming, IsolationOps):
         link_path = self.child_path(op.nodeid, name)
         if self._redirected(op, self.lower.inode(op.nodeid), name):
             raise OSError(errno.EXDEV, "a hard link cannot be made under a redirected name")
+        target = self.lower.inode(old)
+        if target.view is None:
+            self._keep_encrypted(op, None, b"", src_path, link_path, target)
         f_src = self.effective(self.match_node(old), op.pid, self.lower.inode(old))
         f_new = self.effective(self.name_match(op, name), op.pid, parent=self.lower.inode(op.nodeid), name=name)
         if f_src.access and f_new.access & f_src.access != f_src.access:
