@@ -10,7 +10,6 @@ import random
 import signal
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -165,18 +164,6 @@ def test_children_of_a_trusted_process_when_asked(scratch: Path, encrypted: Call
 
 
 
-def drained(fd: int) -> tuple[list[str], threading.Thread]:
-    """The lines a child writes to ``fd``, read as they come (a full pipe would stop the child at its reports)."""
-    lines: list[str] = []
-
-    def read() -> None:
-        with os.fdopen(fd) as f:
-            lines.extend(f)
-    thread = threading.Thread(target=read, daemon=True)
-    thread.start()
-    return lines, thread
-
-
 FILTER = r"""
 import sys, time
 from fsfilter.api.cbencrypt import CBEncrypt
@@ -197,7 +184,7 @@ def test_the_filter_killed_during_writes_loses_nothing_an_fsync_made_durable(scr
     (SIGKILL) at a random moment, then the writer. The next CBEncrypt repairs what the kill tore from the file's
     journal when the file is first opened: it opens whole, and every byte the last completed fsync made durable and
     no later write touched is there."""
-    from test_encrypted_file import WRITER
+    from test_encrypted_file import WRITER, drained
 
     data, journal = scratch / "data", scratch / "journal"
     data.mkdir()

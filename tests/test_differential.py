@@ -25,7 +25,7 @@ from typing import Any
 
 import diffops
 import pytest
-from conftest import SRC, needs_root
+from conftest import SRC, force_unmount, needs_root
 
 from fsfilter import PassthroughFilter
 from fsfilter._abi import fuse as abi
@@ -206,11 +206,23 @@ def test_unprivileged_caller_matches_native(scratch: Path, filter_factory: Facto
     (result,) = run_workers([sequence(native / "u", mnt / "u", seed, steps(STEPS), f"nobody-{variant}", replay,
                                       drop=NOBODY)])
     assert result["ok"], result["message"]
-    assert_exercised(result["counts"], ("open", "pwrite", "chmod", "chown", "utime", "setxattr", "mkdir", "unlink",
-                                        "rename"))  # type: ignore[arg-type]
+    assert_exercised(result["counts"], ("open", "pwrite", "chmod", "chown", "utime", "setxattr",  # type: ignore[arg-type]
+                                        "mkdir", "unlink", "rename"))
     assert_same_trees(native, mnt, lower)
     owners = {v[0][4:6] for v in diffops.snapshot(str(mnt / "u")).values()}
     assert (NOBODY, NOBODY) in owners
+
+
+def run_in_place(stop: Callable[[], None], native: Path, lower: Path, seed: int, label: str, replay: str,
+                 **extra: object) -> dict[str, object]:
+    """One worker's sequence on ``lower``, which a filter serves in place; the filter is stopped (``stop``) and its
+    mount gone afterwards, whatever happened."""
+    try:
+        (result,) = run_workers([sequence(native, lower, seed, steps(STEPS), label, replay, tmpfile=False, **extra)])
+    finally:
+        stop()
+        force_unmount(lower)
+    return result
 
 
 # -- CBFilter with rules that fire every event on every file
@@ -248,16 +260,11 @@ def test_random_operations_match_native_with_every_event(scratch: Path, kind: st
         filt.config("HideDirectoryLinkCounts=false")
         filt.add_filter_rule(f"{lower}/*", c.ACCESS_NONE, c.FS_CE_ALL, c.FS_NE_NONE)
         filt.add_filter_rule(str(lower), c.ACCESS_NONE, c.FS_CE_ALL, c.FS_NE_NONE)
+    seed = seed_for(4000 + ["notify-all", "control-all"].index(kind))
+    replay = f"DIFF_SEED={seed} DIFF_STEPS={steps(STEPS)} -k 'every_event and {kind}'"
+    # O_TMPFILE is refused where rules apply (EOPNOTSUPP; test_cbfilter checks it): not drawn here.
     filt.start_filter(0)
-    try:
-        seed = seed_for(4000 + ["notify-all", "control-all"].index(kind))
-        replay = f"DIFF_SEED={seed} DIFF_STEPS={steps(STEPS)} -k 'every_event and {kind}'"
-        # O_TMPFILE is refused where rules apply (EOPNOTSUPP; test_cbfilter checks it): not drawn here.
-        (result,) = run_workers([sequence(native, lower, seed, steps(STEPS), kind, replay, tmpfile=False)])
-    finally:
-        filt.stop_filter()
-        from conftest import force_unmount
-        force_unmount(lower)
+    result = run_in_place(filt.stop_filter, native, lower, seed, kind, replay)
     assert result["ok"], result["message"]
     assert_exercised(result["counts"], EVERY_OP)  # type: ignore[arg-type]
     assert_same_trees(native, lower, lower)
@@ -322,15 +329,10 @@ def test_random_operations_match_native_with_every_file_isolated(scratch: Path, 
     filt.config("HideDirectoryLinkCounts=false")
     io = c.FS_NE_READ | c.FS_NE_WRITE if backend == "itself-daemon-io" else c.FS_NE_NONE
     filt.add_filter_rule(f"{lower}/*", c.ACCESS_NONE, c.FS_CE_BEFORE_OPEN | c.FS_CE_BEFORE_CREATE, io)
+    seed = seed_for(4100 + ["itself", "itself-daemon-io"].index(backend))
+    replay = f"DIFF_SEED={seed} DIFF_STEPS={steps(STEPS)} -k 'every_file_isolated and {backend}'"
     filt.start_filter(0)
-    try:
-        seed = seed_for(4100 + ["itself", "itself-daemon-io"].index(backend))
-        replay = f"DIFF_SEED={seed} DIFF_STEPS={steps(STEPS)} -k 'every_file_isolated and {backend}'"
-        (result,) = run_workers([sequence(native, lower, seed, steps(STEPS), backend, replay, tmpfile=False)])
-    finally:
-        filt.stop_filter()
-        from conftest import force_unmount
-        force_unmount(lower)
+    result = run_in_place(filt.stop_filter, native, lower, seed, backend, replay)
     assert result["ok"], result["message"]
     assert_exercised(result["counts"], EVERY_OP)  # type: ignore[arg-type]
     assert_same_trees(native, lower, lower)
@@ -364,18 +366,13 @@ def test_random_operations_through_a_trusted_process_match_native_on_plaintext(s
     e.config("HideDirectoryLinkCounts=false")
     e.add_encrypt_rule(f"{lower}/*", "differential")
     e.add_trusted_process("python3*")
+    seed = seed_for(4200)
+    replay = f"DIFF_SEED={seed} DIFF_STEPS={steps(STEPS)} -k 'trusted_process_match_native'"
     e.start_filter()
-    try:
-        seed = seed_for(4200)
-        replay = f"DIFF_SEED={seed} DIFF_STEPS={steps(STEPS)} -k 'trusted_process_match_native'"
-        (result,) = run_workers([sequence(native, lower, seed, steps(STEPS), "encrypted", replay, tmpfile=False,
-                                          holes=False)])
-        assert result["ok"], result["message"]
-        assert_exercised(result["counts"], ("open", "read", "pwrite", "ftruncate", "mmap", "rename", "link"))
-    finally:
-        e.stop_filter()
-        from conftest import force_unmount
-        force_unmount(lower)
+    result = run_in_place(e.stop_filter, native, lower, seed, "encrypted", replay, holes=False)
+    assert result["ok"], result["message"]
+    assert_exercised(result["counts"], ("open", "read", "pwrite", "ftruncate", "mmap", "rename",  # type: ignore[arg-type]
+                                        "link"))
     # What is stored is encrypted: every regular file left in the lower tree opens as one.
     for root, _dirs, files in os.walk(lower):
         for name in files:

@@ -124,6 +124,14 @@ def spawn(*argv: str) -> subprocess.Popen[str]:
                             stderr=subprocess.PIPE, text=True, env=ENV)
 
 
+def go(*procs: subprocess.Popen[str], line: str = "go") -> None:
+    """Tell children made by spawn to go on (they wait for a line on stdin)."""
+    for p in procs:
+        assert p.stdin is not None
+        p.stdin.write(line + "\n")
+        p.stdin.flush()
+
+
 def py(code: str, *args: str) -> str:
     out = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=60, env=ENV)
     assert out.returncode == 0, out.stderr
@@ -170,10 +178,7 @@ def test_a_handler_served_view_and_the_disk_at_the_same_time(scratch: Path, star
     one, other = spawn("-c", CHECKS, str(target), "+view"), spawn("-c", CHECKS, str(target), "+disk")
     isolated.add(one.pid)
     try:
-        for p in (one, other):
-            assert p.stdin is not None
-            p.stdin.write("go\n")
-            p.stdin.flush()
+        go(one, other)
         got_one = eval(one.communicate(timeout=60)[0])  # noqa: S307 - our own child's repr
         got_other = eval(other.communicate(timeout=60)[0])  # noqa: S307
     finally:
@@ -206,10 +211,7 @@ def test_random_operations_per_view_match_their_models(scratch: Path, started: C
     one, other = spawn(worker, str(target), "1", str(steps)), spawn(worker, str(target), "2", str(steps))
     isolated.add(one.pid)
     try:
-        for p in (one, other):
-            assert p.stdin is not None
-            p.stdin.write("go\n")
-            p.stdin.flush()
+        go(one, other)
         out_one, err_one = one.communicate(timeout=170)
         out_other, err_other = other.communicate(timeout=170)
     finally:
@@ -274,9 +276,8 @@ def test_a_view_is_opened_only_by_its_process_through_its_name(scratch: Path,
     try:
         fds = {}
         for p in (view_holder, disk_holder):
-            assert p.stdin is not None and p.stdout is not None
-            p.stdin.write("go\n")
-            p.stdin.flush()
+            assert p.stdout is not None
+            go(p)
             fd, seen = p.stdout.readline().split(" ", 1)
             fds[p.pid] = fd
         # another process reopens the view holder's descriptor: refused
@@ -290,10 +291,7 @@ def test_a_view_is_opened_only_by_its_process_through_its_name(scratch: Path,
         isolated.add(isolated_reader.pid)
         out, err = isolated_reader.communicate("go\n", timeout=30)
         assert out.strip() == "error 13", err
-        for p in (view_holder, disk_holder):
-            assert p.stdin is not None
-            p.stdin.write("done\n")
-            p.stdin.flush()
+        go(view_holder, disk_holder, line="done")
     finally:
         end_processes([view_holder, disk_holder])
 
@@ -447,8 +445,7 @@ def test_a_virtual_file_open_when_its_filter_stops_fails_and_never_hangs(scratch
         stopper = threading.Thread(target=f.stop_filter)
         stopper.start()
         time.sleep(0.5)
-        holder.stdin.write("go\n")
-        holder.stdin.flush()
+        go(holder)
         out, _ = holder.communicate(timeout=30)
         stopper.join(30)
         assert not stopper.is_alive()

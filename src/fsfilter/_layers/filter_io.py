@@ -39,7 +39,7 @@ class IoOps(IsolationOps):
             return self.down.read(op)
         handle = self.handle(fh)
         flags, origin = self._io_flags(op, f.inode, handle)
-        if (f.inode.view is not None or f.slots) and self.handled_open(f):
+        if f.inode.view is not None and self.handled_open(f):
             flags = self.handled_flags(flags)
         control = flags.control & (c.FS_CE_BEFORE_READ | c.FS_CE_AFTER_READ)
         if not (control or flags.notify & c.FS_NE_READ):
@@ -114,7 +114,7 @@ class IoOps(IsolationOps):
             return self.down.write(op)
         handle = self.handle(fh)
         flags, origin = self._io_flags(op, f.inode, handle)
-        if (f.inode.view is not None or f.slots) and self.handled_open(f):
+        if f.inode.view is not None and self.handled_open(f):
             flags = self.handled_flags(flags)
         control = flags.control & (c.FS_CE_BEFORE_WRITE | c.FS_CE_AFTER_WRITE)
         if not (control or flags.notify & c.FS_NE_WRITE):

@@ -114,7 +114,7 @@ class NameOps(FilterNaming, IsolationOps):
     def getattr(self, op: ops.Getattr) -> Reply:
         reply = self.down.getattr(op)
         node = self.lower.nodes.get(op.nodeid)
-        if node is not None and node.view is not None and self.handled(node) and isinstance(reply, Attr):
+        if node is not None and self.handled(node) and isinstance(reply, Attr):
             reply.attr = self.query_view(op, node, reply.attr)
             return reply
         m = self.match_node(op.nodeid)
